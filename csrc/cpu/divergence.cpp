@@ -1,0 +1,227 @@
+// Row-wise teacher-student divergence on a chunk of fp32 logits, fused into one OpenMP kernel.
+//
+// Input: xs, xt [C, V] raw fp32 logits of student and teacher (after the head GEMMs and biases).
+// Per row:  z = softcap(x) / T;  lp = z - lse(z);  p = exp(lp)
+//   fkl = sum p_t (lp_t - lp_s)                      dL/dz_s = p_s - p_t
+//   rkl = sum p_s (lp_s - lp_t)                      dL/dz_s = p_s ((lp_s - lp_t) - rkl)
+//   jsd = b KL(t||m) + (1-b) KL(s||m), m = b p_t + (1-b) p_s
+//                                                    dL/dz_s = (1-b) p_s ((lp_s - log m) - KL(s||m))
+//   loss = soft_w * div + hard_w * (lse_s - z_s[y]);  hard term adds hard_w (p_s - onehot(y)).
+// Output: loss [C], stats [C, 5] = (lse_s, lse_t, lp_s[y], lp_t[y], entropy(p_s)), and, with
+// compute_grad, dL/dx_s written over xs (chain rule through temperature and softcap included).
+// xt is scratch. Ignored rows (label == ignore_index) get loss 0, stats 0, gradient 0.
+//
+// Memory traffic per row: 4 streaming passes over the two rows (max, sum-exp, loss/prob, gradient);
+// a row of 32k fp32 logits per model is 128 KiB, so passes after the first hit L2.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+
+#include "vec_math.h"
+
+namespace fastopd {
+namespace {
+
+enum Divergence : int64_t { kFKL = 0, kRKL = 1, kJSD = 2 };
+
+struct RowOptions {
+  float beta;
+  float temperature;
+  float inv_temperature;
+  float softcap;  // <= 0: none
+  float soft_weight;
+  float hard_weight;
+  bool compute_grad;
+};
+
+template <int64_t DIV, bool SOFTCAP>
+void divergence_row(float* __restrict xs, float* __restrict xt, int64_t V, int64_t y, const RowOptions& o,
+                    float* loss_out, float* stats) {
+  const float inv_t = o.inv_temperature;
+  const float cap = o.softcap;
+  const float inv_cap = SOFTCAP ? 1.0f / cap : 0.0f;
+  const float ninf = -std::numeric_limits<float>::infinity();
+
+  // Pass 0: z = softcap(x) / T, in place.
+  if (SOFTCAP || inv_t != 1.0f) {
+#pragma omp simd
+    for (int64_t v = 0; v < V; ++v) {
+      float a = xs[v], b = xt[v];
+      if (SOFTCAP) {
+        a = cap * vmath::tanh(a * inv_cap);
+        b = cap * vmath::tanh(b * inv_cap);
+      }
+      xs[v] = a * inv_t;
+      xt[v] = b * inv_t;
+    }
+  }
+  const float zs_y = y >= 0 ? xs[y] : 0.0f;
+  const float zt_y = y >= 0 ? xt[y] : 0.0f;
+
+  // Pass 1: row maxima.
+  float ms = ninf, mt = ninf;
+#pragma omp simd reduction(max : ms, mt)
+  for (int64_t v = 0; v < V; ++v) {
+    ms = xs[v] > ms ? xs[v] : ms;
+    mt = xt[v] > mt ? xt[v] : mt;
+  }
+  ms = ms == ninf ? 0.0f : ms;
+  mt = mt == ninf ? 0.0f : mt;
+
+  // Pass 2: normalizers.
+  double ss = 0.0, st = 0.0;
+#pragma omp simd reduction(+ : ss, st)
+  for (int64_t v = 0; v < V; ++v) {
+    ss += static_cast<double>(vmath::exp(xs[v] - ms));
+    st += static_cast<double>(vmath::exp(xt[v] - mt));
+  }
+  const double lse_s_d = static_cast<double>(ms) + std::log(ss);
+  const double lse_t_d = static_cast<double>(mt) + std::log(st);
+  const float lse_s = static_cast<float>(lse_s_d), lse_t = static_cast<float>(lse_t_d);
+
+  // Pass 3: divergence terms and entropy; stores what the gradient pass needs.
+  const float b = o.beta, omb = 1.0f - o.beta;
+  const float hw = o.hard_weight, sw = o.soft_weight;
+  const bool grad = o.compute_grad;
+  double acc_a = 0.0, acc_b = 0.0, ent = 0.0;
+#pragma omp simd reduction(+ : acc_a, acc_b, ent)
+  for (int64_t v = 0; v < V; ++v) {
+    const float zs = xs[v], zt = xt[v];
+    const float lps = zs - lse_s, lpt = zt - lse_t;
+    const float ps = vmath::exp(lps), pt = vmath::exp(lpt);
+    ent += ps > 0.0f ? static_cast<double>(ps * lps) : 0.0;
+    float chain = inv_t;
+    if (SOFTCAP) {
+      const float c = zs * o.temperature * inv_cap;
+      chain = inv_t * (1.0f - c * c);
+    }
+    if (DIV == kFKL) {
+      acc_a += pt > 0.0f ? static_cast<double>(pt * (lpt - lps)) : 0.0;
+      if (grad) xs[v] = chain * (sw * (ps - pt) + hw * ps);
+    } else if (DIV == kRKL) {
+      const float term = ps > 0.0f ? ps * (lps - lpt) : 0.0f;
+      acc_a += static_cast<double>(term);
+      if (grad) {
+        xs[v] = chain * term;
+        xt[v] = chain * ps;
+      }
+    } else {
+      const float lm = vmath::log(b * pt + omb * ps);
+      const float tt = pt > 0.0f ? pt * (lpt - lm) : 0.0f;
+      const float ts = ps > 0.0f ? ps * (lps - lm) : 0.0f;
+      acc_a += static_cast<double>(tt);
+      acc_b += static_cast<double>(ts);
+      if (grad) {
+        xs[v] = chain * ts;
+        xt[v] = chain * ps;
+      }
+    }
+  }
+
+  double soft;
+  if (DIV == kJSD) {
+    soft = static_cast<double>(b) * acc_a + static_cast<double>(omb) * acc_b;
+  } else {
+    soft = acc_a;
+  }
+
+  // Pass 4 (rkl, jsd): dL/dz_s = coef * p_s (r - K), with chain*term and chain*p_s stored.
+  if (grad && DIV != kFKL) {
+    const float k = static_cast<float>(DIV == kRKL ? acc_a : acc_b);
+    const float coef = DIV == kRKL ? sw : sw * omb;
+#pragma omp simd
+    for (int64_t v = 0; v < V; ++v) {
+      xs[v] = coef * (xs[v] - xt[v] * k) + hw * xt[v];
+    }
+  }
+
+  double hard = 0.0;
+  if (y >= 0) {
+    hard = lse_s_d - static_cast<double>(zs_y);
+    if (grad && hw != 0.0f) {
+      float chain_y = inv_t;
+      if (SOFTCAP) {
+        const float c = zs_y * o.temperature * inv_cap;
+        chain_y = inv_t * (1.0f - c * c);
+      }
+      xs[y] -= hw * chain_y;
+    }
+  }
+  *loss_out = static_cast<float>(static_cast<double>(sw) * soft + (hw != 0.0f ? static_cast<double>(hw) * hard : 0.0));
+  stats[0] = lse_s;
+  stats[1] = lse_t;
+  stats[2] = y >= 0 ? static_cast<float>(static_cast<double>(zs_y) - lse_s_d) : 0.0f;
+  stats[3] = y >= 0 ? static_cast<float>(static_cast<double>(zt_y) - lse_t_d) : 0.0f;
+  stats[4] = static_cast<float>(-ent);
+}
+
+using RowFn = void (*)(float*, float*, int64_t, int64_t, const RowOptions&, float*, float*);
+
+template <bool SOFTCAP>
+RowFn pick_row(int64_t div) {
+  switch (div) {
+    case kFKL:
+      return &divergence_row<kFKL, SOFTCAP>;
+    case kRKL:
+      return &divergence_row<kRKL, SOFTCAP>;
+    default:
+      return &divergence_row<kJSD, SOFTCAP>;
+  }
+}
+
+void divergence_chunk_cpu(at::Tensor& xs, at::Tensor& xt, const std::optional<at::Tensor>& labels, at::Tensor& loss,
+                          at::Tensor& stats, int64_t divergence, double beta, double temperature, double softcap,
+                          double soft_weight, double hard_weight, int64_t ignore_index, bool compute_grad) {
+  TORCH_CHECK(xs.dim() == 2 && xt.sizes() == xs.sizes(), "divergence_chunk_: xs and xt must be [C, V] of one shape, got ",
+              xs.sizes(), " and ", xt.sizes());
+  TORCH_CHECK(xs.scalar_type() == at::kFloat && xt.scalar_type() == at::kFloat, "divergence_chunk_: logits must be float32");
+  TORCH_CHECK(xs.is_contiguous() && xt.is_contiguous(), "divergence_chunk_: logits must be contiguous");
+  TORCH_CHECK(divergence >= 0 && divergence <= 2, "divergence_chunk_: unknown divergence ", divergence);
+  const int64_t C = xs.size(0), V = xs.size(1);
+  TORCH_CHECK(loss.numel() == C && loss.scalar_type() == at::kFloat && loss.is_contiguous(), "divergence_chunk_: loss must be float32 [C]");
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == C && stats.size(1) == 5 && stats.scalar_type() == at::kFloat &&
+                  stats.is_contiguous(),
+              "divergence_chunk_: stats must be float32 [C, 5]");
+  const int64_t* lab = nullptr;
+  if (labels.has_value() && labels->defined()) {
+    TORCH_CHECK(labels->numel() == C && labels->scalar_type() == at::kLong && labels->is_contiguous(),
+                "divergence_chunk_: labels must be int64 [C]");
+    lab = labels->data_ptr<int64_t>();
+  }
+  TORCH_CHECK(temperature > 0.0, "divergence_chunk_: temperature must be positive");
+
+  RowOptions o{static_cast<float>(beta),        static_cast<float>(temperature), static_cast<float>(1.0 / temperature),
+               static_cast<float>(softcap),     static_cast<float>(soft_weight), static_cast<float>(hard_weight),
+               compute_grad};
+  const bool use_cap = softcap > 0.0;
+  RowFn fn = use_cap ? pick_row<true>(divergence) : pick_row<false>(divergence);
+
+  float* ps = xs.data_ptr<float>();
+  float* pt = xt.data_ptr<float>();
+  float* pl = loss.data_ptr<float>();
+  float* pst = stats.data_ptr<float>();
+  at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      int64_t y = -1;
+      if (lab != nullptr) {
+        y = lab[r];
+        if (y == ignore_index) {
+          pl[r] = 0.0f;
+          for (int k = 0; k < 5; ++k) pst[r * 5 + k] = 0.0f;
+          if (compute_grad) std::fill(ps + r * V, ps + (r + 1) * V, 0.0f);
+          continue;
+        }
+        TORCH_CHECK(y >= 0 && y < V, "divergence_chunk_: label ", y, " out of range for vocabulary of ", V);
+      }
+      fn(ps + r * V, pt + r * V, V, y, o, pl + r, pst + r * 5);
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastopd, CPU, m) { m.impl("divergence_chunk_", &divergence_chunk_cpu); }
+
+}  // namespace fastopd

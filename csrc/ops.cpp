@@ -1,0 +1,22 @@
+// The one place where fastopd's C++/CUDA operator schemas are declared. Kernels register their
+// implementations per dispatch key next to their code (csrc/cpu/*.cpp, csrc/cuda/*.cu); fake
+// (meta) implementations for torch.compile live in fastopd/_ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastopd, m) {
+  // Row-wise divergence over a chunk of fp32 logits; see csrc/cpu/divergence.cpp for the math.
+  // Mutates xs (gradient written in place when compute_grad), xt (scratch), loss [C] and stats [C, 5].
+  m.def(
+      "divergence_chunk_(Tensor(a!) xs, Tensor(b!) xt, Tensor? labels, Tensor(c!) loss, Tensor(d!) stats, "
+      "int divergence, float beta, float temperature, float softcap, float soft_weight, float hard_weight, "
+      "int ignore_index, bool compute_grad) -> ()");
+}
+
+// `import fastopd._C` loads this library (and with it the registrations above); it exposes no Python API.
+extern "C" {
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "fastopd C++/CUDA operators (torch.ops.fastopd)", -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}

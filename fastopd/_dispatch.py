@@ -1,0 +1,120 @@
+"""Backend choice, in one place.
+
+Each op names its backends in priority order per device type; `resolve(op, impl, device)` returns the
+backend to use, honouring `impl=` first, then the `FASTOPD_IMPL` environment variable, then the first
+available backend for the device. `available(op, backend, device)` says whether a backend can run here,
+and why not. Nothing here imports a backend's code until it is asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+IMPLS = ("auto", "torch", "cpu", "triton", "cuda")
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    devices: tuple[str, ...]      # device types it runs on
+    loader: str                   # "module:attr" of the kernel callable, imported lazily
+    check: Callable[[], str | None]  # returns None when usable, else why not
+
+
+def _check_cpp(dispatch_key: str, op: str) -> Callable[[], str | None]:
+    def check() -> str | None:
+        from fastopd import _ops
+
+        if _ops.LOAD_ERROR is not None:
+            return f"fastopd._C is not built or does not load ({_ops.LOAD_ERROR})"
+        if not _ops.has_kernel(op, dispatch_key):
+            return f"fastopd._C was built without a {dispatch_key} kernel for {op}"
+        return None
+
+    return check
+
+
+def _check_triton() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"triton is not installed ({exc})"
+    return None
+
+
+def _always() -> str | None:
+    return None
+
+
+# op -> backends in priority order (the first available one for the device wins under "auto").
+REGISTRY: dict[str, list[Backend]] = {
+    "divergence_chunk": [
+        Backend("triton", ("cuda",), "fastopd.kernels.divergence:divergence_chunk_", _check_triton),
+        Backend("cuda", ("cuda",), "fastopd._dispatch:_torch_op_divergence_chunk", _check_cpp("CUDA", "divergence_chunk_")),
+        Backend("cpu", ("cpu",), "fastopd._dispatch:_torch_op_divergence_chunk", _check_cpp("CPU", "divergence_chunk_")),
+        Backend("torch", ("cpu", "cuda"), "fastopd.losses.reference:divergence_chunk_", _always),
+    ],
+}
+
+
+def _torch_op_divergence_chunk(*args):
+    return torch.ops.fastopd.divergence_chunk_(*args)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _runs_on(backend: Backend, device_type: str) -> bool:
+    # Under TRITON_INTERPRET=1 Triton kernels run on CPU tensors (how CI exercises them).
+    if backend.name == "triton" and device_type == "cpu":
+        return _interpreting()
+    return device_type in backend.devices
+
+
+def available(op: str, backend: str, device: torch.device | str) -> str | None:
+    """None when `backend` can run `op` on `device`, else a sentence saying why not."""
+    device_type = torch.device(device).type
+    for b in REGISTRY[op]:
+        if b.name == backend:
+            if not _runs_on(b, device_type):
+                hint = " (set TRITON_INTERPRET=1 to run Triton kernels on the CPU)" if b.name == "triton" else ""
+                return f"backend {backend!r} does not run on {device_type} tensors{hint}"
+            return b.check()
+    return f"op {op!r} has no backend {backend!r}"
+
+
+def resolve(op: str, impl: str, device: torch.device | str) -> str:
+    """The backend name for `op` on `device`. Raises ValueError for an unknown or unusable `impl`."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        impl = os.environ.get("FASTOPD_IMPL", "auto") or "auto"
+        if impl not in IMPLS:
+            raise ValueError(f"FASTOPD_IMPL must be one of {IMPLS}, got {impl!r}")
+    device_type = torch.device(device).type
+    if impl != "auto":
+        why = available(op, impl, device)
+        if why is not None:
+            raise ValueError(f"impl={impl!r} cannot run {op} here: {why}")
+        return impl
+    for b in REGISTRY[op]:
+        if b.name == "triton" and device_type == "cpu":
+            continue  # the interpreter is for tests, never the automatic choice
+        if device_type in b.devices and b.check() is None:
+            return b.name
+    raise ValueError(f"no backend for {op} on {device_type}")
+
+
+def kernel(op: str, backend: str) -> Callable:
+    """The kernel callable of `backend` for `op`."""
+    for b in REGISTRY[op]:
+        if b.name == backend:
+            module, attr = b.loader.split(":")
+            return getattr(importlib.import_module(module), attr)
+    raise ValueError(f"op {op!r} has no backend {backend!r}")

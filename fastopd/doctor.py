@@ -1,0 +1,69 @@
+"""`fastopd doctor`: versions, and which backends can run here (and, for each one that cannot, why)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import platform
+import sys
+
+import torch
+
+from fastopd import _dispatch
+
+
+def _version(module: str) -> str:
+    try:
+        return getattr(importlib.import_module(module), "__version__", "installed")
+    except Exception as exc:  # noqa: BLE001 - a broken install is exactly what doctor reports
+        return f"not available ({type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''})"
+
+
+def report() -> list[tuple[str, str]]:
+    """(name, status) rows: versions first, then each backend on each device type."""
+    import fastopd
+
+    rows = [("fastopd", fastopd.__version__), ("python", platform.python_version()),
+            ("platform", f"{platform.system()} {platform.machine()}"), ("torch", torch.__version__),
+            ("torch CUDA", str(torch.version.cuda) if torch.version.cuda else "CPU-only build"),
+            ("CUDA device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none visible")]
+    for mod in ("triton", "numpy", "safetensors", "transformers", "liger_kernel", "trl"):
+        rows.append((mod, _version(mod)))
+    rows.append(("CPU threads", str(torch.get_num_threads())))
+
+    op = "divergence_chunk"
+    rows.append(("torch reference", "usable (CPU and CUDA)"))
+    why = _dispatch.available(op, "cpu", "cpu")
+    rows.append(("C++ CPU kernel", "usable" if why is None else f"missing: {why}"))
+    trit = _dispatch.REGISTRY[op][0].check()
+    if trit is not None:
+        rows.append(("Triton", f"missing: {trit}"))
+        rows.append(("Triton interpreter", f"missing: {trit}"))
+    else:
+        rows.append(("Triton", "usable" if torch.cuda.is_available() else "missing: no CUDA device visible"))
+        interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
+        rows.append(("Triton interpreter", "usable" + ("" if interp else " (set TRITON_INTERPRET=1 to use it on CPU)")))
+    why = _dispatch.REGISTRY[op][1].check()
+    if why is None and not torch.cuda.is_available():
+        why = "built, but no CUDA device is visible"
+    rows.append(("CUDA kernel", "usable" if why is None else f"missing: {why}"))
+    for dev in ("cpu", "cuda"):
+        if dev == "cuda" and not torch.cuda.is_available():
+            continue
+        rows.append((f"auto backend on {dev}", _dispatch.resolve(op, "auto", dev)))
+    return rows
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    del parser  # no options
+
+
+def run(args: argparse.Namespace) -> int:
+    del args
+    rows = report()
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    sys.stdout.flush()
+    return 0

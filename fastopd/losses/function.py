@@ -1,0 +1,251 @@
+"""Autograd Functions of the vocab-chunked divergence. They know nothing of backends: the row-wise kernel
+arrives as a callable (see fastopd._dispatch), and the GEMMs go through torch (cuBLAS / MKL / oneDNN).
+
+Chunked execution: token rows in chunks of C; per chunk two GEMMs into fp32 buffers [C, V], one fused
+row kernel that writes the loss, the per-token stats and dL/dx_s in place, then grad_h = G W_s and
+grad_W += G^T h. For reduction "mean"/"sum" the gradient for an upstream gradient of 1 is formed in the
+forward and scaled in the backward: four GEMMs in all. For "none" the backward recomputes the chunks.
+Nothing of size [N, V] is ever allocated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+Kernel = Callable[..., None]
+
+
+@dataclass(frozen=True)
+class DivergenceConfig:
+    divergence: int        # 0 fkl, 1 rkl, 2 jsd (jsd with beta 0/1 already mapped to fkl/rkl)
+    beta: float
+    temperature: float
+    softcap: float         # <= 0: none
+    soft_weight: float
+    hard_weight: float
+    ignore_index: int
+    reduction: str         # "mean" | "sum" | "none"
+    chunk_rows: int
+
+    def kernel_args(self) -> tuple:
+        return (self.divergence, self.beta, self.temperature, self.softcap, self.soft_weight, self.hard_weight,
+                self.ignore_index)
+
+
+def _matmul_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b with fp32 output and fp32 accumulation, whatever the (matching) input dtype."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b, out=out)
+    if a.is_cuda:
+        res = torch.mm(a, b, out_dtype=torch.float32)
+    else:  # CPU inputs are upcast once by the caller; this path is for odd mixes only
+        res = torch.mm(a.float(), b.float())
+    if out is None:
+        return res
+    return out.copy_(res)
+
+
+def _logits_into(out: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> None:
+    """out[C, V] (fp32) = h[C, D] @ w[V, D]^T + b."""
+    _matmul_f32(h, w.t(), out=out)
+    if b is not None:
+        out += b
+
+
+def _divisor(cfg: DivergenceConfig, labels: torch.Tensor | None, n: int, num_items: torch.Tensor | None,
+             device: torch.device) -> torch.Tensor:
+    """What "mean" divides by, as a device tensor (no host sync): num_items_in_batch, else the valid count."""
+    if num_items is not None:
+        return num_items.to(device=device, dtype=torch.float32)
+    if labels is None:
+        return torch.tensor(float(max(n, 1)), device=device)
+    return (labels != cfg.ignore_index).sum().clamp_min(1).to(torch.float32)
+
+
+def _chunks(n: int, rows: int):
+    for start in range(0, n, rows):
+        yield start, min(n, start + rows)
+
+
+class FusedLinearDivergenceFunction(torch.autograd.Function):
+    """loss, stats = f(h_s [N, Ds], w_s [V, Ds], b_s [V]?, h_t [N, Dt], w_t [V, Dt], b_t [V]?, labels [N]?).
+
+    Gradients flow to h_s, w_s, b_s only. `stats` [N, 5] is not differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, labels, num_items, cfg: DivergenceConfig, kernel: Kernel):
+        n, v = h_s.shape[0], w_s.shape[0]
+        device = h_s.device
+        need = ctx.needs_input_grad
+        want_grad = need[0] or need[1] or need[2]
+        form_now = want_grad and cfg.reduction != "none"
+
+        rows = max(1, min(cfg.chunk_rows, n))
+        xs_buf = torch.empty(rows, v, dtype=torch.float32, device=device)
+        xt_buf = torch.empty(rows, v, dtype=torch.float32, device=device)
+        loss_rows = torch.empty(n, dtype=torch.float32, device=device)
+        stats = torch.empty(n, 5, dtype=torch.float32, device=device)
+
+        grad_h = torch.empty(n, h_s.shape[1], dtype=torch.float32, device=device) if form_now and need[0] else None
+        grad_w = torch.zeros(v, w_s.shape[1], dtype=torch.float32, device=device) if form_now and need[1] else None
+        grad_b = torch.zeros(v, dtype=torch.float32, device=device) if form_now and need[2] else None
+
+        for start, end in _chunks(n, rows):
+            xs, xt = xs_buf[: end - start], xt_buf[: end - start]
+            _logits_into(xs, h_s[start:end], w_s, b_s)
+            _logits_into(xt, h_t[start:end], w_t, b_t)
+            lab = labels[start:end] if labels is not None else None
+            kernel(xs, xt, lab, loss_rows[start:end], stats[start:end], *cfg.kernel_args(), form_now)
+            if form_now:
+                _accumulate_grads(xs, h_s[start:end], w_s, grad_h, grad_w, grad_b, start, end)
+
+        divisor = _divisor(cfg, labels, n, num_items, device)
+        if cfg.reduction == "sum":
+            loss = loss_rows.sum()
+        elif cfg.reduction == "mean":
+            loss = loss_rows.sum() / divisor
+        else:
+            loss = loss_rows
+
+        ctx.mark_non_differentiable(stats)
+        ctx.cfg, ctx.kernel, ctx.form_now = cfg, kernel, form_now
+        ctx.dtypes = (h_s.dtype, w_s.dtype, b_s.dtype if b_s is not None else None)
+        if form_now:
+            ctx.save_for_backward(grad_h, grad_w, grad_b, divisor)
+        elif want_grad:
+            ctx.save_for_backward(h_s, w_s, b_s, h_t, w_t, b_t, labels)
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_stats):
+        dt_h, dt_w, dt_b = ctx.dtypes
+        if ctx.form_now:
+            grad_h, grad_w, grad_b, divisor = ctx.saved_tensors
+            scale = grad_loss.to(torch.float32)
+            if ctx.cfg.reduction == "mean":
+                scale = scale / divisor
+            out_h = (grad_h * scale).to(dt_h) if grad_h is not None else None
+            out_w = (grad_w * scale).to(dt_w) if grad_w is not None else None
+            out_b = (grad_b * scale).to(dt_b) if grad_b is not None else None
+            return out_h, out_w, out_b, None, None, None, None, None, None, None
+        return _recompute_backward(ctx, grad_loss)
+
+
+def _accumulate_grads(g: torch.Tensor, h: torch.Tensor, w: torch.Tensor, grad_h, grad_w, grad_b,
+                      start: int, end: int) -> None:
+    """grad_h[start:end] = G W;  grad_w += G^T h;  grad_b += colsum(G).  G [C, V] fp32."""
+    gl = g if h.dtype == torch.float32 else g.to(h.dtype)
+    if grad_h is not None:
+        _matmul_f32(gl, w, out=grad_h[start:end])
+    if grad_w is not None:
+        if h.dtype == torch.float32:
+            grad_w.addmm_(g.t(), h)
+        else:
+            grad_w += _matmul_f32(gl.t(), h)
+    if grad_b is not None:
+        grad_b += g.sum(0)
+
+
+def _recompute_backward(ctx, grad_loss: torch.Tensor):
+    """reduction="none": per-row upstream gradients, so recompute each chunk and scale its rows."""
+    h_s, w_s, b_s, h_t, w_t, b_t, labels = ctx.saved_tensors
+    cfg, kernel = ctx.cfg, ctx.kernel
+    need = ctx.needs_input_grad
+    n, v = h_s.shape[0], w_s.shape[0]
+    device = h_s.device
+    rows = max(1, min(cfg.chunk_rows, n))
+    xs_buf = torch.empty(rows, v, dtype=torch.float32, device=device)
+    xt_buf = torch.empty(rows, v, dtype=torch.float32, device=device)
+    loss_rows = torch.empty(rows, dtype=torch.float32, device=device)
+    stats = torch.empty(rows, 5, dtype=torch.float32, device=device)
+    grad_h = torch.empty(n, h_s.shape[1], dtype=torch.float32, device=device) if need[0] else None
+    grad_w = torch.zeros(v, w_s.shape[1], dtype=torch.float32, device=device) if need[1] else None
+    grad_b = torch.zeros(v, dtype=torch.float32, device=device) if need[2] else None
+    gl = grad_loss.to(torch.float32)
+    for start, end in _chunks(n, rows):
+        c = end - start
+        xs, xt = xs_buf[:c], xt_buf[:c]
+        _logits_into(xs, h_s[start:end], w_s, b_s)
+        _logits_into(xt, h_t[start:end], w_t, b_t)
+        lab = labels[start:end] if labels is not None else None
+        kernel(xs, xt, lab, loss_rows[:c], stats[:c], *cfg.kernel_args(), True)
+        xs.mul_(gl[start:end, None])
+        _accumulate_grads(xs, h_s[start:end], w_s, grad_h, grad_w, grad_b, start, end)
+    dt_h, dt_w, dt_b = ctx.dtypes
+    return (grad_h.to(dt_h) if grad_h is not None else None, grad_w.to(dt_w) if grad_w is not None else None,
+            grad_b.to(dt_b) if grad_b is not None else None, None, None, None, None, None, None, None)
+
+
+class DivergenceFunction(torch.autograd.Function):
+    """loss, stats = f(student_logits [N, V], teacher_logits [N, V], labels [N]?): for callers that hold logits.
+
+    The gradient w.r.t. the student logits [N, V] is formed in the forward (reduction mean/sum) or in the
+    backward (none), chunk by chunk through the same row kernel. Teacher logits get no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, s_logits, t_logits, labels, num_items, cfg: DivergenceConfig, kernel: Kernel):
+        n, v = s_logits.shape
+        device = s_logits.device
+        want_grad = ctx.needs_input_grad[0]
+        form_now = want_grad and cfg.reduction != "none"
+        rows = max(1, min(cfg.chunk_rows, n))
+        xs_buf = torch.empty(rows, v, dtype=torch.float32, device=device)
+        xt_buf = torch.empty(rows, v, dtype=torch.float32, device=device)
+        loss_rows = torch.empty(n, dtype=torch.float32, device=device)
+        stats = torch.empty(n, 5, dtype=torch.float32, device=device)
+        grad = torch.empty(n, v, dtype=s_logits.dtype, device=device) if form_now else None
+        for start, end in _chunks(n, rows):
+            xs, xt = xs_buf[: end - start], xt_buf[: end - start]
+            xs.copy_(s_logits[start:end])
+            xt.copy_(t_logits[start:end])
+            lab = labels[start:end] if labels is not None else None
+            kernel(xs, xt, lab, loss_rows[start:end], stats[start:end], *cfg.kernel_args(), form_now)
+            if form_now:
+                grad[start:end] = xs
+        divisor = _divisor(cfg, labels, n, num_items, device)
+        if cfg.reduction == "sum":
+            loss = loss_rows.sum()
+        elif cfg.reduction == "mean":
+            loss = loss_rows.sum() / divisor
+        else:
+            loss = loss_rows
+        ctx.mark_non_differentiable(stats)
+        ctx.cfg, ctx.kernel, ctx.form_now = cfg, kernel, form_now
+        if form_now:
+            ctx.save_for_backward(grad, divisor)
+        elif want_grad:
+            ctx.save_for_backward(s_logits, t_logits, labels)
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_stats):
+        cfg = ctx.cfg
+        if ctx.form_now:
+            grad, divisor = ctx.saved_tensors
+            scale = grad_loss.to(torch.float32)
+            if cfg.reduction == "mean":
+                scale = scale / divisor
+            return (grad * scale).to(grad.dtype), None, None, None, None, None
+        s_logits, t_logits, labels = ctx.saved_tensors
+        n, v = s_logits.shape
+        rows = max(1, min(cfg.chunk_rows, n))
+        xs_buf = torch.empty(rows, v, dtype=torch.float32, device=s_logits.device)
+        xt_buf = torch.empty_like(xs_buf)
+        loss_rows = torch.empty(rows, dtype=torch.float32, device=s_logits.device)
+        stats = torch.empty(rows, 5, dtype=torch.float32, device=s_logits.device)
+        grad = torch.empty(n, v, dtype=s_logits.dtype, device=s_logits.device)
+        gl = grad_loss.to(torch.float32)
+        for start, end in _chunks(n, rows):
+            c = end - start
+            xs, xt = xs_buf[:c], xt_buf[:c]
+            xs.copy_(s_logits[start:end])
+            xt.copy_(t_logits[start:end])
+            lab = labels[start:end] if labels is not None else None
+            ctx.kernel(xs, xt, lab, loss_rows[:c], stats[:c], *cfg.kernel_args(), True)
+            grad[start:end] = xs * gl[start:end, None]
+        return grad, None, None, None, None, None

@@ -1,0 +1,285 @@
+"""Public divergence losses: validate at the edge, pick the backend through fastopd._dispatch, call one Function."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import NamedTuple
+
+import torch
+
+from fastopd import _dispatch
+from fastopd.losses.function import DivergenceConfig, DivergenceFunction, FusedLinearDivergenceFunction
+
+DIVERGENCES = {"fkl": 0, "rkl": 1, "jsd": 2}
+REDUCTIONS = ("mean", "sum", "none")
+MODES = ("auto", "chunked", "tiled")
+DEFAULT_CHUNK_BYTES = 128 * 2**20  # both models' fp32 logit buffers together
+
+
+class DivergenceStats(NamedTuple):
+    """Per-token statistics, each shaped like the labels ([N] or [B, T]), fp32, zero at ignored positions.
+
+    All are of the temperature-scaled (and soft-capped) distributions the loss compares.
+    """
+
+    lse_student: torch.Tensor      # log-sum-exp of the student logits
+    lse_teacher: torch.Tensor      # log-sum-exp of the teacher logits
+    logp_student: torch.Tensor     # log p_student(label); 0 where labels is None
+    logp_teacher: torch.Tensor     # log p_teacher(label); 0 where labels is None
+    entropy_student: torch.Tensor  # entropy of p_student
+
+
+def _shape(t: torch.Tensor | None) -> str:
+    return "None" if t is None else str(tuple(t.shape))
+
+
+def chunk_rows_for(vocab: int, chunk_size: int | None) -> int:
+    """Rows per chunk: `chunk_size` if given, else from the byte budget FASTOPD_CHUNK_BYTES (default 128 MiB)."""
+    if chunk_size is not None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        return int(chunk_size)
+    budget = int(os.environ.get("FASTOPD_CHUNK_BYTES", DEFAULT_CHUNK_BYTES))
+    rows = max(1, budget // max(1, vocab * 4 * 2))
+    return rows - rows % 16 if rows >= 32 else rows
+
+
+def _config(divergence: str, beta: float, temperature: float, softcap: float | None, hard_label_weight: float,
+            soft_label_weight: float, ignore_index: int, reduction: str, vocab: int,
+            chunk_size: int | None) -> DivergenceConfig:
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {tuple(DIVERGENCES)}, got {divergence!r}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must lie in [0, 1], got {beta}")
+    if not (temperature > 0.0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    if softcap is not None and not softcap > 0.0:
+        raise ValueError(f"softcap must be None or > 0, got {softcap}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if hard_label_weight < 0 or soft_label_weight < 0:
+        raise ValueError(f"loss weights must be >= 0, got hard_label_weight={hard_label_weight}, "
+                         f"soft_label_weight={soft_label_weight}")
+    code = DIVERGENCES[divergence]
+    if divergence == "jsd" and beta == 0.0:
+        code = DIVERGENCES["fkl"]  # TRL's convention: beta=0 is forward KL, beta=1 reverse KL
+    elif divergence == "jsd" and beta == 1.0:
+        code = DIVERGENCES["rkl"]
+    return DivergenceConfig(divergence=code, beta=float(beta), temperature=float(temperature),
+                            softcap=float(softcap) if softcap is not None else 0.0,
+                            soft_weight=float(soft_label_weight), hard_weight=float(hard_label_weight),
+                            ignore_index=int(ignore_index), reduction=reduction,
+                            chunk_rows=chunk_rows_for(vocab, chunk_size))
+
+
+def _check_labels(labels: torch.Tensor | None, lead: torch.Size, vocab: int, ignore_index: int,
+                  device: torch.device, hard_label_weight: float) -> torch.Tensor | None:
+    if labels is None:
+        if hard_label_weight != 0:
+            raise ValueError("hard_label_weight > 0 needs labels")
+        return None
+    if tuple(labels.shape) != tuple(lead):
+        raise ValueError(f"labels must have shape {tuple(lead)} (the hidden states' leading dims), got {_shape(labels)}")
+    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.device != device:
+        raise ValueError(f"labels are on {labels.device} but the hidden states on {device}")
+    labels = labels.reshape(-1).to(torch.int64).contiguous()
+    if labels.device.type == "cpu" and labels.numel() > 0:  # a free check on the CPU; GPU kernels guard instead
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+        if bool(bad.any()):
+            first = int(labels[bad][0])
+            raise ValueError(f"labels hold {first}, outside [0, {vocab}) and not ignore_index={ignore_index}")
+    return labels
+
+
+def _num_items(num_items_in_batch, device) -> torch.Tensor | None:
+    if num_items_in_batch is None:
+        return None
+    if isinstance(num_items_in_batch, torch.Tensor):
+        return num_items_in_batch.reshape(())
+    if num_items_in_batch <= 0:
+        raise ValueError(f"num_items_in_batch must be positive, got {num_items_in_batch}")
+    return torch.tensor(float(num_items_in_batch), device=device)
+
+
+def _finish(loss: torch.Tensor, stats: torch.Tensor, lead: torch.Size, reduction: str, return_stats: bool):
+    if reduction == "none":
+        loss = loss.reshape(lead)
+    if not return_stats:
+        return loss
+    per = [stats[:, i].reshape(lead) for i in range(5)]
+    return loss, DivergenceStats(*per)
+
+
+def fused_linear_divergence(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    divergence: str = "fkl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    vocab_size: int | None = None,
+    softcap: float | None = None,
+    hard_label_weight: float = 0.0,
+    soft_label_weight: float = 1.0,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    return_stats: bool = False,
+    impl: str = "auto",
+    chunk_size: int | None = None,
+    mode: str = "auto",
+):
+    """Teacher-student divergence from hidden states and LM-head weights, without [N, V] logits.
+
+    Args:
+        student_hidden: [N, Ds] or [B, T, Ds] (fp32/bf16/fp16); gets a gradient.
+        student_weight: [V_s, Ds], same dtype as student_hidden; gets a gradient.
+        teacher_hidden: [N, Dt] or [B, T, Dt]; never gets a gradient (Dt may differ from Ds).
+        teacher_weight: [V_t, Dt], same dtype as teacher_hidden.
+        labels: [N] or [B, T] integer tensor; positions equal to `ignore_index` are masked. Needed for
+            `hard_label_weight` > 0 and for the label stats.
+        divergence: "fkl" = KL(teacher||student), "rkl" = KL(student||teacher), "jsd" = generalized JSD with
+            M = beta*p_teacher + (1-beta)*p_student (TRL's convention; beta=0 is fkl, beta=1 is rkl).
+        temperature: divides both models' logits. softcap: c*tanh(x/c) on both models' logits first.
+        vocab_size: only the first `vocab_size` rows of each head count (the rest is padding).
+        reduction: "mean" (over valid tokens, or / num_items_in_batch), "sum", or "none" (per token, [N]
+            or [B, T], 0 at ignored positions).
+        hard_label_weight, soft_label_weight: loss = soft * divergence + hard * CE(labels).
+        return_stats: also return a DivergenceStats of per-token tensors.
+        impl: "auto" | "torch" | "cpu" | "triton" | "cuda" (FASTOPD_IMPL overrides "auto").
+        chunk_size: token rows per chunk (default: from a 128 MiB budget, FASTOPD_CHUNK_BYTES).
+        mode: "auto" | "chunked" | "tiled". "chunked" materializes one chunk of fp32 logits per model;
+            "tiled" (Triton, CUDA or the interpreter) keeps logit tiles on chip. "auto" is "chunked".
+
+    Returns:
+        The loss (fp32), and a DivergenceStats when `return_stats`.
+
+    Raises:
+        ValueError: on mismatched shapes, vocab sizes, dtypes or devices, or an option out of range.
+    """
+    hs, ws, ht, wt = student_hidden, student_weight, teacher_hidden, teacher_weight
+    for name, t in (("student_hidden", hs), ("student_weight", ws), ("teacher_hidden", ht), ("teacher_weight", wt)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be floating point, got {t.dtype}")
+    if hs.dim() not in (2, 3) or ht.dim() != hs.dim():
+        raise ValueError(f"hidden states must both be [N, D] or both [B, T, D], got student {_shape(hs)} and "
+                         f"teacher {_shape(ht)}")
+    if hs.shape[:-1] != ht.shape[:-1]:
+        raise ValueError(f"student and teacher hidden states must share their token dims, got student {_shape(hs)} "
+                         f"and teacher {_shape(ht)}")
+    if ws.dim() != 2 or wt.dim() != 2:
+        raise ValueError(f"weights must be [V, D], got student {_shape(ws)} and teacher {_shape(wt)}")
+    if ws.shape[1] != hs.shape[-1] or wt.shape[1] != ht.shape[-1]:
+        raise ValueError(f"hidden size mismatch: student hidden {_shape(hs)} vs weight {_shape(ws)}, "
+                         f"teacher hidden {_shape(ht)} vs weight {_shape(wt)}")
+    if hs.dtype != ws.dtype or ht.dtype != wt.dtype:
+        raise ValueError(f"dtype mismatch: student hidden {hs.dtype} vs weight {ws.dtype}, teacher hidden {ht.dtype} "
+                         f"vs weight {wt.dtype}")
+    device = hs.device
+    for name, t in (("student_weight", ws), ("teacher_hidden", ht), ("teacher_weight", wt),
+                    ("student_bias", student_bias), ("teacher_bias", teacher_bias)):
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} is on {t.device} but student_hidden on {device}")
+    if vocab_size is None:
+        if ws.shape[0] != wt.shape[0]:
+            raise ValueError(f"student and teacher vocab sizes differ ({ws.shape[0]} vs {wt.shape[0]}, weights "
+                             f"{_shape(ws)} and {_shape(wt)}); pass vocab_size= for the shared leading part")
+        vocab = ws.shape[0]
+    else:
+        if not 0 < vocab_size <= min(ws.shape[0], wt.shape[0]):
+            raise ValueError(f"vocab_size={vocab_size} must lie in [1, {min(ws.shape[0], wt.shape[0])}] for weights "
+                             f"{_shape(ws)} and {_shape(wt)}")
+        vocab = int(vocab_size)
+    for name, b, w in (("student_bias", student_bias, ws), ("teacher_bias", teacher_bias, wt)):
+        if b is not None and (b.dim() != 1 or b.shape[0] != w.shape[0] or b.dtype != w.dtype):
+            raise ValueError(f"{name} must be [{w.shape[0]}] of dtype {w.dtype}, got {_shape(b)} {b.dtype}")
+
+    cfg = _config(divergence, beta, temperature, softcap, hard_label_weight, soft_label_weight, ignore_index,
+                  reduction, vocab, chunk_size)
+    lead = hs.shape[:-1]
+    lab = _check_labels(labels, lead, vocab, ignore_index, device, hard_label_weight)
+    num_items = _num_items(num_items_in_batch, device)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+    h2s = hs.reshape(-1, hs.shape[-1])
+    h2t = ht.detach().reshape(-1, ht.shape[-1])
+    ws_v, wt_v = ws[:vocab], wt.detach()[:vocab]
+    bs_v = student_bias[:vocab] if student_bias is not None else None
+    bt_v = teacher_bias.detach()[:vocab] if teacher_bias is not None else None
+    if device.type == "cpu":  # CPU GEMMs run in fp32: upcast once (autograd casts the gradients back)
+        h2s, ws_v, h2t, wt_v = h2s.float(), ws_v.float(), h2t.float(), wt_v.float()
+        bs_v = bs_v.float() if bs_v is not None else None
+        bt_v = bt_v.float() if bt_v is not None else None
+    args = (h2s.contiguous(), ws_v.contiguous(), bs_v, h2t.contiguous(), wt_v.contiguous(), bt_v, lab, num_items, cfg)
+    if mode == "tiled":
+        from fastopd.losses.tiled import tiled_linear_divergence
+
+        loss, stats = tiled_linear_divergence(*args)
+    else:
+        backend = _dispatch.resolve("divergence_chunk", impl, device)
+        loss, stats = FusedLinearDivergenceFunction.apply(*args, _dispatch.kernel("divergence_chunk", backend))
+    return _finish(loss, stats, lead, reduction, return_stats)
+
+
+def divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    divergence: str = "fkl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    vocab_size: int | None = None,
+    softcap: float | None = None,
+    hard_label_weight: float = 0.0,
+    soft_label_weight: float = 1.0,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    return_stats: bool = False,
+    impl: str = "auto",
+    chunk_size: int | None = None,
+):
+    """The same divergence for callers that already hold logits: [N, V] or [B, T, V] each.
+
+    Options as in `fused_linear_divergence`; the student logits get a gradient ([N, V], their dtype).
+    """
+    sl, tl = student_logits, teacher_logits
+    for name, t in (("student_logits", sl), ("teacher_logits", tl)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor")
+    if sl.dim() not in (2, 3) or tl.dim() != sl.dim() or sl.shape[:-1] != tl.shape[:-1]:
+        raise ValueError(f"logits must both be [N, V] or [B, T, V] with the same token dims, got student "
+                         f"{_shape(sl)} and teacher {_shape(tl)}")
+    if sl.device != tl.device:
+        raise ValueError(f"student logits on {sl.device}, teacher logits on {tl.device}")
+    if vocab_size is None:
+        if sl.shape[-1] != tl.shape[-1]:
+            raise ValueError(f"student and teacher vocab sizes differ ({_shape(sl)} vs {_shape(tl)}); pass vocab_size=")
+        vocab = sl.shape[-1]
+    else:
+        if not 0 < vocab_size <= min(sl.shape[-1], tl.shape[-1]):
+            raise ValueError(f"vocab_size={vocab_size} out of range for logits {_shape(sl)} and {_shape(tl)}")
+        vocab = int(vocab_size)
+    cfg = _config(divergence, beta, temperature, softcap, hard_label_weight, soft_label_weight, ignore_index,
+                  reduction, vocab, chunk_size)
+    lead = sl.shape[:-1]
+    lab = _check_labels(labels, lead, vocab, ignore_index, sl.device, hard_label_weight)
+    num_items = _num_items(num_items_in_batch, sl.device)
+    backend = _dispatch.resolve("divergence_chunk", impl, sl.device)
+    kernel = _dispatch.kernel("divergence_chunk", backend)
+    s2 = sl.reshape(-1, sl.shape[-1])[:, :vocab]
+    t2 = tl.detach().reshape(-1, tl.shape[-1])[:, :vocab]
+    loss, stats = DivergenceFunction.apply(s2, t2, lab, num_items, cfg, kernel)
+    return _finish(loss, stats, lead, reduction, return_stats)

@@ -1,0 +1,79 @@
+"""The pure-PyTorch row-wise divergence kernel: the reference backend and the fallback everywhere.
+
+Same contract as the C++ op `torch.ops.fastopd.divergence_chunk_` (see csrc/cpu/divergence.cpp):
+xs, xt are [C, V] fp32 raw logits; on return `loss` [C] and `stats` [C, 5] are filled and, when
+`compute_grad`, xs holds dL/dx_s for an upstream gradient of 1 per row. Ignored rows get zeros.
+It computes the closed-form gradients with whole-row torch ops (a few [C, V] temporaries).
+"""
+
+from __future__ import annotations
+
+import torch
+
+FKL, RKL, JSD = 0, 1, 2
+
+
+def _xlogy_ratio(p: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
+    """p * log_ratio with 0 where p == 0 (so -inf log-probs of masked entries give 0, not NaN)."""
+    return torch.where(p > 0, p * log_ratio, torch.zeros((), dtype=p.dtype, device=p.device))
+
+
+@torch.no_grad()
+def divergence_chunk_(xs: torch.Tensor, xt: torch.Tensor, labels: torch.Tensor | None, loss: torch.Tensor,
+                      stats: torch.Tensor, divergence: int, beta: float, temperature: float, softcap: float,
+                      soft_weight: float, hard_weight: float, ignore_index: int, compute_grad: bool) -> None:
+    zs, zt = xs, xt
+    if softcap > 0:
+        zs = softcap * torch.tanh(zs / softcap)
+        zt = softcap * torch.tanh(zt / softcap)
+    zs = zs / temperature
+    zt = zt / temperature
+    lse_s = torch.logsumexp(zs, dim=-1, keepdim=True)
+    lse_t = torch.logsumexp(zt, dim=-1, keepdim=True)
+    lps, lpt = zs - lse_s, zt - lse_t
+    ps, pt = lps.exp(), lpt.exp()
+
+    if divergence == FKL:
+        soft = _xlogy_ratio(pt, lpt - lps).sum(-1)
+        dsoft = ps - pt
+    elif divergence == RKL:
+        term = _xlogy_ratio(ps, lps - lpt)
+        soft = term.sum(-1)
+        dsoft = term - ps * soft[:, None]
+    elif divergence == JSD:
+        lm = torch.log(beta * pt + (1.0 - beta) * ps)
+        kl_t = _xlogy_ratio(pt, lpt - lm).sum(-1)
+        term_s = _xlogy_ratio(ps, lps - lm)
+        kl_s = term_s.sum(-1)
+        soft = beta * kl_t + (1.0 - beta) * kl_s
+        dsoft = (1.0 - beta) * (term_s - ps * kl_s[:, None])
+    else:
+        raise ValueError(f"unknown divergence code {divergence}")
+
+    rows = torch.arange(xs.shape[0], device=xs.device)
+    if labels is not None:
+        valid = labels != ignore_index
+        y = torch.where(valid, labels, torch.zeros_like(labels))
+        lp_s_y, lp_t_y = lps[rows, y], lpt[rows, y]
+    else:
+        valid = torch.ones(xs.shape[0], dtype=torch.bool, device=xs.device)
+        lp_s_y = lp_t_y = torch.zeros(xs.shape[0], dtype=xs.dtype, device=xs.device)
+
+    row_loss = soft_weight * soft
+    if hard_weight != 0 and labels is not None:
+        row_loss = row_loss + hard_weight * (-lp_s_y)
+    loss.copy_(torch.where(valid, row_loss, torch.zeros_like(row_loss)))
+    entropy = -_xlogy_ratio(ps, lps).sum(-1)
+    st = torch.stack([lse_s[:, 0], lse_t[:, 0], lp_s_y, lp_t_y, entropy], dim=1)
+    stats.copy_(torch.where(valid[:, None], st, torch.zeros_like(st)))
+
+    if compute_grad:
+        g = soft_weight * dsoft
+        if hard_weight != 0 and labels is not None:
+            g = g + hard_weight * ps
+            g[rows, y] -= hard_weight
+        chain = 1.0 / temperature
+        if softcap > 0:
+            chain = chain * (1.0 - (zs * temperature / softcap) ** 2)
+        g = g * chain
+        xs.copy_(torch.where(valid[:, None], g, torch.zeros_like(g)))
