@@ -14,7 +14,7 @@ import os
 import platform
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -67,5 +67,9 @@ def _extensions():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
+# `kernels/` (Triton only) installs as the subpackage fastopd.kernels: nothing installs a top-level `kernels`.
+PACKAGES = find_packages(include=["fastopd", "fastopd.*"]) + ["fastopd.kernels"]
+PACKAGE_DIR = {"fastopd": "fastopd", "fastopd.kernels": "kernels"}
+
 ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(packages=PACKAGES, package_dir=PACKAGE_DIR, ext_modules=ext_modules, cmdclass=cmdclass)
