@@ -59,6 +59,12 @@ REGISTRY: dict[str, list[Backend]] = {
         Backend("cpu", ("cpu",), "fastopd._dispatch:_torch_op_divergence_chunk", _check_cpp("CPU", "divergence_chunk_")),
         Backend("torch", ("cpu", "cuda"), "fastopd.losses.reference:divergence_chunk_", _always),
     ],
+    "sparse_adamw_step": [
+        Backend("triton", ("cuda",), "fastopd.kernels.sparse_adamw:sparse_adamw_step_", _check_triton),
+        Backend("cpu", ("cpu",), "fastopd.optim.kernels:sparse_adamw_step_cpu",
+                _check_cpp("CPU", "sparse_adamw_step_")),
+        Backend("torch", ("cpu", "cuda"), "fastopd.optim.reference:sparse_adamw_step_", _always),
+    ],
 }
 
 
