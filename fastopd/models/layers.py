@@ -1,0 +1,85 @@
+"""Functional pieces of a Llama-style decoder layer, shared by the built-in model and the Hugging Face adapters.
+
+A layer is any module with the Hugging Face Llama names: ``input_layernorm``/``post_attention_layernorm`` (with
+``weight`` and ``variance_epsilon``), ``self_attn.{q,k,v,o}_proj`` (optional biases, as in Qwen2) and
+``mlp.{gate,up,down}_proj`` (SwiGLU). :func:`llama_layer` runs one such layer with explicit positions and an
+optional :class:`~fastopd.models.kv_cache.KVCache`, so the same code serves ``LlamaForCausalLM``,
+``Qwen2ForCausalLM`` and :class:`fastopd.models.Transformer`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastopd.models.kv_cache import KVCache, attention
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * x / sqrt(mean(x^2) + eps)``, normalized in fp32 and cast back before the weight (Llama's order)."""
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype, scaling: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary tables ``[B, 1, T, D_head]`` for integer ``positions`` ``[B, T]`` (half-split layout, fp32 math)."""
+    freqs = positions[..., None].float() * inv_freq.float()
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos(), emb.sin()
+    if scaling != 1.0:
+        cos, sin = cos * scaling, sin * scaling
+    return cos.to(dtype).unsqueeze(1), sin.to(dtype).unsqueeze(1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``[B, H, T, D_head]`` by the tables of :func:`rope_cos_sin` (rotate-half convention)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def llama_layer(
+    layer: nn.Module,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    cache: KVCache | None = None,
+    layer_idx: int = 0,
+    start: int = 0,
+    expand: int = 1,
+) -> torch.Tensor:
+    """One pre-norm Llama block on ``x`` ``[B, T, D]`` -> ``[B, T, D]``.
+
+    Without a cache (or when ``start == 0``) the queries attend to this call's own keys, with ``mask``
+    ``[B, 1, T, T]``; the keys/values are written to ``cache`` (each row ``expand`` times) when one is given. With
+    ``start > 0`` they are written at columns ``start..start+T-1`` and the queries attend to the cache's whole
+    active window, ``mask`` being ``[B, 1, T, S]``.
+    """
+    b, t, _ = x.shape
+    attn = layer.self_attn
+    h = rms_norm(x, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
+    q = attn.q_proj(h).view(b, t, num_heads, head_dim).transpose(1, 2)
+    k = attn.k_proj(h).view(b, t, num_kv_heads, head_dim).transpose(1, 2)
+    v = attn.v_proj(h).view(b, t, num_kv_heads, head_dim).transpose(1, 2)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if cache is not None:
+        cache.write(layer_idx, start, k, v, expand)
+        if start > 0:
+            k, v = cache.layer(layer_idx)
+    o = attention(q, k, v, mask)
+    x = x + attn.o_proj(o.transpose(1, 2).reshape(b, t, num_heads * head_dim))
+    h = rms_norm(x, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
+    mlp = layer.mlp
+    return x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids ``[B, S]`` of left-padded rows: real tokens count 0, 1, ...; padding columns get 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)

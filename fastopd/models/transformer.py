@@ -1,0 +1,168 @@
+"""The built-in decoder-only transformer: Llama-like (RMSNorm, RoPE, SwiGLU, optional GQA), small and explicit.
+
+It is the model of fastopd's demo task and tests. Module names follow Hugging Face Llama, so the rollout engine
+runs it and ``LlamaForCausalLM`` through the same layer code (:func:`fastopd.models.layers.llama_layer`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from torch import nn
+
+from fastopd.models.config import TransformerConfig
+from fastopd.models.kv_cache import KVCache, build_attention_mask
+from fastopd.models.layers import llama_layer, positions_from_mask, rms_norm, rope_cos_sin
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.variance_epsilon)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        d, dh = config.hidden_size, config.head_dim
+        self.q_proj = nn.Linear(d, config.num_heads * dh, bias=False)
+        self.k_proj = nn.Linear(d, config.num_kv_heads * dh, bias=False)
+        self.v_proj = nn.Linear(d, config.num_kv_heads * dh, bias=False)
+        self.o_proj = nn.Linear(config.num_heads * dh, d, bias=False)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+
+class Transformer(nn.Module):
+    """Decoder-only transformer returning final (normed) hidden states; ``lm_head.weight`` is ``[V, D]``.
+
+    Example::
+
+        model = Transformer(TransformerConfig(vocab_size=64, hidden_size=64, num_layers=2, num_heads=4))
+        hidden = model(ids)                 # [B, T, D]
+        logits = model.logits(ids)          # [B, T, V]
+    """
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        exponents = torch.arange(0, config.head_dim, 2, dtype=torch.float) / config.head_dim
+        inv_freq = 1.0 / (config.rope_theta**exponents)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, initializer_range) for matrices, ones for norms; re-ties the head if configured."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        start: int = 0,
+        expand: int = 1,
+    ) -> torch.Tensor:
+        """Final hidden states ``[B, T, D]`` of ``input_ids`` ``[B, T]`` (int64).
+
+        Args:
+            positions: ``[B, T]`` rotary positions; default: counted from ``attention_mask`` (left padding).
+            attention_mask: ``[B, S]`` (1 = real token) over key columns ``0..S-1``, where ``S = T`` without a
+                cache or with ``start == 0``, else the cache's active length; or a prepared boolean ``[B, 1, T, S]``
+                mask (see :func:`~fastopd.models.kv_cache.build_attention_mask`). Default: no padding.
+            cache: a :class:`KVCache` reset to this batch: keys/values are written at ``start..start+T-1``.
+            start: first column of ``input_ids`` in the cache; ``start > 0`` attends to the cached columns.
+            expand: with ``start == 0``, each input row is written to ``expand`` cache rows (prefix sharing).
+        Raises:
+            ValueError: ``input_ids`` not 2-D.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+        b, t = input_ids.shape
+        if attention_mask is None:
+            s = t if (cache is None or start == 0) else cache.length
+            attention_mask = torch.ones(b, s, dtype=torch.bool, device=input_ids.device)
+        if positions is None:
+            positions = positions_from_mask(attention_mask)[:, start : start + t] if attention_mask.dim() == 2 else \
+                torch.arange(start, start + t, device=input_ids.device).expand(b, t)
+        mask = build_attention_mask(attention_mask, start, t) if attention_mask.dim() == 2 else attention_mask
+        cfg = self.config
+        x = self.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = llama_layer(layer, x, cos, sin, mask, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+                            head_dim=cfg.head_dim, cache=cache, layer_idx=i, start=start, expand=expand)
+        return self.norm(x)
+
+    def logits(self, input_ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """``[B, T, V]`` logits (``forward`` then ``lm_head``), for convenience; training uses the hidden states."""
+        return self.lm_head(self(input_ids, *args, **kwargs))
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``config.json`` and ``model.safetensors`` (a tied head is stored once, as the embedding)."""
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+            json.dump(self.config.to_dict(), f, indent=2)
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        if self.config.tie_word_embeddings:
+            state.pop("lm_head.weight")
+        save_file(state, os.path.join(directory, WEIGHTS_NAME))
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    ) -> Transformer:
+        """Load a model written by :meth:`save_pretrained`. Raises ValueError on missing or unexpected tensors."""
+        from safetensors.torch import load_file
+
+        with open(os.path.join(directory, CONFIG_NAME)) as f:
+            config = TransformerConfig.from_dict(json.load(f))
+        model = cls(config)
+        state = load_file(os.path.join(directory, WEIGHTS_NAME), device=str(device))
+        if config.tie_word_embeddings:
+            state["lm_head.weight"] = state["embed_tokens.weight"]
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{directory}: missing tensors {missing}, unexpected tensors {unexpected}")
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        return model.to(device=device, dtype=dtype)

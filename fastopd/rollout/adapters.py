@@ -1,0 +1,211 @@
+"""Model adapters: one small protocol over the built-in model and Hugging Face causal LMs.
+
+An adapter exposes what rollouts and the fused loss need and nothing more: a decoder forward with explicit
+positions, a prepared attention mask and an optional :class:`~fastopd.models.KVCache`, returning final hidden
+states (no LM head); the output-embedding weight ``[V, D]`` (and bias); and the shapes needed to size a cache.
+The adapter shares the model's parameters (no copies), so a training forward through it has autograd.
+
+Supported: :class:`fastopd.models.Transformer`; Hugging Face ``LlamaForCausalLM``, ``Qwen2ForCausalLM``,
+``MistralForCausalLM`` (without sliding window) through the Llama layer code, and ``GPT2LMHeadModel``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastopd.models.kv_cache import KVCache, attention
+from fastopd.models.layers import llama_layer, rope_cos_sin
+from fastopd.models.transformer import Transformer
+
+
+class ModelAdapter:
+    """Protocol of the rollout engine's models. Subclasses set the shape attributes and implement ``forward``."""
+
+    model: nn.Module
+    vocab_size: int  # rows of the input embedding: token ids must be below it
+    hidden_size: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    max_positions: int
+
+    @property
+    def device(self) -> torch.device:
+        return self.output_weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.output_weight.dtype
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """``[V, D]`` output-embedding (LM head) weight, the model's own parameter."""
+        raise NotImplementedError
+
+    @property
+    def output_bias(self) -> torch.Tensor | None:
+        """``[V]`` LM-head bias, or None."""
+        return None
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        cache: KVCache | None = None,
+        start: int = 0,
+        expand: int = 1,
+    ) -> torch.Tensor:
+        """Final hidden states ``[B, T, D]`` for ``input_ids``/``positions`` ``[B, T]`` and a boolean ``mask``
+        ``[B, 1, T, S]`` (see :func:`fastopd.models.build_attention_mask`); cache semantics as in
+        :meth:`fastopd.models.Transformer.forward`."""
+        raise NotImplementedError
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[..., V]`` logits of hidden states ``[..., D]``."""
+        return F.linear(hidden, self.output_weight, self.output_bias)
+
+    def new_cache(self, batch_size: int, length: int) -> KVCache:
+        return KVCache(self.num_layers, batch_size, self.num_kv_heads, length, self.head_dim, dtype=self.dtype,
+                       device=self.device)
+
+
+class BuiltinAdapter(ModelAdapter):
+    """Adapter of :class:`fastopd.models.Transformer`."""
+
+    def __init__(self, model: Transformer) -> None:
+        cfg = model.config
+        self.model = model
+        self.vocab_size = cfg.vocab_size
+        self.hidden_size = cfg.hidden_size
+        self.num_layers = cfg.num_layers
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.max_positions = cfg.max_position_embeddings
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.model.lm_head.weight
+
+    def forward(self, input_ids, positions, mask, cache=None, start=0, expand=1):
+        return self.model(input_ids, positions, mask, cache=cache, start=start, expand=expand)
+
+
+class HFLlamaAdapter(ModelAdapter):
+    """Adapter of Hugging Face Llama-family causal LMs (Llama, Qwen2, Mistral without sliding window).
+
+    The layers run through :func:`fastopd.models.layers.llama_layer` on the model's own modules; rotary
+    frequencies come from the model's ``rotary_emb`` (so static RoPE scalings such as llama3/linear/yarn carry
+    over). Dropout is not applied (rollouts and scoring are deterministic forwards).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        cfg = model.config
+        base = model.model
+        rope_type = getattr(base.rotary_emb, "rope_type", "default")
+        if rope_type in ("dynamic", "longrope"):
+            raise ValueError(f"{type(model).__name__}: rope_type={rope_type!r} depends on sequence length and is "
+                             "not supported by the rollout adapter")
+        if getattr(cfg, "hidden_act", "silu") != "silu":
+            raise ValueError(f"{type(model).__name__}: hidden_act={cfg.hidden_act!r}, the adapter implements silu")
+        if getattr(cfg, "use_sliding_window", False) or (cfg.model_type == "mistral" and cfg.sliding_window):
+            raise ValueError(f"{type(model).__name__}: sliding-window attention is not supported by the adapter")
+        self.model = model
+        self.vocab_size = base.embed_tokens.num_embeddings
+        self.hidden_size = cfg.hidden_size
+        self.num_layers = cfg.num_hidden_layers
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.max_positions = cfg.max_position_embeddings
+        self._rope_scaling = float(getattr(base.rotary_emb, "attention_scaling", 1.0))
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.model.lm_head.weight
+
+    @property
+    def output_bias(self) -> torch.Tensor | None:
+        return self.model.lm_head.bias
+
+    def forward(self, input_ids, positions, mask, cache=None, start=0, expand=1):
+        base = self.model.model
+        x = base.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(positions, base.rotary_emb.inv_freq, x.dtype, self._rope_scaling)
+        for i, layer in enumerate(base.layers[: self.num_layers]):
+            x = llama_layer(layer, x, cos, sin, mask, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                            head_dim=self.head_dim, cache=cache, layer_idx=i, start=start, expand=expand)
+        return base.norm(x)
+
+
+class HFGPT2Adapter(ModelAdapter):
+    """Adapter of Hugging Face ``GPT2LMHeadModel`` (learned positions, LayerNorm, GELU MLP, tied head)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        cfg = model.config
+        if getattr(cfg, "reorder_and_upcast_attn", False):
+            raise ValueError("GPT-2 with reorder_and_upcast_attn=True is not supported by the rollout adapter")
+        self.model = model
+        tr = model.transformer
+        self.vocab_size = tr.wte.num_embeddings
+        self.hidden_size = cfg.n_embd
+        self.num_layers = cfg.n_layer
+        self.num_heads = cfg.n_head
+        self.num_kv_heads = cfg.n_head
+        self.head_dim = cfg.n_embd // cfg.n_head
+        self.max_positions = cfg.n_positions
+        base_scale = self.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
+        self._scales = [base_scale / (i + 1) if cfg.scale_attn_by_inverse_layer_idx else base_scale
+                        for i in range(self.num_layers)]
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.model.lm_head.weight
+
+    @property
+    def output_bias(self) -> torch.Tensor | None:
+        return self.model.lm_head.bias
+
+    def forward(self, input_ids, positions, mask, cache=None, start=0, expand=1):
+        tr = self.model.transformer
+        b, t = input_ids.shape
+        hd, nh = self.head_dim, self.num_heads
+        x = tr.wte(input_ids) + tr.wpe(positions)
+        for i, block in enumerate(tr.h):
+            h = block.ln_1(x)
+            q, k, v = block.attn.c_attn(h).view(b, t, 3, nh, hd).permute(2, 0, 3, 1, 4).unbind(0)
+            if cache is not None:
+                cache.write(i, start, k, v, expand)
+                if start > 0:
+                    k, v = cache.layer(i)
+            o = attention(q, k, v, mask, scale=self._scales[i])
+            x = x + block.attn.c_proj(o.transpose(1, 2).reshape(b, t, nh * hd))
+            x = x + block.mlp.c_proj(block.mlp.act(block.mlp.c_fc(block.ln_2(x))))
+        return tr.ln_f(x)
+
+
+_HF_LLAMA_TYPES = ("llama", "qwen2", "mistral")
+
+
+def as_adapter(model: nn.Module | ModelAdapter) -> ModelAdapter:
+    """The adapter of ``model`` (adapters pass through).
+
+    Raises:
+        ValueError: a model type the rollout engine does not know.
+    """
+    if isinstance(model, ModelAdapter):
+        return model
+    if isinstance(model, Transformer):
+        return BuiltinAdapter(model)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in _HF_LLAMA_TYPES and hasattr(model, "model") and hasattr(model, "lm_head"):
+        return HFLlamaAdapter(model)
+    if model_type == "gpt2" and hasattr(model, "transformer") and hasattr(model, "lm_head"):
+        return HFGPT2Adapter(model)
+    raise ValueError(
+        f"no rollout adapter for {type(model).__name__} (model_type={model_type!r}); supported: "
+        f"fastopd.models.Transformer, Hugging Face causal LMs of type {list(_HF_LLAMA_TYPES) + ['gpt2']}, "
+        "or a fastopd.rollout.ModelAdapter subclass"
+    )

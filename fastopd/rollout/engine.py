@@ -1,0 +1,367 @@
+"""RolloutEngine: truncated rollouts of the student, dense teacher scoring, the student's training forward."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastopd.models.kv_cache import KVCache, build_attention_mask
+from fastopd.models.layers import positions_from_mask
+from fastopd.rollout.adapters import ModelAdapter, as_adapter
+from fastopd.rollout.batch import RolloutBatch
+from fastopd.rollout.horizon import Horizon, resolve_horizon
+from fastopd.rollout.sampling import sample_tokens
+
+Prompts = Sequence[Sequence[int]] | Sequence[torch.Tensor] | torch.Tensor
+
+
+def _eos_ids(eos_token_id: int | Sequence[int] | None) -> list[int]:
+    if eos_token_id is None:
+        return []
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    if not ids or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
+        raise ValueError(f"eos_token_id must be None, a non-negative int or a list of them, got {eos_token_id!r}")
+    return ids
+
+
+class RolloutEngine:
+    """Generates truncated on-policy rollouts from a student and scores them with a teacher.
+
+    Args:
+        student: a :class:`fastopd.models.Transformer`, a supported Hugging Face causal LM or a
+            :class:`ModelAdapter`.
+        teacher: same kinds, or None (then :meth:`score` raises). May be the student itself.
+        horizon: a :class:`Horizon`, any callable ``step -> H``, or an int (a fixed horizon).
+        num_samples: ``n`` completions per prompt (samples of a prompt share its prefilled KV).
+        temperature: 0 for greedy; top_k: 0 disables; top_p: 1.0 disables.
+        eos_token_id: an id or a list of ids ending a sequence, or None (no early stop).
+        pad_token_id: fills prompt padding and the columns after EOS; default: the first EOS id, else 0.
+        generator: RNG of sampling; None uses torch's global RNG (``torch.manual_seed`` makes rollouts repeatable).
+        share_prefix: prefill each prompt once and expand its KV to its samples (True), or prefill every sample.
+
+    After each call, ``last_stats`` holds the horizon, prefill tokens computed and saved, decode steps and the KV
+    cache bytes; ``kv_cache_bytes`` is the memory held by the student's and teacher's caches. Caches are sized to
+    the padded prompt width plus the horizon in force, reused across calls and grown only when a call needs more.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module | ModelAdapter,
+        teacher: nn.Module | ModelAdapter | None = None,
+        *,
+        horizon: Horizon | Callable[[int], int] | int,
+        num_samples: int = 1,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+        share_prefix: bool = True,
+    ) -> None:
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
+            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+        if not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+            raise ValueError(f"top_k must be a non-negative int, got {top_k!r}")
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        if not (callable(horizon) or isinstance(horizon, int)):
+            raise ValueError(f"horizon must be a Horizon, a callable step -> H or an int, got {horizon!r}")
+        self.student = as_adapter(student)
+        self.teacher = as_adapter(teacher) if teacher is not None else None
+        self.horizon = horizon
+        self.num_samples = num_samples
+        self.temperature = float(temperature)
+        self.top_k = top_k
+        self.top_p = float(top_p)
+        self.eos_ids = _eos_ids(eos_token_id)
+        self.pad_token_id = pad_token_id if pad_token_id is not None else (self.eos_ids[0] if self.eos_ids else 0)
+        for adapter in (self.student, self.teacher):
+            if adapter is not None:
+                self._check_special_ids(adapter)
+        self.generator = generator
+        self.share_prefix = share_prefix
+        self._caches: dict[str, KVCache] = {}
+        self.last_stats: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes held by the engine's KV caches (student and teacher)."""
+        return sum(c.nbytes for c in self._caches.values())
+
+    def horizon_at(self, step: int) -> int:
+        """The horizon the schedule sets at ``step`` (before capping to the model's context)."""
+        return resolve_horizon(self.horizon, step)
+
+    def generate(self, prompts: Prompts, attention_mask: torch.Tensor | None = None, *, step: int = 0) -> RolloutBatch:
+        """Sample ``num_samples`` completions of up to ``H = horizon(step)`` tokens for each prompt.
+
+        Args:
+            prompts: a list of token-id lists (or 1-D tensors), or ids ``[B, L]`` with ``attention_mask`` ``[B, L]``
+                (any padding side; rows are re-packed left-padded).
+            step: training step, the argument of the horizon schedule.
+        Returns:
+            a :class:`RolloutBatch` of ``B * num_samples`` rows; ``H`` is capped so that ``P + H`` fits the context.
+        Raises:
+            ValueError: no prompts, an empty prompt, a token id outside ``[0, vocab)``, a prompt that does not fit
+                the model's context, or a schedule returning a non-positive horizon.
+        """
+        adapter = self.student
+        ids, mask, lengths = self._pack_prompts(prompts, attention_mask, adapter, "prompts")
+        horizon = self.horizon_at(step)
+        bp, p = ids.shape
+        n = self.num_samples
+        b = bp * n
+        h = min(horizon, adapter.max_positions - p)
+        with torch.inference_mode():
+            out = self._generate(adapter, ids, mask, lengths, h)
+        tokens, logprobs, completion_mask, finished, steps, prefill_tokens = out
+        # Clones outside inference mode, so the batch can feed autograd (the student's training forward).
+        prompt_ids = ids.repeat_interleave(n, 0)
+        prompt_mask = mask.repeat_interleave(n, 0)
+        batch = RolloutBatch(
+            input_ids=torch.cat([prompt_ids, tokens.clone()], 1),
+            attention_mask=torch.cat([prompt_mask, completion_mask.clone()], 1),
+            completion_mask=completion_mask.clone(),
+            prompt_lengths=lengths.repeat_interleave(n, 0),
+            logprobs=logprobs.clone(),
+            truncated=~finished.clone(),
+            horizon=h,
+            num_samples=n,
+        )
+        self.last_stats = {
+            "step": step, "horizon": h, "horizon_scheduled": horizon, "prompt_width": p, "rows": b,
+            "decode_steps": steps, "prefill_tokens": prefill_tokens, "prefill_tokens_saved": b * p - prefill_tokens,
+            "kv_cache_bytes": self._caches["student"].nbytes,
+        }
+        return batch
+
+    def score(
+        self,
+        batch: RolloutBatch,
+        teacher_prompts: Prompts | None = None,
+        teacher_attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Teacher's final hidden states ``[B*n, H, D_t]`` over the batch's completions (no LM head).
+
+        Row ``j`` is the state that predicts completion token ``j`` (sequence position ``P-1+j``), the alignment of
+        :meth:`student_hidden`; feed it to ``fused_linear_divergence`` with ``teacher.output_weight`` and
+        ``batch.labels()``. Each teacher prompt is prefilled once and its KV shared by its samples.
+
+        Args:
+            teacher_prompts: privileged context: ``B`` prompts (one per student prompt) or ``B*n`` (one per row) that
+                the teacher sees instead of the student's prompt, before the same completion tokens.
+        Raises:
+            ValueError: no teacher, a prompt count that matches neither ``B`` nor ``B*n``, ids outside the
+                teacher's vocabulary, or prompt + horizon beyond the teacher's context.
+        """
+        teacher = self.teacher
+        if teacher is None:
+            raise ValueError("RolloutEngine.score needs a teacher: pass teacher=... to RolloutEngine")
+        rows, n, h = batch.input_ids.shape[0], batch.num_samples, batch.horizon
+        if teacher_prompts is None:
+            ids, mask = batch.input_ids[::n, : batch.prompt_width], batch.attention_mask[::n, : batch.prompt_width]
+            lengths = batch.prompt_lengths[::n]
+            self._check_vocab(ids, teacher, "prompts")
+        else:
+            ids, mask, lengths = self._pack_prompts(teacher_prompts, teacher_attention_mask, teacher, "teacher_prompts")
+        if ids.shape[0] * n == rows:
+            expand = n
+        elif ids.shape[0] == rows:
+            expand = 1
+        else:
+            raise ValueError(f"teacher_prompts has {ids.shape[0]} rows; expected {rows // n} (one per prompt) or "
+                             f"{rows} (one per sample)")
+        completion = batch.completion_ids
+        self._check_vocab(completion, teacher, "completion tokens")
+        pt = ids.shape[1]
+        if pt + h - 1 > teacher.max_positions:
+            raise ValueError(f"teacher prompt width {pt} + horizon {h} exceeds the teacher's context "
+                             f"{teacher.max_positions}")
+        ids, mask, lengths = ids.to(teacher.device), mask.to(teacher.device), lengths.to(teacher.device)
+        completion = completion.to(teacher.device)
+        with torch.inference_mode():
+            hidden = self._score(teacher, ids, mask, lengths, completion, expand)
+        return hidden.clone()
+
+    def student_hidden(self, batch: RolloutBatch) -> torch.Tensor:
+        """The student's final hidden states ``[B*n, H, D_s]`` over the completions, with autograd.
+
+        One full forward over prompt + completion (no cache), aligned like :meth:`score`: row ``j`` predicts
+        completion token ``j``. Use with ``student_output_weight`` and ``batch.labels()``.
+        """
+        p, h = batch.prompt_width, batch.horizon
+        ids = batch.input_ids[:, : p + h - 1]
+        mask = batch.attention_mask[:, : p + h - 1]
+        hidden = self.student.forward(ids, positions_from_mask(mask), build_attention_mask(mask, 0, ids.shape[1]))
+        return hidden[:, p - 1 :]
+
+    @property
+    def student_output_weight(self) -> torch.Tensor:
+        """``[V_s, D_s]`` student LM-head weight (the parameter itself)."""
+        return self.student.output_weight
+
+    @property
+    def teacher_output_weight(self) -> torch.Tensor:
+        """``[V_t, D_t]`` teacher LM-head weight."""
+        if self.teacher is None:
+            raise ValueError("this RolloutEngine has no teacher")
+        return self.teacher.output_weight
+
+    # ------------------------------------------------------------------ internals
+
+    def _check_special_ids(self, adapter: ModelAdapter) -> None:
+        for name, i in [("pad_token_id", self.pad_token_id)] + [("eos_token_id", e) for e in self.eos_ids]:
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < adapter.vocab_size:
+                raise ValueError(f"{name}={i!r} is outside the vocabulary [0, {adapter.vocab_size}) of "
+                                 f"{type(adapter.model).__name__}")
+
+    @staticmethod
+    def _check_vocab(ids: torch.Tensor, adapter: ModelAdapter, what: str) -> None:
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= adapter.vocab_size:
+            raise ValueError(f"{what} contain token ids in [{lo}, {hi}], outside the vocabulary [0, "
+                             f"{adapter.vocab_size}) of {type(adapter.model).__name__} (mismatched tokenizer?)")
+
+    def _pack_prompts(
+        self, prompts: Prompts, attention_mask: torch.Tensor | None, adapter: ModelAdapter, what: str
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Left-padded ``ids [B, P]`` int64, ``mask [B, P]`` bool and ``lengths [B]`` on the model's device."""
+        if isinstance(prompts, torch.Tensor):
+            if prompts.dim() != 2 or prompts.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+                raise ValueError(f"{what} tensor must be integer ids [B, L], got {tuple(prompts.shape)} "
+                                 f"{prompts.dtype}")
+            if attention_mask is None:
+                rows = [r for r in prompts.cpu()]
+            else:
+                if attention_mask.shape != prompts.shape:
+                    raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match {what} "
+                                     f"{tuple(prompts.shape)}")
+                rows = [r[m.bool()] for r, m in zip(prompts.cpu(), attention_mask.cpu())]
+            rows = [r.tolist() for r in rows]
+        else:
+            if attention_mask is not None:
+                raise ValueError("attention_mask is only accepted with a tensor of prompts")
+            rows = [p.tolist() if isinstance(p, torch.Tensor) else list(p) for p in prompts]
+        if not rows:
+            raise ValueError(f"{what} is empty: need at least one prompt")
+        for i, r in enumerate(rows):
+            if not r:
+                raise ValueError(f"{what}[{i}] is empty: every prompt needs at least one token")
+        p = max(len(r) for r in rows)
+        if p >= adapter.max_positions:
+            raise ValueError(f"{what}: a prompt of {p} tokens leaves no room in the context of "
+                             f"{adapter.max_positions} positions of {type(adapter.model).__name__}")
+        ids = torch.full((len(rows), p), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), p, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            try:
+                ids[i, p - len(r) :] = torch.tensor(r, dtype=torch.long)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise ValueError(f"{what}[{i}] is not a sequence of int token ids: {e}") from None
+            mask[i, p - len(r) :] = True
+        self._check_vocab(ids[mask], adapter, what)
+        lengths = mask.sum(1)
+        return ids.to(adapter.device), mask.to(adapter.device), lengths.to(adapter.device)
+
+    def _cache(self, role: str, adapter: ModelAdapter, batch_size: int, length: int) -> KVCache:
+        """The role's cache reset to ``[batch_size, length]``, reallocated only if it does not fit."""
+        cache = self._caches.get(role)
+        if cache is None or not cache.fits(batch_size, length, adapter.num_kv_heads, adapter.head_dim, adapter.dtype,
+                                           adapter.device):
+            if cache is not None and cache.keys.shape[2] == adapter.num_kv_heads:
+                b_old, s_old = cache.capacity
+                batch_cap, len_cap = max(batch_size, b_old), max(length, s_old)
+            else:
+                batch_cap, len_cap = batch_size, length
+            self._caches.pop(role, None)  # free the old one before allocating
+            cache = adapter.new_cache(batch_cap, len_cap)
+            self._caches[role] = cache
+        cache.reset(batch_size, length)
+        return cache
+
+    def _prefill(
+        self, adapter: ModelAdapter, role: str, ids: torch.Tensor, mask: torch.Tensor, expand: int, length: int
+    ) -> tuple[torch.Tensor, KVCache, int]:
+        """Prefill prompts ``[B, P]`` into a cache of ``B*expand`` rows and ``length`` columns; returns the last
+        prompt position's hidden state ``[B*expand, D]``, the cache and the prefill tokens computed."""
+        if not self.share_prefix and expand > 1:
+            ids, mask, expand = ids.repeat_interleave(expand, 0), mask.repeat_interleave(expand, 0), 1
+        cache = self._cache(role, adapter, ids.shape[0] * expand, length)
+        p = ids.shape[1]
+        hidden = adapter.forward(ids, positions_from_mask(mask), build_attention_mask(mask, 0, p), cache, 0, expand)
+        last = hidden[:, -1]
+        if expand > 1:
+            last = last.repeat_interleave(expand, 0)
+        return last, cache, ids.numel()
+
+    def _generate(
+        self, adapter: ModelAdapter, ids: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor, h: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+        n = self.num_samples
+        bp, p = ids.shape
+        b = bp * n
+        device = ids.device
+        last, cache, prefill_tokens = self._prefill(adapter, "student", ids, mask, n, p + h)
+        logits = adapter.logits(last)
+        # Key-validity of every cache column: prompt padding stays False; a completion column turns True when its
+        # token is written. The decode mask is a view of it, built once.
+        key_mask = torch.zeros(b, p + h, dtype=torch.bool, device=device)
+        key_mask[:, :p] = mask.repeat_interleave(n, 0)
+        decode_mask = key_mask[:, None, None, :]
+        positions = lengths.repeat_interleave(n, 0)[:, None].clone()
+        tokens = torch.full((b, h), self.pad_token_id, dtype=torch.long, device=device)
+        logprobs = torch.zeros(b, h, dtype=torch.float32, device=device)
+        completion_mask = torch.zeros(b, h, dtype=torch.bool, device=device)
+        finished = torch.zeros(b, dtype=torch.bool, device=device)
+        eos = torch.tensor(self.eos_ids, dtype=torch.long, device=device) if self.eos_ids else None
+        pad = torch.tensor(self.pad_token_id, dtype=torch.long, device=device)
+        # Stopping is checked on the host: every step on CPU, every 8 steps on accelerators (fewer syncs).
+        check_every = 1 if device.type == "cpu" else 8
+        steps = 0
+        for t in range(h):
+            tok, lp = sample_tokens(logits, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                                    generator=self.generator)
+            alive = ~finished
+            tok = torch.where(alive, tok, pad)
+            tokens[:, t] = tok
+            logprobs[:, t] = lp.masked_fill(finished, 0.0)
+            completion_mask[:, t] = alive
+            steps = t + 1
+            if eos is not None:
+                finished |= torch.isin(tok, eos) if eos.numel() > 1 else tok == eos
+            if t == h - 1 or (eos is not None and (t + 1) % check_every == 0 and bool(finished.all())):
+                break
+            key_mask[:, p + t] = True
+            hidden = adapter.forward(tok[:, None], positions, decode_mask, cache, p + t)
+            positions += 1
+            logits = adapter.logits(hidden[:, 0])
+        return tokens, logprobs, completion_mask, finished, steps, prefill_tokens
+
+    def _score(
+        self,
+        adapter: ModelAdapter,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        lengths: torch.Tensor,
+        completion: torch.Tensor,
+        expand: int,
+    ) -> torch.Tensor:
+        rows, h = completion.shape
+        pt = ids.shape[1]
+        last, cache, _ = self._prefill(adapter, "teacher", ids, mask, expand, pt + h - 1)
+        if h == 1:
+            return last[:, None]
+        key_mask = torch.ones(rows, pt + h - 1, dtype=torch.bool, device=ids.device)
+        key_mask[:, :pt] = mask.repeat_interleave(expand, 0)
+        positions = lengths.repeat_interleave(expand, 0)[:, None] + torch.arange(h - 1, device=ids.device)
+        scoring_mask = build_attention_mask(key_mask, pt, h - 1)
+        hidden = adapter.forward(completion[:, : h - 1], positions, scoring_mask, cache, pt)
+        return torch.cat([last[:, None], hidden], 1)
