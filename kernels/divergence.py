@@ -1,0 +1,268 @@
+"""Triton row kernel of the chunked divergence: the default GPU backend of `divergence_chunk`.
+
+Same contract as the C++ op `torch.ops.fastopd.divergence_chunk_` (csrc/cpu/divergence.cpp) and the torch
+reference (fastopd/losses/reference.py). Per row r of xs, xt [C, V] (raw fp32 logits after the head GEMMs):
+
+    z = softcap(x) / T,  lse = log sum exp z,  lp = z - lse,  p = exp(lp)
+    fkl = sum p_t (lp_t - lp_s)                       dL/dz_s = p_s - p_t
+    rkl = sum p_s (lp_s - lp_t)                       dL/dz_s = p_s ((lp_s - lp_t) - rkl)
+    jsd = b KL(t||m) + (1-b) KL(s||m), log m = log(b p_t + (1-b) p_s)
+                                                      dL/dz_s = (1-b) p_s ((lp_s - log m) - KL(s||m))
+    loss = soft_w * div + hard_w * (lse_s - z_s[y]);  the hard term adds hard_w (p_s - onehot(y)).
+
+One program per row streams the vocabulary in BLOCK_V blocks:
+  pass 1  online max / sum-exp of both models (block maxima, rescaled running sums): lse_s, lse_t;
+  pass 2  the divergence sums and the entropy with exact log-probs; for fkl the gradient is written here;
+  pass 3  (rkl, jsd with a gradient) the gradient, which needs the row's KL from pass 2.
+Memory traffic per row (fp32): fkl 2 reads of both rows + 1 write; rkl/jsd 3 reads + 1 write. The gradient
+(chain rule through temperature and softcap included) overwrites xs; xt is only read. Ignored rows
+(label == ignore_index) get loss 0, stats 0 and, with compute_grad, gradient 0. -inf logits (masked vocab
+entries) contribute p = 0 and no NaN. Nothing is synchronized with the host.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+FKL, RKL, JSD = 0, 1, 2
+DEFAULT_BLOCK_V = 2048
+
+
+@triton.jit
+def _tanh(x):
+    # tanh from exp (exact limits at +-inf, no NaN); libdevice's tanh is not available to the interpreter.
+    t = tl.exp(-2.0 * tl.abs(x))
+    r = (1.0 - t) / (1.0 + t)
+    return tl.where(x < 0, -r, r)
+
+
+@triton.jit
+def _scale(x, mask, inv_temp, softcap, inv_softcap, SOFTCAP: tl.constexpr):
+    """z = softcap(x) / T for a block, -inf where `mask` is false (lanes past the vocabulary)."""
+    if SOFTCAP:
+        x = softcap * _tanh(x * inv_softcap)
+    return tl.where(mask, x * inv_temp, float("-inf"))
+
+
+@triton.jit
+def _online_update(m, s, z):
+    """One block of an online log-sum-exp: running max m and sum s (relative to m), block values z."""
+    m_new = tl.maximum(m, tl.max(z, 0))
+    safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # an all -inf prefix keeps s = 0, never NaN
+    s = s * tl.exp(m - safe) + tl.sum(tl.exp(z - safe), 0)
+    return m_new, s
+
+
+@triton.jit
+def _divergence_row_kernel(
+    xs_ptr, xt_ptr, labels_ptr, loss_ptr, stats_ptr,
+    V, stride_s, stride_t,
+    beta, inv_temp, temperature, softcap, inv_softcap, soft_weight, hard_weight, ignore_index,
+    DIV: tl.constexpr, HAS_LABELS: tl.constexpr, HARD: tl.constexpr, SOFTCAP: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    xs_row = xs_ptr + row * stride_s
+    xt_row = xt_ptr + row * stride_t
+    lanes = tl.arange(0, BLOCK_V)
+
+    if HAS_LABELS:
+        y = tl.load(labels_ptr + row)
+        valid = y != ignore_index
+    else:
+        y = -1
+        valid = row >= 0
+
+    if valid:
+        # The label's logits, read before any gradient overwrites xs.
+        if HAS_LABELS:
+            tl.device_assert((y >= 0) & (y < V), "divergence_chunk_: label out of range")
+            in_range = (y >= 0) & (y < V)
+            ys = tl.load(xs_row + y, mask=in_range, other=0.0).to(tl.float32)
+            yt = tl.load(xt_row + y, mask=in_range, other=0.0).to(tl.float32)
+            if SOFTCAP:
+                ys = softcap * _tanh(ys * inv_softcap)
+                yt = softcap * _tanh(yt * inv_softcap)
+            zs_y = ys * inv_temp
+            zt_y = yt * inv_temp
+
+        # Pass 1: normalizers.
+        m_s = float("-inf")
+        m_t = float("-inf")
+        s_s = 0.0
+        s_t = 0.0
+        for start in range(0, V, BLOCK_V):
+            offs = start + lanes
+            mask = offs < V
+            zs = _scale(tl.load(xs_row + offs, mask=mask, other=0.0).to(tl.float32), mask, inv_temp, softcap,
+                        inv_softcap, SOFTCAP)
+            zt = _scale(tl.load(xt_row + offs, mask=mask, other=0.0).to(tl.float32), mask, inv_temp, softcap,
+                        inv_softcap, SOFTCAP)
+            m_s, s_s = _online_update(m_s, s_s, zs)
+            m_t, s_t = _online_update(m_t, s_t, zt)
+        lse_s = tl.where(m_s == float("-inf"), 0.0, m_s) + tl.log(s_s)
+        lse_t = tl.where(m_t == float("-inf"), 0.0, m_t) + tl.log(s_t)
+
+        # Pass 2: divergence sums and entropy (fkl: also the gradient).
+        acc_a = 0.0  # fkl: KL(t||s); rkl: KL(s||t); jsd: KL(t||m)
+        acc_b = 0.0  # jsd: KL(s||m)
+        ent = 0.0    # sum p_s lp_s
+        for start in range(0, V, BLOCK_V):
+            offs = start + lanes
+            mask = offs < V
+            zs = _scale(tl.load(xs_row + offs, mask=mask, other=0.0).to(tl.float32), mask, inv_temp, softcap,
+                        inv_softcap, SOFTCAP)
+            zt = _scale(tl.load(xt_row + offs, mask=mask, other=0.0).to(tl.float32), mask, inv_temp, softcap,
+                        inv_softcap, SOFTCAP)
+            lps = zs - lse_s
+            lpt = zt - lse_t
+            ps = tl.exp(lps)
+            pt = tl.exp(lpt)
+            ent += tl.sum(tl.where(ps > 0.0, ps * lps, 0.0), 0)
+            if DIV == 0:
+                acc_a += tl.sum(tl.where(pt > 0.0, pt * (lpt - lps), 0.0), 0)
+                if COMPUTE_GRAD:
+                    g = soft_weight * (ps - pt)
+                    if HARD:
+                        g += hard_weight * ps
+                        g = tl.where(offs == y, g - hard_weight, g)
+                    chain = inv_temp
+                    if SOFTCAP:
+                        c = zs * (temperature * inv_softcap)
+                        chain = inv_temp * (1.0 - c * c)
+                    tl.store(xs_row + offs, g * chain, mask=mask)
+            elif DIV == 1:
+                acc_a += tl.sum(tl.where(ps > 0.0, ps * (lps - lpt), 0.0), 0)
+            else:
+                lm = tl.log(beta * pt + (1.0 - beta) * ps)
+                acc_a += tl.sum(tl.where(pt > 0.0, pt * (lpt - lm), 0.0), 0)
+                acc_b += tl.sum(tl.where(ps > 0.0, ps * (lps - lm), 0.0), 0)
+
+        # Pass 3 (rkl, jsd): dL/dz_s = coef * p_s ((lp_s - lp_ref) - K) + hard_w (p_s - onehot(y)).
+        if COMPUTE_GRAD and DIV != 0:
+            if DIV == 1:
+                k = acc_a
+                coef = soft_weight
+            else:
+                k = acc_b
+                coef = soft_weight * (1.0 - beta)
+            for start in range(0, V, BLOCK_V):
+                offs = start + lanes
+                mask = offs < V
+                zs = _scale(tl.load(xs_row + offs, mask=mask, other=0.0).to(tl.float32), mask, inv_temp, softcap,
+                            inv_softcap, SOFTCAP)
+                zt = _scale(tl.load(xt_row + offs, mask=mask, other=0.0).to(tl.float32), mask, inv_temp, softcap,
+                            inv_softcap, SOFTCAP)
+                lps = zs - lse_s
+                lpt = zt - lse_t
+                ps = tl.exp(lps)
+                if DIV == 1:
+                    lref = lpt
+                else:
+                    lref = tl.log(beta * tl.exp(lpt) + (1.0 - beta) * ps)
+                term = tl.where(ps > 0.0, ps * (lps - lref), 0.0)
+                g = coef * (term - ps * k)
+                if HARD:
+                    g += hard_weight * ps
+                    g = tl.where(offs == y, g - hard_weight, g)
+                chain = inv_temp
+                if SOFTCAP:
+                    c = zs * (temperature * inv_softcap)
+                    chain = inv_temp * (1.0 - c * c)
+                tl.store(xs_row + offs, g * chain, mask=mask)
+
+        if DIV == 2:
+            soft = beta * acc_a + (1.0 - beta) * acc_b
+        else:
+            soft = acc_a
+        row_loss = soft_weight * soft
+        if HAS_LABELS:
+            lp_s_y = zs_y - lse_s
+            lp_t_y = zt_y - lse_t
+            if HARD:
+                row_loss += hard_weight * (lse_s - zs_y)
+        else:
+            lp_s_y = 0.0
+            lp_t_y = 0.0
+        tl.store(loss_ptr + row, row_loss)
+        tl.store(stats_ptr + row * 5 + 0, lse_s)
+        tl.store(stats_ptr + row * 5 + 1, lse_t)
+        tl.store(stats_ptr + row * 5 + 2, lp_s_y)
+        tl.store(stats_ptr + row * 5 + 3, lp_t_y)
+        tl.store(stats_ptr + row * 5 + 4, -ent)
+    else:
+        tl.store(loss_ptr + row, 0.0)
+        five = tl.arange(0, 8)
+        tl.store(stats_ptr + row * 5 + five, tl.zeros([8], dtype=tl.float32), mask=five < 5)
+        if COMPUTE_GRAD:
+            for start in range(0, V, BLOCK_V):
+                offs = start + lanes
+                tl.store(xs_row + offs, tl.zeros([BLOCK_V], dtype=tl.float32), mask=offs < V)
+
+
+def _check(xs: torch.Tensor, xt: torch.Tensor, labels: torch.Tensor | None, loss: torch.Tensor,
+           stats: torch.Tensor, divergence: int, temperature: float) -> None:
+    if xs.dim() != 2 or xt.shape != xs.shape:
+        raise ValueError(f"divergence_chunk_: xs and xt must be [C, V] of one shape, got {tuple(xs.shape)} and "
+                         f"{tuple(xt.shape)}")
+    for name, t in (("xs", xs), ("xt", xt)):
+        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"divergence_chunk_: {name} must be float32/bfloat16/float16, got {t.dtype}")
+        if t.shape[1] > 1 and t.stride(1) != 1:
+            raise ValueError(f"divergence_chunk_: {name} rows must be contiguous, got strides {t.stride()}")
+    c = xs.shape[0]
+    if loss.shape != (c,) or loss.dtype != torch.float32 or not loss.is_contiguous():
+        raise ValueError(f"divergence_chunk_: loss must be contiguous float32 [{c}], got {tuple(loss.shape)} "
+                         f"{loss.dtype}")
+    if stats.shape != (c, 5) or stats.dtype != torch.float32 or not stats.is_contiguous():
+        raise ValueError(f"divergence_chunk_: stats must be contiguous float32 [{c}, 5], got {tuple(stats.shape)} "
+                         f"{stats.dtype}")
+    if labels is not None and (labels.shape != (c,) or labels.dtype != torch.int64 or not labels.is_contiguous()):
+        raise ValueError(f"divergence_chunk_: labels must be contiguous int64 [{c}], got {tuple(labels.shape)} "
+                         f"{labels.dtype}")
+    for name, t in (("xt", xt), ("loss", loss), ("stats", stats), ("labels", labels)):
+        if t is not None and t.device != xs.device:
+            raise ValueError(f"divergence_chunk_: {name} is on {t.device} but xs on {xs.device}")
+    if divergence not in (FKL, RKL, JSD):
+        raise ValueError(f"divergence_chunk_: unknown divergence code {divergence}")
+    if not temperature > 0.0:
+        raise ValueError(f"divergence_chunk_: temperature must be positive, got {temperature}")
+
+
+def divergence_chunk_(xs: torch.Tensor, xt: torch.Tensor, labels: torch.Tensor | None, loss: torch.Tensor,
+                      stats: torch.Tensor, divergence: int, beta: float, temperature: float, softcap: float,
+                      soft_weight: float, hard_weight: float, ignore_index: int, compute_grad: bool,
+                      *, block_v: int | None = None, num_warps: int | None = None) -> None:
+    """Row-wise divergence of a chunk, in place. Same arguments and effects as `torch.ops.fastopd.divergence_chunk_`.
+
+    Args:
+        xs, xt: [C, V] raw logits (fp32; bf16/fp16 are upcast on load), rows contiguous. xs receives dL/dx_s
+            (upstream gradient 1 per row) when `compute_grad`; xt is only read.
+        labels: int64 [C] or None. loss: fp32 [C] (out). stats: fp32 [C, 5] (out): lse_s, lse_t, lp_s[y],
+            lp_t[y], entropy_s.
+        divergence: 0 fkl, 1 rkl, 2 jsd. softcap <= 0 means none.
+        block_v, num_warps: launch configuration (defaults: 2048 columns per block, 8 warps).
+
+    Raises:
+        ValueError: on shapes, dtypes, devices or options the kernel does not take.
+    """
+    _check(xs, xt, labels, loss, stats, divergence, temperature)
+    c, v = xs.shape
+    if c == 0:
+        return
+    if block_v is None:
+        block_v = min(DEFAULT_BLOCK_V, triton.next_power_of_2(max(v, 16)))
+    if num_warps is None:
+        num_warps = 8 if block_v >= 2048 else 4
+    use_cap = softcap > 0.0
+    has_labels = labels is not None
+    _divergence_row_kernel[(c,)](
+        xs, xt, labels if has_labels else loss, loss, stats,
+        v, xs.stride(0), xt.stride(0),
+        float(beta), 1.0 / float(temperature), float(temperature), float(softcap),
+        1.0 / float(softcap) if use_cap else 0.0, float(soft_weight), float(hard_weight), int(ignore_index),
+        DIV=int(divergence), HAS_LABELS=has_labels, HARD=has_labels and hard_weight != 0.0, SOFTCAP=use_cap,
+        COMPUTE_GRAD=bool(compute_grad), BLOCK_V=block_v, num_warps=num_warps,
+    )

@@ -1,0 +1,253 @@
+"""The row kernel of the chunked divergence, every backend against the float64 ground truth (kernels_ref64).
+
+On the CPU the Triton kernel runs under TRITON_INTERPRET=1 (tests/conftest.py) at small odd shapes with small
+blocks, so that rows span several blocks and end in a partial one; on a GPU the Triton and CUDA kernels run on
+CUDA tensors, and the real-shape cases of tests/kernels/test_gpu_shapes.py add the published sizes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from kernels_ref64 import row_divergence64
+
+from fastopd import _dispatch
+
+CODES = {"fkl": 0, "rkl": 1, "jsd": 2}
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
+
+
+def _backend(name: str):
+    why = _dispatch.available("divergence_chunk", name, DEVICE)
+    if why is not None:
+        pytest.skip(f"backend {name!r} cannot run on {DEVICE}: {why}")
+    return _dispatch.kernel("divergence_chunk", name)
+
+
+def _run(kernel, xs, xt, labels, *, divergence, beta=0.5, temperature=1.0, softcap=None, soft_weight=1.0,
+         hard_weight=0.0, ignore_index=-100, compute_grad=True, **launch):
+    c = xs.shape[0]
+    xs, xt = xs.clone(), xt.clone()
+    loss = torch.full((c,), float("nan"), device=xs.device)
+    stats = torch.full((c, 5), float("nan"), device=xs.device)
+    kernel(xs, xt, labels, loss, stats, CODES[divergence], beta, temperature, softcap or 0.0, soft_weight,
+           hard_weight, ignore_index, compute_grad, **launch)
+    return loss, stats, xs
+
+
+def _logits(c, v, seed, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    xs = torch.randn(c, v, generator=g, dtype=torch.float64) * scale
+    # The teacher close to the student (a trained pair), plus its own noise.
+    xt = xs + torch.randn(c, v, generator=g, dtype=torch.float64) * scale * 0.5
+    labels = torch.randint(0, v, (c,), generator=g)
+    return xs, xt, labels
+
+
+def _assert_matches(got, want, what):
+    loss, stats, grad = got
+    w_loss, w_stats, w_grad = want
+    torch.testing.assert_close(loss.double().cpu(), w_loss, rtol=2e-5, atol=2e-5, msg=lambda m: f"{what} loss: {m}")
+    torch.testing.assert_close(stats.double().cpu(), w_stats, rtol=2e-5, atol=2e-5, equal_nan=True,
+                               msg=lambda m: f"{what} stats: {m}")
+    if grad is not None:
+        torch.testing.assert_close(grad.double().cpu(), w_grad, rtol=1e-4, atol=2e-6,
+                                   msg=lambda m: f"{what} grad: {m}")
+
+
+# (C, V, block_v, divergence, options): V is never a multiple of the block unless said so.
+CASES = [
+    pytest.param(5, 301, 64, "fkl", {}, id="C5-V301-B64-fkl"),
+    pytest.param(5, 301, 64, "rkl", {}, id="C5-V301-B64-rkl"),
+    pytest.param(5, 301, 64, "jsd", {"beta": 0.3}, id="C5-V301-B64-jsd0.3"),
+    pytest.param(3, 256, 64, "jsd", {"beta": 0.5}, id="C3-V256-B64-jsd-exact-blocks"),
+    pytest.param(4, 37, 64, "fkl", {}, id="C4-V37-B64-fkl-V-below-block"),
+    pytest.param(7, 1001, 128, "fkl", {"temperature": 0.7, "softcap": 4.0}, id="C7-V1001-B128-fkl-T0.7-cap4"),
+    pytest.param(7, 1001, 128, "rkl", {"temperature": 2.0, "softcap": 4.0}, id="C7-V1001-B128-rkl-T2-cap4"),
+    pytest.param(7, 1001, 128, "jsd", {"beta": 0.7, "temperature": 1.5, "softcap": 2.5},
+                 id="C7-V1001-B128-jsd0.7-T1.5-cap2.5"),
+    pytest.param(6, 515, 128, "fkl", {"hard_weight": 0.5}, id="C6-V515-B128-fkl-hard0.5"),
+    pytest.param(6, 515, 128, "rkl", {"hard_weight": 0.25, "soft_weight": 0.5}, id="C6-V515-B128-rkl-hard0.25-soft0.5"),
+    pytest.param(6, 515, 128, "jsd", {"hard_weight": 1.0, "soft_weight": 2.0, "temperature": 0.5, "softcap": 3.0},
+                 id="C6-V515-B128-jsd-hard1-soft2-T0.5-cap3"),
+    pytest.param(6, 515, 128, "fkl", {"hard_weight": 1.0, "soft_weight": 0.0}, id="C6-V515-B128-pure-CE"),
+]
+
+BACKENDS = ["triton", "cuda", "cpu", "torch"]
+
+# The interpreter evaluates both sides of tl.where with numpy, which warns on the inf/NaN of the unused side.
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("c,v,block_v,div,opts", CASES)
+def test_matches_float64(backend, c, v, block_v, div, opts):
+    kernel = _backend(backend)
+    launch = {"block_v": block_v} if backend == "triton" else {}
+    xs, xt, labels = _logits(c, v, seed=c * 1000 + v)
+    labels[1] = -100  # an ignored row in every case
+    want = row_divergence64(xs, xt, labels, divergence=div, **opts)
+    dev = lambda t: t.to(DEVICE)  # noqa: E731
+    got = _run(kernel, dev(xs.float()), dev(xt.float()), dev(labels), divergence=div, **opts, **launch)
+    _assert_matches(got, want, f"{backend} {div}")
+    assert torch.all(got[2][1] == 0) and torch.all(got[1][1] == 0) and torch.all(got[0][1] == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("div,beta", [pytest.param("fkl", 0.5, id="fkl"), pytest.param("jsd", 0.4, id="jsd0.4")])
+def test_masked_teacher_entries(backend, div, beta):
+    """-inf teacher logits (vocab the teacher forbids): p_t = 0 there, finite loss and gradient, no NaN."""
+    kernel = _backend(backend)
+    launch = {"block_v": 64} if backend == "triton" else {}
+    xs, xt, labels = _logits(4, 203, seed=7)
+    xt[:, 5::9] = float("-inf")
+    xt[2, 60:203] = float("-inf")  # whole trailing blocks masked
+    labels[0] = 6  # the label itself on a -inf teacher entry: log p_t(y) = -inf in the stats
+    want = row_divergence64(xs, xt, labels, divergence=div, beta=beta, hard_weight=0.5)
+    got = _run(kernel, xs.float().to(DEVICE), xt.float().to(DEVICE), labels.to(DEVICE), divergence=div, beta=beta,
+               hard_weight=0.5, **launch)
+    assert torch.isfinite(got[0]).all() and torch.isfinite(got[2]).all()
+    _assert_matches(got, want, f"{backend} masked-teacher {div}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_student_entries_rkl(backend):
+    """-inf student logits: p_s = 0 there, so reverse KL and its gradient stay finite."""
+    kernel = _backend(backend)
+    launch = {"block_v": 64} if backend == "triton" else {}
+    xs, xt, labels = _logits(3, 150, seed=11)
+    xs[:, 3::4] = float("-inf")
+    labels[:] = 4
+    want = row_divergence64(xs, xt, labels, divergence="rkl")
+    got = _run(kernel, xs.float().to(DEVICE), xt.float().to(DEVICE), labels.to(DEVICE), divergence="rkl", **launch)
+    assert torch.isfinite(got[0]).all() and torch.isfinite(got[2]).all()
+    _assert_matches(got, want, f"{backend} masked-student rkl")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("div", ["fkl", "rkl", "jsd"])
+def test_no_labels_and_no_grad(backend, div):
+    """labels=None: label stats are 0 and every row counts; compute_grad=False leaves xs untouched."""
+    kernel = _backend(backend)
+    launch = {"block_v": 64} if backend == "triton" else {}
+    xs, xt, _ = _logits(3, 130, seed=3)
+    want = row_divergence64(xs, xt, None, divergence=div)
+    xs32 = xs.float().to(DEVICE)
+    loss, stats, out = _run(kernel, xs32, xt.float().to(DEVICE), None, divergence=div, compute_grad=False, **launch)
+    assert torch.equal(out, xs32)
+    _assert_matches((loss, stats, None), want, f"{backend} no-labels {div}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_rows_ignored(backend):
+    kernel = _backend(backend)
+    launch = {"block_v": 64} if backend == "triton" else {}
+    xs, xt, _ = _logits(3, 99, seed=5)
+    labels = torch.full((3,), -1, dtype=torch.int64)
+    loss, stats, grad = _run(kernel, xs.float().to(DEVICE), xt.float().to(DEVICE), labels.to(DEVICE),
+                             divergence="jsd", ignore_index=-1, hard_weight=1.0, **launch)
+    assert torch.all(loss == 0) and torch.all(stats == 0) and torch.all(grad == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("div", ["fkl", "rkl", "jsd"])
+def test_extreme_logits_stay_finite(backend, div):
+    """Logits of magnitude 1e4 (a diverged model) and a one-hot teacher: finite loss, stats and gradient."""
+    kernel = _backend(backend)
+    launch = {"block_v": 64} if backend == "triton" else {}
+    xs, xt, labels = _logits(3, 211, seed=13, scale=1.0)
+    xs = xs * 1e4
+    xt[0] = -1e4
+    xt[0, 17] = 1e4
+    want = row_divergence64(xs, xt, labels, divergence=div, hard_weight=0.1)
+    got = _run(kernel, xs.float().to(DEVICE), xt.float().to(DEVICE), labels.to(DEVICE), divergence=div,
+               hard_weight=0.1, **launch)
+    for t in got:
+        assert torch.isfinite(t).all()
+    # Losses here are O(1e4): a relative budget, since the fp32 input logits themselves carry ~1e-3 of rounding.
+    torch.testing.assert_close(got[0].double().cpu(), want[0], rtol=1e-5, atol=1e-2)
+    torch.testing.assert_close(got[2].double().cpu(), want[2], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(GPU, reason="checks the interpreter launcher with lower-precision inputs on the CPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_triton_half_inputs_upcast(dtype):
+    """bf16/fp16 logits are upcast on load: same result as the fp32 kernel on the upcast values."""
+    kernel = _backend("triton")
+    xs, xt, labels = _logits(3, 141, seed=17)
+    xs16, xt16 = xs.to(dtype), xt.to(dtype)
+    loss, stats, grad = _run(kernel, xs16, xt16, labels, divergence="jsd", block_v=64)
+    want = row_divergence64(xs16.double(), xt16.double(), labels, divergence="jsd")
+    torch.testing.assert_close(loss.double(), want[0], rtol=2e-5, atol=2e-5)
+    assert grad.dtype == dtype
+    torch.testing.assert_close(grad.double(), want[2], rtol=1e-2, atol=1e-5)  # bf16/fp16 rounding of the output
+
+
+def test_triton_launcher_rejects_bad_arguments():
+    if _dispatch.available("divergence_chunk", "triton", DEVICE) is not None:
+        pytest.skip("triton backend unavailable")
+    from fastopd.kernels.divergence import divergence_chunk_
+
+    xs = torch.zeros(2, 5, device=DEVICE)
+    with pytest.raises(ValueError, match=r"loss must be contiguous float32 \[2\], got \(3,\)"):
+        divergence_chunk_(xs, xs.clone(), None, torch.zeros(3, device=DEVICE), torch.zeros(2, 5, device=DEVICE),
+                          0, 0.5, 1.0, 0.0, 1.0, 0.0, -100, True)
+    with pytest.raises(ValueError, match="unknown divergence"):
+        divergence_chunk_(xs, xs.clone(), None, torch.zeros(2, device=DEVICE), torch.zeros(2, 5, device=DEVICE),
+                          3, 0.5, 1.0, 0.0, 1.0, 0.0, -100, True)
+    with pytest.raises(ValueError, match="int64"):
+        divergence_chunk_(xs, xs.clone(), torch.zeros(2, dtype=torch.int32, device=DEVICE),
+                          torch.zeros(2, device=DEVICE), torch.zeros(2, 5, device=DEVICE), 0, 0.5, 1.0, 0.0, 1.0,
+                          0.0, -100, True)
+
+
+@pytest.mark.parametrize("div", ["fkl", "rkl", "jsd"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fused_linear_divergence_impl_triton(div, reduction):
+    """The public loss with impl="triton" (interpreter on the CPU) against float64 math end to end."""
+    if _dispatch.available("divergence_chunk", "triton", DEVICE) is not None:
+        pytest.skip("triton backend unavailable")
+    import fastopd
+
+    g = torch.Generator().manual_seed(23)
+    n, ds, dt, v = 19, 24, 40, 203
+    hs = torch.randn(n, ds, generator=g, dtype=torch.float64)
+    ws = torch.randn(v, ds, generator=g, dtype=torch.float64) / ds**0.5
+    ht = torch.randn(n, dt, generator=g, dtype=torch.float64)
+    wt = torch.randn(v, dt, generator=g, dtype=torch.float64) / dt**0.5
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[::5] = -100
+    upstream = torch.rand(n, generator=g, dtype=torch.float64) + 0.5
+
+    h = hs.float().to(DEVICE).requires_grad_(True)
+    w = ws.float().to(DEVICE).requires_grad_(True)
+    loss = fastopd.fused_linear_divergence(h, w, ht.float().to(DEVICE), wt.float().to(DEVICE), labels.to(DEVICE),
+                                           divergence=div, beta=0.3, temperature=1.3, hard_label_weight=0.2,
+                                           reduction=reduction, impl="triton", chunk_size=8)
+    if reduction == "none":
+        (loss * upstream.float().to(DEVICE)).sum().backward()  # a non-unit upstream gradient per row
+    else:
+        (loss * 1.7).backward()
+
+    rows, _, _ = row_divergence64(hs @ ws.T, ht @ wt.T, labels, divergence=div, beta=0.3, temperature=1.3,
+                                  hard_weight=0.2)
+    # dL/dx per row for upstream 1 from float64 autograd; the chain rule to h and W is two float64 GEMMs.
+    _, _, dx = row_divergence64(hs @ ws.T, ht @ wt.T, labels, divergence=div, beta=0.3, temperature=1.3,
+                                hard_weight=0.2)
+    scale = upstream[:, None] if reduction == "none" else torch.full((n, 1), 1.7 / int((labels != -100).sum()),
+                                                                       dtype=torch.float64)
+    gx = dx * scale
+    want_loss = rows if reduction == "none" else rows.sum() / int((labels != -100).sum())
+    torch.testing.assert_close(loss.detach().double().cpu(), want_loss, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(h.grad.double().cpu(), gx @ ws, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w.grad.double().cpu(), gx.T @ hs, rtol=1e-4, atol=1e-5)
+
+
+def test_interpreter_is_on_for_cpu_runs():
+    """Guards the premise of this module on CPU machines: Triton runs on CPU tensors only under the interpreter."""
+    if GPU:
+        pytest.skip("a GPU is visible: Triton runs natively")
+    assert os.environ.get("TRITON_INTERPRET") == "1"
