@@ -29,3 +29,10 @@ if LOAD_ERROR is None:
     def _divergence_chunk_fake(xs, xt, labels, loss, stats, divergence, beta, temperature, softcap,
                                soft_weight, hard_weight, ignore_index, compute_grad) -> None:
         return None
+
+if LOAD_ERROR is None:
+
+    @torch.library.register_fake("fastopd::sparse_adamw_step_")
+    def _sparse_adamw_step_fake(params, grads, indices, exp_avgs, exp_avg_sqs, masters, swallowed, step_sizes,
+                                bias_correction2_sqrts, lr, beta1, beta2, eps, weight_decay) -> None:
+        return None
