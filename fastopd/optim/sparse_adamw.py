@@ -1,0 +1,313 @@
+"""SparseMaskedAdamW: torch.optim.AdamW restricted to a chosen set of coordinates, with compact state.
+
+State per masked parameter (k = number of selected coordinates):
+    indices     sorted unique flat indices [k], int32 when numel < 2**31 else int64; None when every coordinate
+                of the parameter is selected (then no index tensor is stored at all)
+    exp_avg     float32 [k]
+    exp_avg_sq  float32 [k]
+    master      float32 [k], bf16/fp16 parameters with master weights only (created at the first step)
+    swallowed   int64 0-dim, bf16/fp16 parameters only: updates that rounding would have swallowed without masters
+    step        float32 0-dim CPU tensor, as torch.optim.AdamW keeps it
+Parameters absent from `masks` are updated densely by torch's own AdamW (foreach or fused), with torch's state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch.optim.adam import adam as _torch_adam
+from torch.optim.optimizer import _get_scalar_dtype
+
+from fastopd import _dispatch
+from fastopd.optim.masks import to_indices
+
+OP = "sparse_adamw_step"
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+_SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _index_dtype(numel: int) -> torch.dtype:
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
+class SparseMaskedAdamW(torch.optim.Optimizer):
+    """AdamW that updates only the masked coordinates of each parameter and keeps state only for them.
+
+    Args:
+        params: `model.named_parameters()` (name, tensor) pairs, or param-group dicts whose "params" are such
+            pairs (param groups work as in torch.optim; groups may override lr, betas, eps, weight_decay).
+            Unnamed tensors are accepted but can only be updated densely.
+        masks: parameter name -> bool tensor of the parameter's shape, or 1-D integer tensor of flat indices
+            (unsorted indices are sorted; duplicates or out-of-range indices raise). A parameter absent from
+            the dict is updated densely; an empty mask (no coordinate selected) freezes it.
+        lr, betas, eps, weight_decay: as torch.optim.AdamW (decoupled weight decay, applied only to the
+            selected coordinates of masked parameters).
+        master_weights: "auto" or True keeps fp32 master copies of the selected values of bf16/fp16
+            parameters; False updates them from their stored values (small updates may round away; see
+            `rounding_report()`). float32 parameters never need masters.
+        impl: backend of the sparse step, "auto" | "torch" | "cpu" | "triton" ("auto": C++ on CPU tensors,
+            Triton on CUDA tensors, else torch). FASTOPD_IMPL overrides "auto".
+        foreach, fused: passed to torch's AdamW for the dense parameters (default: foreach).
+
+    Raises:
+        ValueError: unknown mask names, masks whose shape does not match the parameter, non-integer/non-bool
+            masks, out-of-range or duplicated indices, unsupported dtypes, invalid hyper-parameters.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        masks: Mapping[str, torch.Tensor] | None = None,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        master_weights: bool | str = "auto",
+        impl: str = "auto",
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ) -> None:
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"Invalid betas: {betas}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if master_weights not in ("auto", True, False):
+            raise ValueError(f"master_weights must be 'auto', True or False, got {master_weights!r}")
+        if impl not in _dispatch.IMPLS:
+            raise ValueError(f"impl must be one of {_dispatch.IMPLS}, got {impl!r}")
+        if fused and foreach:
+            raise ValueError("foreach and fused cannot both be True")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+        self.master_weights = master_weights
+        self.impl = impl
+        self.foreach = foreach
+        self.fused = fused
+        self._names: dict[int, str] = {}
+        for gi, group in enumerate(self.param_groups):
+            names = group.get("param_names")
+            for pi, p in enumerate(group["params"]):
+                self._names[id(p)] = names[pi] if names is not None else f"group{gi}.param{pi}"
+        self._reference: dict[int, torch.Tensor] = {}
+
+        masks = dict(masks or {})
+        by_name = {self._names[id(p)]: p for group in self.param_groups for p in group["params"]}
+        unknown = sorted(set(masks) - set(by_name))
+        if unknown:
+            raise ValueError(f"masks name parameters that are not optimized here: {unknown[:8]}"
+                             f"{' ...' if len(unknown) > 8 else ''} (known: {sorted(by_name)[:8]} ...)")
+        for name, mask in masks.items():
+            p = by_name[name]
+            if p.dtype not in _SUPPORTED:
+                raise ValueError(f"masked parameter {name!r} has dtype {p.dtype}; supported: {_SUPPORTED}")
+            if not p.is_contiguous():
+                raise ValueError(f"masked parameter {name!r} (shape {tuple(p.shape)}) must be contiguous: "
+                                 "mask indices address its row-major storage")
+            idx = to_indices(mask, p.shape, name=name)  # int64 sorted unique, or None for all selected
+            k = p.numel() if idx is None else idx.numel()
+            state = self.state[p]
+            state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+            state["indices"] = None if idx is None else idx.to(device=p.device, dtype=_index_dtype(p.numel()))
+            state["exp_avg"] = torch.zeros(k, dtype=torch.float32, device=p.device)
+            state["exp_avg_sq"] = torch.zeros(k, dtype=torch.float32, device=p.device)
+            if p.dtype in _LOW_PRECISION:
+                state["swallowed"] = torch.zeros((), dtype=torch.int64, device=p.device)
+
+    # ------------------------------------------------------------------ helpers
+    def _is_masked(self, p: torch.Tensor) -> bool:
+        return "indices" in self.state.get(p, {})
+
+    def _wants_master(self, p: torch.Tensor) -> bool:
+        return p.dtype in _LOW_PRECISION and self.master_weights in ("auto", True)
+
+    @staticmethod
+    def _gather(p: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+        flat = p.detach().view(-1)
+        return flat.clone() if idx is None else flat.index_select(0, idx)
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One AdamW step on every parameter with a gradient (masked ones on their selected coordinates)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._step_group(group)
+        return loss
+
+    def _step_group(self, group: dict[str, Any]) -> None:
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        dense: dict[str, list] = {k: [] for k in ("p", "g", "m", "v", "t")}
+        sparse: dict[torch.device, dict[str, list]] = {}
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            grad = p.grad
+            if grad.is_sparse:
+                raise RuntimeError("SparseMaskedAdamW does not support sparse gradients")
+            state = self.state[p]
+            if "indices" not in state:
+                if len(state) == 0:
+                    on_device = bool(self.fused)
+                    state["step"] = (torch.zeros((), dtype=_get_scalar_dtype(is_fused=self.fused), device=p.device)
+                                     if on_device else torch.tensor(0.0, dtype=_get_scalar_dtype()))
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                dense["p"].append(p)
+                dense["g"].append(grad)
+                dense["m"].append(state["exp_avg"])
+                dense["v"].append(state["exp_avg_sq"])
+                dense["t"].append(state["step"])
+                continue
+            idx = state["indices"]
+            if idx is not None and idx.numel() == 0:
+                continue  # frozen
+            if grad.shape != p.shape or grad.dtype != p.dtype:
+                raise ValueError(f"gradient of {self._names[id(p)]!r} has shape {tuple(grad.shape)} and dtype "
+                                 f"{grad.dtype}; expected {tuple(p.shape)} and {p.dtype}")
+            if self._wants_master(p) and "master" not in state:
+                state["master"] = self._gather(p, idx).float()
+            state["step"] += 1
+            t = state["step"].item()  # a CPU tensor, as in torch.optim.AdamW: no device synchronization
+            bucket = sparse.setdefault(p.device, {k: [] for k in ("p", "g", "i", "m", "v", "w", "s", "ss", "bc")})
+            bucket["p"].append(p)
+            bucket["g"].append(grad if grad.is_contiguous() else grad.contiguous())
+            bucket["i"].append(idx)
+            bucket["m"].append(state["exp_avg"])
+            bucket["v"].append(state["exp_avg_sq"])
+            bucket["w"].append(state.get("master"))
+            bucket["s"].append(state.get("swallowed"))
+            bucket["ss"].append(lr / (1 - beta1**t))
+            bucket["bc"].append((1 - beta2**t) ** 0.5)
+
+        for device, b in sparse.items():
+            backend = _dispatch.resolve(OP, self.impl, device)
+            _dispatch.kernel(OP, backend)(b["p"], b["g"], b["i"], b["m"], b["v"], b["w"], b["s"], b["ss"], b["bc"],
+                                          float(lr), float(beta1), float(beta2), float(eps), float(wd))
+        if dense["p"]:
+            has_complex = any(torch.is_complex(p) for p in dense["p"])
+            _torch_adam(dense["p"], dense["g"], dense["m"], dense["v"], [], dense["t"],
+                        foreach=(self.foreach if self.foreach is not None else not self.fused) or None,
+                        fused=self.fused, capturable=False, differentiable=False, grad_scale=None, found_inf=None,
+                        has_complex=has_complex, decoupled_weight_decay=True, amsgrad=False, beta1=beta1, beta2=beta2,
+                        lr=lr, weight_decay=wd, eps=eps, maximize=False)
+
+    # ------------------------------------------------------------------ state dict
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads state (masks included) saved by `state_dict()`. Tensors keep their dtypes (fp32 moments stay
+        fp32 for bf16 parameters) and move to their parameter's device; the checkpoint's masks replace the
+        constructor's. Raises ValueError when groups, sizes or names do not match."""
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state dict has {len(saved_groups)} parameter groups, optimizer has "
+                             f"{len(self.param_groups)}")
+        id_map: dict[int, torch.Tensor] = {}
+        for group, saved in zip(self.param_groups, saved_groups):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"a parameter group of the state dict has {len(saved['params'])} parameters, "
+                                 f"the optimizer's has {len(group['params'])}")
+            if "param_names" in saved and "param_names" in group and saved["param_names"] != group["param_names"]:
+                raise ValueError("state dict parameter names do not match the optimizer's: "
+                                 f"{saved['param_names'][:4]} ... vs {group['param_names'][:4]} ...")
+            id_map.update(zip(saved["params"], group["params"]))
+
+        new_state: dict[torch.Tensor, dict[str, Any]] = {}
+        for key, saved_state in state_dict["state"].items():
+            if key not in id_map:
+                continue
+            p = id_map[key]
+            name = self._names[id(p)]
+            st: dict[str, Any] = {}
+            for k, v in saved_state.items():
+                if not isinstance(v, torch.Tensor):
+                    st[k] = v
+                elif k == "step":
+                    st[k] = v.detach().clone().to(device=p.device) if v.device.type != "cpu" or self.fused else \
+                        v.detach().clone()
+                elif k in ("exp_avg", "exp_avg_sq") and "indices" not in saved_state:
+                    st[k] = v.detach().to(device=p.device, dtype=p.dtype, copy=True)
+                else:
+                    st[k] = v.detach().to(device=p.device, copy=True)
+            if "indices" in st:
+                idx = st["indices"]
+                k = p.numel() if idx is None else idx.numel()
+                for s in ("exp_avg", "exp_avg_sq", "master"):
+                    if s in st and st[s].numel() != k:
+                        raise ValueError(f"state of {name!r}: {s} has {st[s].numel()} values for a mask of {k}")
+                if idx is not None and k and (int(idx.max()) >= p.numel() or int(idx.min()) < 0):
+                    raise ValueError(f"state of {name!r}: mask indices out of range for numel {p.numel()}")
+            new_state[p] = st
+        self.state.clear()
+        self.state.update(new_state)
+        for group, saved in zip(self.param_groups, saved_groups):
+            for k, v in saved.items():
+                if k not in ("params", "param_names"):
+                    group[k] = v
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    # ------------------------------------------------------------------ inspection and export
+    def _named_params(self) -> list[tuple[str, torch.Tensor]]:
+        return [(self._names[id(p)], p) for group in self.param_groups for p in group["params"]]
+
+    def mask_indices(self) -> dict[str, torch.Tensor | None]:
+        """name -> the selected flat indices of each masked parameter (None: every coordinate)."""
+        return {n: self.state[p]["indices"] for n, p in self._named_params() if self._is_masked(p)}
+
+    def rounding_report(self) -> dict[str, int]:
+        """name -> number of coordinate updates (summed over steps) of each bf16/fp16 masked parameter that
+        rounding to the parameter's dtype would have swallowed without master weights. Synchronizes."""
+        return {n: int(self.state[p]["swallowed"]) for n, p in self._named_params()
+                if self._is_masked(p) and "swallowed" in self.state[p]}
+
+    def state_bytes(self) -> int:
+        """Bytes held in optimizer state tensors (indices, moments, masters, counters, steps)."""
+        total = 0
+        for st in self.state.values():
+            for v in st.values():
+                if isinstance(v, torch.Tensor):
+                    total += v.numel() * v.element_size()
+        return total
+
+    def mark_reference(self) -> None:
+        """Records the current values of every coordinate the optimizer may change (the masked coordinates of
+        masked parameters, all coordinates of dense ones) as the reference point of `export_delta`."""
+        self._reference = {}
+        for _, p in self._named_params():
+            idx = self.state[p]["indices"] if self._is_masked(p) else None
+            self._reference[id(p)] = self._gather(p, idx)
+
+    @torch.no_grad()
+    def export_delta(self, reset: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """name -> (indices int64 [n], values [n] in the parameter's dtype): the coordinates whose value changed
+        since the reference point (`mark_reference()`), with their current values; writing them into a copy of
+        the weights at the reference point reproduces the current weights. Without a reference point every
+        coordinate the optimizer may have changed is returned. With `reset`, the current values become the new
+        reference point. Synchronizes (the number of changed coordinates is data-dependent)."""
+        out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for name, p in self._named_params():
+            idx = self.state[p]["indices"] if self._is_masked(p) else None
+            current = self._gather(p, idx)
+            all_idx = (torch.arange(p.numel(), device=p.device) if idx is None else idx.long())
+            ref = self._reference.get(id(p))
+            if ref is None:
+                out[name] = (all_idx, current)
+            else:
+                changed = current != ref
+                out[name] = (all_idx[changed], current[changed])
+            if reset:
+                self._reference[id(p)] = current
+        return out
