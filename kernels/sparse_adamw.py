@@ -28,11 +28,24 @@ BLOCK = 1024
 
 
 @triton.jit
+def _round_to(x, dtype, IS_BF16: tl.constexpr):
+    """float32 -> dtype, round to nearest even. bf16 by integer rounding of the bit pattern (the same result as
+    the hardware conversion for finite values; the interpreter's own bf16 downcast truncates), NaN kept NaN."""
+    if IS_BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(x != x, (bits >> 16) | 0x40, rounded)
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
 def _sparse_adamw_kernel(
     param_ptr, grad_ptr, idx_ptr, m_ptr, v_ptr, master_ptr, count_ptr, k,
     decay, w, beta2, one_minus_beta2, bc2_sqrt, eps, neg_step_size,
     HAS_INDEX: tl.constexpr, HAS_MASTER: tl.constexpr, COUNT: tl.constexpr, DECAY: tl.constexpr,
-    W_SMALL: tl.constexpr, BLOCK: tl.constexpr,
+    W_SMALL: tl.constexpr, IS_BF16: tl.constexpr, BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < k
@@ -63,9 +76,9 @@ def _sparse_adamw_kernel(
     tl.store(v_ptr + offs, v, mask=ok)
     if HAS_MASTER:
         tl.store(master_ptr + offs, p, mask=ok)
-    out = p.to(param_ptr.dtype.element_ty)
+    out = _round_to(p, param_ptr.dtype.element_ty, IS_BF16)
     if COUNT:
-        moved = (stored + (p - old)).to(param_ptr.dtype.element_ty).to(tl.float32)
+        moved = _round_to(stored + (p - old), param_ptr.dtype.element_ty, IS_BF16).to(tl.float32)
         hit = ok & (p != old) & (moved == stored)
         tl.atomic_add(count_ptr, tl.sum(hit.to(tl.int64), axis=0))
     tl.store(param_ptr + i, out, mask=ok)
@@ -100,5 +113,6 @@ def sparse_adamw_step_(
             master if master is not None else m, counter if counter is not None else m, k,
             1.0 - lr * weight_decay, w, beta2, 1.0 - beta2, bias_correction2_sqrts[n], eps, -step_sizes[n],
             HAS_INDEX=idx is not None, HAS_MASTER=master is not None, COUNT=counter is not None,
-            DECAY=weight_decay != 0, W_SMALL=abs(w) < 0.5, BLOCK=BLOCK,
+            DECAY=weight_decay != 0, W_SMALL=abs(w) < 0.5,
+            IS_BF16=param.dtype == torch.bfloat16, BLOCK=BLOCK,
         )

@@ -1,0 +1,370 @@
+"""SparseMaskedAdamW against an independent float64 AdamW, against torch.optim.AdamW, and its edge cases."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+from fastopd import _dispatch
+from fastopd.optim import SparseMaskedAdamW
+
+BACKENDS = ("torch", "cpu", "triton")
+LOW = (torch.bfloat16, torch.float16)
+
+
+def _skip_unavailable(impl: str) -> None:
+    why = _dispatch.available("sparse_adamw_step", impl, "cpu")
+    if why is not None:
+        pytest.skip(why)
+
+
+def adamw_f64(p0, grads, mask, lr, betas, eps, wd):
+    """Textbook AdamW (decoupled weight decay, bias correction) in float64 on the selected coordinates;
+    the others are left alone. p0, grads: float64 tensors; mask: bool of p0's shape."""
+    b1, b2 = betas
+    p = p0.clone()
+    m = torch.zeros_like(p)
+    v = torch.zeros_like(p)
+    for t, g in enumerate(grads, start=1):
+        g = g.double()
+        upd = p * (1 - lr * wd)
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        m_hat = m / (1 - b1**t)
+        v_hat = v / (1 - b2**t)
+        upd = upd - lr * m_hat / (v_hat.sqrt() + eps)
+        p = torch.where(mask, upd, p)
+    return p
+
+
+def _mask(shape, density, kind, gen):
+    bool_mask = torch.rand(shape, generator=gen) < density
+    if kind == "bool":
+        return bool_mask, bool_mask
+    idx = bool_mask.reshape(-1).nonzero().view(-1)
+    if kind == "indices-unsorted":
+        idx = idx[torch.randperm(idx.numel(), generator=gen)]
+    return idx, bool_mask
+
+
+CASES = [
+    pytest.param((37, 53), 0.3, "bool", 0.1, id="37x53-d0.3-bool-wd0.1"),
+    pytest.param((37, 53), 0.3, "indices", 0.0, id="37x53-d0.3-idx-wd0"),
+    pytest.param((1031,), 0.05, "indices-unsorted", 0.1, id="1031-d0.05-unsorted-wd0.1"),
+    pytest.param((3, 5, 7), 2.0, "bool", 0.1, id="3x5x7-full-wd0.1"),
+    pytest.param((129, 33), 0.9, "bool", 0.01, id="129x33-d0.9-wd0.01"),
+]
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("shape,density,kind,wd", CASES)
+def test_against_float64_adamw(impl, dtype, shape, density, kind, wd):
+    """Masked coordinates follow AdamW within 2x the error of torch.optim.AdamW on fp32 copies of the same
+    gradients; every other coordinate is bitwise unchanged; bf16/fp16 params hold round(master)."""
+    _skip_unavailable(impl)
+    gen = torch.Generator().manual_seed(hash((shape, kind)) % 2**31)
+    lr, betas, eps, steps = 3e-2, (0.9, 0.95), 1e-8, 12
+    p0 = torch.randn(shape, generator=gen).to(dtype)
+    mask, bool_mask = _mask(shape, density, kind, gen)
+    grads = [(torch.randn(shape, generator=gen) * 10 ** torch.empty(shape).uniform_(-3, 1, generator=gen)).to(dtype)
+             for _ in range(steps)]
+
+    p = torch.nn.Parameter(p0.clone())
+    opt = SparseMaskedAdamW([("w", p)], masks={"w": mask}, lr=lr, betas=betas, eps=eps, weight_decay=wd, impl=impl)
+    ref32 = torch.nn.Parameter(p0.float().clone())
+    torch_opt = torch.optim.AdamW([ref32], lr=lr, betas=betas, eps=eps, weight_decay=wd)
+    for g in grads:
+        p.grad = g.clone()
+        ref32.grad = g.float()
+        opt.step()
+        torch_opt.step()
+
+    want = adamw_f64(p0.double(), grads, bool_mask, lr, betas, eps, wd)
+    state = opt.state[p]
+    got = state["master"] if dtype in LOW else p.detach().view(-1)[bool_mask.view(-1)]
+    got = got.double().view(-1)
+    want_sel = want.view(-1)[bool_mask.view(-1)]
+    torch_sel = ref32.detach().double().view(-1)[bool_mask.view(-1)]
+    torch_err = (torch_sel - want_sel).abs().max().item() if got.numel() else 0.0
+    err = (got - want_sel).abs().max().item() if got.numel() else 0.0
+    assert err <= 2 * torch_err + 1e-7, (err, torch_err)
+    assert torch.equal(p.detach()[~bool_mask], p0[~bool_mask]), "an unmasked coordinate changed"
+    if dtype in LOW:
+        assert torch.equal(p.detach().view(-1)[bool_mask.view(-1)], state["master"].to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-master"])
+def test_torch_backend_is_bitwise_torch_adamw(dtype):
+    """The torch backend runs torch's own ops on the gathered coordinates: bitwise torch.optim.AdamW
+    (fp32 params; for bf16 params the fp32 masters equal an fp32 torch run on the same gradients)."""
+    gen = torch.Generator().manual_seed(1)
+    p0 = torch.randn(61, 47, generator=gen)
+    mask = torch.rand(61, 47, generator=gen) < 0.4
+    p = torch.nn.Parameter(p0.to(dtype))
+    ref = torch.nn.Parameter(p0.to(dtype).float())
+    opt = SparseMaskedAdamW([("w", p)], masks={"w": mask}, lr=1e-2, weight_decay=0.1, impl="torch")
+    torch_opt = torch.optim.AdamW([ref], lr=1e-2, weight_decay=0.1)
+    for _ in range(25):
+        g = torch.randn(61, 47, generator=gen).to(dtype)
+        p.grad, ref.grad = g, g.float()
+        opt.step()
+        torch_opt.step()
+    st, rst = opt.state[p], torch_opt.state[ref]
+    assert torch.equal(st["exp_avg"], rst["exp_avg"][mask])
+    assert torch.equal(st["exp_avg_sq"], rst["exp_avg_sq"][mask])
+    got = st["master"] if dtype != torch.float32 else p.detach()[mask]
+    assert torch.equal(got, ref.detach()[mask])
+
+
+def _ulp(x: torch.Tensor) -> torch.Tensor:
+    return (torch.nextafter(x.abs(), torch.tensor(math.inf)) - x.abs())
+
+
+def test_cpu_kernel_matches_torch_adamw_per_step():
+    """C++ kernel vs torch.optim.AdamW from the same state at every step: moments bitwise equal (same FMA forms
+    as torch's CPU kernels); params within 1 ulp of the parameter plus 2 ulps of the update (torch's sqrt comes
+    from MKL VML and is not always correctly rounded; ours is)."""
+    _skip_unavailable("cpu")
+    gen = torch.Generator().manual_seed(2)
+    shape = (203, 77)
+    p0 = torch.randn(shape, generator=gen)
+    mask = torch.rand(shape, generator=gen) < 0.5
+    p = torch.nn.Parameter(p0.clone())
+    ref = torch.nn.Parameter(p0.clone())
+    opt = SparseMaskedAdamW([("w", p)], masks={"w": mask}, lr=1e-2, weight_decay=0.1, impl="cpu")
+    torch_opt = torch.optim.AdamW([ref], lr=1e-2, weight_decay=0.1)
+    for _ in range(20):
+        g = torch.randn(shape, generator=gen)
+        p.grad, ref.grad = g.clone(), g.clone()
+        before = ref.detach()[mask].clone()
+        opt.step()
+        torch_opt.step()
+        st, rst = opt.state[p], torch_opt.state[ref]
+        assert torch.equal(st["exp_avg"], rst["exp_avg"][mask])
+        assert torch.equal(st["exp_avg_sq"], rst["exp_avg_sq"][mask])
+        want = ref.detach()[mask]
+        upd = want - before * (1 - 1e-2 * 0.1)
+        tol = _ulp(want) + 2 * _ulp(upd)
+        assert ((p.detach()[mask] - want).abs() <= tol).all()
+        with torch.no_grad():
+            p.copy_(torch.where(mask, ref, p))  # same state for the next step
+    assert torch.equal(p.detach()[~mask], p0[~mask])
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_weight_decay_is_applied_to_masked_coordinates(impl):
+    """With zero gradients the AdamW step is pure decoupled decay: p <- p * (1 - lr*wd) on the mask only
+    (sparse optimizers that decay a boolean-indexed copy silently drop it)."""
+    _skip_unavailable(impl)
+    p0 = torch.linspace(-3, 3, 301)
+    mask = torch.arange(301) % 3 == 0
+    p = torch.nn.Parameter(p0.clone())
+    opt = SparseMaskedAdamW([("w", p)], masks={"w": mask}, lr=0.1, weight_decay=0.5, impl=impl)
+    for _ in range(3):
+        p.grad = torch.zeros(301)
+        opt.step()
+    factor = torch.tensor(1 - 0.1 * 0.5, dtype=torch.float32)
+    want = p0[mask] * factor * factor * factor
+    assert torch.equal(p.detach()[mask], want)
+    assert torch.equal(p.detach()[~mask], p0[~mask])
+
+
+def test_dense_params_follow_torch_adamw_and_groups():
+    """Parameters absent from `masks` go through torch's AdamW (bitwise); groups keep their own lr/wd."""
+    gen = torch.Generator().manual_seed(3)
+    a0, b0, c0 = torch.randn(13, 9, generator=gen), torch.randn(17, generator=gen), torch.randn(5, 11, generator=gen)
+    a, b, c = (torch.nn.Parameter(x.clone()) for x in (a0, b0, c0))
+    ra, rb, rc = (torch.nn.Parameter(x.clone()) for x in (a0, b0, c0))
+    mask = torch.rand(5, 11, generator=gen) < 0.5
+    opt = SparseMaskedAdamW([{"params": [("a", a), ("b", b)], "lr": 1e-2},
+                             {"params": [("c", c)], "lr": 3e-2, "weight_decay": 0.2}],
+                            masks={"c": mask}, lr=1e-3, weight_decay=0.05, impl="torch")
+    torch_opt = torch.optim.AdamW([{"params": [ra, rb], "lr": 1e-2}, {"params": [rc], "lr": 3e-2, "weight_decay": 0.2}],
+                                  lr=1e-3, weight_decay=0.05, foreach=True)
+    for _ in range(7):
+        for x, r in ((a, ra), (b, rb), (c, rc)):
+            g = torch.randn(x.shape, generator=gen)
+            x.grad, r.grad = g.clone(), g.clone()
+        opt.step()
+        torch_opt.step()
+    assert torch.equal(a, ra) and torch.equal(b, rb)
+    assert torch.equal(c.detach()[mask], rc.detach()[mask]) and torch.equal(c.detach()[~mask], c0[~mask])
+    assert opt.param_groups[0]["lr"] == 1e-2 and opt.param_groups[1]["weight_decay"] == 0.2
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_grad_none_empty_and_full_masks(impl):
+    _skip_unavailable(impl)
+    gen = torch.Generator().manual_seed(4)
+    x0, y0, z0 = torch.randn(8, 8, generator=gen), torch.randn(9, generator=gen), torch.randn(6, 4, generator=gen)
+    x, y, z = (torch.nn.Parameter(t.clone()) for t in (x0, y0, z0))
+    rz = torch.nn.Parameter(z0.clone())
+    opt = SparseMaskedAdamW([("x", x), ("y", y), ("z", z)], lr=1e-2, impl=impl,
+                            masks={"x": torch.zeros(8, 8, dtype=torch.bool), "y": torch.ones(9, dtype=torch.bool),
+                                   "z": torch.arange(24)})
+    torch_opt = torch.optim.AdamW([rz], lr=1e-2)
+    assert opt.state[x]["exp_avg"].numel() == 0  # frozen: no state
+    assert opt.state[z]["indices"] is None and opt.state[y]["indices"] is None  # full masks store no indices
+    for _ in range(3):
+        x.grad = torch.randn(8, 8, generator=gen)
+        z.grad = torch.randn(6, 4, generator=gen)
+        rz.grad = z.grad.clone()
+        opt.step()  # y.grad is None: skipped
+        torch_opt.step()
+    assert torch.equal(x, x0) and torch.equal(y, y0)
+    assert opt.state[y]["step"].item() == 0 and opt.state[z]["step"].item() == 3
+    tol = 0 if impl == "torch" else 1e-6
+    assert (z - rz).abs().max().item() <= tol
+
+
+BAD_MASKS = [
+    pytest.param(torch.zeros(4, 5, dtype=torch.bool), "shape", id="bool-wrong-shape"),
+    pytest.param(torch.tensor([0, 30]), "out of range", id="index-out-of-range"),
+    pytest.param(torch.tensor([-1, 3]), "out of range", id="index-negative"),
+    pytest.param(torch.tensor([3, 1, 3]), "duplicated", id="index-duplicated"),
+    pytest.param(torch.tensor([[1, 2]]), "1-D", id="index-2d"),
+    pytest.param(torch.tensor([0.5, 1.0]), "bool", id="float-mask"),
+]
+
+
+@pytest.mark.parametrize("mask,message", BAD_MASKS)
+def test_bad_masks_are_rejected(mask, message):
+    p = torch.nn.Parameter(torch.randn(5, 6))
+    with pytest.raises(ValueError, match=message):
+        SparseMaskedAdamW([("w", p)], masks={"w": mask})
+
+
+def test_bad_construction_is_rejected():
+    p = torch.nn.Parameter(torch.randn(5, 6))
+    with pytest.raises(ValueError, match="not optimized here"):
+        SparseMaskedAdamW([("w", p)], masks={"v": torch.ones(5, 6, dtype=torch.bool)})
+    q = torch.nn.Parameter(torch.randn(6, 5).t())
+    with pytest.raises(ValueError, match="contiguous"):
+        SparseMaskedAdamW([("q", q)], masks={"q": torch.ones(5, 6, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="master_weights"):
+        SparseMaskedAdamW([("w", p)], master_weights="yes")
+    with pytest.raises(ValueError, match="impl"):
+        SparseMaskedAdamW([("w", p)], impl="gpu")
+
+
+def test_unsorted_indices_are_sorted_and_int32():
+    p = torch.nn.Parameter(torch.randn(5, 6))
+    opt = SparseMaskedAdamW([("w", p)], masks={"w": torch.tensor([7, 2, 29])})
+    idx = opt.state[p]["indices"]
+    assert idx.dtype == torch.int32 and idx.tolist() == [2, 7, 29]
+
+
+def _run(opt, params, grads):
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_state_dict_round_trip_resumes_bitwise(impl):
+    """Save after 4 steps, load into a fresh optimizer (constructed with another mask: the checkpoint's wins),
+    continue 4 steps: bitwise the same as 8 uninterrupted steps, bf16 masters and fp32 moments included."""
+    _skip_unavailable(impl)
+    gen = torch.Generator().manual_seed(5)
+    w0 = torch.randn(19, 23, generator=gen).to(torch.bfloat16)
+    b0 = torch.randn(23, generator=gen)
+    mask = torch.rand(19, 23, generator=gen) < 0.3
+    grads = [(torch.randn(19, 23, generator=gen).to(torch.bfloat16), torch.randn(23, generator=gen)) for _ in range(8)]
+
+    def make(m):
+        w, b = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(b0.clone())
+        return w, b, SparseMaskedAdamW([("w", w), ("b", b)], masks={"w": m}, lr=1e-2, impl=impl)
+
+    w, b, opt = make(mask)
+    _run(opt, [w, b], grads)
+
+    w2, b2, opt2 = make(mask)
+    _run(opt2, [w2, b2], grads[:4])
+    buf = io.BytesIO()
+    torch.save({"w": w2.detach(), "b": b2.detach(), "opt": opt2.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf)
+    w3, b3, opt3 = make(torch.ones(19, 23, dtype=torch.bool))
+    with torch.no_grad():
+        w3.copy_(ckpt["w"])
+        b3.copy_(ckpt["b"])
+    opt3.load_state_dict(ckpt["opt"])
+    assert opt3.state[w3]["exp_avg"].dtype == torch.float32 and opt3.state[w3]["master"].dtype == torch.float32
+    assert torch.equal(opt3.state[w3]["indices"].long(), mask.view(-1).nonzero().view(-1))
+    _run(opt3, [w3, b3], grads[4:])
+    assert torch.equal(w3, w) and torch.equal(b3, b)
+    for key in ("exp_avg", "exp_avg_sq", "master", "swallowed"):
+        assert torch.equal(opt3.state[w3][key], opt.state[w][key])
+
+
+def test_load_state_dict_rejects_mismatch():
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    q = torch.nn.Parameter(torch.randn(3))
+    opt = SparseMaskedAdamW([("w", p)], masks={"w": torch.tensor([1, 2])})
+    other = SparseMaskedAdamW([("w", p), ("q", q)])
+    with pytest.raises(ValueError, match="parameters"):
+        other.load_state_dict(opt.state_dict())
+    sd = opt.state_dict()
+    sd["state"][0]["exp_avg"] = torch.zeros(3)
+    with pytest.raises(ValueError, match="exp_avg"):
+        SparseMaskedAdamW([("w", p)]).load_state_dict(sd)
+
+
+def test_export_delta_reproduces_weights():
+    gen = torch.Generator().manual_seed(6)
+    w0 = torch.randn(30, 20, generator=gen)
+    mask = torch.rand(30, 20, generator=gen) < 0.2
+    w = torch.nn.Parameter(w0.clone())
+    d = torch.nn.Parameter(torch.randn(7, generator=gen))
+    opt = SparseMaskedAdamW([("w", w), ("d", d)], masks={"w": mask}, lr=1e-2, impl="torch")
+    full = opt.export_delta(reset=False)  # no reference point: everything the optimizer may touch
+    assert torch.equal(full["w"][0], mask.view(-1).nonzero().view(-1)) and full["d"][0].numel() == 7
+    opt.mark_reference()
+    synced_w, synced_d = w.detach().clone(), d.detach().clone()
+    for _ in range(2):
+        for _ in range(3):
+            w.grad = torch.randn(30, 20, generator=gen)
+            w.grad[0, 0] = 0.0
+            d.grad = torch.randn(7, generator=gen)
+            opt.step()
+        delta = opt.export_delta()
+        for target, (name, param) in ((synced_w, ("w", w)), (synced_d, ("d", d))):
+            idx, vals = delta[name]
+            assert idx.dtype == torch.int64 and vals.dtype == param.dtype
+            target.view(-1)[idx] = vals
+            assert torch.equal(target, param.detach())
+        assert set(delta["w"][0].tolist()) <= set(mask.view(-1).nonzero().view(-1).tolist())
+    assert all(v[0].numel() == 0 for v in opt.export_delta().values())  # nothing changed since the last export
+
+
+def test_rounding_report_counts_swallowed_updates():
+    """bf16 weights of magnitude ~1 with lr 1e-5: every bf16 update rounds away (bf16 ulp at 1 is 2^-7), so the
+    count is k * steps exactly; the fp32 masters still accumulate them."""
+    p0 = torch.full((40, 10), 1.0, dtype=torch.bfloat16)
+    mask = torch.zeros(40, 10, dtype=torch.bool)
+    mask[::3] = True
+    k = int(mask.sum())
+    for impl in BACKENDS:
+        if _dispatch.available("sparse_adamw_step", impl, "cpu") is not None:
+            continue
+        p = torch.nn.Parameter(p0.clone())
+        opt = SparseMaskedAdamW([("w", p)], masks={"w": mask}, lr=1e-5, weight_decay=0.0, impl=impl)
+        for _ in range(5):
+            p.grad = torch.ones(40, 10, dtype=torch.bfloat16)
+            opt.step()
+        assert opt.rounding_report() == {"w": 5 * k}, impl
+        assert torch.equal(p, p0)
+        assert (opt.state[p]["master"] < 1.0).all()
+
+
+def test_state_bytes_are_compact():
+    p = torch.nn.Parameter(torch.randn(1000, 100))
+    mask = torch.rand(1000, 100) < 0.05
+    opt = SparseMaskedAdamW([("w", p)], masks={"w": mask})
+    k = int(mask.sum())
+    assert opt.state_bytes() == 12 * k + 4  # int32 index + two fp32 moments per coordinate, fp32 step
