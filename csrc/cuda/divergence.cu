@@ -1,0 +1,369 @@
+// CUDA kernel of the row-wise teacher-student divergence on a chunk of fp32 logits (op
+// fastopd::divergence_chunk_, schema in csrc/ops.cpp). Same contract and math as csrc/cpu/divergence.cpp and
+// the Triton kernel in kernels/divergence.py:
+//
+//   z = softcap(x) / T;  lp = z - lse(z);  p = exp(lp)
+//   fkl = sum p_t (lp_t - lp_s)                      dL/dz_s = p_s - p_t
+//   rkl = sum p_s (lp_s - lp_t)                      dL/dz_s = p_s ((lp_s - lp_t) - rkl)
+//   jsd = b KL(t||m) + (1-b) KL(s||m), m = b p_t + (1-b) p_s
+//                                                    dL/dz_s = (1-b) p_s ((lp_s - log m) - KL(s||m))
+//   loss = soft_w * div + hard_w * (lse_s - z_s[y]);  the hard term adds hard_w (p_s - onehot(y)).
+//
+// One thread block per row. Pass 1: per-thread online max / sum-exp of both models, then a block reduction
+// of the (max, sum) pairs (warp shuffles, then one value per warp through shared memory). Pass 2: the
+// divergence sums and the entropy with exact log-probs; for fkl the gradient is stored in the same pass.
+// Pass 3 (rkl, jsd with a gradient): the gradient, which needs the row's KL from pass 2. Loads are float4
+// when the rows are 16-byte aligned (V a multiple of 4, as 128256 and 151936 are), scalar otherwise.
+// Memory traffic per row: fkl 2 reads of both rows + 1 write, rkl/jsd 3 reads + 1 write; xt is only read.
+// Ignored rows get loss 0, stats 0 and gradient 0; -inf logits give p = 0 and no NaN. No host sync: a label
+// out of range trips a device assert, as PyTorch's own losses do.
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/macros/Macros.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace fastopd {
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+constexpr float kNegInf = -INFINITY;
+
+enum Divergence : int { kFKL = 0, kRKL = 1, kJSD = 2 };
+
+struct RowParams {
+  float beta;
+  float inv_temp;
+  float temperature;
+  float softcap;
+  float inv_softcap;
+  float soft_weight;
+  float hard_weight;
+  int64_t ignore_index;
+};
+
+// tanh from exp: exact limits at +-inf and no NaN (the same formula as the Triton kernel).
+__device__ __forceinline__ float tanh_exp(float x) {
+  const float t = __expf(-2.0f * fabsf(x));
+  const float r = (1.0f - t) / (1.0f + t);
+  return x < 0.0f ? -r : r;
+}
+
+template <bool SOFTCAP>
+__device__ __forceinline__ float scale(float x, const RowParams& p) {
+  if (SOFTCAP) x = p.softcap * tanh_exp(x * p.inv_softcap);
+  return x * p.inv_temp;
+}
+
+// Online log-sum-exp state: running max m and sum s relative to m.
+struct MaxSum {
+  float m;
+  float s;
+};
+
+__device__ __forceinline__ void online_add(MaxSum& a, float z) {
+  if (z > a.m) {
+    a.s = a.s * __expf(a.m - z) + 1.0f;  // a.m = -inf gives exp(-inf) = 0
+    a.m = z;
+  } else if (z != kNegInf) {
+    a.s += __expf(z - a.m);
+  }
+}
+
+__device__ __forceinline__ MaxSum combine(MaxSum a, MaxSum b) {
+  const float m = fmaxf(a.m, b.m);
+  if (m == kNegInf) return {kNegInf, 0.0f};
+  return {m, a.s * __expf(a.m - m) + b.s * __expf(b.m - m)};
+}
+
+__device__ __forceinline__ MaxSum warp_reduce(MaxSum v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    MaxSum o{__shfl_xor_sync(0xffffffffu, v.m, off), __shfl_xor_sync(0xffffffffu, v.s, off)};
+    v = combine(v, o);
+  }
+  return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+// Block-wide reductions; every thread gets the result. `smem` holds one entry per warp.
+__device__ MaxSum block_reduce(MaxSum v, MaxSum* smem) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  v = warp_reduce(v);
+  __syncthreads();  // smem may still be read by a previous reduction
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  MaxSum r = lane < kWarps ? smem[lane] : MaxSum{kNegInf, 0.0f};
+  return warp_reduce(r);
+}
+
+template <int K>
+__device__ void block_sum(float (&v)[K], float (*smem)[kWarps]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int k = 0; k < K; ++k) v[k] = warp_sum(v[k]);
+  __syncthreads();
+  if (lane == 0) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) smem[k][warp] = v[k];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < K; ++k) v[k] = warp_sum(lane < kWarps ? smem[k][lane] : 0.0f);
+}
+
+// Calls f(index, xs[index], xt[index]) over the row, each thread a strided share; float4 loads when VEC.
+template <bool VEC, typename F>
+__device__ __forceinline__ void for_row(const float* xs, const float* xt, int64_t V, F&& f) {
+  int64_t tail = 0;
+  if (VEC) {
+    const int64_t V4 = V / 4;
+    const float4* s4 = reinterpret_cast<const float4*>(xs);
+    const float4* t4 = reinterpret_cast<const float4*>(xt);
+    for (int64_t i = threadIdx.x; i < V4; i += kThreads) {
+      const float4 a = s4[i], b = t4[i];
+      f(4 * i + 0, a.x, b.x);
+      f(4 * i + 1, a.y, b.y);
+      f(4 * i + 2, a.z, b.z);
+      f(4 * i + 3, a.w, b.w);
+    }
+    tail = V4 * 4;
+  }
+  for (int64_t i = tail + threadIdx.x; i < V; i += kThreads) f(i, xs[i], xt[i]);
+}
+
+// Same walk, storing g = f(index, xs[index], xt[index]) over xs (float4 stores when VEC).
+template <bool VEC, typename F>
+__device__ __forceinline__ void map_row(float* xs, const float* xt, int64_t V, F&& f) {
+  int64_t tail = 0;
+  if (VEC) {
+    const int64_t V4 = V / 4;
+    float4* s4 = reinterpret_cast<float4*>(xs);
+    const float4* t4 = reinterpret_cast<const float4*>(xt);
+    for (int64_t i = threadIdx.x; i < V4; i += kThreads) {
+      const float4 a = s4[i], b = t4[i];
+      float4 g;
+      g.x = f(4 * i + 0, a.x, b.x);
+      g.y = f(4 * i + 1, a.y, b.y);
+      g.z = f(4 * i + 2, a.z, b.z);
+      g.w = f(4 * i + 3, a.w, b.w);
+      s4[i] = g;
+    }
+    tail = V4 * 4;
+  }
+  for (int64_t i = tail + threadIdx.x; i < V; i += kThreads) xs[i] = f(i, xs[i], xt[i]);
+}
+
+template <int DIV, bool SOFTCAP, bool GRAD, bool VEC>
+__global__ void __launch_bounds__(kThreads) divergence_row_kernel(float* __restrict__ xs_all,
+                                                                  const float* __restrict__ xt_all,
+                                                                  const int64_t* __restrict__ labels,
+                                                                  float* __restrict__ loss, float* __restrict__ stats,
+                                                                  int64_t V, int64_t stride_s, int64_t stride_t,
+                                                                  RowParams p, bool hard) {
+  __shared__ MaxSum smem_ms[2][kWarps];
+  __shared__ float smem_sum[3][kWarps];
+  const int64_t row = blockIdx.x;
+  float* xs = xs_all + row * stride_s;
+  const float* xt = xt_all + row * stride_t;
+
+  // Label and hard-term flags are uniform across the block: runtime branches, not template variants.
+  const bool has_labels = labels != nullptr;
+  int64_t y = -1;
+  if (has_labels) {
+    y = labels[row];
+    if (y == p.ignore_index) {
+      if (threadIdx.x == 0) loss[row] = 0.0f;
+      if (threadIdx.x < 5) stats[row * 5 + threadIdx.x] = 0.0f;
+      if (GRAD) map_row<VEC>(xs, xt, V, [](int64_t, float, float) { return 0.0f; });
+      return;
+    }
+    CUDA_KERNEL_ASSERT(y >= 0 && y < V);
+  }
+  // The label's logits, read before any gradient overwrites xs.
+  const float zs_y = has_labels ? scale<SOFTCAP>(xs[y], p) : 0.0f;
+  const float zt_y = has_labels ? scale<SOFTCAP>(xt[y], p) : 0.0f;
+
+  // Pass 1: normalizers.
+  MaxSum as{kNegInf, 0.0f}, at{kNegInf, 0.0f};
+  for_row<VEC>(xs, xt, V, [&](int64_t, float a, float b) {
+    online_add(as, scale<SOFTCAP>(a, p));
+    online_add(at, scale<SOFTCAP>(b, p));
+  });
+  as = block_reduce(as, smem_ms[0]);
+  at = block_reduce(at, smem_ms[1]);
+  const float lse_s = (as.m == kNegInf ? 0.0f : as.m) + __logf(as.s);
+  const float lse_t = (at.m == kNegInf ? 0.0f : at.m) + __logf(at.s);
+
+  const float b = p.beta, omb = 1.0f - p.beta, sw = p.soft_weight, hw = p.hard_weight;
+  auto chain = [&](float zs) {
+    if (!SOFTCAP) return p.inv_temp;
+    const float c = zs * (p.temperature * p.inv_softcap);
+    return p.inv_temp * (1.0f - c * c);
+  };
+
+  // Pass 2: divergence sums (acc[0]: fkl / rkl / KL(t||m), acc[1]: KL(s||m)) and sum p_s lp_s (acc[2]).
+  float acc[3] = {0.0f, 0.0f, 0.0f};
+  auto terms = [&](float zs, float zt, float& ps_out, float& pt_out) {
+    const float lps = zs - lse_s, lpt = zt - lse_t;
+    const float ps = __expf(lps), pt = __expf(lpt);
+    acc[2] += ps > 0.0f ? ps * lps : 0.0f;
+    if (DIV == kFKL) {
+      acc[0] += pt > 0.0f ? pt * (lpt - lps) : 0.0f;
+    } else if (DIV == kRKL) {
+      acc[0] += ps > 0.0f ? ps * (lps - lpt) : 0.0f;
+    } else {
+      const float lm = __logf(b * pt + omb * ps);
+      acc[0] += pt > 0.0f ? pt * (lpt - lm) : 0.0f;
+      acc[1] += ps > 0.0f ? ps * (lps - lm) : 0.0f;
+    }
+    ps_out = ps;
+    pt_out = pt;
+  };
+  if (DIV == kFKL && GRAD) {
+    map_row<VEC>(xs, xt, V, [&](int64_t i, float a, float bt) {
+      const float zs = scale<SOFTCAP>(a, p);
+      float ps, pt;
+      terms(zs, scale<SOFTCAP>(bt, p), ps, pt);
+      float g = sw * (ps - pt);
+      if (hard) g += hw * (ps - (i == y ? 1.0f : 0.0f));
+      return g * chain(zs);
+    });
+  } else {
+    for_row<VEC>(xs, xt, V, [&](int64_t, float a, float bt) {
+      float ps, pt;
+      terms(scale<SOFTCAP>(a, p), scale<SOFTCAP>(bt, p), ps, pt);
+    });
+  }
+  block_sum<3>(acc, smem_sum);
+
+  // Pass 3 (rkl, jsd): dL/dz_s = coef * p_s ((lp_s - lp_ref) - K) + hard_w (p_s - onehot(y)).
+  if (GRAD && DIV != kFKL) {
+    const float k = DIV == kRKL ? acc[0] : acc[1];
+    const float coef = DIV == kRKL ? sw : sw * omb;
+    map_row<VEC>(xs, xt, V, [&](int64_t i, float a, float bt) {
+      const float zs = scale<SOFTCAP>(a, p), zt = scale<SOFTCAP>(bt, p);
+      const float lps = zs - lse_s, lpt = zt - lse_t;
+      const float ps = __expf(lps);
+      const float lref = DIV == kRKL ? lpt : __logf(b * __expf(lpt) + omb * ps);
+      const float term = ps > 0.0f ? ps * (lps - lref) : 0.0f;
+      float g = coef * (term - ps * k);
+      if (hard) g += hw * (ps - (i == y ? 1.0f : 0.0f));
+      return g * chain(zs);
+    });
+  }
+
+  if (threadIdx.x == 0) {
+    const float soft = DIV == kJSD ? b * acc[0] + omb * acc[1] : acc[0];
+    float row_loss = sw * soft;
+    if (hard) row_loss += hw * (lse_s - zs_y);
+    loss[row] = row_loss;
+    float* st = stats + row * 5;
+    st[0] = lse_s;
+    st[1] = lse_t;
+    st[2] = has_labels ? zs_y - lse_s : 0.0f;
+    st[3] = has_labels ? zt_y - lse_t : 0.0f;
+    st[4] = -acc[2];
+  }
+}
+
+template <int DIV, bool SOFTCAP, bool GRAD>
+void launch_vec(bool vec, int64_t C, cudaStream_t stream, float* xs, const float* xt, const int64_t* labels,
+                float* loss, float* stats, int64_t V, int64_t ss, int64_t st, const RowParams& p, bool hard) {
+  const dim3 grid(static_cast<unsigned>(C));
+  if (vec) {
+    divergence_row_kernel<DIV, SOFTCAP, GRAD, true><<<grid, kThreads, 0, stream>>>(xs, xt, labels, loss, stats, V, ss,
+                                                                                   st, p, hard);
+  } else {
+    divergence_row_kernel<DIV, SOFTCAP, GRAD, false><<<grid, kThreads, 0, stream>>>(xs, xt, labels, loss, stats, V,
+                                                                                    ss, st, p, hard);
+  }
+}
+
+template <int DIV>
+void launch_div(bool softcap, bool grad, bool vec, int64_t C, cudaStream_t stream, float* xs, const float* xt,
+                const int64_t* labels, float* loss, float* stats, int64_t V, int64_t ss, int64_t st, const RowParams& p,
+                bool hard) {
+  if (softcap && grad) launch_vec<DIV, true, true>(vec, C, stream, xs, xt, labels, loss, stats, V, ss, st, p, hard);
+  else if (softcap) launch_vec<DIV, true, false>(vec, C, stream, xs, xt, labels, loss, stats, V, ss, st, p, hard);
+  else if (grad) launch_vec<DIV, false, true>(vec, C, stream, xs, xt, labels, loss, stats, V, ss, st, p, hard);
+  else launch_vec<DIV, false, false>(vec, C, stream, xs, xt, labels, loss, stats, V, ss, st, p, hard);
+}
+
+void divergence_chunk_cuda(at::Tensor& xs, at::Tensor& xt, const std::optional<at::Tensor>& labels, at::Tensor& loss,
+                           at::Tensor& stats, int64_t divergence, double beta, double temperature, double softcap,
+                           double soft_weight, double hard_weight, int64_t ignore_index, bool compute_grad) {
+  TORCH_CHECK(xs.is_cuda() && xt.is_cuda() && loss.is_cuda() && stats.is_cuda(),
+              "divergence_chunk_ (CUDA): all tensors must be CUDA tensors");
+  TORCH_CHECK(xs.dim() == 2 && xt.sizes() == xs.sizes(), "divergence_chunk_: xs and xt must be [C, V] of one shape, got ",
+              xs.sizes(), " and ", xt.sizes());
+  TORCH_CHECK(xs.scalar_type() == at::kFloat && xt.scalar_type() == at::kFloat, "divergence_chunk_: logits must be float32");
+  TORCH_CHECK((xs.size(1) <= 1 || xs.stride(1) == 1) && (xt.size(1) <= 1 || xt.stride(1) == 1),
+              "divergence_chunk_: logit rows must be contiguous, got strides ", xs.strides(), " and ", xt.strides());
+  TORCH_CHECK(divergence >= kFKL && divergence <= kJSD, "divergence_chunk_: unknown divergence ", divergence);
+  TORCH_CHECK(temperature > 0.0, "divergence_chunk_: temperature must be positive");
+  const int64_t C = xs.size(0), V = xs.size(1);
+  TORCH_CHECK(loss.numel() == C && loss.scalar_type() == at::kFloat && loss.is_contiguous(),
+              "divergence_chunk_: loss must be float32 [C]");
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == C && stats.size(1) == 5 && stats.scalar_type() == at::kFloat &&
+                  stats.is_contiguous(),
+              "divergence_chunk_: stats must be float32 [C, 5]");
+  TORCH_CHECK(xt.device() == xs.device() && loss.device() == xs.device() && stats.device() == xs.device(),
+              "divergence_chunk_: all tensors must be on one device");
+  const int64_t* lab = nullptr;
+  if (labels.has_value() && labels->defined()) {
+    TORCH_CHECK(labels->numel() == C && labels->scalar_type() == at::kLong && labels->is_contiguous() &&
+                    labels->device() == xs.device(),
+                "divergence_chunk_: labels must be int64 [C] on the logits' device");
+    lab = labels->data_ptr<int64_t>();
+  }
+  TORCH_CHECK(C <= static_cast<int64_t>(INT32_MAX), "divergence_chunk_: too many rows for one launch: ", C);
+  if (C == 0) return;
+
+  const c10::cuda::CUDAGuard guard(xs.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const bool use_cap = softcap > 0.0;
+  RowParams p{static_cast<float>(beta),
+              static_cast<float>(1.0 / temperature),
+              static_cast<float>(temperature),
+              static_cast<float>(softcap),
+              use_cap ? static_cast<float>(1.0 / softcap) : 0.0f,
+              static_cast<float>(soft_weight),
+              static_cast<float>(hard_weight),
+              ignore_index};
+  float* ps = xs.data_ptr<float>();
+  const float* pt = xt.data_ptr<float>();
+  const int64_t ss = xs.stride(0), st = xt.stride(0);
+  const bool vec = V % 4 == 0 && ss % 4 == 0 && st % 4 == 0 && reinterpret_cast<uintptr_t>(ps) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(pt) % 16 == 0;
+  const bool hard = lab != nullptr && hard_weight != 0.0;
+  float* pl = loss.data_ptr<float>();
+  float* pst = stats.data_ptr<float>();
+  switch (divergence) {
+    case kFKL:
+      launch_div<kFKL>(use_cap, compute_grad, vec, C, stream, ps, pt, lab, pl, pst, V, ss, st, p, hard);
+      break;
+    case kRKL:
+      launch_div<kRKL>(use_cap, compute_grad, vec, C, stream, ps, pt, lab, pl, pst, V, ss, st, p, hard);
+      break;
+    default:
+      launch_div<kJSD>(use_cap, compute_grad, vec, C, stream, ps, pt, lab, pl, pst, V, ss, st, p, hard);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastopd, CUDA, m) { m.impl("divergence_chunk_", &divergence_chunk_cuda); }
+
+}  // namespace fastopd
