@@ -1,0 +1,156 @@
+"""`analyze_update(base, tuned)`: how an update changed a model's weights, tensor by tensor."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from fastopd.analysis.io import CheckpointLike, open_checkpoint
+from fastopd.analysis.masks import MaskWriter
+from fastopd.analysis.naming import KINDS, layer_index, module_kind
+from fastopd.analysis.report import UpdateReport, build_report
+from fastopd.analysis.stats import AnalysisConfig, analyze_tensor
+
+__all__ = ["MismatchError", "analyze_update", "select_null_tensors"]
+
+NULL_MODES = ("sample", "all", "none")
+
+
+class MismatchError(ValueError):
+    """BASE and TUNED disagree on tensor names or shapes (message lists them)."""
+
+
+def _listing(title: str, items: list[str], limit: int = 20) -> str:
+    more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
+    return f"  {title} ({len(items)}):\n" + "\n".join(f"    {x}" for x in items[:limit]) + more
+
+
+def select_null_tensors(names: list[str], mode: str) -> set[str]:
+    """Tensors that get null models: all, none, or a sample (per module kind: first, middle and last layer)."""
+    if mode == "all":
+        return set(names)
+    if mode == "none":
+        return set()
+    chosen: set[str] = set()
+    by_kind: dict[str, list[str]] = {}
+    for n in names:
+        by_kind.setdefault(module_kind(n), []).append(n)
+    for group in by_kind.values():
+        group = sorted(group, key=lambda n: (layer_index(n) is None, layer_index(n) or 0, n))
+        chosen.update({group[0], group[len(group) // 2], group[-1]})
+    return chosen
+
+
+def analyze_update(base: CheckpointLike, tuned: CheckpointLike, *, dtype: torch.dtype | None = None,
+                   config: AnalysisConfig | None = None, null_models: str = "sample", allow_partial: bool = False,
+                   include: str | None = None, exclude: str | None = None,
+                   mask_out: str | os.PathLike | None = None, progress: bool = True) -> UpdateReport:
+    """Measure Delta = tuned - base for every floating-point tensor the two checkpoints share.
+
+    Args:
+        base, tuned: model folders, safetensors files, torch state-dict files, `{name: tensor}` dicts,
+            or `Checkpoint`s. Read tensor by tensor (safetensors: memory-mapped), so memory stays bounded.
+        dtype: storage dtype to form Delta in (both sides cast to it first); None: the checkpoints' own
+            (they must then agree per tensor).
+        config: metric options (`AnalysisConfig`); its `dtype` is overridden by `dtype` when given.
+        null_models: "sample" (per module kind: first, middle, last layer), "all", or "none".
+        allow_partial: analyse the common tensors when names or shapes differ, instead of raising.
+        include, exclude: regular expressions on tensor names (search semantics).
+        mask_out: write the update mask (fastopd.masks.v1 safetensors, bool per parameter) there.
+        progress: show a tqdm progress bar over tensors (on stderr).
+
+    Raises:
+        MismatchError: names/shapes/dtypes differ (names/shapes: unless allow_partial).
+        CheckpointError: a file is unreadable or truncated (names the file).
+        ValueError: bad options.
+    """
+    cfg = config or AnalysisConfig()
+    if dtype is not None:
+        cfg = AnalysisConfig(**{**cfg.__dict__, "dtype": dtype})
+    if null_models not in NULL_MODES:
+        raise ValueError(f"null_models must be one of {NULL_MODES}, got {null_models!r}")
+    t0 = time.perf_counter()
+    bc, tc = open_checkpoint(base), open_checkpoint(tuned)
+    only_base = sorted(set(bc.infos) - set(tc.infos))
+    only_tuned = sorted(set(tc.infos) - set(bc.infos))
+    common = [n for n in bc.names() if n in tc.infos]
+    shape_mismatch = [n for n in common if bc.infos[n].shape != tc.infos[n].shape]
+    problems = []
+    if only_base:
+        problems.append(_listing("only in BASE", only_base))
+    if only_tuned:
+        problems.append(_listing("only in TUNED", only_tuned))
+    if shape_mismatch:
+        problems.append(_listing("shape differs (BASE vs TUNED)", [
+            f"{n}: {list(bc.infos[n].shape)} vs {list(tc.infos[n].shape)}" for n in shape_mismatch]))
+    if problems and not allow_partial:
+        raise MismatchError(f"BASE ({bc.description}) and TUNED ({tc.description}) do not match:\n"
+                            + "\n".join(problems) + "\n(pass --allow-partial / allow_partial=True to analyse "
+                            "the common tensors only)")
+    if not common or len(shape_mismatch) == len(common):
+        raise MismatchError(f"BASE ({bc.description}) and TUNED ({tc.description}) share no tensor of equal shape")
+    inc, exc = (re.compile(include) if include else None), (re.compile(exclude) if exclude else None)
+    skipped: dict[str, str] = {}
+    names = []
+    for n in common:
+        if n in shape_mismatch:
+            continue
+        if (inc and not inc.search(n)) or (exc and exc.search(n)):
+            skipped[n] = "filtered by include/exclude"
+            continue
+        bd, td = bc.infos[n].dtype, tc.infos[n].dtype
+        if not (bd.is_floating_point and td.is_floating_point) or bd.itemsize == 1 or td.itemsize == 1:
+            skipped[n] = f"not a 16/32/64-bit floating-point tensor ({bd} / {td})"
+            continue
+        if bd != td and cfg.dtype is None:
+            raise MismatchError(f"{n}: dtype {bd} in BASE ({bc.infos[n].source}) but {td} in TUNED "
+                                f"({tc.infos[n].source}); pass --dtype to compare both in one storage dtype")
+        if bc.infos[n].shape and 0 in bc.infos[n].shape:
+            skipped[n] = "empty tensor"
+            continue
+        names.append(n)
+    if not names:
+        raise ValueError(f"no floating-point tensors left to analyse (skipped: {len(skipped)})")
+    with_null = select_null_tensors(names, null_models)
+
+    writer = None
+    if mask_out is not None:
+        Path(mask_out).parent.mkdir(parents=True, exist_ok=True)
+        writer = MaskWriter(mask_out, [(n, bc.infos[n].shape) for n in names],
+                            {"source": "fastopd.analysis", "base": str(bc.description), "tuned": str(tc.description),
+                             "rule": "bitwise changed" if cfg.mask_atol is None else f"|delta| > {cfg.mask_atol:g}"})
+    tensors: dict[str, dict] = {}
+    spectra = {}
+    try:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(names, desc="fastopd analyze", unit="tensor", disable=not progress, dynamic_ncols=True)
+        for n in bar:
+            bar.set_postfix_str(n[-48:], refresh=False)
+            b, t = bc.load(n), tc.load(n)
+            if writer is not None:
+                writer.begin(n)
+            metrics, spec = analyze_tensor(n, b, t, cfg, null_models=n in with_null,
+                                           mask_sink=writer.write if writer is not None else None)
+            del b, t
+            tensors[n] = {"module_kind": module_kind(n), "layer": layer_index(n), **metrics}
+            if spec:
+                spectra[n] = spec
+        if writer is not None:
+            writer.close()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    meta = {"base": bc.description, "tuned": tc.description, "null_models": null_models,
+            "storage_dtype": None if cfg.dtype is None else str(cfg.dtype).replace("torch.", ""),
+            "config": {k: (str(v).replace("torch.", "") if isinstance(v, torch.dtype) else v)
+                       for k, v in cfg.__dict__.items()},
+            "module_kinds": list(KINDS), "seconds": time.perf_counter() - t0, "torch_threads": torch.get_num_threads(),
+            "mask_out": None if mask_out is None else str(mask_out)}
+    mismatches = {"only_in_base": only_base, "only_in_tuned": only_tuned, "shape_differs": shape_mismatch}
+    return build_report(tensors, meta, {k: v for k, v in mismatches.items() if v}, skipped, spectra)

@@ -1,0 +1,223 @@
+"""Reading checkpoints tensor by tensor, in bounded memory.
+
+A checkpoint is a Hugging Face model folder (safetensors shards, with or without an index; or
+`pytorch_model*.bin`), a single `.safetensors` file, a torch state dict (`.bin`/`.pt`/`.pth`), or an
+in-memory `{name: tensor}` dict. Safetensors files are parsed here (8-byte header length, JSON header,
+raw data) and each tensor is a private, copy-on-write memory map of just its own byte range: pages are
+read lazily and released when the tensor is dropped, so analysing a multi-GB pair keeps only the tensors
+in flight resident. Every offset is checked against the file size first, so a truncated or corrupt file
+fails with its name instead of a bus error.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import torch
+
+__all__ = ["Checkpoint", "CheckpointError", "TensorInfo", "open_checkpoint"]
+
+# safetensors dtype tags -> torch dtypes (the ones torch can hold)
+_ST_DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+    "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+    "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be read (missing, unreadable, truncated, corrupt). The message names the file."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    source: str  # the file it lives in ("<memory>" for in-memory dicts)
+
+
+class _SafetensorsFile:
+    """One safetensors file: validated header, tensors as per-tensor memory maps."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                raw = f.read(8)
+                if len(raw) < 8:
+                    raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header length)")
+                (n,) = struct.unpack("<Q", raw)
+                if 8 + n > size:
+                    raise CheckpointError(f"{path}: truncated safetensors file: header says {n} bytes of JSON "
+                                          f"but the file has {size} bytes")
+                header = json.loads(f.read(n))
+        except CheckpointError:
+            raise
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+        self.data_start = 8 + n
+        self.entries: dict[str, tuple[tuple[int, ...], torch.dtype, int, int]] = {}
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                tag, shape, (begin, end) = meta["dtype"], tuple(int(s) for s in meta["shape"]), meta["data_offsets"]
+            except (KeyError, TypeError, ValueError) as exc:
+                raise CheckpointError(f"{path}: corrupt safetensors header entry for {name!r}") from exc
+            if tag not in _ST_DTYPES:
+                raise CheckpointError(f"{path}: tensor {name!r} has dtype {tag}, which torch cannot hold")
+            dtype = _ST_DTYPES[tag]
+            numel = 1
+            for s in shape:
+                numel *= s
+            if end - begin != numel * dtype.itemsize or begin < 0:
+                raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name!r} of shape {list(shape)} "
+                                      f"{tag} spans bytes [{begin}, {end})")
+            if self.data_start + end > size:
+                raise CheckpointError(f"{path}: truncated safetensors file: tensor {name!r} needs bytes up to "
+                                      f"{self.data_start + end} but the file has {size}")
+            self.entries[name] = (shape, dtype, begin, end)
+
+    def load(self, name: str) -> torch.Tensor:
+        shape, dtype, begin, end = self.entries[name]
+        if end == begin:
+            return torch.empty(shape, dtype=dtype)
+        start = self.data_start + begin
+        aligned = start - start % mmap.ALLOCATIONGRANULARITY
+        try:
+            with open(self.path, "rb") as f:
+                mm = mmap.mmap(f.fileno(), start - aligned + end - begin, access=mmap.ACCESS_COPY, offset=aligned)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{self.path}: cannot map tensor {name!r} ({exc})") from exc
+        # frombuffer keeps `mm` alive exactly as long as the tensor (and its views) live
+        return torch.frombuffer(mm, dtype=dtype, count=(end - begin) // dtype.itemsize,
+                                offset=start - aligned).view(shape)
+
+
+def _load_torch_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except Exception as exc:  # noqa: BLE001 - torch.load raises many types; all mean "cannot read this file"
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc})") from exc
+    if isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        for key in ("state_dict", "model", "module"):
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+class Checkpoint:
+    """Names, shapes and dtypes of a checkpoint's tensors, and each tensor on demand (`load`)."""
+
+    def __init__(self, description: str):
+        self.description = description
+        self.infos: dict[str, TensorInfo] = {}
+        self._st: dict[str, _SafetensorsFile] = {}      # name -> file
+        self._mem: dict[str, torch.Tensor] = {}         # name -> tensor (torch files, in-memory dicts)
+
+    def names(self) -> list[str]:
+        return list(self.infos)
+
+    def load(self, name: str) -> torch.Tensor:
+        """The tensor `name` (memory-mapped for safetensors; never copied here)."""
+        if name in self._st:
+            return self._st[name].load(name)
+        return self._mem[name]
+
+    def _add(self, name: str, info: TensorInfo) -> None:
+        if name in self.infos:
+            raise CheckpointError(f"{self.description}: tensor {name!r} appears twice "
+                                  f"({self.infos[name].source} and {info.source})")
+        self.infos[name] = info
+
+    def _add_safetensors(self, path: Path, only: set[str] | None = None) -> None:
+        st = _SafetensorsFile(path)
+        for name, (shape, dtype, _, _) in st.entries.items():
+            if only is not None and name not in only:
+                continue
+            self._add(name, TensorInfo(shape, dtype, str(path)))
+            self._st[name] = st
+
+    def _add_tensors(self, tensors: Mapping[str, torch.Tensor], source: str) -> None:
+        for name, t in tensors.items():
+            self._add(name, TensorInfo(tuple(t.shape), t.dtype, source))
+            self._mem[name] = t
+
+
+CheckpointLike = Union[str, os.PathLike, Mapping[str, torch.Tensor], Checkpoint]  # noqa: UP007 (py3.10 alias)
+
+
+def open_checkpoint(src: CheckpointLike) -> Checkpoint:
+    """Open a checkpoint for tensor-by-tensor reading.
+
+    Args:
+        src: a model folder (`model.safetensors.index.json`, `*.safetensors` shards, or
+            `pytorch_model*.bin`), a `.safetensors` file, a torch file holding a state dict, a
+            `{name: tensor}` mapping, or an already opened `Checkpoint`.
+
+    Raises:
+        CheckpointError: the path does not exist, holds no tensors, or a file is unreadable/truncated
+            (the message names the file).
+    """
+    if isinstance(src, Checkpoint):
+        return src
+    if isinstance(src, Mapping):
+        ckpt = Checkpoint("<in-memory state dict>")
+        ckpt._add_tensors({k: v for k, v in src.items() if isinstance(v, torch.Tensor)}, "<memory>")
+        return ckpt
+    path = Path(src)
+    ckpt = Checkpoint(str(path))
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if path.is_dir():
+        index = path / "model.safetensors.index.json"
+        shards = sorted(path.glob("*.safetensors"))
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError) as exc:
+                raise CheckpointError(f"{index}: not a readable safetensors index ({exc})") from exc
+            by_file: dict[str, set[str]] = {}
+            for name, fname in weight_map.items():
+                by_file.setdefault(fname, set()).add(name)
+            for fname, names in sorted(by_file.items()):
+                ckpt._add_safetensors(path / fname, names)
+            missing = set(weight_map) - set(ckpt.infos)
+            if missing:
+                raise CheckpointError(f"{index}: lists {len(missing)} tensors not found in their shard, "
+                                      f"e.g. {sorted(missing)[:3]}")
+        elif shards:
+            for shard in shards:
+                ckpt._add_safetensors(shard)
+        else:
+            bins = sorted(p for p in path.iterdir() if p.suffix in _TORCH_SUFFIXES and p.is_file())
+            if not bins:
+                raise CheckpointError(f"{path}: folder holds no *.safetensors or torch checkpoint files")
+            for b in bins:
+                ckpt._add_tensors(_load_torch_file(b), str(b))
+    elif path.suffix == ".safetensors":
+        ckpt._add_safetensors(path)
+    else:
+        ckpt._add_tensors(_load_torch_file(path), str(path))
+    if not ckpt.infos:
+        raise CheckpointError(f"{path}: holds no tensors")
+    return ckpt

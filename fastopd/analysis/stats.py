@@ -1,0 +1,453 @@
+"""Per-tensor update statistics, computed in a few streaming passes over row chunks.
+
+Delta = tuned - base is formed from the values in the storage dtype (bitwise comparison for "unchanged";
+the difference itself in fp32 for 16-bit storage and fp64 otherwise, which is exact for the usual
+exponent gaps). Passes, for a tensor viewed as a matrix X [m', n'] with m' >= n' (transposed if wide):
+
+1. Gram pass: G_base = X^T X and G_delta = D^T D in float64 (rows of X in chunks).
+   Their eigenvalues are the squared singular values: the full spectrum, not a truncation.
+2. Elementwise pass (native row order): bitwise-changed count and mask, |Delta| <= atol and
+   |Delta| < tau*RMS(base) counts (one bucketize), histograms keyed by the top 16 bits of the fp32
+   pattern of |Delta| (energy by magnitude) and of |base| (magnitude buckets at bf16 resolution, for
+   enrichment), and a joint histogram of (exponent of |base|, log2 |Delta|/ulp(base)).
+3. A refinement pass resolves the histogram bins holding the top-p% energy boundaries exactly.
+4. Geometry pass: energy of Delta in the base's top-k singular subspaces, U_k = X V_k / sigma_k from
+   the base Gram's eigenvectors; the null models (shuffled Delta, bf16 rounding of a dense update of
+   matched energy) get their Gram, geometry and enrichment in the same pass.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = ["AnalysisConfig", "analyze_tensor", "spectrum_metrics"]
+
+_NBINS = 1 << 15          # hi16 keys of non-negative fp32 patterns: sign bit 0
+_R_LO, _R_HI = -2, 9      # log2(|Delta|/ulp) histogram range (clipped), per exponent bucket
+_NEXP = 256               # fp32 biased exponents
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """What to measure. Fractions are in [0, 1]; keys in the report print them as percentages."""
+
+    atols: tuple[float, ...] = (1e-8, 1e-7, 1e-6, 1e-5, 1e-4)
+    taus: tuple[float, ...] = (1e-4, 1e-3, 1e-2)
+    energy_fracs: tuple[float, ...] = (0.001, 0.01, 0.05)
+    rank_tols: tuple[float, ...] = (1e-6, 1e-5, 1e-4)
+    topk_max: int = 64
+    topk_fracs: tuple[float, ...] = (0.01, 0.05, 0.10)
+    subspace_fracs: tuple[float, ...] = (0.01, 0.05, 0.10, 0.20)
+    small_fracs: tuple[float, ...] = (0.01, 0.05, 0.10, 0.25)
+    dtype: torch.dtype | None = None      # storage dtype to compare in; None: the checkpoints' own
+    null_rank: int = 16                   # rank of the dense update in the bf16-rounding null model
+    null_dtype: torch.dtype | None = None  # dtype the rounding null rounds to; None: the storage dtype
+    seed: int = 0
+    chunk_elems: int = 1 << 22
+    exact_shuffle_max: int = 1 << 25      # above this numel the shuffle samples coordinates with replacement
+    mask_atol: float | None = None        # mask = |Delta| > mask_atol; None: bitwise changed
+
+
+def pct(f: float) -> str:
+    return f"{f * 100:g}%"
+
+
+def _int_dtype(dt: torch.dtype) -> torch.dtype:
+    return {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[dt.itemsize]
+
+
+def _mant_digits(dt: torch.dtype) -> int:
+    return round(-math.log2(torch.finfo(dt).eps)) + 1
+
+
+def _hi16(x_abs: torch.Tensor) -> torch.Tensor:
+    """Top 16 bits of the fp32 pattern of a non-negative tensor: monotone in the value, bf16 resolution."""
+    return x_abs.to(torch.float32).view(torch.int32) >> 16
+
+
+def _gen(seed: int, name: str, salt: str) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(f"{name}/{salt}".encode()))
+
+
+def spectrum_metrics(sigma: np.ndarray, cfg: AnalysisConfig) -> dict:
+    """Spectral metrics of a matrix from its singular values (descending, float64, length min(m, n))."""
+    sq = sigma ** 2
+    energy = float(sq.sum())
+    if energy == 0.0:
+        return {"numerical_rank": {f"{t:g}": 0 for t in cfg.rank_tols}, "stable_rank": None,
+                "effective_rank": None, "topk_energy": None, "sigma_max": 0.0}
+    s1 = float(sigma[0])
+    q = sigma / sigma.sum()
+    q = q[q > 0]
+    cum = np.cumsum(sq) / energy
+    n = len(sigma)
+    topk = {str(k): float(cum[k - 1]) for k in range(1, min(cfg.topk_max, n) + 1)}
+    for f in cfg.topk_fracs:
+        topk[pct(f)] = float(cum[max(1, math.ceil(f * n)) - 1])
+    return {"numerical_rank": {f"{t:g}": int((sigma > t * s1).sum()) for t in cfg.rank_tols},
+            "stable_rank": energy / s1 ** 2, "effective_rank": float(np.exp(-(q * np.log(q)).sum())),
+            "topk_energy": topk, "sigma_max": s1}
+
+
+def _sigma_from_gram(gram: torch.Tensor) -> np.ndarray:
+    lam = torch.linalg.eigvalsh(gram).clamp_min_(0).flip(0)
+    return lam.sqrt().numpy()
+
+
+def _enrichment(hist_all: torch.Tensor, hist_upd: torch.Tensor, fracs) -> tuple[dict, list]:
+    """Enrichment of updated coordinates among the smallest |base| from hi16 histograms of |base|.
+
+    small_q = {|base| <= t_q}, t_q the smallest bin edge with P(small_q) >= q; enrichment =
+    P(small_q | updated) / P(small_q). By decile: P(updated | decile) / P(updated).
+    """
+    total, upd = float(hist_all.sum()), float(hist_upd.sum())
+    if upd == 0 or total == 0:
+        return {pct(f): None for f in fracs}, [None] * 10
+    cum_all = torch.cumsum(hist_all.double(), 0) / total
+    cum_upd = torch.cumsum(hist_upd.double(), 0) / upd
+    out = {}
+    for f in fracs:
+        k = int(torch.searchsorted(cum_all, torch.tensor([f - 1e-12], dtype=torch.float64)).item())
+        k = min(k, len(cum_all) - 1)
+        out[pct(f)] = float(cum_upd[k] / cum_all[k])
+    # decile of each bin by its midpoint rank (ties keep a bin in one decile)
+    mid = cum_all - hist_all.double() / (2 * total)
+    dec = (mid * 10).floor().clamp(0, 9).long()
+    a = torch.zeros(10, dtype=torch.float64).index_add_(0, dec, hist_all.double())
+    u = torch.zeros(10, dtype=torch.float64).index_add_(0, dec, hist_upd.double())
+    p_upd = upd / total
+    by_dec = [float(u[i] / a[i] / p_upd) if a[i] > 0 else None for i in range(10)]
+    return out, by_dec
+
+
+def _ulp_buckets(joint: torch.Tensor, hist_b: torch.Tensor) -> list[dict]:
+    """Per exponent bucket of |base|: count, fraction changed, histogram of floor(log2(|Delta|/ulp(base)))."""
+    nr = _R_HI - _R_LO + 1
+    joint = joint.view(_NEXP, nr)
+    count_by_exp = hist_b.view(_NEXP, -1).sum(1)   # hi16 key >> 7 is the fp32 biased exponent
+    out = []
+    for e in torch.nonzero(count_by_exp).flatten().tolist():
+        n, h = int(count_by_exp[e]), joint[e]
+        ch = int(h.sum())
+        lo = 0.0 if e == 0 else 2.0 ** (e - 127)
+        out.append({"abs_base_range": [lo, 2.0 ** (e - 126)], "count": n, "frac_changed": ch / n,
+                    "frac_changed_lt_2ulp": (float(h[: 1 - _R_LO].sum()) / ch) if ch else None,
+                    "log2_ulps_hist": {"lo": _R_LO, "counts": [int(c) for c in h]}})
+    return out
+
+
+class _TensorView:
+    """A tensor as a matrix [m, n] (dim 0 by the rest; 1-D as a column) and as X [m', n'], m' >= n'."""
+
+    def __init__(self, t: torch.Tensor):
+        self.t2 = t.reshape(t.shape[0], -1) if t.dim() >= 2 else t.reshape(-1, 1)
+        m, n = self.t2.shape
+        self.transposed = m < n
+        self.mx, self.nx = (n, m) if self.transposed else (m, n)
+
+    def rows(self, r0: int, r1: int) -> torch.Tensor:
+        """Rows r0:r1 of X (a view)."""
+        return self.t2[:, r0:r1].t() if self.transposed else self.t2[r0:r1]
+
+    def take_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.t2[:, idx].t() if self.transposed else self.t2[idx]
+
+
+def _chunks(n_rows: int, row_len: int, chunk_elems: int):
+    step = max(1, chunk_elems // max(1, row_len))
+    for r0 in range(0, n_rows, step):
+        yield r0, min(n_rows, r0 + step)
+
+
+class _RoundingNull:
+    """Null model (b): the storage-dtype rounding of a dense rank-r update of matched energy.
+
+    U = A B^T (A [m', r], B [n', r] standard normal; an iid Gaussian for columns, n' = 1), scaled by s chosen by
+    bisection on a row sample so that ||round(base + sU) - base||^2 matches the observed ||Delta||^2 per element.
+    """
+
+    def __init__(self, xb: _TensorView, name: str, cfg: AnalysisConfig, storage: torch.dtype, comp: torch.dtype,
+                 target_energy_per_elem: float):
+        self.storage, self.comp = storage, comp
+        self.round_to = cfg.null_dtype or storage
+        r = max(1, min(cfg.null_rank, xb.nx))
+        g = _gen(cfg.seed, name, "rounding")
+        self.a = torch.randn(xb.mx, r, generator=g, dtype=comp)
+        self.b = torch.randn(xb.nx, r, generator=g, dtype=comp) / math.sqrt(r)
+        k = max(1, min(xb.mx, (1 << 18) // xb.nx))
+        idx = torch.randperm(xb.mx, generator=g)[:k].sort().values
+        base = xb.take_rows(idx).to(storage).to(comp)
+        u = self.a[idx] @ self.b.T
+        lo, hi = -40.0, 40.0
+        rms = math.sqrt(target_energy_per_elem)
+        for _ in range(24):  # bisection on log2(s / rms); energy grows with s
+            mid = (lo + hi) / 2
+            e = float(self._delta(base, u * (rms * 2.0 ** mid)).double().pow(2).mean())
+            lo, hi = (mid, hi) if e < target_energy_per_elem else (lo, mid)
+        self.scale = rms * 2.0 ** hi
+
+    def _delta(self, base_c: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return (base_c + u).to(self.round_to).to(self.comp) - base_c
+
+    def chunk(self, base_c: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        return self._delta(base_c, (self.a[r0:r1] @ self.b.T) * self.scale)
+
+
+class _Accum:
+    """Gram, geometry projection and enrichment histograms of one update (observed or null)."""
+
+    def __init__(self, n: int, kmax: int, with_gram: bool):
+        self.gram = torch.zeros(n, n, dtype=torch.float64) if with_gram else None
+        self.proj = torch.zeros(kmax, kmax, dtype=torch.float64) if kmax else None
+        self.energy = 0.0
+        self.changed = 0
+        self.hist_upd = torch.zeros(_NBINS, dtype=torch.int64)
+
+    def add(self, d: torch.Tensor, ub: torch.Tensor | None, vk: torch.Tensor | None, key_b: torch.Tensor | None,
+            changed: torch.Tensor | None) -> None:
+        d64 = d.to(torch.float64)
+        self.energy += float(torch.dot(d64.flatten(), d64.flatten()))
+        if self.gram is not None:
+            self.gram.addmm_(d64.T, d64)
+        if self.proj is not None:
+            self.proj.addmm_(ub.T.to(torch.float64), (d @ vk).to(torch.float64))
+        if key_b is not None:
+            self.hist_upd += torch.bincount(key_b[changed], minlength=_NBINS)
+            self.changed += int(changed.sum())
+
+
+def _subspace(acc: _Accum, ks: dict[str, int], base_rank: int) -> dict | None:
+    if acc.proj is None or acc.energy == 0:
+        return None
+    return {key: float(acc.proj[: min(k, base_rank), : min(k, base_rank)].pow(2).sum() / acc.energy)
+            for key, k in ks.items()}
+
+
+def analyze_tensor(name: str, base: torch.Tensor, tuned: torch.Tensor, cfg: AnalysisConfig, *,
+                   null_models: bool = False, mask_sink: Callable[[torch.Tensor], None] | None = None
+                   ) -> tuple[dict, dict[str, np.ndarray]]:
+    """Metrics of Delta = tuned - base for one floating-point tensor.
+
+    Args:
+        name: parameter name (seeds the null models reproducibly).
+        base, tuned: same shape, floating dtypes (memory-mapped is fine: only row chunks are materialized).
+        cfg: what to measure.
+        null_models: also compute the shuffled and rounding null models.
+        mask_sink: called with bool chunks of the update mask in row-major order (concatenated: the mask).
+
+    Returns:
+        (metrics dict, spectra {"delta", "base", "null_shuffled", "null_rounding"} -> singular values).
+    """
+    storage = cfg.dtype or tuned.dtype
+    comp = torch.float32 if storage.itemsize <= 2 else torch.float64
+    numel = base.numel()
+    xb, xt = _TensorView(base), _TensorView(tuned)
+    spectral = base.dim() >= 2 and xb.nx >= 2
+    out: dict = {"shape": list(base.shape), "dtype": str(tuned.dtype).replace("torch.", ""),
+                 "storage_dtype": str(storage).replace("torch.", ""), "numel": numel}
+    spectra: dict[str, np.ndarray] = {}
+
+    def rows(r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return xb.rows(r0, r1).to(storage), xt.rows(r0, r1).to(storage)
+
+    # ---- pass 1: Grams (float64), ||base||^2, ||Delta||^2
+    gb = torch.zeros(xb.nx, xb.nx, dtype=torch.float64) if spectral else None
+    gd = torch.zeros_like(gb) if spectral else None
+    base_sq = delta_sq = 0.0
+    for r0, r1 in _chunks(xb.mx, xb.nx, cfg.chunk_elems):
+        b, t = rows(r0, r1)
+        b64 = b.to(torch.float64)
+        d64 = t.to(torch.float64) - b64
+        if spectral:
+            gb.addmm_(b64.T, b64)
+            if d64.any():
+                gd.addmm_(d64.T, d64)
+        else:
+            base_sq += float(torch.dot(b64.flatten(), b64.flatten()))
+            delta_sq += float(torch.dot(d64.flatten(), d64.flatten()))
+    if spectral:
+        base_sq, delta_sq = float(gb.diagonal().sum()), float(gd.diagonal().sum())
+    rms_base = math.sqrt(base_sq / numel) if numel else 0.0
+    out["rms_base"], out["energy"] = rms_base, delta_sq
+    out["rms_delta"] = math.sqrt(delta_sq / numel) if numel else 0.0
+
+    # ---- pass 2: elementwise, native row order
+    ibits = _int_dtype(storage)
+    thresholds = [(f"atol:{a:g}", a) for a in cfg.atols]
+    # strict "<" for tau: the next representable value below tau * RMS in the compute dtype
+    thresholds += [(f"tau:{t:g}", float(torch.nextafter(torch.tensor(t * rms_base, dtype=comp),
+                                                         torch.tensor(0.0, dtype=comp)))) for t in cfg.taus]
+    order = sorted(range(len(thresholds)), key=lambda i: thresholds[i][1])
+    bounds = torch.tensor([thresholds[i][1] for i in order], dtype=comp)
+    le_counts = torch.zeros(len(bounds) + 1, dtype=torch.int64)
+    hist_d = torch.zeros(_NBINS, dtype=torch.int64)
+    hist_dw = torch.zeros(_NBINS, dtype=torch.float64)
+    hist_b2 = torch.zeros(2 * _NBINS, dtype=torch.int64)   # [unchanged | changed] by |base| key
+    nr = _R_HI - _R_LO + 1
+    joint = torch.zeros(_NEXP * nr + 1, dtype=torch.int64)  # last bin collects unchanged coordinates
+    p = _mant_digits(storage)
+    emin = int(math.log2(torch.finfo(storage).tiny)) + 127  # biased exponent of the smallest normal
+    n_changed = 0
+    rows_native = xb.t2.shape[0]
+    row_len = xb.t2.shape[1]
+    for r0, r1 in _chunks(rows_native, row_len, cfg.chunk_elems):
+        b, t = xb.t2[r0:r1].to(storage), xt.t2[r0:r1].to(storage)
+        changed = b.view(ibits) != t.view(ibits)
+        bc = b.to(comp)
+        d = t.to(comp) - bc
+        ad = d.abs()
+        n_changed += int(changed.sum())
+        le_counts += torch.bincount(torch.bucketize(ad.flatten(), bounds).flatten(), minlength=len(bounds) + 1)
+        key_d = _hi16(ad)
+        hist_d += torch.bincount(key_d.flatten(), minlength=_NBINS)
+        hist_dw += torch.bincount(key_d.flatten(), weights=ad.flatten().to(torch.float64).square(), minlength=_NBINS)
+        key_b = _hi16(bc.abs())
+        hist_b2 += torch.bincount((key_b | (changed.to(torch.int32) << 15)).flatten(), minlength=2 * _NBINS)
+        eb = key_b >> 7
+        r = ((key_d >> 7) - eb.clamp_min(emin) + (p - 1)).clamp_(_R_LO, _R_HI) - _R_LO
+        jk = torch.where(changed, eb * nr + r, _NEXP * nr)
+        joint += torch.bincount(jk.flatten(), minlength=_NEXP * nr + 1)
+        if mask_sink is not None:
+            mask_sink(changed if cfg.mask_atol is None else ad > cfg.mask_atol)
+    out["changed"] = n_changed
+    out["density_exact"] = n_changed / numel if numel else 0.0
+    le_cum = torch.cumsum(le_counts, 0)  # le_cum[j] = #(|Delta| <= bounds[j])
+    below = {thresholds[i][0]: int(le_cum[j]) for j, i in enumerate(order)}
+    out["density_atol"] = {f"{a:g}": 1.0 - below[f"atol:{a:g}"] / numel for a in cfg.atols}
+    out["frac_below_tau_rms"] = {f"{t:g}": below[f"tau:{t:g}"] / numel for t in cfg.taus}
+    hist_b_all = hist_b2[:_NBINS] + hist_b2[_NBINS:]
+    hist_b_upd = hist_b2[_NBINS:]
+    out["enrichment_small"], out["enrichment_by_decile"] = _enrichment(hist_b_all, hist_b_upd, cfg.small_fracs)
+    out["ulp_buckets"] = _ulp_buckets(joint[:-1], hist_b_all)
+
+    # ---- pass 3: exact top-p% energy (refine the boundary bins of the |Delta| histogram)
+    out["energy_top"] = _energy_top(xb, xt, storage, comp, hist_d, hist_dw, delta_sq, numel, cfg)
+
+    # ---- spectra
+    ks = {pct(f): max(1, math.ceil(f * xb.nx)) for f in cfg.subspace_fracs}
+    if spectral:
+        sig_d = _sigma_from_gram(gd)
+        spectra["delta"] = sig_d
+        out.update(spectrum_metrics(sig_d, cfg))
+        lam_b, vec_b = torch.linalg.eigh(gb)
+        sig_b = lam_b.clamp_min(0).flip(0).sqrt()
+        spectra["base"] = sig_b.numpy()
+        base_rank = int((sig_b > 1e-10 * sig_b[0]).sum()) if sig_b[0] > 0 else 0
+        kmax = min(max(ks.values()), base_rank)
+        vk = vec_b.flip(1)[:, :kmax].to(comp).contiguous()
+        inv_s = (1.0 / sig_b[:kmax]).to(comp)
+        out["base_numerical_rank"] = base_rank
+        out["subspace_energy_random"] = {key: min(k, base_rank) ** 2 / (xb.mx * xb.nx) for key, k in ks.items()}
+        del gb, gd
+    else:
+        kmax, vk, inv_s, base_rank = 0, None, None, 0
+        out.update({"numerical_rank": None, "stable_rank": None, "effective_rank": None, "topk_energy": None})
+
+    # ---- pass 4: geometry (observed) and null models
+    if not (kmax or null_models) or delta_sq == 0.0:
+        out["subspace_energy"] = None
+        if null_models:
+            out["null"] = None
+        return out, spectra
+    obs = _Accum(xb.nx, kmax, with_gram=False)
+    shuf = rnd = None
+    if null_models:
+        shuf = _Accum(xb.nx, kmax, with_gram=spectral)
+        rnd = _Accum(xb.nx, kmax, with_gram=spectral)
+        rounding = _RoundingNull(xb, name, cfg, storage, comp, delta_sq / numel)
+        g_shuf = _gen(cfg.seed, name, "shuffle")
+        exact = numel <= cfg.exact_shuffle_max
+        if exact:
+            dflat = (tuned.reshape(-1).to(storage).to(comp) - base.reshape(-1).to(storage).to(comp))
+            perm = torch.randperm(numel, generator=g_shuf)
+        bflat, tflat = base.reshape(-1), tuned.reshape(-1)
+    for r0, r1 in _chunks(xb.mx, xb.nx, cfg.chunk_elems):
+        b, t = rows(r0, r1)
+        bc = b.to(comp)
+        ub = (bc @ vk) * inv_s if kmax else None
+        obs.add(t.to(comp) - bc, ub, vk, None, None)
+        if not null_models:
+            continue
+        key_b = _hi16(bc.abs())
+        if exact:
+            s = dflat[perm[r0 * xb.nx: r1 * xb.nx]].view(r1 - r0, xb.nx)
+        else:
+            idx = torch.randint(numel, ((r1 - r0) * xb.nx,), generator=g_shuf)
+            s = (tflat[idx].to(storage).to(comp) - bflat[idx].to(storage).to(comp)).view(r1 - r0, xb.nx)
+        shuf.add(s, ub, vk, key_b, s != 0)
+        dn = rounding.chunk(bc, r0, r1)
+        rnd.add(dn, ub, vk, key_b, dn != 0)
+    out["subspace_energy"] = _subspace(obs, ks, base_rank)
+    if null_models:
+        out["null"] = {"shuffled": _null_summary(shuf, hist_b_all, spectral, ks, base_rank, cfg, numel),
+                       "rounding": _null_summary(rnd, hist_b_all, spectral, ks, base_rank, cfg, numel)}
+        out["null"]["shuffled"]["method"] = "permutation" if exact else "sampled with replacement"
+        out["null"]["rounding"].update(scale=rounding.scale, rank=rounding.a.shape[1],
+                                       dtype=str(rounding.round_to).replace("torch.", ""))
+        if spectral:
+            spectra["null_shuffled"] = _sigma_from_gram(shuf.gram)
+            spectra["null_rounding"] = _sigma_from_gram(rnd.gram)
+            out["null"]["shuffled"].update(spectrum_metrics(spectra["null_shuffled"], cfg))
+            out["null"]["rounding"].update(spectrum_metrics(spectra["null_rounding"], cfg))
+    return out, spectra
+
+
+def _null_summary(acc: _Accum, hist_b_all: torch.Tensor, spectral: bool, ks: dict, base_rank: int,
+                  cfg: AnalysisConfig, numel: int) -> dict:
+    enr, by_dec = _enrichment(hist_b_all, acc.hist_upd, cfg.small_fracs)
+    return {"density_exact": acc.changed / numel, "energy": acc.energy, "enrichment_small": enr,
+            "enrichment_by_decile": by_dec, "subspace_energy": _subspace(acc, ks, base_rank) if spectral else None}
+
+
+def _energy_top(xb: _TensorView, xt: _TensorView, storage: torch.dtype, comp: torch.dtype, hist_d: torch.Tensor,
+                hist_dw: torch.Tensor, total: float, numel: int, cfg: AnalysisConfig) -> dict:
+    """Share of ||Delta||^2 held by the top ceil(p * numel) coordinates by |Delta|, for p in cfg.energy_fracs.
+
+    The hi16 histogram gives the bin holding the boundary; the coordinates in that bin are then
+    histogrammed by their low 16 bits, inside which all fp32 values are equal: the answer is exact.
+    """
+    if total == 0.0:
+        return {pct(f): None for f in cfg.energy_fracs}
+    cnt_desc = torch.cumsum(hist_d.flip(0), 0)      # coordinates in bins >= key, by descending key
+    w_desc = torch.cumsum(hist_dw.flip(0), 0)
+    need: dict[str, tuple[int, int, float]] = {}    # frac -> (boundary key, count still needed, energy above)
+    for f in cfg.energy_fracs:
+        k = min(numel, max(1, math.ceil(f * numel)))
+        j = int(torch.searchsorted(cnt_desc, torch.tensor([k])).item())
+        above_cnt = int(cnt_desc[j - 1]) if j else 0
+        above_w = float(w_desc[j - 1]) if j else 0.0
+        need[pct(f)] = (_NBINS - 1 - j, k - above_cnt, above_w)
+    keys = sorted({v[0] for v in need.values()})
+    lo_cnt = {key: torch.zeros(1 << 16, dtype=torch.int64) for key in keys}
+    lo_w = {key: torch.zeros(1 << 16, dtype=torch.float64) for key in keys}
+    key_t = torch.tensor(keys, dtype=torch.int32)
+    for r0, r1 in _chunks(xb.t2.shape[0], xb.t2.shape[1], cfg.chunk_elems):
+        b, t = xb.t2[r0:r1].to(storage).to(comp), xt.t2[r0:r1].to(storage).to(comp)
+        ad = (t - b).abs().flatten()
+        bits = ad.to(torch.float32).view(torch.int32)
+        hit = torch.isin(bits >> 16, key_t)
+        if not bool(hit.any()):
+            continue
+        bits, vals = bits[hit], ad[hit].to(torch.float64).square()
+        for key in keys:
+            sel = (bits >> 16) == key
+            lo = bits[sel] & 0xFFFF
+            lo_cnt[key] += torch.bincount(lo, minlength=1 << 16)
+            lo_w[key] += torch.bincount(lo, weights=vals[sel], minlength=1 << 16)
+    out = {}
+    for f_key, (key, rem, above_w) in need.items():
+        c = lo_cnt[key].flip(0)
+        w = lo_w[key].flip(0)
+        cc = torch.cumsum(c, 0)
+        j = int(torch.searchsorted(cc, torch.tensor([rem])).item())
+        got_c = int(cc[j - 1]) if j else 0
+        got_w = float(w[:j].sum())
+        partial = (rem - got_c) * (float(w[j]) / int(c[j])) if rem > got_c else 0.0
+        out[f_key] = (above_w + got_w + partial) / total
+    return out
