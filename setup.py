@@ -59,7 +59,8 @@ def _extensions():
             num = a.replace(".", "")
             nvcc += [f"-gencode=arch=compute_{num},code=sm_{num}"]
         extra["nvcc"] = nvcc
-        ext = CUDAExtension("fastopd._C", sources + cuda_sources, extra_compile_args=extra, extra_link_args=["-fopenmp"])
+        ext = CUDAExtension("fastopd._C", sources + cuda_sources, extra_compile_args=extra,
+                            extra_link_args=["-fopenmp"])
         _note(f"building fastopd._C with CUDA kernels for archs {archs} (CUDA_HOME={CUDA_HOME})")
     else:
         ext = CppExtension("fastopd._C", sources, extra_compile_args=extra, extra_link_args=["-fopenmp"])

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -55,8 +55,10 @@ def _always() -> str | None:
 REGISTRY: dict[str, list[Backend]] = {
     "divergence_chunk": [
         Backend("triton", ("cuda",), "fastopd.kernels.divergence:divergence_chunk_", _check_triton),
-        Backend("cuda", ("cuda",), "fastopd._dispatch:_torch_op_divergence_chunk", _check_cpp("CUDA", "divergence_chunk_")),
-        Backend("cpu", ("cpu",), "fastopd._dispatch:_torch_op_divergence_chunk", _check_cpp("CPU", "divergence_chunk_")),
+        Backend("cuda", ("cuda",), "fastopd._dispatch:_torch_op_divergence_chunk",
+                _check_cpp("CUDA", "divergence_chunk_")),
+        Backend("cpu", ("cpu",), "fastopd._dispatch:_torch_op_divergence_chunk",
+                _check_cpp("CPU", "divergence_chunk_")),
         Backend("torch", ("cpu", "cuda"), "fastopd.losses.reference:divergence_chunk_", _always),
     ],
     "sparse_adamw_step": [

@@ -9,7 +9,7 @@ import sys
 # name -> (module, one-line help). Modules are imported only when their subcommand runs or --help is built.
 SUBCOMMANDS = {
     "analyze": ("fastopd.analysis.cli", "measure how a run changed the weights: sparsity, spectra, null models"),
-    "doctor": ("fastopd.doctor", "print versions and which backends (torch, C++ CPU, Triton, CUDA) are usable here, and why not"),
+    "doctor": ("fastopd.doctor", "print versions and which backends (torch, C++ CPU, Triton, CUDA) are usable here"),
 }
 
 

@@ -77,19 +77,23 @@ void divergence_row(float* __restrict xs, float* __restrict xt, int64_t V, int64
     ss += static_cast<double>(vmath::exp(xs[v] - ms));
     st += static_cast<double>(vmath::exp(xt[v] - mt));
   }
-  const double lse_s_d = static_cast<double>(ms) + std::log(ss);
-  const double lse_t_d = static_cast<double>(mt) + std::log(st);
-  const float lse_s = static_cast<float>(lse_s_d), lse_t = static_cast<float>(lse_t_d);
+  // log p = (z - max) - log(sum): subtracting the max first keeps log-probs near 0 exact, where
+  // z - lse would lose everything below the spacing of fp32 at |lse| (4e-6 at 50).
+  const double log_ss = std::log(ss), log_st = std::log(st);
+  const float lss = static_cast<float>(log_ss), lst = static_cast<float>(log_st);
+  const double lse_s_d = static_cast<double>(ms) + log_ss;
+  const double lse_t_d = static_cast<double>(mt) + log_st;
 
   // Pass 3: divergence terms and entropy; stores what the gradient pass needs.
   const float b = o.beta, omb = 1.0f - o.beta;
+  const float log_b = DIV == kJSD ? std::log(b) : 0.0f, log_omb = DIV == kJSD ? std::log1p(-b) : 0.0f;
   const float hw = o.hard_weight, sw = o.soft_weight;
   const bool grad = o.compute_grad;
   double acc_a = 0.0, acc_b = 0.0, ent = 0.0;
 #pragma omp simd reduction(+ : acc_a, acc_b, ent)
   for (int64_t v = 0; v < V; ++v) {
     const float zs = xs[v], zt = xt[v];
-    const float lps = zs - lse_s, lpt = zt - lse_t;
+    const float lps = (zs - ms) - lss, lpt = (zt - mt) - lst;
     const float ps = vmath::exp(lps), pt = vmath::exp(lpt);
     ent += ps > 0.0f ? static_cast<double>(ps * lps) : 0.0;
     float chain = inv_t;
@@ -108,7 +112,11 @@ void divergence_row(float* __restrict xs, float* __restrict xt, int64_t V, int64
         xt[v] = chain * ps;
       }
     } else {
-      const float lm = vmath::log(b * pt + omb * ps);
+      // log m = logaddexp(lp_t + log b, lp_s + log(1-b)): log(b p_t + (1-b) p_s) would be -inf once both
+      // probabilities underflow, and p * (lp - log m) then inf.
+      const float a1 = lpt + log_b, a2 = lps + log_omb;
+      const float hi = a1 > a2 ? a1 : a2, d = a1 > a2 ? a2 - a1 : a1 - a2;
+      const float lm = hi == ninf ? ninf : hi + vmath::log(1.0f + vmath::exp(d));
       const float tt = pt > 0.0f ? pt * (lpt - lm) : 0.0f;
       const float ts = ps > 0.0f ? ps * (lps - lm) : 0.0f;
       acc_a += static_cast<double>(tt);
@@ -139,7 +147,7 @@ void divergence_row(float* __restrict xs, float* __restrict xt, int64_t V, int64
 
   double hard = 0.0;
   if (y >= 0) {
-    hard = lse_s_d - static_cast<double>(zs_y);
+    hard = log_ss - (static_cast<double>(zs_y) - static_cast<double>(ms));
     if (grad && hw != 0.0f) {
       float chain_y = inv_t;
       if (SOFTCAP) {
@@ -150,10 +158,10 @@ void divergence_row(float* __restrict xs, float* __restrict xt, int64_t V, int64
     }
   }
   *loss_out = static_cast<float>(static_cast<double>(sw) * soft + (hw != 0.0f ? static_cast<double>(hw) * hard : 0.0));
-  stats[0] = lse_s;
-  stats[1] = lse_t;
-  stats[2] = y >= 0 ? static_cast<float>(static_cast<double>(zs_y) - lse_s_d) : 0.0f;
-  stats[3] = y >= 0 ? static_cast<float>(static_cast<double>(zt_y) - lse_t_d) : 0.0f;
+  stats[0] = static_cast<float>(lse_s_d);
+  stats[1] = static_cast<float>(lse_t_d);
+  stats[2] = y >= 0 ? static_cast<float>((static_cast<double>(zs_y) - ms) - log_ss) : 0.0f;
+  stats[3] = y >= 0 ? static_cast<float>((static_cast<double>(zt_y) - mt) - log_st) : 0.0f;
   stats[4] = static_cast<float>(-ent);
 }
 

@@ -10,8 +10,8 @@ Nothing of size [N, V] is ever allocated.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

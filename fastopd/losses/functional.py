@@ -80,7 +80,8 @@ def _check_labels(labels: torch.Tensor | None, lead: torch.Size, vocab: int, ign
             raise ValueError("hard_label_weight > 0 needs labels")
         return None
     if tuple(labels.shape) != tuple(lead):
-        raise ValueError(f"labels must have shape {tuple(lead)} (the hidden states' leading dims), got {_shape(labels)}")
+        raise ValueError(f"labels must have shape {tuple(lead)} (the hidden states' leading dims), "
+                         f"got {_shape(labels)}")
     if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
     if labels.device != device:

@@ -8,6 +8,8 @@ It computes the closed-form gradients with whole-row torch ops (a few [C, V] tem
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 FKL, RKL, JSD = 0, 1, 2
@@ -30,7 +32,8 @@ def divergence_chunk_(xs: torch.Tensor, xt: torch.Tensor, labels: torch.Tensor |
     zt = zt / temperature
     lse_s = torch.logsumexp(zs, dim=-1, keepdim=True)
     lse_t = torch.logsumexp(zt, dim=-1, keepdim=True)
-    lps, lpt = zs - lse_s, zt - lse_t
+    # log_softmax subtracts the max before the log-sum: z - lse would round log-probs near 0 to 0
+    lps, lpt = torch.log_softmax(zs, dim=-1), torch.log_softmax(zt, dim=-1)
     ps, pt = lps.exp(), lpt.exp()
 
     if divergence == FKL:
@@ -41,7 +44,7 @@ def divergence_chunk_(xs: torch.Tensor, xt: torch.Tensor, labels: torch.Tensor |
         soft = term.sum(-1)
         dsoft = term - ps * soft[:, None]
     elif divergence == JSD:
-        lm = torch.log(beta * pt + (1.0 - beta) * ps)
+        lm = torch.logaddexp(lpt + math.log(beta), lps + math.log1p(-beta))  # log(b p_t + (1-b) p_s), no underflow
         kl_t = _xlogy_ratio(pt, lpt - lm).sum(-1)
         term_s = _xlogy_ratio(ps, lps - lm)
         kl_s = term_s.sum(-1)
