@@ -8,7 +8,10 @@ few batches (`calibrate`), baselines (`random`, `smallest_weights`), optionally 
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 
@@ -95,3 +98,329 @@ def to_indices(mask: torch.Tensor, shape: torch.Size | tuple[int, ...], name: st
     else:
         raise ValueError(f"mask {name!r} must be bool (shape {tuple(shape)}) or integer flat indices, got {mask.dtype}")
     return None if idx.numel() == numel else idx
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+Named = torch.nn.Module | Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
+
+
+def _named(params: Named) -> list[tuple[str, torch.Tensor]]:
+    if isinstance(params, torch.nn.Module):
+        return [(n, p) for n, p in params.named_parameters() if p.requires_grad]
+    if isinstance(params, Mapping):
+        return list(params.items())
+    return list(params)
+
+
+def _numel(shape: Iterable[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def to_bool(mask: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """A mask (bool or flat indices) as a bool tensor of `shape`."""
+    if mask.dtype == torch.bool:
+        return mask.reshape(shape)
+    out = torch.zeros(_numel(shape), dtype=torch.bool, device=mask.device)
+    out[mask.long()] = True
+    return out.view(shape)
+
+
+def count(mask: torch.Tensor) -> int:
+    """Number of selected coordinates of a mask (bool or flat indices)."""
+    return int(mask.sum()) if mask.dtype == torch.bool else mask.numel()
+
+
+def _density_for(name: str, density: float | None, budgets: Mapping[str, float] | None) -> tuple[str, float]:
+    """(budget key, density) of a parameter: its kind's budget, else its kind group's, else `density`."""
+    kind = module_kind(name)
+    if budgets:
+        unknown = set(budgets) - set(MODULE_KINDS) - set(KIND_GROUPS)
+        if unknown:
+            raise ValueError(f"unknown budget keys {sorted(unknown)}; use module kinds {MODULE_KINDS} "
+                             f"or groups {tuple(KIND_GROUPS)}")
+        if kind in budgets:
+            return kind, float(budgets[kind])
+        for group, kinds in KIND_GROUPS.items():
+            if kind in kinds and group in budgets:
+                return group, float(budgets[group])
+    return "default", 0.0 if density is None else float(density)
+
+
+def _check_density(d: float) -> None:
+    if not 0.0 <= d <= 1.0:
+        raise ValueError(f"density must be in [0, 1], got {d}")
+
+
+def _sortable_keys(score: torch.Tensor) -> torch.Tensor:
+    """int32 keys ordered like the non-negative float32 scores (NaN counts as 0)."""
+    s = torch.nan_to_num(score.detach().float().reshape(-1), nan=0.0).clamp_min_(0.0)
+    return s.view(torch.int32)
+
+
+_RADIX_LEVELS = ((23, 8), (15, 8), (7, 8), (0, 7))  # (shift, width) over the 31 bits of a non-negative int32
+
+
+def _kth_largest_key(keys: list[torch.Tensor], k: int) -> tuple[int, int]:
+    """Radix select across several int32 key tensors without concatenating or sorting them: 4 streaming
+    histogram passes. Returns (the k-th largest key, how many keys equal to it are among the top k)."""
+    prefix, prefix_mask, remaining = 0, 0, k
+    for shift, width in _RADIX_LEVELS:
+        hist = torch.zeros(1 << width, dtype=torch.int64)
+        for key in keys:
+            sel = key if prefix_mask == 0 else key[(key & prefix_mask) == prefix]
+            digit = (sel >> shift) & ((1 << width) - 1)
+            hist += torch.bincount(digit.long(), minlength=1 << width).cpu()
+        above = 0
+        for d in range((1 << width) - 1, -1, -1):
+            h = int(hist[d])
+            if above + h >= remaining:
+                prefix |= d << shift
+                prefix_mask |= ((1 << width) - 1) << shift
+                remaining -= above
+                break
+            above += h
+    return prefix, remaining
+
+
+def _top_indices(keys: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+    """Sorted flat indices of the k largest keys across tensors (ties broken by tensor order, then index)."""
+    total = sum(x.numel() for x in keys)
+    if k >= total:
+        return [torch.arange(x.numel(), device=x.device) for x in keys]
+    if k <= 0:
+        return [torch.zeros(0, dtype=torch.int64, device=x.device) for x in keys]
+    thr, ties = _kth_largest_key(keys, k)
+    out = []
+    for key in keys:
+        above = key > thr
+        equal = (key == thr).nonzero().view(-1)
+        take_eq = equal[:ties]
+        ties -= take_eq.numel()
+        idx = torch.cat([above.nonzero().view(-1), take_eq]).sort().values
+        out.append(idx)
+    return out
+
+
+def _select(named_keys: list[tuple[str, torch.Tensor]], density: float | None, per: str,
+            budgets: Mapping[str, float] | None) -> dict[str, torch.Tensor]:
+    """Top-density coordinates by int32 key (see _sortable_keys), per tensor or globally per budget class."""
+    if per not in ("tensor", "global"):
+        raise ValueError(f"per must be 'tensor' or 'global', got {per!r}")
+    classes: dict[str, tuple[float, list[tuple[str, torch.Tensor]]]] = {}
+    for name, keys in named_keys:
+        cls, d = _density_for(name, density, budgets)
+        _check_density(d)
+        classes.setdefault(cls, (d, []))[1].append((name, keys))
+    out: dict[str, torch.Tensor] = {}
+    for d, members in classes.values():
+        if per == "tensor":
+            for name, keys in members:
+                out[name] = _top_indices([keys], round(d * keys.numel()))[0]
+        else:
+            k = round(d * sum(keys.numel() for _, keys in members))
+            for (name, _), idx in zip(members, _top_indices([keys for _, keys in members], k)):
+                out[name] = idx
+    return {name: out[name] for name, _ in named_keys}
+
+
+# ---------------------------------------------------------------------------------------------------- sources
+@torch.no_grad()
+def from_delta(base_state: Mapping[str, torch.Tensor], tuned_state: Mapping[str, torch.Tensor],
+               atol: float = 0.0) -> dict[str, torch.Tensor]:
+    """The coordinates a finished run changed: name -> sorted int64 flat indices where |tuned - base| > atol
+    (atol = 0: the stored values differ at all). Floating-point tensors present in both states only.
+
+    Raises ValueError when a tensor's shapes differ between the two states.
+    """
+    out = {}
+    for name, base in base_state.items():
+        if name not in tuned_state or not base.is_floating_point():
+            continue
+        tuned = tuned_state[name]
+        if tuned.shape != base.shape:
+            raise ValueError(f"{name!r}: base shape {tuple(base.shape)} != tuned shape {tuple(tuned.shape)}")
+        tuned = tuned.to(base.device)
+        changed = tuned != base if atol == 0 else (tuned.float() - base.float()).abs() > atol
+        out[name] = changed.reshape(-1).nonzero().view(-1)
+    return out
+
+
+def random(params: Named, density: float | None = None, *, budgets: Mapping[str, float] | None = None,
+           generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """Uniformly random coordinates: exactly round(density * numel) per tensor (per-kind `budgets` override
+    `density`; tensors with neither get an empty mask, i.e. frozen). name -> sorted int64 flat indices."""
+    out = {}
+    for name, p in _named(params):
+        _, d = _density_for(name, density, budgets)
+        _check_density(d)
+        k = round(d * p.numel())
+        out[name] = torch.randperm(p.numel(), generator=generator)[:k].sort().values.to(p.device)
+    return out
+
+
+@torch.no_grad()
+def smallest_weights(params: Named, density: float | None = None, *, per: str = "tensor",
+                     budgets: Mapping[str, float] | None = None) -> dict[str, torch.Tensor]:
+    """The near-zero weights: the round(density * numel) coordinates of smallest |w| per tensor (or globally
+    within each budget class with per="global"). name -> sorted int64 flat indices."""
+    # Smallest |w| == largest (key(inf) - key(|w|)): float32 bit patterns of non-negative values are ordered like
+    # the values, so the inverted integer keys are too, exactly (no float cancellation) and stay non-negative.
+    inf_key = int(torch.tensor(float("inf")).view(torch.int32))
+    keys = [(n, inf_key - _sortable_keys(p.detach().abs())) for n, p in _named(params)]
+    return _select(keys, density, per, budgets)
+
+
+def calibrate(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
+              batches: Iterable[Any], density: float | None = None, *, score: str = "grad_abs", per: str = "tensor",
+              budgets: Mapping[str, float] | None = None, betas: tuple[float, float] = (0.9, 0.999),
+              eps: float = 1e-8) -> dict[str, torch.Tensor]:
+    """Calibration masks: accumulate a per-coordinate statistic over a few batches, keep the top fraction.
+
+    For each batch, `loss_fn(model, batch)` returns a scalar loss; its gradients update one running fp32
+    statistic per trainable parameter (two for "adam_update"): "grad_abs" sum |g|, "grad_sq" sum g^2,
+    "adam_update" |m_hat| / (sqrt(v_hat) + eps), the size of the first AdamW steps. Selection is streamed:
+    per tensor (top round(density*numel) of each) or per="global" (one threshold per budget class found by a
+    4-pass radix select over all tensors, no concatenation or full sort). Weights are not modified; gradients
+    are reset to None. Returns name -> sorted int64 flat indices.
+    """
+    if score not in ("grad_abs", "grad_sq", "adam_update"):
+        raise ValueError(f"score must be 'grad_abs', 'grad_sq' or 'adam_update', got {score!r}")
+    named = _named(model)
+    stats = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in named}
+    second = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in named} if score == "adam_update" else {}
+    b1, b2 = betas
+    steps = 0
+    for batch in batches:
+        model.zero_grad(set_to_none=True)
+        loss = loss_fn(model, batch)
+        loss.backward()
+        steps += 1
+        with torch.no_grad():
+            for n, p in named:
+                if p.grad is None:
+                    continue
+                g = p.grad.float()
+                if score == "grad_abs":
+                    stats[n].add_(g.abs())
+                elif score == "grad_sq":
+                    stats[n].addcmul_(g, g)
+                else:
+                    stats[n].lerp_(g, 1 - b1)
+                    second[n].mul_(b2).addcmul_(g, g, value=1 - b2)
+    model.zero_grad(set_to_none=True)
+    if steps == 0:
+        raise ValueError("calibrate needs at least one batch")
+    if score == "adam_update":
+        for n in stats:
+            m_hat = stats[n].abs_().div_(1 - b1**steps)
+            stats[n] = m_hat.div_(second[n].div_(1 - b2**steps).sqrt_().add_(eps))
+            del second[n]
+    return _select([(n, _sortable_keys(s)) for n, s in stats.items()], density, per, budgets)
+
+
+# ---------------------------------------------------------------------------------------------------- files
+def save(path: str, masks: Mapping[str, torch.Tensor], *, shapes: Mapping[str, Iterable[int]] | None = None,
+         metadata: Mapping[str, str] | None = None) -> None:
+    """Writes masks to a safetensors file (format "fastopd.masks.v1"): bool masks become sorted flat indices,
+    int32 when they fit; metadata records each tensor's parameter shape (from bool masks or `shapes`) and
+    module kind as JSON."""
+    from safetensors.torch import save_file
+
+    tensors, shape_meta = {}, {}
+    for name, mask in masks.items():
+        if mask.dtype == torch.bool:
+            shape_meta[name] = list(mask.shape)
+            idx = mask.reshape(-1).nonzero().view(-1)
+            numel = mask.numel()
+        else:
+            idx = mask.reshape(-1)
+            numel = _numel(shapes[name]) if shapes and name in shapes else None
+        if shapes and name in shapes:
+            shape_meta[name] = [int(s) for s in shapes[name]]
+        small = (numel if numel is not None else (int(idx.max()) + 1 if idx.numel() else 0)) < 2**31
+        tensors[name] = idx.to(device="cpu", dtype=torch.int32 if small else torch.int64).contiguous()
+    meta = {"format": FORMAT, "shapes": json.dumps(shape_meta),
+            "kinds": json.dumps({n: module_kind(n) for n in masks})}
+    meta.update(metadata or {})
+    save_file(tensors, path, metadata=meta)
+
+
+def load(path: str, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Reads a "fastopd.masks.v1" safetensors file: name -> bool mask (kept as stored) or sorted int64 flat
+    indices. Raises ValueError for another format, or a tensor that is neither bool nor 1-D integer indices."""
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(path, framework="pt", device=str(device)) as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path}: not a fastopd mask file (metadata format {meta.get('format')!r}, "
+                             f"expected {FORMAT!r})")
+        for name in f.keys():
+            t = f.get_tensor(name)
+            if t.dtype == torch.bool:
+                out[name] = t
+            elif t.dtype in (torch.int32, torch.int64) and t.dim() == 1:
+                out[name] = t.long()
+            else:
+                raise ValueError(f"{path}: mask {name!r} has dtype {t.dtype} and shape {tuple(t.shape)}; expected "
+                                 "bool or 1-D int32/int64 flat indices")
+    return out
+
+
+def load_metadata(path: str) -> dict[str, Any]:
+    """The metadata of a mask file, JSON fields ("shapes", "kinds") decoded."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    for key in ("shapes", "kinds"):
+        if key in meta:
+            meta[key] = json.loads(meta[key])
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------------- summary
+def summary(masks: Mapping[str, torch.Tensor], params: Named | Mapping[str, Iterable[int]] | None = None,
+            print_fn: Callable[[str], Any] | None = print) -> dict[str, Any]:
+    """Density per module kind and per layer (printed as a table through `print_fn` unless it is None).
+
+    `params` gives the parameter shapes of index masks (a model, a state dict, or name -> shape); bool masks
+    carry their own. Returns {"total": row, "by_kind": {kind: row}, "by_layer": {layer: row}} with
+    row = {"selected", "numel", "density"} (numel/density None when a shape is unknown)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    if params is not None:
+        items = params.items() if isinstance(params, Mapping) else _named(params)
+        for n, v in items:
+            shapes[n] = tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(int(s) for s in v)
+
+    def row() -> dict[str, Any]:
+        return {"selected": 0, "numel": 0, "density": None}
+
+    total, by_kind, by_layer = row(), {}, {}
+    for name, mask in masks.items():
+        sel = count(mask)
+        numel = mask.numel() if mask.dtype == torch.bool else (_numel(shapes[name]) if name in shapes else None)
+        layer = layer_index(name)
+        for r in (total, by_kind.setdefault(module_kind(name), row()),
+                  by_layer.setdefault("-" if layer is None else layer, row())):
+            r["selected"] += sel
+            r["numel"] = None if numel is None or r["numel"] is None else r["numel"] + numel
+    for r in (total, *by_kind.values(), *by_layer.values()):
+        r["density"] = r["selected"] / r["numel"] if r["numel"] else None
+    result = {"total": total, "by_kind": by_kind, "by_layer": by_layer}
+    if print_fn is not None:
+        def fmt(label: str, r: dict[str, Any]) -> str:
+            dens = "?" if r["density"] is None else f"{100 * r['density']:.3f}%"
+            numel = "?" if r["numel"] is None else f"{r['numel']:,}"
+            return f"{label:<16} {r['selected']:>14,} {numel:>16} {dens:>10}"
+
+        lines = [f"{'':<16} {'selected':>14} {'numel':>16} {'density':>10}", fmt("total", total), "by module kind:"]
+        lines += [fmt(f"  {k}", by_kind[k]) for k in sorted(by_kind)]
+        lines.append("by layer:")
+        lines += [fmt(f"  {k}", by_layer[k]) for k in sorted(by_layer, key=lambda x: (isinstance(x, str), x))]
+        print_fn("\n".join(lines))
+    return result

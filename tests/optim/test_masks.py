@@ -1,0 +1,260 @@
+"""Mask tools: module kinds, selection (radix select against a sort), sources, files, summary."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fastopd.optim import SparseMaskedAdamW, masks
+from fastopd.optim.masks import _sortable_keys, _top_indices
+
+KIND_CASES = [
+    ("model.embed_tokens.weight", "embedding"),
+    ("model.layers.0.self_attn.q_proj.weight", "attn_q"),
+    ("model.layers.0.self_attn.q_proj.bias", "attn_q"),
+    ("model.layers.0.self_attn.k_proj.weight", "attn_k"),
+    ("model.layers.0.self_attn.v_proj.weight", "attn_v"),
+    ("model.layers.0.self_attn.o_proj.weight", "attn_o"),
+    ("model.layers.11.mlp.gate_proj.weight", "ffn_gate"),
+    ("model.layers.11.mlp.up_proj.weight", "ffn_up"),
+    ("model.layers.11.mlp.down_proj.weight", "ffn_down"),
+    ("model.layers.0.input_layernorm.weight", "norm"),
+    ("model.layers.0.post_attention_layernorm.weight", "norm"),
+    ("model.layers.0.self_attn.q_norm.weight", "norm"),
+    ("model.norm.weight", "norm"),
+    ("lm_head.weight", "lm_head"),
+    ("transformer.wte.weight", "embedding"),
+    ("transformer.wpe.weight", "embedding"),
+    ("transformer.h.3.ln_1.weight", "norm"),
+    ("transformer.h.3.attn.c_attn.weight", "attn_qkv"),
+    ("transformer.h.3.attn.c_proj.weight", "attn_o"),
+    ("transformer.h.3.mlp.c_fc.bias", "ffn_up"),
+    ("transformer.h.3.mlp.c_proj.weight", "ffn_down"),
+    ("transformer.ln_f.bias", "norm"),
+    ("something.else", "other"),
+]
+
+
+@pytest.mark.parametrize("name,kind", KIND_CASES, ids=[c[0] for c in KIND_CASES])
+def test_module_kind(name, kind):
+    assert masks.module_kind(name) == kind
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_module_kind_covers_real_models(family):
+    """Every parameter of tiny Llama/Qwen2/GPT-2 models from transformers gets a kind other than "other"."""
+    transformers = pytest.importorskip("transformers")
+    if family == "gpt2":
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50))
+    else:
+        cfg_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[family]
+        cfg = cfg_cls(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=50, tie_word_embeddings=False)
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+    kinds = {n: masks.module_kind(n) for n, _ in model.named_parameters()}
+    assert "other" not in kinds.values(), kinds
+    assert {masks.layer_index(n) for n in kinds} >= {0, 1}
+
+
+def _reference_top(keys: list[torch.Tensor], k: int) -> list[set[int]]:
+    """k largest keys across tensors by a full stable sort, ties broken by tensor order then index."""
+    flat = torch.cat(keys).long()
+    owner = torch.cat([torch.full((x.numel(),), i) for i, x in enumerate(keys)])
+    local = torch.cat([torch.arange(x.numel()) for x in keys])
+    order = sorted(range(flat.numel()), key=lambda j: (-int(flat[j]), int(owner[j]), int(local[j])))[:k]
+    out = [set() for _ in keys]
+    for j in order:
+        out[int(owner[j])].add(int(local[j]))
+    return out
+
+
+@pytest.mark.parametrize("sizes,k,ties", [
+    pytest.param((1000,), 37, False, id="one-1000-k37"),
+    pytest.param((513, 7, 2000), 400, False, id="three-k400"),
+    pytest.param((300, 301), 250, True, id="ties-k250"),
+    pytest.param((50, 60), 0, False, id="k0"),
+    pytest.param((50, 60), 110, True, id="k-all"),
+])
+def test_radix_top_matches_sort(sizes, k, ties):
+    gen = torch.Generator().manual_seed(sum(sizes) + k)
+    if ties:
+        scores = [torch.randint(0, 4, (n,), generator=gen).float() for n in sizes]
+    else:
+        scores = [torch.randn(n, generator=gen).abs() * 10 ** torch.randint(-30, 30, (n,), generator=gen)
+                  for n in sizes]
+    keys = [_sortable_keys(s) for s in scores]
+    got = _top_indices(keys, k)
+    want = _reference_top(keys, k)
+    for g, w in zip(got, want):
+        assert g.tolist() == sorted(w)
+
+
+def test_from_delta():
+    base = {"a": torch.zeros(4, 5), "b": torch.ones(3), "ids": torch.arange(3)}
+    tuned = {"a": base["a"].clone(), "b": base["b"].clone(), "ids": torch.arange(3) + 1}
+    tuned["a"][1, 2] = 1e-6
+    tuned["a"][3, 4] = 0.5
+    assert masks.from_delta(base, tuned)["a"].tolist() == [7, 19]
+    assert masks.from_delta(base, tuned, atol=1e-3)["a"].tolist() == [19]
+    assert masks.from_delta(base, tuned)["b"].numel() == 0 and "ids" not in masks.from_delta(base, tuned)
+    with pytest.raises(ValueError, match="shape"):
+        masks.from_delta(base, {"a": torch.zeros(5, 4)})
+
+
+NAMES = {"model.layers.0.self_attn.q_proj.weight": (24, 16), "model.layers.0.mlp.up_proj.weight": (40, 16),
+         "model.layers.1.mlp.down_proj.weight": (16, 40), "model.norm.weight": (16,)}
+
+
+def _params(gen):
+    return {n: torch.randn(s, generator=gen) for n, s in NAMES.items()}
+
+
+def test_random_counts_and_budgets():
+    gen = torch.Generator().manual_seed(0)
+    params = _params(gen)
+    m = masks.random(params, 0.1, generator=torch.Generator().manual_seed(1))
+    for n, idx in m.items():
+        assert idx.numel() == round(0.1 * params[n].numel())
+        assert torch.equal(idx, idx.unique()) and int(idx.max()) < params[n].numel()
+    assert all(torch.equal(a, b) for a, b in zip(m.values(), masks.random(
+        params, 0.1, generator=torch.Generator().manual_seed(1)).values()))
+    m = masks.random(params, budgets={"ffn": 0.05, "attn_q": 0.5})
+    assert m["model.layers.0.mlp.up_proj.weight"].numel() == 32 and m["model.norm.weight"].numel() == 0
+    assert m["model.layers.0.self_attn.q_proj.weight"].numel() == 192
+    with pytest.raises(ValueError, match="budget keys"):
+        masks.random(params, budgets={"mlp": 0.1})
+    with pytest.raises(ValueError, match="density"):
+        masks.random(params, 1.5)
+
+
+@pytest.mark.parametrize("per", ["tensor", "global"])
+def test_smallest_weights(per):
+    gen = torch.Generator().manual_seed(2)
+    params = _params(gen)
+    m = masks.smallest_weights(params, 0.2, per=per)
+    if per == "tensor":
+        for n, idx in m.items():
+            x = params[n].abs().view(-1)
+            assert torch.equal(idx, x.topk(idx.numel(), largest=False).indices.sort().values)
+    else:
+        flat = torch.cat([p.abs().view(-1) for p in params.values()])
+        k = round(0.2 * flat.numel())
+        thr = flat.kthvalue(k).values
+        assert sum(i.numel() for i in m.values()) == k
+        assert all((params[n].abs().view(-1)[i] <= thr).all() for n, i in m.items())
+
+
+def _linear_setup():
+    gen = torch.Generator().manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.Tanh(), torch.nn.Linear(24, 5))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    batches = [(torch.randn(8, 16, generator=gen), torch.randn(8, 5, generator=gen)) for _ in range(3)]
+
+    def loss_fn(m, batch):
+        x, y = batch
+        return ((m(x) - y) ** 2).mean()
+
+    return model, batches, loss_fn
+
+
+@pytest.mark.parametrize("score", ["grad_abs", "grad_sq", "adam_update"])
+@pytest.mark.parametrize("per", ["tensor", "global"])
+def test_calibrate_against_reference_statistic(score, per):
+    model, batches, loss_fn = _linear_setup()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    got = masks.calibrate(model, loss_fn, batches, 0.1, score=score, per=per)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) and p.grad is None
+
+    grads = {n: [] for n, _ in model.named_parameters()}
+    for b in batches:
+        model.zero_grad()
+        loss_fn(model, b).backward()
+        for n, p in model.named_parameters():
+            grads[n].append(p.grad.double().clone())
+    stat = {}
+    for n, gs in grads.items():
+        if score == "grad_abs":
+            stat[n] = sum(g.abs() for g in gs)
+        elif score == "grad_sq":
+            stat[n] = sum(g * g for g in gs)
+        else:
+            m = v = 0
+            for g in gs:
+                m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+            t = len(gs)
+            stat[n] = (m / (1 - 0.9**t)).abs() / ((v / (1 - 0.999**t)).sqrt() + 1e-8)
+    if per == "tensor":
+        for n, s in stat.items():
+            k = round(0.1 * s.numel())
+            assert torch.equal(got[n], s.view(-1).topk(k).indices.sort().values), n
+    else:
+        flat = torch.cat([s.view(-1) for s in stat.values()])
+        k = round(0.1 * flat.numel())
+        thr = flat.topk(k).values[-1]
+        assert sum(i.numel() for i in got.values()) == k
+        for n, s in stat.items():
+            assert torch.equal(got[n], (s.view(-1) >= thr).nonzero().view(-1)), n
+
+
+def test_calibrate_rejects_bad_arguments():
+    model, batches, loss_fn = _linear_setup()
+    with pytest.raises(ValueError, match="score"):
+        masks.calibrate(model, loss_fn, batches, 0.1, score="fisher")
+    with pytest.raises(ValueError, match="per"):
+        masks.calibrate(model, loss_fn, batches, 0.1, per="layer")
+    with pytest.raises(ValueError, match="batch"):
+        masks.calibrate(model, loss_fn, [], 0.1)
+
+
+def test_save_load_round_trip(tmp_path):
+    gen = torch.Generator().manual_seed(4)
+    params = _params(gen)
+    m = masks.random(params, 0.25, generator=gen)
+    m["model.norm.weight"] = torch.rand(16, generator=gen) < 0.5  # bool masks too
+    path = str(tmp_path / "m.safetensors")
+    masks.save(path, m, shapes={n: p.shape for n, p in params.items()})
+    back = masks.load(path)
+    for n, mask in m.items():
+        want = mask.view(-1).nonzero().view(-1) if mask.dtype == torch.bool else mask
+        assert back[n].dtype == torch.int64 and torch.equal(back[n], want)
+    meta = masks.load_metadata(path)
+    assert meta["format"] == "fastopd.masks.v1"
+    assert meta["shapes"]["model.layers.0.mlp.up_proj.weight"] == [40, 16]
+    assert meta["kinds"]["model.layers.1.mlp.down_proj.weight"] == "ffn_down"
+    # the optimizer takes the loaded file directly
+    named = [(n, torch.nn.Parameter(p)) for n, p in params.items()]
+    opt = SparseMaskedAdamW(named, masks=back)
+    assert opt.state[named[0][1]]["indices"].dtype == torch.int32
+
+
+def test_load_reads_bool_files_and_rejects_others(tmp_path):
+    good = str(tmp_path / "bool.safetensors")
+    bool_mask = torch.rand(6, 7) < 0.3
+    save_file({"w": bool_mask}, good, metadata={"format": "fastopd.masks.v1", "writer": "fastopd analyze"})
+    assert torch.equal(masks.load(good)["w"], bool_mask)
+    wrong = str(tmp_path / "wrong.safetensors")
+    save_file({"w": bool_mask}, wrong, metadata={"format": "other"})
+    with pytest.raises(ValueError, match="not a fastopd mask file"):
+        masks.load(wrong)
+    bad = str(tmp_path / "bad.safetensors")
+    save_file({"w": torch.zeros(2, 3, dtype=torch.int64)}, bad, metadata={"format": "fastopd.masks.v1"})
+    with pytest.raises(ValueError, match="flat indices"):
+        masks.load(bad)
+
+
+def test_summary():
+    m = {"model.layers.0.mlp.up_proj.weight": torch.arange(64),
+         "model.layers.1.mlp.down_proj.weight": torch.zeros(16, 40, dtype=torch.bool),
+         "model.layers.0.self_attn.q_proj.weight": torch.arange(10)}
+    lines = []
+    out = masks.summary(m, NAMES, print_fn=lines.append)
+    assert out["by_kind"]["ffn_up"] == {"selected": 64, "numel": 640, "density": 0.1}
+    assert out["by_layer"][0]["selected"] == 74 and out["by_layer"][0]["numel"] == 640 + 384
+    assert out["total"]["numel"] == 640 + 640 + 384
+    assert "ffn_down" in lines[0]
+    unknown = masks.summary({"x.weight": torch.arange(3)}, print_fn=None)
+    assert unknown["total"] == {"selected": 3, "numel": None, "density": None}
