@@ -218,7 +218,7 @@ class RolloutEngine:
     # ------------------------------------------------------------------ internals
 
     def _check_special_ids(self, adapter: ModelAdapter) -> None:
-        for name, i in [("pad_token_id", self.pad_token_id)] + [("eos_token_id", e) for e in self.eos_ids]:
+        for name, i in [("eos_token_id", e) for e in self.eos_ids] + [("pad_token_id", self.pad_token_id)]:
             if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < adapter.vocab_size:
                 raise ValueError(f"{name}={i!r} is outside the vocabulary [0, {adapter.vocab_size}) of "
                                  f"{type(adapter.model).__name__}")

@@ -1,0 +1,172 @@
+"""The built-in transformer against an independent float64 Llama forward written here, its KV-cache path against
+its own full forward, and save/load."""
+
+import math
+
+import pytest
+import torch
+
+from fastopd.models import KVCache, Transformer, TransformerConfig, build_attention_mask
+
+
+def reference_hidden(model: Transformer, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Float64 Llama forward, one sequence at a time, padding dropped: [B, T, D] (zeros at padding)."""
+    cfg = model.config
+    p = {k: v.detach().double() for k, v in model.state_dict().items()}
+    out = torch.zeros(*ids.shape, cfg.hidden_size, dtype=torch.float64)
+
+    def norm(x, w):
+        return w * x / torch.sqrt((x * x).mean(-1, keepdim=True) + cfg.rms_norm_eps)
+
+    def rope(x, pos):  # x [T, H, Dh]
+        half = cfg.head_dim // 2
+        inv = 1.0 / cfg.rope_theta ** (torch.arange(half, dtype=torch.float64) * 2 / cfg.head_dim)
+        ang = pos[:, None, None].double() * inv
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat([x1 * ang.cos() - x2 * ang.sin(), x2 * ang.cos() + x1 * ang.sin()], -1)
+
+    for b in range(ids.shape[0]):
+        keep = mask[b].bool()
+        tok = ids[b][keep]
+        t = tok.numel()
+        pos = torch.arange(t)
+        x = p["embed_tokens.weight"][tok]
+        for i in range(cfg.num_layers):
+            pre = f"layers.{i}."
+            h = norm(x, p[pre + "input_layernorm.weight"])
+            q = (h @ p[pre + "self_attn.q_proj.weight"].T).view(t, cfg.num_heads, cfg.head_dim)
+            k = (h @ p[pre + "self_attn.k_proj.weight"].T).view(t, cfg.num_kv_heads, cfg.head_dim)
+            v = (h @ p[pre + "self_attn.v_proj.weight"].T).view(t, cfg.num_kv_heads, cfg.head_dim)
+            q, k = rope(q, pos), rope(k, pos)
+            rep = cfg.num_heads // cfg.num_kv_heads
+            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+            s = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(cfg.head_dim)
+            s = s.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+            o = torch.einsum("hqk,khd->qhd", s.softmax(-1), v).reshape(t, -1)
+            x = x + o @ p[pre + "self_attn.o_proj.weight"].T
+            h = norm(x, p[pre + "post_attention_layernorm.weight"])
+            g = h @ p[pre + "mlp.gate_proj.weight"].T
+            u = h @ p[pre + "mlp.up_proj.weight"].T
+            x = x + (torch.nn.functional.silu(g) * u) @ p[pre + "mlp.down_proj.weight"].T
+        out[b, keep] = norm(x, p["norm.weight"])
+    return out
+
+
+CONFIGS = [
+    pytest.param(dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_layers=2, num_heads=4),
+                 id="V97-D64-MHA"),
+    pytest.param(dict(vocab_size=61, hidden_size=48, intermediate_size=80, num_layers=3, num_heads=6, num_kv_heads=2),
+                 id="V61-D48-GQA3"),
+    pytest.param(dict(vocab_size=50, hidden_size=32, intermediate_size=40, num_layers=1, num_heads=2, num_kv_heads=1,
+                      head_dim=24, tie_word_embeddings=True), id="V50-D32-MQA-hd24-tied"),
+]
+
+
+def _model(cfg: dict, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(TransformerConfig(initializer_range=0.2, **cfg)).eval()
+
+
+def _left_padded(lengths: list[int], vocab: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        ids[i, width - n :] = torch.randint(0, vocab, (n,), generator=g)
+        mask[i, width - n :] = True
+    return ids, mask
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_forward_matches_float64_reference_with_left_padding(cfg):
+    model = _model(cfg)
+    ids, mask = _left_padded([7, 3, 11, 1], model.config.vocab_size)
+    hidden = model(ids, attention_mask=mask)
+    ref = reference_hidden(model, ids, mask)
+    assert hidden.shape == (4, 11, model.config.hidden_size)
+    torch.testing.assert_close(hidden[mask].double(), ref[mask], rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(hidden).all()  # padding rows stay finite (they attend to themselves)
+    logits = model.logits(ids, attention_mask=mask)
+    torch.testing.assert_close(logits, hidden @ model.lm_head.weight.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_cached_decode_matches_full_forward(cfg):
+    """Prefill into a KVCache with prefix sharing (expand=2), then decode token by token: every step's hidden
+    state equals the full forward's at that position."""
+    model = _model(cfg)
+    ids, mask = _left_padded([5, 2, 6], model.config.vocab_size)
+    extra = torch.randint(0, model.config.vocab_size, (6, 4), generator=torch.Generator().manual_seed(3))
+    full_ids = torch.cat([ids.repeat_interleave(2, 0), extra], 1)
+    full_mask = torch.cat([mask.repeat_interleave(2, 0), torch.ones(6, 4, dtype=torch.bool)], 1)
+    full = model(full_ids, attention_mask=full_mask)
+
+    cfg_ = model.config
+    cache = KVCache(cfg_.num_layers, 8, cfg_.num_kv_heads, 16, cfg_.head_dim, dtype=torch.float32, device="cpu")
+    cache.reset(6, 10)
+    pre = model(ids, attention_mask=mask, cache=cache, expand=2)
+    torch.testing.assert_close(pre.repeat_interleave(2, 0)[full_mask[:, :6]], full[:, :6][full_mask[:, :6]],
+                               rtol=1e-5, atol=1e-5)
+    key_mask = torch.zeros(6, 10, dtype=torch.bool)
+    key_mask[:, :6] = mask.repeat_interleave(2, 0)
+    positions = mask.sum(1).repeat_interleave(2, 0)[:, None]
+    for t in range(4):
+        key_mask[:, 6 + t] = True
+        h = model(extra[:, t : t + 1], positions + t, key_mask[:, None, None, :], cache=cache, start=6 + t)
+        torch.testing.assert_close(h[:, 0], full[:, 6 + t], rtol=1e-5, atol=1e-5)
+
+
+def test_multi_token_step_on_cache_matches_full_forward():
+    model = _model(CONFIGS[1].values[0])
+    ids, mask = _left_padded([4, 6], model.config.vocab_size)
+    extra = torch.randint(0, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(4))
+    full_mask = torch.cat([mask, torch.ones(2, 5, dtype=torch.bool)], 1)
+    full = model(torch.cat([ids, extra], 1), attention_mask=full_mask)
+    cfg = model.config
+    cache = KVCache(cfg.num_layers, 2, cfg.num_kv_heads, 11, cfg.head_dim, dtype=torch.float32, device="cpu")
+    model(ids, attention_mask=mask, cache=cache)
+    h = model(extra, mask.sum(1)[:, None] + torch.arange(5), build_attention_mask(full_mask, 6, 5), cache=cache,
+              start=6)
+    torch.testing.assert_close(h, full[:, 6:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [pytest.param(False, id="untied"), pytest.param(True, id="tied")])
+def test_save_load_roundtrip(tmp_path, tied):
+    model = _model(dict(vocab_size=40, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                        tie_word_embeddings=tied))
+    assert (model.lm_head.weight is model.embed_tokens.weight) == tied
+    model.save_pretrained(tmp_path)
+    loaded = Transformer.from_pretrained(tmp_path)
+    assert loaded.config == model.config
+    assert (loaded.lm_head.weight is loaded.embed_tokens.weight) == tied
+    ids = torch.randint(0, 40, (2, 9))
+    torch.testing.assert_close(loaded.logits(ids), model.logits(ids), rtol=0, atol=0)
+
+
+def test_backward_reaches_every_parameter():
+    model = _model(CONFIGS[1].values[0])
+    ids, mask = _left_padded([5, 3], model.config.vocab_size)
+    model.logits(ids, attention_mask=mask)[mask].logsumexp(-1).sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        pytest.param(dict(hidden_size=30, num_heads=4), "divisible", id="indivisible-heads"),
+        pytest.param(dict(num_heads=4, num_kv_heads=3), "multiple", id="bad-gqa"),
+        pytest.param(dict(num_layers=0), "positive", id="zero-layers"),
+        pytest.param(dict(hidden_size=30, num_heads=2, head_dim=15), "even", id="odd-head-dim"),
+    ],
+)
+def test_bad_config_raises(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TransformerConfig(**kwargs)
+
+
+def test_forward_rejects_non_2d_ids():
+    model = _model(CONFIGS[0].values[0])
+    with pytest.raises(ValueError, match=r"\[B, T\]"):
+        model(torch.zeros(5, dtype=torch.long))

@@ -1,0 +1,314 @@
+"""RolloutEngine against Hugging Face generate and plain full forwards, on random-weight models built from configs."""
+
+import logging
+
+import pytest
+import torch
+import transformers
+
+from fastopd.models import Transformer, TransformerConfig
+from fastopd.rollout import Horizon, RolloutEngine, as_adapter
+
+transformers.logging.set_verbosity_error()
+logging.getLogger("transformers").setLevel(logging.ERROR)
+
+VOCAB = 96
+PROMPTS = [[5, 6, 7, 8, 9], [1, 2], [3, 4, 5, 6, 7, 8, 9, 10, 11], [42]]
+
+
+def llama(seed=0, hidden=64, layers=2, heads=4, kv_heads=2, max_pos=128):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+                                   num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                   max_position_embeddings=max_pos, initializer_range=0.1)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def gpt2(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=64,
+                                  bos_token_id=0, eos_token_id=0, initializer_range=0.1)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def qwen2(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=128,
+                                   initializer_range=0.1, tie_word_embeddings=True)
+    return transformers.Qwen2ForCausalLM(cfg).eval()
+
+
+def builtin(seed=0, hidden=48):
+    torch.manual_seed(seed)
+    cfg = TransformerConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=80, num_layers=2, num_heads=4,
+                            num_kv_heads=2, max_position_embeddings=128, initializer_range=0.2)
+    return Transformer(cfg).eval()
+
+
+def full_hidden(model, ids, mask):
+    """Plain forward (no cache) final hidden states [B, S, D] of padded rows, positions counted from the mask."""
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        if isinstance(model, Transformer):
+            return model(ids, positions, mask)
+        base = model.transformer if hasattr(model, "transformer") else model.model
+        return base(input_ids=ids, attention_mask=mask.long(), position_ids=positions).last_hidden_state
+
+
+def full_logits(model, ids, mask):
+    adapter = as_adapter(model)
+    return adapter.logits(full_hidden(model, ids, mask))
+
+
+HF_MODELS = [pytest.param(llama, id="llama-gqa"), pytest.param(gpt2, id="gpt2"), pytest.param(qwen2, id="qwen2-tied")]
+
+
+@pytest.mark.parametrize("make", HF_MODELS)
+def test_greedy_equals_hf_generate(make):
+    model = make()
+    engine = RolloutEngine(model, horizon=Horizon.full(14), temperature=0, pad_token_id=0)
+    batch = engine.generate(PROMPTS)
+    p = batch.prompt_width
+    with torch.no_grad():
+        ref = model.generate(input_ids=batch.input_ids[:, :p], attention_mask=batch.attention_mask[:, :p].long(),
+                             max_new_tokens=14, min_new_tokens=14, do_sample=False, pad_token_id=0,
+                             eos_token_id=None)
+    assert torch.equal(batch.completion_ids, ref[:, p:])
+    assert batch.completion_mask.all() and batch.truncated.all() and batch.horizon == 14
+
+
+@pytest.mark.parametrize("make", HF_MODELS)
+def test_greedy_with_eos_equals_hf_generate(make):
+    """EOS chosen among tokens the greedy run emits: per-sequence stop, EOS kept in the completion mask, padding
+    after it, exactly as HF generate pads finished rows."""
+    model = make()
+    free = RolloutEngine(model, horizon=12, temperature=0, pad_token_id=0).generate(PROMPTS)
+    eos = int(free.completion_ids[1, 3])
+    engine = RolloutEngine(model, horizon=12, temperature=0, eos_token_id=eos, pad_token_id=0)
+    batch = engine.generate(PROMPTS)
+    p = batch.prompt_width
+    with torch.no_grad():
+        ref = model.generate(input_ids=batch.input_ids[:, :p], attention_mask=batch.attention_mask[:, :p].long(),
+                             max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=eos)
+    got = batch.completion_ids[:, : ref.shape[1] - p]
+    assert torch.equal(got, ref[:, p:])
+    assert (batch.completion_ids[:, ref.shape[1] - p :] == 0).all()
+    comp = batch.completion_ids
+    for r in range(comp.shape[0]):
+        hits = (comp[r] == eos).nonzero()
+        stop = int(hits[0]) + 1 if hits.numel() and batch.completion_mask[r, hits[0]] else 12
+        assert batch.completion_mask[r].tolist() == [True] * stop + [False] * (12 - stop)
+        assert bool(batch.truncated[r]) == (stop == 12 and comp[r, -1] != eos)
+    assert not batch.truncated[1]
+
+
+def test_early_exit_when_every_sequence_stopped():
+    model = builtin()
+    first = RolloutEngine(model, horizon=1, temperature=0).generate([[7]])
+    eos = int(first.completion_ids[0, 0])
+    engine = RolloutEngine(model, horizon=50, temperature=0, eos_token_id=[eos, VOCAB - 1], pad_token_id=3)
+    batch = engine.generate([[7], [7]])
+    assert engine.last_stats["decode_steps"] == 1
+    assert batch.completion_ids.shape == (2, 50) and (batch.completion_ids[:, 1:] == 3).all()
+    assert batch.completion_mask[:, 0].all() and not batch.completion_mask[:, 1:].any() and not batch.truncated.any()
+
+
+def test_builtin_greedy_equals_naive_recompute_loop():
+    model = builtin()
+    batch = RolloutEngine(model, horizon=10, temperature=0).generate(PROMPTS)
+    p = batch.prompt_width
+    ids, mask = batch.input_ids[:, :p], batch.attention_mask[:, :p]
+    for _ in range(10):
+        nxt = full_logits(model, ids, mask)[:, -1].argmax(-1)
+        ids = torch.cat([ids, nxt[:, None]], 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    assert torch.equal(batch.input_ids, ids)
+
+
+@pytest.mark.parametrize(
+    "make,kw",
+    [pytest.param(builtin, dict(temperature=1.0), id="builtin-T1"),
+     pytest.param(llama, dict(temperature=0.7, top_k=20, top_p=0.9), id="llama-T0.7-topk20-topp0.9"),
+     pytest.param(gpt2, dict(temperature=1.3, top_p=0.95), id="gpt2-T1.3-topp0.95")],
+)
+def test_sampled_logprobs_equal_full_forward_and_seed_reproduces(make, kw):
+    model = make()
+    engine = RolloutEngine(model, horizon=9, num_samples=3, eos_token_id=5, pad_token_id=0, **kw)
+    torch.manual_seed(1234)
+    batch = engine.generate(PROMPTS)
+    torch.manual_seed(1234)
+    again = engine.generate(PROMPTS)
+    assert torch.equal(batch.input_ids, again.input_ids) and torch.equal(batch.logprobs, again.logprobs)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    a = RolloutEngine(model, horizon=9, num_samples=3, generator=g1, **kw).generate(PROMPTS)
+    b = RolloutEngine(model, horizon=9, num_samples=3, generator=g2, **kw).generate(PROMPTS)
+    assert torch.equal(a.input_ids, b.input_ids)
+
+    p, h = batch.prompt_width, batch.horizon
+    logits = full_logits(model, batch.input_ids, batch.attention_mask)[:, p - 1 : p - 1 + h]
+    ref = (logits.double() / kw["temperature"]).log_softmax(-1).gather(-1, batch.completion_ids[..., None])[..., 0]
+    ref = ref.masked_fill(~batch.completion_mask, 0.0)
+    torch.testing.assert_close(batch.logprobs.double(), ref, rtol=1e-5, atol=1e-5)
+    assert batch.input_ids.shape == (len(PROMPTS) * 3, p + h)
+    assert torch.equal(batch.prompt_lengths, torch.tensor([len(x) for x in PROMPTS]).repeat_interleave(3))
+
+
+def test_prefix_sharing_matches_separate_prefill():
+    model = llama()
+    kw = dict(horizon=8, num_samples=4, temperature=1.0)
+    shared = RolloutEngine(model, **kw, generator=torch.Generator().manual_seed(9))
+    separate = RolloutEngine(model, **kw, share_prefix=False, generator=torch.Generator().manual_seed(9))
+    a, b = shared.generate(PROMPTS), separate.generate(PROMPTS)
+    assert torch.equal(a.input_ids, b.input_ids)
+    torch.testing.assert_close(a.logprobs, b.logprobs, rtol=1e-5, atol=1e-5)
+    width = a.prompt_width
+    assert shared.last_stats["prefill_tokens"] == len(PROMPTS) * width
+    assert separate.last_stats["prefill_tokens"] == 4 * len(PROMPTS) * width
+    assert shared.last_stats["prefill_tokens_saved"] == 3 * len(PROMPTS) * width
+    assert len({tuple(r) for r in a.completion_ids[:4].tolist()}) > 1  # samples of one prompt differ
+
+
+@pytest.mark.parametrize(
+    "student,teacher",
+    [pytest.param(llama, lambda: llama(seed=1, hidden=96, layers=3, heads=6, kv_heads=3), id="llama-to-llama96"),
+     pytest.param(builtin, gpt2, id="builtin-to-gpt2"), pytest.param(gpt2, qwen2, id="gpt2-to-qwen2")],
+)
+def test_score_equals_plain_teacher_forward(student, teacher):
+    s, t = student(), teacher()
+    engine = RolloutEngine(s, teacher=t, horizon=7, num_samples=2, temperature=1.0, eos_token_id=4)
+    torch.manual_seed(0)
+    batch = engine.generate(PROMPTS)
+    hidden = engine.score(batch)
+    p, h = batch.prompt_width, batch.horizon
+    assert hidden.shape == (8, h, as_adapter(t).hidden_size) and not hidden.requires_grad
+    ref = full_hidden(t, batch.input_ids, batch.attention_mask)[:, p - 1 : p - 1 + h]
+    m = batch.completion_mask
+    torch.testing.assert_close(hidden[m], ref[m], rtol=1e-5, atol=1e-5)
+
+
+def test_score_with_privileged_teacher_prompts():
+    s, t = builtin(), llama(seed=3)
+    engine = RolloutEngine(s, teacher=t, horizon=6, num_samples=2, temperature=1.0)
+    batch = engine.generate(PROMPTS)
+    privileged = [[9] * 4 + x + [17, 18] for x in PROMPTS]
+    hidden = engine.score(batch, teacher_prompts=privileged)
+    for r in range(8):
+        ids = torch.tensor(privileged[r // 2] + batch.completion_ids[r].tolist())[None]
+        ref = full_hidden(t, ids, torch.ones_like(ids, dtype=torch.bool))[0, len(privileged[r // 2]) - 1 :][:6]
+        torch.testing.assert_close(hidden[r], ref, rtol=1e-5, atol=1e-5)
+    per_row = engine.score(batch, teacher_prompts=[privileged[r // 2] for r in range(8)])
+    torch.testing.assert_close(per_row, hidden, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="rows"):
+        engine.score(batch, teacher_prompts=privileged[:3])
+
+
+def test_student_hidden_has_autograd_and_matches_logprobs_and_loss():
+    from fastopd import fused_linear_divergence
+
+    s, t = builtin(), builtin(seed=1, hidden=64)
+    engine = RolloutEngine(s, teacher=t, horizon=8, num_samples=2, temperature=1.0, eos_token_id=4)
+    batch = engine.generate(PROMPTS)
+    hs = engine.student_hidden(batch)
+    assert hs.shape == (8, 8, 48) and hs.requires_grad
+    ref = (hs @ engine.student_output_weight.T).double().log_softmax(-1)
+    ref = ref.gather(-1, batch.completion_ids[..., None])[..., 0].masked_fill(~batch.completion_mask, 0)
+    torch.testing.assert_close(batch.logprobs.double(), ref, rtol=1e-5, atol=1e-5)
+    ht = engine.score(batch)
+    loss = fused_linear_divergence(hs.reshape(-1, 48), engine.student_output_weight, ht.reshape(-1, 64),
+                                   engine.teacher_output_weight, batch.labels().reshape(-1), divergence="fkl")
+    loss.backward()
+    assert torch.isfinite(loss) and s.lm_head.weight.grad is not None and s.embed_tokens.weight.grad.abs().sum() > 0
+    assert t.lm_head.weight.grad is None
+
+
+def test_kv_cache_sized_to_horizon_reused_and_grown():
+    model = builtin()
+    engine = RolloutEngine(model, horizon=Horizon.progressive(start=4, step=4, every=2, max_new_tokens=16),
+                           temperature=0)
+    prompts = [[1, 2, 3], [4, 5]]
+    engine.generate(prompts, step=0)
+    cache = engine._caches["student"]
+    assert cache.capacity == (2, 3 + 4)
+    first_bytes = engine.kv_cache_bytes
+    per_column = first_bytes // 7
+    assert first_bytes == 2 * 2 * 2 * 2 * 7 * 12 * 4  # k+v, layers, batch, kv heads, columns, head dim, fp32
+    engine.generate(prompts, step=1)
+    assert engine._caches["student"] is cache  # same horizon: reused
+    batch = engine.generate(prompts, step=2)
+    assert batch.horizon == 8 and engine._caches["student"].capacity == (2, 11)
+    assert engine.kv_cache_bytes == per_column * 11 == engine.last_stats["kv_cache_bytes"]
+    engine.generate([[1]], step=0)
+    assert engine._caches["student"].capacity == (2, 11)  # smaller request fits: no reallocation
+
+
+def test_horizon_capped_by_context_and_recorded():
+    model = builtin()
+    engine = RolloutEngine(model, horizon=500, temperature=0)
+    batch = engine.generate([[1] * 120])
+    assert batch.horizon == 8 and batch.input_ids.shape == (1, 128)
+
+
+def test_tensor_prompts_any_padding_side_equal_list_prompts():
+    model = builtin()
+    engine = RolloutEngine(model, horizon=5, temperature=0)
+    ref = engine.generate(PROMPTS)
+    width = max(map(len, PROMPTS))
+    ids = torch.zeros(len(PROMPTS), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, x in enumerate(PROMPTS):  # right padding
+        ids[i, : len(x)] = torch.tensor(x)
+        mask[i, : len(x)] = 1
+    got = engine.generate(ids, mask)
+    assert torch.equal(got.input_ids, ref.input_ids) and torch.equal(got.attention_mask, ref.attention_mask)
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [pytest.param(lambda e: e.generate([]), "at least one prompt", id="no-prompts"),
+     pytest.param(lambda e: e.generate([[1, 2], []]), r"prompts\[1\] is empty", id="empty-prompt"),
+     pytest.param(lambda e: e.generate([[1] * 128]), "context", id="prompt-too-long"),
+     pytest.param(lambda e: e.generate([[1, VOCAB]]), "vocabulary", id="id-eq-vocab"),
+     pytest.param(lambda e: e.generate([[-1, 3]]), "vocabulary", id="negative-id"),
+     pytest.param(lambda e: e.generate([[1]], step=-1), "step", id="negative-step"),
+     pytest.param(lambda e: e.generate(torch.ones(2, 3)), "integer ids", id="float-tensor"),
+     pytest.param(lambda e: e.generate(torch.ones(2, 3, dtype=torch.long), torch.ones(2, 4)), "does not match",
+                  id="mask-shape")],
+)
+def test_bad_input_raises(call, match):
+    engine = RolloutEngine(builtin(), horizon=4, temperature=0)
+    with pytest.raises(ValueError, match=match):
+        call(engine)
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [pytest.param(dict(horizon=0), "positive int", id="horizon0"),
+     pytest.param(dict(horizon=lambda k: 0), "positive int", id="callable-horizon0"),
+     pytest.param(dict(horizon=4, num_samples=0), "num_samples", id="samples0"),
+     pytest.param(dict(horizon=4, temperature=-1.0), "temperature", id="neg-temperature"),
+     pytest.param(dict(horizon=4, top_p=0.0), "top_p", id="top_p0"),
+     pytest.param(dict(horizon=4, top_k=-3), "top_k", id="neg-topk"),
+     pytest.param(dict(horizon=4, eos_token_id=VOCAB), "eos_token_id", id="eos-outside-vocab"),
+     pytest.param(dict(horizon=4, pad_token_id=VOCAB + 5), "pad_token_id", id="pad-outside-vocab")],
+)
+def test_bad_engine_settings_raise(kw, match):
+    with pytest.raises(ValueError, match=match):
+        RolloutEngine(builtin(), **kw).generate([[1, 2]])
+
+
+def test_score_errors():
+    s = builtin()
+    batch = RolloutEngine(s, horizon=3).generate([[1, 2]])
+    with pytest.raises(ValueError, match="needs a teacher"):
+        RolloutEngine(s, horizon=3).score(batch)
+    small_vocab = Transformer(TransformerConfig(vocab_size=8, hidden_size=16, intermediate_size=16, num_layers=1,
+                                                num_heads=2))
+    batch.input_ids[:, -1] = 50
+    with pytest.raises(ValueError, match="vocabulary"):
+        RolloutEngine(s, teacher=small_vocab, horizon=3).score(batch)
+
+
+def test_unsupported_model_raises():
+    with pytest.raises(ValueError, match="no rollout adapter"):
+        RolloutEngine(torch.nn.Linear(3, 3), horizon=3)
