@@ -4,14 +4,13 @@
   (use `pip install --no-build-isolation .` so the extension is compiled against the torch that runs it).
 - CUDA kernels (csrc/cuda/*.cu) are added when FASTOPD_BUILD_CUDA=1, or when a GPU is visible and
   FASTOPD_BUILD_CUDA is not 0. CUDA_HOME must be the toolkit root holding lib64/libcudart.so.
-- FASTOPD_BUILD_CPP=0 skips the extension; FASTOPD_CUDA_ARCHS (default "9.0") picks the GPU archs;
+- FASTOPD_BUILD_CPP=0 skips the extension; FASTOPD_CPU_ARCH adds -march=<value>; FASTOPD_CUDA_ARCHS (default "9.0") picks the GPU archs;
   MAX_JOBS bounds ninja's parallel compiles (read by torch.utils.cpp_extension).
 Without a compiler or torch the package still installs and runs on its pure-PyTorch path.
 """
 
 import glob
 import os
-import platform
 import sys
 
 from setuptools import find_packages, setup
@@ -48,9 +47,13 @@ def _extensions():
     if build_cuda and not cuda_sources:
         build_cuda = False
 
-    cxx = ["-O3", "-fopenmp"]  # the C++ standard is the one torch.utils.cpp_extension picks for this torch
-    if platform.machine() in ("x86_64", "AMD64"):
-        cxx += ["-march=" + os.environ.get("FASTOPD_CPU_ARCH", "x86-64-v3")]  # AVX2 + FMA: every x86 server since 2015
+    # The C++ standard is the one torch.utils.cpp_extension picks for this torch. No -march: hot kernels carry
+    # their own ISA clones (AVX-512, AVX2, baseline) picked at load time, so a wheel runs on any x86-64.
+    # -fno-trapping-math lets gcc vectorize the branch-free math (we never rely on FP exceptions);
+    # unlike -ffast-math it keeps inf and NaN semantics, which masked (-inf) logits need.
+    cxx = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
+    if os.environ.get("FASTOPD_CPU_ARCH"):
+        cxx += ["-march=" + os.environ["FASTOPD_CPU_ARCH"]]
     extra = {"cxx": cxx}
     if build_cuda:
         archs = os.environ.get("FASTOPD_CUDA_ARCHS", "9.0").replace(";", " ").split()

@@ -36,8 +36,9 @@ struct RowOptions {
   bool compute_grad;
 };
 
+// Inlined into each ISA clone of divergence_row_any below, so every clone gets its own vector code.
 template <int64_t DIV, bool SOFTCAP>
-void divergence_row(float* __restrict xs, float* __restrict xt, int64_t V, int64_t y, const RowOptions& o,
+__attribute__((always_inline)) inline void divergence_row(float* __restrict xs, float* __restrict xt, int64_t V, int64_t y, const RowOptions& o,
                     float* loss_out, float* stats) {
   const float inv_t = o.inv_temperature;
   const float cap = o.softcap;
@@ -165,18 +166,24 @@ void divergence_row(float* __restrict xs, float* __restrict xt, int64_t V, int64
   stats[4] = static_cast<float>(-ent);
 }
 
-using RowFn = void (*)(float*, float*, int64_t, int64_t, const RowOptions&, float*, float*);
+// One clone per ISA level, picked once at load time (ifunc): AVX-512, AVX2+FMA, baseline x86-64.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FASTOPD_ISA_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#else
+#define FASTOPD_ISA_CLONES
+#endif
 
-template <bool SOFTCAP>
-RowFn pick_row(int64_t div) {
-  switch (div) {
-    case kFKL:
-      return &divergence_row<kFKL, SOFTCAP>;
-    case kRKL:
-      return &divergence_row<kRKL, SOFTCAP>;
-    default:
-      return &divergence_row<kJSD, SOFTCAP>;
+FASTOPD_ISA_CLONES
+void divergence_row_any(int64_t div, bool softcap, float* xs, float* xt, int64_t V, int64_t y, const RowOptions& o,
+                        float* loss_out, float* stats) {
+  if (softcap) {
+    if (div == kFKL) return divergence_row<kFKL, true>(xs, xt, V, y, o, loss_out, stats);
+    if (div == kRKL) return divergence_row<kRKL, true>(xs, xt, V, y, o, loss_out, stats);
+    return divergence_row<kJSD, true>(xs, xt, V, y, o, loss_out, stats);
   }
+  if (div == kFKL) return divergence_row<kFKL, false>(xs, xt, V, y, o, loss_out, stats);
+  if (div == kRKL) return divergence_row<kRKL, false>(xs, xt, V, y, o, loss_out, stats);
+  return divergence_row<kJSD, false>(xs, xt, V, y, o, loss_out, stats);
 }
 
 void divergence_chunk_cpu(at::Tensor& xs, at::Tensor& xt, const std::optional<at::Tensor>& labels, at::Tensor& loss,
@@ -204,7 +211,6 @@ void divergence_chunk_cpu(at::Tensor& xs, at::Tensor& xt, const std::optional<at
                static_cast<float>(softcap),     static_cast<float>(soft_weight), static_cast<float>(hard_weight),
                compute_grad};
   const bool use_cap = softcap > 0.0;
-  RowFn fn = use_cap ? pick_row<true>(divergence) : pick_row<false>(divergence);
 
   float* ps = xs.data_ptr<float>();
   float* pt = xt.data_ptr<float>();
@@ -223,7 +229,7 @@ void divergence_chunk_cpu(at::Tensor& xs, at::Tensor& xt, const std::optional<at
         }
         TORCH_CHECK(y >= 0 && y < V, "divergence_chunk_: label ", y, " out of range for vocabulary of ", V);
       }
-      fn(ps + r * V, pt + r * V, V, y, o, pl + r, pst + r * 5);
+      divergence_row_any(divergence, use_cap, ps + r * V, pt + r * V, V, y, o, pl + r, pst + r * 5);
     }
   });
 }

@@ -28,7 +28,7 @@ static inline float exp(float x) {
   const float lo = -87.3365478515625f;
   float xc = x < lo ? lo : x;
   xc = xc > 88.0f ? 88.0f : xc;
-  const float n = __builtin_floorf(xc * 1.44269504088896341f + 0.5f);
+  const float n = ((xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f);
   float r = xc - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
