@@ -4,7 +4,8 @@
   (use `pip install --no-build-isolation .` so the extension is compiled against the torch that runs it).
 - CUDA kernels (csrc/cuda/*.cu) are added when FASTOPD_BUILD_CUDA=1, or when a GPU is visible and
   FASTOPD_BUILD_CUDA is not 0. CUDA_HOME must be the toolkit root holding lib64/libcudart.so.
-- FASTOPD_BUILD_CPP=0 skips the extension; FASTOPD_CPU_ARCH adds -march=<value>; FASTOPD_CUDA_ARCHS (default "9.0") picks the GPU archs;
+- FASTOPD_BUILD_CPP=0 skips the extension; FASTOPD_CPU_ARCH adds -march=<value>;
+  FASTOPD_CUDA_ARCHS (default "9.0") picks the GPU archs;
   MAX_JOBS bounds ninja's parallel compiles (read by torch.utils.cpp_extension).
 Without a compiler or torch the package still installs and runs on its pure-PyTorch path.
 """

@@ -23,9 +23,9 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -307,7 +307,8 @@ def markdown_table(result: dict, label: str) -> str:
              f"{m.get('gpu') or m['cpu']}, {m['cores']} cores, torch {m['torch']}, {result['date']}; "
              f"median of {result['repeats']} after warm-up",
              "",
-             "| divergence | provider | median s | p20 s | p80 s | x GEMM floor | peak MiB above inputs | memory vs naive |",
+             "| divergence | provider | median s | p20 s | p80 s | x GEMM floor | peak MiB above inputs "
+             "| memory vs naive |",
              "|---|---|---|---|---|---|---|---|"]
     for r in result["results"]:
         if "median_s" not in r:
@@ -354,7 +355,8 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"fastopd bench: unknown provider {p!r} (choose from {', '.join(PROVIDERS)})")
     repeats = args.repeats or (3 if args.full else 5)
     label = "full (target shapes)" if args.full else "quick (smaller shapes than the targets; --full for those)"
-    print(f"fastopd bench, {label}: N={shape.n} Ds={shape.ds} Dt={shape.dt} V={shape.v} {shape.dtype} on {args.device}")
+    print(f"fastopd bench, {label}: N={shape.n} Ds={shape.ds} Dt={shape.dt} V={shape.v} {shape.dtype} "
+          f"on {args.device}")
     result = run_benchmark(shape, divergences, providers, args.device, repeats, args.warmup)
     result["label"] = label
     table = markdown_table(result, label)
