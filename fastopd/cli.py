@@ -8,22 +8,27 @@ import sys
 
 # name -> (module, one-line help). Modules are imported only when their subcommand runs or --help is built.
 SUBCOMMANDS = {
+    "bench": ("fastopd.bench", "benchmark the fused loss against naive PyTorch, Liger-Kernel, TRL and the GEMM floor"),
     "analyze": ("fastopd.analysis.cli", "measure how a run changed the weights: sparsity, spectra, null models"),
     "doctor": ("fastopd.doctor", "print versions and which backends (torch, C++ CPU, Triton, CUDA) are usable here"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser; subcommand modules are imported only for `only` (all of them when None)."""
     parser = argparse.ArgumentParser(prog="fastopd", description="fastopd: fast on-policy distillation.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        importlib.import_module(module).add_arguments(p)
+        if only is None or name == only:
+            importlib.import_module(module).add_arguments(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(only=chosen if chosen in SUBCOMMANDS else "")
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
