@@ -9,6 +9,8 @@ optional :class:`~fastopd.models.kv_cache.KVCache`, so the same code serves ``Ll
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -83,3 +85,82 @@ def llama_layer(
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids ``[B, S]`` of left-padded rows: real tokens count 0, 1, ...; padding columns get 0."""
     return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+
+
+class PackedLlamaLayer(NamedTuple):
+    """Inference-only weights of one Llama layer in the layout a single-token decode step wants: projections
+    fused (q|k|v and gate|up) and stored transposed ``[in, out]`` and contiguous, so each is one ``addmm``."""
+
+    input_norm: torch.Tensor
+    input_eps: float
+    qkv: torch.Tensor  # [D, (H_q + 2 H_kv) * D_head]
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor  # [H_q * D_head, D]
+    o_bias: torch.Tensor | None
+    post_norm: torch.Tensor
+    post_eps: float
+    gate_up: torch.Tensor  # [D, 2 I]
+    gate_up_bias: torch.Tensor | None
+    down: torch.Tensor  # [I, D]
+    down_bias: torch.Tensor | None
+
+
+def _fused_t(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    weight = torch.cat([lin.weight.detach() for lin in linears], 0).t().contiguous()
+    if all(lin.bias is None for lin in linears):
+        return weight, None
+    bias = torch.cat([lin.bias.detach() if lin.bias is not None else lin.weight.new_zeros(lin.out_features)
+                      for lin in linears])
+    return weight, bias
+
+
+def pack_llama_layer(layer: nn.Module) -> PackedLlamaLayer:
+    """Copy a Llama-named layer's weights into :class:`PackedLlamaLayer` (detached: for generation only)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    qkv, qkv_bias = _fused_t(attn.q_proj, attn.k_proj, attn.v_proj)
+    o, o_bias = _fused_t(attn.o_proj)
+    gate_up, gate_up_bias = _fused_t(mlp.gate_proj, mlp.up_proj)
+    down, down_bias = _fused_t(mlp.down_proj)
+    return PackedLlamaLayer(
+        layer.input_layernorm.weight.detach(), layer.input_layernorm.variance_epsilon, qkv, qkv_bias, o, o_bias,
+        layer.post_attention_layernorm.weight.detach(), layer.post_attention_layernorm.variance_epsilon,
+        gate_up, gate_up_bias, down, down_bias,
+    )
+
+
+def _addmm(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.mm(x, weight_t) if bias is None else torch.addmm(bias, x, weight_t)
+
+
+def llama_decode_layer(
+    packed: PackedLlamaLayer,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mask: torch.Tensor,
+    cache: KVCache,
+    layer_idx: int,
+    column: int,
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+) -> torch.Tensor:
+    """One Llama layer for a single new token per row: ``x`` ``[B, D]`` -> ``[B, D]``, its key/value written to
+    cache column ``column``, attention over the cache's active window under ``mask`` ``[B, 1, 1, S]``.
+    Computes what :func:`llama_layer` computes (same math, fused and transposed weights)."""
+    b = x.shape[0]
+    h = rms_norm(x, packed.input_norm, packed.input_eps)
+    qkv = _addmm(h, packed.qkv, packed.qkv_bias)
+    n_qk = (num_heads + num_kv_heads) * head_dim
+    # q and k rotated together: [B, H_q + H_kv, 1, D_head]
+    qk = apply_rope(qkv[:, :n_qk].view(b, num_heads + num_kv_heads, 1, head_dim), cos, sin)
+    q, k = qk[:, :num_heads], qk[:, num_heads:]
+    v = qkv[:, n_qk:].view(b, num_kv_heads, 1, head_dim)
+    cache.write(layer_idx, column, k, v)
+    k_all, v_all = cache.layer(layer_idx)
+    o = attention(q, k_all, v_all, mask)
+    x = x + _addmm(o.view(b, num_heads * head_dim), packed.o, packed.o_bias)
+    h = rms_norm(x, packed.post_norm, packed.post_eps)
+    gate, up = _addmm(h, packed.gate_up, packed.gate_up_bias).chunk(2, dim=-1)
+    return x + _addmm(F.silu(gate) * up, packed.down, packed.down_bias)

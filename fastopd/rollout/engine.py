@@ -310,6 +310,7 @@ class RolloutEngine:
         b = bp * n
         device = ids.device
         last, cache, prefill_tokens = self._prefill(adapter, "student", ids, mask, n, p + h)
+        decode_step = adapter.prepare_decode()
         logits = adapter.logits(last)
         # Key-validity of every cache column: prompt padding stays False; a completion column turns True when its
         # token is written. The decode mask is a view of it, built once.
@@ -340,9 +341,8 @@ class RolloutEngine:
             if t == h - 1 or (eos is not None and (t + 1) % check_every == 0 and bool(finished.all())):
                 break
             key_mask[:, p + t] = True
-            hidden = adapter.forward(tok[:, None], positions, decode_mask, cache, p + t)
+            logits = decode_step(tok, positions, decode_mask, cache, p + t)
             positions += 1
-            logits = adapter.logits(hidden[:, 0])
         return tokens, logprobs, completion_mask, finished, steps, prefill_tokens
 
     def _score(
