@@ -20,8 +20,10 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
+#include <vector>
 
 namespace fastopd {
 namespace {
@@ -37,16 +39,36 @@ struct AdamCoeffs {
   float neg_step_size;  // -lr / (1 - beta1^t)
 };
 
-constexpr int64_t kGrain = 1 << 14;
+// Work is split into chunks of kChunk selected coordinates across all tensors of the group, and one parallel
+// region runs them all (one fork/join per step, not one per tensor). Within a chunk, blocks of kBlock
+// coordinates are updated by a SIMD loop while the parameter/gradient lines kAhead coordinates further are
+// prefetched: at low density every gathered coordinate is its own cache line, so the loop is latency-bound
+// without it.
+constexpr int64_t kChunk = 1 << 15;
+constexpr int64_t kBlock = 64;
+constexpr int64_t kAhead = 256;
+
+struct TensorArgs {
+  void* param;
+  const void* grad;
+  const void* idx;
+  float* m;
+  float* v;
+  float* master;
+  int64_t* count;
+  AdamCoeffs c;
+};
+
+using RangeFn = void (*)(const TensorArgs&, int64_t, int64_t);
 
 // sqrtf vectorizes only without errno; the attribute keeps the rest of the translation unit's math untouched.
 template <typename scalar_t, typename index_t, bool HAS_INDEX, bool HAS_MASTER, bool COUNT, bool DECAY>
-__attribute__((optimize("no-math-errno"))) void adamw_range(scalar_t* __restrict param,
-                                                            const scalar_t* __restrict grad,
-                                                            const index_t* __restrict idx, float* __restrict m,
-                                                            float* __restrict v, float* __restrict master,
-                                                            const AdamCoeffs c, int64_t begin, int64_t end,
-                                                            int64_t* count) {
+__attribute__((optimize("no-math-errno"))) int64_t adamw_block(scalar_t* __restrict param,
+                                                               const scalar_t* __restrict grad,
+                                                               const index_t* __restrict idx,
+                                                               float* __restrict m, float* __restrict v,
+                                                               float* __restrict master, const AdamCoeffs& c,
+                                                               int64_t begin, int64_t end) {
   int64_t swallowed = 0;
 #pragma omp simd reduction(+ : swallowed)
   for (int64_t j = begin; j < end; ++j) {
@@ -73,63 +95,63 @@ __attribute__((optimize("no-math-errno"))) void adamw_range(scalar_t* __restrict
     }
     param[i] = static_cast<scalar_t>(p);
   }
-  if (COUNT) {
-#pragma omp atomic
-    *count += swallowed;
-  }
+  return swallowed;
 }
 
-template <typename scalar_t, typename index_t, bool HAS_INDEX, bool HAS_MASTER, bool COUNT>
-void adamw_tensor(scalar_t* param, const scalar_t* grad, const index_t* idx, float* m, float* v, float* master,
-                  const AdamCoeffs& c, bool decay, int64_t k, int64_t* count) {
-  at::parallel_for(0, k, kGrain, [&](int64_t begin, int64_t end) {
-    if (decay) {
-      adamw_range<scalar_t, index_t, HAS_INDEX, HAS_MASTER, COUNT, true>(param, grad, idx, m, v, master, c, begin,
-                                                                          end, count);
-    } else {
-      adamw_range<scalar_t, index_t, HAS_INDEX, HAS_MASTER, COUNT, false>(param, grad, idx, m, v, master, c, begin,
-                                                                           end, count);
+template <typename scalar_t, typename index_t, bool HAS_INDEX, bool HAS_MASTER, bool COUNT, bool DECAY>
+void adamw_range(const TensorArgs& a, int64_t begin, int64_t end) {
+  auto* param = static_cast<scalar_t*>(a.param);
+  const auto* grad = static_cast<const scalar_t*>(a.grad);
+  const auto* idx = static_cast<const index_t*>(a.idx);
+  int64_t swallowed = 0;
+  for (int64_t j0 = begin; j0 < end; j0 += kBlock) {
+    const int64_t j1 = std::min(j0 + kBlock, end);
+    if (HAS_INDEX) {
+      const int64_t p_end = std::min(j1 + kAhead, end);
+      for (int64_t q = std::min(j0 + kAhead, end); q < p_end; ++q) {
+        __builtin_prefetch(param + idx[q], 1);
+        __builtin_prefetch(grad + idx[q], 0);
+      }
     }
-  });
+    swallowed += adamw_block<scalar_t, index_t, HAS_INDEX, HAS_MASTER, COUNT, DECAY>(param, grad, idx, a.m, a.v,
+                                                                                      a.master, a.c, j0, j1);
+  }
+  if (COUNT) {
+#pragma omp atomic
+    *a.count += swallowed;
+  }
 }
 
 template <typename scalar_t, typename index_t>
-void dispatch_flags(scalar_t* param, const scalar_t* grad, const index_t* idx, float* m, float* v, float* master,
-                    const AdamCoeffs& c, bool decay, int64_t k, int64_t* count) {
-  const bool has_index = idx != nullptr, has_master = master != nullptr, counting = count != nullptr;
-#define FASTOPD_ADAMW_CASE(I, M, C)                                                                 \
-  if (has_index == I && has_master == M && counting == C) {                                        \
-    adamw_tensor<scalar_t, index_t, I, M, C>(param, grad, idx, m, v, master, c, decay, k, count); \
-    return;                                                                                        \
-  }
-  FASTOPD_ADAMW_CASE(true, true, true)
-  FASTOPD_ADAMW_CASE(true, true, false)
-  FASTOPD_ADAMW_CASE(true, false, true)
-  FASTOPD_ADAMW_CASE(true, false, false)
-  FASTOPD_ADAMW_CASE(false, true, true)
-  FASTOPD_ADAMW_CASE(false, true, false)
-  FASTOPD_ADAMW_CASE(false, false, true)
-  FASTOPD_ADAMW_CASE(false, false, false)
+RangeFn pick_range(bool has_index, bool has_master, bool counting, bool decay) {
+#define FASTOPD_ADAMW_CASE(I, M, C, D) \
+  if (has_index == I && has_master == M && counting == C && decay == D) return &adamw_range<scalar_t, index_t, I, M, C, D>;
+  FASTOPD_ADAMW_CASE(true, true, true, true)
+  FASTOPD_ADAMW_CASE(true, true, true, false)
+  FASTOPD_ADAMW_CASE(true, true, false, true)
+  FASTOPD_ADAMW_CASE(true, true, false, false)
+  FASTOPD_ADAMW_CASE(true, false, true, true)
+  FASTOPD_ADAMW_CASE(true, false, true, false)
+  FASTOPD_ADAMW_CASE(true, false, false, true)
+  FASTOPD_ADAMW_CASE(true, false, false, false)
+  FASTOPD_ADAMW_CASE(false, true, true, true)
+  FASTOPD_ADAMW_CASE(false, true, true, false)
+  FASTOPD_ADAMW_CASE(false, true, false, true)
+  FASTOPD_ADAMW_CASE(false, true, false, false)
+  FASTOPD_ADAMW_CASE(false, false, true, true)
+  FASTOPD_ADAMW_CASE(false, false, true, false)
+  FASTOPD_ADAMW_CASE(false, false, false, true)
+  FASTOPD_ADAMW_CASE(false, false, false, false)
 #undef FASTOPD_ADAMW_CASE
+  return nullptr;
 }
 
 template <typename scalar_t>
-void step_one(const at::Tensor& param, const at::Tensor& grad, const std::optional<at::Tensor>& indices,
-              const at::Tensor& m, const at::Tensor& v, const std::optional<at::Tensor>& master,
-              const std::optional<at::Tensor>& swallowed, const AdamCoeffs& c, bool decay, int64_t k) {
-  scalar_t* p = param.data_ptr<scalar_t>();
-  const scalar_t* g = grad.data_ptr<scalar_t>();
-  float* pm = m.data_ptr<float>();
-  float* pv = v.data_ptr<float>();
-  float* pw = master.has_value() ? master->data_ptr<float>() : nullptr;
-  int64_t* cnt = swallowed.has_value() ? swallowed->data_ptr<int64_t>() : nullptr;
-  if (!indices.has_value()) {
-    dispatch_flags<scalar_t, int32_t>(p, g, nullptr, pm, pv, pw, c, decay, k, cnt);
-  } else if (indices->scalar_type() == at::kInt) {
-    dispatch_flags<scalar_t, int32_t>(p, g, indices->data_ptr<int32_t>(), pm, pv, pw, c, decay, k, cnt);
-  } else {
-    dispatch_flags<scalar_t, int64_t>(p, g, indices->data_ptr<int64_t>(), pm, pv, pw, c, decay, k, cnt);
+RangeFn pick_for_index(const std::optional<at::Tensor>& indices, bool has_master, bool counting, bool decay) {
+  if (indices.has_value() && indices->scalar_type() == at::kLong) {
+    return pick_range<scalar_t, int64_t>(true, has_master, counting, decay);
   }
+  return pick_range<scalar_t, int32_t>(indices.has_value(), has_master, counting, decay);
 }
 
 std::optional<at::Tensor> defined_or_none(const c10::List<std::optional<at::Tensor>>& list, size_t i) {
@@ -150,6 +172,15 @@ void sparse_adamw_step_cpu(at::TensorList params, at::TensorList grads,
                   bias_correction2_sqrts.size() == n,
               "sparse_adamw_step_: every list must have one entry per parameter (", n, ")");
   const float w = static_cast<float>(1.0 - beta1);
+  struct Chunk {
+    size_t tensor;
+    int64_t begin, end;
+  };
+  std::vector<TensorArgs> args;
+  std::vector<RangeFn> fns;
+  std::vector<Chunk> chunks;
+  args.reserve(n);
+  fns.reserve(n);
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& param = params[i];
     const at::Tensor& grad = grads[i];
@@ -181,29 +212,43 @@ void sparse_adamw_step_cpu(at::TensorList params, at::TensorList grads,
                   "sparse_adamw_step_: swallowed counter ", i, " must be one int64");
     }
     if (k == 0) continue;
-    AdamCoeffs c{static_cast<float>(1.0 - lr * weight_decay),
-                 w,
-                 std::abs(w) < 0.5f,
-                 static_cast<float>(beta2),
-                 static_cast<float>(1.0 - beta2),
-                 static_cast<float>(bias_correction2_sqrts[i]),
-                 static_cast<float>(eps),
-                 static_cast<float>(-step_sizes[i])};
+    TensorArgs a{param.data_ptr(),
+                 grad.data_ptr(),
+                 idx.has_value() ? idx->data_ptr() : nullptr,
+                 m.data_ptr<float>(),
+                 v.data_ptr<float>(),
+                 master.has_value() ? master->data_ptr<float>() : nullptr,
+                 counter.has_value() ? counter->data_ptr<int64_t>() : nullptr,
+                 AdamCoeffs{static_cast<float>(1.0 - lr * weight_decay), w, std::abs(w) < 0.5f,
+                            static_cast<float>(beta2), static_cast<float>(1.0 - beta2),
+                            static_cast<float>(bias_correction2_sqrts[i]), static_cast<float>(eps),
+                            static_cast<float>(-step_sizes[i])}};
     const bool decay = weight_decay != 0.0;
+    RangeFn fn = nullptr;
     switch (param.scalar_type()) {
       case at::kFloat:
-        step_one<float>(param, grad, idx, m, v, master, counter, c, decay, k);
+        fn = pick_for_index<float>(idx, master.has_value(), counter.has_value(), decay);
         break;
       case at::kBFloat16:
-        step_one<c10::BFloat16>(param, grad, idx, m, v, master, counter, c, decay, k);
+        fn = pick_for_index<c10::BFloat16>(idx, master.has_value(), counter.has_value(), decay);
         break;
       case at::kHalf:
-        step_one<c10::Half>(param, grad, idx, m, v, master, counter, c, decay, k);
+        fn = pick_for_index<c10::Half>(idx, master.has_value(), counter.has_value(), decay);
         break;
       default:
         TORCH_CHECK(false, "sparse_adamw_step_: unsupported parameter dtype ", param.scalar_type());
     }
+    const size_t t = args.size();
+    args.push_back(a);
+    fns.push_back(fn);
+    for (int64_t b = 0; b < k; b += kChunk) chunks.push_back(Chunk{t, b, std::min(b + kChunk, k)});
   }
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t q = begin; q < end; ++q) {
+      const Chunk& ch = chunks[q];
+      fns[ch.tensor](args[ch.tensor], ch.begin, ch.end);
+    }
+  });
 }
 
 }  // namespace

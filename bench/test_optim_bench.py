@@ -1,0 +1,116 @@
+"""CPU benchmark of SparseMaskedAdamW against torch.optim.AdamW, measured in one run.
+
+A stack of LLM-shaped fp32 matrices (~31.5M parameters: 8 of 1024x1024, 4 of 2816x1024, 4 of 1024x2816), fixed
+random gradients, random masks at densities 1/5/20/100%. Per optimizer: median step time (and 20/80 percentiles)
+and optimizer-state bytes per parameter. Ratios are against torch.optim.AdamW(foreach=True) in the same process.
+
+    flock /tmp/fastopd_bench.lock python -m pytest bench/test_optim_bench.py -q -p no:cacheprovider
+
+writes bench/results/optim_cpu.json and bench/results/optim_cpu.md (the last test of this file).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+
+import pytest
+import torch
+
+import fastopd
+from fastopd.optim import SparseMaskedAdamW, masks
+
+SHAPES = [(1024, 1024)] * 8 + [(2816, 1024)] * 4 + [(1024, 2816)] * 4
+DENSITIES = (0.01, 0.05, 0.2, 1.0)
+ROUNDS = int(os.environ.get("FASTOPD_BENCH_ROUNDS", "7"))
+RESULTS: dict[str, dict] = {}
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def stack():
+    gen = torch.Generator().manual_seed(0)
+    params = [(f"layers.{i}.w", torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02)) for i, s in enumerate(SHAPES)]
+    for _, p in params:
+        p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+    return params
+
+
+def _state_bytes(opt: torch.optim.Optimizer) -> int:
+    return sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
+               if isinstance(v, torch.Tensor))
+
+
+def _record(key: str, benchmark, opt, numel: int, **info) -> None:
+    data = sorted(benchmark.stats.stats.data)
+    pick = lambda q: data[min(len(data) - 1, int(q * len(data)))]  # noqa: E731
+    RESULTS[key] = dict(median_s=benchmark.stats.stats.median, p20_s=pick(0.2), p80_s=pick(0.8), rounds=len(data),
+                        state_bytes_per_param=_state_bytes(opt) / numel, **info)
+    benchmark.extra_info.update(RESULTS[key])
+
+
+@pytest.mark.parametrize("variant", ["foreach", "fused"])
+def test_torch_adamw(benchmark, stack, variant):
+    params = [p for _, p in stack]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, **{variant: True})
+    benchmark.pedantic(opt.step, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+    _record(f"torch-{variant}", benchmark, opt, sum(p.numel() for p in params),
+            optimizer=f"torch.optim.AdamW({variant})")
+
+
+@pytest.mark.parametrize("impl", ["cpu", "torch"])
+@pytest.mark.parametrize("density", DENSITIES, ids=[f"d{d:g}" for d in DENSITIES])
+def test_sparse_masked_adamw(benchmark, stack, density, impl):
+    if impl == "torch" and density == 1.0:
+        pytest.skip("the torch reference at full density is torch's own ops; the foreach peer covers it")
+    mask = masks.random(dict(stack), density, generator=torch.Generator().manual_seed(1))
+    opt = SparseMaskedAdamW(stack, masks=mask, lr=1e-4, weight_decay=0.01, impl=impl)
+    benchmark.pedantic(opt.step, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+    _record(f"sparse-{impl}-d{density:g}", benchmark, opt, sum(p.numel() for _, p in stack),
+            optimizer=f"SparseMaskedAdamW(impl={impl})", density=density)
+
+
+def test_write_results():
+    if "torch-foreach" not in RESULTS:
+        pytest.skip("run the whole file to write results")
+    base = RESULTS["torch-foreach"]["median_s"]
+    for r in RESULTS.values():
+        r["time_vs_torch_foreach"] = r["median_s"] / base
+    numel = sum(a * b for a, b in SHAPES)
+    machine = {"platform": platform.platform(), "processor": _cpu_name(), "cpus": os.cpu_count(),
+               "torch_threads": torch.get_num_threads(),
+               "loadavg_1_5_15min_at_end": os.getloadavg()}  # the machine is shared: other jobs were running
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "fastopd": fastopd.__version__}
+    out = {"benchmark": "SparseMaskedAdamW step vs torch.optim.AdamW, fp32, CPU", "numel": numel,
+           "shapes": "8x(1024x1024) + 4x(2816x1024) + 4x(1024x2816)", "machine": machine, "versions": versions,
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "command": "flock /tmp/fastopd_bench.lock python -m pytest bench/test_optim_bench.py -q -p no:cacheprovider",
+           "results": RESULTS}
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    with open(os.path.join(HERE, "results", "optim_cpu.json"), "w") as f:
+        json.dump(out, f, indent=2)
+    lines = [f"# SparseMaskedAdamW vs torch.optim.AdamW (CPU, fp32, {numel / 1e6:.1f}M params)", "",
+             f"{machine['processor']}, {machine['cpus']} cores, torch {versions['torch']} "
+             f"({machine['torch_threads']} threads), {out['date']}, load average at the end "
+             f"{machine['loadavg_1_5_15min_at_end'][0]:.1f} (shared machine). Command: `{out['command']}`", "",
+             "| optimizer | density | step median (ms) | p20-p80 (ms) | vs torch foreach | state B/param |",
+             "|---|---|---|---|---|---|"]
+    for r in RESULTS.values():
+        dens = f"{100 * r['density']:g}%" if "density" in r else "100% (dense)"
+        lines.append(f"| {r['optimizer']} | {dens} | {1e3 * r['median_s']:.2f} | {1e3 * r['p20_s']:.2f}-"
+                     f"{1e3 * r['p80_s']:.2f} | {r['time_vs_torch_foreach']:.3f}x | {r['state_bytes_per_param']:.3f} |")
+    with open(os.path.join(HERE, "results", "optim_cpu.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
