@@ -1,0 +1,43 @@
+"""pytest-benchmark suite for the fused divergence loss: fastopd beside naive PyTorch, Liger-Kernel, TRL and
+the four-GEMM floor, forward + backward, one benchmark group per divergence so the table compares them.
+
+    pytest bench/test_loss_bench.py --benchmark-only --benchmark-group-by=group
+    FASTOPD_BENCH_FULL=1 pytest bench/test_loss_bench.py --benchmark-only   # the target shapes
+
+`fastopd bench` runs the same providers (fastopd.bench) in one process and writes bench/results/.
+Peak memory above the inputs goes into each benchmark's extra_info.
+"""
+
+import os
+
+import pytest
+import torch
+
+from fastopd import bench
+
+SHAPE = bench.FULL if os.environ.get("FASTOPD_BENCH_FULL") == "1" else bench.QUICK
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("divergence", ["fkl", "jsd"])
+@pytest.mark.parametrize("provider", bench.PROVIDERS)
+def test_loss_forward_backward(benchmark, provider, divergence):
+    inputs = bench.make_inputs(SHAPE, DEVICE)
+    try:
+        step = bench.provider_step(provider, divergence, inputs)
+    except ImportError as exc:
+        pytest.skip(f"{provider} not installed: {exc}")
+    mem = bench.PeakMemory(DEVICE)
+    mem.start()
+    step()
+    peak = mem.peak()
+    benchmark.group = f"loss-{divergence}-N{SHAPE.n}-D{SHAPE.ds}-V{SHAPE.v}"
+    benchmark.extra_info.update(provider=provider, divergence=divergence, shape=vars(SHAPE),
+                                peak_bytes_above_inputs=peak, machine=bench.machine_info(DEVICE))
+
+    def timed():
+        step()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+
+    benchmark.pedantic(timed, rounds=5, warmup_rounds=1)
