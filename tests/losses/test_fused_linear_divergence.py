@@ -231,6 +231,30 @@ def test_stats_match_reference(impl_device, divergence):
         assert (got[0, :4] == 0).all(), name
 
 
+@pytest.mark.parametrize("impl_device", BACKENDS)
+@pytest.mark.parametrize("divergence, v, beta", [
+    pytest.param("fkl", 2, 0.5, id="fkl-V2-logp-near-0"),  # teacher log-probs of -6e-7 must not round to 0
+    pytest.param("jsd", 70, 0.2, id="jsd-V70-mixture-underflow"),  # b*p_t + (1-b)*p_s underflows to 0
+])
+def test_large_logit_scale_regressions(impl_device, divergence, v, beta):
+    """Cases hypothesis found: logits of |z| ~ 500 after temperature 0.5. Each backend's error must stay
+    within twice a naive fp32 computation's, and finite."""
+    inputs = make_inputs(n=1, ds=1, dt=1, vs=v, vt=v, seed=0, scale=40.0)
+    labels = torch.randint(0, v, (1,), generator=torch.Generator().manual_seed(0))
+    opts = dict(divergence=divergence, beta=beta, temperature=0.5, chunk_size=1)
+    out, ref, grads, ref_grads = run_both(inputs, labels, opts, impl_device, grad_seed=0)
+    hs, ws, ht, wt, _, _ = inputs
+    leaves = [hs.clone().requires_grad_(True), ws.clone().requires_grad_(True)]
+    naive, _ = reference(leaves[0], leaves[1], ht, wt, labels, **opts)
+    naive.backward((torch.rand((), generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 0.5).float())
+    assert torch.isfinite(out).all()
+    assert abs(out.item() - ref.item()) <= max(1e-5 * abs(ref.item()), 2 * abs(naive.item() - ref.item()))
+    for got, want, nv in zip(grads, ref_grads, leaves):
+        assert torch.isfinite(got).all()
+        budget = max(1e-5 * want.norm().item(), 2 * (nv.grad.double() - want).norm().item())
+        assert (got.double() - want).norm() <= budget
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Low precision: error no worse than twice a same-dtype naive PyTorch computation's
 # ----------------------------------------------------------------------------------------------------------
