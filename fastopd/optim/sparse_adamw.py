@@ -50,6 +50,8 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
         impl: backend of the sparse step, "auto" | "torch" | "cpu" | "triton" ("auto": C++ on CPU tensors,
             Triton on CUDA tensors, else torch). FASTOPD_IMPL overrides "auto".
         foreach, fused: passed to torch's AdamW for the dense parameters (default: foreach).
+        strict: with False, masks naming parameters this optimizer does not hold (tied weights, buffers from a
+            state-dict diff) are ignored instead of raising.
 
     Raises:
         ValueError: unknown mask names, masks whose shape does not match the parameter, non-integer/non-bool
@@ -69,6 +71,7 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
         impl: str = "auto",
         foreach: bool | None = None,
         fused: bool | None = None,
+        strict: bool = True,
     ) -> None:
         if not 0.0 <= lr:
             raise ValueError(f"Invalid learning rate: {lr}")
@@ -92,15 +95,15 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
         self.fused = fused
         self._names: dict[int, str] = {}
         for gi, group in enumerate(self.param_groups):
-            names = group.get("param_names")
-            for pi, p in enumerate(group["params"]):
-                self._names[id(p)] = names[pi] if names is not None else f"group{gi}.param{pi}"
+            self._register_names(gi, group)
         self._reference: dict[int, torch.Tensor] = {}
 
         masks = dict(masks or {})
         by_name = {self._names[id(p)]: p for group in self.param_groups for p in group["params"]}
         unknown = sorted(set(masks) - set(by_name))
-        if unknown:
+        if unknown and not strict:
+            masks = {n: m for n, m in masks.items() if n in by_name}
+        elif unknown:
             raise ValueError(f"masks name parameters that are not optimized here: {unknown[:8]}"
                              f"{' ...' if len(unknown) > 8 else ''} (known: {sorted(by_name)[:8]} ...)")
         for name, mask in masks.items():
@@ -121,6 +124,17 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
                 state["swallowed"] = torch.zeros((), dtype=torch.int64, device=p.device)
 
     # ------------------------------------------------------------------ helpers
+    def _register_names(self, gi: int, group: dict[str, Any]) -> None:
+        names = group.get("param_names")
+        for pi, p in enumerate(group["params"]):
+            self._names[id(p)] = names[pi] if names is not None else f"group{gi}.param{pi}"
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As torch.optim.Optimizer.add_param_group; parameters added later are updated densely."""
+        super().add_param_group(param_group)
+        if hasattr(self, "_names"):
+            self._register_names(len(self.param_groups) - 1, self.param_groups[-1])
+
     def _is_masked(self, p: torch.Tensor) -> bool:
         return "indices" in self.state.get(p, {})
 

@@ -242,6 +242,13 @@ def test_bad_construction_is_rejected():
     p = torch.nn.Parameter(torch.randn(5, 6))
     with pytest.raises(ValueError, match="not optimized here"):
         SparseMaskedAdamW([("w", p)], masks={"v": torch.ones(5, 6, dtype=torch.bool)})
+    opt = SparseMaskedAdamW([("w", p)], masks={"v": torch.ones(5, 6, dtype=torch.bool)}, strict=False)
+    assert opt.mask_indices() == {}
+    extra = torch.nn.Parameter(torch.randn(3))
+    opt.add_param_group({"params": [("extra", extra)], "lr": 0.5})
+    extra.grad = torch.ones(3)
+    opt.step()
+    assert "extra" in opt.export_delta()
     q = torch.nn.Parameter(torch.randn(6, 5).t())
     with pytest.raises(ValueError, match="contiguous"):
         SparseMaskedAdamW([("q", q)], masks={"q": torch.ones(5, 6, dtype=torch.bool)})
