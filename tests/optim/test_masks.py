@@ -258,3 +258,16 @@ def test_summary():
     assert "ffn_down" in lines[0]
     unknown = masks.summary({"x.weight": torch.arange(3)}, print_fn=None)
     assert unknown["total"] == {"selected": 3, "numel": None, "density": None}
+
+
+def test_load_reads_analysis_mask_writer_files(tmp_path):
+    """Files from `fastopd analyze --mask-out` (fastopd.analysis.masks.MaskWriter, bool per parameter) load."""
+    writer_mod = pytest.importorskip("fastopd.analysis.masks")
+    path = tmp_path / "analyze.safetensors"
+    want = {"model.layers.0.mlp.up_proj.weight": torch.rand(5, 3) < 0.5, "model.norm.weight": torch.rand(3) < 0.5}
+    with writer_mod.MaskWriter(path, [(n, tuple(m.shape)) for n, m in want.items()]) as w:
+        for n, m in want.items():
+            w.begin(n)
+            w.write(m)
+    got = masks.load(str(path))
+    assert all(torch.equal(got[n], want[n]) for n in want)
