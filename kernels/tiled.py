@@ -1,0 +1,364 @@
+"""Triton kernels of the tiled divergence (Cut Cross-Entropy style): logits never reach global memory.
+
+A logit tile X[rows, cols] = h[rows] @ W[cols]^T (+ b[cols]) is computed on chip with tl.dot over the hidden
+dimension, for the student and the teacher, and consumed at once. Three kernels, each over a grid of
+(row block, vocabulary split) programs; a program walks its share of the vocabulary in BLOCK_V tiles:
+
+  _tiled_lse_kernel    per split: partial log-sum-exp of both models (online over its tiles) and the label's
+                       logits; the host side combines splits with a logsumexp over [SPLIT, N] (no sync).
+  _tiled_sums_kernel   with the row normalizers known: per split, the divergence sums and the entropy with
+                       exact log-probs (partials [SPLIT, N, 3], summed on the host side).
+  _tiled_grad_kernel   the gradient tile G = dL/dx_s (upstream `row_scale`), then grad_h[rows] += G W[cols]
+                       and grad_W[cols] += G^T h[rows] (grad_b[cols] += colsum G) with fp32 atomics. A tile
+                       whose largest |dL/dz_s| (before the upstream scale) is below `skip_threshold` adds
+                       nothing measurable and its two gradient GEMMs are skipped.
+
+GEMM work for N tokens: each pass recomputes both models' tiles (2 N V (Ds + Dt) flops per pass); the
+gradient adds 2 x 2 N V Ds. Global memory holds only the inputs, the gradients and O(SPLIT x N) statistics.
+These are raw kernels plus launchers; fastopd/losses/tiled.py holds the autograd Function.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from fastopd.kernels.divergence import _tanh
+
+
+@triton.jit
+def _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, rmask, cmask, D, stride_h, stride_w,
+                HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """X[BLOCK_N, BLOCK_V] = h[rows] @ W[cols]^T (+ b[cols]), fp32 accumulation."""
+    acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+    dk = tl.arange(0, BLOCK_D)
+    for d0 in range(0, D, BLOCK_D):
+        kk = d0 + dk
+        kmask = kk < D
+        a = tl.load(h_ptr + rows[:, None] * stride_h + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(w_ptr + cols[None, :] * stride_w + kk[:, None], mask=cmask[None, :] & kmask[:, None], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _scaled_tile(x, cmask, inv_temp, softcap, inv_softcap, SOFTCAP: tl.constexpr):
+    if SOFTCAP:
+        x = softcap * _tanh(x * inv_softcap)
+    return tl.where(cmask[None, :], x * inv_temp, float("-inf"))
+
+
+@triton.jit
+def _tiled_lse_kernel(
+    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, labels_ptr, part_ptr,
+    N, V, Ds, Dt, stride_hs, stride_ws, stride_ht, stride_wt, blocks_per_split,
+    inv_temp, softcap, inv_softcap, ignore_index,
+    HAS_BIAS_S: tl.constexpr, HAS_BIAS_T: tl.constexpr, HAS_LABELS: tl.constexpr, SOFTCAP: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """part[split, :, row] = (lse_s, lse_t, z_s[y], z_t[y]) of this split's vocabulary share ([SPLIT, 4, N])."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rmask = rows < N
+    if HAS_LABELS:
+        y = tl.load(labels_ptr + rows, mask=rmask, other=ignore_index)
+        y = tl.where(y == ignore_index, -1, y)
+    m_s = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    m_t = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    s_s = tl.zeros([BLOCK_N], tl.float32)
+    s_t = tl.zeros([BLOCK_N], tl.float32)
+    zs_y = tl.zeros([BLOCK_N], tl.float32)
+    zt_y = tl.zeros([BLOCK_N], tl.float32)
+    v_begin = split * blocks_per_split * BLOCK_V
+    v_end = tl.minimum(V, v_begin + blocks_per_split * BLOCK_V)
+    for v0 in range(v_begin, v_end, BLOCK_V):
+        cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+        cmask = cols < v_end
+        xs = _logit_tile(hs_ptr, ws_ptr, bs_ptr, rows, cols, rmask, cmask, Ds, stride_hs, stride_ws, HAS_BIAS_S,
+                         BLOCK_N, BLOCK_V, BLOCK_D, PRECISION)
+        xt = _logit_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, rmask, cmask, Dt, stride_ht, stride_wt, HAS_BIAS_T,
+                         BLOCK_N, BLOCK_V, BLOCK_D, PRECISION)
+        zs = _scaled_tile(xs, cmask, inv_temp, softcap, inv_softcap, SOFTCAP)
+        zt = _scaled_tile(xt, cmask, inv_temp, softcap, inv_softcap, SOFTCAP)
+        new_s = tl.maximum(m_s, tl.max(zs, 1))
+        safe_s = tl.where(new_s == float("-inf"), 0.0, new_s)
+        s_s = s_s * tl.exp(m_s - safe_s) + tl.sum(tl.exp(zs - safe_s[:, None]), 1)
+        m_s = new_s
+        new_t = tl.maximum(m_t, tl.max(zt, 1))
+        safe_t = tl.where(new_t == float("-inf"), 0.0, new_t)
+        s_t = s_t * tl.exp(m_t - safe_t) + tl.sum(tl.exp(zt - safe_t[:, None]), 1)
+        m_t = new_t
+        if HAS_LABELS:
+            hit = cols[None, :] == y[:, None]
+            zs_y += tl.sum(tl.where(hit, zs, 0.0), 1)
+            zt_y += tl.sum(tl.where(hit, zt, 0.0), 1)
+    lse_s = tl.where(m_s == float("-inf"), 0.0, m_s) + tl.log(s_s)  # s = 0 (empty split) gives -inf
+    lse_t = tl.where(m_t == float("-inf"), 0.0, m_t) + tl.log(s_t)
+    base = part_ptr + split * 4 * N + rows
+    tl.store(base, lse_s, mask=rmask)
+    tl.store(base + N, lse_t, mask=rmask)
+    tl.store(base + 2 * N, zs_y, mask=rmask)
+    tl.store(base + 3 * N, zt_y, mask=rmask)
+
+
+@triton.jit
+def _tile_probs(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, rows, cols, rmask, cmask, Ds, Dt,
+                stride_hs, stride_ws, stride_ht, stride_wt, lse_s, lse_t, inv_temp, softcap, inv_softcap,
+                HAS_BIAS_S: tl.constexpr, HAS_BIAS_T: tl.constexpr, SOFTCAP: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """Scaled student logits and both models' log-probs and probs of one tile."""
+    xs = _logit_tile(hs_ptr, ws_ptr, bs_ptr, rows, cols, rmask, cmask, Ds, stride_hs, stride_ws, HAS_BIAS_S,
+                     BLOCK_N, BLOCK_V, BLOCK_D, PRECISION)
+    xt = _logit_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, rmask, cmask, Dt, stride_ht, stride_wt, HAS_BIAS_T,
+                     BLOCK_N, BLOCK_V, BLOCK_D, PRECISION)
+    zs = _scaled_tile(xs, cmask, inv_temp, softcap, inv_softcap, SOFTCAP)
+    zt = _scaled_tile(xt, cmask, inv_temp, softcap, inv_softcap, SOFTCAP)
+    lps = zs - lse_s[:, None]
+    lpt = zt - lse_t[:, None]
+    return zs, lps, lpt, tl.exp(lps), tl.exp(lpt)
+
+
+@triton.jit
+def _tiled_sums_kernel(
+    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, row_ptr, part_ptr,
+    N, V, Ds, Dt, stride_hs, stride_ws, stride_ht, stride_wt, blocks_per_split,
+    beta, inv_temp, softcap, inv_softcap,
+    DIV: tl.constexpr, HAS_BIAS_S: tl.constexpr, HAS_BIAS_T: tl.constexpr, SOFTCAP: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """part[split, :, row] = (A, B, sum p_s lp_s) over this split's vocabulary; row_ptr holds [lse_s; lse_t] [2, N].
+
+    fkl: A = KL(t||s); rkl: A = KL(s||t); jsd: A = KL(t||m), B = KL(s||m).
+    """
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rmask = rows < N
+    lse_s = tl.load(row_ptr + rows, mask=rmask, other=0.0)
+    lse_t = tl.load(row_ptr + N + rows, mask=rmask, other=0.0)
+    acc_a = tl.zeros([BLOCK_N], tl.float32)
+    acc_b = tl.zeros([BLOCK_N], tl.float32)
+    ent = tl.zeros([BLOCK_N], tl.float32)
+    v_begin = split * blocks_per_split * BLOCK_V
+    v_end = tl.minimum(V, v_begin + blocks_per_split * BLOCK_V)
+    for v0 in range(v_begin, v_end, BLOCK_V):
+        cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+        cmask = cols < v_end
+        zs, lps, lpt, ps, pt = _tile_probs(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, rows, cols, rmask, cmask,
+                                           Ds, Dt, stride_hs, stride_ws, stride_ht, stride_wt, lse_s, lse_t,
+                                           inv_temp, softcap, inv_softcap, HAS_BIAS_S, HAS_BIAS_T, SOFTCAP,
+                                           BLOCK_N, BLOCK_V, BLOCK_D, PRECISION)
+        ent += tl.sum(tl.where(ps > 0.0, ps * lps, 0.0), 1)
+        if DIV == 0:
+            acc_a += tl.sum(tl.where(pt > 0.0, pt * (lpt - lps), 0.0), 1)
+        elif DIV == 1:
+            acc_a += tl.sum(tl.where(ps > 0.0, ps * (lps - lpt), 0.0), 1)
+        else:
+            lm = tl.log(beta * pt + (1.0 - beta) * ps)
+            acc_a += tl.sum(tl.where(pt > 0.0, pt * (lpt - lm), 0.0), 1)
+            acc_b += tl.sum(tl.where(ps > 0.0, ps * (lps - lm), 0.0), 1)
+    base = part_ptr + split * 3 * N + rows
+    tl.store(base, acc_a, mask=rmask)
+    tl.store(base + N, acc_b, mask=rmask)
+    tl.store(base + 2 * N, ent, mask=rmask)
+
+
+@triton.jit
+def _tiled_grad_kernel(
+    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, labels_ptr, row_ptr, gh_ptr, gw_ptr, gb_ptr, skip_ptr,
+    N, V, Ds, Dt, stride_hs, stride_ws, stride_ht, stride_wt, blocks_per_split,
+    beta, inv_temp, temperature, softcap, inv_softcap, soft_weight, hard_weight, ignore_index, skip_threshold,
+    DIV: tl.constexpr, HAS_BIAS_S: tl.constexpr, HAS_BIAS_T: tl.constexpr, HAS_LABELS: tl.constexpr,
+    HARD: tl.constexpr, SOFTCAP: tl.constexpr, GRAD_H: tl.constexpr, GRAD_W: tl.constexpr, GRAD_B: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Accumulates grad_h [N, Ds], grad_W [V, Ds], grad_b [V] (fp32, atomics) of sum_r row_scale[r] * loss[r].
+
+    row_ptr holds [lse_s; lse_t; K; row_scale] [4, N]: K is the row's KL(s||t) (rkl) or KL(s||m) (jsd);
+    row_scale is 0 on ignored rows. skip_ptr counts the tiles skipped under skip_threshold (int32 [1]).
+    """
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rmask = rows < N
+    lse_s = tl.load(row_ptr + rows, mask=rmask, other=0.0)
+    lse_t = tl.load(row_ptr + N + rows, mask=rmask, other=0.0)
+    k_row = tl.load(row_ptr + 2 * N + rows, mask=rmask, other=0.0)
+    scale = tl.load(row_ptr + 3 * N + rows, mask=rmask, other=0.0)
+    if HAS_LABELS:
+        y = tl.load(labels_ptr + rows, mask=rmask, other=ignore_index)
+        valid = rmask & (y != ignore_index)
+        y = tl.where(valid, y, -1)
+    else:
+        valid = rmask
+    dk = tl.arange(0, BLOCK_D)
+    v_begin = split * blocks_per_split * BLOCK_V
+    v_end = tl.minimum(V, v_begin + blocks_per_split * BLOCK_V)
+    for v0 in range(v_begin, v_end, BLOCK_V):
+        cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+        cmask = cols < v_end
+        zs, lps, lpt, ps, pt = _tile_probs(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, rows, cols, rmask, cmask,
+                                           Ds, Dt, stride_hs, stride_ws, stride_ht, stride_wt, lse_s, lse_t,
+                                           inv_temp, softcap, inv_softcap, HAS_BIAS_S, HAS_BIAS_T, SOFTCAP,
+                                           BLOCK_N, BLOCK_V, BLOCK_D, PRECISION)
+        if DIV == 0:
+            g = soft_weight * (ps - pt)
+        else:
+            if DIV == 1:
+                lref = lpt
+                coef = soft_weight
+            else:
+                lref = tl.log(beta * pt + (1.0 - beta) * ps)
+                coef = soft_weight * (1.0 - beta)
+            term = tl.where(ps > 0.0, ps * (lps - lref), 0.0)
+            g = coef * (term - ps * k_row[:, None])
+        if HARD:
+            g += hard_weight * ps
+            g = tl.where(cols[None, :] == y[:, None], g - hard_weight, g)
+        if SOFTCAP:
+            c = zs * (temperature * inv_softcap)
+            g = g * (inv_temp * (1.0 - c * c))
+        else:
+            g = g * inv_temp
+        g = tl.where(valid[:, None] & cmask[None, :], g, 0.0)
+        if tl.max(tl.max(tl.abs(g), 1), 0) >= skip_threshold:
+            g = g * scale[:, None]
+            if GRAD_B:
+                tl.atomic_add(gb_ptr + cols, tl.sum(g, 0), mask=cmask)
+            gl = g.to(hs_ptr.dtype.element_ty)
+            for d0 in range(0, Ds, BLOCK_D):
+                kk = d0 + dk
+                kmask = kk < Ds
+                if GRAD_H:
+                    w = tl.load(ws_ptr + cols[:, None] * stride_ws + kk[None, :], mask=cmask[:, None] & kmask[None, :],
+                                other=0.0)
+                    tl.atomic_add(gh_ptr + rows[:, None] * Ds + kk[None, :], tl.dot(gl, w, input_precision=PRECISION),
+                                  mask=rmask[:, None] & kmask[None, :])
+                if GRAD_W:
+                    h = tl.load(hs_ptr + rows[:, None] * stride_hs + kk[None, :], mask=rmask[:, None] & kmask[None, :],
+                                other=0.0)
+                    tl.atomic_add(gw_ptr + cols[:, None] * Ds + kk[None, :],
+                                  tl.dot(tl.trans(gl), h, input_precision=PRECISION),
+                                  mask=cmask[:, None] & kmask[None, :])
+        else:
+            tl.atomic_add(skip_ptr, 1)
+
+
+class TiledConfig:
+    """Launch configuration of the tiled kernels: tile sizes, warps and the number of vocabulary splits."""
+
+    def __init__(self, block_n: int, block_v: int, block_d: int, num_warps: int, num_stages: int, splits: int):
+        self.block_n, self.block_v, self.block_d = block_n, block_v, block_d
+        self.num_warps, self.num_stages, self.splits = num_warps, num_stages, splits
+
+    def __repr__(self) -> str:
+        return (f"TiledConfig(block_n={self.block_n}, block_v={self.block_v}, block_d={self.block_d}, "
+                f"num_warps={self.num_warps}, num_stages={self.num_stages}, splits={self.splits})")
+
+
+# One fixed configuration per input width on sm_90 (no autotuning), checked free of register spills by
+# tests/kernels/test_triton_sm90_compile.py: fp32 tiles take no tensor-core path and need a narrower row block.
+GPU_CONFIG_16BIT = (64, 128, 32, 8, 3)
+GPU_CONFIG_FP32 = (32, 128, 32, 8, 2)
+CPU_CONFIG = (16, 32, 16, 1, 1)  # the interpreter: small tiles keep numpy fast
+
+
+def default_config(n: int, v: int, device: torch.device, dtype: torch.dtype = torch.bfloat16,
+                   splits: int | None = None) -> TiledConfig:
+    """The launch configuration for N rows and V columns on `device`; splits the vocabulary until the grid holds
+    about two programs per SM (or takes `splits`)."""
+    if device.type == "cuda":
+        cfg = TiledConfig(*(GPU_CONFIG_FP32 if dtype == torch.float32 else GPU_CONFIG_16BIT), 1)
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        cfg = TiledConfig(*CPU_CONFIG, 1)
+        sms = 2
+    row_blocks = triton.cdiv(n, cfg.block_n)
+    vblocks = triton.cdiv(v, cfg.block_v)
+    if splits is None:
+        splits = max(1, min(vblocks, triton.cdiv(2 * sms, row_blocks)))
+    cfg.splits = max(1, min(vblocks, splits))
+    return cfg
+
+
+def _precision(t: torch.Tensor) -> str | None:
+    return "ieee" if t.dtype == torch.float32 else None  # fp32 exactly (no TF32); bf16/fp16 need no choice
+
+
+def _geometry(v: int, cfg: TiledConfig) -> int:
+    vblocks = triton.cdiv(v, cfg.block_v)
+    return triton.cdiv(vblocks, cfg.splits)
+
+
+def tiled_row_lse(h_s, w_s, b_s, h_t, w_t, b_t, labels, *, temperature: float, softcap: float, ignore_index: int,
+                  cfg: TiledConfig) -> torch.Tensor:
+    """Per-split partial statistics [SPLIT, 4, N]: lse_s, lse_t, z_s[y], z_t[y] of each vocabulary share."""
+    n, ds = h_s.shape
+    v, dt = w_s.shape[0], h_t.shape[1]
+    part = torch.empty(cfg.splits, 4, n, dtype=torch.float32, device=h_s.device)
+    use_cap = softcap > 0
+    grid = (triton.cdiv(n, cfg.block_n), cfg.splits)
+    _tiled_lse_kernel[grid](
+        h_s, w_s, b_s if b_s is not None else h_s, h_t, w_t, b_t if b_t is not None else h_t,
+        labels if labels is not None else part, part,
+        n, v, ds, dt, h_s.stride(0), w_s.stride(0), h_t.stride(0), w_t.stride(0), _geometry(v, cfg),
+        1.0 / temperature, softcap, 1.0 / softcap if use_cap else 0.0, ignore_index,
+        HAS_BIAS_S=b_s is not None, HAS_BIAS_T=b_t is not None, HAS_LABELS=labels is not None, SOFTCAP=use_cap,
+        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, PRECISION=_precision(h_s),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return part
+
+
+def tiled_row_sums(h_s, w_s, b_s, h_t, w_t, b_t, lse: torch.Tensor, *, divergence: int, beta: float,
+                   temperature: float, softcap: float, cfg: TiledConfig) -> torch.Tensor:
+    """Per-split partial sums [SPLIT, 3, N] (A, B, sum p_s lp_s) given lse = [lse_s; lse_t] [2, N] fp32."""
+    n, ds = h_s.shape
+    v, dt = w_s.shape[0], h_t.shape[1]
+    part = torch.empty(cfg.splits, 3, n, dtype=torch.float32, device=h_s.device)
+    use_cap = softcap > 0
+    grid = (triton.cdiv(n, cfg.block_n), cfg.splits)
+    _tiled_sums_kernel[grid](
+        h_s, w_s, b_s if b_s is not None else h_s, h_t, w_t, b_t if b_t is not None else h_t, lse, part,
+        n, v, ds, dt, h_s.stride(0), w_s.stride(0), h_t.stride(0), w_t.stride(0), _geometry(v, cfg),
+        beta, 1.0 / temperature, softcap, 1.0 / softcap if use_cap else 0.0,
+        DIV=divergence, HAS_BIAS_S=b_s is not None, HAS_BIAS_T=b_t is not None, SOFTCAP=use_cap,
+        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, PRECISION=_precision(h_s),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return part
+
+
+def tiled_grad(h_s, w_s, b_s, h_t, w_t, b_t, labels, rowinfo: torch.Tensor, grad_h, grad_w, grad_b, *,
+               divergence: int, beta: float, temperature: float, softcap: float, soft_weight: float,
+               hard_weight: float, ignore_index: int, skip_threshold: float, cfg: TiledConfig) -> torch.Tensor:
+    """Adds the student gradients into grad_h [N, Ds], grad_w [V, Ds], grad_b [V] (fp32, any may be None).
+
+    rowinfo: [4, N] fp32 = lse_s, lse_t, K (KL(s||t) for rkl, KL(s||m) for jsd, unused for fkl), row_scale.
+    Returns the number of skipped tiles as an int32 [1] device tensor (read it only where a sync is fine).
+    """
+    n, ds = h_s.shape
+    v, dt = w_s.shape[0], h_t.shape[1]
+    skipped = torch.zeros(1, dtype=torch.int32, device=h_s.device)
+    use_cap = softcap > 0
+    grid = (triton.cdiv(n, cfg.block_n), cfg.splits)
+    dummy = rowinfo
+    _tiled_grad_kernel[grid](
+        h_s, w_s, b_s if b_s is not None else h_s, h_t, w_t, b_t if b_t is not None else h_t,
+        labels if labels is not None else dummy, rowinfo,
+        grad_h if grad_h is not None else dummy, grad_w if grad_w is not None else dummy,
+        grad_b if grad_b is not None else dummy, skipped,
+        n, v, ds, dt, h_s.stride(0), w_s.stride(0), h_t.stride(0), w_t.stride(0), _geometry(v, cfg),
+        beta, 1.0 / temperature, temperature, softcap, 1.0 / softcap if use_cap else 0.0, soft_weight, hard_weight,
+        ignore_index, skip_threshold,
+        DIV=divergence, HAS_BIAS_S=b_s is not None, HAS_BIAS_T=b_t is not None, HAS_LABELS=labels is not None,
+        HARD=labels is not None and hard_weight != 0.0, SOFTCAP=use_cap, GRAD_H=grad_h is not None,
+        GRAD_W=grad_w is not None, GRAD_B=grad_b is not None,
+        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, PRECISION=_precision(h_s),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return skipped
