@@ -1,0 +1,213 @@
+"""Atomic training checkpoints: model, optimizer, RNG states, step and config.
+
+A checkpoint is a folder ``<dir>/step_<k>/`` holding ``model.safetensors`` (the student's state dict),
+``optimizer.pt`` (the optimizer's state dict, masks included for SparseMaskedAdamW) and ``trainer.pt`` (step,
+config, RNG states, metric history and anything else the trainer adds). It is written into a temporary sibling
+folder, every file flushed to disk, then renamed into place in one `os.rename`; the ``latest`` pointer is
+replaced the same way. A crash at any point leaves either the previous checkpoint or the new one, never a
+partial one, and `latest_checkpoint` ignores leftover temporary folders.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+TRAINER_FILE = "trainer.pt"
+LATEST = "latest"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def rng_state() -> dict[str, Any]:
+    """The states of torch's CPU (and, if initialized, CUDA), Python's and numpy's global RNGs.
+
+    Only tensors and plain Python values, so the result loads with `torch.load(weights_only=True)`.
+    """
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": _py_state_to_plain(random.getstate())}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                          "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    except ImportError:  # numpy is optional for this purpose
+        pass
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the RNG states captured by `rng_state`."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(_py_state_from_plain(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+
+        s = state["numpy"]
+        np.random.set_state((s["kind"], s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"],
+                             s["cached_gaussian"]))
+
+
+def _py_state_to_plain(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _py_state_from_plain(state: list) -> tuple:
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories; the rename is still atomic there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _plain_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors, with storage-sharing tensors (tied weights) cloned so safetensors accepts them."""
+    out, seen = {}, set()
+    for name, t in state.items():
+        t = t.detach()
+        key = (t.untyped_storage().data_ptr(), t.device.type) if t.numel() else None
+        if key is not None and key in seen:
+            t = t.clone()
+        elif key is not None:
+            seen.add(key)
+        out[name] = t.to("cpu").contiguous()
+    return out
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def save_checkpoint(
+    directory: str | os.PathLike,
+    step: int,
+    *,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any] | None,
+    trainer_state: dict[str, Any],
+    keep: int | None = None,
+) -> Path:
+    """Write checkpoint `step` under `directory` atomically and point ``latest`` at it.
+
+    Args:
+        model_state: the student's state dict (tensors; tied weights are fine).
+        optimizer_state: the optimizer's state dict, or None.
+        trainer_state: plain values and tensors (step, config dict, RNG states, history, ...).
+        keep: if given, delete all but the newest `keep` checkpoints afterwards.
+    Returns:
+        The checkpoint folder.
+    """
+    from safetensors.torch import save_file
+
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dir_name(step)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+    try:
+        save_file(_plain_state_dict(model_state), str(tmp / MODEL_FILE), metadata={"step": str(step)})
+        if optimizer_state is not None:
+            torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+        torch.save({**trainer_state, "step": step}, tmp / TRAINER_FILE)
+        for f in tmp.iterdir():
+            _fsync_file(f)
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving a step: move the old one aside first (rename over a non-empty dir fails)
+            old = root / f".{final.name}.old-{os.getpid()}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _write_atomic(root / LATEST, final.name + "\n")
+    _fsync_dir(root)
+    if keep is not None:
+        for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
+    """Complete checkpoint folders under `directory`, oldest step first (temporary folders are skipped)."""
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint under `directory` (the ``latest`` pointer, else the highest step), or None."""
+    root = Path(directory)
+    pointer = root / LATEST
+    if pointer.is_file():
+        target = root / pointer.read_text().strip()
+        if _STEP_DIR.match(target.name) and (target / TRAINER_FILE).is_file():
+            return target
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint folder: ``{"model": state dict, "optimizer": state dict or None, "trainer": dict}``.
+
+    Raises:
+        FileNotFoundError: the folder or one of its required files is missing.
+    """
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    for name in (MODEL_FILE, TRAINER_FILE):
+        if not (p / name).is_file():
+            raise FileNotFoundError(f"checkpoint {p} has no {name}")
+    model = load_file(str(p / MODEL_FILE), device=str(map_location))
+    opt_path = p / OPTIMIZER_FILE
+    optimizer = torch.load(opt_path, map_location=map_location, weights_only=True) if opt_path.is_file() else None
+    trainer = torch.load(p / TRAINER_FILE, map_location="cpu", weights_only=True)
+    return {"model": model, "optimizer": optimizer, "trainer": trainer}

@@ -1,0 +1,457 @@
+"""OPDTrainer: on-policy distillation in one readable loop.
+
+One step (`OPDTrainer.step`):
+  1. rollout:  the student samples `num_samples` completions per prompt, cut to the horizon in force
+               (`fastopd.rollout.RolloutEngine.generate`);
+  2. scoring:  the teacher reads them under no_grad and returns final hidden states, no LM head
+               (`RolloutEngine.score`, optionally under another prompt: `teacher_prompt_fn`);
+  3. update:   the student's training forward gives hidden states with autograd, `fused_linear_divergence`
+               compares both heads without materializing [tokens x vocab] logits, backward, clip, optimizer
+               (AdamW, or `fastopd.optim.SparseMaskedAdamW` on a mask).
+
+Objectives. "fkl" / "rkl" / "jsd" take the full-vocabulary divergence at every sampled position (mean over
+completion tokens). "pg" uses the sampled-token reverse KL r_t = log p_s(y_t) - log p_t(y_t) as a per-token cost
+(reward -r_t, no credit to earlier tokens, no baseline) in an importance-sampled policy gradient:
+
+    loss = -(1/N) sum_t  w_t * r_t * log p_s(y_t),    w_t = min(p_s(y_t) / q(y_t), pg_ratio_cap),
+
+r_t and w_t detached, q the sampling distribution (the rollout's log-probs). Its gradient is
+(1/N) sum_t w_t r_t grad log p_s(y_t), the per-token REINFORCE estimate of grad E_y~q[sum_t r_t]. The per-token
+-log p_s(y_t) is the hard-label term of `fused_linear_divergence(reduction="none")`, which also returns both
+models' log-probs of y_t as statistics, so one fused call serves the loss and the reward.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastopd.losses import fused_linear_divergence
+from fastopd.train import checkpoint as ckpt
+from fastopd.train.config import OPDConfig, parse_horizon_spec
+
+Prompts = Sequence[Sequence[int]]
+PromptSource = Callable[[int], Prompts] | Iterable[Prompts]
+
+
+def make_horizon(config: OPDConfig):
+    """The rollout horizon of `config`: a `fastopd.rollout.Horizon` built from a spec, or the callable as given."""
+    from fastopd.rollout import Horizon
+
+    spec = parse_horizon_spec(config.horizon, config.max_new_tokens)
+    if spec is None:
+        return config.horizon
+    kind, t = spec["kind"], spec["max_new_tokens"]
+    if kind == "full":
+        return Horizon.full(t)
+    if kind == "truncated":
+        return Horizon.truncated(spec["ratio"], t)
+    return Horizon.progressive(spec["start"], spec["step"], spec["every"], t)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory in MiB: CUDA's max allocated on `device`, else the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+    except ImportError:  # Windows
+        return float("nan")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch's (CPU and CUDA), Python's and numpy's global RNGs."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+
+
+class OPDTrainer:
+    """On-policy distillation of `student` towards `teacher`.
+
+    Args:
+        student: the model trained; a `fastopd.models.Transformer`, a supported Hugging Face causal LM or a
+            `fastopd.rollout.ModelAdapter`.
+        teacher: the model imitated, put in eval mode and only run under inference mode; it may live on another
+            device or dtype than the student, and may be the student itself (self-distillation, usually with
+            `teacher_prompt_fn`).
+        config: an `OPDConfig`.
+        teacher_prompt_fn: optional, maps the step's prompts (a list of token-id lists) to the prompts the teacher
+            sees instead (one per prompt): privileged-context distillation on the same completion tokens.
+        evaluator: optional `evaluate(trainer) -> dict of floats`, run by `train` before, every `eval_every`
+            steps and after; its results go to `eval_history`.
+        run_dir: optional folder for ``metrics.jsonl`` and ``eval.jsonl``.
+
+    Attributes:
+        engine: the `RolloutEngine`; optimizer: the optimizer; global_step: steps taken so far;
+        history: per-step metric dicts; eval_history: evaluation dicts (with "step").
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None,
+        config: OPDConfig | None = None,
+        *,
+        teacher_prompt_fn: Callable[[Prompts], Prompts] | None = None,
+        evaluator: Callable[[OPDTrainer], dict[str, float]] | None = None,
+        run_dir: str | Path | None = None,
+    ) -> None:
+        from fastopd.rollout import RolloutEngine
+
+        self.config = cfg = config if config is not None else OPDConfig()
+        if not isinstance(cfg, OPDConfig):
+            raise ValueError(f"config must be an OPDConfig, got {type(cfg).__name__}")
+        if teacher is None:
+            raise ValueError("OPDTrainer needs a teacher (pass the student itself for self-distillation)")
+        seed_everything(cfg.seed)
+        self.student = student
+        self.teacher = teacher
+        if teacher is not student:
+            teacher.eval()
+        self.teacher_prompt_fn = teacher_prompt_fn
+        self.evaluator = evaluator
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.engine = RolloutEngine(student, teacher, horizon=make_horizon(cfg), num_samples=cfg.num_samples,
+                                    temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                                    eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
+        self.device = self.engine.student.device
+        self.masks = self._load_masks(cfg.masks)
+        self.optimizer = self._make_optimizer()
+        self.params = [p for p in student.parameters() if p.requires_grad]
+        self.global_step = 0
+        self.history: list[dict[str, Any]] = []
+        self.eval_history: list[dict[str, Any]] = []
+        self._teacher_weight_cache: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._reference: list[torch.Tensor] | None = None
+        self.resumed_from: Path | None = None
+        self._saved_step: int | None = None
+        if cfg.resume:
+            found = ckpt.latest_checkpoint(cfg.checkpoint_dir)
+            if found is not None:
+                self.load_checkpoint(found)
+        if cfg.track_density and self._reference is None:
+            self._mark_reference()
+
+    # ------------------------------------------------------------------ construction helpers
+
+    def _load_masks(self, masks: Any) -> dict[str, torch.Tensor] | None:
+        if masks is None:
+            return None
+        if not isinstance(masks, dict):
+            from fastopd.optim import masks as mask_io
+
+            masks = mask_io.load(str(masks), device=self.device)
+        return masks
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        cfg = self.config
+        named = [(n, p) for n, p in self.student.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("the student has no parameter with requires_grad=True")
+        if self.masks is None:
+            return torch.optim.AdamW([p for _, p in named], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                                     weight_decay=cfg.weight_decay)
+        from fastopd.optim import SparseMaskedAdamW
+
+        return SparseMaskedAdamW(named, masks=self.masks, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                                 weight_decay=cfg.weight_decay)
+
+    # ------------------------------------------------------------------ one step
+
+    def _teacher_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Teacher LM-head weight (and bias) on the student's device. A teacher elsewhere is copied once and
+        cached (it does not train); a teacher on the student's device is used in place (it may be the student)."""
+        t = self.engine.teacher
+        w, b = t.output_weight, t.output_bias
+        if w.device == self.device:
+            return w.detach(), (b.detach() if b is not None else None)
+        if self._teacher_weight_cache is None:
+            self._teacher_weight_cache = (w.detach().to(self.device),
+                                          b.detach().to(self.device) if b is not None else None)
+        return self._teacher_weight_cache
+
+    def _loss(self, batch, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
+              num_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss of this micro-batch, normalized by the step's token count `num_tokens`; sum over its tokens of
+        the sampled reverse KL log p_s(y) - log p_t(y), detached)."""
+        cfg = self.config
+        s = self.engine.student
+        wt, bt = self._teacher_head()
+        labels = batch.labels().to(self.device)
+        common = dict(student_bias=s.output_bias, teacher_bias=bt, temperature=cfg.temperature,
+                      return_stats=True, impl=cfg.loss_impl, chunk_size=cfg.chunk_size)
+        if cfg.objective == "pg":
+            nll, stats = fused_linear_divergence(student_hidden, s.output_weight, teacher_hidden, wt, labels,
+                                                 reduction="none", hard_label_weight=1.0, soft_label_weight=0.0,
+                                                 **common)
+            mask = labels != -100
+            r = (stats.logp_student - stats.logp_teacher).masked_fill(~mask, 0.0)
+            ratio = (stats.logp_student - batch.logprobs.to(self.device)).exp().clamp(max=cfg.pg_ratio_cap)
+            weight = (ratio * r).masked_fill(~mask, 0.0)
+            loss = (weight * nll).sum().neg() / num_tokens
+        else:
+            loss, stats = fused_linear_divergence(student_hidden, s.output_weight, teacher_hidden, wt, labels,
+                                                  divergence=cfg.objective, beta=cfg.beta, reduction="mean",
+                                                  num_items_in_batch=num_tokens, **common)
+            r = stats.logp_student - stats.logp_teacher  # zero at ignored positions
+        return loss, r.sum()
+
+    def step(self, prompts: Prompts) -> dict[str, float]:
+        """One OPD step on `prompts` (a list of token-id lists): rollouts, teacher scoring, loss, optimizer step.
+
+        The prompts are split into `grad_accum` micro-batches; all are rolled out first so the loss is the mean
+        over every completion token of the step. Returns the step's metrics (also appended to `history`):
+        step, loss, rkl (mean per-token log p_s(y) - log p_t(y) on the sampled tokens, before the update),
+        horizon, tokens (completion tokens generated), rollout_s, scoring_s, update_s, peak_mem_mb,
+        grad_norm, and update_density (fraction of student weights changed since the last checkpoint, or since
+        the start) when `track_density`.
+        """
+        cfg = self.config
+        prompts = [list(p) for p in prompts]
+        if len(prompts) < cfg.grad_accum:
+            raise ValueError(f"{len(prompts)} prompts cannot be split into grad_accum={cfg.grad_accum} micro-batches")
+        k = self.global_step
+        chunks = _split(len(prompts), cfg.grad_accum)
+        teacher_prompts = None
+        if self.teacher_prompt_fn is not None:
+            teacher_prompts = [list(p) for p in self.teacher_prompt_fn(prompts)]
+            if len(teacher_prompts) != len(prompts):
+                raise ValueError(f"teacher_prompt_fn returned {len(teacher_prompts)} prompts for {len(prompts)}")
+        self.student.train()
+
+        _sync(self.device)
+        t0 = time.perf_counter()
+        batches = [self.engine.generate(prompts[a:b], step=k) for a, b in chunks]
+        _sync(self.device)
+        t_rollout = time.perf_counter() - t0
+        num_tokens = sum(b.completion_mask.sum() for b in batches).to(self.device)
+
+        t_score = t_update = 0.0
+        loss_sum = torch.zeros((), device=self.device)
+        rkl_sum = torch.zeros((), device=self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        for (a, b), batch in zip(chunks, batches):
+            t0 = time.perf_counter()
+            tp = teacher_prompts[a:b] if teacher_prompts is not None else None
+            teacher_hidden = self.engine.score(batch, tp).to(self.device)
+            _sync(self.device)
+            t1 = time.perf_counter()
+            student_hidden = self.engine.student_hidden(batch)
+            loss, rkl = self._loss(batch, student_hidden, teacher_hidden, num_tokens)
+            loss.backward()
+            loss_sum += loss.detach()
+            rkl_sum += rkl.detach()
+            _sync(self.device)
+            t_score += t1 - t0
+            t_update += time.perf_counter() - t1
+        t0 = time.perf_counter()
+        if cfg.max_grad_norm is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        else:
+            grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in self.params
+                                                              if p.grad is not None]))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        _sync(self.device)
+        t_update += time.perf_counter() - t0
+        self.global_step = k + 1
+
+        metrics = {
+            "step": self.global_step,
+            "loss": float(loss_sum),
+            "rkl": float(rkl_sum / num_tokens),
+            "horizon": int(batches[0].horizon),
+            "tokens": int(num_tokens),
+            "rollout_s": t_rollout,
+            "scoring_s": t_score,
+            "update_s": t_update,
+            "peak_mem_mb": peak_memory_mb(self.device),
+            "grad_norm": float(grad_norm),
+        }
+        if cfg.track_density:
+            metrics["update_density"] = self.update_density()
+        self.history.append(metrics)
+        self._log("metrics.jsonl", metrics)
+        return metrics
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self, prompt_source: PromptSource, steps: int, *, progress: bool = True) -> list[dict[str, Any]]:
+        """Run until `global_step == steps`: progress bar, logging, evaluation and checkpoints.
+
+        Args:
+            prompt_source: a callable `step -> prompts` (the exact-resume form: step k's prompts depend on k only),
+                or an iterable of prompt batches (on resume, the batches of finished steps are skipped).
+            steps: the total number of steps (a resumed run continues up to it).
+            progress: show a tqdm progress bar on stderr.
+        Returns:
+            `history`, the per-step metrics of the whole run (resumed runs include the steps before the resume).
+        """
+        cfg = self.config
+        if steps < self.global_step:
+            raise ValueError(f"steps={steps} is below the step already reached ({self.global_step})")
+        get = prompt_source if callable(prompt_source) else _IterSource(prompt_source, self.global_step)
+        if self.evaluator is not None and not self.eval_history:
+            self.evaluate()
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=steps, initial=self.global_step, desc="distill", unit="step", dynamic_ncols=True,
+                       file=sys.stderr)
+        try:
+            while self.global_step < steps:
+                m = self.step(get(self.global_step))
+                k = self.global_step
+                if bar is not None:
+                    bar.update(1)
+                    if k % cfg.log_every == 0 or k == steps:
+                        bar.set_postfix(loss=f"{m['loss']:.4f}", rkl=f"{m['rkl']:.4f}", H=m["horizon"])
+                if self.evaluator is not None and cfg.eval_every and k % cfg.eval_every == 0 and k != steps:
+                    self.evaluate()
+                if cfg.checkpoint_dir is not None and cfg.checkpoint_every and k % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+        if self.evaluator is not None and (not self.eval_history or self.eval_history[-1]["step"] != steps):
+            self.evaluate()
+        if cfg.checkpoint_dir is not None and self._saved_step != self.global_step:
+            self.save_checkpoint()
+        return self.history
+
+    def evaluate(self) -> dict[str, Any]:
+        """Run the evaluator (if any) at the current step; the result (with "step") is kept in `eval_history`."""
+        if self.evaluator is None:
+            raise ValueError("this OPDTrainer has no evaluator")
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            result = {"step": self.global_step, **self.evaluator(self)}
+        finally:
+            self.student.train(was_training)
+        self.eval_history.append(result)
+        self._log("eval.jsonl", result)
+        return result
+
+    # ------------------------------------------------------------------ density and checkpoints
+
+    def _mark_reference(self) -> None:
+        self._reference = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update_density(self) -> float:
+        """Fraction of the student's trainable coordinates that differ (bitwise) from the last checkpoint (or the
+        start of the run). Synchronizes."""
+        if self._reference is None:
+            raise ValueError("update_density needs track_density=True")
+        changed = sum((p != r).sum() for p, r in zip(self.params, self._reference))
+        total = sum(p.numel() for p in self.params)
+        return float(changed) / total
+
+    def state_dict(self) -> dict[str, Any]:
+        """The trainer's own state: step, config, RNG states and histories (model and optimizer excluded)."""
+        return {"step": self.global_step, "config": _plain(self.config.to_dict()), "rng": ckpt.rng_state(),
+                "history": self.history, "eval_history": self.eval_history}
+
+    def save_checkpoint(self) -> Path:
+        """Write an atomic checkpoint of the current step to `config.checkpoint_dir`; resets the density reference."""
+        cfg = self.config
+        if cfg.checkpoint_dir is None:
+            raise ValueError("save_checkpoint needs config.checkpoint_dir")
+        path = ckpt.save_checkpoint(cfg.checkpoint_dir, self.global_step, model_state=self.student.state_dict(),
+                                    optimizer_state=self.optimizer.state_dict(), trainer_state=self.state_dict(),
+                                    keep=cfg.keep_checkpoints)
+        self._saved_step = self.global_step
+        if cfg.track_density:
+            self._mark_reference()
+        return path
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore student weights, optimizer state (masks included), RNG states, step and histories."""
+        data = ckpt.load_checkpoint(path, map_location=self.device)
+        state = data["model"]
+        own = self.student.state_dict()
+        for name, t in own.items():  # tied weights are saved under every name; copy into each
+            if name in state:
+                state[name] = state[name].to(dtype=t.dtype)
+        missing, unexpected = self.student.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {path} does not match the student: missing {missing[:8]}, "
+                             f"unexpected {unexpected[:8]}")
+        if data["optimizer"] is not None:
+            self.optimizer.load_state_dict(data["optimizer"])
+        tr = data["trainer"]
+        ckpt.set_rng_state(tr["rng"])
+        self.global_step = int(tr["step"])
+        self.history = list(tr.get("history", []))
+        self.eval_history = list(tr.get("eval_history", []))
+        self.resumed_from = Path(path)
+        self._saved_step = self.global_step
+        self._teacher_weight_cache = None
+        if self.config.track_density:
+            self._mark_reference()
+
+    def _log(self, name: str, record: dict[str, Any]) -> None:
+        if self.run_dir is None:
+            return
+        import json
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / name, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class _IterSource:
+    """Step-indexed view of an iterable of prompt batches (skips `start` batches when resuming)."""
+
+    def __init__(self, iterable: Iterable[Prompts], start: int) -> None:
+        self._it = iter(iterable)
+        for _ in range(start):
+            next(self._it)
+
+    def __call__(self, step: int) -> Prompts:
+        try:
+            return next(self._it)
+        except StopIteration:
+            raise ValueError(f"the prompt source ran out at step {step}") from None
+
+
+def _split(n: int, parts: int) -> list[tuple[int, int]]:
+    """`parts` contiguous, nearly equal [a, b) ranges covering range(n)."""
+    bounds = [round(i * n / parts) for i in range(parts + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _plain(value: Any) -> Any:
+    """Only plain values (for weights_only checkpoint loading): others become their repr."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
+
+
