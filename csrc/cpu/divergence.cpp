@@ -87,7 +87,7 @@ __attribute__((always_inline)) inline void divergence_row(float* __restrict xs, 
 
   // Pass 3: divergence terms and entropy; stores what the gradient pass needs.
   const float b = o.beta, omb = 1.0f - o.beta;
-  const float log_b = DIV == kJSD ? std::log(b) : 0.0f, log_omb = DIV == kJSD ? std::log1p(-b) : 0.0f;
+  constexpr float kTinyProb = 1e-30f;
   const float hw = o.hard_weight, sw = o.soft_weight;
   const bool grad = o.compute_grad;
   double acc_a = 0.0, acc_b = 0.0, ent = 0.0;
@@ -113,13 +113,11 @@ __attribute__((always_inline)) inline void divergence_row(float* __restrict xs, 
         xt[v] = chain * ps;
       }
     } else {
-      // log m = logaddexp(lp_t + log b, lp_s + log(1-b)): log(b p_t + (1-b) p_s) would be -inf once both
-      // probabilities underflow, and p * (lp - log m) then inf.
-      const float a1 = lpt + log_b, a2 = lps + log_omb;
-      const float hi = a1 > a2 ? a1 : a2, d = a1 > a2 ? a2 - a1 : a1 - a2;
-      const float lm = hi == ninf ? ninf : hi + vmath::log(1.0f + vmath::exp(d));
-      const float tt = pt > 0.0f ? pt * (lpt - lm) : 0.0f;
-      const float ts = ps > 0.0f ? ps * (lps - lm) : 0.0f;
+      // m = b p_t + (1-b) p_s directly (one log, no extra exp). Terms of probability below 1e-30 are
+      // dropped (they change the loss by < 1e-28 each): then m > 0 and log m is finite wherever it is used.
+      const float lm = vmath::log(b * pt + omb * ps);
+      const float tt = pt > kTinyProb ? pt * (lpt - lm) : 0.0f;
+      const float ts = ps > kTinyProb ? ps * (lps - lm) : 0.0f;
       acc_a += static_cast<double>(tt);
       acc_b += static_cast<double>(ts);
       if (grad) {
