@@ -36,16 +36,16 @@ class DivergenceConfig:
 
 
 def _matmul_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """a @ b with fp32 output and fp32 accumulation, whatever the (matching) input dtype."""
+    """a @ b with fp32 output and fp32 accumulation, whatever the (matching) input dtype.
+
+    bf16/fp16 on CUDA: cuBLAS writes fp32 directly (`out_dtype`), never a rounded low-precision product.
+    CPU inputs are upcast once by the public function, so CPU GEMMs here are fp32."""
     if a.dtype == torch.float32:
         return torch.mm(a, b, out=out)
     if a.is_cuda:
-        res = torch.mm(a, b, out_dtype=torch.float32)
-    else:  # CPU inputs are upcast once by the caller; this path is for odd mixes only
-        res = torch.mm(a.float(), b.float())
-    if out is None:
-        return res
-    return out.copy_(res)
+        return torch.mm(a, b, out_dtype=torch.float32, out=out)
+    res = torch.mm(a.float(), b.float())
+    return res if out is None else out.copy_(res)
 
 
 def _logits_into(out: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> None:
@@ -144,8 +144,10 @@ def _accumulate_grads(g: torch.Tensor, h: torch.Tensor, w: torch.Tensor, grad_h,
     if grad_w is not None:
         if h.dtype == torch.float32:
             grad_w.addmm_(g.t(), h)
+        elif h.is_cuda:  # fp32 accumulator, bf16/fp16 operands, accumulated in place by cuBLAS
+            torch.addmm(grad_w, gl.t(), h, out_dtype=torch.float32, out=grad_w)
         else:
-            grad_w += _matmul_f32(gl.t(), h)
+            grad_w.addmm_(gl.t().float(), h.float())
     if grad_b is not None:
         grad_b += g.sum(0)
 
