@@ -12,10 +12,11 @@ TORCH_LIBRARY(fastopd, m) {
       "int divergence, float beta, float temperature, float softcap, float soft_weight, float hard_weight, "
       "int ignore_index, bool compute_grad) -> ()");
   // Sparse-masked AdamW step over all tensors of a parameter group; see csrc/cpu/sparse_adamw.cpp and
-  // fastopd/optim/reference.py. Mutates params (at the selected coordinates), moments, masters and counters.
+  // fastopd/optim/reference.py. Mutates params (at the selected coordinates), moments, masters and counters;
+  // an empty tensor in masters/swallowed means "none" (optional mutable lists do not functionalize).
   m.def(
       "sparse_adamw_step_(Tensor(a!)[] params, Tensor[] grads, Tensor?[] indices, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)?[] masters, Tensor(e!)?[] swallowed, float[] step_sizes, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] masters, Tensor(e!)[] swallowed, float[] step_sizes, "
       "float[] bias_correction2_sqrts, float lr, float beta1, float beta2, float eps, float weight_decay) -> ()");
 }
 
