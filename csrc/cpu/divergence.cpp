@@ -18,6 +18,7 @@
 
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "vec_math.h"
 
@@ -38,8 +39,10 @@ struct RowOptions {
 
 // Inlined into each ISA clone of divergence_row_any below, so every clone gets its own vector code.
 template <int64_t DIV, bool SOFTCAP>
-__attribute__((always_inline)) inline void divergence_row(float* __restrict xs, float* __restrict xt, int64_t V, int64_t y, const RowOptions& o,
-                    float* loss_out, float* stats) {
+__attribute__((always_inline)) inline void divergence_row(float* __restrict xs, float* __restrict xt,
+                                                          float* __restrict es, float* __restrict et, int64_t V,
+                                                          int64_t y, const RowOptions& o, float* loss_out,
+                                                          float* stats) {
   const float inv_t = o.inv_temperature;
   const float cap = o.softcap;
   const float inv_cap = SOFTCAP ? 1.0f / cap : 0.0f;
@@ -71,12 +74,16 @@ __attribute__((always_inline)) inline void divergence_row(float* __restrict xs, 
   ms = ms == ninf ? 0.0f : ms;
   mt = mt == ninf ? 0.0f : mt;
 
-  // Pass 2: normalizers.
+  // Pass 2: normalizers; the exponentials are kept in the thread's scratch rows (L2-resident) so that
+  // pass 3 forms probabilities with a multiply instead of a second exp.
   double ss = 0.0, st = 0.0;
 #pragma omp simd reduction(+ : ss, st)
   for (int64_t v = 0; v < V; ++v) {
-    ss += static_cast<double>(vmath::exp(xs[v] - ms));
-    st += static_cast<double>(vmath::exp(xt[v] - mt));
+    const float a = vmath::exp(xs[v] - ms), b = vmath::exp(xt[v] - mt);
+    es[v] = a;
+    et[v] = b;
+    ss += static_cast<double>(a);
+    st += static_cast<double>(b);
   }
   // log p = (z - max) - log(sum): subtracting the max first keeps log-probs near 0 exact, where
   // z - lse would lose everything below the spacing of fp32 at |lse| (4e-6 at 50).
@@ -84,6 +91,7 @@ __attribute__((always_inline)) inline void divergence_row(float* __restrict xs, 
   const float lss = static_cast<float>(log_ss), lst = static_cast<float>(log_st);
   const double lse_s_d = static_cast<double>(ms) + log_ss;
   const double lse_t_d = static_cast<double>(mt) + log_st;
+  const float inv_ss = static_cast<float>(1.0 / ss), inv_st = static_cast<float>(1.0 / st);
 
   // Pass 3: divergence terms and entropy; stores what the gradient pass needs.
   const float b = o.beta, omb = 1.0f - o.beta;
@@ -95,7 +103,7 @@ __attribute__((always_inline)) inline void divergence_row(float* __restrict xs, 
   for (int64_t v = 0; v < V; ++v) {
     const float zs = xs[v], zt = xt[v];
     const float lps = (zs - ms) - lss, lpt = (zt - mt) - lst;
-    const float ps = vmath::exp(lps), pt = vmath::exp(lpt);
+    const float ps = es[v] * inv_ss, pt = et[v] * inv_st;
     ent += ps > 0.0f ? static_cast<double>(ps * lps) : 0.0;
     float chain = inv_t;
     if (SOFTCAP) {
@@ -172,16 +180,16 @@ __attribute__((always_inline)) inline void divergence_row(float* __restrict xs, 
 #endif
 
 FASTOPD_ISA_CLONES
-void divergence_row_any(int64_t div, bool softcap, float* xs, float* xt, int64_t V, int64_t y, const RowOptions& o,
-                        float* loss_out, float* stats) {
+void divergence_row_any(int64_t div, bool softcap, float* xs, float* xt, float* es, float* et, int64_t V, int64_t y,
+                        const RowOptions& o, float* loss_out, float* stats) {
   if (softcap) {
-    if (div == kFKL) return divergence_row<kFKL, true>(xs, xt, V, y, o, loss_out, stats);
-    if (div == kRKL) return divergence_row<kRKL, true>(xs, xt, V, y, o, loss_out, stats);
-    return divergence_row<kJSD, true>(xs, xt, V, y, o, loss_out, stats);
+    if (div == kFKL) return divergence_row<kFKL, true>(xs, xt, es, et, V, y, o, loss_out, stats);
+    if (div == kRKL) return divergence_row<kRKL, true>(xs, xt, es, et, V, y, o, loss_out, stats);
+    return divergence_row<kJSD, true>(xs, xt, es, et, V, y, o, loss_out, stats);
   }
-  if (div == kFKL) return divergence_row<kFKL, false>(xs, xt, V, y, o, loss_out, stats);
-  if (div == kRKL) return divergence_row<kRKL, false>(xs, xt, V, y, o, loss_out, stats);
-  return divergence_row<kJSD, false>(xs, xt, V, y, o, loss_out, stats);
+  if (div == kFKL) return divergence_row<kFKL, false>(xs, xt, es, et, V, y, o, loss_out, stats);
+  if (div == kRKL) return divergence_row<kRKL, false>(xs, xt, es, et, V, y, o, loss_out, stats);
+  return divergence_row<kJSD, false>(xs, xt, es, et, V, y, o, loss_out, stats);
 }
 
 void divergence_chunk_cpu(at::Tensor& xs, at::Tensor& xt, const std::optional<at::Tensor>& labels, at::Tensor& loss,
@@ -215,6 +223,7 @@ void divergence_chunk_cpu(at::Tensor& xs, at::Tensor& xt, const std::optional<at
   float* pl = loss.data_ptr<float>();
   float* pst = stats.data_ptr<float>();
   at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(static_cast<size_t>(2 * V));  // per task: exp rows of student and teacher
     for (int64_t r = begin; r < end; ++r) {
       int64_t y = -1;
       if (lab != nullptr) {
@@ -227,7 +236,8 @@ void divergence_chunk_cpu(at::Tensor& xs, at::Tensor& xt, const std::optional<at
         }
         TORCH_CHECK(y >= 0 && y < V, "divergence_chunk_: label ", y, " out of range for vocabulary of ", V);
       }
-      divergence_row_any(divergence, use_cap, ps + r * V, pt + r * V, V, y, o, pl + r, pst + r * 5);
+      divergence_row_any(divergence, use_cap, ps + r * V, pt + r * V, scratch.data(), scratch.data() + V, V, y, o,
+                         pl + r, pst + r * 5);
     }
   });
 }
