@@ -160,10 +160,16 @@ std::optional<at::Tensor> defined_or_none(const c10::List<std::optional<at::Tens
   return t;
 }
 
+// masters/swallowed entries: an empty tensor stands for "none".
+std::optional<at::Tensor> nonempty_or_none(at::TensorList list, size_t i) {
+  if (!list[i].defined() || list[i].numel() == 0) return std::nullopt;
+  return list[i];
+}
+
 void sparse_adamw_step_cpu(at::TensorList params, at::TensorList grads,
                            const c10::List<std::optional<at::Tensor>>& indices, at::TensorList exp_avgs,
-                           at::TensorList exp_avg_sqs, const c10::List<std::optional<at::Tensor>>& masters,
-                           const c10::List<std::optional<at::Tensor>>& swallowed, at::ArrayRef<double> step_sizes,
+                           at::TensorList exp_avg_sqs, at::TensorList masters, at::TensorList swallowed,
+                           at::ArrayRef<double> step_sizes,
                            at::ArrayRef<double> bias_correction2_sqrts, double lr, double beta1, double beta2,
                            double eps, double weight_decay) {
   const size_t n = params.size();
@@ -185,8 +191,8 @@ void sparse_adamw_step_cpu(at::TensorList params, at::TensorList grads,
     const at::Tensor& param = params[i];
     const at::Tensor& grad = grads[i];
     const std::optional<at::Tensor> idx = defined_or_none(indices, i);
-    const std::optional<at::Tensor> master = defined_or_none(masters, i);
-    const std::optional<at::Tensor> counter = defined_or_none(swallowed, i);
+    const std::optional<at::Tensor> master = nonempty_or_none(masters, i);
+    const std::optional<at::Tensor> counter = nonempty_or_none(swallowed, i);
     const at::Tensor& m = exp_avgs[i];
     const at::Tensor& v = exp_avg_sqs[i];
     TORCH_CHECK(param.device().is_cpu() && param.is_contiguous(), "sparse_adamw_step_: parameter ", i,
