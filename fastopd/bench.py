@@ -333,6 +333,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--full", action="store_true",
                         help=f"the target shapes (N={FULL.n}, Ds=Dt={FULL.ds}, V={FULL.v}); default is a quick run "
                              f"at N={QUICK.n}, Ds=Dt={QUICK.ds}, V={QUICK.v}")
+    parser.add_argument("--tokens", type=int, default=None, help="override N (token rows)")
+    parser.add_argument("--hidden", type=int, default=None, help="override Ds = Dt (hidden size)")
+    parser.add_argument("--vocab", type=int, default=None, help="override V (vocabulary size)")
     parser.add_argument("--divergences", default="fkl,jsd", help="comma-separated, from fkl,rkl,jsd (default fkl,jsd)")
     parser.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma-separated, from {','.join(PROVIDERS)}")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
@@ -344,7 +347,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     base = FULL if args.full else QUICK
-    shape = Shape(base.n, base.ds, base.dt, base.v, args.dtype)
+    d = args.hidden or base.ds
+    shape = Shape(args.tokens or base.n, d, args.hidden or base.dt, args.vocab or base.v, args.dtype)
+    custom = (args.tokens, args.hidden, args.vocab) != (None, None, None)
     divergences = [d.strip() for d in args.divergences.split(",") if d.strip()]
     providers = [p.strip() for p in args.providers.split(",") if p.strip()]
     for d in divergences:
@@ -354,7 +359,12 @@ def run(args: argparse.Namespace) -> int:
         if p not in PROVIDERS:
             raise SystemExit(f"fastopd bench: unknown provider {p!r} (choose from {', '.join(PROVIDERS)})")
     repeats = args.repeats or (3 if args.full else 5)
-    label = "full (target shapes)" if args.full else "quick (smaller shapes than the targets; --full for those)"
+    if custom:
+        label = "custom shapes"
+    elif args.full:
+        label = "full (target shapes)"
+    else:
+        label = "quick (smaller shapes than the targets; --full for those)"
     print(f"fastopd bench, {label}: N={shape.n} Ds={shape.ds} Dt={shape.dt} V={shape.v} {shape.dtype} "
           f"on {args.device}")
     result = run_benchmark(shape, divergences, providers, args.device, repeats, args.warmup)
@@ -364,7 +374,8 @@ def run(args: argparse.Namespace) -> int:
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"loss_{args.device}_{'full' if args.full else 'quick'}_{shape.dtype}"
+    kind = "custom" if custom else ("full" if args.full else "quick")
+    stem = f"loss_{args.device}_{kind}_{shape.dtype}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / f"{stem}.md").write_text(table)
     print(f"wrote {out / (stem + '.json')} and {out / (stem + '.md')}")
