@@ -1,0 +1,50 @@
+"""TRL drop-in: `GKDTrainer` with fastopd's fused loss (hidden states and LM-head weights, never [B, T, V] logits).
+
+    from fastopd.integrations.trl import FusedGKDTrainer   # instead of trl.experimental.gkd.GKDTrainer
+
+    trainer = FusedGKDTrainer(model=student, teacher_model=teacher, args=GKDConfig(...), train_dataset=...,
+                              processing_class=tokenizer)
+    trainer.train()
+
+Everything but the loss is TRL's: on-policy generation with probability `lmbda`, sequence-level KD, data
+collation, logging. `compute_loss` runs both models' decoders to final hidden states, shifts them with the labels
+(position t predicts token t+1, the [B, T-1] slices flattened by the loss), and calls
+`fastopd.fused_linear_divergence(divergence="jsd", beta=args.beta)` with TRL's normalization: the mean over tokens
+whose label is not -100, or the sum over `num_items_in_batch` under gradient accumulation. Like TRL's own
+`compute_loss`, the divergence is taken at temperature 1 (`args.temperature` only affects sampling).
+
+TRL's newer `trl.DistillationTrainer` already computes its loss from hidden states in chunks, so it needs no
+drop-in.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fastopd.integrations.hf import distillation_loss
+
+try:
+    from trl.experimental.gkd import GKDTrainer
+except ImportError:  # older TRL kept GKD at the top level
+    from trl import GKDTrainer
+
+
+class FusedGKDTrainer(GKDTrainer):
+    """`GKDTrainer` whose loss is `fastopd.fused_linear_divergence` on hidden states.
+
+    Extra class attributes: `loss_impl` ("auto"; the `impl=` of the fused loss) and `loss_chunk_size` (None: the
+    default byte budget).
+    """
+
+    loss_impl: str = "auto"
+    loss_chunk_size: int | None = None
+
+    def compute_loss(self, model, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: int | torch.Tensor | None = None):
+        loss = distillation_loss(model, self.teacher_model, inputs["input_ids"], inputs["attention_mask"],
+                                 inputs["labels"], divergence="jsd", beta=self.beta, temperature=1.0,
+                                 num_items_in_batch=num_items_in_batch, impl=self.loss_impl,
+                                 chunk_size=self.loss_chunk_size)
+        return (loss, {"loss": loss}) if return_outputs else loss

@@ -1,0 +1,151 @@
+"""TRL and Hugging Face drop-ins: the fused loss equals TRL's generalized_jsd_loss on real GKDTrainer batches,
+and the HF helper's loss and gradients equal a plain logits computation."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+from fastopd.integrations.hf import causal_lm_hidden_states, distillation_loss  # noqa: E402
+from fastopd.integrations.trl import FusedGKDTrainer, GKDTrainer  # noqa: E402
+
+VOCAB = 48
+
+
+def _llama(seed, hidden=32, layers=2, heads=4, kv=2):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+                                   num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+                                   max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                                eos_token="</s>")
+
+
+def _collate(examples):
+    """input_ids/attention_mask/labels (right-padded, prompt masked) and left-padded prompts, as GKDTrainer wants."""
+    seqs = [e["prompt_ids"] + e["completion_ids"] for e in examples]
+    width = max(map(len, seqs))
+    pwidth = max(len(e["prompt_ids"]) for e in examples)
+    n = len(examples)
+    ids = torch.zeros(n, width, dtype=torch.long)
+    mask = torch.zeros(n, width, dtype=torch.long)
+    labels = torch.full((n, width), -100)
+    prompts = torch.zeros(n, pwidth, dtype=torch.long)
+    pmask = torch.zeros(n, pwidth, dtype=torch.long)
+    for i, e in enumerate(examples):
+        s, p = seqs[i], len(e["prompt_ids"])
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+        labels[i, p:len(s)] = torch.tensor(e["completion_ids"])
+        prompts[i, pwidth - p:] = torch.tensor(e["prompt_ids"])
+        pmask[i, pwidth - p:] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "prompts": prompts,
+            "prompt_attention_mask": pmask}
+
+
+def _dataset(n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = {"prompt_ids": [], "completion_ids": []}
+    for _ in range(n):
+        p = int(torch.randint(2, 6, (1,), generator=g))
+        c = int(torch.randint(1, 5, (1,), generator=g))
+        rows["prompt_ids"].append([1] + torch.randint(3, VOCAB, (p,), generator=g).tolist())
+        rows["completion_ids"].append(torch.randint(3, VOCAB, (c,), generator=g).tolist() + [2])
+    return datasets.Dataset.from_dict(rows)
+
+
+class _Recording(FusedGKDTrainer):
+    """Records, per training step, fastopd's loss and TRL's generalized_jsd_loss on the very same inputs."""
+
+    records: list
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        with torch.no_grad():
+            s_logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+            t_logits = self.teacher_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+            ref = GKDTrainer.generalized_jsd_loss(s_logits[:, :-1], t_logits[:, :-1], inputs["labels"][:, 1:],
+                                                  beta=self.beta, num_items_in_batch=num_items_in_batch)
+        self.records.append((loss.detach().clone(), ref, bool((inputs["labels"] != -100).any())))
+        return loss
+
+
+@pytest.mark.parametrize("lmbda,beta", [pytest.param(1.0, 0.5, id="on-policy-jsd"),
+                                        pytest.param(0.0, 0.1, id="off-policy-beta0.1")])
+def test_gkd_trainer_steps_match_trl_loss(tmp_path, lmbda, beta):
+    from trl.experimental.gkd import GKDConfig
+
+    student, teacher = _llama(0), _llama(1, hidden=48, layers=3)
+    args = GKDConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-2,
+                     lmbda=lmbda, beta=beta, max_new_tokens=5, temperature=1.0, report_to=[], logging_steps=1,
+                     save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0, max_length=64,
+                     bf16=False)  # fp32 on both sides: TRL's loss on fp32 logits is the reference
+    trainer = _Recording(model=student, teacher_model=teacher, args=args, train_dataset=_dataset(),
+                         processing_class=_tokenizer(), data_collator=_collate)
+    trainer.records = []
+    before = [p.detach().clone() for p in student.parameters()]
+    trainer.train()
+    assert len(trainer.records) == 3
+    for ours, ref, has_tokens in trainer.records:
+        assert has_tokens
+        torch.testing.assert_close(ours, ref.float(), rtol=2e-5, atol=1e-6)
+    changed = sum(int((p.detach() != b).sum()) for p, b in zip(student.parameters(), before))
+    assert changed > 0, "the trainer took no optimizer step"
+
+
+def _shifted_reference_loss(student, teacher, ids, mask, labels, beta, temperature, num_items=None):
+    s_logits = student(input_ids=ids, attention_mask=mask).logits[:, :-1].double()
+    with torch.no_grad():
+        t_logits = teacher(input_ids=ids, attention_mask=mask).logits[:, :-1].double()
+    lab = labels[:, 1:]
+    ls = torch.log_softmax(s_logits / temperature, -1)
+    lt = torch.log_softmax(t_logits / temperature, -1)
+    lm = torch.logsumexp(torch.stack([ls + torch.log1p(torch.tensor(-beta, dtype=torch.float64)),
+                                      lt + torch.log(torch.tensor(beta, dtype=torch.float64))]), 0)
+    per = beta * (lt.exp() * (lt - lm)).sum(-1) + (1 - beta) * (ls.exp() * (ls - lm)).sum(-1)
+    valid = lab != -100
+    return per[valid].sum() / (num_items if num_items is not None else valid.sum())
+
+
+@pytest.mark.parametrize("mode", ["decoder", "hidden_states"])
+def test_hf_distillation_loss_and_grads_match_logits(mode):
+    student, teacher = _llama(2), _llama(3, hidden=40, heads=4, kv=4)
+    torch.manual_seed(5)
+    ids = torch.randint(3, VOCAB, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0  # right padding
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :3] = -100  # prompt
+    loss = distillation_loss(student, teacher, ids, mask, labels, beta=0.3, temperature=1.5, mode=mode)
+    loss.backward()
+    ours = {n: p.grad.clone() for n, p in student.named_parameters()}
+    student.zero_grad()
+    ref = _shifted_reference_loss(student, teacher, ids, mask, labels, 0.3, 1.5)
+    ref.backward()
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-7)
+    for n, p in student.named_parameters():
+        torch.testing.assert_close(ours[n].double(), p.grad.double(), rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_hidden_states_give_the_logits_and_default_labels_skip_padding():
+    model = _llama(4)
+    ids = torch.randint(3, VOCAB, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    h = causal_lm_hidden_states(model, ids, mask)
+    torch.testing.assert_close(h @ model.lm_head.weight.T, model(input_ids=ids, attention_mask=mask).logits)
+    teacher = _llama(5)
+    with_default = distillation_loss(model, teacher, ids, mask, divergence="fkl")
+    explicit = distillation_loss(model, teacher, ids, mask, ids.masked_fill(mask == 0, -100), divergence="fkl")
+    torch.testing.assert_close(with_default, explicit, rtol=0, atol=0)
