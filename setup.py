@@ -69,7 +69,21 @@ def _extensions():
     else:
         ext = CppExtension("fastopd._C", sources, extra_compile_args=extra, extra_link_args=["-fopenmp"])
         _note("building fastopd._C with C++ CPU kernels")
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    class OptionalBuildExtension(BuildExtension):
+        """A failed compile (no compiler, no toolkit) leaves the package on its pure-PyTorch path."""
+
+        def build_extensions(self):
+            try:
+                super().build_extensions()
+            except Exception as exc:  # noqa: BLE001 - any build failure degrades to the torch path
+                _note(f"could not build fastopd._C ({type(exc).__name__}: {exc}); installing without it, "
+                      "the pure-PyTorch path still works (`fastopd doctor` shows what is usable)")
+                self.extensions = []
+
+        def get_outputs(self):
+            return [p for p in super().get_outputs() if os.path.exists(p)]
+
+    return [ext], {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
 
 
 # `kernels/` (Triton only) installs as the subpackage fastopd.kernels: nothing installs a top-level `kernels`.
