@@ -1,4 +1,4 @@
-"""CPU benchmark of SparseMaskedAdamW against torch.optim.AdamW, measured in one run.
+"""Benchmark of SparseMaskedAdamW against torch.optim.AdamW, measured in one run (CPU; CUDA too where visible).
 
 A stack of LLM-shaped fp32 matrices (~31.5M parameters: 8 of 1024x1024, 4 of 2816x1024, 4 of 1024x2816), fixed
 random gradients, random masks at densities 1/5/20/100%. Per optimizer: median step time (and 20/80 percentiles)
@@ -6,7 +6,8 @@ and optimizer-state bytes per parameter. Ratios are against torch.optim.AdamW(fo
 
     flock /tmp/fastopd_bench.lock python -m pytest bench/test_optim_bench.py -q -p no:cacheprovider
 
-writes bench/results/optim_cpu.json and bench/results/optim_cpu.md (the last test of this file).
+writes bench/results/optim_<device>.json and .md (the last test of this file). On a GPU the timed function
+synchronizes, and the backends compared are SparseMaskedAdamW(impl=triton) and its torch reference.
 """
 
 from __future__ import annotations
@@ -25,17 +26,31 @@ from fastopd.optim import SparseMaskedAdamW, masks
 SHAPES = [(1024, 1024)] * 8 + [(2816, 1024)] * 4 + [(1024, 2816)] * 4
 DENSITIES = (0.01, 0.05, 0.2, 1.0)
 ROUNDS = int(os.environ.get("FASTOPD_BENCH_ROUNDS", "7"))
-RESULTS: dict[str, dict] = {}
+RESULTS: dict[str, dict[str, dict]] = {}  # device -> key -> measurements
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.fixture(scope="module")
-def stack():
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(scope="module", params=DEVICES)
+def stack(request):
     gen = torch.Generator().manual_seed(0)
-    params = [(f"layers.{i}.w", torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02)) for i, s in enumerate(SHAPES)]
+    dev = request.param
+    params = [(f"layers.{i}.w", torch.nn.Parameter((torch.randn(s, generator=gen) * 0.02).to(dev)))
+              for i, s in enumerate(SHAPES)]
     for _, p in params:
-        p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+        p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(dev)
     return params
+
+
+def _timed(opt, device: str):
+    if device == "cuda":
+        def run():
+            opt.step()
+            torch.cuda.synchronize()
+        return run
+    return opt.step
 
 
 def _state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -43,65 +58,80 @@ def _state_bytes(opt: torch.optim.Optimizer) -> int:
                if isinstance(v, torch.Tensor))
 
 
-def _record(key: str, benchmark, opt, numel: int, **info) -> None:
+def _record(key: str, benchmark, opt, numel: int, device: str, **info) -> None:
     data = sorted(benchmark.stats.stats.data)
     pick = lambda q: data[min(len(data) - 1, int(q * len(data)))]  # noqa: E731
-    RESULTS[key] = dict(median_s=benchmark.stats.stats.median, p20_s=pick(0.2), p80_s=pick(0.8), rounds=len(data),
-                        state_bytes_per_param=_state_bytes(opt) / numel, **info)
-    benchmark.extra_info.update(RESULTS[key])
+    RESULTS.setdefault(device, {})[key] = dict(
+        median_s=benchmark.stats.stats.median, p20_s=pick(0.2), p80_s=pick(0.8), rounds=len(data),
+        state_bytes_per_param=_state_bytes(opt) / numel, **info)
+    benchmark.extra_info.update(RESULTS[device][key])
 
 
 @pytest.mark.parametrize("variant", ["foreach", "fused"])
 def test_torch_adamw(benchmark, stack, variant):
     params = [p for _, p in stack]
+    device = params[0].device.type
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, **{variant: True})
-    benchmark.pedantic(opt.step, rounds=ROUNDS, warmup_rounds=1, iterations=1)
-    _record(f"torch-{variant}", benchmark, opt, sum(p.numel() for p in params),
+    benchmark.pedantic(_timed(opt, device), rounds=ROUNDS, warmup_rounds=1, iterations=1)
+    _record(f"torch-{variant}", benchmark, opt, sum(p.numel() for p in params), device,
             optimizer=f"torch.optim.AdamW({variant})")
 
 
-@pytest.mark.parametrize("impl", ["cpu", "torch"])
+@pytest.mark.parametrize("impl", ["native", "torch"])
 @pytest.mark.parametrize("density", DENSITIES, ids=[f"d{d:g}" for d in DENSITIES])
 def test_sparse_masked_adamw(benchmark, stack, density, impl):
+    """impl "native": the C++ kernel on CPU, Triton on CUDA; "torch": the reference backend."""
     if impl == "torch" and density == 1.0:
         pytest.skip("the torch reference at full density is torch's own ops; the foreach peer covers it")
+    device = stack[0][1].device.type
+    impl = {"cpu": "cpu", "cuda": "triton"}[device] if impl == "native" else impl
     mask = masks.random(dict(stack), density, generator=torch.Generator().manual_seed(1))
     opt = SparseMaskedAdamW(stack, masks=mask, lr=1e-4, weight_decay=0.01, impl=impl)
-    benchmark.pedantic(opt.step, rounds=ROUNDS, warmup_rounds=1, iterations=1)
-    _record(f"sparse-{impl}-d{density:g}", benchmark, opt, sum(p.numel() for _, p in stack),
+    benchmark.pedantic(_timed(opt, device), rounds=ROUNDS, warmup_rounds=1, iterations=1)
+    _record(f"sparse-{impl}-d{density:g}", benchmark, opt, sum(p.numel() for _, p in stack), device,
             optimizer=f"SparseMaskedAdamW(impl={impl})", density=density)
 
 
 def test_write_results():
-    if "torch-foreach" not in RESULTS:
+    if not RESULTS:
         pytest.skip("run the whole file to write results")
-    base = RESULTS["torch-foreach"]["median_s"]
-    for r in RESULTS.values():
+    for device, results in RESULTS.items():
+        _write(device, results)
+
+
+def _write(device: str, results: dict[str, dict]) -> None:
+    base = results["torch-foreach"]["median_s"]
+    for r in results.values():
         r["time_vs_torch_foreach"] = r["median_s"] / base
     numel = sum(a * b for a, b in SHAPES)
-    machine = {"platform": platform.platform(), "processor": _cpu_name(), "cpus": os.cpu_count(),
+    name = torch.cuda.get_device_name() if device == "cuda" else _cpu_name()
+    machine = {"platform": platform.platform(), "processor": name, "cpus": os.cpu_count(),
                "torch_threads": torch.get_num_threads(),
                "loadavg_1_5_15min_at_end": os.getloadavg()}  # the machine is shared: other jobs were running
     versions = {"python": platform.python_version(), "torch": torch.__version__, "fastopd": fastopd.__version__}
-    out = {"benchmark": "SparseMaskedAdamW step vs torch.optim.AdamW, fp32, CPU", "numel": numel,
+    if device == "cuda":
+        import triton
+
+        versions.update(cuda=torch.version.cuda, triton=triton.__version__)
+    out = {"benchmark": f"SparseMaskedAdamW step vs torch.optim.AdamW, fp32, {device}", "numel": numel,
            "shapes": "8x(1024x1024) + 4x(2816x1024) + 4x(1024x2816)", "machine": machine, "versions": versions,
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "command": "flock /tmp/fastopd_bench.lock python -m pytest bench/test_optim_bench.py -q -p no:cacheprovider",
-           "results": RESULTS}
+           "results": results}
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "optim_cpu.json"), "w") as f:
+    with open(os.path.join(HERE, "results", f"optim_{device}.json"), "w") as f:
         json.dump(out, f, indent=2)
-    lines = [f"# SparseMaskedAdamW vs torch.optim.AdamW (CPU, fp32, {numel / 1e6:.1f}M params)", "",
-             f"{machine['processor']}, {machine['cpus']} cores, torch {versions['torch']} "
+    lines = [f"# SparseMaskedAdamW vs torch.optim.AdamW ({device}, fp32, {numel / 1e6:.1f}M params)", "",
+             f"{name}, {machine['cpus']} CPU cores, torch {versions['torch']} "
              f"({machine['torch_threads']} threads), {out['date']}, load average at the end "
              f"{machine['loadavg_1_5_15min_at_end'][0]:.1f} (shared machine). Command: `{out['command']}`", "",
              "| optimizer | density | step median (ms) | p20-p80 (ms) | vs torch foreach | state B/param |",
              "|---|---|---|---|---|---|"]
-    for r in RESULTS.values():
+    for r in results.values():
         dens = f"{100 * r['density']:g}%" if "density" in r else "100% (dense)"
         lines.append(f"| {r['optimizer']} | {dens} | {1e3 * r['median_s']:.2f} | {1e3 * r['p20_s']:.2f}-"
                      f"{1e3 * r['p80_s']:.2f} | {r['time_vs_torch_foreach']:.3f}x | {r['state_bytes_per_param']:.3f} |")
-    with open(os.path.join(HERE, "results", "optim_cpu.md"), "w") as f:
+    with open(os.path.join(HERE, "results", f"optim_{device}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
