@@ -105,5 +105,11 @@ def build_attention_mask(key_mask: torch.Tensor, start: int, num_queries: int) -
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float | None = None
 ) -> torch.Tensor:
-    """Scaled dot-product attention ``[B, H_q, T, D]`` with grouped-query keys/values ``[B, H_kv, S, D]``."""
+    """Scaled dot-product attention ``[B, H_q, T, D]`` with grouped-query keys/values ``[B, H_kv, S, D]``.
+
+    A ``mask`` ``[B, 1, T, S']`` narrower than the keys restricts attention to the first ``S'`` columns (a decode
+    step that reads only the filled part of a static cache)."""
+    width = mask.shape[-1]
+    if width < k.shape[2]:
+        k, v = k[:, :, :width], v[:, :, :width]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])

@@ -326,6 +326,7 @@ class RolloutEngine:
         pad = torch.tensor(self.pad_token_id, dtype=torch.long, device=device)
         # Stopping is checked on the host: every step on CPU, every 8 steps on accelerators (fewer syncs).
         check_every = 1 if device.type == "cpu" else 8
+        narrow_mask = device.type == "cpu"
         steps = 0
         for t in range(h):
             tok, lp = sample_tokens(logits, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
@@ -341,7 +342,9 @@ class RolloutEngine:
             if t == h - 1 or (eos is not None and (t + 1) % check_every == 0 and bool(finished.all())):
                 break
             key_mask[:, p + t] = True
-            logits = decode_step(tok, positions, decode_mask, cache, p + t)
+            # On CPU attend to the filled columns only; elsewhere keep one static shape (CUDA-graph friendly).
+            step_mask = decode_mask[..., : p + t + 1] if narrow_mask else decode_mask
+            logits = decode_step(tok, positions, step_mask, cache, p + t)
             positions += 1
         return tokens, logprobs, completion_mask, finished, steps, prefill_tokens
 
