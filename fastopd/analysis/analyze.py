@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -122,6 +123,8 @@ def analyze_update(base: CheckpointLike, tuned: CheckpointLike, *, dtype: torch.
         Path(mask_out).parent.mkdir(parents=True, exist_ok=True)
         writer = MaskWriter(mask_out, [(n, bc.infos[n].shape) for n in names],
                             {"source": "fastopd.analysis", "base": str(bc.description), "tuned": str(tc.description),
+                             "shapes": json.dumps({n: list(bc.infos[n].shape) for n in names}),
+                             "kinds": json.dumps({n: module_kind(n) for n in names}),
                              "rule": "bitwise changed" if cfg.mask_atol is None else f"|delta| > {cfg.mask_atol:g}"})
     tensors: dict[str, dict] = {}
     spectra = {}

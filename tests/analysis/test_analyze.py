@@ -1,0 +1,298 @@
+"""analyze_update end to end: aggregation, null-model findings, checkpoint formats, errors, CLI, masks."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from fastopd.analysis import (
+    AnalysisConfig,
+    CheckpointError,
+    MismatchError,
+    analyze_update,
+    open_checkpoint,
+    select_null_tensors,
+)
+from fastopd.cli import main as cli_main
+
+
+def _llama(seed: int, layers: int = 2, hidden: int = 64, inter: int = 160, vocab: int = 97,
+           dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    sd = {"model.embed_tokens.weight": torch.randn(vocab, hidden, generator=g) * 0.02}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        sd[p + "input_layernorm.weight"] = 1 + 0.05 * torch.randn(hidden, generator=g)
+        sd[p + "self_attn.q_proj.weight"] = torch.randn(hidden, hidden, generator=g) * 0.02
+        sd[p + "self_attn.k_proj.weight"] = torch.randn(hidden // 4, hidden, generator=g) * 0.02
+        sd[p + "mlp.up_proj.weight"] = torch.randn(inter, hidden, generator=g) * 0.02
+        sd[p + "mlp.down_proj.weight"] = torch.randn(hidden, inter, generator=g) * 0.02
+    return {k: v.to(dtype) for k, v in sd.items()}
+
+
+def _bump(sd: dict, which, seed: int = 1, scale: float = 0.01) -> dict:
+    """Add a dense random step (large enough to change every bf16 value it touches) to the chosen tensors."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: ((v.float() + scale * torch.randn(v.shape, generator=g)).to(v.dtype) if which(k) else v.clone())
+            for k, v in sd.items()}
+
+
+def test_update_only_in_ffn_gives_ffn_share_one():
+    base = _llama(0)
+    tuned = _bump(base, lambda n: ".mlp." in n)
+    r = analyze_update(base, tuned, null_models="none", progress=False)
+    assert r.summary["ffn_share_updated"] == 1.0
+    assert r.summary["ffn_share_energy"] == 1.0
+    ffn_numel = sum(v.numel() for k, v in base.items() if ".mlp." in k)
+    assert r.summary["ffn_share_params"] == pytest.approx(ffn_numel / sum(v.numel() for v in base.values()))
+    assert r.by_kind["attn_q"]["density_exact"] == 0.0 and r.by_kind["embed"]["changed"] == 0
+    assert r.by_kind["ffn_up"]["share_updated"] + r.by_kind["ffn_down"]["share_updated"] == pytest.approx(1.0)
+    assert set(r.by_layer) == {"0", "1", "none"}
+    ffn_heavy = next(f for f in r.findings if f["id"] == "ffn_heavy") if r.findings else None
+    assert ffn_heavy is None  # no null models ran: no finding claims to have survived one
+
+
+def _rounded_low_rank_pair(scale: float):
+    base = {k: v for k, v in _llama(0).items() if v.dim() == 2 and "embed" not in k}
+    g = torch.Generator().manual_seed(4)
+    tuned = {}
+    for k, v in base.items():
+        m, n = v.shape
+        u = torch.randn(m, 2, generator=g) @ torch.randn(2, n, generator=g) * (scale / math.sqrt(2))
+        tuned[k] = (v.float() + u).bfloat16()
+    return base, tuned
+
+
+def test_bf16_rounding_of_a_tiny_dense_low_rank_update_is_flagged_by_the_null_model():
+    base, tuned = _rounded_low_rank_pair(1e-5)
+    r = analyze_update(base, tuned, null_models="all", progress=False)
+    f = {x["id"]: x for x in r.findings}
+    # the artefacts: looks sparse, full-rank and near-zero-heavy although the update is dense and rank 2 ...
+    assert f["coordinate_sparse"]["holds"] and f["coordinate_sparse"]["observed"] < 0.3
+    assert f["full_rank"]["holds"]
+    assert f["near_zero_heavy"]["holds"] and f["near_zero_heavy"]["observed"] > 3
+    # ... and the bf16-rounding null reproduces each of them, so none survives it
+    for key in ("coordinate_sparse", "full_rank", "near_zero_heavy"):
+        assert f[key]["survives_rounding"] is False, key
+        assert f[key]["verdict"] == "holds, but is explained by a null model"
+    # the shuffled null keeps the values but scatters them: enrichment ~1, spectrum flat
+    assert 0.7 < f["near_zero_heavy"]["null_shuffled"] < 1.4
+    assert f["spectrally_concentrated"]["survives_shuffled"] is True
+    # report text states it
+    assert "explained by a null model" in r.markdown()
+
+
+def test_genuinely_sparse_update_survives_the_rounding_null():
+    base = {k: v for k, v in _llama(0).items() if v.dim() == 2}
+    g = torch.Generator().manual_seed(9)
+    tuned = {k: torch.where(torch.rand(v.shape, generator=g) < 0.02,
+                            (v.float() + 0.01 * torch.randn(v.shape, generator=g)).bfloat16(), v)
+             for k, v in base.items()}
+    r = analyze_update(base, tuned, null_models="all", progress=False)
+    f = {x["id"]: x for x in r.findings}
+    assert f["coordinate_sparse"]["holds"] and f["coordinate_sparse"]["survives_rounding"] is True
+    assert f["coordinate_sparse"]["null_rounding"] > 0.5
+    assert not f["near_zero_heavy"]["holds"]
+
+
+def test_select_null_tensors_samples_first_middle_last_per_kind():
+    names = [f"model.layers.{i}.mlp.up_proj.weight" for i in range(7)] + ["model.embed_tokens.weight"]
+    chosen = select_null_tensors(names, "sample")
+    assert chosen == {"model.layers.0.mlp.up_proj.weight", "model.layers.3.mlp.up_proj.weight",
+                      "model.layers.6.mlp.up_proj.weight", "model.embed_tokens.weight"}
+    assert select_null_tensors(names, "none") == set() and select_null_tensors(names, "all") == set(names)
+
+
+# ------------------------------------------------------------------------------------------ formats and errors
+def _write_formats(tmp_path, sd: dict, tag: str) -> dict:
+    """The same state dict as a single safetensors file, a sharded HF folder with index, and a torch file."""
+    single = tmp_path / f"{tag}.safetensors"
+    save_file(sd, str(single))
+    folder = tmp_path / f"{tag}_hf"
+    folder.mkdir()
+    names = sorted(sd)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for fname, keys in shards.items():
+        save_file({k: sd[k] for k in keys}, str(folder / fname))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {k: f for f, ks in shards.items() for k in ks}}))
+    pt = tmp_path / f"{tag}.bin"
+    torch.save(sd, pt)
+    return {"single": single, "hf": folder, "torch": pt, "memory": sd}
+
+
+def test_all_checkpoint_formats_give_the_same_report(tmp_path):
+    base = _llama(0, layers=1)
+    tuned = _bump(base, lambda n: "q_proj" in n or "up_proj" in n)
+    fb, ft = _write_formats(tmp_path, base, "base"), _write_formats(tmp_path, tuned, "tuned")
+    reports = {k: analyze_update(fb[k], ft[k], null_models="none", progress=False) for k in fb}
+    ref = reports["memory"]
+    for k, r in reports.items():
+        assert r.summary == ref.summary, k
+        for name, t in ref.tensors.items():
+            for key in ("density_exact", "energy", "numerical_rank", "energy_top", "enrichment_small"):
+                assert r.tensors[name][key] == t[key], (k, name, key)
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs /proc/self/maps (Linux)")
+def test_safetensors_tensors_are_memory_mapped(tmp_path):
+    sd = {"a": torch.randn(30, 20), "w": torch.randn(300, 200)}
+    path = tmp_path / "m.safetensors"
+    save_file(sd, str(path))
+    t = open_checkpoint(path).load("w")
+    torch.testing.assert_close(t, sd["w"], rtol=0, atol=0)
+    ptr = t.data_ptr()
+    spans = []
+    for line in open("/proc/self/maps"):
+        if line.rstrip().endswith(str(path)):
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            spans.append((lo, hi))
+    # the tensor's bytes live in a mapping of the checkpoint file, not in a heap copy
+    assert any(lo <= ptr < hi for lo, hi in spans), spans
+    del t
+    assert not any(line.rstrip().endswith(str(path)) for line in open("/proc/self/maps"))  # unmapped when dropped
+
+
+def test_mismatched_names_and_shapes_are_listed(tmp_path):
+    base = _llama(0, layers=1)
+    tuned = _bump(base, lambda n: "up_proj" in n)
+    tuned["model.layers.0.extra.weight"] = torch.zeros(3, 3, dtype=torch.bfloat16)
+    del tuned["model.layers.0.self_attn.k_proj.weight"]
+    tuned["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(64, 63, dtype=torch.bfloat16)
+    with pytest.raises(MismatchError) as e:
+        analyze_update(base, tuned, progress=False)
+    msg = str(e.value)
+    assert "only in BASE (1)" in msg and "model.layers.0.self_attn.k_proj.weight" in msg
+    assert "only in TUNED (1)" in msg and "model.layers.0.extra.weight" in msg
+    assert "model.layers.0.self_attn.q_proj.weight: [64, 64] vs [64, 63]" in msg
+    assert "--allow-partial" in msg
+    r = analyze_update(base, tuned, allow_partial=True, null_models="none", progress=False)
+    assert set(r.tensors) == set(base) - {"model.layers.0.self_attn.k_proj.weight",
+                                          "model.layers.0.self_attn.q_proj.weight"}
+    assert r.mismatches == {"only_in_base": ["model.layers.0.self_attn.k_proj.weight"],
+                            "only_in_tuned": ["model.layers.0.extra.weight"],
+                            "shape_differs": ["model.layers.0.self_attn.q_proj.weight"]}
+    # CLI: exit code 2, message on stderr, and --allow-partial goes through
+    fb, ft = tmp_path / "b.safetensors", tmp_path / "t.safetensors"
+    save_file(base, str(fb))
+    save_file(tuned, str(ft))
+    assert cli_main(["analyze", str(fb), str(ft), "--out", str(tmp_path / "o"), "--quiet", "--no-plots"]) == 2
+    assert cli_main(["analyze", str(fb), str(ft), "--out", str(tmp_path / "o"), "--quiet", "--no-plots",
+                     "--allow-partial", "--null-models", "none"]) == 0
+    assert json.loads((tmp_path / "o" / "report.json").read_text())["mismatches"]["only_in_tuned"] == [
+        "model.layers.0.extra.weight"]
+
+
+def test_dtype_mismatch_needs_dtype_option():
+    base = {"w": torch.randn(8, 8)}
+    tuned = {"w": (base["w"] + 1).bfloat16()}
+    with pytest.raises(MismatchError, match="--dtype"):
+        analyze_update(base, tuned, progress=False)
+    r = analyze_update(base, tuned, dtype=torch.bfloat16, null_models="none", progress=False)
+    assert r.tensors["w"]["storage_dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("cut", [pytest.param(100, id="cut-data"), pytest.param(None, id="cut-header")])
+def test_truncated_safetensors_names_the_file(tmp_path, cut, capsys):
+    sd = _llama(0, layers=1)
+    good = tmp_path / "good.safetensors"
+    save_file(sd, str(good))
+    raw = good.read_bytes()
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(raw[:-cut] if cut else raw[:20])
+    with pytest.raises(CheckpointError, match=str(bad).replace(".", r"\.")) as e:
+        analyze_update(good, bad, progress=False)
+    assert "truncated" in str(e.value)
+    assert cli_main(["analyze", str(good), str(bad), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert str(bad) in capsys.readouterr().err
+
+
+def test_unreadable_files_name_the_file(tmp_path):
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"\x00not a checkpoint" * 10)
+    with pytest.raises(CheckpointError, match="junk.bin"):
+        open_checkpoint(junk)
+    pt = tmp_path / "sd.pt"
+    torch.save({"w": torch.randn(64, 64)}, pt)
+    (tmp_path / "cut.pt").write_bytes(pt.read_bytes()[:-500])
+    with pytest.raises(CheckpointError, match="cut.pt"):
+        open_checkpoint(tmp_path / "cut.pt")
+    with pytest.raises(CheckpointError, match="no such file"):
+        open_checkpoint(tmp_path / "missing")
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(CheckpointError, match="empty_dir"):
+        open_checkpoint(tmp_path / "empty_dir")
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "gone.safetensors"}}))
+    with pytest.raises(CheckpointError, match="gone.safetensors"):
+        open_checkpoint(folder)
+
+
+# ------------------------------------------------------------------------------------------ CLI, report, mask
+DESIGN_TENSOR_KEYS = {"module_kind", "layer", "numel", "density_exact", "density_atol", "energy_top", "numerical_rank",
+                      "stable_rank", "effective_rank", "topk_energy", "enrichment_small"}
+
+
+def test_cli_writes_report_plots_and_mask(tmp_path):
+    base = _llama(0)
+    tuned = _bump(base, lambda n: "mlp" in n or "q_proj" in n, scale=0.003)
+    fb, ft = tmp_path / "base", tmp_path / "tuned.safetensors"
+    fb.mkdir()
+    save_file(base, str(fb / "model.safetensors"))
+    save_file(tuned, str(ft))
+    out, masks = tmp_path / "out", tmp_path / "m" / "masks.safetensors"
+    rc = cli_main(["analyze", str(fb), str(ft), "--out", str(out), "--mask-out", str(masks), "--quiet",
+                   "--atol", "1e-6", "1e-3", "--null-models", "sample"])
+    assert rc == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert set(rep["tensors"]) == set(base)
+    for name, t in rep["tensors"].items():
+        assert DESIGN_TENSOR_KEYS <= set(t), name
+        assert set(t["density_atol"]) == {"1e-06", "0.001"}
+    assert {"density_exact", "ffn_share_updated", "ffn_share_energy"} <= set(rep["summary"])
+    assert rep["summary"]["null_tensors"] > 0 and rep["findings"]
+    md = (out / "report.md").read_text()
+    assert "## Findings and null models" in md and "## By module kind" in md
+    for png in ("sparsity_by_layer", "density_by_kind", "singular_energy", "enrichment_by_magnitude"):
+        data = (out / f"{png}.png").read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    with safe_open(str(out / "spectra.safetensors"), "pt") as f:
+        assert "model.layers.1.mlp.up_proj.weight/delta" in f.keys()
+    # mask: bool per parameter, the parameter's shape, True exactly where the stored value changed
+    with safe_open(str(masks), "pt") as f:
+        assert f.metadata()["format"] == "fastopd.masks.v1"
+        assert set(f.keys()) == set(base)
+        for name in base:
+            m = f.get_tensor(name)
+            assert m.dtype == torch.bool and m.shape == base[name].shape
+            assert torch.equal(m, base[name].view(torch.int16) != tuned[name].view(torch.int16))
+    assert not masks.with_name(masks.name + ".partial").exists()
+
+
+def test_mask_is_readable_by_optim_masks(tmp_path):
+    optim_masks = pytest.importorskip("fastopd.optim.masks", reason="fastopd.optim (issue 5) not installed here")
+    base = _llama(0, layers=1)
+    tuned = _bump(base, lambda n: "up_proj" in n)
+    path = tmp_path / "masks.safetensors"
+    analyze_update(base, tuned, null_models="none", mask_out=path, progress=False)
+    loaded = optim_masks.load(str(path))
+    assert set(loaded) == set(base)
+    up = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(loaded[up].reshape(base[up].shape), base[up] != tuned[up])
+
+
+def test_mask_atol_and_streaming_with_small_chunks(tmp_path):
+    base = {"a": torch.zeros(37, 11), "b": torch.zeros(5)}
+    tuned = {"a": torch.linspace(-1e-3, 1e-3, 37 * 11).view(37, 11), "b": torch.tensor([0, 1e-5, 2e-3, 0, 0.0])}
+    path = tmp_path / "m.safetensors"
+    analyze_update(base, tuned, config=AnalysisConfig(chunk_elems=13, mask_atol=5e-4), null_models="none",
+                   mask_out=path, progress=False)
+    with safe_open(str(path), "pt") as f:
+        for k in base:
+            assert torch.equal(f.get_tensor(k), (tuned[k] - base[k]).abs() > 5e-4), k
