@@ -14,7 +14,8 @@ def test_greedy_is_argmax_with_temperature_one_logprob():
     z = _logits(5, 33)
     tok, lp = sample_tokens(z, temperature=0)
     assert torch.equal(tok, z.argmax(-1))
-    torch.testing.assert_close(lp.double(), z.double().log_softmax(-1).gather(-1, tok[:, None])[:, 0])
+    ref = z.double().log_softmax(-1).gather(-1, tok[:, None])[:, 0]
+    torch.testing.assert_close(lp.double(), ref, rtol=1e-5, atol=1e-6)  # fp32 budget against float64
 
 
 @pytest.mark.parametrize("temperature", [pytest.param(0.7, id="T0.7"), pytest.param(1.0, id="T1"),
