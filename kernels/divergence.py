@@ -28,6 +28,7 @@ import triton.language as tl
 
 FKL, RKL, JSD = 0, 1, 2
 DEFAULT_BLOCK_V = 2048
+TINY_P: tl.constexpr = tl.constexpr(1e-30)  # JSD drops terms of smaller probability, as the C++ kernel does
 
 
 @triton.jit
@@ -48,11 +49,28 @@ def _scale(x, mask, inv_temp, softcap, inv_softcap, SOFTCAP: tl.constexpr):
 
 @triton.jit
 def _online_update(m, s, z):
-    """One block of an online log-sum-exp: running max m and sum s (relative to m), block values z."""
+    """One block of an online log-sum-exp: running max m (fp32) and sum s (fp64, relative to m), block values z.
+
+    The sum is kept in fp64 so that log(s) resolves log-probs near 0 (s = 1 + tiny when one token dominates):
+    in fp32 their error would be the spacing of 1.0, 6e-8, as large as the log-probs themselves."""
     m_new = tl.maximum(m, tl.max(z, 0))
     safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # an all -inf prefix keeps s = 0, never NaN
-    s = s * tl.exp(m - safe) + tl.sum(tl.exp(z - safe), 0)
+    s = s * tl.exp(m - safe).to(tl.float64) + tl.sum(tl.exp(z - safe).to(tl.float64), 0)
     return m_new, s
+
+
+@triton.jit
+def _expm1(x):
+    """exp(x) - 1, accurate near 0 (series below |x| = 0.1; libdevice's expm1 is not available to the interpreter)."""
+    series = x * (1.0 + x * (0.5 + x * (1.0 / 6.0 + x * (1.0 / 24.0 + x * (1.0 / 120.0 + x * (1.0 / 720.0))))))
+    return tl.where(tl.abs(x) < 0.1, series, tl.exp(x) - 1.0)
+
+
+@triton.jit
+def _p_diff(ps, pt, lps, lpt):
+    """p_s - p_t, exact also where both are near 1 (a dominant token): p_t * expm1(lp_s - lp_t) there."""
+    d = lps - lpt
+    return tl.where((pt > 0.0) & (d < 30.0) & (lpt > -1.0), pt * _expm1(d), ps - pt)
 
 
 @triton.jit
@@ -91,8 +109,8 @@ def _divergence_row_kernel(
         # Pass 1: normalizers.
         m_s = float("-inf")
         m_t = float("-inf")
-        s_s = 0.0
-        s_t = 0.0
+        s_s = tl.zeros([], dtype=tl.float64)
+        s_t = tl.zeros([], dtype=tl.float64)
         for start in range(0, V, BLOCK_V):
             offs = start + lanes
             mask = offs < V
@@ -102,8 +120,12 @@ def _divergence_row_kernel(
                         inv_softcap, SOFTCAP)
             m_s, s_s = _online_update(m_s, s_s, zs)
             m_t, s_t = _online_update(m_t, s_t, zt)
-        lse_s = tl.where(m_s == float("-inf"), 0.0, m_s) + tl.log(s_s)
-        lse_t = tl.where(m_t == float("-inf"), 0.0, m_t) + tl.log(s_t)
+        # log p = (z - max) - log(sum): subtracting the max first keeps log-probs near 0 exact, where z - lse
+        # would lose everything below the fp32 spacing at |lse|.
+        m_s = tl.where(m_s == float("-inf"), 0.0, m_s)
+        m_t = tl.where(m_t == float("-inf"), 0.0, m_t)
+        log_s = tl.log(s_s).to(tl.float32)
+        log_t = tl.log(s_t).to(tl.float32)
 
         # Pass 2: divergence sums and entropy (fkl: also the gradient).
         acc_a = 0.0  # fkl: KL(t||s); rkl: KL(s||t); jsd: KL(t||m)
@@ -116,15 +138,15 @@ def _divergence_row_kernel(
                         inv_softcap, SOFTCAP)
             zt = _scale(tl.load(xt_row + offs, mask=mask, other=0.0).to(tl.float32), mask, inv_temp, softcap,
                         inv_softcap, SOFTCAP)
-            lps = zs - lse_s
-            lpt = zt - lse_t
+            lps = (zs - m_s) - log_s
+            lpt = (zt - m_t) - log_t
             ps = tl.exp(lps)
             pt = tl.exp(lpt)
             ent += tl.sum(tl.where(ps > 0.0, ps * lps, 0.0), 0)
             if DIV == 0:
                 acc_a += tl.sum(tl.where(pt > 0.0, pt * (lpt - lps), 0.0), 0)
                 if COMPUTE_GRAD:
-                    g = soft_weight * (ps - pt)
+                    g = soft_weight * _p_diff(ps, pt, lps, lpt)
                     if HARD:
                         g += hard_weight * ps
                         g = tl.where(offs == y, g - hard_weight, g)
@@ -136,9 +158,10 @@ def _divergence_row_kernel(
             elif DIV == 1:
                 acc_a += tl.sum(tl.where(ps > 0.0, ps * (lps - lpt), 0.0), 0)
             else:
+                # Terms of probability <= 1e-30 are dropped (< 1e-28 each): m > 0 wherever log m is used.
                 lm = tl.log(beta * pt + (1.0 - beta) * ps)
-                acc_a += tl.sum(tl.where(pt > 0.0, pt * (lpt - lm), 0.0), 0)
-                acc_b += tl.sum(tl.where(ps > 0.0, ps * (lps - lm), 0.0), 0)
+                acc_a += tl.sum(tl.where(pt > TINY_P, pt * (lpt - lm), 0.0), 0)
+                acc_b += tl.sum(tl.where(ps > TINY_P, ps * (lps - lm), 0.0), 0)
 
         # Pass 3 (rkl, jsd): dL/dz_s = coef * p_s ((lp_s - lp_ref) - K) + hard_w (p_s - onehot(y)).
         if COMPUTE_GRAD and DIV != 0:
@@ -155,14 +178,14 @@ def _divergence_row_kernel(
                             inv_softcap, SOFTCAP)
                 zt = _scale(tl.load(xt_row + offs, mask=mask, other=0.0).to(tl.float32), mask, inv_temp, softcap,
                             inv_softcap, SOFTCAP)
-                lps = zs - lse_s
-                lpt = zt - lse_t
+                lps = (zs - m_s) - log_s
+                lpt = (zt - m_t) - log_t
                 ps = tl.exp(lps)
                 if DIV == 1:
-                    lref = lpt
+                    term = tl.where(ps > 0.0, ps * (lps - lpt), 0.0)
                 else:
-                    lref = tl.log(beta * tl.exp(lpt) + (1.0 - beta) * ps)
-                term = tl.where(ps > 0.0, ps * (lps - lref), 0.0)
+                    lm = tl.log(beta * tl.exp(lpt) + (1.0 - beta) * ps)
+                    term = tl.where(ps > TINY_P, ps * (lps - lm), 0.0)
                 g = coef * (term - ps * k)
                 if HARD:
                     g += hard_weight * ps
@@ -179,16 +202,16 @@ def _divergence_row_kernel(
             soft = acc_a
         row_loss = soft_weight * soft
         if HAS_LABELS:
-            lp_s_y = zs_y - lse_s
-            lp_t_y = zt_y - lse_t
+            lp_s_y = (zs_y - m_s) - log_s
+            lp_t_y = (zt_y - m_t) - log_t
             if HARD:
-                row_loss += hard_weight * (lse_s - zs_y)
+                row_loss -= hard_weight * lp_s_y
         else:
             lp_s_y = 0.0
             lp_t_y = 0.0
         tl.store(loss_ptr + row, row_loss)
-        tl.store(stats_ptr + row * 5 + 0, lse_s)
-        tl.store(stats_ptr + row * 5 + 1, lse_t)
+        tl.store(stats_ptr + row * 5 + 0, m_s + log_s)
+        tl.store(stats_ptr + row * 5 + 1, m_t + log_t)
         tl.store(stats_ptr + row * 5 + 2, lp_s_y)
         tl.store(stats_ptr + row * 5 + 3, lp_t_y)
         tl.store(stats_ptr + row * 5 + 4, -ent)
