@@ -30,16 +30,15 @@ def test_sparse_adamw_kernel_compiles_for_sm90():
     helper = _helper()
     jobs = []
     for dtype in ("fp32", "bf16", "fp16"):
-        for has_index, index in ((True, "i32"), (True, "i64"), (False, "fp32")):
+        for has_index, index in ((True, "i32"), (True, "i64"), (False, "i64")):
             low = dtype != "fp32"
-            sig = {"param_ptr": f"*{dtype}", "grad_ptr": f"*{dtype}", "idx_ptr": f"*{index}", "m_ptr": "*fp32",
-                   "v_ptr": "*fp32", "master_ptr": "*fp32", "count_ptr": "*i64" if low else "*fp32", "k": "i64"}
-            sig.update({k: "fp32" for k in ("decay", "w", "beta2", "one_minus_beta2", "bc2_sqrt", "eps",
-                                            "neg_step_size")})
+            sig = {"table_ptr": "*i64", "coef_ptr": "*fp32", "block_tensor_ptr": "*i32", "block_start_ptr": "*i64",
+                   "param_like_ptr": f"*{dtype}", "index_like_ptr": f"*{index}"}
+            sig.update({k: "fp32" for k in ("decay", "w", "beta2", "one_minus_beta2", "eps")})
             jobs.append({"id": f"{dtype}-{index if has_index else 'full'}", "module": "fastopd.kernels.sparse_adamw",
                          "kernel": "_sparse_adamw_kernel", "signature": sig, "num_warps": 4,
                          "constexprs": {"HAS_INDEX": has_index, "HAS_MASTER": low, "COUNT": low, "DECAY": True,
-                                        "W_SMALL": True, "IS_BF16": dtype == "bf16", "BLOCK": 1024}})
+                                        "W_SMALL": True, "IS_BF16": dtype == "bf16", "COLS": 8, "BLOCK": 1024}})
     results = helper.compile_for_sm90(jobs)
     for job in jobs:
         r = results[job["id"]]
