@@ -68,15 +68,25 @@ class KVCache:
         """Active ``(keys, values)`` views of one layer, each ``[B, H_kv, S, D_head]``."""
         return self._layer_views[index]
 
-    def write(self, index: int, start: int, keys: torch.Tensor, values: torch.Tensor, expand: int = 1) -> None:
+    def write(
+        self, index: int, start: int | torch.Tensor, keys: torch.Tensor, values: torch.Tensor, expand: int = 1
+    ) -> None:
         """Write ``keys``/``values`` ``[B / expand, H_kv, T, D_head]`` into columns ``start..start+T-1``.
 
         With ``expand > 1`` each input row fills ``expand`` consecutive cache rows (prefix sharing: a prompt
         prefilled once serves all of its samples) by a broadcasting copy, without materializing the repeat.
+        ``start`` may be a 0-d int64 tensor on the cache's device (``expand == 1``): the write is then an
+        ``index_copy_`` whose address does not change between calls, as a captured CUDA graph needs.
         """
         k_cache, v_cache = self._layer_views[index]
         t = keys.shape[2]
-        if expand == 1:
+        if isinstance(start, torch.Tensor):
+            if expand != 1:
+                raise ValueError("KVCache.write with a tensor start supports expand=1 only")
+            cols = start.reshape(1) if t == 1 else start + torch.arange(t, device=start.device)
+            k_cache.index_copy_(2, cols, keys)
+            v_cache.index_copy_(2, cols, values)
+        elif expand == 1:
             k_cache[:, :, start : start + t].copy_(keys)
             v_cache[:, :, start : start + t].copy_(values)
         else:

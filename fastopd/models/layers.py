@@ -140,14 +140,15 @@ def llama_decode_layer(
     mask: torch.Tensor,
     cache: KVCache,
     layer_idx: int,
-    column: int,
+    column: int | torch.Tensor,
     *,
     num_heads: int,
     num_kv_heads: int,
     head_dim: int,
 ) -> torch.Tensor:
     """One Llama layer for a single new token per row: ``x`` ``[B, D]`` -> ``[B, D]``, its key/value written to
-    cache column ``column``, attention over the cache's active window under ``mask`` ``[B, 1, 1, S]``.
+    cache column ``column`` (an int, or a 0-d device tensor for CUDA-graph capture), attention over the first
+    ``S`` columns of the cache's active window under ``mask`` ``[B, 1, 1, S]``.
     Computes what :func:`llama_layer` computes (same math, fused and transposed weights)."""
     b = x.shape[0]
     h = rms_norm(x, packed.input_norm, packed.input_eps)

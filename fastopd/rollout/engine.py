@@ -10,7 +10,7 @@ from torch import nn
 
 from fastopd.models.kv_cache import KVCache, build_attention_mask
 from fastopd.models.layers import positions_from_mask
-from fastopd.rollout.adapters import ModelAdapter, as_adapter
+from fastopd.rollout.adapters import DecodeStep, LlamaFamilyAdapter, ModelAdapter, as_adapter
 from fastopd.rollout.batch import RolloutBatch
 from fastopd.rollout.horizon import Horizon, resolve_horizon
 from fastopd.rollout.sampling import sample_tokens
@@ -41,6 +41,9 @@ class RolloutEngine:
         pad_token_id: fills prompt padding and the columns after EOS; default: the first EOS id, else 0.
         generator: RNG of sampling; None uses torch's global RNG (``torch.manual_seed`` makes rollouts repeatable).
         share_prefix: prefill each prompt once and expand its KV to its samples (True), or prefill every sample.
+        cuda_graphs: on CUDA, capture the decode step of Llama-family models (built-in, Llama, Qwen2) in a CUDA
+            graph once per :meth:`generate` and replay it every step (one launch instead of hundreds). Ignored on
+            CPU and for other models.
 
     After each call, ``last_stats`` holds the horizon, prefill tokens computed and saved, decode steps and the KV
     cache bytes; ``kv_cache_bytes`` is the memory held by the student's and teacher's caches. Caches are sized to
@@ -61,6 +64,7 @@ class RolloutEngine:
         pad_token_id: int | None = None,
         generator: torch.Generator | None = None,
         share_prefix: bool = True,
+        cuda_graphs: bool = False,
     ) -> None:
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
@@ -86,6 +90,7 @@ class RolloutEngine:
                 self._check_special_ids(adapter)
         self.generator = generator
         self.share_prefix = share_prefix
+        self.cuda_graphs = cuda_graphs
         self._caches: dict[str, KVCache] = {}
         self.last_stats: dict[str, Any] = {}
 
@@ -327,6 +332,9 @@ class RolloutEngine:
         # Stopping is checked on the host: every step on CPU, every 8 steps on accelerators (fewer syncs).
         check_every = 1 if device.type == "cpu" else 8
         narrow_mask = device.type == "cpu"
+        if self.cuda_graphs and device.type == "cuda" and isinstance(adapter, LlamaFamilyAdapter) and h > 1:
+            # Warm-up/capture writes column p+h-1, which no decode step reads as valid before overwriting.
+            decode_step = _GraphedDecodeStep(decode_step, b, positions, decode_mask, cache, p + h - 1)
         steps = 0
         for t in range(h):
             tok, lp = sample_tokens(logits, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
@@ -368,3 +376,32 @@ class RolloutEngine:
         scoring_mask = build_attention_mask(key_mask, pt, h - 1)
         hidden = adapter.forward(completion[:, : h - 1], positions, scoring_mask, cache, pt)
         return torch.cat([last[:, None], hidden], 1)
+
+
+class _GraphedDecodeStep:
+    """A decode step captured in a CUDA graph for one generation: token ids and the write column are copied
+    into static device buffers, ``positions`` and the mask are the engine's own buffers (updated in place), the
+    cache is static; each call replays the graph and returns the static logits buffer."""
+
+    def __init__(
+        self, step: DecodeStep, batch: int, positions: torch.Tensor, mask: torch.Tensor, cache: KVCache, column: int
+    ) -> None:
+        device = positions.device
+        self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
+        self.column = torch.full((), column, dtype=torch.long, device=device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step(self.tokens, positions, mask, cache, self.column)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = step(self.tokens, positions, mask, cache, self.column)
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: KVCache,
+                 column: int) -> torch.Tensor:
+        self.tokens.copy_(tokens)
+        self.column.fill_(column)
+        self.graph.replay()
+        return self.logits

@@ -312,3 +312,48 @@ def test_score_errors():
 def test_unsupported_model_raises():
     with pytest.raises(ValueError, match="no rollout adapter"):
         RolloutEngine(torch.nn.Linear(3, 3), horizon=3)
+
+
+@pytest.mark.parametrize("make", [pytest.param(builtin, id="builtin"), pytest.param(llama, id="llama")])
+def test_decode_step_with_tensor_column_and_full_mask(make):
+    """The CUDA-graph form of the decode step (column as a device tensor, one static full-width mask) computes
+    what the eager CPU form (int column, mask narrowed to the filled columns) computes."""
+    adapter = as_adapter(make())
+    cfg_cache = [adapter.new_cache(3, 12) for _ in range(2)]
+    ids = torch.tensor([[0, 0, 5, 6], [1, 2, 3, 4], [0, 9, 8, 7]])
+    mask = ids != 0
+    mask[1, 0] = True
+    from fastopd.models import build_attention_mask
+
+    with torch.inference_mode():
+        for cache in cfg_cache:
+            adapter.forward(ids, (mask.long().cumsum(-1) - 1).clamp(min=0), build_attention_mask(mask, 0, 4), cache)
+        step = adapter.prepare_decode()
+        key_mask = torch.zeros(3, 12, dtype=torch.bool)
+        key_mask[:, :4] = mask
+        positions = mask.sum(1, keepdim=True)
+        tok = torch.tensor([11, 12, 13])
+        for t in range(3):
+            key_mask[:, 4 + t] = True
+            a = step(tok + t, positions + t, key_mask[:, None, None, : 5 + t], cfg_cache[0], 4 + t)
+            b = step(tok + t, positions + t, key_mask[:, None, None, :], cfg_cache[1], torch.tensor(4 + t))
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            ref = adapter.logits(adapter.forward((tok + t)[:, None], positions + t, key_mask[:, None, None, :],
+                                                 cfg_cache[1], 4 + t))[:, 0]
+            torch.testing.assert_close(a, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
+def test_cuda_graph_decode_equals_eager_on_gpu(dtype):
+    model = llama(hidden=128, layers=3, heads=4, kv_heads=2).to("cuda", dtype)
+    eager = RolloutEngine(model, horizon=24, num_samples=2, temperature=0, eos_token_id=7)
+    graphed = RolloutEngine(model, horizon=24, num_samples=2, temperature=0, eos_token_id=7, cuda_graphs=True)
+    a, b = eager.generate(PROMPTS), graphed.generate(PROMPTS)
+    assert torch.equal(a.input_ids, b.input_ids)
+    torch.testing.assert_close(a.logprobs, b.logprobs, rtol=0, atol=0)
+    p = a.prompt_width
+    ref = model.generate(input_ids=a.input_ids[:, :p], attention_mask=a.attention_mask[:, :p].long(),
+                         max_new_tokens=24, do_sample=False, pad_token_id=7, eos_token_id=7)
+    if dtype == torch.float32:
+        assert torch.equal(b.completion_ids[:, : ref.shape[1] - p], ref[:, p:])
