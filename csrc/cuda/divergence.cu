@@ -9,7 +9,8 @@
 //                                                    dL/dz_s = (1-b) p_s ((lp_s - log m) - KL(s||m))
 //   loss = soft_w * div + hard_w * (lse_s - z_s[y]);  the hard term adds hard_w (p_s - onehot(y)).
 //
-// One thread block per row. Pass 1: per-thread online max / sum-exp of both models, then a block reduction
+// One thread block per row. Pass 1: per-thread online max / sum-exp of both models (sums in fp64 so that
+// log-probs near 0 stay exact; log p = (z - max) - log(sum)), then a block reduction
 // of the (max, sum) pairs (warp shuffles, then one value per warp through shared memory). Pass 2: the
 // divergence sums and the entropy with exact log-probs; for fkl the gradient is stored in the same pass.
 // Pass 3 (rkl, jsd with a gradient): the gradient, which needs the row's KL from pass 2. Loads are float4
@@ -60,25 +61,47 @@ __device__ __forceinline__ float scale(float x, const RowParams& p) {
   return x * p.inv_temp;
 }
 
-// Online log-sum-exp state: running max m and sum s relative to m.
+// Online log-sum-exp state: running max m and sum s relative to m. The sum is fp64 so that log(s) resolves
+// log-probs near 0 (s = 1 + tiny when one token dominates); in fp32 their error would be 6e-8, the spacing
+// of 1.0. Only the accumulation is fp64; the exponentials stay fp32.
 struct MaxSum {
   float m;
-  float s;
+  double s;
 };
 
 __device__ __forceinline__ void online_add(MaxSum& a, float z) {
   if (z > a.m) {
-    a.s = a.s * __expf(a.m - z) + 1.0f;  // a.m = -inf gives exp(-inf) = 0
+    a.s = a.s * static_cast<double>(__expf(a.m - z)) + 1.0;  // a.m = -inf gives exp(-inf) = 0
     a.m = z;
   } else if (z != kNegInf) {
-    a.s += __expf(z - a.m);
+    a.s += static_cast<double>(__expf(z - a.m));
   }
 }
 
 __device__ __forceinline__ MaxSum combine(MaxSum a, MaxSum b) {
   const float m = fmaxf(a.m, b.m);
-  if (m == kNegInf) return {kNegInf, 0.0f};
-  return {m, a.s * __expf(a.m - m) + b.s * __expf(b.m - m)};
+  if (m == kNegInf) return {kNegInf, 0.0};
+  return {m, a.s * static_cast<double>(__expf(a.m - m)) + b.s * static_cast<double>(__expf(b.m - m))};
+}
+
+// log(s) of a sum s >= 1 (the max contributes exp(0) = 1): log1pf of s - 1 taken in fp64 keeps it exact near
+// 1; --use_fast_math turns logf into an approximation but leaves log1pf alone.
+__device__ __forceinline__ float log_sum(double s) {
+  return s < 2.0 ? log1pf(static_cast<float>(s - 1.0)) : logf(static_cast<float>(s));
+}
+
+// exp(x) - 1, accurate near 0: a series below |x| = 0.1 (the same as the Triton kernel's; branch-free, and
+// ptxas keeps it in registers where expm1f's slow path made it spill).
+__device__ __forceinline__ float expm1_acc(float x) {
+  const float series =
+      x * (1.0f + x * (0.5f + x * (1.0f / 6.0f + x * (1.0f / 24.0f + x * (1.0f / 120.0f + x * (1.0f / 720.0f))))));
+  return fabsf(x) < 0.1f ? series : __expf(x) - 1.0f;
+}
+
+// p_s - p_t, exact also where both are near 1 (a dominant token): p_t * expm1(lp_s - lp_t) there.
+__device__ __forceinline__ float p_diff(float ps, float pt, float lps, float lpt) {
+  const float d = lps - lpt;
+  return (pt > 0.0f && d < 30.0f && lpt > -1.0f) ? pt * expm1_acc(d) : ps - pt;
 }
 
 __device__ __forceinline__ MaxSum warp_reduce(MaxSum v) {
@@ -103,7 +126,7 @@ __device__ MaxSum block_reduce(MaxSum v, MaxSum* smem) {
   __syncthreads();  // smem may still be read by a previous reduction
   if (lane == 0) smem[warp] = v;
   __syncthreads();
-  MaxSum r = lane < kWarps ? smem[lane] : MaxSum{kNegInf, 0.0f};
+  MaxSum r = lane < kWarps ? smem[lane] : MaxSum{kNegInf, 0.0};
   return warp_reduce(r);
 }
 
@@ -195,15 +218,17 @@ __global__ void __launch_bounds__(kThreads) divergence_row_kernel(float* __restr
   const float zt_y = has_labels ? scale<SOFTCAP>(xt[y], p) : 0.0f;
 
   // Pass 1: normalizers.
-  MaxSum as{kNegInf, 0.0f}, at{kNegInf, 0.0f};
+  MaxSum as{kNegInf, 0.0}, at{kNegInf, 0.0};
   for_row<VEC>(xs, xt, V, [&](int64_t, float a, float b) {
     online_add(as, scale<SOFTCAP>(a, p));
     online_add(at, scale<SOFTCAP>(b, p));
   });
   as = block_reduce(as, smem_ms[0]);
   at = block_reduce(at, smem_ms[1]);
-  const float lse_s = (as.m == kNegInf ? 0.0f : as.m) + __logf(as.s);
-  const float lse_t = (at.m == kNegInf ? 0.0f : at.m) + __logf(at.s);
+  // log p = (z - max) - log(sum): subtracting the max first keeps log-probs near 0 exact.
+  const float ms = as.m == kNegInf ? 0.0f : as.m, mt = at.m == kNegInf ? 0.0f : at.m;
+  const float log_s = log_sum(as.s), log_t = log_sum(at.s);
+  constexpr float kTinyP = 1e-30f;  // JSD drops terms of smaller probability (< 1e-28 each), as the C++ kernel
 
   const float b = p.beta, omb = 1.0f - p.beta, sw = p.soft_weight, hw = p.hard_weight;
   auto chain = [&](float zs) {
@@ -215,7 +240,7 @@ __global__ void __launch_bounds__(kThreads) divergence_row_kernel(float* __restr
   // Pass 2: divergence sums (acc[0]: fkl / rkl / KL(t||m), acc[1]: KL(s||m)) and sum p_s lp_s (acc[2]).
   float acc[3] = {0.0f, 0.0f, 0.0f};
   auto terms = [&](float zs, float zt, float& ps_out, float& pt_out) {
-    const float lps = zs - lse_s, lpt = zt - lse_t;
+    const float lps = (zs - ms) - log_s, lpt = (zt - mt) - log_t;
     const float ps = __expf(lps), pt = __expf(lpt);
     acc[2] += ps > 0.0f ? ps * lps : 0.0f;
     if (DIV == kFKL) {
@@ -224,18 +249,19 @@ __global__ void __launch_bounds__(kThreads) divergence_row_kernel(float* __restr
       acc[0] += ps > 0.0f ? ps * (lps - lpt) : 0.0f;
     } else {
       const float lm = __logf(b * pt + omb * ps);
-      acc[0] += pt > 0.0f ? pt * (lpt - lm) : 0.0f;
-      acc[1] += ps > 0.0f ? ps * (lps - lm) : 0.0f;
+      acc[0] += pt > kTinyP ? pt * (lpt - lm) : 0.0f;
+      acc[1] += ps > kTinyP ? ps * (lps - lm) : 0.0f;
     }
     ps_out = ps;
     pt_out = pt;
+    return DIV == kFKL ? p_diff(ps, pt, lps, lpt) : 0.0f;
   };
   if (DIV == kFKL && GRAD) {
     map_row<VEC>(xs, xt, V, [&](int64_t i, float a, float bt) {
       const float zs = scale<SOFTCAP>(a, p);
       float ps, pt;
-      terms(zs, scale<SOFTCAP>(bt, p), ps, pt);
-      float g = sw * (ps - pt);
+      const float diff = terms(zs, scale<SOFTCAP>(bt, p), ps, pt);
+      float g = sw * diff;
       if (hard) g += hw * (ps - (i == y ? 1.0f : 0.0f));
       return g * chain(zs);
     });
@@ -253,10 +279,10 @@ __global__ void __launch_bounds__(kThreads) divergence_row_kernel(float* __restr
     const float coef = DIV == kRKL ? sw : sw * omb;
     map_row<VEC>(xs, xt, V, [&](int64_t i, float a, float bt) {
       const float zs = scale<SOFTCAP>(a, p), zt = scale<SOFTCAP>(bt, p);
-      const float lps = zs - lse_s, lpt = zt - lse_t;
+      const float lps = (zs - ms) - log_s, lpt = (zt - mt) - log_t;
       const float ps = __expf(lps);
       const float lref = DIV == kRKL ? lpt : __logf(b * __expf(lpt) + omb * ps);
-      const float term = ps > 0.0f ? ps * (lps - lref) : 0.0f;
+      const float term = ps > (DIV == kRKL ? 0.0f : kTinyP) ? ps * (lps - lref) : 0.0f;
       float g = coef * (term - ps * k);
       if (hard) g += hw * (ps - (i == y ? 1.0f : 0.0f));
       return g * chain(zs);
@@ -266,13 +292,14 @@ __global__ void __launch_bounds__(kThreads) divergence_row_kernel(float* __restr
   if (threadIdx.x == 0) {
     const float soft = DIV == kJSD ? b * acc[0] + omb * acc[1] : acc[0];
     float row_loss = sw * soft;
-    if (hard) row_loss += hw * (lse_s - zs_y);
+    const float lps_y = (zs_y - ms) - log_s, lpt_y = (zt_y - mt) - log_t;
+    if (hard) row_loss -= hw * lps_y;
     loss[row] = row_loss;
     float* st = stats + row * 5;
-    st[0] = lse_s;
-    st[1] = lse_t;
-    st[2] = has_labels ? zs_y - lse_s : 0.0f;
-    st[3] = has_labels ? zt_y - lse_t : 0.0f;
+    st[0] = ms + log_s;
+    st[1] = mt + log_t;
+    st[2] = has_labels ? lps_y : 0.0f;
+    st[3] = has_labels ? lpt_y : 0.0f;
     st[4] = -acc[2];
   }
 }
