@@ -33,15 +33,23 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-@pytest.fixture(scope="module", params=DEVICES)
-def stack(request):
+def _make_stack(device: str, dtype: torch.dtype) -> list[tuple[str, torch.nn.Parameter]]:
     gen = torch.Generator().manual_seed(0)
-    dev = request.param
-    params = [(f"layers.{i}.w", torch.nn.Parameter((torch.randn(s, generator=gen) * 0.02).to(dev)))
+    params = [(f"layers.{i}.w", torch.nn.Parameter((torch.randn(s, generator=gen) * 0.02).to(device, dtype)))
               for i, s in enumerate(SHAPES)]
     for _, p in params:
-        p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(dev)
+        p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(device, dtype)
     return params
+
+
+@pytest.fixture(scope="module", params=DEVICES)
+def stack(request):
+    return _make_stack(request.param, torch.float32)
+
+
+@pytest.fixture(scope="module", params=DEVICES)
+def stack_bf16(request):
+    return _make_stack(request.param, torch.bfloat16)
 
 
 def _timed(opt, device: str):
@@ -92,6 +100,28 @@ def test_sparse_masked_adamw(benchmark, stack, density, impl):
             optimizer=f"SparseMaskedAdamW(impl={impl})", density=density)
 
 
+def test_bf16_torch_adamw_foreach(benchmark, stack_bf16):
+    """torch's AdamW on bf16 parameters (bf16 moments, no master copy): the peer of the bf16 row below."""
+    params = [p for _, p in stack_bf16]
+    device = params[0].device.type
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, foreach=True)
+    benchmark.pedantic(_timed(opt, device), rounds=ROUNDS, warmup_rounds=1, iterations=1)
+    _record("torch-foreach-bf16", benchmark, opt, sum(p.numel() for p in params), device,
+            optimizer="torch.optim.AdamW(foreach), bf16 params")
+
+
+def test_bf16_sparse_masked_adamw_master(benchmark, stack_bf16):
+    """bf16 parameters at 5% density with fp32 masters: index + two moments + master = 16 B per selected value."""
+    device = stack_bf16[0][1].device.type
+    impl = {"cpu": "cpu", "cuda": "triton"}[device]
+    mask = masks.random(dict(stack_bf16), 0.05, generator=torch.Generator().manual_seed(1))
+    opt = SparseMaskedAdamW(stack_bf16, masks=mask, lr=1e-4, weight_decay=0.01, impl=impl)
+    benchmark.pedantic(_timed(opt, device), rounds=ROUNDS, warmup_rounds=1, iterations=1)
+    _record(f"sparse-{impl}-bf16-master-d0.05", benchmark, opt, sum(p.numel() for _, p in stack_bf16), device,
+            optimizer=f"SparseMaskedAdamW(impl={impl}), bf16 params + fp32 masters", density=0.05,
+            baseline="torch-foreach-bf16")
+
+
 def test_write_results():
     if not RESULTS:
         pytest.skip("run the whole file to write results")
@@ -100,9 +130,9 @@ def test_write_results():
 
 
 def _write(device: str, results: dict[str, dict]) -> None:
-    base = results["torch-foreach"]["median_s"]
-    for r in results.values():
-        r["time_vs_torch_foreach"] = r["median_s"] / base
+    for key, r in results.items():
+        base = r.get("baseline", "torch-foreach-bf16" if key == "torch-foreach-bf16" else "torch-foreach")
+        r["time_vs_torch_foreach"] = r["median_s"] / results[base]["median_s"]
     numel = sum(a * b for a, b in SHAPES)
     name = torch.cuda.get_device_name() if device == "cuda" else _cpu_name()
     machine = {"platform": platform.platform(), "processor": name, "cpus": os.cpu_count(),
@@ -113,7 +143,7 @@ def _write(device: str, results: dict[str, dict]) -> None:
         import triton
 
         versions.update(cuda=torch.version.cuda, triton=triton.__version__)
-    out = {"benchmark": f"SparseMaskedAdamW step vs torch.optim.AdamW, fp32, {device}", "numel": numel,
+    out = {"benchmark": f"SparseMaskedAdamW step vs torch.optim.AdamW, fp32 (and bf16), {device}", "numel": numel,
            "shapes": "8x(1024x1024) + 4x(2816x1024) + 4x(1024x2816)", "machine": machine, "versions": versions,
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "command": "flock /tmp/fastopd_bench.lock python -m pytest bench/test_optim_bench.py -q -p no:cacheprovider",
@@ -121,10 +151,11 @@ def _write(device: str, results: dict[str, dict]) -> None:
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     with open(os.path.join(HERE, "results", f"optim_{device}.json"), "w") as f:
         json.dump(out, f, indent=2)
-    lines = [f"# SparseMaskedAdamW vs torch.optim.AdamW ({device}, fp32, {numel / 1e6:.1f}M params)", "",
+    lines = [f"# SparseMaskedAdamW vs torch.optim.AdamW ({device}, {numel / 1e6:.1f}M params)", "",
              f"{name}, {machine['cpus']} CPU cores, torch {versions['torch']} "
              f"({machine['torch_threads']} threads), {out['date']}, load average at the end "
              f"{machine['loadavg_1_5_15min_at_end'][0]:.1f} (shared machine). Command: `{out['command']}`", "",
+             "Ratios are against torch.optim.AdamW(foreach) on parameters of the same dtype (fp32, or bf16).", "",
              "| optimizer | density | step median (ms) | p20-p80 (ms) | vs torch foreach | state B/param |",
              "|---|---|---|---|---|---|"]
     for r in results.values():
