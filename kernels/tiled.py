@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from fastopd.kernels.divergence import _tanh
+from fastopd.kernels.divergence import TINY_P, _p_diff, _tanh
 
 
 @triton.jit
@@ -53,13 +53,14 @@ def _scaled_tile(x, cmask, inv_temp, softcap, inv_softcap, SOFTCAP: tl.constexpr
 
 @triton.jit
 def _tiled_lse_kernel(
-    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, labels_ptr, part_ptr,
+    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, labels_ptr, part_ptr, sums_ptr,
     N, V, Ds, Dt, stride_hs, stride_ws, stride_ht, stride_wt, blocks_per_split,
     inv_temp, softcap, inv_softcap, ignore_index,
     HAS_BIAS_S: tl.constexpr, HAS_BIAS_T: tl.constexpr, HAS_LABELS: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """part[split, :, row] = (lse_s, lse_t, z_s[y], z_t[y]) of this split's vocabulary share ([SPLIT, 4, N])."""
+    """part[split, :, row] = (max_s, max_t, z_s[y], z_t[y]) ([SPLIT, 4, N] fp32) and sums[split, :, row] =
+    (sum exp(z_s - max_s), sum exp(z_t - max_t)) ([SPLIT, 2, N] fp64) of this split's vocabulary share."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -69,8 +70,8 @@ def _tiled_lse_kernel(
         y = tl.where(y == ignore_index, -1, y)
     m_s = tl.full([BLOCK_N], float("-inf"), tl.float32)
     m_t = tl.full([BLOCK_N], float("-inf"), tl.float32)
-    s_s = tl.zeros([BLOCK_N], tl.float32)
-    s_t = tl.zeros([BLOCK_N], tl.float32)
+    s_s = tl.zeros([BLOCK_N], tl.float64)  # fp64: log(sum) must resolve log-probs near 0 (see divergence.py)
+    s_t = tl.zeros([BLOCK_N], tl.float64)
     zs_y = tl.zeros([BLOCK_N], tl.float32)
     zt_y = tl.zeros([BLOCK_N], tl.float32)
     v_begin = split * blocks_per_split * BLOCK_V
@@ -86,39 +87,39 @@ def _tiled_lse_kernel(
         zt = _scaled_tile(xt, cmask, inv_temp, softcap, inv_softcap, SOFTCAP)
         new_s = tl.maximum(m_s, tl.max(zs, 1))
         safe_s = tl.where(new_s == float("-inf"), 0.0, new_s)
-        s_s = s_s * tl.exp(m_s - safe_s) + tl.sum(tl.exp(zs - safe_s[:, None]), 1)
+        s_s = s_s * tl.exp(m_s - safe_s).to(tl.float64) + tl.sum(tl.exp(zs - safe_s[:, None]).to(tl.float64), 1)
         m_s = new_s
         new_t = tl.maximum(m_t, tl.max(zt, 1))
         safe_t = tl.where(new_t == float("-inf"), 0.0, new_t)
-        s_t = s_t * tl.exp(m_t - safe_t) + tl.sum(tl.exp(zt - safe_t[:, None]), 1)
+        s_t = s_t * tl.exp(m_t - safe_t).to(tl.float64) + tl.sum(tl.exp(zt - safe_t[:, None]).to(tl.float64), 1)
         m_t = new_t
         if HAS_LABELS:
             hit = cols[None, :] == y[:, None]
             zs_y += tl.sum(tl.where(hit, zs, 0.0), 1)
             zt_y += tl.sum(tl.where(hit, zt, 0.0), 1)
-    lse_s = tl.where(m_s == float("-inf"), 0.0, m_s) + tl.log(s_s)  # s = 0 (empty split) gives -inf
-    lse_t = tl.where(m_t == float("-inf"), 0.0, m_t) + tl.log(s_t)
     base = part_ptr + split * 4 * N + rows
-    tl.store(base, lse_s, mask=rmask)
-    tl.store(base + N, lse_t, mask=rmask)
+    tl.store(base, m_s, mask=rmask)  # -inf for an empty split, whose sums are 0
+    tl.store(base + N, m_t, mask=rmask)
     tl.store(base + 2 * N, zs_y, mask=rmask)
     tl.store(base + 3 * N, zt_y, mask=rmask)
+    tl.store(sums_ptr + split * 2 * N + rows, s_s, mask=rmask)
+    tl.store(sums_ptr + split * 2 * N + N + rows, s_t, mask=rmask)
 
 
 @triton.jit
 def _tile_probs(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, rows, cols, rmask, cmask, Ds, Dt,
-                stride_hs, stride_ws, stride_ht, stride_wt, lse_s, lse_t, inv_temp, softcap, inv_softcap,
+                stride_hs, stride_ws, stride_ht, stride_wt, m_s, log_s, m_t, log_t, inv_temp, softcap, inv_softcap,
                 HAS_BIAS_S: tl.constexpr, HAS_BIAS_T: tl.constexpr, SOFTCAP: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    """Scaled student logits and both models' log-probs and probs of one tile."""
+    """Scaled student logits and both models' log-probs, (z - max) - log(sum), and probs of one tile."""
     xs = _logit_tile(hs_ptr, ws_ptr, bs_ptr, rows, cols, rmask, cmask, Ds, stride_hs, stride_ws, HAS_BIAS_S,
                      BLOCK_N, BLOCK_V, BLOCK_D, PRECISION)
     xt = _logit_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, rmask, cmask, Dt, stride_ht, stride_wt, HAS_BIAS_T,
                      BLOCK_N, BLOCK_V, BLOCK_D, PRECISION)
     zs = _scaled_tile(xs, cmask, inv_temp, softcap, inv_softcap, SOFTCAP)
     zt = _scaled_tile(xt, cmask, inv_temp, softcap, inv_softcap, SOFTCAP)
-    lps = zs - lse_s[:, None]
-    lpt = zt - lse_t[:, None]
+    lps = (zs - m_s[:, None]) - log_s[:, None]
+    lpt = (zt - m_t[:, None]) - log_t[:, None]
     return zs, lps, lpt, tl.exp(lps), tl.exp(lpt)
 
 
@@ -130,7 +131,8 @@ def _tiled_sums_kernel(
     DIV: tl.constexpr, HAS_BIAS_S: tl.constexpr, HAS_BIAS_T: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """part[split, :, row] = (A, B, sum p_s lp_s) over this split's vocabulary; row_ptr holds [lse_s; lse_t] [2, N].
+    """part[split, :, row] = (A, B, sum p_s lp_s) over this split's vocabulary; row_ptr holds the rows' max and log
+    sum-exp of both models [4, N] (max_s, log_s, max_t, log_t).
 
     fkl: A = KL(t||s); rkl: A = KL(s||t); jsd: A = KL(t||m), B = KL(s||m).
     """
@@ -138,8 +140,10 @@ def _tiled_sums_kernel(
     split = tl.program_id(1)
     rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     rmask = rows < N
-    lse_s = tl.load(row_ptr + rows, mask=rmask, other=0.0)
-    lse_t = tl.load(row_ptr + N + rows, mask=rmask, other=0.0)
+    m_s = tl.load(row_ptr + rows, mask=rmask, other=0.0)
+    log_s = tl.load(row_ptr + N + rows, mask=rmask, other=0.0)
+    m_t = tl.load(row_ptr + 2 * N + rows, mask=rmask, other=0.0)
+    log_t = tl.load(row_ptr + 3 * N + rows, mask=rmask, other=0.0)
     acc_a = tl.zeros([BLOCK_N], tl.float32)
     acc_b = tl.zeros([BLOCK_N], tl.float32)
     ent = tl.zeros([BLOCK_N], tl.float32)
@@ -149,7 +153,7 @@ def _tiled_sums_kernel(
         cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
         cmask = cols < v_end
         zs, lps, lpt, ps, pt = _tile_probs(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, rows, cols, rmask, cmask,
-                                           Ds, Dt, stride_hs, stride_ws, stride_ht, stride_wt, lse_s, lse_t,
+                                           Ds, Dt, stride_hs, stride_ws, stride_ht, stride_wt, m_s, log_s, m_t, log_t,
                                            inv_temp, softcap, inv_softcap, HAS_BIAS_S, HAS_BIAS_T, SOFTCAP,
                                            BLOCK_N, BLOCK_V, BLOCK_D, PRECISION)
         ent += tl.sum(tl.where(ps > 0.0, ps * lps, 0.0), 1)
@@ -159,8 +163,8 @@ def _tiled_sums_kernel(
             acc_a += tl.sum(tl.where(ps > 0.0, ps * (lps - lpt), 0.0), 1)
         else:
             lm = tl.log(beta * pt + (1.0 - beta) * ps)
-            acc_a += tl.sum(tl.where(pt > 0.0, pt * (lpt - lm), 0.0), 1)
-            acc_b += tl.sum(tl.where(ps > 0.0, ps * (lps - lm), 0.0), 1)
+            acc_a += tl.sum(tl.where(pt > TINY_P, pt * (lpt - lm), 0.0), 1)
+            acc_b += tl.sum(tl.where(ps > TINY_P, ps * (lps - lm), 0.0), 1)
     base = part_ptr + split * 3 * N + rows
     tl.store(base, acc_a, mask=rmask)
     tl.store(base + N, acc_b, mask=rmask)
@@ -178,17 +182,19 @@ def _tiled_grad_kernel(
 ):
     """Accumulates grad_h [N, Ds], grad_W [V, Ds], grad_b [V] (fp32, atomics) of sum_r row_scale[r] * loss[r].
 
-    row_ptr holds [lse_s; lse_t; K; row_scale] [4, N]: K is the row's KL(s||t) (rkl) or KL(s||m) (jsd);
+    row_ptr holds [max_s; log_s; max_t; log_t; K; row_scale] [6, N]: K is the row's KL(s||t) (rkl) or KL(s||m) (jsd);
     row_scale is 0 on ignored rows. skip_ptr counts the tiles skipped under skip_threshold (int32 [1]).
     """
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     rmask = rows < N
-    lse_s = tl.load(row_ptr + rows, mask=rmask, other=0.0)
-    lse_t = tl.load(row_ptr + N + rows, mask=rmask, other=0.0)
-    k_row = tl.load(row_ptr + 2 * N + rows, mask=rmask, other=0.0)
-    scale = tl.load(row_ptr + 3 * N + rows, mask=rmask, other=0.0)
+    m_s = tl.load(row_ptr + rows, mask=rmask, other=0.0)
+    log_s = tl.load(row_ptr + N + rows, mask=rmask, other=0.0)
+    m_t = tl.load(row_ptr + 2 * N + rows, mask=rmask, other=0.0)
+    log_t = tl.load(row_ptr + 3 * N + rows, mask=rmask, other=0.0)
+    k_row = tl.load(row_ptr + 4 * N + rows, mask=rmask, other=0.0)
+    scale = tl.load(row_ptr + 5 * N + rows, mask=rmask, other=0.0)
     if HAS_LABELS:
         y = tl.load(labels_ptr + rows, mask=rmask, other=ignore_index)
         valid = rmask & (y != ignore_index)
@@ -202,19 +208,19 @@ def _tiled_grad_kernel(
         cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
         cmask = cols < v_end
         zs, lps, lpt, ps, pt = _tile_probs(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, rows, cols, rmask, cmask,
-                                           Ds, Dt, stride_hs, stride_ws, stride_ht, stride_wt, lse_s, lse_t,
+                                           Ds, Dt, stride_hs, stride_ws, stride_ht, stride_wt, m_s, log_s, m_t, log_t,
                                            inv_temp, softcap, inv_softcap, HAS_BIAS_S, HAS_BIAS_T, SOFTCAP,
                                            BLOCK_N, BLOCK_V, BLOCK_D, PRECISION)
         if DIV == 0:
-            g = soft_weight * (ps - pt)
+            g = soft_weight * _p_diff(ps, pt, lps, lpt)
         else:
             if DIV == 1:
-                lref = lpt
+                term = tl.where(ps > 0.0, ps * (lps - lpt), 0.0)
                 coef = soft_weight
             else:
-                lref = tl.log(beta * pt + (1.0 - beta) * ps)
+                lm = tl.log(beta * pt + (1.0 - beta) * ps)
+                term = tl.where(ps > TINY_P, ps * (lps - lm), 0.0)
                 coef = soft_weight * (1.0 - beta)
-            term = tl.where(ps > 0.0, ps * (lps - lref), 0.0)
             g = coef * (term - ps * k_row[:, None])
         if HARD:
             g += hard_weight * ps
@@ -262,7 +268,7 @@ class TiledConfig:
 
 # One fixed configuration per input width on sm_90 (no autotuning), checked free of register spills by
 # tests/kernels/test_triton_sm90_compile.py: fp32 tiles take no tensor-core path and need a narrower row block.
-GPU_CONFIG_16BIT = (64, 128, 32, 8, 3)
+GPU_CONFIG_16BIT = (64, 64, 32, 8, 3)
 GPU_CONFIG_FP32 = (32, 128, 32, 8, 2)
 CPU_CONFIG = (16, 32, 16, 1, 1)  # the interpreter: small tiles keep numpy fast
 
@@ -296,34 +302,47 @@ def _geometry(v: int, cfg: TiledConfig) -> int:
 
 def tiled_row_lse(h_s, w_s, b_s, h_t, w_t, b_t, labels, *, temperature: float, softcap: float, ignore_index: int,
                   cfg: TiledConfig) -> torch.Tensor:
-    """Per-split partial statistics [SPLIT, 4, N]: lse_s, lse_t, z_s[y], z_t[y] of each vocabulary share."""
+    """Per-split partials of each vocabulary share: [SPLIT, 4, N] fp32 (max_s, max_t, z_s[y], z_t[y]) and
+    [SPLIT, 2, N] fp64 (sum exp(z - max) of both models). `combine_lse` turns them into row statistics."""
     n, ds = h_s.shape
     v, dt = w_s.shape[0], h_t.shape[1]
     part = torch.empty(cfg.splits, 4, n, dtype=torch.float32, device=h_s.device)
+    sums = torch.empty(cfg.splits, 2, n, dtype=torch.float64, device=h_s.device)
     use_cap = softcap > 0
     grid = (triton.cdiv(n, cfg.block_n), cfg.splits)
     _tiled_lse_kernel[grid](
         h_s, w_s, b_s if b_s is not None else h_s, h_t, w_t, b_t if b_t is not None else h_t,
-        labels if labels is not None else part, part,
+        labels if labels is not None else part, part, sums,
         n, v, ds, dt, h_s.stride(0), w_s.stride(0), h_t.stride(0), w_t.stride(0), _geometry(v, cfg),
         1.0 / temperature, softcap, 1.0 / softcap if use_cap else 0.0, ignore_index,
         HAS_BIAS_S=b_s is not None, HAS_BIAS_T=b_t is not None, HAS_LABELS=labels is not None, SOFTCAP=use_cap,
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, PRECISION=_precision(h_s),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return part
+    return part, sums
 
 
-def tiled_row_sums(h_s, w_s, b_s, h_t, w_t, b_t, lse: torch.Tensor, *, divergence: int, beta: float,
+def combine_lse(part: torch.Tensor, sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row statistics from the per-split partials: ([4, N] fp32 = max_s, log_s, max_t, log_t with
+    lse = max + log_s, log-probs (z - max) - log_s), and the label logits [2, N] (z_s[y], z_t[y])."""
+    m = part[:, :2].amax(0)                                        # [2, N]
+    m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)   # all -inf rows: keep NaN out
+    scale = torch.exp((part[:, :2] - m_safe).double())            # empty splits: exp(-inf) = 0
+    log_sum = torch.log((sums * scale).sum(0)).float()             # fp64 sum: exact near log p = 0
+    rowstats = torch.stack([m_safe[0], log_sum[0], m_safe[1], log_sum[1]])
+    return rowstats, part[:, 2:].sum(0)                            # the label lies in exactly one split
+
+
+def tiled_row_sums(h_s, w_s, b_s, h_t, w_t, b_t, rowstats: torch.Tensor, *, divergence: int, beta: float,
                    temperature: float, softcap: float, cfg: TiledConfig) -> torch.Tensor:
-    """Per-split partial sums [SPLIT, 3, N] (A, B, sum p_s lp_s) given lse = [lse_s; lse_t] [2, N] fp32."""
+    """Per-split partial sums [SPLIT, 3, N] (A, B, sum p_s lp_s) given rowstats [4, N] from `combine_lse`."""
     n, ds = h_s.shape
     v, dt = w_s.shape[0], h_t.shape[1]
     part = torch.empty(cfg.splits, 3, n, dtype=torch.float32, device=h_s.device)
     use_cap = softcap > 0
     grid = (triton.cdiv(n, cfg.block_n), cfg.splits)
     _tiled_sums_kernel[grid](
-        h_s, w_s, b_s if b_s is not None else h_s, h_t, w_t, b_t if b_t is not None else h_t, lse, part,
+        h_s, w_s, b_s if b_s is not None else h_s, h_t, w_t, b_t if b_t is not None else h_t, rowstats, part,
         n, v, ds, dt, h_s.stride(0), w_s.stride(0), h_t.stride(0), w_t.stride(0), _geometry(v, cfg),
         beta, 1.0 / temperature, softcap, 1.0 / softcap if use_cap else 0.0,
         DIV=divergence, HAS_BIAS_S=b_s is not None, HAS_BIAS_T=b_t is not None, SOFTCAP=use_cap,
@@ -338,7 +357,8 @@ def tiled_grad(h_s, w_s, b_s, h_t, w_t, b_t, labels, rowinfo: torch.Tensor, grad
                hard_weight: float, ignore_index: int, skip_threshold: float, cfg: TiledConfig) -> torch.Tensor:
     """Adds the student gradients into grad_h [N, Ds], grad_w [V, Ds], grad_b [V] (fp32, any may be None).
 
-    rowinfo: [4, N] fp32 = lse_s, lse_t, K (KL(s||t) for rkl, KL(s||m) for jsd, unused for fkl), row_scale.
+    rowinfo: [6, N] fp32 = max_s, log_s, max_t, log_t (from `combine_lse`), K (KL(s||t) for rkl, KL(s||m) for
+    jsd, unused for fkl), row_scale.
     Returns the number of skipped tiles as an int32 [1] device tensor (read it only where a sync is fine).
     """
     n, ds = h_s.shape

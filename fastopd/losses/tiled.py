@@ -31,16 +31,17 @@ def _skip_threshold() -> float:
 
 
 def _rows_stats(h_s, w_s, b_s, h_t, w_t, b_t, labels, cfg: DivergenceConfig, tcfg):
-    """Forward statistics: (lse_s, lse_t, zs_y, zt_y, A, B, sum p_s lp_s), each [N] fp32."""
+    """Forward statistics: rowstats [4, N] (max_s, log_s, max_t, log_t), label logits [2, N] (z_s[y], z_t[y])
+    and the sums [3, N] (A, B, sum p_s lp_s), fp32."""
     from fastopd.kernels import tiled as tk
 
-    part = tk.tiled_row_lse(h_s, w_s, b_s, h_t, w_t, b_t, labels, temperature=cfg.temperature, softcap=cfg.softcap,
-                            ignore_index=cfg.ignore_index, cfg=tcfg)
-    lse = torch.logsumexp(part[:, :2], dim=0)      # [2, N]
-    zy = part[:, 2:].sum(0)                        # the label lies in exactly one split
-    sums = tk.tiled_row_sums(h_s, w_s, b_s, h_t, w_t, b_t, lse.contiguous(), divergence=cfg.divergence,
-                             beta=cfg.beta, temperature=cfg.temperature, softcap=cfg.softcap, cfg=tcfg).sum(0)
-    return lse, zy, sums
+    part, partial_sums = tk.tiled_row_lse(h_s, w_s, b_s, h_t, w_t, b_t, labels, temperature=cfg.temperature,
+                                          softcap=cfg.softcap, ignore_index=cfg.ignore_index, cfg=tcfg)
+    rowstats, zy = tk.combine_lse(part, partial_sums)
+    rowstats = rowstats.contiguous()
+    sums = tk.tiled_row_sums(h_s, w_s, b_s, h_t, w_t, b_t, rowstats, divergence=cfg.divergence, beta=cfg.beta,
+                             temperature=cfg.temperature, softcap=cfg.softcap, cfg=tcfg).sum(0)
+    return rowstats, zy, sums
 
 
 class TiledLinearDivergenceFunction(torch.autograd.Function):
@@ -61,14 +62,16 @@ class TiledLinearDivergenceFunction(torch.autograd.Function):
         form_now = want_grad and cfg.reduction != "none"
         tcfg = tk.default_config(n, v, device, h_s.dtype, splits)
 
-        lse, zy, sums = _rows_stats(h_s, w_s, b_s, h_t, w_t, b_t, labels, cfg, tcfg)
-        lse_s, lse_t = lse[0], lse[1]
+        rowstats, zy, sums = _rows_stats(h_s, w_s, b_s, h_t, w_t, b_t, labels, cfg, tcfg)
+        lse_s, lse_t = rowstats[0] + rowstats[1], rowstats[2] + rowstats[3]
         acc_a, acc_b, plogp = sums[0], sums[1], sums[2]
         soft = cfg.beta * acc_a + (1.0 - cfg.beta) * acc_b if cfg.divergence == JSD else acc_a
         valid = labels != cfg.ignore_index if labels is not None else torch.ones(n, dtype=torch.bool, device=device)
         row_loss = cfg.soft_weight * soft
         if labels is not None:
-            lp_s_y, lp_t_y = zy[0] - lse_s, zy[1] - lse_t
+            # (z - max) - log(sum), as in the kernels: exact for log-probs near 0
+            lp_s_y = (zy[0] - rowstats[0]) - rowstats[1]
+            lp_t_y = (zy[1] - rowstats[2]) - rowstats[3]
             if cfg.hard_weight != 0:
                 row_loss = row_loss - cfg.hard_weight * lp_s_y
         else:
@@ -89,7 +92,7 @@ class TiledLinearDivergenceFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(stats)
         ctx.cfg, ctx.form_now, ctx.skip_threshold, ctx.tcfg = cfg, form_now, skip_threshold, tcfg
         ctx.dtypes = (h_s.dtype, w_s.dtype, b_s.dtype if b_s is not None else None)
-        rowinfo = torch.stack([lse_s, lse_t, k_row, valid.to(torch.float32)])  # [4, N]; row 3 is the row scale
+        rowinfo = torch.cat([rowstats, torch.stack([k_row, valid.to(torch.float32)])])  # [6, N]; row 5: row scale
         if form_now:
             grads = _grad_pass(h_s, w_s, b_s, h_t, w_t, b_t, labels, rowinfo, need, cfg, skip_threshold, tcfg)
             ctx.save_for_backward(*grads, divisor)
@@ -111,7 +114,7 @@ class TiledLinearDivergenceFunction(torch.autograd.Function):
                     (grad_b * scale).to(dt_b) if grad_b is not None else None, *none)
         h_s, w_s, b_s, h_t, w_t, b_t, labels, rowinfo = ctx.saved_tensors
         rowinfo = rowinfo.clone()
-        rowinfo[3] *= grad_loss.to(torch.float32)  # per-row upstream gradients, 0 on ignored rows
+        rowinfo[5] *= grad_loss.to(torch.float32)  # per-row upstream gradients, 0 on ignored rows
         grad_h, grad_w, grad_b = _grad_pass(h_s, w_s, b_s, h_t, w_t, b_t, labels, rowinfo, ctx.needs_input_grad,
                                             ctx.cfg, ctx.skip_threshold, ctx.tcfg)
         return (grad_h.to(dt_h) if grad_h is not None else None, grad_w.to(dt_w) if grad_w is not None else None,

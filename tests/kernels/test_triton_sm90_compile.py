@@ -104,7 +104,7 @@ def _tiled_signature(dtype: str, kernel: str) -> dict[str, str]:
     ptr = f"*{dtype}"
     sig = {"hs_ptr": ptr, "ws_ptr": ptr, "bs_ptr": ptr, "ht_ptr": ptr, "wt_ptr": ptr, "bt_ptr": ptr}
     if kernel == "_tiled_lse_kernel":
-        sig.update({"labels_ptr": "*i64", "part_ptr": "*fp32"})
+        sig.update({"labels_ptr": "*i64", "part_ptr": "*fp32", "sums_ptr": "*fp64"})
     elif kernel == "_tiled_sums_kernel":
         sig.update({"row_ptr": "*fp32", "part_ptr": "*fp32"})
     else:
