@@ -114,14 +114,8 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
                 raise ValueError(f"masked parameter {name!r} (shape {tuple(p.shape)}) must be contiguous: "
                                  "mask indices address its row-major storage")
             idx = to_indices(mask, p.shape, name=name)  # int64 sorted unique, or None for all selected
-            k = p.numel() if idx is None else idx.numel()
-            state = self.state[p]
-            state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
-            state["indices"] = None if idx is None else idx.to(device=p.device, dtype=_index_dtype(p.numel()))
-            state["exp_avg"] = torch.zeros(k, dtype=torch.float32, device=p.device)
-            state["exp_avg_sq"] = torch.zeros(k, dtype=torch.float32, device=p.device)
-            if p.dtype in _LOW_PRECISION:
-                state["swallowed"] = torch.zeros((), dtype=torch.int64, device=p.device)
+            idx = None if idx is None else idx.to(device=p.device, dtype=_index_dtype(p.numel()))
+            self.state[p] = self._fresh_masked_state(p, idx)
 
     # ------------------------------------------------------------------ helpers
     def _register_names(self, gi: int, group: dict[str, Any]) -> None:
@@ -145,6 +139,44 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
     def _gather(p: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
         flat = p.detach().view(-1)
         return flat.clone() if idx is None else flat.index_select(0, idx)
+
+    @staticmethod
+    def _fresh_masked_state(p: torch.Tensor, idx: torch.Tensor | None) -> dict[str, Any]:
+        k = p.numel() if idx is None else idx.numel()
+        state: dict[str, Any] = {
+            "step": torch.tensor(0.0, dtype=_get_scalar_dtype()),
+            "indices": idx,
+            "exp_avg": torch.zeros(k, dtype=torch.float32, device=p.device),
+            "exp_avg_sq": torch.zeros(k, dtype=torch.float32, device=p.device),
+        }
+        if p.dtype in _LOW_PRECISION:
+            state["swallowed"] = torch.zeros((), dtype=torch.int64, device=p.device)
+        return state
+
+    def _compact_dense_state(self, p: torch.Tensor, dense: dict[str, Any]) -> dict[str, Any]:
+        """The dense AdamW state of `p` restricted to its current mask (moments gathered, in float32)."""
+        st = self._fresh_masked_state(p, self.state[p]["indices"])
+        idx = st["indices"]
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in dense:
+                v = dense[key]
+                if v.numel() != p.numel():
+                    raise ValueError(f"state of {self._names[id(p)]!r}: dense {key} has {v.numel()} values for a "
+                                     f"parameter of {p.numel()}")
+                st[key] = self._gather(v, idx).float()
+        if "step" in dense:
+            st["step"] = dense["step"].detach().to("cpu", _get_scalar_dtype(), copy=True)
+        return st
+
+    def _check_masked_state(self, p: torch.Tensor, st: dict[str, Any]) -> None:
+        name = self._names[id(p)]
+        idx = st["indices"]
+        k = p.numel() if idx is None else idx.numel()
+        for s in ("exp_avg", "exp_avg_sq", "master"):
+            if s in st and st[s].numel() != k:
+                raise ValueError(f"state of {name!r}: {s} has {st[s].numel()} values for a mask of {k}")
+        if idx is not None and k and (int(idx.max()) >= p.numel() or int(idx.min()) < 0):
+            raise ValueError(f"state of {name!r}: mask indices out of range for numel {p.numel()}")
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -243,27 +275,27 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
             if key not in id_map:
                 continue
             p = id_map[key]
-            name = self._names[id(p)]
+            masked = "indices" in saved_state
             st: dict[str, Any] = {}
             for k, v in saved_state.items():
                 if not isinstance(v, torch.Tensor):
                     st[k] = v
-                elif k == "step":
-                    st[k] = v.detach().clone().to(device=p.device) if v.device.type != "cpu" or self.fused else \
-                        v.detach().clone()
-                elif k in ("exp_avg", "exp_avg_sq") and "indices" not in saved_state:
+                elif k == "step":  # masked steps stay on the CPU; dense ones follow torch's policy
+                    on_device = not masked and (v.device.type != "cpu" or bool(self.fused))
+                    st[k] = v.detach().to(device=p.device if on_device else "cpu", copy=True)
+                elif k in ("exp_avg", "exp_avg_sq") and not masked:
                     st[k] = v.detach().to(device=p.device, dtype=p.dtype, copy=True)
                 else:
                     st[k] = v.detach().to(device=p.device, copy=True)
+            if not masked and self._is_masked(p):
+                st = self._compact_dense_state(p, st)  # a dense (e.g. torch AdamW) checkpoint onto this mask
             if "indices" in st:
-                idx = st["indices"]
-                k = p.numel() if idx is None else idx.numel()
-                for s in ("exp_avg", "exp_avg_sq", "master"):
-                    if s in st and st[s].numel() != k:
-                        raise ValueError(f"state of {name!r}: {s} has {st[s].numel()} values for a mask of {k}")
-                if idx is not None and k and (int(idx.max()) >= p.numel() or int(idx.min()) < 0):
-                    raise ValueError(f"state of {name!r}: mask indices out of range for numel {p.numel()}")
+                self._check_masked_state(p, st)
             new_state[p] = st
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p not in new_state and self._is_masked(p):  # no saved state: keep the mask, fresh moments
+                    new_state[p] = self._fresh_masked_state(p, self.state[p]["indices"])
         self.state.clear()
         self.state.update(new_state)
         for group, saved in zip(self.param_groups, saved_groups):

@@ -489,3 +489,32 @@ def test_group_kernel_mixed_variants_match_reference_kernel(impl):
         assert ((got - want).abs() <= tol).all(), n
         if cols[6][n] is not None:
             assert abs(int(cols[6][n]) - int(ref[6][n])) <= max(2, int(ref[6][n]) // 100), n
+
+
+def test_load_dense_torch_adamw_checkpoint_onto_a_mask():
+    """A torch.optim.AdamW checkpoint loads onto the constructor's mask: its moments are gathered at the mask and
+    training continues exactly as torch's AdamW does on those coordinates; a parameter without saved state
+    keeps its mask."""
+    gen = torch.Generator().manual_seed(9)
+    w0 = torch.randn(23, 17, generator=gen)
+    mask = torch.rand(23, 17, generator=gen) < 0.3
+    grads = [torch.randn(23, 17, generator=gen) for _ in range(6)]
+    ref = torch.nn.Parameter(w0.clone())
+    torch_opt = torch.optim.AdamW([ref], lr=1e-2, weight_decay=0.1)
+    for g in grads[:3]:
+        ref.grad = g.clone()
+        torch_opt.step()
+    w = torch.nn.Parameter(ref.detach().clone())
+    extra = torch.nn.Parameter(torch.randn(5, generator=gen))
+    opt = SparseMaskedAdamW([("w", w), ("extra", extra)], masks={"w": mask, "extra": torch.tensor([1, 3])},
+                            lr=1e-2, weight_decay=0.1, impl="torch")
+    sd = torch_opt.state_dict()
+    sd["param_groups"][0]["params"] = [0, 1]
+    opt.load_state_dict(sd)
+    assert opt.state[w]["step"].item() == 3 and opt.state[w]["exp_avg"].numel() == int(mask.sum())
+    assert opt.state[extra]["indices"].tolist() == [1, 3] and opt.state[extra]["step"].item() == 0
+    for g in grads[3:]:
+        ref.grad, w.grad = g.clone(), g.clone()
+        torch_opt.step()
+        opt.step()
+    assert torch.equal(w.detach()[mask], ref.detach()[mask])
