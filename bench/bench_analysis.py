@@ -113,7 +113,9 @@ def main() -> int:
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - t0
-        peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        peak_kib = usage.ru_maxrss
+        load = os.getloadavg()
         if proc.returncode != 0:
             print(proc.stdout, proc.stderr, file=sys.stderr)
             return proc.returncode
@@ -126,6 +128,8 @@ def main() -> int:
             "null_tensors": report["summary"]["null_tensors"], "tensors": report["summary"]["tensors"],
             "wall_s": round(wall, 1), "analysis_s_reported": round(report["meta"]["seconds"], 1),
             "peak_rss_gib": round(peak_kib / 2**20, 3), "synthesize_s": round(synth_s, 1),
+            "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+            "load_average_1_5_15_at_end": [round(x, 2) for x in load],
             "targets": {"wall_s": 600, "peak_rss_gib": 4.0},
             "command": " ".join(cmd[1:]).replace(str(work), "$WORK"),
             "machine": {"platform": platform.platform(), "processor": platform.processor(),
@@ -137,7 +141,16 @@ def main() -> int:
         out = Path(args.results or Path(__file__).parent / "results" / f"analysis_{args.scale}.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1) + "\n")
-        print(json.dumps({k: result[k] for k in ("scale", "parameters", "wall_s", "peak_rss_gib", "null_tensors")}))
+        md = out.with_suffix(".md")
+        md.write_text(
+            f"| scale | parameters | null-model tensors | wall (s) | CPU user+sys (s) | peak RSS (GiB) | load avg |\n"
+            f"|---|---|---|---|---|---|---|\n| {args.scale} | {params:,} | {result['null_tensors']} "
+            f"| {result['wall_s']} | {result['cpu_s']} | {result['peak_rss_gib']} "
+            f"| {result['load_average_1_5_15_at_end']} |\n\n"
+            f"`python bench/bench_analysis.py --scale {args.scale}` on {result['machine']['cpus']} CPUs"
+            f", torch {torch.__version__}, {result['date']}. Targets for 1b: < 600 s wall, < 4 GiB peak RSS.\n")
+        print(json.dumps({k: result[k] for k in ("scale", "parameters", "wall_s", "cpu_s", "peak_rss_gib",
+                                                 "null_tensors")}))
         return 0
     finally:
         if not args.keep:

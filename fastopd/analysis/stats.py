@@ -4,16 +4,17 @@ Delta = tuned - base is formed from the values in the storage dtype (bitwise com
 the difference itself in fp32 for 16-bit storage and fp64 otherwise, which is exact for the usual
 exponent gaps). Passes, for a tensor viewed as a matrix X [m', n'] with m' >= n' (transposed if wide):
 
-1. Gram pass: G_base = X^T X and G_delta = D^T D in float64 (rows of X in chunks).
-   Their eigenvalues are the squared singular values: the full spectrum, not a truncation.
+1. Gram pass: G_delta = D^T D in float64 (rows of X in chunks): its eigenvalues are the squared
+   singular values, the full spectrum, not a truncation. G_base = X^T X in float32 (only its top
+   eigenvectors are used, for the geometry).
 2. Elementwise pass (native row order): bitwise-changed count and mask, |Delta| <= atol and
    |Delta| < tau*RMS(base) counts (one bucketize), histograms keyed by the top 16 bits of the fp32
    pattern of |Delta| (energy by magnitude) and of |base| (magnitude buckets at bf16 resolution, for
    enrichment), and a joint histogram of (exponent of |base|, log2 |Delta|/ulp(base)).
-3. A refinement pass resolves the histogram bins holding the top-p% energy boundaries exactly.
-4. Geometry pass: energy of Delta in the base's top-k singular subspaces, U_k = X V_k / sigma_k from
-   the base Gram's eigenvectors; the null models (shuffled Delta, bf16 rounding of a dense update of
-   matched energy) get their Gram, geometry and enrichment in the same pass.
+3. Geometry pass: energy of Delta in the base's top-k singular subspaces (U_k = X V_k / sigma_k from the
+   base Gram's eigenvectors); the coordinates in the histogram bins holding the top-p% energy boundaries
+   are histogrammed again by their low 16 bits (exact top-p% energy); the null models (shuffled Delta,
+   bf16 rounding of a dense update of matched energy) get their Gram, geometry and enrichment here too.
 """
 
 from __future__ import annotations
@@ -227,7 +228,8 @@ class _RoundingNull:
 class _Accum:
     """Gram, geometry projection and enrichment histograms of one update (observed or null)."""
 
-    def __init__(self, n: int, kmax: int, with_gram: bool):
+    def __init__(self, n: int, kmax: int, with_gram: bool, track_energy: bool = True):
+        self.track_energy = track_energy
         self.gram = torch.zeros(n, n, dtype=torch.float64) if with_gram else None
         self.proj = torch.zeros(kmax, kmax, dtype=torch.float64) if kmax else None
         self.energy = 0.0
@@ -236,10 +238,11 @@ class _Accum:
 
     def add(self, d: torch.Tensor, ub: torch.Tensor | None, vk: torch.Tensor | None, key_b: torch.Tensor | None,
             changed: torch.Tensor | None) -> None:
-        d64 = d.to(torch.float64)
-        self.energy += float(torch.dot(d64.flatten(), d64.flatten()))
-        if self.gram is not None:
-            self.gram.addmm_(d64.T, d64)
+        if self.gram is not None or self.track_energy:
+            d64 = d.to(torch.float64)
+            self.energy += float(torch.dot(d64.flatten(), d64.flatten()))
+            if self.gram is not None:
+                self.gram.addmm_(d64.T, d64)
         if self.proj is not None:
             self.proj.addmm_(ub.T.to(torch.float64), (d @ vk).to(torch.float64))
         if key_b is not None:
@@ -282,22 +285,25 @@ def analyze_tensor(name: str, base: torch.Tensor, tuned: torch.Tensor, cfg: Anal
         return xb.rows(r0, r1).to(storage), xt.rows(r0, r1).to(storage)
 
     # ---- pass 1: Grams (float64), ||base||^2, ||Delta||^2
-    gb = torch.zeros(xb.nx, xb.nx, dtype=torch.float64) if spectral else None
-    gd = torch.zeros_like(gb) if spectral else None
+    # The base Gram only feeds the geometry (its top-k singular subspaces), which needs no float64: it is
+    # accumulated and eigendecomposed in float32 (half the cost). Delta's Gram is the spectrum: float64.
+    gb = torch.zeros(xb.nx, xb.nx, dtype=torch.float32) if spectral else None
+    gd = torch.zeros(xb.nx, xb.nx, dtype=torch.float64) if spectral else None
     base_sq = delta_sq = 0.0
     for r0, r1 in _chunks(xb.mx, xb.nx, cfg.chunk_elems):
         b, t = rows(r0, r1)
         b64 = b.to(torch.float64)
         d64 = t.to(torch.float64) - b64
+        base_sq += float(torch.dot(b64.flatten(), b64.flatten()))
         if spectral:
-            gb.addmm_(b64.T, b64)
+            b32 = b.to(torch.float32)
+            gb.addmm_(b32.T, b32)
             if d64.any():
                 gd.addmm_(d64.T, d64)
         else:
-            base_sq += float(torch.dot(b64.flatten(), b64.flatten()))
             delta_sq += float(torch.dot(d64.flatten(), d64.flatten()))
     if spectral:
-        base_sq, delta_sq = float(gb.diagonal().sum()), float(gd.diagonal().sum())
+        delta_sq = float(gd.diagonal().sum())
     rms_base = math.sqrt(base_sq / numel) if numel else 0.0
     out["rms_base"], out["energy"] = rms_base, delta_sq
     out["rms_delta"] = math.sqrt(delta_sq / numel) if numel else 0.0
@@ -351,8 +357,6 @@ def analyze_tensor(name: str, base: torch.Tensor, tuned: torch.Tensor, cfg: Anal
     out["enrichment_small"], out["enrichment_by_decile"] = _enrichment(hist_b_all, hist_b_upd, cfg.small_fracs)
     out["ulp_buckets"] = _ulp_buckets(joint[:-1], hist_b_all)
 
-    # ---- pass 3: exact top-p% energy (refine the boundary bins of the |Delta| histogram)
-    out["energy_top"] = _energy_top(xb, xt, storage, comp, hist_d, hist_dw, delta_sq, numel, cfg)
 
     # ---- spectra
     ks = {pct(f): max(1, math.ceil(f * xb.nx)) for f in cfg.subspace_fracs}
@@ -363,11 +367,12 @@ def analyze_tensor(name: str, base: torch.Tensor, tuned: torch.Tensor, cfg: Anal
         out["sigma_floor_rel"] = math.sqrt(xb.mx * 2.0 ** -53)
         lam_b, vec_b = _eig(gb, vectors=True)
         sig_b = lam_b.clamp_min(0).flip(0).sqrt()
-        spectra["base"] = sig_b.numpy()
-        base_rank = int((sig_b > 1e-10 * sig_b[0]).sum()) if sig_b[0] > 0 else 0
+        spectra["base"] = sig_b.double().numpy()
+        # directions resolved by a float32 Gram (sigma^2 above ~1e-6 of the top): U_k = X V_k / sigma_k is stable
+        base_rank = int((sig_b > 1e-3 * sig_b[0]).sum()) if sig_b[0] > 0 else 0
         kmax = min(max(ks.values()), base_rank)
         vk = vec_b.flip(1)[:, :kmax].to(comp).contiguous()
-        inv_s = (1.0 / sig_b[:kmax]).to(comp)
+        inv_s = (1.0 / sig_b[:kmax].double()).to(comp)
         out["base_numerical_rank"] = base_rank
         out["subspace_energy_random"] = {key: min(k, base_rank) ** 2 / (xb.mx * xb.nx) for key, k in ks.items()}
         del gb, gd
@@ -376,12 +381,15 @@ def analyze_tensor(name: str, base: torch.Tensor, tuned: torch.Tensor, cfg: Anal
         out.update({"numerical_rank": None, "stable_rank": None, "effective_rank": None, "topk_energy": None})
 
     # ---- pass 4: geometry (observed) and null models
-    if not (kmax or null_models) or delta_sq == 0.0:
+    if delta_sq == 0.0:
+        out["energy_top"] = {pct(f): None for f in cfg.energy_fracs}
         out["subspace_energy"] = None
         if null_models:
             out["null"] = None
         return out, spectra
-    obs = _Accum(xb.nx, kmax, with_gram=False)
+    top = _TopEnergy(hist_d, hist_dw, delta_sq, numel, cfg)
+    obs = _Accum(xb.nx, kmax, with_gram=False, track_energy=False)
+    obs.energy = delta_sq
     shuf = rnd = None
     if null_models:
         shuf = _Accum(xb.nx, kmax, with_gram=spectral)
@@ -397,7 +405,9 @@ def analyze_tensor(name: str, base: torch.Tensor, tuned: torch.Tensor, cfg: Anal
         b, t = rows(r0, r1)
         bc = b.to(comp)
         ub = (bc @ vk) * inv_s if kmax else None
-        obs.add(t.to(comp) - bc, ub, vk, None, None)
+        d = t.to(comp) - bc
+        top.add(d.abs())
+        obs.add(d, ub, vk, None, None)
         if not null_models:
             continue
         key_b = _hi16(bc.abs())
@@ -409,6 +419,7 @@ def analyze_tensor(name: str, base: torch.Tensor, tuned: torch.Tensor, cfg: Anal
         shuf.add(s, ub, vk, key_b, s != 0)
         dn = rounding.chunk(bc, r0, r1)
         rnd.add(dn, ub, vk, key_b, dn != 0)
+    out["energy_top"] = top.result()
     out["subspace_energy"] = _subspace(obs, ks, base_rank)
     if null_models:
         out["null"] = {"shuffled": _null_summary(shuf, hist_b_all, spectral, ks, base_rank, cfg, numel),
@@ -431,49 +442,51 @@ def _null_summary(acc: _Accum, hist_b_all: torch.Tensor, spectral: bool, ks: dic
             "enrichment_by_decile": by_dec, "subspace_energy": _subspace(acc, ks, base_rank) if spectral else None}
 
 
-def _energy_top(xb: _TensorView, xt: _TensorView, storage: torch.dtype, comp: torch.dtype, hist_d: torch.Tensor,
-                hist_dw: torch.Tensor, total: float, numel: int, cfg: AnalysisConfig) -> dict:
+class _TopEnergy:
     """Share of ||Delta||^2 held by the top ceil(p * numel) coordinates by |Delta|, for p in cfg.energy_fracs.
 
-    The hi16 histogram gives the bin holding the boundary; the coordinates in that bin are then
-    histogrammed by their low 16 bits, inside which all fp32 values are equal: the answer is exact.
+    The hi16 histogram of the elementwise pass gives the bin holding each boundary; `add` then histograms
+    the coordinates in those bins by their low 16 bits, inside which all fp32 values are equal: exact.
     """
-    if total == 0.0:
-        return {pct(f): None for f in cfg.energy_fracs}
-    cnt_desc = torch.cumsum(hist_d.flip(0), 0)      # coordinates in bins >= key, by descending key
-    w_desc = torch.cumsum(hist_dw.flip(0), 0)
-    need: dict[str, tuple[int, int, float]] = {}    # frac -> (boundary key, count still needed, energy above)
-    for f in cfg.energy_fracs:
-        k = min(numel, max(1, math.ceil(f * numel)))
-        j = int(torch.searchsorted(cnt_desc, torch.tensor([k])).item())
-        above_cnt = int(cnt_desc[j - 1]) if j else 0
-        above_w = float(w_desc[j - 1]) if j else 0.0
-        need[pct(f)] = (_NBINS - 1 - j, k - above_cnt, above_w)
-    keys = sorted({v[0] for v in need.values()})
-    lo_cnt = {key: torch.zeros(1 << 16, dtype=torch.int64) for key in keys}
-    lo_w = {key: torch.zeros(1 << 16, dtype=torch.float64) for key in keys}
-    key_t = torch.tensor(keys, dtype=torch.int32)
-    for r0, r1 in _chunks(xb.t2.shape[0], xb.t2.shape[1], cfg.chunk_elems):
-        b, t = xb.t2[r0:r1].to(storage).to(comp), xt.t2[r0:r1].to(storage).to(comp)
-        ad = (t - b).abs().flatten()
-        bits = ad.to(torch.float32).view(torch.int32)
-        hit = torch.isin(bits >> 16, key_t)
+
+    def __init__(self, hist_d: torch.Tensor, hist_dw: torch.Tensor, total: float, numel: int, cfg: AnalysisConfig):
+        self.total, self.fracs = total, cfg.energy_fracs
+        cnt_desc = torch.cumsum(hist_d.flip(0), 0)      # coordinates in bins >= key, by descending key
+        w_desc = torch.cumsum(hist_dw.flip(0), 0)
+        self.need: dict[str, tuple[int, int, float]] = {}  # frac -> (boundary key, count still needed, energy above)
+        for f in cfg.energy_fracs:
+            k = min(numel, max(1, math.ceil(f * numel)))
+            j = int(torch.searchsorted(cnt_desc, torch.tensor([k])).item())
+            above_cnt = int(cnt_desc[j - 1]) if j else 0
+            above_w = float(w_desc[j - 1]) if j else 0.0
+            self.need[pct(f)] = (_NBINS - 1 - j, k - above_cnt, above_w)
+        self.keys = sorted({v[0] for v in self.need.values()})
+        self.lo_cnt = {key: torch.zeros(1 << 16, dtype=torch.int64) for key in self.keys}
+        self.lo_w = {key: torch.zeros(1 << 16, dtype=torch.float64) for key in self.keys}
+
+    def add(self, ad: torch.Tensor) -> None:
+        """Feed |Delta| of a chunk (any order)."""
+        bits = ad.flatten().to(torch.float32).view(torch.int32)
+        hi = bits >> 16
+        hit = (hi >= self.keys[0]) & (hi <= self.keys[-1])
         if not bool(hit.any()):
-            continue
-        bits, vals = bits[hit], ad[hit].to(torch.float64).square()
-        for key in keys:
-            sel = (bits >> 16) == key
+            return
+        bits, vals = bits[hit], ad.flatten()[hit].to(torch.float64).square()
+        hi = bits >> 16
+        for key in self.keys:
+            sel = hi == key
             lo = bits[sel] & 0xFFFF
-            lo_cnt[key] += torch.bincount(lo, minlength=1 << 16)
-            lo_w[key] += torch.bincount(lo, weights=vals[sel], minlength=1 << 16)
-    out = {}
-    for f_key, (key, rem, above_w) in need.items():
-        c = lo_cnt[key].flip(0)
-        w = lo_w[key].flip(0)
-        cc = torch.cumsum(c, 0)
-        j = int(torch.searchsorted(cc, torch.tensor([rem])).item())
-        got_c = int(cc[j - 1]) if j else 0
-        got_w = float(w[:j].sum())
-        partial = (rem - got_c) * (float(w[j]) / int(c[j])) if rem > got_c else 0.0
-        out[f_key] = (above_w + got_w + partial) / total
-    return out
+            self.lo_cnt[key] += torch.bincount(lo, minlength=1 << 16)
+            self.lo_w[key] += torch.bincount(lo, weights=vals[sel], minlength=1 << 16)
+
+    def result(self) -> dict:
+        out = {}
+        for f_key, (key, rem, above_w) in self.need.items():
+            c, w = self.lo_cnt[key].flip(0), self.lo_w[key].flip(0)
+            cc = torch.cumsum(c, 0)
+            j = int(torch.searchsorted(cc, torch.tensor([rem])).item())
+            got_c = int(cc[j - 1]) if j else 0
+            got_w = float(w[:j].sum())
+            partial = (rem - got_c) * (float(w[j]) / int(c[j])) if rem > got_c else 0.0
+            out[f_key] = (above_w + got_w + partial) / self.total
+        return out
