@@ -1,0 +1,280 @@
+"""`fastopd distill`: on-policy distillation of the built-in addition task (or given models), end to end.
+
+With no arguments: the shipped teacher (a 3-layer model that solves 3-digit addition written out digit by digit)
+distills into the shipped student start (2 layers, trained only briefly), on the CPU, in a few minutes. It prints a
+progress bar, then a table (student accuracy before/after, teacher accuracy, reverse KL to the teacher, wall time,
+peak memory), and writes a run folder: summary.md / summary.json (the table), config.json, metrics.jsonl (per
+step), eval.jsonl, loss.png and accuracy.png, and the final checkpoint.
+
+Precedence: built-in defaults < `--config file.toml` < command-line flags. The TOML file holds flat keys, any
+field of `OPDConfig` (objective, lr, horizon, masks, ...) or of the job (steps, batch_size, eval_size, out,
+teacher, student, device, mask_density); unknown keys and bad values are reported with the field's name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastopd.train.config import ConfigError, OPDConfig, check_keys, load_toml
+
+ASSETS = Path(__file__).parent / "assets" / "addition3"
+
+# The job's own defaults for OPDConfig fields (the task fixes max_new_tokens / eos / pad itself).
+OPD_DEFAULTS: dict[str, Any] = dict(objective="rkl", lr=1e-3, num_samples=4, temperature=1.0, log_every=5,
+                                    eval_every=25, max_grad_norm=1.0, weight_decay=0.0, seed=0)
+
+
+@dataclass
+class DistillJob:
+    """Options of the `fastopd distill` job that are not `OPDConfig` fields."""
+
+    steps: int = 150
+    batch_size: int = 16
+    eval_size: int = 256
+    out: str | None = None
+    teacher: str | None = None
+    student: str | None = None
+    device: str = "cpu"
+    mask_density: float | None = None
+
+    def __post_init__(self) -> None:
+        from fastopd.train.config import _check_types
+
+        _check_types(self)
+        for name in ("steps", "batch_size", "eval_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.mask_density is not None and not 0.0 <= self.mask_density <= 1.0:
+            raise ConfigError(f"mask_density: must lie in [0, 1], got {self.mask_density}")
+
+
+JOB_FIELDS = {f.name for f in dataclasses.fields(DistillJob)}
+OPD_FIELDS = {f.name for f in dataclasses.fields(OPDConfig)}
+# Fields the job sets from the task; a config file may not override them.
+TASK_FIELDS = {"max_new_tokens", "eos_token_id", "pad_token_id"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="TOML file with any OPDConfig or job field (flat keys)")
+    p.add_argument("--objective", choices=("fkl", "rkl", "jsd", "pg"),
+                   help="fkl/rkl/jsd: full-vocabulary divergence on the student's samples; pg: sampled-token "
+                        "reverse KL as a per-token reward, importance-sampled policy gradient (default rkl)")
+    p.add_argument("--beta", type=float, help="JSD mixture weight (0 = fkl, 1 = rkl)")
+    p.add_argument("--temperature", type=float, help="sampling and loss temperature (default 1)")
+    p.add_argument("--horizon", metavar="SPEC",
+                   help="'full', 'full:H', 'truncated:RATIO' or 'progressive:START,STEP,EVERY' (default full)")
+    p.add_argument("--steps", type=int, help="optimizer steps (default 150)")
+    p.add_argument("--batch-size", type=int, dest="batch_size", help="prompts per step (default 16)")
+    p.add_argument("--num-samples", type=int, dest="num_samples", help="completions per prompt (default 4)")
+    p.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
+    masks = p.add_mutually_exclusive_group()
+    masks.add_argument("--masks", metavar="FILE", help="train only the coordinates of a mask file "
+                                                       "(fastopd.optim.masks format) with SparseMaskedAdamW")
+    masks.add_argument("--mask-density", type=float, dest="mask_density",
+                       help="train a random fraction of every weight tensor with SparseMaskedAdamW")
+    p.add_argument("--seed", type=int, help="seed of every RNG (default 0)")
+    p.add_argument("--eval-every", type=int, dest="eval_every", help="evaluate every N steps (default 25)")
+    p.add_argument("--eval-size", type=int, dest="eval_size", help="evaluation problems (default 256)")
+    p.add_argument("--checkpoint-every", type=int, dest="checkpoint_every",
+                   help="checkpoint every N steps (default: only at the end)")
+    p.add_argument("--resume", action="store_true", default=None,
+                   help="continue from the newest checkpoint in the run folder")
+    p.add_argument("--out", metavar="DIR", help="run folder (default ./fastopd-runs/distill-<time>)")
+    p.add_argument("--teacher", metavar="DIR", help="teacher folder (fastopd.models.Transformer.save_pretrained); "
+                                                    "default: the built-in addition teacher")
+    p.add_argument("--student", metavar="DIR", help="student start folder; default: the built-in student")
+    p.add_argument("--device", help="cpu or cuda (default cpu)")
+
+
+def resolve(args: argparse.Namespace) -> tuple[DistillJob, dict[str, Any]]:
+    """Merge defaults, the TOML file and flags into (job, OPDConfig keyword dict). Raises ConfigError."""
+    values: dict[str, Any] = {}
+    source = "the command line"
+    if getattr(args, "config", None):
+        values = load_toml(args.config)
+        source = f"config file {args.config}"
+        for key, value in values.items():
+            if isinstance(value, dict) and key != "horizon":
+                raise ConfigError(f"{key}: tables are not fields; {source} takes flat keys (e.g. lr = 1e-3)")
+        check_keys(values, (JOB_FIELDS | OPD_FIELDS) - TASK_FIELDS, source)
+    for key, value in vars(args).items():
+        if key in ("config", "command") or value is None:
+            continue
+        values[key] = value
+    job = DistillJob(**{k: v for k, v in values.items() if k in JOB_FIELDS})
+    opd = {**OPD_DEFAULTS, **{k: v for k, v in values.items() if k in OPD_FIELDS}}
+    return job, opd
+
+
+def _fmt_pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def summary_table(s: dict[str, Any]) -> str:
+    """The end-of-run table as aligned text (also valid Markdown)."""
+    rows = [
+        ("student accuracy", _fmt_pct(s["student_accuracy_before"]), _fmt_pct(s["student_accuracy_after"])),
+        ("teacher accuracy", _fmt_pct(s["teacher_accuracy"]), ""),
+        ("reverse KL to teacher (nats/token)", f"{s['rkl_before']:.4f}", f"{s['rkl_after']:.4f}"),
+        ("wall time", "", f"{s['wall_s']:.1f} s"),
+        ("peak memory", "", f"{s['peak_mem_mb']:.0f} MiB"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"| {'':<{width}} | {'before':>8} | {'after':>10} |", f"|{'-' * (width + 2)}|{'-' * 10}|{'-' * 12}|"]
+    lines += [f"| {a:<{width}} | {b:>8} | {c:>10} |" for a, b, c in rows]
+    return "\n".join(lines)
+
+
+def _plots(run_dir: Path, history: list[dict[str, Any]], evals: list[dict[str, Any]],
+           teacher_accuracy: float) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    steps = [m["step"] for m in history]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(steps, [m["loss"] for m in history], label="loss")
+    ax.plot(steps, [m["rkl"] for m in history], label="sampled reverse KL / token")
+    ax.set_xlabel("step")
+    ax.set_title("training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "loss.png", dpi=110)
+    plt.close(fig)
+    written.append("loss.png")
+    if evals:
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        ax.plot([e["step"] for e in evals], [e["accuracy"] for e in evals], "o-", label="student")
+        ax.axhline(teacher_accuracy, color="gray", ls="--", label="teacher")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("step")
+        ax.set_ylabel("exact-match accuracy")
+        ax2 = ax.twinx()
+        ax2.plot([e["step"] for e in evals], [e["rkl"] for e in evals], "s:", color="tab:red", label="reverse KL")
+        ax2.set_ylabel("reverse KL (nats/token)", color="tab:red")
+        ax.legend(loc="center right")
+        ax.set_title("evaluation")
+        fig.tight_layout()
+        fig.savefig(run_dir / "accuracy.png", dpi=110)
+        plt.close(fig)
+        written.append("accuracy.png")
+    return written
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        job, opd = resolve(args)
+    except ConfigError as exc:
+        print(f"fastopd distill: error: {exc}", file=sys.stderr)
+        return 2
+    return distill(job, opd)
+
+
+def distill(job: DistillJob, opd: dict[str, Any], *, progress: bool = True, out=sys.stdout) -> int:
+    """Run the job; returns a process exit code (2 on a configuration error)."""
+    import torch
+
+    from fastopd.models import Transformer
+    from fastopd.train.task import EOS, PAD, AdditionEvaluator, AdditionTask, accuracy
+    from fastopd.train.trainer import OPDTrainer, peak_memory_mb
+
+    task = AdditionTask(digits=3)
+    run_dir = Path(job.out or Path("fastopd-runs") / time.strftime("distill-%Y%m%d-%H%M%S"))
+    try:
+        device = torch.device(job.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device: 'cuda' requested but no CUDA device is visible")
+        teacher_dir = Path(job.teacher) if job.teacher else ASSETS / "teacher"
+        student_dir = Path(job.student) if job.student else ASSETS / "student"
+        for name, d in (("teacher", teacher_dir), ("student", student_dir)):
+            if not (d / "config.json").is_file():
+                raise ConfigError(f"{name}: {d} holds no config.json (a Transformer.save_pretrained folder)")
+        teacher = Transformer.from_pretrained(teacher_dir, device=device)
+        student = Transformer.from_pretrained(student_dir, device=device)
+        for name, m in (("teacher", teacher), ("student", student)):
+            if m.config.vocab_size != task.tokenizer.vocab_size:
+                raise ConfigError(f"{name}: vocab_size {m.config.vocab_size} does not match the addition task's "
+                                  f"{task.tokenizer.vocab_size}")
+        masks = opd.get("masks")
+        if job.mask_density is not None:
+            from fastopd.optim import masks as mask_lib
+
+            gen = torch.Generator().manual_seed(int(opd.get("seed", 0)))
+            masks = mask_lib.random(student, job.mask_density, generator=gen)
+        config = OPDConfig(**{**opd, "masks": masks, "max_new_tokens": task.max_new_tokens, "eos_token_id": EOS,
+                              "pad_token_id": PAD, "checkpoint_dir": str(run_dir / "checkpoints")})
+    except ConfigError as exc:
+        print(f"fastopd distill: error: {exc}", file=sys.stderr)
+        return 2
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not config.resume:
+        for stale in ("metrics.jsonl", "eval.jsonl"):
+            (run_dir / stale).unlink(missing_ok=True)
+    resolved = {**dataclasses.asdict(job), **config.to_dict(), "teacher": str(teacher_dir),
+                "student": str(student_dir)}
+    (run_dir / "config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n")
+    t0 = time.perf_counter()
+    evaluator = AdditionEvaluator(task, job.eval_size)
+    trainer = OPDTrainer(student, teacher, config, evaluator=evaluator, run_dir=run_dir)
+    mask_note = ""
+    if trainer.masks is not None:
+        selected = trainer.optimizer.mask_indices()
+        chosen = sum(p.numel() if selected.get(n) is None else selected[n].numel()
+                     for n, p in student.named_parameters() if n in selected)
+        chosen += sum(p.numel() for n, p in student.named_parameters() if n not in selected)
+        mask_note = f", sparse masks ({100 * chosen / sum(p.numel() for p in student.parameters()):.1f}% trainable)"
+    print(f"fastopd distill: 3-digit addition, teacher {sum(p.numel() for p in teacher.parameters()):,} params, "
+          f"student {sum(p.numel() for p in student.parameters()):,} params; objective {config.objective}, "
+          f"{job.steps} steps x {job.batch_size} prompts x {config.num_samples} samples, horizon "
+          f"{_horizon_text(config)}{mask_note}", file=out, flush=True)
+    teacher_acc = accuracy(teacher, task, evaluator.problems)
+    if trainer.global_step:
+        print(f"resuming from {trainer.resumed_from} (step {trainer.global_step})", file=out, flush=True)
+    history = trainer.train(lambda k: task.train_prompts(k, job.batch_size, seed=config.seed), job.steps,
+                            progress=progress)
+    wall = time.perf_counter() - t0
+    first, last = trainer.eval_history[0], trainer.eval_history[-1]
+    summary = {
+        "task": "addition-3digit", "objective": config.objective, "steps": trainer.global_step,
+        "student_accuracy_before": first["accuracy"], "student_accuracy_after": last["accuracy"],
+        "teacher_accuracy": teacher_acc, "rkl_before": first["rkl"], "rkl_after": last["rkl"],
+        "wall_s": wall, "peak_mem_mb": peak_memory_mb(trainer.device),
+        "tokens_generated": sum(m["tokens"] for m in history),
+        "rollout_s": sum(m["rollout_s"] for m in history), "scoring_s": sum(m["scoring_s"] for m in history),
+        "update_s": sum(m["update_s"] for m in history), "run_dir": str(run_dir),
+    }
+    table = summary_table(summary)
+    plots = _plots(run_dir, history, trainer.eval_history, teacher_acc)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (run_dir / "summary.md").write_text(
+        f"# fastopd distill\n\n{table}\n\nObjective `{config.objective}`, {trainer.global_step} steps, horizon "
+        f"{_horizon_text(config)}; time split: rollout {summary['rollout_s']:.1f} s, teacher scoring "
+        f"{summary['scoring_s']:.1f} s, update {summary['update_s']:.1f} s.\n"
+        + "".join(f"\n![{p}]({p})\n" for p in plots))
+    print(table, file=out)
+    print(f"time: rollout {summary['rollout_s']:.1f} s, scoring {summary['scoring_s']:.1f} s, update "
+          f"{summary['update_s']:.1f} s; {summary['tokens_generated']:,} tokens generated", file=out)
+    print(f"run folder: {run_dir}{os.sep} (summary.md, metrics.jsonl, eval.jsonl, {', '.join(plots) or 'no plots'}"
+          f", checkpoints{os.sep})", file=out, flush=True)
+    return 0
+
+
+def _horizon_text(config: OPDConfig) -> str:
+    spec = config.horizon_spec()
+    if spec is None:
+        return repr(config.horizon)
+    rest = ", ".join(f"{k}={v}" for k, v in spec.items() if k != "kind")
+    return f"{spec['kind']}({rest})"

@@ -1,0 +1,79 @@
+"""Atomic checkpoints: round trip (tied weights included), RNG states, crash safety, pruning."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from fastopd.train import checkpoint as ckpt
+
+
+def _model():
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Embedding(11, 6), torch.nn.Linear(6, 11, bias=False))
+    m[1].weight = m[0].weight  # tied
+    return m
+
+
+def test_round_trip_with_tied_weights_and_optimizer(tmp_path):
+    m = _model()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    m(torch.tensor([1, 2])).sum().backward()
+    opt.step()
+    path = ckpt.save_checkpoint(tmp_path, 7, model_state=m.state_dict(), optimizer_state=opt.state_dict(),
+                                trainer_state={"rng": ckpt.rng_state(), "history": [{"loss": 1.5}]})
+    assert path.name == "step_00000007" and ckpt.latest_checkpoint(tmp_path) == path
+    data = ckpt.load_checkpoint(path)
+    for name, t in m.state_dict().items():
+        assert torch.equal(data["model"][name], t)
+    assert data["trainer"]["step"] == 7 and data["trainer"]["history"] == [{"loss": 1.5}]
+    opt2 = torch.optim.AdamW(_model().parameters(), lr=1e-2)
+    opt2.load_state_dict(data["optimizer"])
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+
+def test_rng_state_restores_every_generator():
+    torch.manual_seed(1)
+    random.seed(1)
+    np.random.seed(1)
+    state = ckpt.rng_state()
+    first = (torch.rand(3), random.random(), np.random.rand())
+    torch.rand(5), random.random(), np.random.rand(2)
+    ckpt.set_rng_state(state)
+    again = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(first[0], again[0]) and first[1:] == again[1:]
+
+
+def test_crash_mid_write_leaves_previous_checkpoint(tmp_path, monkeypatch):
+    m = _model()
+    good = ckpt.save_checkpoint(tmp_path, 1, model_state=m.state_dict(), optimizer_state=None, trainer_state={})
+    real_save = torch.save
+
+    def dying_save(obj, f, *a, **k):
+        if str(f).endswith(ckpt.TRAINER_FILE):
+            raise OSError("disk full")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_checkpoint(tmp_path, 2, model_state=m.state_dict(), optimizer_state={"x": 1}, trainer_state={})
+    monkeypatch.setattr(torch, "save", real_save)
+    assert ckpt.latest_checkpoint(tmp_path) == good
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # temporary folder removed
+    # A temp folder left by a killed process (no cleanup possible) is ignored too.
+    (tmp_path / ".step_00000003.tmp-dead").mkdir()
+    (tmp_path / "latest").unlink()
+    assert ckpt.latest_checkpoint(tmp_path) == good
+
+
+def test_keep_prunes_old_and_resave_replaces(tmp_path):
+    m = _model()
+    for step in (1, 2, 3):
+        ckpt.save_checkpoint(tmp_path, step, model_state=m.state_dict(), optimizer_state=None,
+                             trainer_state={"tag": step}, keep=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000002", "step_00000003"]
+    ckpt.save_checkpoint(tmp_path, 3, model_state=m.state_dict(), optimizer_state=None, trainer_state={"tag": 33})
+    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))["trainer"]["tag"] == 33
+    with pytest.raises(FileNotFoundError):
+        ckpt.load_checkpoint(tmp_path / "step_00000009")
