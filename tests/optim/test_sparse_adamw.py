@@ -453,9 +453,12 @@ def test_group_kernel_mixed_variants_match_reference_kernel(impl):
 
     kernel = _dispatch.kernel("sparse_adamw_step", impl)
     gen = torch.Generator().manual_seed(8)
+    # Several tensors per variant (one launch each for Triton), with different step counts.
     specs = [(3000, 0.05, torch.float32, torch.int32, False), (1, 1.0, torch.float32, torch.int32, False),
              (2500, 0.5, torch.bfloat16, torch.int64, True), (700, 1.0, torch.float16, torch.int32, True),
-             (513, 0.0, torch.float32, torch.int64, False), (4097, 0.3, torch.bfloat16, torch.int32, False)]
+             (513, 0.0, torch.float32, torch.int64, False), (4097, 0.3, torch.bfloat16, torch.int32, False),
+             (1500, 0.2, torch.float32, torch.int32, False), (999, 0.7, torch.bfloat16, torch.int64, True),
+             (2049, 1.0, torch.float32, torch.int32, False), (3001, 0.4, torch.float32, torch.int32, False)]
     cols = [[] for _ in range(7)]
     for numel, density, dtype, index_dtype, master in specs:
         for c, v in zip(cols, _kernel_args(gen, numel, density, dtype, index_dtype, master, dtype != torch.float32)):
@@ -469,7 +472,7 @@ def test_group_kernel_mixed_variants_match_reference_kernel(impl):
         p0 = cols[5][n] if cols[5][n] is not None else cols[0][n].float().view(-1)
         p0 = p0 if cols[5][n] is not None or cols[2][n] is None else p0[cols[2][n].long()]
         scale.append((cols[3][n].abs() + g.abs(), cols[4][n].abs() + g * g, p0.clone()))
-    steps = [1, 7, 3, 1, 2, 40]
+    steps = [1, 7, 3, 1, 2, 40, 12, 5, 100, 2]
     hyper = ([1e-2 / (1 - 0.9**t) for t in steps], [(1 - 0.999**t) ** 0.5 for t in steps], 1e-2, 0.9, 0.999,
              1e-8, 0.05)
     kernel(*cols, *hyper)
