@@ -57,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     written = report.write(args.out, plots=not args.no_plots)
     s = report.summary
     print(f"analysed {s['tensors']} tensors ({s['numel']:,} parameters) in {report.meta['seconds']:.1f} s: "
-          f"{s['density_exact']:.4g} of coordinates changed; FFN share of changed {s['ffn_share_updated']}")
+          f"{s['density_exact']:.4g} of coordinates changed; FFN share: {s['ffn_share_params']:.3g} of parameters, "
+          f"{s['ffn_share_updated'] or 0:.3g} of changed coordinates, {s['ffn_share_energy'] or 0:.3g} of energy")
     for f in report.findings:
         print(f"  - {f['claim']}: {f['verdict']}")
     if report.mismatches:

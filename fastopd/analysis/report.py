@@ -201,7 +201,8 @@ class UpdateReport:
                   "| claim | metric | observed | shuffled null | bf16-rounding null | verdict |",
                   "|---|---|---|---|---|---|"]
         for f in self.findings:
-            lines.append(f"| {f['claim']} | {f['metric']} | {_f(f['observed'])} | {_f(f['null_shuffled'])} | "
+            claim, metric = (x.replace("|", "\\|") for x in (f["claim"], f["metric"]))
+            lines.append(f"| {claim} | {metric} | {_f(f['observed'])} | {_f(f['null_shuffled'])} | "
                          f"{_f(f['null_rounding'])} | {f['verdict']} |")
         lines += ["", "Shuffled null: the same Delta values at random coordinates. bf16-rounding null: a dense "
                   "low-rank update of matched energy, added to the base and rounded to the storage dtype.", "",
