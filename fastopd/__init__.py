@@ -8,4 +8,17 @@ from fastopd.losses import DivergenceStats, FusedLinearDivergenceLoss, divergenc
 
 __version__ = "0.1.0"
 
-__all__ = ["DivergenceStats", "FusedLinearDivergenceLoss", "__version__", "divergence", "fused_linear_divergence"]
+_LAZY = {"OPDTrainer": "fastopd.train.trainer", "OPDConfig": "fastopd.train.config"}
+
+
+def __getattr__(name: str):
+    """`fastopd.OPDTrainer` / `fastopd.OPDConfig`, imported on first use (keeps `import fastopd` light)."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fastopd' has no attribute {name!r}")
+
+
+__all__ = ["DivergenceStats", "FusedLinearDivergenceLoss", "OPDConfig", "OPDTrainer", "__version__", "divergence",
+           "fused_linear_divergence"]

@@ -8,6 +8,7 @@ import sys
 
 # name -> (module, one-line help). Modules are imported only when their subcommand runs or --help is built.
 SUBCOMMANDS = {
+    "distill": ("fastopd.train.cli", "on-policy distillation: the built-in addition task on the CPU in minutes"),
     "bench": ("fastopd.bench", "benchmark the fused loss against naive PyTorch, Liger-Kernel, TRL and the GEMM floor"),
     "analyze": ("fastopd.analysis.cli", "measure how a run changed the weights: sparsity, spectra, null models"),
     "doctor": ("fastopd.doctor", "print versions and which backends (torch, C++ CPU, Triton, CUDA) are usable here"),
