@@ -18,12 +18,16 @@
 // Memory traffic per row: fkl 2 reads of both rows + 1 write, rkl/jsd 3 reads + 1 write; xt is only read.
 // Ignored rows get loss 0, stats 0 and gradient 0; -inf logits give p = 0 and no NaN. No host sync: a label
 // out of range trips a device assert, as PyTorch's own losses do.
+// FASTOPD_CUDA_EMULATION: tests/kernels/cuda_emulation/ compiles the device code below with a host compiler,
+// one OS thread per CUDA thread, to check the kernel's arithmetic on machines without a GPU.
+#ifndef FASTOPD_CUDA_EMULATION
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/macros/Macros.h>
 #include <torch/library.h>
+#endif
 
 #include <cmath>
 #include <cstdint>
@@ -304,6 +308,7 @@ __global__ void __launch_bounds__(kThreads) divergence_row_kernel(float* __restr
   }
 }
 
+#ifndef FASTOPD_CUDA_EMULATION
 template <int DIV, bool SOFTCAP, bool GRAD>
 void launch_vec(bool vec, int64_t C, cudaStream_t stream, float* xs, const float* xt, const int64_t* labels,
                 float* loss, float* stats, int64_t V, int64_t ss, int64_t st, const RowParams& p, bool hard) {
@@ -389,8 +394,11 @@ void divergence_chunk_cuda(at::Tensor& xs, at::Tensor& xt, const std::optional<a
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+#endif  // FASTOPD_CUDA_EMULATION
 }  // namespace
 
+#ifndef FASTOPD_CUDA_EMULATION
 TORCH_LIBRARY_IMPL(fastopd, CUDA, m) { m.impl("divergence_chunk_", &divergence_chunk_cuda); }
+#endif
 
 }  // namespace fastopd
