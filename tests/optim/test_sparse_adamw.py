@@ -121,7 +121,7 @@ def test_torch_backend_is_bitwise_torch_adamw(dtype):
 
 
 def _ulp(x: torch.Tensor) -> torch.Tensor:
-    return (torch.nextafter(x.abs(), torch.tensor(math.inf)) - x.abs())
+    return torch.nextafter(x.abs(), torch.full_like(x, math.inf)) - x.abs()
 
 
 def test_cpu_kernel_matches_torch_adamw_per_step():
@@ -521,3 +521,41 @@ def test_load_dense_torch_adamw_checkpoint_onto_a_mask():
         torch_opt.step()
         opt.step()
     assert torch.equal(w.detach()[mask], ref.detach()[mask])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the Triton backend's home)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-master"])
+def test_triton_on_cuda_matches_torch_foreach_adamw(dtype):
+    """On a GPU, from the same state at every step: Triton vs torch.optim.AdamW(foreach) on fp32 copies at real
+    shapes. Moments within an ulp (the kernel uses the CUDA foreach expression forms), parameters/masters
+    within an ulp of the value plus two of the update; unmasked coordinates bitwise unchanged."""
+    gen = torch.Generator(device="cuda").manual_seed(10)
+    shape = (2816, 1024)
+    p0 = torch.randn(shape, generator=gen, device="cuda").to(dtype)
+    mask = torch.rand(shape, generator=gen, device="cuda") < 0.05
+    p = torch.nn.Parameter(p0.clone())
+    ref = torch.nn.Parameter(p0.float())
+    opt = SparseMaskedAdamW([("w", p)], masks={"w": mask}, lr=1e-3, weight_decay=0.1, impl="triton")
+    torch_opt = torch.optim.AdamW([ref], lr=1e-3, weight_decay=0.1, foreach=True)
+    for _ in range(10):
+        g = torch.randn(shape, generator=gen, device="cuda").to(dtype)
+        p.grad, ref.grad = g, g.float()
+        before = ref.detach()[mask].clone()
+        opt.step()
+        torch_opt.step()
+        st, rst = opt.state[p], torch_opt.state[ref]
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert ((st[key] - rst[key][mask]).abs() <= _ulp(rst[key][mask])).all(), key
+        want = ref.detach()[mask]
+        got = st["master"] if dtype != torch.float32 else p.detach()[mask]
+        tol = _ulp(want) + 2 * _ulp(want - before * (1 - 1e-3 * 0.1))
+        assert ((got - want).abs() <= tol).all()
+        with torch.no_grad():  # same state for the next step
+            if dtype == torch.float32:
+                p.copy_(torch.where(mask, ref, p))
+            else:
+                st["master"].copy_(want)
+            st["exp_avg"].copy_(rst["exp_avg"][mask])
+            st["exp_avg_sq"].copy_(rst["exp_avg_sq"][mask])
+    assert torch.equal(p.detach()[~mask], p0[~mask])
