@@ -69,7 +69,7 @@ def _naive(hs, ws, ht, wt, labels, beta):
     return (per * valid).sum() / valid.sum()
 
 
-def loss_fn(provider: str, divergence: str, inp: dict) -> Callable[[], torch.Tensor]:
+def loss_fn(provider: str, divergence: str, inp: dict, chunk_size: int | None = None) -> Callable[[], torch.Tensor]:
     """A closure computing the loss (with autograd) of `provider`; raises ImportError / ValueError if unusable."""
     import fastopd
 
@@ -81,7 +81,8 @@ def loss_fn(provider: str, divergence: str, inp: dict) -> Callable[[], torch.Ten
         from fastopd import _dispatch
 
         _dispatch.resolve("divergence_chunk", impl, hs.device)  # raises ValueError when the backend is missing
-        return lambda: fastopd.fused_linear_divergence(hs, ws, ht, wt, labels, divergence=fdiv, beta=fbeta, impl=impl)
+        return lambda: fastopd.fused_linear_divergence(hs, ws, ht, wt, labels, divergence=fdiv, beta=fbeta, impl=impl,
+                                                       chunk_size=chunk_size)
     if provider == "tiled":
         return lambda: fastopd.fused_linear_divergence(hs, ws, ht, wt, labels, divergence=fdiv, beta=fbeta,
                                                        mode="tiled")
@@ -139,7 +140,8 @@ def peak_above(device: str, fn: Callable[[], object]) -> int | None:
     return int(torch.cuda.max_memory_allocated() - base)
 
 
-def bench_provider(provider: str, divergence: str, inp: dict, timer: Timer, device: str) -> dict:
+def bench_provider(provider: str, divergence: str, inp: dict, timer: Timer, device: str,
+                   chunk_size: int | None = None) -> dict:
     hs, ws = inp["hs"], inp["ws"]
     grads = [hs, ws]
     if provider == "gemm_floor":
@@ -151,7 +153,7 @@ def bench_provider(provider: str, divergence: str, inp: dict, timer: Timer, devi
         out["peak_bytes_above_inputs"] = peak_above(device, lambda: (fwd(), bwd()))
         del g
         return out
-    f = loss_fn(provider, divergence, inp)
+    f = loss_fn(provider, divergence, inp, chunk_size)
     loss = f()
     out = {"loss": float(loss.detach())}
 
@@ -204,7 +206,7 @@ def run(args: argparse.Namespace) -> dict:
                     rec = {"divergence": divergence, "V": v, "N": n, "Ds": args.ds, "Dt": args.dt, "dtype": args.dtype,
                            "provider": provider}
                     try:
-                        rec.update(bench_provider(provider, divergence, inp, timer, device))
+                        rec.update(bench_provider(provider, divergence, inp, timer, device, args.chunk_size))
                         rec["tflops"] = {k: fl[k] / (rec[k]["median_ms"] * 1e-3) / 1e12 for k in ("fwd", "bwd", "full")}
                         rec["status"] = "ok"
                     except (ImportError, ValueError) as exc:
@@ -232,8 +234,9 @@ def run(args: argparse.Namespace) -> dict:
                             rec["memory_vs_liger"] = lg / lp
                 del inp
                 gc.collect()
-    return {"machine": machine(device), "dry_run": args.dry_run,
-            "config": {k: v for k, v in vars(args).items() if k != "out"}, "results": rows}
+    config = {k: v for k, v in vars(args).items() if k != "out"}
+    config["env"] = {k: os.environ.get(k) for k in ("FASTOPD_CHUNK_BYTES", "FASTOPD_TILED_SKIP", "FASTOPD_IMPL")}
+    return {"machine": machine(device), "dry_run": args.dry_run, "config": config, "results": rows}
 
 
 def _line(rec: dict) -> str:
@@ -287,6 +290,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--divergences", nargs="+", default=["fkl", "jsd"], choices=list(BETA))
     p.add_argument("--providers", nargs="+", default=list(PROVIDERS))
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="token rows per chunk for the chunked providers (default: the library's byte budget)")
+    p.add_argument("--tag", default="", help="suffix of the output file names (gpu_bench_<tag>.json/.md)")
     p.add_argument("--reps", type=int, default=10, help="timing repetitions on the CPU; do_bench window x10 ms on GPU")
     p.add_argument("--dry-run", action="store_true",
                    help="run the harness on the CPU at tiny shapes (chunked-cpu, naive, liger, gemm_floor): checks "
@@ -304,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "gpu_bench_dry_run" if args.dry_run else "gpu_bench"
+    stem = "gpu_bench" + (f"_{args.tag}" if args.tag else "") + ("_dry_run" if args.dry_run else "")
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     (out / f"{stem}.md").write_text(markdown(result))
     print(f"wrote {out / (stem + '.json')} and {out / (stem + '.md')}")

@@ -12,7 +12,8 @@
 # Wheels the machine lacks (liger-kernel, ...) travel in .whl/ at the repository root and are installed with
 # --no-index --no-deps. Environment: CUDA_HOME (default: from nvcc on PATH, else /usr/local/cuda),
 # FASTOPD_CUDA_ARCHS (default 9.0), MAX_JOBS (ninja parallel compiles).
-# Outputs: gpu_suite.log, environment.txt, doctor.txt, pytest_gpu.xml, gpu_bench.json, gpu_bench.md, status.txt.
+# Outputs: gpu_suite.log, environment.txt, doctor.txt, pytest_gpu.xml, gpu_bench.json/.md,
+# gpu_bench_chunk1024.json/.md, status.txt.
 set -uo pipefail
 
 usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
@@ -110,8 +111,12 @@ if [ "$BENCH" = 1 ]; then
     step "GPU benchmark (quick)" "$PY" bench/gpu_bench.py --out "$OUT_DIR" --tokens 1024 8192 --vocab 128256
   else
     step "GPU benchmark" "$PY" bench/gpu_bench.py --out "$OUT_DIR"
+    # The chunked providers again with 1024-row chunks (the default byte budget gives ~128 rows at V = 128k):
+    # shows how much the chunk size matters on this GPU (grad_W GEMM depth, programs per SM).
+    step "GPU benchmark, chunked at 1024 rows" "$PY" bench/gpu_bench.py --out "$OUT_DIR" --tag chunk1024 \
+      --chunk-size 1024 --providers chunked-triton chunked-cuda gemm_floor
   fi
-  [ -f "$OUT_DIR/gpu_bench.md" ] && cat "$OUT_DIR/gpu_bench.md" | tee -a "$LOG"
+  for md in "$OUT_DIR"/gpu_bench*.md; do [ -f "$md" ] && tee -a "$LOG" < "$md"; done
 fi
 
 printf '%s\n' "${FAILED[@]:-}" > "$OUT_DIR/status.txt"
