@@ -39,16 +39,16 @@ def flops(n: int, v: int, ds: int, dt: int) -> dict[str, float]:
 
 
 def make_inputs(n: int, v: int, ds: int, dt: int, device: str, dtype: torch.dtype, seed: int = 0) -> dict:
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)  # on the GPU: V x D weights take seconds on a CPU
 
     def rnd(*size, scale):
-        return (torch.randn(*size, generator=g) * scale).to(device=device, dtype=dtype)
+        return (torch.randn(*size, generator=g, device=device) * scale).to(dtype=dtype)
 
     inp = dict(hs=rnd(n, ds, scale=1.0), ws=rnd(v, ds, scale=2 * ds**-0.5), ht=rnd(n, dt, scale=1.0),
                wt=rnd(v, dt, scale=2 * dt**-0.5))
-    labels = torch.randint(0, v, (n,), generator=g)
+    labels = torch.randint(0, v, (n,), generator=g, device=device)
     labels[::10] = -100
-    inp["labels"] = labels.to(device)
+    inp["labels"] = labels
     inp["hs"].requires_grad_(True)
     inp["ws"].requires_grad_(True)
     return inp
