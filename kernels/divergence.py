@@ -11,8 +11,10 @@ reference (fastopd/losses/reference.py). Per row r of xs, xt [C, V] (raw fp32 lo
     loss = soft_w * div + hard_w * (lse_s - z_s[y]);  the hard term adds hard_w (p_s - onehot(y)).
 
 One program per row streams the vocabulary in BLOCK_V blocks:
-  pass 1  online max / sum-exp of both models (block maxima, rescaled running sums): lse_s, lse_t;
-  pass 2  the divergence sums and the entropy with exact log-probs; for fkl the gradient is written here;
+  pass 1  online max / sum-exp of both models (block maxima, rescaled running sums in fp64);
+  pass 2  the divergence sums and the entropy with log-probs formed as (z - max) - log(sum), exact near 0
+          where z - lse would round them away; for fkl the gradient is written here (p_s - p_t via expm1
+          where both are near 1);
   pass 3  (rkl, jsd with a gradient) the gradient, which needs the row's KL from pass 2.
 Memory traffic per row (fp32): fkl 2 reads of both rows + 1 write; rkl/jsd 3 reads + 1 write. The gradient
 (chain rule through temperature and softcap included) overwrites xs; xt is only read. Ignored rows
