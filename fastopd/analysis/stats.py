@@ -152,18 +152,26 @@ def _enrichment(hist_all: torch.Tensor, hist_upd: torch.Tensor, fracs) -> tuple[
     return out, by_dec
 
 
-def _ulp_buckets(joint: torch.Tensor, hist_b: torch.Tensor) -> list[dict]:
-    """Per exponent bucket of |base|: count, fraction changed, histogram of floor(log2(|Delta|/ulp(base)))."""
-    nr = _R_HI - _R_LO + 1
-    joint = joint.view(_NEXP, nr)
+def _ulp_buckets(joint: torch.Tensor, hist_b: torch.Tensor, hist_upd: torch.Tensor, p: int, emin: int) -> list[dict]:
+    """Per exponent bucket of |base|: count, fraction changed, histogram of floor(log2(|Delta|/ulp(base))).
+
+    `joint` [256 x 256] counts coordinates by (fp32 biased exponent of |Delta|, of |base|); for |base| with
+    exponent E_b (storage ulp = 2^(max(E_b, emin) - 127 - (p - 1))) and |Delta| with exponent E_d > 0,
+    floor(log2(|Delta| / ulp)) = E_d - max(E_b, emin) + p - 1. Row E_d = 0 holds Delta = 0.
+    """
+    joint = joint.view(_NEXP, _NEXP)
     count_by_exp = hist_b.view(_NEXP, -1).sum(1)   # hi16 key >> 7 is the fp32 biased exponent
+    changed_by_exp = hist_upd.view(_NEXP, -1).sum(1)
+    e_d = torch.arange(1, _NEXP)
     out = []
     for e in torch.nonzero(count_by_exp).flatten().tolist():
-        n, h = int(count_by_exp[e]), joint[e]
-        ch = int(h.sum())
+        n, ch = int(count_by_exp[e]), int(changed_by_exp[e])
+        r = (e_d - max(e, emin) + p - 1).clamp(_R_LO, _R_HI) - _R_LO
+        h = torch.zeros(_R_HI - _R_LO + 1, dtype=torch.int64).index_add_(0, r, joint[1:, e])
+        nz = int(h.sum())
         lo = 0.0 if e == 0 else 2.0 ** (e - 127)
         out.append({"abs_base_range": [lo, 2.0 ** (e - 126)], "count": n, "frac_changed": ch / n,
-                    "frac_changed_lt_2ulp": (float(h[: 1 - _R_LO].sum()) / ch) if ch else None,
+                    "frac_changed_lt_2ulp": (float(h[: 1 - _R_LO].sum()) / nz) if nz else None,
                     "log2_ulps_hist": {"lo": _R_LO, "counts": [int(c) for c in h]}})
     return out
 
@@ -320,11 +328,9 @@ def analyze_tensor(name: str, base: torch.Tensor, tuned: torch.Tensor, cfg: Anal
     hist_d = torch.zeros(_NBINS, dtype=torch.int64)
     hist_dw = torch.zeros(_NBINS, dtype=torch.float64)
     hist_b2 = torch.zeros(2 * _NBINS, dtype=torch.int64)   # [unchanged | changed] by |base| key
-    nr = _R_HI - _R_LO + 1
-    joint = torch.zeros(_NEXP * nr + 1, dtype=torch.int64)  # last bin collects unchanged coordinates
+    joint = torch.zeros(_NEXP * _NEXP, dtype=torch.int64)  # (exponent of |Delta|, exponent of |base|)
     p = _mant_digits(storage)
     emin = int(math.log2(torch.finfo(storage).tiny)) + 127  # biased exponent of the smallest normal
-    n_changed = 0
     rows_native = xb.t2.shape[0]
     row_len = xb.t2.shape[1]
     for r0, r1 in _chunks(rows_native, row_len, cfg.chunk_elems):
@@ -333,19 +339,16 @@ def analyze_tensor(name: str, base: torch.Tensor, tuned: torch.Tensor, cfg: Anal
         bc = b.to(comp)
         d = t.to(comp) - bc
         ad = d.abs()
-        n_changed += int(changed.sum())
         le_counts += torch.bincount(torch.bucketize(ad.flatten(), bounds).flatten(), minlength=len(bounds) + 1)
         key_d = _hi16(ad)
         hist_d += torch.bincount(key_d.flatten(), minlength=_NBINS)
         hist_dw += torch.bincount(key_d.flatten(), weights=ad.flatten().to(torch.float64).square(), minlength=_NBINS)
         key_b = _hi16(bc.abs())
         hist_b2 += torch.bincount((key_b | (changed.to(torch.int32) << 15)).flatten(), minlength=2 * _NBINS)
-        eb = key_b >> 7
-        r = ((key_d >> 7) - eb.clamp_min(emin) + (p - 1)).clamp_(_R_LO, _R_HI) - _R_LO
-        jk = torch.where(changed, eb * nr + r, _NEXP * nr)
-        joint += torch.bincount(jk.flatten(), minlength=_NEXP * nr + 1)
+        joint += torch.bincount((((key_d >> 7) << 8) | (key_b >> 7)).flatten(), minlength=_NEXP * _NEXP)
         if mask_sink is not None:
             mask_sink(changed if cfg.mask_atol is None else ad > cfg.mask_atol)
+    n_changed = int(hist_b2[_NBINS:].sum())
     out["changed"] = n_changed
     out["density_exact"] = n_changed / numel if numel else 0.0
     le_cum = torch.cumsum(le_counts, 0)  # le_cum[j] = #(|Delta| <= bounds[j])
@@ -355,7 +358,7 @@ def analyze_tensor(name: str, base: torch.Tensor, tuned: torch.Tensor, cfg: Anal
     hist_b_all = hist_b2[:_NBINS] + hist_b2[_NBINS:]
     hist_b_upd = hist_b2[_NBINS:]
     out["enrichment_small"], out["enrichment_by_decile"] = _enrichment(hist_b_all, hist_b_upd, cfg.small_fracs)
-    out["ulp_buckets"] = _ulp_buckets(joint[:-1], hist_b_all)
+    out["ulp_buckets"] = _ulp_buckets(joint, hist_b_all, hist_b_upd, p, emin)
 
 
     # ---- spectra
