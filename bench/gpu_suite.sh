@@ -13,7 +13,7 @@
 # --no-index --no-deps. Environment: CUDA_HOME (default: from nvcc on PATH, else /usr/local/cuda),
 # FASTOPD_CUDA_ARCHS (default 9.0), MAX_JOBS (ninja parallel compiles).
 # Outputs: gpu_suite.log, environment.txt, doctor.txt, pytest_gpu.xml, gpu_bench.json/.md,
-# gpu_bench_chunk1024.json/.md, status.txt.
+# gpu_bench_chunk256.json/.md, status.txt.
 set -uo pipefail
 
 usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
@@ -101,7 +101,7 @@ cat "$OUT_DIR/doctor.txt" >> "$LOG"
 
 # --- 3. GPU tests ---------------------------------------------------------------------------------------------
 if [ "$TESTS" = 1 ]; then
-  step "GPU tests (tests/kernels, tests/losses)" "$PY" -m pytest tests/kernels tests/losses -q -rs \
+  step "GPU tests (tests/kernels, tests/losses, tests/optim)" "$PY" -m pytest tests/kernels tests/losses tests/optim -q -rs \
     --junitxml="$OUT_DIR/pytest_gpu.xml" -p no:cacheprovider
 fi
 
@@ -111,10 +111,12 @@ if [ "$BENCH" = 1 ]; then
     step "GPU benchmark (quick)" "$PY" bench/gpu_bench.py --out "$OUT_DIR" --tokens 1024 8192 --vocab 128256
   else
     step "GPU benchmark" "$PY" bench/gpu_bench.py --out "$OUT_DIR"
-    # The chunked providers again with 1024-row chunks (the default byte budget gives ~128 rows at V = 128k):
+    # The chunked providers again with 256-row chunks (the default 1 GiB budget gives ~1k rows at V = 128k):
     # shows how much the chunk size matters on this GPU (grad_W GEMM depth, programs per SM).
-    step "GPU benchmark, chunked at 1024 rows" "$PY" bench/gpu_bench.py --out "$OUT_DIR" --tag chunk1024 \
-      --chunk-size 1024 --providers chunked-triton chunked-cuda gemm_floor
+    step "GPU benchmark, chunked at 256 rows" "$PY" bench/gpu_bench.py --out "$OUT_DIR" --tag chunk256 \
+      --chunk-size 256 --providers chunked-triton chunked-cuda gemm_floor
+    step "sparse AdamW benchmark (CUDA)" "$PY" -m pytest bench/test_optim_bench.py -q -p no:cacheprovider
+    cp "$ROOT"/bench/results/optim_cuda.* "$OUT_DIR"/ 2>/dev/null || true
   fi
   for md in "$OUT_DIR"/gpu_bench*.md; do [ -f "$md" ] && tee -a "$LOG" < "$md"; done
 fi
