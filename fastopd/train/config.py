@@ -100,7 +100,9 @@ class OPDConfig:
         num_samples: completions per prompt.
         eos_token_id, pad_token_id: as for `fastopd.rollout.RolloutEngine` (eos None: no early stop).
     Optimizer (AdamW, or SparseMaskedAdamW when `masks` is given):
-        lr, betas, eps, weight_decay; max_grad_norm (None: no clipping); grad_accum (micro-batches per step).
+        lr, betas, eps, weight_decay; warmup_steps (linear warm-up from lr/warmup_steps to lr, then constant; a
+        function of the step alone, so nothing to checkpoint); max_grad_norm (None: no clipping); grad_accum
+        (micro-batches per step).
         masks: None (dense), a dict param name -> bool tensor, or a path to a masks file (fastopd.optim.masks).
     Run:
         seed: seeds torch's, Python's and numpy's RNGs at construction. log_every: progress-bar/log cadence.
@@ -122,6 +124,7 @@ class OPDConfig:
     eos_token_id: int | None = None
     pad_token_id: int = 0
     lr: float = 1e-4
+    warmup_steps: int = 0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.0
@@ -154,7 +157,7 @@ class OPDConfig:
         for name in ("max_new_tokens", "num_samples", "grad_accum", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "checkpoint_every", "seed"):
+        for name in ("eval_every", "checkpoint_every", "seed", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:

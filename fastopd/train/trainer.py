@@ -217,6 +217,11 @@ class OPDTrainer:
             r = stats.logp_student - stats.logp_teacher  # zero at ignored positions
         return loss, r.sum()
 
+    def lr_at(self, step: int) -> float:
+        """Learning rate of step `step` (0-based): linear warm-up over `warmup_steps`, then `lr`."""
+        cfg = self.config
+        return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+
     def step(self, prompts: Prompts) -> dict[str, float]:
         """One OPD step on `prompts` (a list of token-id lists): rollouts, teacher scoring, loss, optimizer step.
 
@@ -266,6 +271,9 @@ class OPDTrainer:
             t_score += t1 - t0
             t_update += time.perf_counter() - t1
         t0 = time.perf_counter()
+        lr = self.lr_at(k)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         if cfg.max_grad_norm is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
         else:
@@ -288,6 +296,7 @@ class OPDTrainer:
             "update_s": t_update,
             "peak_mem_mb": peak_memory_mb(self.device),
             "grad_norm": float(grad_norm),
+            "lr": lr,
         }
         if cfg.track_density:
             metrics["update_density"] = self.update_density()

@@ -1,0 +1,191 @@
+"""OPDTrainer on tiny models: objectives, the pg loss against a float64 reference, sparse masks, exact resume,
+privileged teacher context and a teacher in another dtype; `fastopd distill` end to end on a tiny budget."""
+
+import math
+
+import pytest
+import torch
+
+from fastopd.models import Transformer, TransformerConfig
+from fastopd.train import OPDConfig, OPDTrainer
+from fastopd.train.task import EOS, PAD, AdditionTask
+
+TASK = AdditionTask(digits=2)
+TIMING_KEYS = {"rollout_s", "scoring_s", "update_s", "peak_mem_mb"}
+
+
+def _tiny(seed: int, hidden: int = 32, layers: int = 1, dtype=torch.float32) -> Transformer:
+    torch.manual_seed(seed)
+    cfg = TransformerConfig(vocab_size=TASK.tokenizer.vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                            num_layers=layers, num_heads=2, max_position_embeddings=48)
+    return Transformer(cfg).to(dtype)
+
+
+def _config(**kw) -> OPDConfig:
+    base = dict(objective="rkl", lr=3e-3, num_samples=2, max_new_tokens=8, eos_token_id=EOS, pad_token_id=PAD, seed=0)
+    return OPDConfig(**{**base, **kw})
+
+
+def _prompts(k: int, n: int = 4):
+    return TASK.train_prompts(k, n)
+
+
+@pytest.mark.parametrize("objective", ["fkl", "rkl", "jsd", "pg"])
+def test_each_objective_steps_and_reports_metrics(objective):
+    student, teacher = _tiny(0), _tiny(1, hidden=48)
+    trainer = OPDTrainer(student, teacher, _config(objective=objective, grad_accum=2))
+    before = [p.detach().clone() for p in student.parameters()]
+    m = trainer.step(_prompts(0))
+    assert set(m) >= {"step", "loss", "rkl", "horizon", "tokens", "rollout_s", "scoring_s", "update_s",
+                      "peak_mem_mb", "update_density", "grad_norm", "lr"}
+    assert m["step"] == 1 and m["horizon"] == 8 and 0 < m["tokens"] <= 4 * 2 * 8
+    assert math.isfinite(m["loss"]) and math.isfinite(m["rkl"]) and m["update_density"] > 0.9
+    assert all(not torch.equal(p, b) for p, b in zip(student.parameters(), before))
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def _reference_losses(trainer, batch):
+    """float64 loss and summed sampled reverse KL of one batch, from full logits (independent of the fused op)."""
+    s, t = trainer.engine.student, trainer.engine.teacher
+    with torch.no_grad():
+        hs = trainer.engine.student_hidden(batch).double()
+        ht = trainer.engine.score(batch).double()
+    zs = hs @ s.output_weight.detach().double().T / trainer.config.temperature
+    zt = ht @ t.output_weight.detach().double().T / trainer.config.temperature
+    ls, lt = torch.log_softmax(zs, -1), torch.log_softmax(zt, -1)
+    y = batch.completion_ids
+    mask = batch.completion_mask
+    lps, lpt = ls.gather(-1, y[..., None])[..., 0], lt.gather(-1, y[..., None])[..., 0]
+    r = (lps - lpt) * mask
+    n = mask.sum()
+    cfg = trainer.config
+    if cfg.objective == "pg":
+        w = (lps - batch.logprobs.double()).exp().clamp(max=cfg.pg_ratio_cap)
+        loss = (w * r * lps).sum() / n  # -(w r (-log p))
+    elif cfg.objective == "rkl":
+        loss = ((ls.exp() * (ls - lt)).sum(-1) * mask).sum() / n
+    else:
+        loss = ((lt.exp() * (lt - ls)).sum(-1) * mask).sum() / n
+    return loss, r.sum()
+
+
+@pytest.mark.parametrize("objective,temperature", [("pg", 1.0), ("pg", 0.7), ("rkl", 1.3), ("fkl", 1.0)])
+def test_loss_matches_float64_reference(objective, temperature):
+    trainer = OPDTrainer(_tiny(2), _tiny(3, hidden=40), _config(objective=objective, temperature=temperature))
+    torch.manual_seed(7)
+    batch = trainer.engine.generate(_prompts(3, 5))
+    num = batch.completion_mask.sum()
+    loss, rkl_sum = trainer._loss(batch, trainer.engine.student_hidden(batch), trainer.engine.score(batch), num)
+    ref_loss, ref_rkl = _reference_losses(trainer, batch)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rkl_sum.double(), ref_rkl, rtol=1e-5, atol=1e-5)
+
+
+def test_pg_gradient_is_the_importance_weighted_policy_gradient():
+    """d loss / d logits of the pg surrogate = -(1/N) w r (onehot(y) - p_s), checked against autograd in float64."""
+    trainer = OPDTrainer(_tiny(4), _tiny(5), _config(objective="pg"))
+    torch.manual_seed(1)
+    batch = trainer.engine.generate(_prompts(1, 3))
+    n = batch.completion_mask.sum()
+    hs = trainer.engine.student_hidden(batch).detach().requires_grad_()
+    loss, _ = trainer._loss(batch, hs, trainer.engine.score(batch), n)
+    loss.backward()
+    w_s = trainer.engine.student_output_weight.detach().double()
+    h = hs.detach().double().requires_grad_()
+    ref_loss, _ = _reference_losses(trainer, batch)  # value check of the same surrogate
+    ls = torch.log_softmax(h @ w_s.T, -1)
+    with torch.no_grad():
+        lt = torch.log_softmax(trainer.engine.score(batch).double() @ trainer.engine.teacher_output_weight.double().T,
+                               -1)
+    y, mask = batch.completion_ids, batch.completion_mask
+    lps = ls.gather(-1, y[..., None])[..., 0]
+    coef = ((lps - lt.gather(-1, y[..., None])[..., 0]) * (lps - batch.logprobs.double()).exp().clamp(max=2.0)
+            * mask).detach()
+    (-(coef * lps).sum() / n).neg().backward()  # surrogate: sum coef * log p / N, sign as in the trainer
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hs.grad.double(), h.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_sparse_masks_keep_unmasked_weights_bitwise():
+    from fastopd.optim import masks as mask_lib
+
+    student, teacher = _tiny(6), _tiny(7)
+    masks = mask_lib.random(student, 0.1, generator=torch.Generator().manual_seed(0))
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    trainer = OPDTrainer(student, teacher, _config(masks=masks, weight_decay=0.1))
+    for k in range(3):
+        m = trainer.step(_prompts(k))
+    changed = 0
+    for name, p in student.named_parameters():
+        keep = torch.ones(p.numel(), dtype=torch.bool)
+        keep[masks[name]] = False
+        flat, ref = p.detach().reshape(-1), before[name].reshape(-1)
+        assert torch.equal(flat[keep], ref[keep]), name
+        changed += int((flat[~keep] != ref[~keep]).sum())
+    total = sum(p.numel() for p in student.parameters())
+    assert changed > 0.05 * total
+    assert m["update_density"] == pytest.approx(changed / total)
+
+
+def _strip(history):
+    return [{k: v for k, v in m.items() if k not in TIMING_KEYS} for m in history]
+
+
+@pytest.mark.parametrize("objective", ["rkl", "pg"])
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, objective):
+    cfg = dict(objective=objective, warmup_steps=3, checkpoint_every=2)
+    straight = OPDTrainer(_tiny(8), _tiny(9), _config(**cfg, checkpoint_dir=str(tmp_path / "a")))
+    straight.train(_prompts, 5, progress=False)
+
+    first = OPDTrainer(_tiny(8), _tiny(9), _config(**cfg, checkpoint_dir=str(tmp_path / "b")))
+    first.train(_prompts, 2, progress=False)
+    torch.manual_seed(12345)  # disturb every global RNG in between: the checkpoint must restore them
+    resumed = OPDTrainer(_tiny(8), _tiny(9), _config(**cfg, checkpoint_dir=str(tmp_path / "b"), resume=True))
+    assert resumed.global_step == 2
+    resumed.train(_prompts, 5, progress=False)
+    assert _strip(resumed.history) == _strip(straight.history)
+    for p, q in zip(resumed.student.parameters(), straight.student.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_sparse_optimizer_state_resumes(tmp_path):
+    from fastopd.optim import masks as mask_lib
+
+    def make(folder, resume=False):
+        student = _tiny(10)
+        masks = mask_lib.random(student, 0.2, generator=torch.Generator().manual_seed(1))
+        return OPDTrainer(student, _tiny(11), _config(masks=masks, checkpoint_dir=str(tmp_path / folder),
+                                                      resume=resume))
+
+    straight = make("a")
+    straight.train(_prompts, 4, progress=False)
+    make("b").train(_prompts, 2, progress=False)
+    resumed = make("b", resume=True)
+    assert resumed.global_step == 2
+    resumed.train(_prompts, 4, progress=False)
+    assert _strip(resumed.history) == _strip(straight.history)
+
+
+def test_privileged_teacher_prompt_and_bf16_teacher():
+    student, teacher = _tiny(12), _tiny(13, hidden=48, dtype=torch.bfloat16)
+    seen = []
+
+    def hint(prompts):
+        seen.append(len(prompts))
+        return [[p[0]] + TASK.tokenizer.encode("0+0=0|0,") + p[1:] for p in prompts]
+
+    trainer = OPDTrainer(student, teacher, _config(objective="jsd"), teacher_prompt_fn=hint)
+    m = trainer.step(_prompts(0, 3))
+    assert seen == [3] and math.isfinite(m["loss"])
+    self_trainer = OPDTrainer(student, student, _config(objective="fkl"), teacher_prompt_fn=hint)  # self-distillation
+    assert math.isfinite(self_trainer.step(_prompts(1, 3))["loss"])
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="teacher"):
+        OPDTrainer(_tiny(0), None, _config())
+    trainer = OPDTrainer(_tiny(0), _tiny(1), _config(grad_accum=4))
+    with pytest.raises(ValueError, match="grad_accum=4"):
+        trainer.step(_prompts(0, 3))
+    with pytest.raises(ValueError, match="masks name parameters"):
+        OPDTrainer(_tiny(0), _tiny(1), _config(masks={"nope.weight": torch.tensor([0])}))
