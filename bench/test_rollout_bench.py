@@ -1,0 +1,285 @@
+"""Rollout benchmark: fastopd's RolloutEngine beside Hugging Face generate, in one process and one run.
+
+CPU (always): a random-weight Llama (4 layers, hidden 256, intermediate 688, 4 heads, vocab 8192), batch 8,
+prompt 32, 128 new tokens, greedy, no EOS (every provider generates exactly 128 tokens per row):
+- fastopd:     RolloutEngine(temperature=0); fastopd-sampled: the same at temperature 1 (the OPD setting)
+- hf-dynamic:  model.generate(do_sample=False, cache_implementation="dynamic")
+- hf-static:   model.generate(do_sample=False, cache_implementation="static")
+The providers run interleaved round by round (one round = each provider once) so that load from other processes
+on a shared machine falls on all of them alike; tokens/s = 8 * 128 / median seconds. Before timing, fastopd's
+greedy tokens are checked equal to HF's.
+Also: time and KV-cache bytes vs horizon H in {10, 25, 50, 100}% of 512 (sampled, no EOS), and the prefill
+saved by prefix sharing at num_samples=4 (8 prompts of 128 tokens, horizon 1, and teacher scoring of 32 tokens).
+
+CUDA (only when a GPU is visible; skipped otherwise): a 0.5B-scale Qwen2-shaped config in bf16, batch 8, prompt
+128, 256 new tokens: fastopd eager, fastopd with its decode step captured in a CUDA graph, HF dynamic and static.
+
+    flock /tmp/fastopd_bench.lock python -m pytest bench/test_rollout_bench.py -q -p no:cacheprovider
+
+writes bench/results/rollout_<device>.json and .md (the last test of this file). FASTOPD_BENCH_ROUNDS (default 5)
+sets the rounds, FASTOPD_BENCH_THREADS (default 1) torch's CPU threads for every provider.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+
+import pytest
+import torch
+import transformers
+
+import fastopd
+from fastopd.rollout import Horizon, RolloutEngine
+
+ROUNDS = int(os.environ.get("FASTOPD_BENCH_ROUNDS", "5"))
+THREADS = int(os.environ.get("FASTOPD_BENCH_THREADS", "1"))
+HERE = os.path.dirname(os.path.abspath(__file__))
+COMMAND = "flock /tmp/fastopd_bench.lock python -m pytest bench/test_rollout_bench.py -q -p no:cacheprovider"
+RESULTS: dict[str, dict] = {}  # device -> section -> data
+
+transformers.logging.set_verbosity_error()
+
+
+def _stats(times: list[float]) -> dict[str, float]:
+    data = sorted(times)
+    pick = lambda q: data[min(len(data) - 1, int(q * len(data)))]  # noqa: E731
+    return dict(median_s=statistics.median(data), p20_s=pick(0.2), p80_s=pick(0.8), rounds=len(data))
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _llama_cpu() -> transformers.LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=8192, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+@pytest.fixture(scope="module")
+def cpu_model():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield _llama_cpu()
+    torch.set_num_threads(previous)
+
+
+def _hf_generate(model, ids, new_tokens, cache, sync=lambda: None):
+    def run():
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False, cache_implementation=cache)
+        sync()
+        return out
+    return run
+
+
+def _interleaved(benchmark, providers: dict, rounds: int) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {name: [] for name in providers}
+
+    def one_round():
+        for name, fn in providers.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+
+    benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=0, iterations=1)
+    return times
+
+
+def _throughput_section(times, tokens_per_call, hf_names, info) -> dict:
+    section = {"providers": {}, **info}
+    for name, ts in times.items():
+        st = _stats(ts)
+        section["providers"][name] = dict(st, tokens_per_s=tokens_per_call / st["median_s"])
+    best_hf = max(section["providers"][n]["tokens_per_s"] for n in hf_names)
+    for p in section["providers"].values():
+        p["x_best_hf"] = p["tokens_per_s"] / best_hf
+    return section
+
+
+def test_cpu_rollout_vs_hf_generate(benchmark, cpu_model):
+    batch, prompt, new = 8, 32, 128
+    ids = torch.randint(3, 8192, (batch, prompt), generator=torch.Generator().manual_seed(1))
+    greedy = RolloutEngine(cpu_model, horizon=Horizon.full(new), temperature=0, pad_token_id=0)
+    sampled = RolloutEngine(cpu_model, horizon=Horizon.full(new), temperature=1.0, pad_token_id=0)
+    providers = {
+        "fastopd": lambda: greedy.generate(ids),
+        "fastopd-sampled": lambda: sampled.generate(ids),
+        "hf-dynamic": _hf_generate(cpu_model, ids, new, "dynamic"),
+        "hf-static": _hf_generate(cpu_model, ids, new, "static"),
+    }
+    ours = providers["fastopd"]()  # warm-up, and the check that the comparison is like for like
+    for name in ("fastopd-sampled", "hf-dynamic", "hf-static"):
+        out = providers[name]()
+        if name.startswith("hf"):
+            assert torch.equal(out[:, prompt:], ours.completion_ids), f"{name} tokens differ from fastopd's"
+    times = _interleaved(benchmark, providers, ROUNDS)
+    section = _throughput_section(times, batch * new, ("hf-dynamic", "hf-static"), dict(
+        model="LlamaForCausalLM random weights: 4 layers, hidden 256, intermediate 688, 4 heads, vocab 8192, fp32",
+        batch=batch, prompt=prompt, new_tokens=new, kv_cache_bytes=greedy.kv_cache_bytes))
+    RESULTS.setdefault("cpu", {})["throughput"] = section
+    benchmark.extra_info.update({k: v["tokens_per_s"] for k, v in section["providers"].items()})
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.25, 0.5, 1.0], ids=lambda r: f"H{int(r * 100)}pct-of-512")
+def test_cpu_horizon_sweep(benchmark, cpu_model, ratio):
+    batch, prompt = 8, 32
+    ids = torch.randint(3, 8192, (batch, prompt), generator=torch.Generator().manual_seed(2))
+    engine = RolloutEngine(cpu_model, horizon=Horizon.truncated(ratio, 512), temperature=1.0, pad_token_id=0)
+    engine.generate(ids)
+    times: list[float] = []
+
+    def run():
+        t0 = time.perf_counter()
+        engine.generate(ids)
+        times.append(time.perf_counter() - t0)
+
+    benchmark.pedantic(run, rounds=max(2, ROUNDS // 2), warmup_rounds=0, iterations=1)
+    h = engine.last_stats["horizon"]
+    row = dict(_stats(times), ratio=ratio, horizon=h, tokens_per_s=batch * h / statistics.median(times),
+               kv_cache_bytes=engine.kv_cache_bytes, kv_cache_columns=prompt + h)
+    RESULTS.setdefault("cpu", {}).setdefault("horizon_sweep", []).append(row)
+    benchmark.extra_info.update(row)
+
+
+def test_cpu_prefix_sharing(benchmark, cpu_model):
+    prompts, prompt, samples = 8, 128, 4
+    ids = torch.randint(3, 8192, (prompts, prompt), generator=torch.Generator().manual_seed(3))
+    engines = {
+        "shared": RolloutEngine(cpu_model, teacher=cpu_model, horizon=1, num_samples=samples, temperature=1.0),
+        "separate": RolloutEngine(cpu_model, teacher=cpu_model, horizon=1, num_samples=samples, temperature=1.0,
+                                  share_prefix=False),
+    }
+    scored = RolloutEngine(cpu_model, horizon=32, num_samples=samples, temperature=1.0).generate(ids)
+    providers = {}
+    for name, engine in engines.items():
+        providers[f"prefill-{name}"] = lambda e=engine: e.generate(ids)
+        providers[f"score-{name}"] = lambda e=engine: e.score(scored)
+    for fn in providers.values():
+        fn()
+    torch.testing.assert_close(engines["shared"].score(scored), engines["separate"].score(scored), rtol=1e-4,
+                               atol=1e-4)
+    times = _interleaved(benchmark, providers, ROUNDS)
+    section = {"prompts": prompts, "prompt": prompt, "num_samples": samples, "score_horizon": 32,
+               "prefill_tokens": {n: e.last_stats["prefill_tokens"] for n, e in engines.items()},
+               "providers": {n: _stats(ts) for n, ts in times.items()}}
+    for kind in ("prefill", "score"):
+        section[f"{kind}_speedup"] = (section["providers"][f"{kind}-separate"]["median_s"]
+                                      / section["providers"][f"{kind}-shared"]["median_s"])
+    RESULTS.setdefault("cpu", {})["prefix_sharing"] = section
+    benchmark.extra_info.update({k: v for k, v in section.items() if k.endswith("speedup")})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU rollout benchmark needs a CUDA device")
+def test_cuda_rollout_vs_hf_generate(benchmark):
+    """0.5B-scale Qwen2-shaped model (24 layers, hidden 896, 14 heads / 2 KV heads, intermediate 4864, vocab
+    151936, tied), bf16, batch 8, prompt 128, 256 new tokens, greedy."""
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                   num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096,
+                                   tie_word_embeddings=True)
+    model = transformers.Qwen2ForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    batch, prompt, new = 8, 128, 256
+    ids = torch.randint(3, cfg.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(1)).cuda()
+    sync = torch.cuda.synchronize
+    eager = RolloutEngine(model, horizon=new, temperature=0, pad_token_id=0)
+    graphed = RolloutEngine(model, horizon=new, temperature=0, pad_token_id=0, cuda_graphs=True)
+
+    def ours(engine):
+        def run():
+            out = engine.generate(ids)
+            sync()
+            return out
+        return run
+
+    providers = {"fastopd": ours(eager), "fastopd-cudagraph": ours(graphed),
+                 "hf-dynamic": _hf_generate(model, ids, new, "dynamic", sync),
+                 "hf-static": _hf_generate(model, ids, new, "static", sync)}
+    for fn in providers.values():
+        fn()
+    torch.cuda.reset_peak_memory_stats()
+    times = _interleaved(benchmark, providers, ROUNDS)
+    section = _throughput_section(times, batch * new, ("hf-dynamic", "hf-static"), dict(
+        model="Qwen2ForCausalLM random weights, 0.5B-scale config, bf16", batch=batch, prompt=prompt,
+        new_tokens=new, kv_cache_bytes=graphed.kv_cache_bytes, gpu=torch.cuda.get_device_name()))
+    RESULTS.setdefault("cuda", {})["throughput"] = section
+    benchmark.extra_info.update({k: v["tokens_per_s"] for k, v in section["providers"].items()})
+
+
+def _machine(device: str) -> dict:
+    info = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                cpu=_cpu_model(), cpu_cores=os.cpu_count(), torch=torch.__version__,
+                transformers=transformers.__version__, fastopd=fastopd.__version__, python=platform.python_version(),
+                torch_threads=THREADS, load_average_at_end=os.getloadavg()[0], command=COMMAND, rounds=ROUNDS)
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _markdown(device: str, data: dict, machine: dict) -> str:
+    lines = [f"# Rollouts: fastopd RolloutEngine vs Hugging Face generate ({device})", "",
+             f"{machine['cpu']}, {machine['cpu_cores']} cores, torch {machine['torch']} ({machine['torch_threads']} "
+             f"thread(s)), transformers {machine['transformers']}, {machine['date']}, load average at the end "
+             f"{machine['load_average_at_end']:.1f} (shared machine). Command: `{machine['command']}`", ""]
+    tp = data.get("throughput")
+    if tp:
+        lines += [f"## Throughput: {tp['model']}; batch {tp['batch']}, prompt {tp['prompt']}, {tp['new_tokens']} new "
+                  f"tokens, providers interleaved over {machine['rounds']} rounds", "",
+                  "| provider | tokens/s | median s | p20-p80 s | x best HF |", "|---|---|---|---|---|"]
+        for name, p in tp["providers"].items():
+            lines.append(f"| {name} | {p['tokens_per_s']:.0f} | {p['median_s']:.3f} | {p['p20_s']:.3f}-"
+                         f"{p['p80_s']:.3f} | {p['x_best_hf']:.2f}x |")
+        lines.append("")
+    sweep = data.get("horizon_sweep")
+    if sweep:
+        lines += ["## Horizon sweep (batch 8, prompt 32, sampled, no EOS; H = ratio x 512)", "",
+                  "| H | ratio | median s | tokens/s | KV cache MiB | cache columns |", "|---|---|---|---|---|---|"]
+        for r in sorted(sweep, key=lambda r: r["horizon"]):
+            lines.append(f"| {r['horizon']} | {r['ratio']:.0%} | {r['median_s']:.3f} | {r['tokens_per_s']:.0f} | "
+                         f"{r['kv_cache_bytes'] / 2**20:.2f} | {r['kv_cache_columns']} |")
+        lines.append("")
+    ps = data.get("prefix_sharing")
+    if ps:
+        lines += [f"## Prefix sharing ({ps['prompts']} prompts x {ps['prompt']} tokens, num_samples="
+                  f"{ps['num_samples']}; generate with horizon 1 = prefill + one step; teacher scoring of "
+                  f"{ps['score_horizon']} completion tokens)", "",
+                  f"Prefill tokens computed: shared {ps['prefill_tokens']['shared']}, separate "
+                  f"{ps['prefill_tokens']['separate']}. Speedup from sharing: prefill {ps['prefill_speedup']:.2f}x, "
+                  f"scoring {ps['score_speedup']:.2f}x.", "", "| pass | median s | p20-p80 s |", "|---|---|---|"]
+        for name, p in ps["providers"].items():
+            lines.append(f"| {name} | {p['median_s']:.4f} | {p['p20_s']:.4f}-{p['p80_s']:.4f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def test_write_results():
+    """Writes bench/results/rollout_<device>.json and .md for the sections measured in this run."""
+    if not RESULTS:
+        pytest.skip("no rollout benchmark ran in this session")
+    out_dir = os.environ.get("OUT", os.path.join(HERE, "results"))
+    os.makedirs(out_dir, exist_ok=True)
+    for device, data in RESULTS.items():
+        machine = _machine(device)
+        with open(os.path.join(out_dir, f"rollout_{device}.json"), "w") as f:
+            json.dump({"machine": machine, **data}, f, indent=2)
+        with open(os.path.join(out_dir, f"rollout_{device}.md"), "w") as f:
+            f.write(_markdown(device, data, machine) + "\n")
