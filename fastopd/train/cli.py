@@ -193,6 +193,8 @@ def distill(job: DistillJob, opd: dict[str, Any], *, progress: bool = True, out=
     task = AdditionTask(digits=3)
     run_dir = Path(job.out or Path("fastopd-runs") / time.strftime("distill-%Y%m%d-%H%M%S"))
     try:
+        config = OPDConfig(**{**opd, "max_new_tokens": task.max_new_tokens, "eos_token_id": EOS, "pad_token_id": PAD,
+                              "checkpoint_dir": str(run_dir / "checkpoints")})
         device = torch.device(job.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device: 'cuda' requested but no CUDA device is visible")
@@ -207,14 +209,11 @@ def distill(job: DistillJob, opd: dict[str, Any], *, progress: bool = True, out=
             if m.config.vocab_size != task.tokenizer.vocab_size:
                 raise ConfigError(f"{name}: vocab_size {m.config.vocab_size} does not match the addition task's "
                                   f"{task.tokenizer.vocab_size}")
-        masks = opd.get("masks")
         if job.mask_density is not None:
             from fastopd.optim import masks as mask_lib
 
-            gen = torch.Generator().manual_seed(int(opd.get("seed", 0)))
-            masks = mask_lib.random(student, job.mask_density, generator=gen)
-        config = OPDConfig(**{**opd, "masks": masks, "max_new_tokens": task.max_new_tokens, "eos_token_id": EOS,
-                              "pad_token_id": PAD, "checkpoint_dir": str(run_dir / "checkpoints")})
+            gen = torch.Generator().manual_seed(config.seed)
+            config = dataclasses.replace(config, masks=mask_lib.random(student, job.mask_density, generator=gen))
     except ConfigError as exc:
         print(f"fastopd distill: error: {exc}", file=sys.stderr)
         return 2

@@ -5,7 +5,8 @@
 Both are `fastopd.models.Transformer`s trained by supervised fine-tuning (cross-entropy on the worked solutions)
 from random initialization, each on its own stream of problems (disjoint from the training and evaluation streams
 of `fastopd distill`): the teacher (3 layers, width 96) until it solves the task, the student (2 layers, width 64)
-for a few steps only, so that it writes the format but gets many sums wrong. On-policy distillation then closes
+for a few steps only (a snapshot early in a longer supervised run), so that it writes the format but gets most
+sums wrong. On-policy distillation then closes
 the gap. The committed files under fastopd/train/assets/ came from this script with its defaults; runs on other
 machines may differ in the last bits (CPU floating-point reduction order), not in behaviour.
 """
@@ -40,10 +41,12 @@ def sft_batch(task: AdditionTask, batch_size: int, seed: str) -> tuple[torch.Ten
 
 
 def supervised_fine_tune(model: Transformer, task: AdditionTask, steps: int, *, stream: str, batch_size: int = 64,
-                         lr: float = 3e-3, log_every: int = 100) -> None:
-    """Cross-entropy on worked solutions with AdamW and a one-cycle schedule (10% warm-up, cosine decay)."""
+                         lr: float = 3e-3, schedule_steps: int | None = None, log_every: int = 100) -> None:
+    """Cross-entropy on worked solutions with AdamW and a one-cycle schedule (10% warm-up, cosine decay) planned
+    over `schedule_steps` (default `steps`); stopping before the end leaves a model in mid-training."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, schedule_steps or steps),
+                                                pct_start=0.1)
     model.train()
     t0 = time.time()
     for step in range(steps):
@@ -72,19 +75,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(Path(__file__).parent / "assets" / "addition3"))
     ap.add_argument("--teacher-steps", type=int, default=600)
     ap.add_argument("--student-steps", type=int, default=200)
+    ap.add_argument("--student-schedule", type=int, default=600,
+                    help="the student is a snapshot after --student-steps of a schedule planned for this many")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", choices=("teacher", "student"), default=None)
     args = ap.parse_args(argv)
     task = AdditionTask(digits=3)
     problems = task.eval_problems(512, seed=999)  # a check set of its own
     out = Path(args.out)
-    for role, kind, steps in (("teacher", TEACHER, args.teacher_steps), ("student", STUDENT, args.student_steps)):
+    plan = (("teacher", TEACHER, args.teacher_steps, None),
+            ("student", STUDENT, args.student_steps, args.student_schedule))
+    for role, kind, steps, schedule in plan:
         if args.only not in (None, role):
             continue
         model = build(kind, task, args.seed)
         n = sum(p.numel() for p in model.parameters())
         print(f"{role}: {n} parameters, {steps} SFT steps", flush=True)
-        supervised_fine_tune(model, task, steps, stream=f"sft-{role}-{args.seed}")
+        supervised_fine_tune(model, task, steps, stream=f"sft-{role}-{args.seed}", schedule_steps=schedule)
         print(f"{role}: accuracy {accuracy(model, task, problems):.3f} on 512 problems", flush=True)
         model.save_pretrained(out / role)
     return 0

@@ -1,0 +1,71 @@
+"""`fastopd distill`: config precedence and field-named errors; a tiny end-to-end run writes the run folder."""
+
+import json
+
+import pytest
+
+from fastopd.cli import main
+from fastopd.train.cli import ASSETS, DistillJob, resolve, summary_table
+
+
+def _args(argv):
+    from fastopd.cli import build_parser
+
+    return build_parser(only="distill").parse_args(["distill", *argv])
+
+
+def test_precedence_defaults_file_flags(tmp_path):
+    cfg = tmp_path / "job.toml"
+    cfg.write_text('objective = "jsd"\nlr = 5e-4\nsteps = 7\n[horizon]\nkind = "truncated"\nratio = 0.5\n')
+    job, opd = resolve(_args(["--config", str(cfg), "--lr", "1e-3"]))
+    assert job.steps == 7 and opd["objective"] == "jsd" and opd["lr"] == 1e-3
+    assert opd["horizon"] == {"kind": "truncated", "ratio": 0.5}
+    assert resolve(_args([]))[0] == DistillJob()
+
+
+@pytest.mark.parametrize("text,message", [
+    pytest.param("lrr = 1e-3\n", "lrr: unknown field in config file", id="unknown-key"),
+    pytest.param('objective = "kl"\n', "objective: must be one of", id="bad-objective"),
+    pytest.param("steps = 0\n", "steps: must be >= 1", id="bad-steps"),
+    pytest.param('steps = "ten"\n', "steps: must be an int", id="steps-type"),
+    pytest.param("max_new_tokens = 9\n", "max_new_tokens: unknown field", id="task-owned-field"),
+    pytest.param("[opd]\nlr = 1\n", "opd: tables are not fields", id="table"),
+])
+def test_config_errors_name_the_field(tmp_path, capsys, text, message):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(text)
+    assert main(["distill", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_summary_table_lists_everything():
+    table = summary_table({"student_accuracy_before": 0.1, "student_accuracy_after": 0.75, "teacher_accuracy": 1.0,
+                           "rkl_before": 1.2, "rkl_after": 0.3, "wall_s": 12.5, "peak_mem_mb": 300.0})
+    for text in ("student accuracy", "10.0%", "75.0%", "teacher accuracy", "100.0%", "1.2000", "0.3000", "12.5 s",
+                 "300 MiB"):
+        assert text in table
+
+
+@pytest.mark.skipif(not (ASSETS / "teacher" / "config.json").is_file(), reason="built-in models not present")
+def test_tiny_run_writes_the_run_folder_and_resumes(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["distill", "--steps", "2", "--batch-size", "2", "--num-samples", "2", "--eval-size", "8",
+            "--horizon", "full:6", "--mask-density", "0.5", "--out", str(out)]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "student accuracy" in text and "teacher accuracy" in text and "run folder" in text
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and 0 <= summary["student_accuracy_after"] <= 1
+    assert summary["teacher_accuracy"] > 0.9
+    for name in ("summary.md", "config.json", "loss.png", "accuracy.png", "checkpoints/latest"):
+        assert (out / name).is_file(), name
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert main(argv[:2] + ["3"] + argv[3:] + ["--resume"]) == 0  # continue the same run to step 3
+    assert "resuming from" in capsys.readouterr().out
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3
+
+
+def test_missing_model_folder_is_reported(tmp_path, capsys):
+    assert main(["distill", "--teacher", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    assert "teacher:" in capsys.readouterr().err
