@@ -61,7 +61,16 @@ def full_logits(model, ids, mask):
     return adapter.logits(full_hidden(model, ids, mask))
 
 
-HF_MODELS = [pytest.param(llama, id="llama-gqa"), pytest.param(gpt2, id="gpt2"), pytest.param(qwen2, id="qwen2-tied")]
+def mistral(seed=0, sliding_window=None):
+    torch.manual_seed(seed)
+    cfg = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                     initializer_range=0.1, sliding_window=sliding_window)
+    return transformers.MistralForCausalLM(cfg).eval()
+
+
+HF_MODELS = [pytest.param(llama, id="llama-gqa"), pytest.param(gpt2, id="gpt2"), pytest.param(qwen2, id="qwen2-tied"),
+             pytest.param(mistral, id="mistral-no-window")]
 
 
 @pytest.mark.parametrize("make", HF_MODELS)
@@ -312,6 +321,8 @@ def test_score_errors():
 def test_unsupported_model_raises():
     with pytest.raises(ValueError, match="no rollout adapter"):
         RolloutEngine(torch.nn.Linear(3, 3), horizon=3)
+    with pytest.raises(ValueError, match="sliding-window"):
+        RolloutEngine(mistral(sliding_window=16), horizon=3)
 
 
 @pytest.mark.parametrize("make", [pytest.param(builtin, id="builtin"), pytest.param(llama, id="llama")])
