@@ -89,24 +89,27 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 class PackedLlamaLayer(NamedTuple):
     """Inference-only weights of one Llama layer in the layout a single-token decode step wants: projections
-    fused (q|k|v and gate|up) and stored transposed ``[in, out]`` and contiguous, so each is one ``addmm``."""
+    fused (q|k|v and gate|up) and stored transposed ``[in, out]`` and contiguous, so each is one ``addmm``, with
+    the RMSNorm weight that precedes them folded into their rows (``(n * w) @ W = n @ (diag(w) W)``, folded in
+    fp32 and rounded once to the weight dtype)."""
 
-    input_norm: torch.Tensor
     input_eps: float
-    qkv: torch.Tensor  # [D, (H_q + 2 H_kv) * D_head]
+    qkv: torch.Tensor  # [D, (H_q + 2 H_kv) * D_head], input-norm weight folded in
     qkv_bias: torch.Tensor | None
     o: torch.Tensor  # [H_q * D_head, D]
     o_bias: torch.Tensor | None
-    post_norm: torch.Tensor
     post_eps: float
-    gate_up: torch.Tensor  # [D, 2 I]
+    gate_up: torch.Tensor  # [D, 2 I], post-attention-norm weight folded in
     gate_up_bias: torch.Tensor | None
     down: torch.Tensor  # [I, D]
     down_bias: torch.Tensor | None
 
 
-def _fused_t(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
-    weight = torch.cat([lin.weight.detach() for lin in linears], 0).t().contiguous()
+def _fused_t(*linears: nn.Linear, norm_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    weight = torch.cat([lin.weight.detach() for lin in linears], 0).t()
+    if norm_weight is not None:
+        weight = (norm_weight.detach().float()[:, None] * weight.float()).to(weight.dtype)
+    weight = weight.contiguous()
     if all(lin.bias is None for lin in linears):
         return weight, None
     bias = torch.cat([lin.bias.detach() if lin.bias is not None else lin.weight.new_zeros(lin.out_features)
@@ -117,26 +120,52 @@ def _fused_t(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
 def pack_llama_layer(layer: nn.Module) -> PackedLlamaLayer:
     """Copy a Llama-named layer's weights into :class:`PackedLlamaLayer` (detached: for generation only)."""
     attn, mlp = layer.self_attn, layer.mlp
-    qkv, qkv_bias = _fused_t(attn.q_proj, attn.k_proj, attn.v_proj)
+    ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
+    qkv, qkv_bias = _fused_t(attn.q_proj, attn.k_proj, attn.v_proj, norm_weight=ln1.weight)
     o, o_bias = _fused_t(attn.o_proj)
-    gate_up, gate_up_bias = _fused_t(mlp.gate_proj, mlp.up_proj)
+    gate_up, gate_up_bias = _fused_t(mlp.gate_proj, mlp.up_proj, norm_weight=ln2.weight)
     down, down_bias = _fused_t(mlp.down_proj)
-    return PackedLlamaLayer(
-        layer.input_layernorm.weight.detach(), layer.input_layernorm.variance_epsilon, qkv, qkv_bias, o, o_bias,
-        layer.post_attention_layernorm.weight.detach(), layer.post_attention_layernorm.variance_epsilon,
-        gate_up, gate_up_bias, down, down_bias,
-    )
+    return PackedLlamaLayer(ln1.variance_epsilon, qkv, qkv_bias, o, o_bias, ln2.variance_epsilon, gate_up,
+                            gate_up_bias, down, down_bias)
 
 
-def _addmm(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.mm(x, weight_t) if bias is None else torch.addmm(bias, x, weight_t)
+def _normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x / sqrt(mean(x^2) + eps)`` in fp32, cast back (the weightless part of :func:`rms_norm`)."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), eps=eps)
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def _linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
+            residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``residual + x @ weight_t + bias`` with as few kernels as possible (``addmm`` takes the residual)."""
+    if residual is None:
+        return torch.mm(x, weight_t) if bias is None else torch.addmm(bias, x, weight_t)
+    out = torch.addmm(residual, x, weight_t)
+    return out if bias is None else out.add_(bias)
+
+
+def decode_rope_tables(
+    positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype, scaling: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rope_cos_sin` with the sign of rotate-half folded into the sine's first half, for
+    :func:`_apply_rope_signed`."""
+    cos, sin = rope_cos_sin(positions, inv_freq, dtype, scaling)
+    half = sin.shape[-1] // 2
+    return cos, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def _apply_rope_signed(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * sin`` as ``x * cos + swap_halves(x) * sin_signed`` (three kernels, not five)."""
+    swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
+    return torch.addcmul(x * cos, swapped, sin_signed)
 
 
 def llama_decode_layer(
     packed: PackedLlamaLayer,
     x: torch.Tensor,
     cos: torch.Tensor,
-    sin: torch.Tensor,
+    sin_signed: torch.Tensor,
     mask: torch.Tensor,
     cache: KVCache,
     layer_idx: int,
@@ -148,20 +177,19 @@ def llama_decode_layer(
 ) -> torch.Tensor:
     """One Llama layer for a single new token per row: ``x`` ``[B, D]`` -> ``[B, D]``, its key/value written to
     cache column ``column`` (an int, or a 0-d device tensor for CUDA-graph capture), attention over the first
-    ``S`` columns of the cache's active window under ``mask`` ``[B, 1, 1, S]``.
-    Computes what :func:`llama_layer` computes (same math, fused and transposed weights)."""
+    ``S`` columns of the cache's active window under ``mask`` ``[B, 1, 1, S]``; rotary tables from
+    :func:`decode_rope_tables`. Computes what :func:`llama_layer` computes (same math; fused, transposed,
+    norm-folded weights; residual adds inside the ``addmm``)."""
     b = x.shape[0]
-    h = rms_norm(x, packed.input_norm, packed.input_eps)
-    qkv = _addmm(h, packed.qkv, packed.qkv_bias)
+    qkv = _linear(_normalize(x, packed.input_eps), packed.qkv, packed.qkv_bias)
     n_qk = (num_heads + num_kv_heads) * head_dim
     # q and k rotated together: [B, H_q + H_kv, 1, D_head]
-    qk = apply_rope(qkv[:, :n_qk].view(b, num_heads + num_kv_heads, 1, head_dim), cos, sin)
+    qk = _apply_rope_signed(qkv[:, :n_qk].view(b, num_heads + num_kv_heads, 1, head_dim), cos, sin_signed)
     q, k = qk[:, :num_heads], qk[:, num_heads:]
     v = qkv[:, n_qk:].view(b, num_kv_heads, 1, head_dim)
     cache.write(layer_idx, column, k, v)
     k_all, v_all = cache.layer(layer_idx)
     o = attention(q, k_all, v_all, mask)
-    x = x + _addmm(o.view(b, num_heads * head_dim), packed.o, packed.o_bias)
-    h = rms_norm(x, packed.post_norm, packed.post_eps)
-    gate, up = _addmm(h, packed.gate_up, packed.gate_up_bias).chunk(2, dim=-1)
-    return x + _addmm(F.silu(gate) * up, packed.down, packed.down_bias)
+    x = _linear(o.view(b, num_heads * head_dim), packed.o, packed.o_bias, residual=x)
+    gate, up = _linear(_normalize(x, packed.post_eps), packed.gate_up, packed.gate_up_bias).chunk(2, dim=-1)
+    return _linear(F.silu(gate) * up, packed.down, packed.down_bias, residual=x)

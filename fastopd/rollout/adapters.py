@@ -18,7 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastopd.models.kv_cache import KVCache, attention
-from fastopd.models.layers import llama_decode_layer, llama_layer, pack_llama_layer, rms_norm, rope_cos_sin
+from fastopd.models.layers import (
+    decode_rope_tables,
+    llama_decode_layer,
+    llama_layer,
+    pack_llama_layer,
+    rms_norm,
+    rope_cos_sin,
+)
 from fastopd.models.transformer import Transformer
 
 DecodeStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, KVCache, int], torch.Tensor]
@@ -127,7 +134,7 @@ class LlamaFamilyAdapter(ModelAdapter):
 
         def step(tokens, positions, mask, cache, column):
             x = embed[tokens]
-            cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype, self.rope_scaling)
+            cos, sin = decode_rope_tables(positions, self.inv_freq, x.dtype, self.rope_scaling)
             for i, pk in enumerate(packed):
                 x = llama_decode_layer(pk, x, cos, sin, mask, cache, i, column, **shapes)
             return head(rms_norm(x, norm_w, norm_eps))
