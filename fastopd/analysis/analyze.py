@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -30,8 +31,12 @@ def _listing(title: str, items: list[str], limit: int = 20) -> str:
     return f"  {title} ({len(items)}):\n" + "\n".join(f"    {x}" for x in items[:limit]) + more
 
 
-def select_null_tensors(names: list[str], mode: str) -> set[str]:
-    """Tensors that get null models: all, none, or a sample (per module kind: first, middle and last layer)."""
+SAMPLE_MAX_NUMEL = 1 << 26  # "sample" skips bigger tensors (embeddings, LM heads: half the cost of a 1B model)
+
+
+def select_null_tensors(names: list[str], mode: str, numels: dict[str, int] | None = None) -> set[str]:
+    """Tensors that get null models: all, none, or a sample (per module kind: first, middle and last layer,
+    among tensors of at most SAMPLE_MAX_NUMEL elements when `numels` is given)."""
     if mode == "all":
         return set(names)
     if mode == "none":
@@ -39,7 +44,8 @@ def select_null_tensors(names: list[str], mode: str) -> set[str]:
     chosen: set[str] = set()
     by_kind: dict[str, list[str]] = {}
     for n in names:
-        by_kind.setdefault(module_kind(n), []).append(n)
+        if numels is None or numels[n] <= SAMPLE_MAX_NUMEL:
+            by_kind.setdefault(module_kind(n), []).append(n)
     for group in by_kind.values():
         group = sorted(group, key=lambda n: (layer_index(n) is None, layer_index(n) or 0, n))
         chosen.update({group[0], group[len(group) // 2], group[-1]})
@@ -58,7 +64,8 @@ def analyze_update(base: CheckpointLike, tuned: CheckpointLike, *, dtype: torch.
         dtype: storage dtype to form Delta in (both sides cast to it first); None: the checkpoints' own
             (they must then agree per tensor).
         config: metric options (`AnalysisConfig`); its `dtype` is overridden by `dtype` when given.
-        null_models: "sample" (per module kind: first, middle, last layer), "all", or "none".
+        null_models: "sample" (per module kind: first, middle, last layer; tensors above 2^26 elements such as
+            embeddings only with "all"), "all", or "none".
         allow_partial: analyse the common tensors when names or shapes differ, instead of raising.
         include, exclude: regular expressions on tensor names (search semantics).
         mask_out: write the update mask (fastopd.masks.v1 safetensors, bool per parameter) there.
@@ -116,7 +123,7 @@ def analyze_update(base: CheckpointLike, tuned: CheckpointLike, *, dtype: torch.
         names.append(n)
     if not names:
         raise ValueError(f"no floating-point tensors left to analyse (skipped: {len(skipped)})")
-    with_null = select_null_tensors(names, null_models)
+    with_null = select_null_tensors(names, null_models, {n: math.prod(bc.infos[n].shape) for n in names})
 
     writer = None
     if mask_out is not None:

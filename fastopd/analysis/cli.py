@@ -26,8 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tau", type=float, nargs="+", default=list(d.taus),
                         help="relative tolerances: fraction with |Delta| < tau * RMS(base) (default: %(default)s)")
     parser.add_argument("--null-models", choices=NULL_MODES, default="sample",
-                        help="null models on a sample of tensors (first/middle/last layer per module kind), all, "
-                        "or none (default: %(default)s)")
+                        help="null models on a sample of tensors (first/middle/last layer per module kind, tensors "
+                        "up to 2^26 elements), all, or none (default: %(default)s)")
     parser.add_argument("--mask-out", metavar="MASKS.safetensors",
                         help="write the changed-coordinate mask (fastopd.masks.v1) for fastopd.optim.masks")
     parser.add_argument("--mask-atol", type=float, default=None,

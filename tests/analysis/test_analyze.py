@@ -106,6 +106,8 @@ def test_select_null_tensors_samples_first_middle_last_per_kind():
     assert chosen == {"model.layers.0.mlp.up_proj.weight", "model.layers.3.mlp.up_proj.weight",
                       "model.layers.6.mlp.up_proj.weight", "model.embed_tokens.weight"}
     assert select_null_tensors(names, "none") == set() and select_null_tensors(names, "all") == set(names)
+    numels = {n: 1000 for n in names} | {"model.embed_tokens.weight": 2**26 + 1}
+    assert "model.embed_tokens.weight" not in select_null_tensors(names, "sample", numels)
 
 
 # ------------------------------------------------------------------------------------------ formats and errors
