@@ -90,27 +90,37 @@ def _hf_generate(model, ids, new_tokens, cache, sync=lambda: None):
     return run
 
 
-def _interleaved(benchmark, providers: dict, rounds: int) -> dict[str, list[float]]:
+def _interleaved(benchmark, providers: dict, rounds: int, cpu_times: dict | None = None) -> dict[str, list[float]]:
+    """Wall-clock seconds per provider over interleaved rounds; with ``cpu_times``, also this process's CPU
+    seconds (on a shared machine the CPU time is what load from other processes disturbs least)."""
     times: dict[str, list[float]] = {name: [] for name in providers}
 
     def one_round():
         for name, fn in providers.items():
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
+            if cpu_times is not None:
+                cpu_times.setdefault(name, []).append(time.process_time() - c0)
 
     benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=0, iterations=1)
     return times
 
 
-def _throughput_section(times, tokens_per_call, hf_names, info) -> dict:
+def _throughput_section(times, tokens_per_call, hf_names, info, cpu_times=None) -> dict:
     section = {"providers": {}, **info}
     for name, ts in times.items():
         st = _stats(ts)
         section["providers"][name] = dict(st, tokens_per_s=tokens_per_call / st["median_s"])
+        if cpu_times:
+            section["providers"][name]["cpu_median_s"] = statistics.median(cpu_times[name])
     best_hf = max(section["providers"][n]["tokens_per_s"] for n in hf_names)
     for p in section["providers"].values():
         p["x_best_hf"] = p["tokens_per_s"] / best_hf
+    if cpu_times:
+        best_hf_cpu = min(section["providers"][n]["cpu_median_s"] for n in hf_names)
+        for p in section["providers"].values():
+            p["x_best_hf_cpu_time"] = best_hf_cpu / p["cpu_median_s"]
     return section
 
 
@@ -130,10 +140,11 @@ def test_cpu_rollout_vs_hf_generate(benchmark, cpu_model):
         out = providers[name]()
         if name.startswith("hf"):
             assert torch.equal(out[:, prompt:], ours.completion_ids), f"{name} tokens differ from fastopd's"
-    times = _interleaved(benchmark, providers, ROUNDS)
+    cpu_times: dict[str, list[float]] = {}
+    times = _interleaved(benchmark, providers, ROUNDS, cpu_times)
     section = _throughput_section(times, batch * new, ("hf-dynamic", "hf-static"), dict(
         model="LlamaForCausalLM random weights: 4 layers, hidden 256, intermediate 688, 4 heads, vocab 8192, fp32",
-        batch=batch, prompt=prompt, new_tokens=new, kv_cache_bytes=greedy.kv_cache_bytes))
+        batch=batch, prompt=prompt, new_tokens=new, kv_cache_bytes=greedy.kv_cache_bytes), cpu_times)
     RESULTS.setdefault("cpu", {})["throughput"] = section
     benchmark.extra_info.update({k: v["tokens_per_s"] for k, v in section["providers"].items()})
 
@@ -244,10 +255,12 @@ def _markdown(device: str, data: dict, machine: dict) -> str:
     if tp:
         lines += [f"## Throughput: {tp['model']}; batch {tp['batch']}, prompt {tp['prompt']}, {tp['new_tokens']} new "
                   f"tokens, providers interleaved over {machine['rounds']} rounds", "",
-                  "| provider | tokens/s | median s | p20-p80 s | x best HF |", "|---|---|---|---|---|"]
+                  "| provider | tokens/s | median s | p20-p80 s | x best HF | CPU s (median) | x best HF, CPU time |",
+                  "|---|---|---|---|---|---|---|"]
         for name, p in tp["providers"].items():
+            cpu = (f"{p['cpu_median_s']:.3f} | {p['x_best_hf_cpu_time']:.2f}x" if "cpu_median_s" in p else "- | -")
             lines.append(f"| {name} | {p['tokens_per_s']:.0f} | {p['median_s']:.3f} | {p['p20_s']:.3f}-"
-                         f"{p['p80_s']:.3f} | {p['x_best_hf']:.2f}x |")
+                         f"{p['p80_s']:.3f} | {p['x_best_hf']:.2f}x | {cpu} |")
         lines.append("")
     sweep = data.get("horizon_sweep")
     if sweep:
