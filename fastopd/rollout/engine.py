@@ -325,7 +325,7 @@ class RolloutEngine:
         positions = lengths.repeat_interleave(n, 0)[:, None].clone()
         tokens = torch.full((b, h), self.pad_token_id, dtype=torch.long, device=device)
         logprobs = torch.zeros(b, h, dtype=torch.float32, device=device)
-        completion_mask = torch.zeros(b, h, dtype=torch.bool, device=device)
+        completion_mask = torch.full((b, h), not self.eos_ids, dtype=torch.bool, device=device)
         finished = torch.zeros(b, dtype=torch.bool, device=device)
         eos = torch.tensor(self.eos_ids, dtype=torch.long, device=device) if self.eos_ids else None
         pad = torch.tensor(self.pad_token_id, dtype=torch.long, device=device)
@@ -339,13 +339,16 @@ class RolloutEngine:
         for t in range(h):
             tok, lp = sample_tokens(logits, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                                     generator=self.generator)
-            alive = ~finished
-            tok = torch.where(alive, tok, pad)
-            tokens[:, t] = tok
-            logprobs[:, t] = lp.masked_fill(finished, 0.0)
-            completion_mask[:, t] = alive
             steps = t + 1
-            if eos is not None:
+            if eos is None:  # nothing stops: every row is alive at every step
+                tokens[:, t] = tok
+                logprobs[:, t] = lp
+            else:
+                alive = ~finished
+                tok = torch.where(alive, tok, pad)
+                tokens[:, t] = tok
+                logprobs[:, t] = lp.masked_fill(finished, 0.0)
+                completion_mask[:, t] = alive
                 finished |= torch.isin(tok, eos) if eos.numel() > 1 else tok == eos
             if t == h - 1 or (eos is not None and (t + 1) % check_every == 0 and bool(finished.all())):
                 break
