@@ -37,7 +37,7 @@ struct RowOptions {
   bool compute_grad;
 };
 
-// Inlined into each ISA clone of divergence_row_any below, so every clone gets its own vector code.
+// Inlined into each ISA variant below, so every clone gets its own vector code.
 template <int64_t DIV, bool SOFTCAP>
 __attribute__((always_inline)) inline void divergence_row(float* __restrict xs, float* __restrict xt,
                                                           float* __restrict es, float* __restrict et, int64_t V,
@@ -172,25 +172,44 @@ __attribute__((always_inline)) inline void divergence_row(float* __restrict xs, 
   stats[4] = static_cast<float>(-ent);
 }
 
-// One clone per ISA level, picked once at load time (ifunc): AVX-512, AVX2+FMA, baseline x86-64.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define FASTOPD_ISA_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
-#else
-#define FASTOPD_ISA_CLONES
-#endif
-
-FASTOPD_ISA_CLONES
-void divergence_row_any(int64_t div, bool softcap, float* xs, float* xt, float* es, float* et, int64_t V, int64_t y,
-                        const RowOptions& o, float* loss_out, float* stats) {
-  if (softcap) {
-    if (div == kFKL) return divergence_row<kFKL, true>(xs, xt, es, et, V, y, o, loss_out, stats);
-    if (div == kRKL) return divergence_row<kRKL, true>(xs, xt, es, et, V, y, o, loss_out, stats);
-    return divergence_row<kJSD, true>(xs, xt, es, et, V, y, o, loss_out, stats);
+// The row kernels compiled three times, for AVX-512, AVX2+FMA and baseline x86-64; the divergence_row
+// template is always_inline, so each variant gets its own vector code. The variant is picked at run time
+// by CPU feature (not CPU model), so a wheel built anywhere runs everywhere at the best width available.
+#define FASTOPD_ROW_VARIANT(NAME)                                                                             \
+  void NAME(int64_t div, bool softcap, float* xs, float* xt, float* es, float* et, int64_t V, int64_t y,      \
+            const RowOptions& o, float* loss_out, float* stats) {                                            \
+    if (softcap) {                                                                                            \
+      if (div == kFKL) return divergence_row<kFKL, true>(xs, xt, es, et, V, y, o, loss_out, stats);          \
+      if (div == kRKL) return divergence_row<kRKL, true>(xs, xt, es, et, V, y, o, loss_out, stats);          \
+      return divergence_row<kJSD, true>(xs, xt, es, et, V, y, o, loss_out, stats);                           \
+    }                                                                                                         \
+    if (div == kFKL) return divergence_row<kFKL, false>(xs, xt, es, et, V, y, o, loss_out, stats);           \
+    if (div == kRKL) return divergence_row<kRKL, false>(xs, xt, es, et, V, y, o, loss_out, stats);           \
+    return divergence_row<kJSD, false>(xs, xt, es, et, V, y, o, loss_out, stats);                            \
   }
-  if (div == kFKL) return divergence_row<kFKL, false>(xs, xt, es, et, V, y, o, loss_out, stats);
-  if (div == kRKL) return divergence_row<kRKL, false>(xs, xt, es, et, V, y, o, loss_out, stats);
-  return divergence_row<kJSD, false>(xs, xt, es, et, V, y, o, loss_out, stats);
+
+using RowFn = void (*)(int64_t, bool, float*, float*, float*, float*, int64_t, int64_t, const RowOptions&, float*,
+                       float*);
+
+FASTOPD_ROW_VARIANT(divergence_row_baseline)
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c,bmi2")))
+FASTOPD_ROW_VARIANT(divergence_row_avx512)
+__attribute__((target("avx2,fma,f16c,bmi2")))
+FASTOPD_ROW_VARIANT(divergence_row_avx2)
+
+RowFn pick_row_variant() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
+    return &divergence_row_avx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &divergence_row_avx2;
+  return &divergence_row_baseline;
 }
+#else
+RowFn pick_row_variant() { return &divergence_row_baseline; }
+#endif
 
 void divergence_chunk_cpu(at::Tensor& xs, at::Tensor& xt, const std::optional<at::Tensor>& labels, at::Tensor& loss,
                           at::Tensor& stats, int64_t divergence, double beta, double temperature, double softcap,
@@ -217,6 +236,7 @@ void divergence_chunk_cpu(at::Tensor& xs, at::Tensor& xt, const std::optional<at
                static_cast<float>(softcap),     static_cast<float>(soft_weight), static_cast<float>(hard_weight),
                compute_grad};
   const bool use_cap = softcap > 0.0;
+  static const RowFn row_fn = pick_row_variant();
 
   float* ps = xs.data_ptr<float>();
   float* pt = xt.data_ptr<float>();
@@ -236,7 +256,7 @@ void divergence_chunk_cpu(at::Tensor& xs, at::Tensor& xt, const std::optional<at
         }
         TORCH_CHECK(y >= 0 && y < V, "divergence_chunk_: label ", y, " out of range for vocabulary of ", V);
       }
-      divergence_row_any(divergence, use_cap, ps + r * V, pt + r * V, scratch.data(), scratch.data() + V, V, y, o,
+      row_fn(divergence, use_cap, ps + r * V, pt + r * V, scratch.data(), scratch.data() + V, V, y, o,
                          pl + r, pst + r * 5);
     }
   });

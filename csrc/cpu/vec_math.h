@@ -11,20 +11,20 @@
 namespace fastopd {
 namespace vmath {
 
-static inline float bits_to_float(int32_t i) {
+__attribute__((always_inline)) static inline float bits_to_float(int32_t i) {
   float f;
   std::memcpy(&f, &i, sizeof(f));
   return f;
 }
 
-static inline int32_t float_to_bits(float f) {
+__attribute__((always_inline)) static inline int32_t float_to_bits(float f) {
   int32_t i;
   std::memcpy(&i, &f, sizeof(i));
   return i;
 }
 
 // exp(x). Results below FLT_MIN flush to 0 (inputs under -87.33), large inputs saturate at exp(88).
-static inline float exp(float x) {
+__attribute__((always_inline)) static inline float exp(float x) {
   const float lo = -87.3365478515625f;
   float xc = x < lo ? lo : x;
   xc = xc > 88.0f ? 88.0f : xc;
@@ -43,7 +43,7 @@ static inline float exp(float x) {
 }
 
 // log(x) for x >= 0: log(0) = -inf, denormals handled by prescaling.
-static inline float log(float x) {
+__attribute__((always_inline)) static inline float log(float x) {
   const bool denorm = x < 1.17549435e-38f;
   float xs = denorm ? x * 8388608.0f : x;  // 2^23
   const int32_t bits = float_to_bits(xs);
@@ -72,7 +72,7 @@ static inline float log(float x) {
 }
 
 // tanh(x) through exp(-2|x|), odd-symmetric; exact 0 at 0 and +-1 in the tails.
-static inline float tanh(float x) {
+__attribute__((always_inline)) static inline float tanh(float x) {
   const float ax = x < 0.0f ? -x : x;
   const float t = exp(-2.0f * ax);
   const float r = (1.0f - t) / (1.0f + t);
