@@ -101,6 +101,10 @@ class RolloutEngine:
         """Bytes held by the engine's KV caches (student and teacher)."""
         return sum(c.nbytes for c in self._caches.values())
 
+    def release_caches(self) -> None:
+        """Free the KV caches (e.g. to give their memory to the training step); the next call reallocates."""
+        self._caches.clear()
+
     def horizon_at(self, step: int) -> int:
         """The horizon the schedule sets at ``step`` (before capping to the model's context)."""
         return resolve_horizon(self.horizon, step)

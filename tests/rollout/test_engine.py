@@ -249,6 +249,10 @@ def test_kv_cache_sized_to_horizon_reused_and_grown():
     assert engine.kv_cache_bytes == per_column * 11 == engine.last_stats["kv_cache_bytes"]
     engine.generate([[1]], step=0)
     assert engine._caches["student"].capacity == (2, 11)  # smaller request fits: no reallocation
+    engine.release_caches()
+    assert engine.kv_cache_bytes == 0
+    engine.generate(prompts, step=0)
+    assert engine._caches["student"].capacity == (2, 7)
 
 
 def test_horizon_capped_by_context_and_recorded():
