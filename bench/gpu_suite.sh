@@ -101,7 +101,7 @@ cat "$OUT_DIR/doctor.txt" >> "$LOG"
 
 # --- 3. GPU tests ---------------------------------------------------------------------------------------------
 if [ "$TESTS" = 1 ]; then
-  step "GPU tests (tests/kernels, tests/losses, tests/optim)" "$PY" -m pytest tests/kernels tests/losses tests/optim -q -rs \
+  step "GPU tests (tests/kernels, tests/losses, tests/optim, tests/rollout)" "$PY" -m pytest tests/kernels tests/losses tests/optim tests/rollout -q -rs \
     --junitxml="$OUT_DIR/pytest_gpu.xml" -p no:cacheprovider
 fi
 
@@ -116,7 +116,8 @@ if [ "$BENCH" = 1 ]; then
     step "GPU benchmark, chunked at 256 rows" "$PY" bench/gpu_bench.py --out "$OUT_DIR" --tag chunk256 \
       --chunk-size 256 --providers chunked-triton chunked-cuda gemm_floor
     step "sparse AdamW benchmark (CUDA)" "$PY" -m pytest bench/test_optim_bench.py -q -p no:cacheprovider
-    cp "$ROOT"/bench/results/optim_cuda.* "$OUT_DIR"/ 2>/dev/null || true
+    step "rollout benchmark (CUDA, bf16, CUDA graphs)" "$PY" -m pytest bench/test_rollout_bench.py -q -p no:cacheprovider
+    cp "$ROOT"/bench/results/optim_cuda.* "$ROOT"/bench/results/rollout_cuda.* "$OUT_DIR"/ 2>/dev/null || true
   fi
   for md in "$OUT_DIR"/gpu_bench*.md; do [ -f "$md" ] && tee -a "$LOG" < "$md"; done
 fi
