@@ -28,15 +28,16 @@ from fastopd.train.config import ConfigError, OPDConfig, check_keys, load_toml
 ASSETS = Path(__file__).parent / "assets" / "addition3"
 
 # The job's own defaults for OPDConfig fields (the task fixes max_new_tokens / eos / pad itself).
-OPD_DEFAULTS: dict[str, Any] = dict(objective="rkl", lr=1e-3, num_samples=4, temperature=1.0, log_every=5,
-                                    eval_every=25, max_grad_norm=1.0, weight_decay=0.0, seed=0)
+OPD_DEFAULTS: dict[str, Any] = dict(objective="fkl", lr=1e-3, warmup_steps=20, lr_schedule="cosine", num_samples=4,
+                                    temperature=1.0, log_every=5, eval_every=50, max_grad_norm=1.0, weight_decay=0.0,
+                                    seed=0)
 
 
 @dataclass
 class DistillJob:
     """Options of the `fastopd distill` job that are not `OPDConfig` fields."""
 
-    steps: int = 150
+    steps: int = 300
     batch_size: int = 16
     eval_size: int = 256
     out: str | None = None
@@ -44,12 +45,13 @@ class DistillJob:
     student: str | None = None
     device: str = "cpu"
     mask_density: float | None = None
+    threads: int = 1
 
     def __post_init__(self) -> None:
         from fastopd.train.config import _check_types
 
         _check_types(self)
-        for name in ("steps", "batch_size", "eval_size"):
+        for name in ("steps", "batch_size", "eval_size", "threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.mask_density is not None and not 0.0 <= self.mask_density <= 1.0:
@@ -66,12 +68,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="TOML file with any OPDConfig or job field (flat keys)")
     p.add_argument("--objective", choices=("fkl", "rkl", "jsd", "pg"),
                    help="fkl/rkl/jsd: full-vocabulary divergence on the student's samples; pg: sampled-token "
-                        "reverse KL as a per-token reward, importance-sampled policy gradient (default rkl)")
+                        "reverse KL as a per-token reward, importance-sampled policy gradient (default fkl)")
     p.add_argument("--beta", type=float, help="JSD mixture weight (0 = fkl, 1 = rkl)")
     p.add_argument("--temperature", type=float, help="sampling and loss temperature (default 1)")
     p.add_argument("--horizon", metavar="SPEC",
                    help="'full', 'full:H', 'truncated:RATIO' or 'progressive:START,STEP,EVERY' (default full)")
-    p.add_argument("--steps", type=int, help="optimizer steps (default 150)")
+    p.add_argument("--steps", type=int, help="optimizer steps (default 300)")
     p.add_argument("--batch-size", type=int, dest="batch_size", help="prompts per step (default 16)")
     p.add_argument("--num-samples", type=int, dest="num_samples", help="completions per prompt (default 4)")
     p.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
@@ -81,7 +83,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     masks.add_argument("--mask-density", type=float, dest="mask_density",
                        help="train a random fraction of every weight tensor with SparseMaskedAdamW")
     p.add_argument("--seed", type=int, help="seed of every RNG (default 0)")
-    p.add_argument("--eval-every", type=int, dest="eval_every", help="evaluate every N steps (default 25)")
+    p.add_argument("--eval-every", type=int, dest="eval_every", help="evaluate every N steps (default 50)")
     p.add_argument("--eval-size", type=int, dest="eval_size", help="evaluation problems (default 256)")
     p.add_argument("--checkpoint-every", type=int, dest="checkpoint_every",
                    help="checkpoint every N steps (default: only at the end)")
@@ -92,6 +94,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                     "default: the built-in addition teacher")
     p.add_argument("--student", metavar="DIR", help="student start folder; default: the built-in student")
     p.add_argument("--device", help="cpu or cuda (default cpu)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default 1: the built-in models are tiny, and "
+                                               "more threads only add synchronization, badly so on a busy machine)")
 
 
 def resolve(args: argparse.Namespace) -> tuple[DistillJob, dict[str, Any]]:
@@ -196,6 +200,8 @@ def distill(job: DistillJob, opd: dict[str, Any], *, progress: bool = True, out=
         config = OPDConfig(**{**opd, "max_new_tokens": task.max_new_tokens, "eos_token_id": EOS, "pad_token_id": PAD,
                               "checkpoint_dir": str(run_dir / "checkpoints")})
         device = torch.device(job.device)
+        if device.type == "cpu":
+            torch.set_num_threads(job.threads)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device: 'cuda' requested but no CUDA device is visible")
         teacher_dir = Path(job.teacher) if job.teacher else ASSETS / "teacher"

@@ -100,9 +100,10 @@ class OPDConfig:
         num_samples: completions per prompt.
         eos_token_id, pad_token_id: as for `fastopd.rollout.RolloutEngine` (eos None: no early stop).
     Optimizer (AdamW, or SparseMaskedAdamW when `masks` is given):
-        lr, betas, eps, weight_decay; warmup_steps (linear warm-up from lr/warmup_steps to lr, then constant; a
-        function of the step alone, so nothing to checkpoint); max_grad_norm (None: no clipping); grad_accum
-        (micro-batches per step).
+        lr, betas, eps, weight_decay; warmup_steps (linear warm-up from lr/warmup_steps to lr); lr_schedule
+        "constant" or "cosine" (decay to 0 at `schedule_steps`, default: the `steps` given to `train`); the rate is
+        a function of the step alone, so there is no scheduler state to checkpoint; max_grad_norm (None: no
+        clipping); grad_accum (micro-batches per step).
         masks: None (dense), a dict param name -> bool tensor, or a path to a masks file (fastopd.optim.masks).
     Run:
         seed: seeds torch's, Python's and numpy's RNGs at construction. log_every: progress-bar/log cadence.
@@ -125,6 +126,8 @@ class OPDConfig:
     pad_token_id: int = 0
     lr: float = 1e-4
     warmup_steps: int = 0
+    lr_schedule: str = "constant"
+    schedule_steps: int | None = None
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.0
@@ -150,6 +153,10 @@ class OPDConfig:
         _in_range("beta", self.beta, 0.0, 1.0)
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ConfigError(f"temperature: must be a positive finite number, got {self.temperature}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ConfigError(f"lr_schedule: must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if self.schedule_steps is not None and self.schedule_steps < 1:
+            raise ConfigError(f"schedule_steps: must be >= 1 or None, got {self.schedule_steps}")
         if self.top_k < 0:
             raise ConfigError(f"top_k: must be >= 0 (0 = off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:

@@ -23,6 +23,7 @@ models' log-probs of y_t as statistics, so one fused call serves the loss and th
 
 from __future__ import annotations
 
+import math
 import random
 import sys
 import time
@@ -146,6 +147,7 @@ class OPDTrainer:
         self._reference: list[torch.Tensor] | None = None
         self.resumed_from: Path | None = None
         self._saved_step: int | None = None
+        self._train_steps: int | None = None
         if cfg.resume:
             found = ckpt.latest_checkpoint(cfg.checkpoint_dir)
             if found is not None:
@@ -218,9 +220,16 @@ class OPDTrainer:
         return loss, r.sum()
 
     def lr_at(self, step: int) -> float:
-        """Learning rate of step `step` (0-based): linear warm-up over `warmup_steps`, then `lr`."""
+        """Learning rate of step `step` (0-based): linear warm-up over `warmup_steps`, then constant or a cosine
+        decay reaching 0 at `schedule_steps` (default: the `steps` of the running `train` call)."""
         cfg = self.config
-        return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+        total = cfg.schedule_steps or self._train_steps
+        if cfg.lr_schedule == "cosine" and total:
+            w = cfg.warmup_steps
+            frac = min(1.0, max(0, step - w) / max(1, total - w))
+            lr *= 0.5 * (1.0 + math.cos(math.pi * frac))
+        return lr
 
     def step(self, prompts: Prompts) -> dict[str, float]:
         """One OPD step on `prompts` (a list of token-id lists): rollouts, teacher scoring, loss, optimizer step.
@@ -321,6 +330,7 @@ class OPDTrainer:
         if steps < self.global_step:
             raise ValueError(f"steps={steps} is below the step already reached ({self.global_step})")
         get = prompt_source if callable(prompt_source) else _IterSource(prompt_source, self.global_step)
+        self._train_steps = steps
         if self.evaluator is not None and not self.eval_history:
             self.evaluate()
         bar = None
