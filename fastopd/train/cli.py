@@ -186,8 +186,19 @@ def run(args: argparse.Namespace) -> int:
     return distill(job, opd)
 
 
-def distill(job: DistillJob, opd: dict[str, Any], *, progress: bool = True, out=sys.stdout) -> int:
-    """Run the job; returns a process exit code (2 on a configuration error)."""
+def distill(job: DistillJob, opd: dict[str, Any], *, progress: bool = True, out=None) -> int:
+    """Run the job; returns a process exit code (2 on a configuration error). Prints to `out` (default stdout);
+    torch's CPU thread count is set to `job.threads` for the run and restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return _distill(job, opd, progress, out if out is not None else sys.stdout)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _distill(job: DistillJob, opd: dict[str, Any], progress: bool, out) -> int:
     import torch
 
     from fastopd.models import Transformer
