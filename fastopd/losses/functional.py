@@ -14,10 +14,10 @@ from fastopd.losses.function import DivergenceConfig, DivergenceFunction, FusedL
 DIVERGENCES = {"fkl": 0, "rkl": 1, "jsd": 2}
 REDUCTIONS = ("mean", "sum", "none")
 MODES = ("auto", "chunked", "tiled")
-# Byte budget of both models' fp32 logit buffers together. On the CPU 128 MiB keeps the working set small
+# Byte budget of both models' fp32 logit buffers together. On the CPU 256 MiB keeps the working set small
 # at no cost in GEMM efficiency; on a GPU a chunk must be deep enough (~1k rows at V=128k) to fill the SMs
 # and to amortize each chunk's read-modify-write of the [V, D] weight gradient.
-DEFAULT_CHUNK_BYTES = {"cpu": 128 * 2**20, "cuda": 1024 * 2**20}
+DEFAULT_CHUNK_BYTES = {"cpu": 256 * 2**20, "cuda": 1024 * 2**20}
 
 
 class DivergenceStats(NamedTuple):
@@ -39,7 +39,7 @@ def _shape(t: torch.Tensor | None) -> str:
 
 def chunk_rows_for(vocab: int, chunk_size: int | None, device_type: str = "cpu") -> int:
     """Rows per chunk: `chunk_size` if given, else from the byte budget FASTOPD_CHUNK_BYTES
-    (default 128 MiB on the CPU, 1 GiB on CUDA)."""
+    (default 256 MiB on the CPU, 1 GiB on CUDA)."""
     if chunk_size is not None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -162,7 +162,7 @@ def fused_linear_divergence(
         return_stats: also return a DivergenceStats of per-token tensors.
         impl: "auto" | "torch" | "cpu" | "triton" | "cuda" (FASTOPD_IMPL overrides "auto").
         chunk_size: token rows per chunk (default: from a byte budget for both models' fp32 logit buffers,
-            128 MiB on the CPU and 1 GiB on CUDA; FASTOPD_CHUNK_BYTES overrides it).
+            256 MiB on the CPU and 1 GiB on CUDA; FASTOPD_CHUNK_BYTES overrides it).
         mode: "auto" | "chunked" | "tiled". "chunked" materializes one chunk of fp32 logits per model;
             "tiled" (Triton, CUDA or the interpreter) keeps logit tiles on chip. "auto" is "chunked".
 
