@@ -65,6 +65,17 @@ def _divisor(cfg: DivergenceConfig, labels: torch.Tensor | None, n: int, num_ite
     return (labels != cfg.ignore_index).sum().clamp_min(1).to(torch.float32)
 
 
+def reduce_rows(loss_rows: torch.Tensor, cfg: DivergenceConfig, labels: torch.Tensor | None,
+                num_items: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reduced loss from per-row losses [N] (0 at ignored rows), and the "mean" divisor tensor."""
+    divisor = _divisor(cfg, labels, loss_rows.shape[0], num_items, loss_rows.device)
+    if cfg.reduction == "sum":
+        return loss_rows.sum(), divisor
+    if cfg.reduction == "mean":
+        return loss_rows.sum() / divisor, divisor
+    return loss_rows, divisor
+
+
 def _chunks(n: int, rows: int):
     for start in range(0, n, rows):
         yield start, min(n, start + rows)
@@ -103,13 +114,7 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
             if form_now:
                 _accumulate_grads(xs, h_s[start:end], w_s, grad_h, grad_w, grad_b, start, end)
 
-        divisor = _divisor(cfg, labels, n, num_items, device)
-        if cfg.reduction == "sum":
-            loss = loss_rows.sum()
-        elif cfg.reduction == "mean":
-            loss = loss_rows.sum() / divisor
-        else:
-            loss = loss_rows
+        loss, divisor = reduce_rows(loss_rows, cfg, labels, num_items)
 
         ctx.mark_non_differentiable(stats)
         ctx.cfg, ctx.kernel, ctx.form_now = cfg, kernel, form_now
@@ -209,13 +214,7 @@ class DivergenceFunction(torch.autograd.Function):
             kernel(xs, xt, lab, loss_rows[start:end], stats[start:end], *cfg.kernel_args(), form_now)
             if form_now:
                 grad[start:end] = xs
-        divisor = _divisor(cfg, labels, n, num_items, device)
-        if cfg.reduction == "sum":
-            loss = loss_rows.sum()
-        elif cfg.reduction == "mean":
-            loss = loss_rows.sum() / divisor
-        else:
-            loss = loss_rows
+        loss, divisor = reduce_rows(loss_rows, cfg, labels, num_items)
         ctx.mark_non_differentiable(stats)
         ctx.cfg, ctx.kernel, ctx.form_now = cfg, kernel, form_now
         if form_now:

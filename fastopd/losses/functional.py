@@ -37,6 +37,18 @@ def _shape(t: torch.Tensor | None) -> str:
     return "None" if t is None else str(tuple(t.shape))
 
 
+def _shared_vocab(v_student: int, v_teacher: int, vocab_size: int | None, what: str) -> int:
+    """The vocabulary both models share: all of it when sizes agree, else the leading `vocab_size`."""
+    if vocab_size is None:
+        if v_student != v_teacher:
+            raise ValueError(f"student and teacher vocab sizes differ ({v_student} vs {v_teacher}, {what}); "
+                             "pass vocab_size= for the shared leading part")
+        return v_student
+    if not 0 < vocab_size <= min(v_student, v_teacher):
+        raise ValueError(f"vocab_size={vocab_size} must lie in [1, {min(v_student, v_teacher)}] for {what}")
+    return int(vocab_size)
+
+
 def chunk_rows_for(vocab: int, chunk_size: int | None, device_type: str = "cpu") -> int:
     """Rows per chunk: `chunk_size` if given, else from the byte budget FASTOPD_CHUNK_BYTES
     (default 256 MiB on the CPU, 1 GiB on CUDA)."""
@@ -197,16 +209,7 @@ def fused_linear_divergence(
                     ("student_bias", student_bias), ("teacher_bias", teacher_bias)):
         if t is not None and t.device != device:
             raise ValueError(f"{name} is on {t.device} but student_hidden on {device}")
-    if vocab_size is None:
-        if ws.shape[0] != wt.shape[0]:
-            raise ValueError(f"student and teacher vocab sizes differ ({ws.shape[0]} vs {wt.shape[0]}, weights "
-                             f"{_shape(ws)} and {_shape(wt)}); pass vocab_size= for the shared leading part")
-        vocab = ws.shape[0]
-    else:
-        if not 0 < vocab_size <= min(ws.shape[0], wt.shape[0]):
-            raise ValueError(f"vocab_size={vocab_size} must lie in [1, {min(ws.shape[0], wt.shape[0])}] for weights "
-                             f"{_shape(ws)} and {_shape(wt)}")
-        vocab = int(vocab_size)
+    vocab = _shared_vocab(ws.shape[0], wt.shape[0], vocab_size, f"weights {_shape(ws)} and {_shape(wt)}")
     for name, b, w in (("student_bias", student_bias, ws), ("teacher_bias", teacher_bias, wt)):
         if b is not None and (b.dim() != 1 or b.shape[0] != w.shape[0] or b.dtype != w.dtype):
             raise ValueError(f"{name} must be [{w.shape[0]}] of dtype {w.dtype}, got {_shape(b)} {b.dtype}")
@@ -271,14 +274,7 @@ def divergence(
                          f"{_shape(sl)} and teacher {_shape(tl)}")
     if sl.device != tl.device:
         raise ValueError(f"student logits on {sl.device}, teacher logits on {tl.device}")
-    if vocab_size is None:
-        if sl.shape[-1] != tl.shape[-1]:
-            raise ValueError(f"student and teacher vocab sizes differ ({_shape(sl)} vs {_shape(tl)}); pass vocab_size=")
-        vocab = sl.shape[-1]
-    else:
-        if not 0 < vocab_size <= min(sl.shape[-1], tl.shape[-1]):
-            raise ValueError(f"vocab_size={vocab_size} out of range for logits {_shape(sl)} and {_shape(tl)}")
-        vocab = int(vocab_size)
+    vocab = _shared_vocab(sl.shape[-1], tl.shape[-1], vocab_size, f"logits {_shape(sl)} and {_shape(tl)}")
     cfg = _config(divergence, beta, temperature, softcap, hard_label_weight, soft_label_weight, ignore_index,
                   reduction, vocab, chunk_size, sl.device.type)
     lead = sl.shape[:-1]

@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from fastopd.losses.function import DivergenceConfig, _divisor
+from fastopd.losses.function import DivergenceConfig, reduce_rows
 
 FKL, RKL, JSD = 0, 1, 2
 # A tile's gradient GEMMs are skipped when every |dL/dz_s| in it (upstream gradient 1) is below this. At 2^-20
@@ -81,13 +81,7 @@ class TiledLinearDivergenceFunction(torch.autograd.Function):
         stats = torch.where(valid[:, None], torch.stack([lse_s, lse_t, lp_s_y, lp_t_y, -plogp], 1), zero)
         k_row = acc_a if cfg.divergence == RKL else acc_b  # unused for fkl
 
-        divisor = _divisor(cfg, labels, n, num_items, device)
-        if cfg.reduction == "sum":
-            loss = loss_rows.sum()
-        elif cfg.reduction == "mean":
-            loss = loss_rows.sum() / divisor
-        else:
-            loss = loss_rows
+        loss, divisor = reduce_rows(loss_rows, cfg, labels, num_items)
 
         ctx.mark_non_differentiable(stats)
         ctx.cfg, ctx.form_now, ctx.skip_threshold, ctx.tcfg = cfg, form_now, skip_threshold, tcfg
