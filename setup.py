@@ -90,5 +90,9 @@ def _extensions():
 PACKAGES = find_packages(include=["fastopd", "fastopd.*"]) + ["fastopd.kernels"]
 PACKAGE_DIR = {"fastopd": "fastopd", "fastopd.kernels": "kernels"}
 
+# The built-in distillation task ships its small teacher and student checkpoints.
+PACKAGE_DATA = {"fastopd.train": ["assets/addition3/*/*"]}
+
 ext_modules, cmdclass = _extensions()
-setup(packages=PACKAGES, package_dir=PACKAGE_DIR, ext_modules=ext_modules, cmdclass=cmdclass)
+setup(packages=PACKAGES, package_dir=PACKAGE_DIR, package_data=PACKAGE_DATA, ext_modules=ext_modules,
+      cmdclass=cmdclass)

@@ -8,11 +8,14 @@ from fastopd.losses import DivergenceStats, FusedLinearDivergenceLoss, divergenc
 
 __version__ = "0.1.0"
 
-_LAZY = {"OPDTrainer": "fastopd.train.trainer", "OPDConfig": "fastopd.train.config"}
+_LAZY = {"OPDTrainer": "fastopd.train.trainer", "OPDConfig": "fastopd.train.config",
+         "RolloutEngine": "fastopd.rollout", "Horizon": "fastopd.rollout", "RolloutBatch": "fastopd.rollout",
+         "SparseMaskedAdamW": "fastopd.optim", "analyze_update": "fastopd.analysis"}
 
 
 def __getattr__(name: str):
-    """`fastopd.OPDTrainer` / `fastopd.OPDConfig`, imported on first use (keeps `import fastopd` light)."""
+    """The trainer, rollout, optimizer and analysis entry points, imported on first use (keeps `import fastopd`
+    light)."""
     if name in _LAZY:
         import importlib
 
@@ -20,5 +23,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'fastopd' has no attribute {name!r}")
 
 
-__all__ = ["DivergenceStats", "FusedLinearDivergenceLoss", "OPDConfig", "OPDTrainer", "__version__", "divergence",
+__all__ = ["DivergenceStats", "FusedLinearDivergenceLoss", "Horizon", "OPDConfig", "OPDTrainer", "RolloutBatch",
+           "RolloutEngine", "SparseMaskedAdamW", "__version__", "analyze_update", "divergence",
            "fused_linear_divergence"]
