@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import fastopd
+from fastopd.bench import cpu_name
 from fastopd.optim import SparseMaskedAdamW, masks
 
 SHAPES = [(1024, 1024)] * 8 + [(2816, 1024)] * 4 + [(1024, 2816)] * 4
@@ -134,7 +135,7 @@ def _write(device: str, results: dict[str, dict]) -> None:
         base = r.get("baseline", "torch-foreach-bf16" if key == "torch-foreach-bf16" else "torch-foreach")
         r["time_vs_torch_foreach"] = r["median_s"] / results[base]["median_s"]
     numel = sum(a * b for a, b in SHAPES)
-    name = torch.cuda.get_device_name() if device == "cuda" else _cpu_name()
+    name = torch.cuda.get_device_name() if device == "cuda" else cpu_name()
     machine = {"platform": platform.platform(), "processor": name, "cpus": os.cpu_count(),
                "torch_threads": torch.get_num_threads(),
                "loadavg_1_5_15min_at_end": os.getloadavg()}  # the machine is shared: other jobs were running
@@ -164,14 +165,3 @@ def _write(device: str, results: dict[str, dict]) -> None:
                      f"{1e3 * r['p80_s']:.2f} | {r['time_vs_torch_foreach']:.3f}x | {r['state_bytes_per_param']:.3f} |")
     with open(os.path.join(HERE, "results", f"optim_{device}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()

@@ -34,6 +34,7 @@ import torch
 import transformers
 
 import fastopd
+from fastopd.bench import cpu_name
 from fastopd.rollout import Horizon, RolloutEngine
 
 ROUNDS = int(os.environ.get("FASTOPD_BENCH_ROUNDS", "5"))
@@ -49,17 +50,6 @@ def _stats(times: list[float]) -> dict[str, float]:
     data = sorted(times)
     pick = lambda q: data[min(len(data) - 1, int(q * len(data)))]  # noqa: E731
     return dict(median_s=statistics.median(data), p20_s=pick(0.2), p80_s=pick(0.8), rounds=len(data))
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _llama_cpu() -> transformers.LlamaForCausalLM:
@@ -238,7 +228,7 @@ def test_cuda_rollout_vs_hf_generate(benchmark):
 
 def _machine(device: str) -> dict:
     info = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                cpu=_cpu_model(), cpu_cores=os.cpu_count(), torch=torch.__version__,
+                cpu=cpu_name(), cpu_cores=os.cpu_count(), torch=torch.__version__,
                 transformers=transformers.__version__, fastopd=fastopd.__version__, python=platform.python_version(),
                 torch_threads=THREADS, load_average_at_end=os.getloadavg()[0], command=COMMAND, rounds=ROUNDS)
     if device == "cuda":

@@ -233,17 +233,20 @@ def _percentile(xs: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
-def machine_info(device: str) -> dict:
-    cpu = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    info = dict(device=device, cpu=cpu, cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: str) -> dict:
+    info = dict(device=device, cpu=cpu_name(), cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
                 torch=torch.__version__, fastopd=fastopd.__version__, python=platform.python_version())
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name(0)
