@@ -112,6 +112,15 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).norm().item() / (denom if denom > 0 else 1.0)
 
 
+def assert_matches_reference(out, ref, grads, ref_grads, tol: float = 1e-5) -> None:
+    """Loss and every gradient finite and within `tol` relative (norm-wise) of the float64 reference."""
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) <= tol
+    for got, want in zip(grads, ref_grads):
+        assert torch.isfinite(got).all()
+        assert rel_err(got, want) <= tol
+
+
 def make_inputs(n, ds, dt, vs, vt, *, lead=None, seed=0, scale=1.0, dtype=torch.float32, bias=False, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     shape = lead if lead is not None else (n,)
@@ -192,10 +201,7 @@ def test_matches_float64_reference(impl_device, shape_kw, opts):
     labels.view(-1)[::5] = -100  # every fifth position ignored
     out, ref, grads, ref_grads = run_both(inputs, labels, opts, impl_device)
     assert out.shape == ref.shape
-    assert rel_err(out, ref) <= 1e-5
-    for got, want in zip(grads, ref_grads):
-        assert torch.isfinite(got).all()
-        assert rel_err(got, want) <= 1e-5
+    assert_matches_reference(out, ref, grads, ref_grads)
 
 
 @pytest.mark.parametrize("impl_device", BACKENDS)
@@ -205,9 +211,7 @@ def test_vocab_above_65536(impl_device, divergence):
     labels = torch.tensor([0, 65600, -100, 31, 65536, 7])
     opts = dict(divergence=divergence, beta=0.4, hard_label_weight=0.2, chunk_size=4)
     out, ref, grads, ref_grads = run_both(inputs, labels, opts, impl_device)
-    assert rel_err(out, ref) <= 1e-5
-    for got, want in zip(grads, ref_grads):
-        assert rel_err(got, want) <= 1e-5
+    assert_matches_reference(out, ref, grads, ref_grads)
 
 
 @pytest.mark.parametrize("impl_device", BACKENDS)
@@ -297,7 +301,7 @@ def test_low_precision_error_budget(impl_device, dtype, divergence, beta):
 # ----------------------------------------------------------------------------------------------------------
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(n=st.integers(1, 24), ds=st.integers(1, 40), dt=st.integers(1, 40), v=st.integers(2, 400),
        scale=st.sampled_from([0.01, 1.0, 8.0, 40.0]), divergence=st.sampled_from(["fkl", "rkl", "jsd"]),
        beta=st.sampled_from([0.0, 0.2, 0.5, 1.0]), temperature=st.sampled_from([0.5, 1.0, 3.0]),
@@ -320,6 +324,27 @@ def test_hypothesis_shapes_and_scales(n, ds, dt, v, scale, divergence, beta, tem
     for got, want, nv in zip(grads, ref_grads, leaves):
         assert torch.isfinite(got).all()
         budget = max(1e-5 * max(1.0, want.norm().item()), 2 * (nv.grad.double() - want).norm().item())
+        assert (got.double() - want).norm() <= budget
+
+
+@pytest.mark.parametrize("impl_device", [
+    pytest.param(("torch", "cpu"), id="torch"),
+    pytest.param(("triton", "cpu"), id="triton", marks=BACKENDS[2].marks),
+])
+@pytest.mark.xfail(strict=True, reason="known: at logit scale ~140 the closed-form rkl gradient of the torch and "
+                   "Triton row kernels carries 2.8x the error of fp32 autograd (the C++ kernel stays within 1.05x); "
+                   "found by hypothesis, open in the issue notes")
+def test_rkl_gradient_large_scale_known_gap(impl_device):
+    inputs = make_inputs(n=1, ds=25, dt=1, vs=19, vt=19, seed=119, scale=40.0)
+    labels = torch.randint(0, 19, (1,), generator=torch.Generator().manual_seed(119))
+    opts = dict(divergence="rkl", chunk_size=1)
+    out, ref, grads, ref_grads = run_both(inputs, labels, opts, impl_device, grad_seed=119)
+    hs, ws, ht, wt, _, _ = inputs
+    leaves = [hs.clone().requires_grad_(True), ws.clone().requires_grad_(True)]
+    naive, _ = reference(leaves[0], leaves[1], ht, wt, labels, **opts)
+    naive.backward((torch.rand((), generator=torch.Generator().manual_seed(119), dtype=torch.float64) + 0.5).float())
+    for got, want, nv in zip(grads, ref_grads, leaves):
+        budget = max(1e-5 * want.norm().item(), 2 * (nv.grad.double() - want).norm().item())
         assert (got.double() - want).norm() <= budget
 
 
@@ -366,10 +391,7 @@ def test_masked_vocabulary_minus_inf(impl_device, divergence, beta):
     out, ref, grads, ref_grads = run_both((hs, ws, ht, wt, bs, bt), labels,
                                           dict(divergence=divergence, beta=beta, hard_label_weight=0.3), impl_device)
     assert torch.isfinite(out).all()
-    assert rel_err(out, ref) <= 1e-5
-    for got, want in zip(grads, ref_grads):
-        assert torch.isfinite(got).all()
-        assert rel_err(got, want) <= 1e-5
+    assert_matches_reference(out, ref, grads, ref_grads)
 
 
 @pytest.mark.parametrize("impl_device", BACKENDS)
