@@ -131,6 +131,31 @@ def _finish(loss: torch.Tensor, stats: torch.Tensor, lead: torch.Size, reduction
     return loss, DivergenceStats(*per)
 
 
+def _is_dtensor(t) -> bool:
+    if type(t) in (torch.Tensor, torch.nn.Parameter) or not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _plain_heads(ws, wt, bs, bt, group):
+    """The heads as plain tensors. A DTensor head is taken shard-locally (`to_local()`, differentiable) under
+    `vocab_parallel_group`; without one it is refused, never silently used as if its local shard were the head."""
+    out = []
+    for name, t in (("student_weight", ws), ("teacher_weight", wt), ("student_bias", bs), ("teacher_bias", bt)):
+        if t is not None and _is_dtensor(t):
+            if group is None:
+                raise ValueError(
+                    f"{name} is a DTensor (placements {tuple(t.placements)}, local shard {_shape(t.to_local())} of "
+                    f"{_shape(t)}): pass the gathered head (`.full_tensor()`, or compute the loss inside the "
+                    "FSDP module's forward, where its parameters are unsharded), or its row shards with "
+                    "vocab_parallel_group= (tensor-parallel heads, hidden states replicated over the group)")
+            t = t.to_local()
+        out.append(t)
+    return out
+
+
 def fused_linear_divergence(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -154,6 +179,7 @@ def fused_linear_divergence(
     impl: str = "auto",
     chunk_size: int | None = None,
     mode: str = "auto",
+    vocab_parallel_group=None,
 ):
     """Teacher-student divergence from hidden states and LM-head weights, without [N, V] logits.
 
@@ -177,6 +203,13 @@ def fused_linear_divergence(
             256 MiB on the CPU and 1 GiB on CUDA; FASTOPD_CHUNK_BYTES overrides it).
         mode: "auto" | "chunked" | "tiled". "chunked" materializes one chunk of fp32 logits per model;
             "tiled" (Triton, CUDA or the interpreter) keeps logit tiles on chip. "auto" is "chunked".
+        vocab_parallel_group: a torch.distributed process group over which both heads are row-sharded (as
+            tensor-parallel LM heads are): this rank holds a contiguous vocabulary shard of each head (shards in
+            rank order, sizes may differ; weights may be plain tensors or DTensors), the hidden states and labels
+            are replicated over the group. Ranks exchange only per-token statistics; the loss and stats are the
+            single-process ones on every rank, the weights get their shard's gradient and the hidden states the
+            full one. Runs the row math in torch ops ("auto"/"torch" impl, chunked mode), and every rank of the
+            group must call it with the same token rows. `vocab_size` counts the whole (global) vocabulary.
 
     Returns:
         The loss (fp32), and a DivergenceStats when `return_stats`.
@@ -185,6 +218,7 @@ def fused_linear_divergence(
         ValueError: on mismatched shapes, vocab sizes, dtypes or devices, or an option out of range.
     """
     hs, ws, ht, wt = student_hidden, student_weight, teacher_hidden, teacher_weight
+    ws, wt, student_bias, teacher_bias = _plain_heads(ws, wt, student_bias, teacher_bias, vocab_parallel_group)
     for name, t in (("student_hidden", hs), ("student_weight", ws), ("teacher_hidden", ht), ("teacher_weight", wt)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
@@ -209,7 +243,16 @@ def fused_linear_divergence(
                     ("student_bias", student_bias), ("teacher_bias", teacher_bias)):
         if t is not None and t.device != device:
             raise ValueError(f"{name} is on {t.device} but student_hidden on {device}")
-    vocab = _shared_vocab(ws.shape[0], wt.shape[0], vocab_size, f"weights {_shape(ws)} and {_shape(wt)}")
+    if vocab_parallel_group is None:
+        vocab = local_vocab = _shared_vocab(ws.shape[0], wt.shape[0], vocab_size,
+                                            f"weights {_shape(ws)} and {_shape(wt)}")
+    else:
+        from fastopd.distributed.vocab_parallel import vocab_layout
+
+        if impl not in ("auto", "torch") or mode not in ("auto", "chunked"):
+            raise ValueError(f"vocab_parallel_group runs the chunked torch row math; got impl={impl!r}, "
+                             f"mode={mode!r} (use impl='auto' or 'torch', mode='auto' or 'chunked')")
+        vocab, vocab_start, local_vocab = vocab_layout(ws.shape[0], wt.shape[0], vocab_size, vocab_parallel_group)
     for name, b, w in (("student_bias", student_bias, ws), ("teacher_bias", teacher_bias, wt)):
         if b is not None and (b.dim() != 1 or b.shape[0] != w.shape[0] or b.dtype != w.dtype):
             raise ValueError(f"{name} must be [{w.shape[0]}] of dtype {w.dtype}, got {_shape(b)} {b.dtype}")
@@ -224,15 +267,21 @@ def fused_linear_divergence(
 
     h2s = hs.reshape(-1, hs.shape[-1])
     h2t = ht.detach().reshape(-1, ht.shape[-1])
-    ws_v, wt_v = ws[:vocab], wt.detach()[:vocab]
-    bs_v = student_bias[:vocab] if student_bias is not None else None
-    bt_v = teacher_bias.detach()[:vocab] if teacher_bias is not None else None
+    ws_v, wt_v = ws[:local_vocab], wt.detach()[:local_vocab]
+    bs_v = student_bias[:local_vocab] if student_bias is not None else None
+    bt_v = teacher_bias.detach()[:local_vocab] if teacher_bias is not None else None
     if device.type == "cpu":  # CPU GEMMs run in fp32: upcast once (autograd casts the gradients back)
         h2s, ws_v, h2t, wt_v = h2s.float(), ws_v.float(), h2t.float(), wt_v.float()
         bs_v = bs_v.float() if bs_v is not None else None
         bt_v = bt_v.float() if bt_v is not None else None
     args = (h2s.contiguous(), ws_v.contiguous(), bs_v, h2t.contiguous(), wt_v.contiguous(), bt_v, lab, num_items, cfg)
-    if mode == "tiled":
+    if vocab_parallel_group is not None:
+        from fastopd.distributed.vocab_parallel import copy_to_vocab_parallel, vocab_parallel_kernel
+
+        args = (copy_to_vocab_parallel(args[0], vocab_parallel_group), *args[1:])
+        loss, stats = FusedLinearDivergenceFunction.apply(*args, vocab_parallel_kernel(vocab_parallel_group,
+                                                                                       vocab_start))
+    elif mode == "tiled":
         from fastopd.losses.tiled import tiled_linear_divergence
 
         loss, stats = tiled_linear_divergence(*args)

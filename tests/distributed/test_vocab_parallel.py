@@ -1,0 +1,158 @@
+"""Vocab-parallel loss on 2 and 4 gloo processes equals the single-process loss and gradients (fp32, 1e-5).
+
+Each rank holds a contiguous row shard of both heads (V not divisible by the world size, and a layout where one
+rank's shard is all padding), the hidden states and labels are replicated; the loss, the stats, the hidden-state
+gradient and each shard's weight and bias gradients must equal the single-process result on the same data.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from dist_harness import run_ranks
+
+import fastopd
+
+N, DS, DT, V = 13, 9, 11, 37
+
+CASES = [
+    pytest.param(dict(divergence="fkl"), id="fkl"),
+    pytest.param(dict(divergence="rkl"), id="rkl"),
+    pytest.param(dict(divergence="jsd", beta=0.3), id="jsd-b0.3"),
+    pytest.param(dict(divergence="jsd", beta=0.5, temperature=2.0, softcap=3.0), id="jsd-T2-softcap3"),
+    pytest.param(dict(divergence="fkl", hard_label_weight=0.5, return_stats=True), id="fkl-hard0.5-stats"),
+    pytest.param(dict(divergence="rkl", reduction="none", return_stats=True, chunk_size=4), id="rkl-none-chunk4"),
+    pytest.param(dict(divergence="jsd", reduction="sum", vocab_size=30, bias=True), id="jsd-sum-vocab30-bias"),
+    pytest.param(dict(divergence="rkl", vocab_size=30, hard_label_weight=0.25, return_stats=True, temperature=0.7),
+                 id="rkl-vocab30-hard-stats-T0.7"),
+    pytest.param(dict(divergence="fkl", hard_label_weight=1.0, soft_label_weight=0.0, reduction="none",
+                      return_stats=True, bias=True, chunk_size=5), id="ce-only-none-bias"),
+]
+OPTIONS = [c.values[0] for c in CASES]
+
+
+def _data(opts: dict):
+    g = torch.Generator().manual_seed(1234)
+    hs = torch.randn(N, DS, generator=g)
+    ws = torch.randn(V, DS, generator=g) * 0.7
+    ht = torch.randn(N, DT, generator=g)
+    wt = torch.randn(V, DT, generator=g) * 0.7
+    bs = torch.randn(V, generator=g) if opts.get("bias") else None
+    bt = torch.randn(V, generator=g) if opts.get("bias") else None
+    vocab = opts.get("vocab_size", V)
+    labels = torch.randint(0, vocab, (N,), generator=g)
+    labels[[2, 7]] = -100
+    upstream = torch.rand(N, generator=g) + 0.5
+    return hs, ws, ht, wt, bs, bt, labels, upstream
+
+
+def _loss_kwargs(opts: dict) -> dict:
+    return {k: v for k, v in opts.items() if k != "bias"}
+
+
+def _run(hs, ws, ht, wt, bs, bt, labels, upstream, opts, group=None):
+    """Loss, stats, grads (h, W, b) of one call; a non-unit upstream gradient for reduction="none"."""
+    hs = hs.clone().requires_grad_(True)
+    ws = ws.clone().requires_grad_(True)
+    bs = bs.clone().requires_grad_(True) if bs is not None else None
+    out = fastopd.fused_linear_divergence(hs, ws, ht, wt, labels, student_bias=bs, teacher_bias=bt,
+                                          vocab_parallel_group=group, **_loss_kwargs(opts))
+    loss, stats = out if opts.get("return_stats") else (out, None)
+    (loss * upstream).sum().backward() if loss.dim() else (3.0 * loss).backward()
+    return dict(loss=loss.detach(), stats=None if stats is None else torch.stack(list(stats)),
+                grad_h=hs.grad, grad_w=ws.grad, grad_b=None if bs is None else bs.grad)
+
+
+def shards(world: int, layout: str) -> list[tuple[int, int]]:
+    """Row ranges per rank: "even" = torch.tensor_split (V not divisible: sizes differ by one); "skewed" = the
+    last rank holds only the padding rows beyond vocab_size=30 (and so none of the shared vocabulary)."""
+    if layout == "even":
+        bounds = [len(c) for c in torch.tensor_split(torch.arange(V), world)]
+    else:
+        first = [30 // (world - 1) + (1 if r < 30 % (world - 1) else 0) for r in range(world - 1)]
+        bounds = first + [V - 30]
+    starts = [sum(bounds[:r]) for r in range(world)]
+    return [(s, s + b) for s, b in zip(starts, bounds)]
+
+
+def vocab_parallel_worker(rank: int, world: int, layout: str) -> list[dict]:
+    import torch.distributed as dist
+
+    a, b = shards(world, layout)[rank]
+    results = []
+    for opts in OPTIONS:
+        if layout == "skewed" and opts.get("vocab_size") is None:
+            continue
+        hs, ws, ht, wt, bs, bt, labels, upstream = _data(opts)
+        res = _run(hs, ws[a:b], ht, wt[a:b], bs[a:b] if bs is not None else None,
+                   bt[a:b] if bt is not None else None, labels, upstream, opts, group=dist.group.WORLD)
+        results.append(res)
+    return results
+
+
+def _close(actual, expected, what):
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("world,layout", [pytest.param(2, "even", id="world2-even"),
+                                          pytest.param(4, "even", id="world4-even"),
+                                          pytest.param(3, "skewed", id="world3-last-rank-padding")])
+def test_vocab_parallel_equals_single_process(world, layout):
+    per_rank = run_ranks(vocab_parallel_worker, world, layout)
+    ranges = shards(world, layout)
+    opts_run = [o for o in OPTIONS if layout != "skewed" or o.get("vocab_size") is not None]
+    assert len(opts_run) >= 2
+    for i, opts in enumerate(opts_run):
+        ref = _run(*_data(opts), opts)
+        case = "-".join(f"{k}={v}" for k, v in opts.items())
+        for rank, (a, b) in enumerate(ranges):
+            got = per_rank[rank][i]
+            _close(got["loss"], ref["loss"], f"{case} rank {rank} loss")
+            if ref["stats"] is not None:
+                _close(got["stats"], ref["stats"], f"{case} rank {rank} stats")
+            _close(got["grad_h"], ref["grad_h"], f"{case} rank {rank} grad_h")
+            _close(got["grad_w"], ref["grad_w"][a:b], f"{case} rank {rank} grad_w shard [{a}, {b})")
+            if ref["grad_b"] is not None:
+                _close(got["grad_b"], ref["grad_b"][a:b], f"{case} rank {rank} grad_b shard [{a}, {b})")
+
+
+def bad_layout_worker(rank: int, world: int) -> str:
+    import torch.distributed as dist
+
+    hs, ws, ht, wt, *_ = _data({})
+    rows_t = [(0, 20), (20, V)][rank]
+    rows_s = [(0, 18), (18, V)][rank]
+    try:
+        fastopd.fused_linear_divergence(hs, ws[slice(*rows_s)], ht, wt[slice(*rows_t)],
+                                        vocab_parallel_group=dist.group.WORLD)
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_vocab_parallel_mismatched_shards_raise_on_every_rank():
+    msgs = run_ranks(bad_layout_worker, 2)
+    for m in msgs:
+        assert "sharded differently" in m and "[18, 19] vs [20, 17]" in m
+
+
+def test_dtensor_head_without_group_is_refused():
+    dtensor = pytest.importorskip("torch.distributed.tensor")
+    _ = dtensor
+    msgs = run_ranks(dtensor_worker, 2)
+    for m in msgs:
+        assert "is a DTensor" in m and "vocab_parallel_group" in m
+
+
+def dtensor_worker(rank: int, world: int) -> str:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    hs, ws, ht, wt, *_ = _data({})
+    ws_d = distribute_tensor(ws, mesh, [Shard(0)])
+    try:
+        fastopd.fused_linear_divergence(hs, ws_d, ht, wt)
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
