@@ -313,6 +313,19 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
         """name -> the selected flat indices of each masked parameter (None: every coordinate)."""
         return {n: self.state[p]["indices"] for n, p in self._named_params() if self._is_masked(p)}
 
+    def masks_digest(self) -> str:
+        """A SHA-256 over every masked parameter's name, shape and selected indices: equal digests on every rank of
+        a data-parallel job mean identical masks (compare them with `torch.distributed.all_gather_object`)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for name, p in self._named_params():
+            if self._is_masked(p):
+                idx = self.state[p]["indices"]
+                h.update(f"{name}:{tuple(p.shape)}:".encode())
+                h.update(b"all" if idx is None else idx.to("cpu", torch.int64).numpy().tobytes())
+        return h.hexdigest()
+
     def rounding_report(self) -> dict[str, int]:
         """name -> number of coordinate updates (summed over steps) of each bf16/fp16 masked parameter that
         rounding to the parameter's dtype would have swallowed without master weights. Synchronizes."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 OBJECTIVES = ("fkl", "rkl", "jsd", "pg")
+PARALLEL_MODES = ("auto", "none", "ddp", "fsdp2")  # fastopd.distributed.data_parallel.MODES
 
 
 class ConfigError(ValueError):
@@ -112,6 +113,10 @@ class OPDConfig:
         the newest checkpoint in checkpoint_dir.
         track_density: report the fraction of student weights changed since the last checkpoint (keeps a copy).
         loss_impl, chunk_size: passed to `fused_linear_divergence` (impl=, chunk_size=).
+    Scale-out (see fastopd.distributed.data_parallel):
+        parallel: "auto" (DDP when launched by torchrun with more than one process, else one process), "none",
+            "ddp" or "fsdp2" (`fully_shard` over the whole student). Each rank rolls out its share of the step's
+            prompts; the loss is normalized by the step's token count over all ranks.
     """
 
     objective: str = "rkl"
@@ -145,6 +150,7 @@ class OPDConfig:
     track_density: bool = True
     loss_impl: str = "auto"
     chunk_size: int | None = None
+    parallel: str = "auto"
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -190,6 +196,8 @@ class OPDConfig:
         if self.masks is not None and not isinstance(self.masks, (dict, str, os.PathLike)):
             raise ConfigError(f"masks: must be None, a dict of bool tensors or a path, got {type(self.masks).__name__}")
         parse_horizon_spec(self.horizon, self.max_new_tokens)
+        if self.parallel not in PARALLEL_MODES:
+            raise ConfigError(f"parallel: must be one of {PARALLEL_MODES}, got {self.parallel!r}")
 
     def horizon_spec(self) -> dict[str, Any] | None:
         """The horizon as a plain dict (None when it is a callable, e.g. a `fastopd.rollout.Horizon`)."""

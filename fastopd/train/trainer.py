@@ -23,6 +23,7 @@ models' log-probs of y_t as statistics, so one fused call serves the loss and th
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import sys
@@ -34,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastopd.distributed.data_parallel import DataParallel, LossModule, is_dtensor
 from fastopd.losses import fused_linear_divergence
 from fastopd.train import checkpoint as ckpt
 from fastopd.train.config import OPDConfig, parse_horizon_spec
@@ -103,6 +105,14 @@ class OPDTrainer:
             steps and after; its results go to `eval_history`.
         run_dir: optional folder for ``metrics.jsonl`` and ``eval.jsonl``.
 
+    Under torchrun (`config.parallel`, default "auto": DDP when there is more than one process) every rank builds
+    the same trainer; `step`/`train` take the step's *global* batch of prompts and each rank rolls out its
+    contiguous share, so a step means the same on any world size. Rollout sampling is seeded with
+    `config.seed + rank`; metrics are reduced over the ranks (sums and means over all tokens, timings the slowest
+    rank's); only rank 0 writes logs, checkpoints and the progress bar; the evaluator runs on every rank.
+    Checkpoints hold full (gathered) weights and optimizer state, so a run resumes on any world size (exactly,
+    RNG included, on the same one).
+
     Attributes:
         engine: the `RolloutEngine`; optimizer: the optimizer; global_step: steps taken so far;
         history: per-step metric dicts; eval_history: evaluation dicts (with "step").
@@ -125,7 +135,8 @@ class OPDTrainer:
             raise ValueError(f"config must be an OPDConfig, got {type(cfg).__name__}")
         if teacher is None:
             raise ValueError("OPDTrainer needs a teacher (pass the student itself for self-distillation)")
-        seed_everything(cfg.seed)
+        self.parallel = DataParallel.resolve(cfg.parallel)
+        seed_everything(cfg.seed + self.parallel.rank)
         self.student = student
         self.teacher = teacher
         if teacher is not student:
@@ -137,6 +148,8 @@ class OPDTrainer:
                                     temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                                     eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
         self.device = self.engine.student.device
+        # The training forward and the loss run as one module call: what DDP and FSDP2 wrap.
+        self.module = self.parallel.wrap(LossModule(student, self._micro_loss))
         self.masks = self._load_masks(cfg.masks)
         self.optimizer = self._make_optimizer()
         self.params = [p for p in student.parameters() if p.requires_grad]
@@ -176,8 +189,14 @@ class OPDTrainer:
                                      weight_decay=cfg.weight_decay)
         from fastopd.optim import SparseMaskedAdamW
 
-        return SparseMaskedAdamW(named, masks=self.masks, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                                 weight_decay=cfg.weight_decay)
+        opt = SparseMaskedAdamW(named, masks=self.masks, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                                weight_decay=cfg.weight_decay)
+        digests = self.parallel.gather_objects(opt.masks_digest())
+        if len(set(digests)) > 1:  # every rank raises, none is left waiting in a collective
+            differ = [r for r, d in enumerate(digests) if d != digests[0]]
+            raise ValueError(f"the sparse masks differ across ranks (ranks {differ} differ from rank 0): every rank "
+                             "must load the same masks")
+        return opt
 
     # ------------------------------------------------------------------ one step
 
@@ -231,49 +250,67 @@ class OPDTrainer:
             lr *= 0.5 * (1.0 + math.cos(math.pi * frac))
         return lr
 
+    def _micro_loss(self, batch, teacher_hidden: torch.Tensor,
+                    num_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The student's training forward and the loss of one micro-batch (the body of `self.module`)."""
+        return self._loss(batch, self.engine.student_hidden(batch), teacher_hidden, num_tokens)
+
     def step(self, prompts: Prompts) -> dict[str, float]:
         """One OPD step on `prompts` (a list of token-id lists): rollouts, teacher scoring, loss, optimizer step.
 
         The prompts are split into `grad_accum` micro-batches; all are rolled out first so the loss is the mean
-        over every completion token of the step. Returns the step's metrics (also appended to `history`):
+        over every completion token of the step. Under data parallelism `prompts` is the global batch: this rank
+        takes its contiguous share (`len(prompts)` must be at least world size x grad_accum).
+        Returns the step's metrics (also appended to `history`):
         step, loss, rkl (mean per-token log p_s(y) - log p_t(y) on the sampled tokens, before the update),
         horizon, tokens (completion tokens generated), rollout_s, scoring_s, update_s, peak_mem_mb,
         grad_norm, and update_density (fraction of student weights changed since the last checkpoint, or since
         the start) when `track_density`.
         """
-        cfg = self.config
+        cfg, par = self.config, self.parallel
         prompts = [list(p) for p in prompts]
-        if len(prompts) < cfg.grad_accum:
-            raise ValueError(f"{len(prompts)} prompts cannot be split into grad_accum={cfg.grad_accum} micro-batches")
+        if len(prompts) < cfg.grad_accum * par.world_size:
+            raise ValueError(f"{len(prompts)} prompts cannot be split into grad_accum={cfg.grad_accum} micro-batches"
+                             f" on each of {par.world_size} ranks")
         k = self.global_step
-        chunks = _split(len(prompts), cfg.grad_accum)
         teacher_prompts = None
         if self.teacher_prompt_fn is not None:
             teacher_prompts = [list(p) for p in self.teacher_prompt_fn(prompts)]
             if len(teacher_prompts) != len(prompts):
                 raise ValueError(f"teacher_prompt_fn returned {len(teacher_prompts)} prompts for {len(prompts)}")
+        if par.active:
+            a, b = _split(len(prompts), par.world_size)[par.rank]
+            prompts = prompts[a:b]
+            teacher_prompts = teacher_prompts[a:b] if teacher_prompts is not None else None
+        chunks = _split(len(prompts), cfg.grad_accum)
         self.student.train()
 
         _sync(self.device)
         t0 = time.perf_counter()
-        batches = [self.engine.generate(prompts[a:b], step=k) for a, b in chunks]
+        with par.unsharded(self.module):
+            batches = [self.engine.generate(prompts[a:b], step=k) for a, b in chunks]
         _sync(self.device)
         t_rollout = time.perf_counter() - t0
-        num_tokens = sum(b.completion_mask.sum() for b in batches).to(self.device)
+        num_tokens = par.sum_(sum(b.completion_mask.sum() for b in batches).to(self.device))
+        # DDP and FSDP2 average gradients over the ranks: normalize each rank's loss by tokens / world size so
+        # that the average is the loss over every token of the step.
+        norm = num_tokens / par.world_size
+        self_scoring = self.engine.teacher is self.engine.student
 
         t_score = t_update = 0.0
         loss_sum = torch.zeros((), device=self.device)
         rkl_sum = torch.zeros((), device=self.device)
         self.optimizer.zero_grad(set_to_none=True)
-        for (a, b), batch in zip(chunks, batches):
+        for i, ((a, b), batch) in enumerate(zip(chunks, batches)):
             t0 = time.perf_counter()
             tp = teacher_prompts[a:b] if teacher_prompts is not None else None
-            teacher_hidden = self.engine.score(batch, tp).to(self.device)
+            with par.unsharded(self.module) if self_scoring else contextlib.nullcontext():
+                teacher_hidden = self.engine.score(batch, tp).to(self.device)
             _sync(self.device)
             t1 = time.perf_counter()
-            student_hidden = self.engine.student_hidden(batch)
-            loss, rkl = self._loss(batch, student_hidden, teacher_hidden, num_tokens)
-            loss.backward()
+            with par.no_sync(self.module, last=i == len(batches) - 1):
+                loss, rkl = self.module(batch, teacher_hidden, norm)
+                loss.backward()
             loss_sum += loss.detach()
             rkl_sum += rkl.detach()
             _sync(self.device)
@@ -286,24 +323,28 @@ class OPDTrainer:
         if cfg.max_grad_norm is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
         else:
-            grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in self.params
-                                                              if p.grad is not None]))
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        if is_dtensor(grad_norm):  # FSDP2: the norm over every shard
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         _sync(self.device)
         t_update += time.perf_counter() - t0
         self.global_step = k + 1
 
+        sums = par.sum_(torch.stack([loss_sum / par.world_size, rkl_sum]))
+        slowest = par.max_(torch.tensor([t_rollout, t_score, t_update, peak_memory_mb(self.device)],
+                                        dtype=torch.float64, device=self.device)).tolist()
         metrics = {
             "step": self.global_step,
-            "loss": float(loss_sum),
-            "rkl": float(rkl_sum / num_tokens),
+            "loss": float(sums[0]),
+            "rkl": float(sums[1] / num_tokens),
             "horizon": int(batches[0].horizon),
             "tokens": int(num_tokens),
-            "rollout_s": t_rollout,
-            "scoring_s": t_score,
-            "update_s": t_update,
-            "peak_mem_mb": peak_memory_mb(self.device),
+            "rollout_s": slowest[0],
+            "scoring_s": slowest[1],
+            "update_s": slowest[2],
+            "peak_mem_mb": slowest[3],
             "grad_norm": float(grad_norm),
             "lr": lr,
         }
@@ -334,7 +375,7 @@ class OPDTrainer:
         if self.evaluator is not None and not self.eval_history:
             self.evaluate()
         bar = None
-        if progress:
+        if progress and self.parallel.is_main:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=steps, initial=self.global_step, desc="distill", unit="step", dynamic_ncols=True,
@@ -377,31 +418,44 @@ class OPDTrainer:
     # ------------------------------------------------------------------ density and checkpoints
 
     def _mark_reference(self) -> None:
-        self._reference = [p.detach().clone() for p in self.params]
+        self._reference = [_local(p).detach().clone() for p in self.params]
 
     @torch.no_grad()
     def update_density(self) -> float:
         """Fraction of the student's trainable coordinates that differ (bitwise) from the last checkpoint (or the
-        start of the run). Synchronizes."""
+        start of the run), over every rank's shard. Synchronizes."""
         if self._reference is None:
             raise ValueError("update_density needs track_density=True")
-        changed = sum((p != r).sum() for p, r in zip(self.params, self._reference))
+        changed = sum((_local(p) != r).sum() for p, r in zip(self.params, self._reference))
+        if self.parallel.mode == "fsdp2":  # each rank holds a shard of every parameter
+            changed = self.parallel.sum_(torch.as_tensor(changed, device=self.device))
         total = sum(p.numel() for p in self.params)
         return float(changed) / total
 
     def state_dict(self) -> dict[str, Any]:
-        """The trainer's own state: step, config, RNG states and histories (model and optimizer excluded)."""
-        return {"step": self.global_step, "config": _plain(self.config.to_dict()), "rng": ckpt.rng_state(),
+        """The trainer's own state: step, config, RNG states (one per rank under data parallelism) and histories
+        (model and optimizer excluded). A collective under data parallelism: every rank must call it."""
+        rng = self.parallel.gather_objects(ckpt.rng_state())
+        return {"step": self.global_step, "config": _plain(self.config.to_dict()), "rng": rng[0], "rng_ranks": rng,
                 "history": self.history, "eval_history": self.eval_history}
 
     def save_checkpoint(self) -> Path:
-        """Write an atomic checkpoint of the current step to `config.checkpoint_dir`; resets the density reference."""
-        cfg = self.config
+        """Write an atomic checkpoint of the current step to `config.checkpoint_dir`; resets the density reference.
+
+        Under data parallelism every rank calls it (weights and optimizer state are gathered to full tensors) and
+        rank 0 alone writes; the others wait for the write to finish."""
+        cfg, par = self.config, self.parallel
         if cfg.checkpoint_dir is None:
             raise ValueError("save_checkpoint needs config.checkpoint_dir")
-        path = ckpt.save_checkpoint(cfg.checkpoint_dir, self.global_step, model_state=self.student.state_dict(),
-                                    optimizer_state=self.optimizer.state_dict(), trainer_state=self.state_dict(),
-                                    keep=cfg.keep_checkpoints)
+        model_state = par.full_model_state(self.student)
+        optimizer_state = par.full_optimizer_state(self.optimizer)
+        trainer_state = self.state_dict()
+        path = Path(cfg.checkpoint_dir) / ckpt.step_dir_name(self.global_step)
+        if par.is_main:
+            path = ckpt.save_checkpoint(cfg.checkpoint_dir, self.global_step, model_state=model_state,
+                                        optimizer_state=optimizer_state, trainer_state=trainer_state,
+                                        keep=cfg.keep_checkpoints)
+        par.barrier()
         self._saved_step = self.global_step
         if cfg.track_density:
             self._mark_reference()
@@ -415,14 +469,18 @@ class OPDTrainer:
         for name, t in own.items():  # tied weights are saved under every name; copy into each
             if name in state:
                 state[name] = state[name].to(dtype=t.dtype)
-        missing, unexpected = self.student.load_state_dict(state, strict=False)
+        missing, unexpected = self.parallel.load_full_model_state(self.student, state)
         if missing or unexpected:
             raise ValueError(f"checkpoint {path} does not match the student: missing {missing[:8]}, "
                              f"unexpected {unexpected[:8]}")
         if data["optimizer"] is not None:
-            self.optimizer.load_state_dict(data["optimizer"])
+            self.parallel.load_full_optimizer_state(self.optimizer, data["optimizer"])
         tr = data["trainer"]
-        ckpt.set_rng_state(tr["rng"])
+        ranks = tr.get("rng_ranks", [tr["rng"]])
+        if len(ranks) == self.parallel.world_size:
+            ckpt.set_rng_state(ranks[self.parallel.rank])
+        else:  # another world size: fresh per-rank streams, a function of the seed, rank and step only
+            seed_everything(self.config.seed + self.parallel.rank + 1_000_003 * int(tr["step"]))
         self.global_step = int(tr["step"])
         self.history = list(tr.get("history", []))
         self.eval_history = list(tr.get("eval_history", []))
@@ -433,7 +491,7 @@ class OPDTrainer:
             self._mark_reference()
 
     def _log(self, name: str, record: dict[str, Any]) -> None:
-        if self.run_dir is None:
+        if self.run_dir is None or not self.parallel.is_main:
             return
         import json
 
@@ -455,6 +513,11 @@ class _IterSource:
             return next(self._it)
         except StopIteration:
             raise ValueError(f"the prompt source ran out at step {step}") from None
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 (DTensor) parameter, or the tensor itself."""
+    return t.to_local() if is_dtensor(t) else t
 
 
 def _split(n: int, parts: int) -> list[tuple[int, int]]:

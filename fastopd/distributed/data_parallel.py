@@ -1,0 +1,215 @@
+"""Data parallelism for OPDTrainer on torch.distributed: DDP or FSDP2 (`fully_shard`), under torchrun.
+
+The trainer runs the student's training forward and the fused loss inside one module call (`LossModule`), so
+DDP's reducer and FSDP2's unshard/reshard hooks see every use of the student's weights, LM head included: under
+FSDP2 the head is gathered with the rest of the student once per micro-batch forward, and the loss never sees a
+sharded or stale weight (a DTensor head reaching `fused_linear_divergence` is refused there). Generation and
+self-distillation scoring, which read the weights outside any module call, run inside `unsharded(...)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+from torch import nn
+
+MODES = ("auto", "none", "ddp", "fsdp2")
+
+
+def init_from_env(timeout: timedelta | None = None) -> bool:
+    """Initialize the default process group from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...)
+    when WORLD_SIZE > 1 and none exists yet: NCCL when CUDA is available (the CUDA device set to LOCAL_RANK),
+    else gloo. Returns whether a process group of more than one rank is in place."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return False
+    if not dist.is_initialized():
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return False
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        kwargs = {"timeout": timeout} if timeout is not None else {}
+        dist.init_process_group(backend, **kwargs)
+    return dist.get_world_size() > 1
+
+
+def is_dtensor(t: Any) -> bool:
+    if not isinstance(t, torch.Tensor) or type(t) in (torch.Tensor, nn.Parameter):
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+class LossModule(nn.Module):
+    """`forward(*args) = fn(*args)` with `student` as a submodule: the training forward and the loss in one module
+    call, the unit DDP and FSDP2 wrap."""
+
+    def __init__(self, student: nn.Module, fn: Callable[..., Any]) -> None:
+        super().__init__()
+        self.student = student
+        self._fn = fn
+
+    def forward(self, *args: Any) -> Any:
+        return self._fn(*args)
+
+
+@dataclass
+class DataParallel:
+    """How this process takes part in data-parallel training: mode "none" (one process), "ddp" or "fsdp2"."""
+
+    mode: str
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def resolve(cls, mode: str) -> DataParallel:
+        """"auto": DDP when a process group of more than one rank exists (or torchrun's environment asks for one,
+        which is then initialized), else one process. "ddp"/"fsdp2" need such a group."""
+        if mode not in MODES:
+            raise ValueError(f"parallel: must be one of {MODES}, got {mode!r}")
+        if mode == "none":
+            return cls("none")
+        if not init_from_env():
+            if mode == "auto":
+                return cls("none")
+            raise ValueError(f"parallel={mode!r} needs torch.distributed with more than one rank: launch with "
+                             "`torchrun --nproc-per-node N ...` (or initialize a process group first)")
+        import torch.distributed as dist
+
+        return cls("ddp" if mode == "auto" else mode, dist.get_rank(), dist.get_world_size())
+
+    @property
+    def active(self) -> bool:
+        return self.mode != "none"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        """DDP(module), or `fully_shard(module)` (one FSDP group over all of it) after broadcasting rank 0's
+        parameters and buffers (DDP does the same), or the module itself."""
+        if not self.active:
+            return module
+        import torch.distributed as dist
+
+        if self.mode == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            dev = next(module.parameters()).device
+            return DistributedDataParallel(module, device_ids=[dev] if dev.type == "cuda" else None)
+        from torch.distributed.fsdp import fully_shard
+
+        with torch.no_grad():
+            for t in [*module.parameters(), *module.buffers()]:
+                dist.broadcast(t, src=0)
+        return fully_shard(module)
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        """All-reduce (sum) `t` in place over the ranks; returns it."""
+        if self.active:
+            import torch.distributed as dist
+
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def max_(self, t: torch.Tensor) -> torch.Tensor:
+        if self.active:
+            import torch.distributed as dist
+
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if not self.active:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.active:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def no_sync(self, module: nn.Module, last: bool):
+        """Skip DDP's gradient all-reduce on every micro-batch but the last (FSDP2 reduces each one)."""
+        if self.mode == "ddp" and not last:
+            return module.no_sync()
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def unsharded(self, module: nn.Module):
+        """Under FSDP2, the full parameters on every rank for the duration (generation, self-scoring); resharded
+        after. A no-op otherwise."""
+        if self.mode != "fsdp2":
+            yield
+            return
+        module.unshard()
+        try:
+            yield
+        finally:
+            module.reshard()
+
+    # ------------------------------------------------------------------ world-size-independent state
+
+    def full_model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The model's state dict with full (gathered) tensors on every rank: a checkpoint any world size loads."""
+        state = model.state_dict()
+        if self.mode != "fsdp2":
+            return state
+        return {k: (v.full_tensor() if is_dtensor(v) else v) for k, v in state.items()}
+
+    def load_full_model_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list, list]:
+        """Load full tensors; under FSDP2 each rank keeps its shard. Returns (missing, unexpected) keys."""
+        if self.mode == "fsdp2":
+            from torch.distributed.tensor import distribute_tensor
+
+            own = model.state_dict()
+            state = {k: (distribute_tensor(v.to(own[k].device, own[k].dtype), own[k].device_mesh,
+                                           own[k].placements, src_data_rank=None)
+                         if k in own and is_dtensor(own[k]) else v) for k, v in state.items()}
+        return model.load_state_dict(state, strict=False)
+
+    def full_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """`optimizer.state_dict()` with every DTensor state gathered to a full tensor (FSDP2's dense AdamW
+        moments), or with shard-local sparse state turned global (`SparseMaskedAdamW`)."""
+        if self.mode != "fsdp2":
+            return optimizer.state_dict()
+        if hasattr(optimizer, "full_state_dict"):
+            return optimizer.full_state_dict()
+        sd = optimizer.state_dict()
+        sd["state"] = {k: {n: (v.full_tensor() if is_dtensor(v) else v) for n, v in st.items()}
+                       for k, st in sd["state"].items()}
+        return sd
+
+    def load_full_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        """Load a state saved by `full_optimizer_state` (from any world size)."""
+        if self.mode != "fsdp2":
+            optimizer.load_state_dict(state)
+            return
+        if hasattr(optimizer, "load_full_state_dict"):
+            optimizer.load_full_state_dict(state)
+            return
+        from torch.distributed.tensor import distribute_tensor
+
+        optimizer.load_state_dict(state)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                st = optimizer.state.get(p, {})
+                for n, v in st.items():
+                    if is_dtensor(p) and isinstance(v, torch.Tensor) and not is_dtensor(v) and v.shape == p.shape:
+                        st[n] = distribute_tensor(v.to(p.dtype), p.device_mesh, p.placements, src_data_rank=None)

@@ -1,0 +1,153 @@
+"""OPDTrainer under data parallelism (gloo, CPU): DDP on 2 ranks takes the same steps as one process on the same
+global batch, checkpoints written once resume on another world size, sparse masks must agree across ranks, and a
+rank that raises under torchrun ends the whole job with its error."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from dist_harness import run_ranks
+
+from fastopd.models import Transformer, TransformerConfig
+from fastopd.train import OPDConfig, OPDTrainer
+from fastopd.train.task import EOS, PAD, AdditionTask
+
+TASK = AdditionTask(digits=2)
+PROMPTS = 8  # the global batch of every step
+
+
+def _models():
+    def make(seed, hidden):
+        torch.manual_seed(seed)
+        cfg = TransformerConfig(vocab_size=TASK.tokenizer.vocab_size, hidden_size=hidden,
+                                intermediate_size=2 * hidden, num_layers=1, num_heads=2, max_position_embeddings=48)
+        return Transformer(cfg)
+
+    return make(0, 32), make(1, 48)
+
+
+def _config(**kw) -> OPDConfig:
+    # top_k=1: the rollouts are the greedy ones whatever the RNG, so runs on different world sizes see the same data
+    base = dict(objective="rkl", lr=1e-3, num_samples=2, max_new_tokens=6, top_k=1, eos_token_id=EOS,
+                pad_token_id=PAD, seed=0, grad_accum=2, track_density=False)
+    return OPDConfig(**{**base, **kw})
+
+
+def _source(k: int):
+    return TASK.train_prompts(k, PROMPTS)
+
+
+def _state(trainer: OPDTrainer) -> dict:
+    return {"params": {n: p.detach().clone() for n, p in trainer.student.named_parameters()},
+            "history": [{k: m[k] for k in ("loss", "rkl", "tokens", "grad_norm")} for m in trainer.history]}
+
+
+def train_worker(rank: int, world: int, steps: int, overrides: dict) -> dict:
+    student, teacher = _models()
+    trainer = OPDTrainer(student, teacher, _config(parallel="ddp" if world > 1 else "none", **overrides))
+    trainer.train(_source, steps, progress=False)
+    out = _state(trainer)
+    out["mode"] = trainer.parallel.mode
+    return out
+
+
+def _single(steps: int, **overrides) -> dict:
+    student, teacher = _models()
+    trainer = OPDTrainer(student, teacher, _config(parallel="none", **overrides))
+    trainer.train(_source, steps, progress=False)
+    return _state(trainer)
+
+
+def _assert_same_run(got: dict, want: dict, what: str) -> None:
+    for a, b in zip(got["history"], want["history"]):
+        assert a["tokens"] == b["tokens"], what
+        for key in ("loss", "rkl", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), f"{what}: {key}"
+    for name, p in want["params"].items():
+        torch.testing.assert_close(got["params"][name], p, rtol=1e-5, atol=2e-6,
+                                   msg=lambda m, name=name: f"{what} {name}: {m}")
+
+
+def test_ddp_two_ranks_equal_one_process_on_the_global_batch():
+    ranks = run_ranks(train_worker, 2, 3, {})
+    want = _single(3)
+    assert [r["mode"] for r in ranks] == ["ddp", "ddp"]
+    for rank, got in enumerate(ranks):
+        _assert_same_run(got, want, f"rank {rank}")
+    assert want["params"]["embed_tokens.weight"].ne(_models()[0].embed_tokens.weight).any()  # it did train
+
+
+def test_checkpoint_from_two_ranks_resumes_on_one_and_on_three(tmp_path):
+    ckdir = str(tmp_path / "ck")
+    run_ranks(train_worker, 2, 2, {"checkpoint_dir": ckdir, "checkpoint_every": 2})
+    saved = sorted(os.listdir(ckdir))
+    assert saved == ["latest", "step_00000002"], saved  # written once, by rank 0
+    want = _single(4)
+    resumed = _single(4, checkpoint_dir=ckdir, resume=True)
+    _assert_same_run(resumed, want, "2 ranks -> 1 process")
+    ck3 = str(tmp_path / "ck3")
+    run_ranks(train_worker, 2, 2, {"checkpoint_dir": ck3, "checkpoint_every": 2})
+    ranks = run_ranks(train_worker, 3, 4, {"checkpoint_dir": ck3, "resume": True})
+    for rank, got in enumerate(ranks):
+        _assert_same_run(got, want, f"2 ranks -> 3 ranks, rank {rank}")
+
+
+def sparse_worker(rank: int, world: int, same: bool) -> str | dict:
+    student, teacher = _models()
+    g = torch.Generator().manual_seed(7 if same else 7 + rank)
+    masks = {n: torch.rand(p.shape, generator=g) < 0.3 for n, p in student.named_parameters() if p.dim() == 2}
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    try:
+        trainer = OPDTrainer(student, teacher, _config(parallel="ddp", masks=masks))
+    except ValueError as exc:
+        return str(exc)
+    trainer.train(_source, 2, progress=False)
+    unmasked_same = all(torch.equal(p.detach()[~masks[n]], before[n][~masks[n]])
+                        for n, p in student.named_parameters() if n in masks)
+    return {"unmasked_same": unmasked_same, "digest": trainer.optimizer.masks_digest(), **_state(trainer)}
+
+
+def test_sparse_adamw_under_ddp_keeps_ranks_identical():
+    a, b = run_ranks(sparse_worker, 2, True)
+    assert a["unmasked_same"] and b["unmasked_same"] and a["digest"] == b["digest"]
+    for name, p in a["params"].items():
+        assert torch.equal(p, b["params"][name]), name
+
+
+def test_sparse_masks_that_differ_across_ranks_raise_on_every_rank():
+    msgs = run_ranks(sparse_worker, 2, False)
+    for m in msgs:
+        assert isinstance(m, str) and "masks differ across ranks" in m and "[1]" in m
+
+
+CRASH = r'''
+import sys, torch
+from test_data_parallel_trainer import _models, _config, _source
+from fastopd.train import OPDTrainer
+student, teacher = _models()
+trainer = OPDTrainer(student, teacher, _config(parallel="ddp"))
+def source(k):
+    if k == 1 and trainer.parallel.rank == 1:
+        raise RuntimeError("rank 1 fails at step 1 on purpose")
+    return _source(k)
+trainer.train(source, 3, progress=False)
+print("finished", flush=True)
+'''
+
+
+def test_a_rank_that_raises_ends_the_torchrun_job(tmp_path):
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", "0", "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0",
+                           str(script)], env=env, capture_output=True, text=True, timeout=180)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert "rank 1 fails at step 1 on purpose" in out, out[-3000:]
+    assert "finished" not in proc.stdout
