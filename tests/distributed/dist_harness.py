@@ -15,6 +15,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
 
 PG_TIMEOUT = timedelta(seconds=60)
 
@@ -46,7 +47,7 @@ def run_ranks(fn, world_size: int, *args, deadline_s: float = 240.0) -> list:
             while not ctx.join(timeout=1.0):
                 if time.monotonic() > end:
                     raise TimeoutError(f"{world_size}-rank job still running after {deadline_s:.0f} s")
-        except mp.ProcessRaisedException as exc:
+        except ProcessException as exc:  # a rank raised, or died of a signal
             errs = [open(os.path.join(folder, n)).read() for n in sorted(os.listdir(folder)) if n.endswith(".err")]
             raise AssertionError("a rank raised:\n" + ("\n".join(errs) or str(exc))) from None
         finally:

@@ -1,6 +1,6 @@
-"""OPDTrainer under data parallelism (gloo, CPU): DDP on 2 ranks takes the same steps as one process on the same
-global batch, checkpoints written once resume on another world size, sparse masks must agree across ranks, and a
-rank that raises under torchrun ends the whole job with its error."""
+"""OPDTrainer under data parallelism (gloo, CPU): DDP and FSDP2 on 2 ranks take the same steps as one process on
+the same global batch, checkpoints written once resume on another world size, sparse masks must agree across
+ranks, and a rank that raises under torchrun ends the whole job with its error."""
 
 from __future__ import annotations
 
@@ -41,17 +41,22 @@ def _source(k: int):
     return TASK.train_prompts(k, PROMPTS)
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def _state(trainer: OPDTrainer) -> dict:
-    return {"params": {n: p.detach().clone() for n, p in trainer.student.named_parameters()},
+    return {"params": {n: _full(p).detach().clone() for n, p in trainer.student.named_parameters()},
             "history": [{k: m[k] for k in ("loss", "rkl", "tokens", "grad_norm")} for m in trainer.history]}
 
 
-def train_worker(rank: int, world: int, steps: int, overrides: dict) -> dict:
+def train_worker(rank: int, world: int, steps: int, overrides: dict, mode: str = "ddp") -> dict:
     student, teacher = _models()
-    trainer = OPDTrainer(student, teacher, _config(parallel="ddp" if world > 1 else "none", **overrides))
+    trainer = OPDTrainer(student, teacher, _config(parallel=mode if world > 1 else "none", **overrides))
     trainer.train(_source, steps, progress=False)
     out = _state(trainer)
     out["mode"] = trainer.parallel.mode
+    out["sharded"] = [type(p).__name__ for p in trainer.student.parameters()]
     return out
 
 
@@ -79,6 +84,19 @@ def test_ddp_two_ranks_equal_one_process_on_the_global_batch():
     for rank, got in enumerate(ranks):
         _assert_same_run(got, want, f"rank {rank}")
     assert want["params"]["embed_tokens.weight"].ne(_models()[0].embed_tokens.weight).any()  # it did train
+
+
+def test_fsdp2_two_ranks_equal_one_process_and_resume_on_one(tmp_path):
+    ckdir = str(tmp_path / "ck")
+    ranks = run_ranks(train_worker, 2, 3, {"checkpoint_dir": ckdir, "checkpoint_every": 2}, "fsdp2")
+    want = _single(3)
+    for rank, got in enumerate(ranks):
+        assert got["mode"] == "fsdp2" and set(got["sharded"]) == {"DTensor"}, got["sharded"]
+        _assert_same_run(got, want, f"fsdp2 rank {rank}")
+    assert sorted(os.listdir(ckdir)) == ["latest", "step_00000002", "step_00000003"]
+    want4 = _single(4)
+    resumed = _single(4, checkpoint_dir=ckdir, resume=True)  # full (gathered) state: loads in one process
+    _assert_same_run(resumed, want4, "fsdp2 2 ranks -> 1 process")
 
 
 def test_checkpoint_from_two_ranks_resumes_on_one_and_on_three(tmp_path):
