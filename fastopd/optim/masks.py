@@ -9,61 +9,36 @@ few batches (`calibrate`), baselines (`random`, `smallest_weights`), optionally 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 
+from fastopd.analysis import naming
+
 FORMAT = "fastopd.masks.v1"
-MODULE_KINDS = ("attn_q", "attn_k", "attn_v", "attn_o", "attn_qkv", "ffn_gate", "ffn_up", "ffn_down", "ffn_gate_up",
-                "embedding", "lm_head", "norm", "other")
+# Module kinds come from the one classifier, fastopd.analysis.naming; the masks' budgets and files have always
+# called its "embed" kind "embedding" (docs/optim.md), so that one name is mapped.
+_MASK_KIND_NAMES = {"embed": "embedding"}
+MODULE_KINDS = tuple(_MASK_KIND_NAMES.get(k, k) for k in naming.KINDS)
 # Groups usable as budget keys besides the kinds themselves.
 KIND_GROUPS = {
     "attention": ("attn_q", "attn_k", "attn_v", "attn_o", "attn_qkv"),
     "ffn": ("ffn_gate", "ffn_up", "ffn_down", "ffn_gate_up"),
     "embeddings": ("embedding", "lm_head"),
 }
-_LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)\.")
-
-# (pattern on the module path, i.e. the name without its final ".weight"/".bias", kind): first match wins.
-# Covers Llama/Qwen2/Mistral (q_proj, gate_proj, input_layernorm, embed_tokens), GPT-2 (c_attn, attn.c_proj,
-# c_fc, mlp.c_proj, ln_1, wte/wpe), GPT-NeoX/BLOOM and the usual variants. Biases take their module's kind.
-_KIND_RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple((re.compile(p), k) for p, k in (
-    (r"(norm|(^|\.)ln_\w*|layer_norm)[^.]*$", "norm"),
-    (r"(^|\.)(embed_tokens|wte|wpe|word_embeddings|position_embeddings|embed_positions|tok_embeddings)$",
-     "embedding"),
-    (r"(^|\.)(lm_head|embed_out)$", "lm_head"),
-    (r"(^|\.)(c_attn|qkv_proj|query_key_value|Wqkv|qkv)$", "attn_qkv"),
-    (r"(^|\.)(q_proj|query|wq)$", "attn_q"),
-    (r"(^|\.)(k_proj|key|wk)$", "attn_k"),
-    (r"(^|\.)(v_proj|value|wv)$", "attn_v"),
-    (r"(^|\.)(o_proj|out_proj|wo)$|attn\.c_proj$|attention\.dense$|attention\.output\.dense$", "attn_o"),
-    (r"(^|\.)gate_up_proj$", "ffn_gate_up"),
-    (r"(^|\.)(gate_proj|w1)$", "ffn_gate"),
-    (r"(^|\.)(up_proj|c_fc|w3|fc1|dense_h_to_4h)$", "ffn_up"),
-    (r"(^|\.)(down_proj|w2|fc2|dense_4h_to_h)$|mlp\.c_proj$", "ffn_down"),
-))
-_SUFFIX = re.compile(r"\.(weight|bias)$")
+layer_index = naming.layer_index
 
 
 def module_kind(name: str) -> str:
-    """The module kind of a parameter from its name (Llama/Qwen2/GPT-2 naming): one of MODULE_KINDS.
+    """The module kind of a parameter from its name: one of MODULE_KINDS (`fastopd.analysis.module_kind`, with
+    "embedding" for its "embed").
 
-    >>> module_kind("model.layers.3.mlp.down_proj.weight"), module_kind("transformer.h.0.attn.c_attn.weight")
-    ('ffn_down', 'attn_qkv')
+    >>> module_kind("model.layers.3.mlp.down_proj.weight"), module_kind("model.embed_tokens.weight")
+    ('ffn_down', 'embedding')
     """
-    path = _SUFFIX.sub("", name)
-    for pattern, kind in _KIND_RULES:
-        if pattern.search(path):
-            return kind
-    return "other"
-
-
-def layer_index(name: str) -> int | None:
-    """The transformer block index in a parameter name ("model.layers.7.mlp..." -> 7), else None."""
-    m = _LAYER.search(name)
-    return int(m.group(1)) if m else None
+    kind = naming.module_kind(name)
+    return _MASK_KIND_NAMES.get(kind, kind)
 
 
 def to_indices(mask: torch.Tensor, shape: torch.Size | tuple[int, ...], name: str = "mask") -> torch.Tensor | None:

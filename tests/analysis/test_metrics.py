@@ -206,6 +206,15 @@ def test_shuffle_by_sampling_for_large_tensors_runs_and_is_unstructured():
     pytest.param("gpt_neox.layers.2.mlp.dense_h_to_4h.weight", "ffn_up", 2, id="neox-up"),
     pytest.param("model.layers.1.mlp.experts.3.w2.weight", "ffn_down", 1, id="moe-w2"),
     pytest.param("model.layers.1.mlp.gate_up_proj.weight", "ffn_gate_up", 1, id="fused-gate-up"),
+    pytest.param("layers.4.attention.wo.weight", "attn_o", 4, id="meta-llama-wo"),
+    pytest.param("layers.4.feed_forward.w2.weight", "ffn_down", 4, id="meta-llama-w2"),
+    pytest.param("tok_embeddings.weight", "embed", None, id="meta-llama-embed"),
+    pytest.param("output.weight", "lm_head", None, id="meta-llama-head"),
+    pytest.param("encoder.block.2.layer.1.DenseReluDense.wo.weight", "ffn_down", 2, id="t5-wo"),
+    pytest.param("decoder.block.2.layer.1.EncDecAttention.o.weight", "attn_o", 2, id="t5-o"),
+    pytest.param("transformer.h.1.mlp.fc_out.bias", "ffn_down", 1, id="gptj-fc-out"),
+    pytest.param("model.decoder.embed_positions.weight", "embed", None, id="opt-positions"),
+    pytest.param("model.layers.0.self_attn.q_proj.lora_A.default.weight", "attn_q", 0, id="peft-lora"),
 ])
 def test_module_kind_and_layer(name, kind, layer):
     assert module_kind(name) == kind

@@ -32,6 +32,11 @@ KIND_CASES = [
     ("transformer.h.3.mlp.c_fc.bias", "ffn_up"),
     ("transformer.h.3.mlp.c_proj.weight", "ffn_down"),
     ("transformer.ln_f.bias", "norm"),
+    ("layers.0.attention.wo.weight", "attn_o"),  # Meta-Llama checkpoints
+    ("layers.0.feed_forward.w2.weight", "ffn_down"),
+    ("tok_embeddings.weight", "embedding"),
+    ("encoder.block.0.layer.1.DenseReluDense.wo.weight", "ffn_down"),  # T5
+    ("gpt_neox.embed_in.weight", "embedding"),
     ("something.else", "other"),
 ]
 
@@ -39,6 +44,17 @@ KIND_CASES = [
 @pytest.mark.parametrize("name,kind", KIND_CASES, ids=[c[0] for c in KIND_CASES])
 def test_module_kind(name, kind):
     assert masks.module_kind(name) == kind
+
+
+def test_module_kind_is_the_analysis_classifier():
+    """One classifier: the masks' kinds are fastopd.analysis's, with its "embed" named "embedding"."""
+    from fastopd.analysis import KINDS
+    from fastopd.analysis import module_kind as analysis_kind
+
+    rename = {"embed": "embedding"}
+    assert masks.MODULE_KINDS == tuple(rename.get(k, k) for k in KINDS)
+    for name, _ in KIND_CASES:
+        assert masks.module_kind(name) == rename.get(analysis_kind(name), analysis_kind(name)), name
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
