@@ -9,6 +9,11 @@ State per masked parameter (k = number of selected coordinates):
     swallowed   int64 0-dim, bf16/fp16 parameters only: updates that rounding would have swallowed without masters
     step        float32 0-dim CPU tensor, as torch.optim.AdamW keeps it
 Parameters absent from `masks` are updated densely by torch's own AdamW (foreach or fused), with torch's state.
+
+FSDP2 (`fully_shard`, parameters sharded as DTensors by rows over a 1-D mesh): masks are given for the full
+parameter and each rank keeps the indices and state of its own rows only, shard-local (indices address the local
+shard's storage). `full_state_dict()` / `load_full_state_dict()` convert to and from the state one process would
+hold (global indices), so checkpoints load on any world size.
 """
 
 from __future__ import annotations
@@ -30,6 +35,51 @@ _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 
 def _index_dtype(numel: int) -> torch.dtype:
     return torch.int32 if numel < 2**31 else torch.int64
+
+
+def _is_dtensor(t: Any) -> bool:
+    if not isinstance(t, torch.Tensor) or type(t) in (torch.Tensor, torch.nn.Parameter):
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (its storage: updates write through), or the tensor itself."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _shard_span(p: torch.Tensor) -> tuple[int, int]:
+    """(first global flat index, flat size) of this rank's shard of a row-sharded DTensor parameter."""
+    from torch.distributed.tensor import Shard
+
+    mesh, placements = p.device_mesh, tuple(p.placements)
+    if mesh.ndim != 1 or placements != (Shard(0),):
+        raise ValueError(f"SparseMaskedAdamW shards masks over a 1-D mesh with Shard(0) placement (FSDP2's "
+                         f"default), got mesh {tuple(mesh.shape)} with placements {placements}")
+    rows = p.shape[0]
+    chunk = -(-rows // mesh.size())  # torch.chunk's split, as FSDP2 shards
+    first = min(rows, mesh.get_local_rank() * chunk)
+    local = _local(p)
+    if local.shape[0] != max(0, min(chunk, rows - first)):
+        raise ValueError(f"unexpected shard of {tuple(p.shape)}: local {tuple(local.shape)} at row {first}")
+    row_numel = local[0].numel() if local.shape[0] else 0
+    return first * (p.numel() // rows if rows else 0), local.shape[0] * row_numel
+
+
+def masks_digest(masks: Mapping[str, torch.Tensor | None]) -> str:
+    """SHA-256 over the names, shapes, dtypes and values of a dict of masks (or index tensors; None = all):
+    equal digests on every rank of a data-parallel job mean identical masks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(masks):
+        m = masks[name]
+        h.update(f"{name}:{None if m is None else (tuple(m.shape), str(m.dtype))}:".encode())
+        if m is not None:
+            h.update(m.detach().to("cpu", copy=True).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 class SparseMaskedAdamW(torch.optim.Optimizer):
@@ -110,11 +160,16 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
             p = by_name[name]
             if p.dtype not in _SUPPORTED:
                 raise ValueError(f"masked parameter {name!r} has dtype {p.dtype}; supported: {_SUPPORTED}")
-            if not p.is_contiguous():
+            if not _local(p).is_contiguous():
                 raise ValueError(f"masked parameter {name!r} (shape {tuple(p.shape)}) must be contiguous: "
                                  "mask indices address its row-major storage")
             idx = to_indices(mask, p.shape, name=name)  # int64 sorted unique, or None for all selected
-            idx = None if idx is None else idx.to(device=p.device, dtype=_index_dtype(p.numel()))
+            if idx is not None and _is_dtensor(p):  # keep this shard's coordinates, shard-local
+                first, size = _shard_span(p)
+                idx = idx.to(p.device)
+                idx = idx[(idx >= first) & (idx < first + size)] - first
+            numel = _local(p).numel()
+            idx = None if idx is None else idx.to(device=p.device, dtype=_index_dtype(numel))
             self.state[p] = self._fresh_masked_state(p, idx)
 
     # ------------------------------------------------------------------ helpers
@@ -137,12 +192,12 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
 
     @staticmethod
     def _gather(p: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
-        flat = p.detach().view(-1)
+        flat = _local(p).detach().view(-1)
         return flat.clone() if idx is None else flat.index_select(0, idx)
 
     @staticmethod
     def _fresh_masked_state(p: torch.Tensor, idx: torch.Tensor | None) -> dict[str, Any]:
-        k = p.numel() if idx is None else idx.numel()
+        k = _local(p).numel() if idx is None else idx.numel()
         state: dict[str, Any] = {
             "step": torch.tensor(0.0, dtype=_get_scalar_dtype()),
             "indices": idx,
@@ -159,8 +214,8 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
         idx = st["indices"]
         for key in ("exp_avg", "exp_avg_sq"):
             if key in dense:
-                v = dense[key]
-                if v.numel() != p.numel():
+                v = _local(dense[key])
+                if v.numel() != _local(p).numel():
                     raise ValueError(f"state of {self._names[id(p)]!r}: dense {key} has {v.numel()} values for a "
                                      f"parameter of {p.numel()}")
                 st[key] = self._gather(v, idx).float()
@@ -171,12 +226,13 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
     def _check_masked_state(self, p: torch.Tensor, st: dict[str, Any]) -> None:
         name = self._names[id(p)]
         idx = st["indices"]
-        k = p.numel() if idx is None else idx.numel()
+        numel = _local(p).numel()
+        k = numel if idx is None else idx.numel()
         for s in ("exp_avg", "exp_avg_sq", "master"):
             if s in st and st[s].numel() != k:
                 raise ValueError(f"state of {name!r}: {s} has {st[s].numel()} values for a mask of {k}")
-        if idx is not None and k and (int(idx.max()) >= p.numel() or int(idx.min()) < 0):
-            raise ValueError(f"state of {name!r}: mask indices out of range for numel {p.numel()}")
+        if idx is not None and k and (int(idx.max()) >= numel or int(idx.min()) < 0):
+            raise ValueError(f"state of {name!r}: mask indices out of range for numel {numel}")
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -217,7 +273,8 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
             idx = state["indices"]
             if idx is not None and idx.numel() == 0:
                 continue  # frozen
-            if grad.shape != p.shape or grad.dtype != p.dtype:
+            grad = _local(grad)
+            if grad.shape != _local(p).shape or grad.dtype != p.dtype:
                 raise ValueError(f"gradient of {self._names[id(p)]!r} has shape {tuple(grad.shape)} and dtype "
                                  f"{grad.dtype}; expected {tuple(p.shape)} and {p.dtype}")
             if self._wants_master(p) and "master" not in state:
@@ -225,7 +282,7 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
             state["step"] += 1
             t = state["step"].item()  # a CPU tensor, as in torch.optim.AdamW: no device synchronization
             bucket = sparse.setdefault(p.device, {k: [] for k in ("p", "g", "i", "m", "v", "w", "s", "ss", "bc")})
-            bucket["p"].append(p)
+            bucket["p"].append(_local(p))
             bucket["g"].append(grad if grad.is_contiguous() else grad.contiguous())
             bucket["i"].append(idx)
             bucket["m"].append(state["exp_avg"])
@@ -314,17 +371,78 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
         return {n: self.state[p]["indices"] for n, p in self._named_params() if self._is_masked(p)}
 
     def masks_digest(self) -> str:
-        """A SHA-256 over every masked parameter's name, shape and selected indices: equal digests on every rank of
-        a data-parallel job mean identical masks (compare them with `torch.distributed.all_gather_object`)."""
-        import hashlib
+        """`masks_digest` of this optimizer's selected indices: equal on every rank of a DDP job with identical
+        masks (compare with `torch.distributed.all_gather_object`). Under FSDP2 the indices are shard-local."""
+        return masks_digest(self.mask_indices())
 
-        h = hashlib.sha256()
-        for name, p in self._named_params():
-            if self._is_masked(p):
-                idx = self.state[p]["indices"]
-                h.update(f"{name}:{tuple(p.shape)}:".encode())
-                h.update(b"all" if idx is None else idx.to("cpu", torch.int64).numpy().tobytes())
-        return h.hexdigest()
+    # ------------------------------------------------------------------ FSDP2: world-size-independent state
+    def full_state_dict(self) -> dict[str, Any]:
+        """`state_dict()` as one process would hold it: for sharded (DTensor) parameters the masked state of every
+        shard is gathered with global flat indices, and dense moments are gathered to full tensors. A collective
+        over each parameter's mesh: every rank calls it. Equal to `state_dict()` without DTensor parameters."""
+        import torch.distributed as dist
+
+        sd = self.state_dict()
+        params = [p for group in self.param_groups for p in group["params"]]
+        state = {}
+        for i, st in sd["state"].items():
+            p = params[i]
+            if not _is_dtensor(p):
+                state[i] = st
+            elif "indices" not in st:
+                state[i] = {k: (v.full_tensor() if _is_dtensor(v) else v) for k, v in st.items()}
+            else:
+                first, size = _shard_span(p)
+                idx = st["indices"]
+                mine = {"indices": (torch.arange(size) if idx is None else idx.to("cpu", torch.int64)) + first,
+                        "all": idx is None}
+                for k in ("exp_avg", "exp_avg_sq", "master", "swallowed"):
+                    if k in st:
+                        mine[k] = st[k].to("cpu")
+                parts: list = [None] * p.device_mesh.size()
+                dist.all_gather_object(parts, mine, group=p.device_mesh.get_group())
+                full = dict(st)
+                full["indices"] = (None if all(q["all"] for q in parts) else
+                                   torch.cat([q["indices"] for q in parts]).to(p.device, _index_dtype(p.numel())))
+                for k in ("exp_avg", "exp_avg_sq", "master"):
+                    if k in st:
+                        full[k] = torch.cat([q[k] for q in parts]).to(p.device)
+                if "swallowed" in st:
+                    full["swallowed"] = sum(q["swallowed"] for q in parts).to(p.device)
+                state[i] = full
+        return {"state": state, "param_groups": sd["param_groups"]}
+
+    def load_full_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a `full_state_dict()` (or a one-process `state_dict()`), saved on any world size: each sharded
+        parameter keeps its rows' part, with shard-local indices."""
+        from torch.distributed.tensor import distribute_tensor
+
+        params = [p for group in self.param_groups for p in group["params"]]
+        state = {}
+        for i, st in state_dict["state"].items():
+            p = params[i] if i < len(params) else None
+            if p is None or not _is_dtensor(p):
+                state[i] = st
+            elif "indices" not in st:
+                state[i] = {k: (distribute_tensor(v.to(p.device, p.dtype), p.device_mesh, p.placements,
+                                                  src_data_rank=None)
+                                if isinstance(v, torch.Tensor) and tuple(v.shape) == tuple(p.shape) else v)
+                            for k, v in st.items()}
+            else:
+                first, size = _shard_span(p)
+                idx = st["indices"]
+                gidx = torch.arange(p.numel(), device=p.device) if idx is None else idx.to(p.device, torch.int64)
+                keep = (gidx >= first) & (gidx < first + size)
+                local = dict(st)
+                local["indices"] = None if idx is None else (gidx[keep] - first).to(_index_dtype(size))
+                for k in ("exp_avg", "exp_avg_sq", "master"):
+                    if k in st:
+                        local[k] = st[k].to(p.device)[keep]
+                if "swallowed" in st:  # the count is a run total: kept on the mesh's first rank
+                    first_rank = p.device_mesh.get_local_rank() == 0
+                    local["swallowed"] = st["swallowed"] if first_rank else torch.zeros_like(st["swallowed"])
+                state[i] = local
+        self.load_state_dict({"state": state, "param_groups": state_dict["param_groups"]})
 
     def rounding_report(self) -> dict[str, int]:
         """name -> number of coordinate updates (summed over steps) of each bf16/fp16 masked parameter that
@@ -355,12 +473,13 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
         since the reference point (`mark_reference()`), with their current values; writing them into a copy of
         the weights at the reference point reproduces the current weights. Without a reference point every
         coordinate the optimizer may have changed is returned. With `reset`, the current values become the new
-        reference point. Synchronizes (the number of changed coordinates is data-dependent)."""
+        reference point. Under FSDP2, of this rank's shard, with shard-local indices. Synchronizes (the number of
+        changed coordinates is data-dependent)."""
         out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for name, p in self._named_params():
             idx = self.state[p]["indices"] if self._is_masked(p) else None
             current = self._gather(p, idx)
-            all_idx = (torch.arange(p.numel(), device=p.device) if idx is None else idx.long())
+            all_idx = (torch.arange(_local(p).numel(), device=p.device) if idx is None else idx.long())
             ref = self._reference.get(id(p))
             if ref is None:
                 out[name] = (all_idx, current)

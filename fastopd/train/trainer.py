@@ -188,10 +188,11 @@ class OPDTrainer:
             return torch.optim.AdamW([p for _, p in named], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                                      weight_decay=cfg.weight_decay)
         from fastopd.optim import SparseMaskedAdamW
+        from fastopd.optim.sparse_adamw import masks_digest
 
         opt = SparseMaskedAdamW(named, masks=self.masks, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                                 weight_decay=cfg.weight_decay)
-        digests = self.parallel.gather_objects(opt.masks_digest())
+        digests = self.parallel.gather_objects(masks_digest(self.masks))
         if len(set(digests)) > 1:  # every rank raises, none is left waiting in a collective
             differ = [r for r, d in enumerate(digests) if d != digests[0]]
             raise ValueError(f"the sparse masks differ across ranks (ranks {differ} differ from rank 0): every rank "

@@ -114,19 +114,25 @@ def test_checkpoint_from_two_ranks_resumes_on_one_and_on_three(tmp_path):
         _assert_same_run(got, want, f"2 ranks -> 3 ranks, rank {rank}")
 
 
-def sparse_worker(rank: int, world: int, same: bool) -> str | dict:
+def _masks(student, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.rand(p.shape, generator=g) < 0.3 for n, p in student.named_parameters() if p.dim() == 2}
+
+
+def sparse_worker(rank: int, world: int, same: bool, mode: str = "ddp", steps: int = 2,
+                  overrides: dict | None = None) -> str | dict:
     student, teacher = _models()
-    g = torch.Generator().manual_seed(7 if same else 7 + rank)
-    masks = {n: torch.rand(p.shape, generator=g) < 0.3 for n, p in student.named_parameters() if p.dim() == 2}
+    masks = _masks(student, 7 if same else 7 + rank)
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
     try:
-        trainer = OPDTrainer(student, teacher, _config(parallel="ddp", masks=masks))
+        trainer = OPDTrainer(student, teacher, _config(parallel=mode if world > 1 else "none", masks=masks,
+                                                       **(overrides or {})))
     except ValueError as exc:
         return str(exc)
-    trainer.train(_source, 2, progress=False)
-    unmasked_same = all(torch.equal(p.detach()[~masks[n]], before[n][~masks[n]])
-                        for n, p in student.named_parameters() if n in masks)
-    return {"unmasked_same": unmasked_same, "digest": trainer.optimizer.masks_digest(), **_state(trainer)}
+    trainer.train(_source, steps, progress=False)
+    out = _state(trainer)
+    unmasked_same = all(torch.equal(out["params"][n][~m], before[n][~m]) for n, m in masks.items())
+    return {"unmasked_same": unmasked_same, "digest": trainer.optimizer.masks_digest(), **out}
 
 
 def test_sparse_adamw_under_ddp_keeps_ranks_identical():
@@ -134,6 +140,23 @@ def test_sparse_adamw_under_ddp_keeps_ranks_identical():
     assert a["unmasked_same"] and b["unmasked_same"] and a["digest"] == b["digest"]
     for name, p in a["params"].items():
         assert torch.equal(p, b["params"][name]), name
+
+
+def test_sparse_adamw_under_fsdp2_equals_one_process_and_resumes_elsewhere(tmp_path):
+    ckdir = str(tmp_path / "ck")
+    ranks = run_ranks(sparse_worker, 2, True, "fsdp2", 3, {"checkpoint_dir": ckdir, "checkpoint_every": 2})
+    want = sparse_worker(0, 1, True, "none", 3)
+    assert want["unmasked_same"]
+    for rank, got in enumerate(ranks):
+        assert got["unmasked_same"], rank
+        _assert_same_run(got, want, f"sparse fsdp2 rank {rank}")
+    # the step-2 checkpoint (compact state gathered with global indices) resumes in one process and on 3 ranks
+    want4 = sparse_worker(0, 1, True, "none", 4)
+    one = sparse_worker(0, 1, True, "none", 4, {"checkpoint_dir": ckdir, "resume": True})
+    _assert_same_run(one, want4, "sparse fsdp2 2 ranks -> 1 process")
+    for rank, got in enumerate(run_ranks(sparse_worker, 3, True, "fsdp2", 4,
+                                         {"checkpoint_dir": ckdir, "resume": True})):
+        _assert_same_run(got, want4, f"sparse fsdp2 2 ranks -> 3 ranks, rank {rank}")
 
 
 def test_sparse_masks_that_differ_across_ranks_raise_on_every_rank():
