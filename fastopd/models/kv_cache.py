@@ -1,10 +1,11 @@
 """A preallocated key/value cache with in-place writes, and the attention that reads it.
 
-The cache holds ``keys``/``values`` of shape ``[L, B_max, H_kv, S_max, D_head]``. :meth:`KVCache.reset` selects the
-active ``[B, S]`` window (views, no copy) before a forward pass; a cache is reused as long as the window fits and is
-grown (reallocated) only when a larger batch or length is asked for. Sequences are left-aligned in time: column
-``c`` of every row holds the token at padded column ``c``, so one integer ``start`` addresses the write position of
-the whole batch and padding is expressed by the attention mask alone.
+The cache holds ``keys``/``values`` of shape ``[L, B_max, H_kv, S_max, D_head]``, the two halves of one ``[2, L, B_max,
+H_kv, S_max, D_head]`` allocation (a decode step writes a token's key and value in one copy). :meth:`KVCache.reset`
+selects the active ``[B, S]`` window (views, no copy) before a forward pass; a cache is reused as long as the window
+fits and is grown (reallocated) only when a larger batch or length is asked for. Sequences are left-aligned in time:
+column ``c`` of every row holds the token at padded column ``c``, so one integer ``start`` addresses the write position
+of the whole batch and padding is expressed by the attention mask alone.
 """
 
 from __future__ import annotations
@@ -27,13 +28,14 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str,
     ) -> None:
-        shape = (num_layers, batch_size, num_kv_heads, max_length, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.storage = torch.zeros(2, num_layers, batch_size, num_kv_heads, max_length, head_dim, dtype=dtype,
+                                   device=device)
+        self.keys, self.values = self.storage.unbind(0)
         self.num_layers = num_layers
         self.batch_size = 0
         self.length = 0
         self._layer_views: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._pair_views: list[torch.Tensor] = []
         self.reset(batch_size, max_length)
 
     @property
@@ -44,7 +46,7 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         """Bytes held by the key and value tensors (the whole allocation, not only the active window)."""
-        return 2 * self.keys.numel() * self.keys.element_size()
+        return self.storage.numel() * self.storage.element_size()
 
     def fits(self, batch_size: int, length: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
              device: torch.device) -> bool:
@@ -59,10 +61,8 @@ class KVCache:
         if batch_size > b_max or length > s_max:
             raise ValueError(f"KVCache window [{batch_size}, {length}] exceeds capacity [{b_max}, {s_max}]")
         self.batch_size, self.length = batch_size, length
-        self._layer_views = [
-            (self.keys[i, :batch_size, :, :length], self.values[i, :batch_size, :, :length])
-            for i in range(self.num_layers)
-        ]
+        self._pair_views = [self.storage[:, i, :batch_size, :, :length] for i in range(self.num_layers)]
+        self._layer_views = [(kv[0], kv[1]) for kv in self._pair_views]
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Active ``(keys, values)`` views of one layer, each ``[B, H_kv, S, D_head]``."""
@@ -94,6 +94,17 @@ class KVCache:
             v_cache.unflatten(0, (-1, expand))[:, :, :, start : start + t].copy_(values.unsqueeze(1))
 
 
+    def write_token(self, index: int, column: int | torch.Tensor, key_value: torch.Tensor) -> None:
+        """Write one token per row: ``key_value`` ``[B, 2, H_kv, D_head]`` (key then value, the layout of a fused
+        k|v projection) into column ``column``, in one copy. ``column`` may be a 0-d int64 device tensor (an
+        ``index_copy_``, for CUDA-graph capture)."""
+        pair = self._pair_views[index]  # [2, B, H_kv, S, D_head]
+        if isinstance(column, torch.Tensor):
+            pair.index_copy_(3, column.reshape(1), key_value.transpose(0, 1).unsqueeze(3))
+        else:
+            pair.select(3, column).copy_(key_value.transpose(0, 1))
+
+
 def build_attention_mask(key_mask: torch.Tensor, start: int, num_queries: int) -> torch.Tensor:
     """Boolean attention mask ``[B, 1, T, S]`` for ``T = num_queries`` queries at columns ``start..start+T-1``.
 
@@ -113,13 +124,14 @@ def build_attention_mask(key_mask: torch.Tensor, start: int, num_queries: int) -
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None = None
 ) -> torch.Tensor:
     """Scaled dot-product attention ``[B, H_q, T, D]`` with grouped-query keys/values ``[B, H_kv, S, D]``.
 
-    A ``mask`` ``[B, 1, T, S']`` narrower than the keys restricts attention to the first ``S'`` columns (a decode
-    step that reads only the filled part of a static cache)."""
-    width = mask.shape[-1]
-    if width < k.shape[2]:
+    ``mask`` is boolean (True = attend) or additive float, ``[B, 1, T, S']``; one narrower than the keys restricts
+    attention to the first ``S'`` columns (a decode step that reads only the filled part of a static cache).
+    ``None`` attends to every key."""
+    if mask is not None and mask.shape[-1] < k.shape[2]:
+        width = mask.shape[-1]
         k, v = k[:, :, :width], v[:, :, :width]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])

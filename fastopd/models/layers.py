@@ -146,19 +146,21 @@ def _linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
 
 
 def decode_rope_tables(
-    positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype, scaling: float = 1.0
+    length: int, inv_freq: torch.Tensor, dtype: torch.dtype, scaling: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`rope_cos_sin` with the sign of rotate-half folded into the sine's first half, for
-    :func:`_apply_rope_signed`."""
-    cos, sin = rope_cos_sin(positions, inv_freq, dtype, scaling)
+    """Rotary tables ``(cos, sin_signed)``, each ``[length, D_head]``, for positions ``0..length-1``: the values of
+    :func:`rope_cos_sin`, with the sign of rotate-half folded into the sine's first half (see
+    :func:`_apply_rope_signed`). A decode step gathers its rows by position instead of recomputing them."""
+    cos, sin = rope_cos_sin(torch.arange(length, device=inv_freq.device)[None], inv_freq, dtype, scaling)
+    cos, sin = cos[0, 0], sin[0, 0]
     half = sin.shape[-1] // 2
-    return cos, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+    return cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
 
 
-def _apply_rope_signed(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-    """``x * cos + rotate_half(x) * sin`` as ``x * cos + swap_halves(x) * sin_signed`` (three kernels, not five)."""
-    swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
-    return torch.addcmul(x * cos, swapped, sin_signed)
+def _apply_rope_signed_(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """``x = x * cos + rotate_half(x) * sin``, in place, as ``x * cos + swap_halves(x) * sin_signed`` (three
+    kernels: a roll, a product, an ``addcmul`` writing into ``x``)."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin_signed, out=x)
 
 
 def llama_decode_layer(
@@ -166,7 +168,7 @@ def llama_decode_layer(
     x: torch.Tensor,
     cos: torch.Tensor,
     sin_signed: torch.Tensor,
-    mask: torch.Tensor,
+    mask: torch.Tensor | None,
     cache: KVCache,
     layer_idx: int,
     column: int | torch.Tensor,
@@ -175,21 +177,24 @@ def llama_decode_layer(
     num_kv_heads: int,
     head_dim: int,
 ) -> torch.Tensor:
-    """One Llama layer for a single new token per row: ``x`` ``[B, D]`` -> ``[B, D]``, its key/value written to
-    cache column ``column`` (an int, or a 0-d device tensor for CUDA-graph capture), attention over the first
-    ``S`` columns of the cache's active window under ``mask`` ``[B, 1, 1, S]``; rotary tables from
-    :func:`decode_rope_tables`. Computes what :func:`llama_layer` computes (same math; fused, transposed,
-    norm-folded weights; residual adds inside the ``addmm``)."""
+    """One Llama layer for a single new token per row: ``x`` ``[B, D]`` -> ``[B, D]``; its key/value written to
+    cache column ``column``; rotary rows ``cos``/``sin_signed`` ``[B, 1, 1, D_head]`` from
+    :func:`decode_rope_tables`. With an int ``column`` the token attends to cache columns ``0..column``, with a
+    0-d device tensor (CUDA-graph capture) to the cache's whole active window; ``mask`` (boolean or additive,
+    ``[B, 1, 1, S]`` over those columns) or None when every one of them is valid. Computes what
+    :func:`llama_layer` computes (same math; fused, transposed, norm-folded weights; residual adds inside the
+    ``addmm``)."""
     b = x.shape[0]
+    n_q = num_heads * head_dim
     qkv = _linear(_normalize(x, packed.input_eps), packed.qkv, packed.qkv_bias)
-    n_qk = (num_heads + num_kv_heads) * head_dim
-    # q and k rotated together: [B, H_q + H_kv, 1, D_head]
-    qk = _apply_rope_signed(qkv[:, :n_qk].view(b, num_heads + num_kv_heads, 1, head_dim), cos, sin_signed)
-    q, k = qk[:, :num_heads], qk[:, num_heads:]
-    v = qkv[:, n_qk:].view(b, num_kv_heads, 1, head_dim)
-    cache.write(layer_idx, column, k, v)
+    # q and k rotated together and in place: [B, H_q + H_kv, 1, D_head]; then k|v goes to the cache in one copy.
+    _apply_rope_signed_(qkv[:, : n_q + num_kv_heads * head_dim].view(b, num_heads + num_kv_heads, 1, head_dim),
+                        cos, sin_signed)
+    cache.write_token(layer_idx, column, qkv[:, n_q:].view(b, 2, num_kv_heads, head_dim))
     k_all, v_all = cache.layer(layer_idx)
-    o = attention(q, k_all, v_all, mask)
-    x = _linear(o.view(b, num_heads * head_dim), packed.o, packed.o_bias, residual=x)
+    if isinstance(column, int):
+        k_all, v_all = k_all[:, :, : column + 1], v_all[:, :, : column + 1]
+    o = attention(qkv[:, :n_q].view(b, num_heads, 1, head_dim), k_all, v_all, mask)
+    x = _linear(o.view(b, n_q), packed.o, packed.o_bias, residual=x)
     gate, up = _linear(_normalize(x, packed.post_eps), packed.gate_up, packed.gate_up_bias).chunk(2, dim=-1)
-    return _linear(F.silu(gate) * up, packed.down, packed.down_bias, residual=x)
+    return _linear(F.silu(gate).mul_(up), packed.down, packed.down_bias, residual=x)

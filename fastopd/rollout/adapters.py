@@ -11,8 +11,10 @@ Supported: :class:`fastopd.models.Transformer`; Hugging Face ``LlamaForCausalLM`
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,7 +30,58 @@ from fastopd.models.layers import (
 )
 from fastopd.models.transformer import Transformer
 
-DecodeStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, KVCache, int], torch.Tensor]
+DecodeStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, KVCache, int | torch.Tensor], torch.Tensor]
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    # Inference tensors have no version counter; the bitwise comparison alone covers them.
+    version = None if t.is_inference() else t._version
+    return t.data_ptr(), version, t.shape, t.stride(), t.dtype, t.device
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality of ``a`` and its contiguous snapshot ``b`` (NaN payloads and signed zeros included)."""
+    if not a.is_contiguous():
+        return torch.equal(a, b)
+    a, b = a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)
+    if a.numel() % 8 == 0:
+        a, b = a.view(torch.int64), b.view(torch.int64)
+    if a.device.type == "cpu":
+        return bool(np.array_equal(a.numpy(), b.numpy()))  # about 2x faster than torch.equal on CPU
+    return torch.equal(a, b)
+
+
+class DerivedWeights:
+    """A value derived from parameters (packed, transposed copies), rebuilt only when a source changed.
+
+    :meth:`get` returns ``build(*sources)``, built again when a source has another storage, shape, stride, dtype
+    or device, a moved version counter (in-place updates through autograd-visible ops: ``torch.optim`` for-loop
+    and foreach steps, ``load_state_dict``, ``copy_``), or other bits than the snapshot kept from the last build.
+    The bitwise comparison is what keeps a training model current: some in-place updates leave the version
+    counter alone (``torch.optim.AdamW(fused=True)``, fastopd's C++ ``SparseMaskedAdamW`` step, writes through
+    ``.data``). It reads every source once per call (about 2 ms for 21 MB of fp32 weights on one CPU core, where
+    re-packing costs about 15 ms) and holds one copy of the sources.
+    """
+
+    def __init__(self, build: Callable[..., Any]) -> None:
+        self._build = build
+        self._keys: list[tuple] | None = None
+        self._snapshot: list[torch.Tensor] = []
+        self._value: Any = None
+
+    def get(self, sources: Sequence[torch.Tensor]) -> Any:
+        sources = [s.detach() for s in sources]
+        keys = [_storage_key(s) for s in sources]
+        if keys != self._keys or not all(_same_bits(s, c) for s, c in zip(sources, self._snapshot)):
+            self._value = None  # free the old copies before building new ones
+            self._value = self._build(*sources)
+            self._snapshot = [s.clone(memory_format=torch.contiguous_format) for s in sources]
+            self._keys = keys
+        return self._value
+
+    def clear(self) -> None:
+        """Drop the derived value and the snapshot (the next :meth:`get` rebuilds)."""
+        self._keys, self._snapshot, self._value = None, [], None
 
 
 class ModelAdapter:
@@ -79,25 +132,44 @@ class ModelAdapter:
         return F.linear(hidden, self.output_weight, self.output_bias)
 
     def decode_head(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """Logits function ``[B, D] -> [B, V]`` for generation. On CPU it multiplies by a contiguous transposed
-        copy of the head (MKL is about 2x faster with ``[D, V]`` than with ``[V, D]^T`` at decode shapes)."""
+        """Logits function ``[B, D] -> [B, V]`` of final hidden states, for generation, with the current weights.
+        On CPU it multiplies by a contiguous transposed copy of the head (MKL is about 2x faster with ``[D, V]``
+        than with ``[V, D]^T`` at decode shapes), kept between calls while the head is unchanged (see
+        :class:`DerivedWeights`)."""
         w, bias = self.output_weight.detach(), self.output_bias
         if w.device.type != "cpu":
             return lambda h: F.linear(h, w, bias)
-        w_t = w.t().contiguous()
         bias = bias.detach() if bias is not None else None
+        if not hasattr(self, "_head_t"):
+            self._head_t = DerivedWeights(lambda weight: weight.t().contiguous())
+        w_t = self._head_t.get([w])
         return lambda h: torch.mm(h, w_t) if bias is None else torch.addmm(bias, h, w_t)
 
-    def prepare_decode(self) -> DecodeStep:
-        """A one-token decode step ``(tokens [B], positions [B, 1], mask [B, 1, 1, S], cache, column) -> logits
-        [B, V]`` for the current weights (no autograd; re-prepare after the weights change). This default runs
-        :meth:`forward`; adapters override it with faster weight layouts."""
+    def prepare_decode(self, length: int | None = None) -> DecodeStep:
+        """A one-token decode step ``(tokens [B], positions [B, 1], mask, cache, column) -> logits [B, V]`` for the
+        current weights (no autograd; call again after the weights change: derived copies are rebuilt only if
+        they did). ``column`` is the cache column of the new token: an int (attend to columns ``0..column``) or a
+        0-d device tensor (attend to the whole active window, for CUDA-graph capture); ``mask`` is ``[B, 1, 1,
+        S]`` over those columns (boolean, or additive float), or None when all are valid. Positions stay below
+        ``length`` (default: the model's context). The step's ``head`` attribute is the :meth:`decode_head` it
+        uses (for the logits of the prefill's last state). This default runs :meth:`forward`; adapters override
+        it with faster weight layouts."""
         head = self.decode_head()
 
         def step(tokens, positions, mask, cache, column):
+            if mask is None:
+                width = column + 1 if isinstance(column, int) else cache.length
+                mask = torch.ones(tokens.shape[0], 1, 1, width, dtype=torch.bool, device=tokens.device)
             return head(self.forward(tokens[:, None], positions, mask, cache, column)[:, 0])
 
+        step.head = head
         return step
+
+    def release_decode_weights(self) -> None:
+        """Free the derived decode copies (transposed head, packed layers); the next call rebuilds them."""
+        for value in vars(self).values():
+            if isinstance(value, DerivedWeights):
+                value.clear()
 
     def new_cache(self, batch_size: int, length: int) -> KVCache:
         return KVCache(self.num_layers, batch_size, self.num_kv_heads, length, self.head_dim, dtype=self.dtype,
@@ -123,22 +195,45 @@ class LlamaFamilyAdapter(ModelAdapter):
                             head_dim=self.head_dim, cache=cache, layer_idx=i, start=start, expand=expand)
         return self.norm(x)
 
-    def prepare_decode(self) -> DecodeStep:
+    def _layer_sources(self, layer: nn.Module) -> list[torch.Tensor]:
+        """The tensors :func:`pack_llama_layer` reads (biases where present)."""
+        attn, mlp = layer.self_attn, layer.mlp
+        linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        return ([lin.weight for lin in linears] + [lin.bias for lin in linears if lin.bias is not None]
+                + [layer.input_layernorm.weight, layer.post_attention_layernorm.weight])
+
+    def prepare_decode(self, length: int | None = None) -> DecodeStep:
         """Decode step over packed weights (fused q|k|v and gate|up, transposed, contiguous): one ``addmm`` per
-        projection, q and k rotated in one pass, and the transposed head of :meth:`decode_head`."""
-        packed = [pack_llama_layer(layer) for layer in self.layers]
+        projection, q and k rotated in one pass with rotary rows gathered from a table, k|v written to the cache
+        in one copy, and the transposed head of :meth:`decode_head`. The packed copies and the rotary table are
+        kept between calls and rebuilt only for the layers whose weights changed (:class:`DerivedWeights`)."""
+        length = self.max_positions if length is None else length
+        if not hasattr(self, "_packed"):
+            self._packed = [DerivedWeights(lambda *_, layer=layer: pack_llama_layer(layer)) for layer in self.layers]
+            self._rope = DerivedWeights(lambda inv_freq: decode_rope_tables(
+                self._rope_length, inv_freq, self.dtype, self.rope_scaling))
+            self._rope_length = 0
+        packed = [d.get(self._layer_sources(layer)) for d, layer in zip(self._packed, self.layers)]
+        if length > self._rope_length:  # grown like the KV cache: a longer generation rebuilds the table
+            self._rope_length = length
+            self._rope.clear()
+        cos_table, sin_table = self._rope.get([self.inv_freq])
         embed = self.embed.weight.detach()
         norm_w, norm_eps = self.norm.weight.detach(), self.norm.variance_epsilon
         head = self.decode_head()
         shapes = dict(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim)
+        rope_shape = (-1, 1, 1, self.head_dim)
 
         def step(tokens, positions, mask, cache, column):
-            x = embed[tokens]
-            cos, sin = decode_rope_tables(positions, self.inv_freq, x.dtype, self.rope_scaling)
+            x = F.embedding(tokens, embed)
+            rows = positions.view(-1)
+            cos = cos_table.index_select(0, rows).view(rope_shape)
+            sin = sin_table.index_select(0, rows).view(rope_shape)
             for i, pk in enumerate(packed):
                 x = llama_decode_layer(pk, x, cos, sin, mask, cache, i, column, **shapes)
             return head(rms_norm(x, norm_w, norm_eps))
 
+        step.head = head
         return step
 
 

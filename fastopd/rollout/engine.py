@@ -102,8 +102,13 @@ class RolloutEngine:
         return sum(c.nbytes for c in self._caches.values())
 
     def release_caches(self) -> None:
-        """Free the KV caches (e.g. to give their memory to the training step); the next call reallocates."""
+        """Free the KV caches and the decode step's weight copies (packed layers, transposed head, and the
+        snapshot that detects weight changes), e.g. to give their memory to the training step; the next call
+        rebuilds them."""
         self._caches.clear()
+        for adapter in (self.student, self.teacher):
+            if adapter is not None:
+                adapter.release_decode_weights()
 
     def horizon_at(self, step: int) -> int:
         """The horizon the schedule sets at ``step`` (before capping to the model's context)."""
@@ -319,13 +324,9 @@ class RolloutEngine:
         b = bp * n
         device = ids.device
         last, cache, prefill_tokens = self._prefill(adapter, "student", ids, mask, n, p + h)
-        decode_step = adapter.prepare_decode()
-        logits = adapter.logits(last)
-        # Key-validity of every cache column: prompt padding stays False; a completion column turns True when its
-        # token is written. The decode mask is a view of it, built once.
-        key_mask = torch.zeros(b, p + h, dtype=torch.bool, device=device)
-        key_mask[:, :p] = mask.repeat_interleave(n, 0)
-        decode_mask = key_mask[:, None, None, :]
+        decode_step = adapter.prepare_decode(p + h)
+        logits = decode_step.head(last)
+        row_mask = mask.repeat_interleave(n, 0)
         positions = lengths.repeat_interleave(n, 0)[:, None].clone()
         tokens = torch.full((b, h), self.pad_token_id, dtype=torch.long, device=device)
         logprobs = torch.zeros(b, h, dtype=torch.float32, device=device)
@@ -335,10 +336,22 @@ class RolloutEngine:
         pad = torch.tensor(self.pad_token_id, dtype=torch.long, device=device)
         # Stopping is checked on the host: every step on CPU, every 8 steps on accelerators (fewer syncs).
         check_every = 1 if device.type == "cpu" else 8
-        narrow_mask = device.type == "cpu"
-        if self.cuda_graphs and device.type == "cuda" and isinstance(adapter, LlamaFamilyAdapter) and h > 1:
-            # Warm-up/capture writes column p+h-1, which no decode step reads as valid before overwriting.
+        graphed = self.cuda_graphs and device.type == "cuda" and isinstance(adapter, LlamaFamilyAdapter) and h > 1
+        if graphed:
+            # One static shape: the cache's full width under a key-validity mask whose completion columns turn
+            # True as they are written. Warm-up/capture writes column p+h-1, which no step reads before
+            # overwriting it.
+            key_mask = torch.zeros(b, p + h, dtype=torch.bool, device=device)
+            key_mask[:, :p] = row_mask
+            decode_mask = key_mask[:, None, None, :]
             decode_step = _GraphedDecodeStep(decode_step, b, positions, decode_mask, cache, p + h - 1)
+        elif bool(row_mask.all()):
+            decode_mask = None  # no padding: every filled column is valid, the step attends to columns 0..p+t
+        else:
+            # Eager steps attend to the filled columns 0..p+t only: the mask is a static additive one (-inf at
+            # prompt padding, 0 elsewhere), narrowed each step; completion columns are valid once written.
+            decode_mask = torch.zeros(b, 1, 1, p + h, dtype=adapter.dtype, device=device)
+            decode_mask[:, 0, 0, :p].masked_fill_(~row_mask, float("-inf"))
         steps = 0
         for t in range(h):
             tok, lp = sample_tokens(logits, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
@@ -356,10 +369,12 @@ class RolloutEngine:
                 finished |= torch.isin(tok, eos) if eos.numel() > 1 else tok == eos
             if t == h - 1 or (eos is not None and (t + 1) % check_every == 0 and bool(finished.all())):
                 break
-            key_mask[:, p + t] = True
-            # On CPU attend to the filled columns only; elsewhere keep one static shape (CUDA-graph friendly).
-            step_mask = decode_mask[..., : p + t + 1] if narrow_mask else decode_mask
-            logits = decode_step(tok, positions, step_mask, cache, p + t)
+            if graphed:
+                key_mask[:, p + t] = True
+                logits = decode_step(tok, positions, decode_mask, cache, p + t)
+            else:
+                step_mask = decode_mask[..., : p + t + 1] if decode_mask is not None else None
+                logits = decode_step(tok, positions, step_mask, cache, p + t)
             positions += 1
         return tokens, logprobs, completion_mask, finished, steps, prefill_tokens
 

@@ -73,11 +73,14 @@ HF_MODELS = [pytest.param(llama, id="llama-gqa"), pytest.param(gpt2, id="gpt2"),
              pytest.param(mistral, id="mistral-no-window")]
 
 
+@pytest.mark.parametrize("prompts", [pytest.param(PROMPTS, id="mixed-lengths"),
+                                     pytest.param([p[:2] for p in PROMPTS[:3]], id="no-padding")])
 @pytest.mark.parametrize("make", HF_MODELS)
-def test_greedy_equals_hf_generate(make):
+def test_greedy_equals_hf_generate(make, prompts):
+    """Mixed prompt lengths run the decode step under an additive padding mask, equal lengths without a mask."""
     model = make()
     engine = RolloutEngine(model, horizon=Horizon.full(14), temperature=0, pad_token_id=0)
-    batch = engine.generate(PROMPTS)
+    batch = engine.generate(prompts)
     p = batch.prompt_width
     with torch.no_grad():
         ref = model.generate(input_ids=batch.input_ids[:, :p], attention_mask=batch.attention_mask[:, :p].long(),
@@ -229,6 +232,74 @@ def test_student_hidden_has_autograd_and_matches_logprobs_and_loss():
     loss.backward()
     assert torch.isfinite(loss) and s.lm_head.weight.grad is not None and s.embed_tokens.weight.grad.abs().sum() > 0
     assert t.lm_head.weight.grad is None
+
+
+def _noise(prm, seed):
+    return 0.1 * torch.randn(prm.shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _add_in_place(model):
+    with torch.no_grad():
+        for i, prm in enumerate(model.parameters()):
+            prm.add_(_noise(prm, i))  # bumps the version counters
+
+
+def _write_through_data(model):
+    for i, prm in enumerate(model.parameters()):
+        prm.data.copy_(prm.data + _noise(prm, i))  # .data has its own version counter: the parameters' stay
+
+
+def _fused_adamw_step(model):
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)  # leaves the version counters alone
+    ids = torch.tensor([PROMPTS[0] + PROMPTS[2]])
+    model(input_ids=ids).logits.logsumexp(-1).mean().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _sparse_adamw_step(model):
+    from fastopd.optim import SparseMaskedAdamW
+
+    named = [(n, prm) for n, prm in model.named_parameters() if prm.dim() == 2]
+    masks = {n: torch.rand(prm.shape, generator=torch.Generator().manual_seed(i)) < 0.3
+             for i, (n, prm) in enumerate(named)}
+    opt = SparseMaskedAdamW(named, masks=masks, lr=0.05)
+    ids = torch.tensor([PROMPTS[0] + PROMPTS[2]])
+    model(input_ids=ids).logits.logsumexp(-1).mean().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _replace_parameters(model):
+    for i, module in enumerate(model.modules()):
+        for name, prm in list(module.named_parameters(recurse=False)):
+            setattr(module, name, torch.nn.Parameter(prm.detach() + _noise(prm, i)))  # new storage
+
+
+@pytest.mark.parametrize("update", [
+    pytest.param(_add_in_place, id="in-place-add"), pytest.param(_write_through_data, id="data-copy"),
+    pytest.param(_fused_adamw_step, id="fused-adamw"), pytest.param(_sparse_adamw_step, id="sparse-adamw"),
+    pytest.param(_replace_parameters, id="new-parameters")])
+@pytest.mark.parametrize("make", [pytest.param(llama, id="llama"), pytest.param(gpt2, id="gpt2")])
+def test_weight_update_between_generate_calls_is_picked_up(make, update):
+    """The decode step's packed/transposed weight copies are kept between calls; every kind of weight update
+    (including those that leave the version counters alone) makes the next call use the new weights."""
+    model = make()
+    engine = RolloutEngine(model, horizon=10, temperature=0, pad_token_id=0)
+    before = engine.generate(PROMPTS)
+    assert torch.equal(engine.generate(PROMPTS).input_ids, before.input_ids)  # cached copies, same tokens
+    update(model)
+    after = engine.generate(PROMPTS)
+    p = after.prompt_width
+    with torch.no_grad():
+        ref = model.generate(input_ids=after.input_ids[:, :p], attention_mask=after.attention_mask[:, :p].long(),
+                             max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0,
+                             eos_token_id=None)
+    assert torch.equal(after.completion_ids, ref[:, p:])
+    assert not torch.equal(after.completion_ids, before.completion_ids)
+    logits = full_logits(model, after.input_ids, after.attention_mask)[:, p - 1 : p + 9]
+    ref_logprobs = logits.log_softmax(-1).gather(-1, after.completion_ids[..., None])[..., 0]
+    torch.testing.assert_close(after.logprobs, ref_logprobs, rtol=1e-5, atol=1e-5)
 
 
 def test_kv_cache_sized_to_horizon_reused_and_grown():
