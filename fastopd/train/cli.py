@@ -94,6 +94,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                     "default: the built-in addition teacher")
     p.add_argument("--student", metavar="DIR", help="student start folder; default: the built-in student")
     p.add_argument("--device", help="cpu or cuda (default cpu)")
+    p.add_argument("--parallel", choices=("auto", "none", "ddp", "fsdp2"),
+                   help="data parallelism under torchrun (default auto: DDP when there is more than one process); "
+                        "e.g. torchrun --nproc-per-node 2 -m fastopd.cli distill --parallel fsdp2")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default 1: the built-in models are tiny, and "
                                                "more threads only add synchronization, badly so on a busy machine)")
 
@@ -201,6 +204,7 @@ def distill(job: DistillJob, opd: dict[str, Any], *, progress: bool = True, out=
 def _distill(job: DistillJob, opd: dict[str, Any], progress: bool, out) -> int:
     import torch
 
+    from fastopd.distributed.data_parallel import DataParallel
     from fastopd.models import Transformer
     from fastopd.train.task import EOS, PAD, AdditionEvaluator, AdditionTask, accuracy
     from fastopd.train.trainer import OPDTrainer, peak_memory_mb
@@ -210,6 +214,13 @@ def _distill(job: DistillJob, opd: dict[str, Any], progress: bool, out) -> int:
     try:
         config = OPDConfig(**{**opd, "max_new_tokens": task.max_new_tokens, "eos_token_id": EOS, "pad_token_id": PAD,
                               "checkpoint_dir": str(run_dir / "checkpoints")})
+        try:  # under torchrun this initializes the process group; every rank uses rank 0's run folder
+            par = DataParallel.resolve(config.parallel)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if par.active and job.out is None:
+            run_dir = Path(par.gather_objects(str(run_dir))[0])
+            config = dataclasses.replace(config, checkpoint_dir=str(run_dir / "checkpoints"))
         device = torch.device(job.device)
         if device.type == "cpu":
             torch.set_num_threads(job.threads)
@@ -235,27 +246,31 @@ def _distill(job: DistillJob, opd: dict[str, Any], progress: bool, out) -> int:
         print(f"fastopd distill: error: {exc}", file=sys.stderr)
         return 2
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not config.resume:
-        for stale in ("metrics.jsonl", "eval.jsonl"):
-            (run_dir / stale).unlink(missing_ok=True)
-    resolved = {**dataclasses.asdict(job), **config.to_dict(), "teacher": str(teacher_dir),
-                "student": str(student_dir)}
-    (run_dir / "config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n")
+    if not par.is_main:  # rank 0 prints and writes the run folder; the others train beside it
+        out = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the process)
+    if par.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not config.resume:
+            for stale in ("metrics.jsonl", "eval.jsonl"):
+                (run_dir / stale).unlink(missing_ok=True)
+        resolved = {**dataclasses.asdict(job), **config.to_dict(), "teacher": str(teacher_dir),
+                    "student": str(student_dir), "world_size": par.world_size}
+        (run_dir / "config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n")
+    par.barrier()
     t0 = time.perf_counter()
     evaluator = AdditionEvaluator(task, job.eval_size)
     trainer = OPDTrainer(student, teacher, config, evaluator=evaluator, run_dir=run_dir)
     mask_note = ""
     if trainer.masks is not None:
-        selected = trainer.optimizer.mask_indices()
-        chosen = sum(p.numel() if selected.get(n) is None else selected[n].numel()
-                     for n, p in student.named_parameters() if n in selected)
-        chosen += sum(p.numel() for n, p in student.named_parameters() if n not in selected)
+        given = trainer.masks  # full masks (under FSDP2 the optimizer holds only this rank's part)
+        chosen = sum((int(given[n].sum()) if given[n].dtype == torch.bool else given[n].numel()) if n in given
+                     else p.numel() for n, p in student.named_parameters())
         mask_note = f", sparse masks ({100 * chosen / sum(p.numel() for p in student.parameters()):.1f}% trainable)"
+    ranks = f", {par.world_size} ranks ({par.mode})" if par.active else ""
     print(f"fastopd distill: 3-digit addition, teacher {sum(p.numel() for p in teacher.parameters()):,} params, "
           f"student {sum(p.numel() for p in student.parameters()):,} params; objective {config.objective}, "
           f"{job.steps} steps x {job.batch_size} prompts x {config.num_samples} samples, horizon "
-          f"{_horizon_text(config)}{mask_note}", file=out, flush=True)
+          f"{_horizon_text(config)}{mask_note}{ranks}", file=out, flush=True)
     teacher_acc = accuracy(teacher, task, evaluator.problems)
     if trainer.global_step:
         print(f"resuming from {trainer.resumed_from} (step {trainer.global_step})", file=out, flush=True)
@@ -270,8 +285,10 @@ def _distill(job: DistillJob, opd: dict[str, Any], progress: bool, out) -> int:
         "wall_s": wall, "peak_mem_mb": peak_memory_mb(trainer.device),
         "tokens_generated": sum(m["tokens"] for m in history),
         "rollout_s": sum(m["rollout_s"] for m in history), "scoring_s": sum(m["scoring_s"] for m in history),
-        "update_s": sum(m["update_s"] for m in history), "run_dir": str(run_dir),
+        "update_s": sum(m["update_s"] for m in history), "run_dir": str(run_dir), "world_size": par.world_size,
     }
+    if not par.is_main:
+        return 0
     table = summary_table(summary)
     plots = _plots(run_dir, history, trainer.eval_history, teacher_acc)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -180,15 +180,30 @@ print("finished", flush=True)
 '''
 
 
+def _torchrun(*argv: str) -> subprocess.CompletedProcess:
+    """`torchrun --nproc-per-node 2 ARGV...` on a free local port, this folder importable, output captured."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", *argv],
+                          env=env, capture_output=True, text=True, timeout=180)
+
+
 def test_a_rank_that_raises_ends_the_torchrun_job(tmp_path):
     script = tmp_path / "crash.py"
     script.write_text(CRASH)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-port", "0", "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0",
-                           str(script)], env=env, capture_output=True, text=True, timeout=180)
+    proc = _torchrun(str(script))
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]
     assert "rank 1 fails at step 1 on purpose" in out, out[-3000:]
     assert "finished" not in proc.stdout
+
+
+def test_fastopd_distill_under_torchrun_writes_one_run_folder(tmp_path):
+    out = tmp_path / "run"
+    proc = _torchrun("-m", "fastopd.cli", "distill", "--steps", "2", "--batch-size", "4", "--num-samples", "2",
+                     "--eval-size", "8", "--horizon", "full:6", "--out", str(out))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert proc.stdout.count("2 ranks (ddp)") == 1 and proc.stdout.count("student accuracy") == 1, proc.stdout
+    assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step_00000002"]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # one line per step, from rank 0 only
