@@ -21,7 +21,7 @@ try:
     from torch.distributed.fsdp import fully_shard  # noqa: F401
 
     FSDP2 = None
-except ImportError as exc:  # older torch: the FSDP2 tests run in the GPU suite only
+except ImportError as exc:  # older torch: the FSDP2 tests skip
     FSDP2 = f"this torch has no FSDP2 (torch.distributed.fsdp.fully_shard): {exc}"
 needs_fsdp2 = pytest.mark.skipif(FSDP2 is not None, reason=str(FSDP2))
 PROMPTS = 8  # the global batch of every step
