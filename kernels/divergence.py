@@ -11,7 +11,8 @@ reference (fastopd/losses/reference.py). Per row r of xs, xt [C, V] (raw fp32 lo
     loss = soft_w * div + hard_w * (lse_s - z_s[y]);  the hard term adds hard_w (p_s - onehot(y)).
 
 One program per row streams the vocabulary in BLOCK_V blocks:
-  pass 1  online max / sum-exp of both models (block maxima, rescaled running sums in fp64);
+  pass 1  online max / sum-exp of both models (block maxima, rescaled running sums in fp64); for rkl also the
+          teacher's z at the student's top token, the pivot that rkl and lp_s - lp_t are taken relative to;
   pass 2  the divergence sums and the entropy with log-probs formed as (z - max) - log(sum), exact near 0
           where z - lse would round them away; for fkl the gradient is written here (p_s - p_t via expm1
           where both are near 1);
@@ -113,6 +114,7 @@ def _divergence_row_kernel(
         m_t = float("-inf")
         s_s = tl.zeros([], dtype=tl.float64)
         s_t = tl.zeros([], dtype=tl.float64)
+        top_t = float("-inf")  # rkl: the teacher's z at the student's top token (the pivot, see pass 2)
         for start in range(0, V, BLOCK_V):
             offs = start + lanes
             mask = offs < V
@@ -120,6 +122,10 @@ def _divergence_row_kernel(
                         inv_softcap, SOFTCAP)
             zt = _scale(tl.load(xt_row + offs, mask=mask, other=0.0).to(tl.float32), mask, inv_temp, softcap,
                         inv_softcap, SOFTCAP)
+            if DIV == 1:
+                block_max = tl.max(zs, 0)
+                block_top_t = tl.max(tl.where(zs == block_max, zt, float("-inf")), 0)
+                top_t = tl.where(block_max > m_s, block_top_t, top_t)
             m_s, s_s = _online_update(m_s, s_s, zs)
             m_t, s_t = _online_update(m_t, s_t, zt)
         # log p = (z - max) - log(sum): subtracting the max first keeps log-probs near 0 exact, where z - lse
@@ -128,6 +134,11 @@ def _divergence_row_kernel(
         m_t = tl.where(m_t == float("-inf"), 0.0, m_t)
         log_s = tl.log(s_s).to(tl.float32)
         log_t = tl.log(s_t).to(tl.float32)
+        # rkl: d = lp_s - lp_t is taken relative to its value c at the student's top token. The gradient
+        # p_s (d - rkl) of a dominant token is a difference of two numbers of size |rkl| (~27 at logit scale
+        # 140), where every fp32 rounding would land; with rkl = c + sum p_s (d - c) only small numbers cancel.
+        pivot = (0.0 - log_s) - ((top_t - m_t) - log_t)
+        pivot = tl.where((pivot == pivot) & (tl.abs(pivot) < float("inf")), pivot, 0.0)  # teacher -inf there
 
         # Pass 2: divergence sums and entropy (fkl: also the gradient).
         acc_a = 0.0  # fkl: KL(t||s); rkl: KL(s||t); jsd: KL(t||m)
@@ -158,14 +169,15 @@ def _divergence_row_kernel(
                         chain = inv_temp * (1.0 - c * c)
                     tl.store(xs_row + offs, g * chain, mask=mask)
             elif DIV == 1:
-                acc_a += tl.sum(tl.where(ps > 0.0, ps * (lps - lpt), 0.0), 0)
+                acc_a += tl.sum(tl.where(ps > 0.0, ps * ((lps - lpt) - pivot), 0.0), 0)  # rkl - pivot
             else:
                 # Terms of probability <= 1e-30 are dropped (< 1e-28 each): m > 0 wherever log m is used.
                 lm = tl.log(beta * pt + (1.0 - beta) * ps)
                 acc_a += tl.sum(tl.where(pt > TINY_P, pt * (lpt - lm), 0.0), 0)
                 acc_b += tl.sum(tl.where(ps > TINY_P, ps * (lps - lm), 0.0), 0)
 
-        # Pass 3 (rkl, jsd): dL/dz_s = coef * p_s ((lp_s - lp_ref) - K) + hard_w (p_s - onehot(y)).
+        # Pass 3 (rkl, jsd): dL/dz_s = coef * p_s ((lp_s - lp_ref) - K) + hard_w (p_s - onehot(y)); for rkl both
+        # lp_s - lp_t and K = rkl are taken relative to the pivot.
         if COMPUTE_GRAD and DIV != 0:
             if DIV == 1:
                 k = acc_a
@@ -184,11 +196,11 @@ def _divergence_row_kernel(
                 lpt = (zt - m_t) - log_t
                 ps = tl.exp(lps)
                 if DIV == 1:
-                    term = tl.where(ps > 0.0, ps * (lps - lpt), 0.0)
+                    g = coef * tl.where(ps > 0.0, ps * (((lps - lpt) - pivot) - k), 0.0)
                 else:
                     lm = tl.log(beta * tl.exp(lpt) + (1.0 - beta) * ps)
                     term = tl.where(ps > TINY_P, ps * (lps - lm), 0.0)
-                g = coef * (term - ps * k)
+                    g = coef * (term - ps * k)
                 if HARD:
                     g += hard_weight * ps
                     g = tl.where(offs == y, g - hard_weight, g)
@@ -200,6 +212,8 @@ def _divergence_row_kernel(
 
         if DIV == 2:
             soft = beta * acc_a + (1.0 - beta) * acc_b
+        elif DIV == 1:
+            soft = pivot + acc_a
         else:
             soft = acc_a
         row_loss = soft_weight * soft

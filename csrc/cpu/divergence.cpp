@@ -11,6 +11,8 @@
 // compute_grad, dL/dx_s written over xs (chain rule through temperature and softcap included).
 // xt is scratch. Ignored rows (label == ignore_index) get loss 0, stats 0, gradient 0.
 //
+// rkl is accumulated relative to lp_s - lp_t at the student's top token (the pivot; see pass 2), so that the
+// gradient of a dominant token is not a difference of two numbers of size rkl.
 // Memory traffic per row: 4 streaming passes over the two rows (max, sum-exp, loss/prob, gradient);
 // a row of 32k fp32 logits per model is 128 KiB, so passes after the first hit L2.
 #include <ATen/Parallel.h>
@@ -75,15 +77,21 @@ __attribute__((always_inline)) inline void divergence_row(float* __restrict xs, 
   mt = mt == ninf ? 0.0f : mt;
 
   // Pass 2: normalizers; the exponentials are kept in the thread's scratch rows (L2-resident) so that
-  // pass 3 forms probabilities with a multiply instead of a second exp.
+  // pass 3 forms probabilities with a multiply instead of a second exp. rkl: also the teacher's z at the
+  // student's top token (the pivot of pass 3).
   double ss = 0.0, st = 0.0;
-#pragma omp simd reduction(+ : ss, st)
+  float top_t = ninf;
+#pragma omp simd reduction(+ : ss, st) reduction(max : top_t)
   for (int64_t v = 0; v < V; ++v) {
     const float a = vmath::exp(xs[v] - ms), b = vmath::exp(xt[v] - mt);
     es[v] = a;
     et[v] = b;
     ss += static_cast<double>(a);
     st += static_cast<double>(b);
+    if (DIV == kRKL) {
+      const float cand = xs[v] == ms ? xt[v] : ninf;
+      top_t = cand > top_t ? cand : top_t;
+    }
   }
   // log p = (z - max) - log(sum): subtracting the max first keeps log-probs near 0 exact, where
   // z - lse would lose everything below the spacing of fp32 at |lse| (4e-6 at 50).
@@ -92,6 +100,14 @@ __attribute__((always_inline)) inline void divergence_row(float* __restrict xs, 
   const double lse_s_d = static_cast<double>(ms) + log_ss;
   const double lse_t_d = static_cast<double>(mt) + log_st;
   const float inv_ss = static_cast<float>(1.0 / ss), inv_st = static_cast<float>(1.0 / st);
+  // rkl: d = lp_s - lp_t is taken relative to its value c at the student's top token. The gradient
+  // p_s (d - rkl) of a dominant token is a difference of two numbers of size |rkl| (~27 at logit scale 140),
+  // where every fp32 rounding would land; with rkl = c + sum p_s (d - c) only small numbers cancel.
+  float pivot = 0.0f;
+  if (DIV == kRKL) {
+    pivot = (0.0f - lss) - ((top_t - mt) - lst);
+    if (!std::isfinite(pivot)) pivot = 0.0f;  // teacher -inf at the student's top token: the loss is inf anyway
+  }
 
   // Pass 3: divergence terms and entropy; stores what the gradient pass needs.
   const float b = o.beta, omb = 1.0f - o.beta;
@@ -114,10 +130,10 @@ __attribute__((always_inline)) inline void divergence_row(float* __restrict xs, 
       acc_a += pt > 0.0f ? static_cast<double>(pt * (lpt - lps)) : 0.0;
       if (grad) xs[v] = chain * (sw * (ps - pt) + hw * ps);
     } else if (DIV == kRKL) {
-      const float term = ps > 0.0f ? ps * (lps - lpt) : 0.0f;
-      acc_a += static_cast<double>(term);
+      const float r = ps > 0.0f ? (lps - lpt) - pivot : 0.0f;
+      acc_a += static_cast<double>(ps * r);
       if (grad) {
-        xs[v] = chain * term;
+        xs[v] = r;
         xt[v] = chain * ps;
       }
     } else {
@@ -138,14 +154,23 @@ __attribute__((always_inline)) inline void divergence_row(float* __restrict xs, 
   double soft;
   if (DIV == kJSD) {
     soft = static_cast<double>(b) * acc_a + static_cast<double>(omb) * acc_b;
+  } else if (DIV == kRKL) {
+    soft = static_cast<double>(pivot) + acc_a;
   } else {
     soft = acc_a;
   }
 
-  // Pass 4 (rkl, jsd): dL/dz_s = coef * p_s (r - K), with chain*term and chain*p_s stored.
-  if (grad && DIV != kFKL) {
-    const float k = static_cast<float>(DIV == kRKL ? acc_a : acc_b);
-    const float coef = DIV == kRKL ? sw : sw * omb;
+  // Pass 4 (rkl, jsd): dL/dz_s = coef * p_s (r - K). rkl: r = (lp_s - lp_t) - pivot and K = rkl - pivot, with r
+  // and chain*p_s stored; jsd: r = lp_s - log m and K = KL(s||m), with chain*p_s*r and chain*p_s stored.
+  if (grad && DIV == kRKL) {
+    const float k = static_cast<float>(acc_a);
+#pragma omp simd
+    for (int64_t v = 0; v < V; ++v) {
+      xs[v] = sw * xt[v] * (xs[v] - k) + hw * xt[v];
+    }
+  } else if (grad && DIV == kJSD) {
+    const float k = static_cast<float>(acc_b);
+    const float coef = sw * omb;
 #pragma omp simd
     for (int64_t v = 0; v < V; ++v) {
       xs[v] = coef * (xs[v] - xt[v] * k) + hw * xt[v];

@@ -10,8 +10,9 @@
 //   loss = soft_w * div + hard_w * (lse_s - z_s[y]);  the hard term adds hard_w (p_s - onehot(y)).
 //
 // One thread block per row. Pass 1: per-thread online max / sum-exp of both models (sums in fp64 so that
-// log-probs near 0 stay exact; log p = (z - max) - log(sum)), then a block reduction
-// of the (max, sum) pairs (warp shuffles, then one value per warp through shared memory). Pass 2: the
+// log-probs near 0 stay exact; log p = (z - max) - log(sum)), then a block reduction of the (max, sum)
+// pairs (warp shuffles, then one value per warp through shared memory); the student's pair also carries the
+// teacher's z at its max, rkl's pivot (rkl and lp_s - lp_t are taken relative to lp_s - lp_t there). Pass 2: the
 // divergence sums and the entropy with exact log-probs; for fkl the gradient is stored in the same pass.
 // Pass 3 (rkl, jsd with a gradient): the gradient, which needs the row's KL from pass 2. Loads are float4
 // when the rows are 16-byte aligned (V a multiple of 4, as 128256 and 151936 are), scalar otherwise.
@@ -67,25 +68,30 @@ __device__ __forceinline__ float scale(float x, const RowParams& p) {
 
 // Online log-sum-exp state: running max m and sum s relative to m. The sum is fp64 so that log(s) resolves
 // log-probs near 0 (s = 1 + tiny when one token dominates); in fp32 their error would be 6e-8, the spacing
-// of 1.0. Only the accumulation is fp64; the exponentials stay fp32.
+// of 1.0. Only the accumulation is fp64; the exponentials stay fp32. `top` carries a value of the token at the
+// max (for the student's state: the teacher's z there, rkl's pivot; the largest one among ties).
 struct MaxSum {
   float m;
   double s;
+  float top;
 };
 
-__device__ __forceinline__ void online_add(MaxSum& a, float z) {
+__device__ __forceinline__ void online_add(MaxSum& a, float z, float top) {
   if (z > a.m) {
     a.s = a.s * static_cast<double>(__expf(a.m - z)) + 1.0;  // a.m = -inf gives exp(-inf) = 0
     a.m = z;
+    a.top = top;
   } else if (z != kNegInf) {
     a.s += static_cast<double>(__expf(z - a.m));
+    if (z == a.m) a.top = fmaxf(a.top, top);
   }
 }
 
 __device__ __forceinline__ MaxSum combine(MaxSum a, MaxSum b) {
   const float m = fmaxf(a.m, b.m);
-  if (m == kNegInf) return {kNegInf, 0.0};
-  return {m, a.s * static_cast<double>(__expf(a.m - m)) + b.s * static_cast<double>(__expf(b.m - m))};
+  if (m == kNegInf) return {kNegInf, 0.0, kNegInf};
+  const float top = a.m > b.m ? a.top : (b.m > a.m ? b.top : fmaxf(a.top, b.top));
+  return {m, a.s * static_cast<double>(__expf(a.m - m)) + b.s * static_cast<double>(__expf(b.m - m)), top};
 }
 
 // log(s) of a sum s >= 1 (the max contributes exp(0) = 1): log1pf of s - 1 taken in fp64 keeps it exact near
@@ -111,7 +117,8 @@ __device__ __forceinline__ float p_diff(float ps, float pt, float lps, float lpt
 __device__ __forceinline__ MaxSum warp_reduce(MaxSum v) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
-    MaxSum o{__shfl_xor_sync(0xffffffffu, v.m, off), __shfl_xor_sync(0xffffffffu, v.s, off)};
+    MaxSum o{__shfl_xor_sync(0xffffffffu, v.m, off), __shfl_xor_sync(0xffffffffu, v.s, off),
+             __shfl_xor_sync(0xffffffffu, v.top, off)};
     v = combine(v, o);
   }
   return v;
@@ -130,7 +137,7 @@ __device__ MaxSum block_reduce(MaxSum v, MaxSum* smem) {
   __syncthreads();  // smem may still be read by a previous reduction
   if (lane == 0) smem[warp] = v;
   __syncthreads();
-  MaxSum r = lane < kWarps ? smem[lane] : MaxSum{kNegInf, 0.0};
+  MaxSum r = lane < kWarps ? smem[lane] : MaxSum{kNegInf, 0.0, kNegInf};
   return warp_reduce(r);
 }
 
@@ -222,16 +229,25 @@ __global__ void __launch_bounds__(kThreads) divergence_row_kernel(float* __restr
   const float zt_y = has_labels ? scale<SOFTCAP>(xt[y], p) : 0.0f;
 
   // Pass 1: normalizers.
-  MaxSum as{kNegInf, 0.0}, at{kNegInf, 0.0};
+  MaxSum as{kNegInf, 0.0, kNegInf}, at{kNegInf, 0.0, kNegInf};
   for_row<VEC>(xs, xt, V, [&](int64_t, float a, float b) {
-    online_add(as, scale<SOFTCAP>(a, p));
-    online_add(at, scale<SOFTCAP>(b, p));
+    const float zt = scale<SOFTCAP>(b, p);
+    online_add(as, scale<SOFTCAP>(a, p), zt);
+    online_add(at, zt, zt);
   });
   as = block_reduce(as, smem_ms[0]);
   at = block_reduce(at, smem_ms[1]);
   // log p = (z - max) - log(sum): subtracting the max first keeps log-probs near 0 exact.
   const float ms = as.m == kNegInf ? 0.0f : as.m, mt = at.m == kNegInf ? 0.0f : at.m;
   const float log_s = log_sum(as.s), log_t = log_sum(at.s);
+  // rkl: d = lp_s - lp_t is taken relative to its value at the student's top token (the pivot). The gradient
+  // p_s (d - rkl) of a dominant token is a difference of two numbers of size |rkl| (~27 at logit scale 140),
+  // where every fp32 rounding would land; with rkl = pivot + sum p_s (d - pivot) only small numbers cancel.
+  float pivot = 0.0f;
+  if (DIV == kRKL) {
+    pivot = (0.0f - log_s) - ((as.top - mt) - log_t);
+    if (!(fabsf(pivot) < INFINITY)) pivot = 0.0f;  // teacher -inf at the student's top token: loss inf anyway
+  }
   constexpr float kTinyP = 1e-30f;  // JSD drops terms of smaller probability (< 1e-28 each), as the C++ kernel
 
   const float b = p.beta, omb = 1.0f - p.beta, sw = p.soft_weight, hw = p.hard_weight;
@@ -241,7 +257,7 @@ __global__ void __launch_bounds__(kThreads) divergence_row_kernel(float* __restr
     return p.inv_temp * (1.0f - c * c);
   };
 
-  // Pass 2: divergence sums (acc[0]: fkl / rkl / KL(t||m), acc[1]: KL(s||m)) and sum p_s lp_s (acc[2]).
+  // Pass 2: divergence sums (acc[0]: fkl / rkl - pivot / KL(t||m), acc[1]: KL(s||m)) and sum p_s lp_s (acc[2]).
   float acc[3] = {0.0f, 0.0f, 0.0f};
   auto terms = [&](float zs, float zt, float& ps_out, float& pt_out) {
     const float lps = (zs - ms) - log_s, lpt = (zt - mt) - log_t;
@@ -250,7 +266,7 @@ __global__ void __launch_bounds__(kThreads) divergence_row_kernel(float* __restr
     if (DIV == kFKL) {
       acc[0] += pt > 0.0f ? pt * (lpt - lps) : 0.0f;
     } else if (DIV == kRKL) {
-      acc[0] += ps > 0.0f ? ps * (lps - lpt) : 0.0f;
+      acc[0] += ps > 0.0f ? ps * ((lps - lpt) - pivot) : 0.0f;
     } else {
       const float lm = __logf(b * pt + omb * ps);
       acc[0] += pt > kTinyP ? pt * (lpt - lm) : 0.0f;
@@ -277,7 +293,8 @@ __global__ void __launch_bounds__(kThreads) divergence_row_kernel(float* __restr
   }
   block_sum<3>(acc, smem_sum);
 
-  // Pass 3 (rkl, jsd): dL/dz_s = coef * p_s ((lp_s - lp_ref) - K) + hard_w (p_s - onehot(y)).
+  // Pass 3 (rkl, jsd): dL/dz_s = coef * p_s ((lp_s - lp_ref) - K) + hard_w (p_s - onehot(y)); for rkl both
+  // lp_s - lp_t and K = rkl are taken relative to the pivot.
   if (GRAD && DIV != kFKL) {
     const float k = DIV == kRKL ? acc[0] : acc[1];
     const float coef = DIV == kRKL ? sw : sw * omb;
@@ -285,16 +302,21 @@ __global__ void __launch_bounds__(kThreads) divergence_row_kernel(float* __restr
       const float zs = scale<SOFTCAP>(a, p), zt = scale<SOFTCAP>(bt, p);
       const float lps = (zs - ms) - log_s, lpt = (zt - mt) - log_t;
       const float ps = __expf(lps);
-      const float lref = DIV == kRKL ? lpt : __logf(b * __expf(lpt) + omb * ps);
-      const float term = ps > (DIV == kRKL ? 0.0f : kTinyP) ? ps * (lps - lref) : 0.0f;
-      float g = coef * (term - ps * k);
+      float g;
+      if (DIV == kRKL) {
+        g = ps > 0.0f ? coef * (ps * (((lps - lpt) - pivot) - k)) : 0.0f;
+      } else {
+        const float lm = __logf(b * __expf(lpt) + omb * ps);
+        const float term = ps > kTinyP ? ps * (lps - lm) : 0.0f;
+        g = coef * (term - ps * k);
+      }
       if (hard) g += hw * (ps - (i == y ? 1.0f : 0.0f));
       return g * chain(zs);
     });
   }
 
   if (threadIdx.x == 0) {
-    const float soft = DIV == kJSD ? b * acc[0] + omb * acc[1] : acc[0];
+    const float soft = DIV == kJSD ? b * acc[0] + omb * acc[1] : (DIV == kRKL ? pivot + acc[0] : acc[0]);
     float row_loss = sw * soft;
     const float lps_y = (zs_y - ms) - log_s, lpt_y = (zt_y - mt) - log_t;
     if (hard) row_loss -= hw * lps_y;

@@ -40,9 +40,17 @@ def divergence_chunk_(xs: torch.Tensor, xt: torch.Tensor, labels: torch.Tensor |
         soft = _xlogy_ratio(pt, lpt - lps).sum(-1)
         dsoft = ps - pt
     elif divergence == RKL:
-        term = _xlogy_ratio(ps, lps - lpt)
-        soft = term.sum(-1)
-        dsoft = term - ps * soft[:, None]
+        # d = lp_s - lp_t relative to its value c at the student's top token: the gradient p_s (d - rkl) of a
+        # dominant token is a difference of two numbers of size |rkl| (~27 at logit scale 140) and every fp32
+        # rounding at that size would land in it; with r = d - c and rkl = c + sum p_s r, d - rkl = r - sum p_s r
+        # is formed from small numbers only.
+        d = lps - lpt
+        c = d.gather(1, zs.argmax(-1, keepdim=True))
+        c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))  # teacher -inf at the student's top: loss inf
+        r = d - c
+        s_rel = _xlogy_ratio(ps, r).sum(-1, keepdim=True)
+        soft = (c + s_rel)[:, 0]
+        dsoft = _xlogy_ratio(ps, r - s_rel)
     elif divergence == JSD:
         lm = torch.logaddexp(lpt + math.log(beta), lps + math.log1p(-beta))  # log(b p_t + (1-b) p_s), no underflow
         kl_t = _xlogy_ratio(pt, lpt - lm).sum(-1)

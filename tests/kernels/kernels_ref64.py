@@ -60,3 +60,18 @@ def row_divergence64(xs: torch.Tensor, xt: torch.Tensor, labels: torch.Tensor | 
     stats = torch.stack([lse_s, lse_t, lps_y, lpt_y, entropy], 1)
     stats = torch.where(valid[:, None], stats, torch.zeros_like(stats))
     return row.detach(), stats.detach(), grad.detach()
+
+
+def rkl_dominant_logits(v: int = 301, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 logits [4, V] of a student with one dominant token (p = 1 - 1e-4 .. 1 - 1e-6) that the teacher
+    puts 18..60 below its own top, so rkl is 20..61 and the top token's gradient p_s ((lp_s - lp_t) - rkl) is
+    a difference of two numbers of that size. The top token sits in the last, a middle and the first 64-wide
+    block; row 2 has it twice (a tie at the student's max, in two blocks)."""
+    g = torch.Generator().manual_seed(seed)
+    xs = torch.randn(4, v, generator=g, dtype=torch.float64) * 3
+    xt = torch.randn(4, v, generator=g, dtype=torch.float64) * 3
+    rows, top = torch.arange(4), torch.tensor([v - 1, 250, 3, 130])
+    xs[rows, top] = xs.amax(1) + torch.tensor([9.0, 12.0, 7.0, 10.0], dtype=torch.float64)
+    xt[rows, top] = xt.amax(1) - torch.tensor([25.0, 40.0, 18.0, 60.0], dtype=torch.float64)
+    xs[2, 200] = xs[2, 3]
+    return xs, xt
