@@ -408,8 +408,9 @@ class OPDTrainer:
             raise ValueError("this OPDTrainer has no evaluator")
         was_training = self.student.training
         self.student.eval()
-        try:
-            result = {"step": self.global_step, **self.evaluator(self)}
+        try:  # on every rank; under FSDP2 with the full weights (the evaluator may run the student as it likes)
+            with self.parallel.unsharded(self.module):
+                result = {"step": self.global_step, **self.evaluator(self)}
         finally:
             self.student.train(was_training)
         self.eval_history.append(result)

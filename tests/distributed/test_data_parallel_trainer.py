@@ -208,11 +208,13 @@ def test_a_rank_that_raises_ends_the_torchrun_job(tmp_path):
     assert "finished" not in proc.stdout
 
 
-def test_fastopd_distill_under_torchrun_writes_one_run_folder(tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", pytest.param("fsdp2", marks=needs_fsdp2)])
+def test_fastopd_distill_under_torchrun_writes_one_run_folder(tmp_path, mode):
     out = tmp_path / "run"
     proc = _torchrun("-m", "fastopd.cli", "distill", "--steps", "2", "--batch-size", "4", "--num-samples", "2",
-                     "--eval-size", "8", "--horizon", "full:6", "--out", str(out))
+                     "--eval-size", "8", "--eval-every", "1", "--horizon", "full:6", "--parallel", mode,
+                     "--out", str(out))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    assert proc.stdout.count("2 ranks (ddp)") == 1 and proc.stdout.count("student accuracy") == 1, proc.stdout
+    assert proc.stdout.count(f"2 ranks ({mode})") == 1 and proc.stdout.count("student accuracy") == 1, proc.stdout
     assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step_00000002"]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # one line per step, from rank 0 only
