@@ -25,7 +25,7 @@ import math
 import torch
 import torch.distributed as dist
 
-FKL, RKL, JSD = 0, 1, 2
+from fastopd.losses.reference import FKL, JSD, RKL, _xlogy_ratio, scaled_logits
 
 _SIZES: dict[tuple, tuple[tuple[int, int], ...]] = {}
 
@@ -100,11 +100,6 @@ def _row_max(z: torch.Tensor) -> torch.Tensor:
     return z.amax(dim=-1)
 
 
-def _xlogy_ratio(p: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
-    """p * log_ratio with 0 where p == 0 (a -inf log-prob of a masked entry gives 0, not NaN)."""
-    return torch.where(p > 0, p * log_ratio, torch.zeros((), dtype=p.dtype, device=p.device))
-
-
 def vocab_parallel_kernel(group: dist.ProcessGroup, vocab_start: int):
     """A row kernel with the `divergence_chunk_` contract for shards starting at global column `vocab_start`."""
 
@@ -112,12 +107,7 @@ def vocab_parallel_kernel(group: dist.ProcessGroup, vocab_start: int):
     def divergence_chunk_(xs: torch.Tensor, xt: torch.Tensor, labels: torch.Tensor | None, loss: torch.Tensor,
                           stats: torch.Tensor, divergence: int, beta: float, temperature: float, softcap: float,
                           soft_weight: float, hard_weight: float, ignore_index: int, compute_grad: bool) -> None:
-        zs, zt = xs, xt
-        if softcap > 0:
-            zs = softcap * torch.tanh(zs / softcap)
-            zt = softcap * torch.tanh(zt / softcap)
-        zs = zs / temperature
-        zt = zt / temperature
+        zs, zt = scaled_logits(xs, softcap, temperature), scaled_logits(xt, softcap, temperature)
         c, width = zs.shape
 
         m = torch.stack([_row_max(zs), _row_max(zt)], dim=1)

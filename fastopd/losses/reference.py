@@ -20,16 +20,18 @@ def _xlogy_ratio(p: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
     return torch.where(p > 0, p * log_ratio, torch.zeros((), dtype=p.dtype, device=p.device))
 
 
+def scaled_logits(x: torch.Tensor, softcap: float, temperature: float) -> torch.Tensor:
+    """z = softcap * tanh(x / softcap) (softcap > 0 only), divided by the temperature: what the divergence compares."""
+    if softcap > 0:
+        x = softcap * torch.tanh(x / softcap)
+    return x / temperature
+
+
 @torch.no_grad()
 def divergence_chunk_(xs: torch.Tensor, xt: torch.Tensor, labels: torch.Tensor | None, loss: torch.Tensor,
                       stats: torch.Tensor, divergence: int, beta: float, temperature: float, softcap: float,
                       soft_weight: float, hard_weight: float, ignore_index: int, compute_grad: bool) -> None:
-    zs, zt = xs, xt
-    if softcap > 0:
-        zs = softcap * torch.tanh(zs / softcap)
-        zt = softcap * torch.tanh(zt / softcap)
-    zs = zs / temperature
-    zt = zt / temperature
+    zs, zt = scaled_logits(xs, softcap, temperature), scaled_logits(xt, softcap, temperature)
     lse_s = torch.logsumexp(zs, dim=-1, keepdim=True)
     lse_t = torch.logsumexp(zt, dim=-1, keepdim=True)
     # log_softmax subtracts the max before the log-sum: z - lse would round log-probs near 0 to 0
