@@ -91,14 +91,15 @@ class PackedLlamaLayer(NamedTuple):
     """Inference-only weights of one Llama layer in the layout a single-token decode step wants: projections
     fused (q|k|v and gate|up) and stored transposed ``[in, out]`` and contiguous, so each is one ``addmm``, with
     the RMSNorm weight that precedes them folded into their rows (``(n * w) @ W = n @ (diag(w) W)``, folded in
-    fp32 and rounded once to the weight dtype)."""
+    fp32 and rounded once to the weight dtype). The RMSNorm epsilons are 0-d fp32 tensors on CPU (for the
+    four-kernel normalization of :func:`normalize`), floats elsewhere."""
 
-    input_eps: float
+    input_eps: float | torch.Tensor
     qkv: torch.Tensor  # [D, (H_q + 2 H_kv) * D_head], input-norm weight folded in
     qkv_bias: torch.Tensor | None
     o: torch.Tensor  # [H_q * D_head, D]
     o_bias: torch.Tensor | None
-    post_eps: float
+    post_eps: float | torch.Tensor
     gate_up: torch.Tensor  # [D, 2 I], post-attention-norm weight folded in
     gate_up_bias: torch.Tensor | None
     down: torch.Tensor  # [I, D]
@@ -125,15 +126,29 @@ def pack_llama_layer(layer: nn.Module) -> PackedLlamaLayer:
     o, o_bias = _fused_t(attn.o_proj)
     gate_up, gate_up_bias = _fused_t(mlp.gate_proj, mlp.up_proj, norm_weight=ln2.weight)
     down, down_bias = _fused_t(mlp.down_proj)
-    return PackedLlamaLayer(ln1.variance_epsilon, qkv, qkv_bias, o, o_bias, ln2.variance_epsilon, gate_up,
-                            gate_up_bias, down, down_bias)
+    eps_in, eps_post = decode_eps(ln1.variance_epsilon, qkv.device), decode_eps(ln2.variance_epsilon, qkv.device)
+    return PackedLlamaLayer(eps_in, qkv, qkv_bias, o, o_bias, eps_post, gate_up, gate_up_bias, down, down_bias)
 
 
-def _normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """``x / sqrt(mean(x^2) + eps)`` in fp32, cast back (the weightless part of :func:`rms_norm`)."""
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), eps=eps)
-    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+def decode_eps(eps: float, device: torch.device) -> float | torch.Tensor:
+    """An RMSNorm epsilon in the form :func:`normalize` takes on ``device``."""
+    return torch.tensor(eps, dtype=torch.float32, device=device) if device.type == "cpu" else eps
+
+
+def normalize(x: torch.Tensor, eps: float | torch.Tensor) -> torch.Tensor:
+    """``x / sqrt(mean(x^2) + eps)`` in fp32, cast back (the weightless part of :func:`rms_norm`).
+
+    With a 0-d tensor ``eps`` (CPU) the mean of squares comes from the 2-norm: a norm, an ``addcmul`` forming
+    ``n^2 / D + eps``, an rsqrt and a product, where ``F.rms_norm`` runs six kernels on CPU (about half the time
+    at decode shapes; the result can differ from ``F.rms_norm``'s by an ulp or two). A float ``eps`` uses
+    ``F.rms_norm``."""
+    xf = x.float()
+    if isinstance(eps, torch.Tensor):
+        n = torch.linalg.vector_norm(xf, dim=-1, keepdim=True)
+        out = xf * torch.addcmul(eps, n, n, value=1.0 / x.shape[-1]).rsqrt_()
+    else:
+        out = F.rms_norm(xf, (x.shape[-1],), eps=eps)
+    return out.to(x.dtype)
 
 
 def _linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
@@ -186,7 +201,7 @@ def llama_decode_layer(
     ``addmm``)."""
     b = x.shape[0]
     n_q = num_heads * head_dim
-    qkv = _linear(_normalize(x, packed.input_eps), packed.qkv, packed.qkv_bias)
+    qkv = _linear(normalize(x, packed.input_eps), packed.qkv, packed.qkv_bias)
     # q and k rotated together and in place: [B, H_q + H_kv, 1, D_head]; then k|v goes to the cache in one copy.
     _apply_rope_signed_(qkv[:, : n_q + num_kv_heads * head_dim].view(b, num_heads + num_kv_heads, 1, head_dim),
                         cos, sin_signed)
@@ -196,5 +211,5 @@ def llama_decode_layer(
         k_all, v_all = k_all[:, :, : column + 1], v_all[:, :, : column + 1]
     o = attention(qkv[:, :n_q].view(b, num_heads, 1, head_dim), k_all, v_all, mask)
     x = _linear(o.view(b, n_q), packed.o, packed.o_bias, residual=x)
-    gate, up = _linear(_normalize(x, packed.post_eps), packed.gate_up, packed.gate_up_bias).chunk(2, dim=-1)
+    gate, up = _linear(normalize(x, packed.post_eps), packed.gate_up, packed.gate_up_bias).chunk(2, dim=-1)
     return _linear(F.silu(gate).mul_(up), packed.down, packed.down_bias, residual=x)

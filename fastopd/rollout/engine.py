@@ -324,7 +324,7 @@ class RolloutEngine:
         b = bp * n
         device = ids.device
         last, cache, prefill_tokens = self._prefill(adapter, "student", ids, mask, n, p + h)
-        decode_step = adapter.prepare_decode(p + h)
+        decode_step = adapter.prepare_decode(p + h, b)
         logits = decode_step.head(last)
         row_mask = mask.repeat_interleave(n, 0)
         positions = lengths.repeat_interleave(n, 0)[:, None].clone()
