@@ -95,14 +95,14 @@ class KVCache:
 
 
     def write_token(self, index: int, column: int | torch.Tensor, key_value: torch.Tensor) -> None:
-        """Write one token per row: ``key_value`` ``[B, 2, H_kv, D_head]`` (key then value, the layout of a fused
-        k|v projection) into column ``column``, in one copy. ``column`` may be a 0-d int64 device tensor (an
-        ``index_copy_``, for CUDA-graph capture)."""
+        """Write one token per row: ``key_value`` ``[2, B, H_kv, D_head]`` (keys then values; a transposed view of
+        a fused k|v projection's ``[B, 2, H_kv, D_head]`` output) into column ``column``, in one copy. ``column``
+        may be a 0-d int64 device tensor (an ``index_copy_``, for CUDA-graph capture)."""
         pair = self._pair_views[index]  # [2, B, H_kv, S, D_head]
         if isinstance(column, torch.Tensor):
-            pair.index_copy_(3, column.reshape(1), key_value.transpose(0, 1).unsqueeze(3))
+            pair.index_copy_(3, column.reshape(1), key_value.unsqueeze(3))
         else:
-            pair.select(3, column).copy_(key_value.transpose(0, 1))
+            pair.select(3, column).copy_(key_value)
 
 
 def build_attention_mask(key_mask: torch.Tensor, start: int, num_queries: int) -> torch.Tensor:

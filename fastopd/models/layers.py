@@ -142,22 +142,49 @@ def normalize(x: torch.Tensor, eps: float | torch.Tensor) -> torch.Tensor:
     ``n^2 / D + eps``, an rsqrt and a product, where ``F.rms_norm`` runs six kernels on CPU (about half the time
     at decode shapes; the result can differ from ``F.rms_norm``'s by an ulp or two). A float ``eps`` uses
     ``F.rms_norm``."""
-    xf = x.float()
+    xf = x if x.dtype == torch.float32 else x.float()
     if isinstance(eps, torch.Tensor):
         n = torch.linalg.vector_norm(xf, dim=-1, keepdim=True)
         out = xf * torch.addcmul(eps, n, n, value=1.0 / x.shape[-1]).rsqrt_()
     else:
         out = F.rms_norm(xf, (x.shape[-1],), eps=eps)
-    return out.to(x.dtype)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
-def _linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
-            residual: torch.Tensor | None = None) -> torch.Tensor:
-    """``residual + x @ weight_t + bias`` with as few kernels as possible (``addmm`` takes the residual)."""
-    if residual is None:
-        return torch.mm(x, weight_t) if bias is None else torch.addmm(bias, x, weight_t)
-    out = torch.addmm(residual, x, weight_t)
-    return out if bias is None else out.add_(bias)
+def _project(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """``x @ weight_t + bias`` into ``out`` (one ``mm``/``addmm``)."""
+    return torch.mm(x, weight_t, out=out) if bias is None else torch.addmm(bias, x, weight_t, out=out)
+
+
+def _residual_add_(x: torch.Tensor, a: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x += a @ weight_t + bias`` in place (``addmm_`` takes the residual)."""
+    x.addmm_(a, weight_t)
+    return x if bias is None else x.add_(bias)
+
+
+class DecodeBuffers(NamedTuple):
+    """Scratch of :func:`llama_decode_layer` for ``B`` rows, shared by every layer and step: the fused
+    projections' outputs and the views the layer reads (made once, not per layer)."""
+
+    qkv: torch.Tensor  # [B, (H_q + 2 H_kv) * D_head]
+    q: torch.Tensor  # view [B, H_q, 1, D_head]
+    qk: torch.Tensor  # view [B, H_q + H_kv, 1, D_head]
+    kv: torch.Tensor  # view [2, B, H_kv, D_head]: k then v, the layout of KVCache.write_token
+    gate_up: torch.Tensor  # [B, 2 I]
+    gate: torch.Tensor  # view [B, I]
+    up: torch.Tensor  # view [B, I]
+
+
+def decode_buffers(packed: PackedLlamaLayer, batch_size: int, *, num_heads: int, num_kv_heads: int,
+                   head_dim: int) -> DecodeBuffers:
+    """:class:`DecodeBuffers` for ``batch_size`` rows of layers shaped like ``packed``."""
+    b, n_q, n_kv = batch_size, num_heads * head_dim, num_kv_heads * head_dim
+    qkv = packed.qkv.new_empty(b, n_q + 2 * n_kv)
+    gate_up = packed.gate_up.new_empty(b, packed.gate_up.shape[1])
+    gate, up = gate_up.chunk(2, dim=-1)
+    return DecodeBuffers(qkv, qkv[:, :n_q].view(b, num_heads, 1, head_dim),
+                         qkv[:, : n_q + n_kv].view(b, num_heads + num_kv_heads, 1, head_dim),
+                         qkv[:, n_q:].view(b, 2, num_kv_heads, head_dim).transpose(0, 1), gate_up, gate, up)
 
 
 def decode_rope_tables(
@@ -187,29 +214,23 @@ def llama_decode_layer(
     cache: KVCache,
     layer_idx: int,
     column: int | torch.Tensor,
-    *,
-    num_heads: int,
-    num_kv_heads: int,
-    head_dim: int,
+    buffers: DecodeBuffers,
 ) -> torch.Tensor:
-    """One Llama layer for a single new token per row: ``x`` ``[B, D]`` -> ``[B, D]``; its key/value written to
-    cache column ``column``; rotary rows ``cos``/``sin_signed`` ``[B, 1, 1, D_head]`` from
-    :func:`decode_rope_tables`. With an int ``column`` the token attends to cache columns ``0..column``, with a
-    0-d device tensor (CUDA-graph capture) to the cache's whole active window; ``mask`` (boolean or additive,
-    ``[B, 1, 1, S]`` over those columns) or None when every one of them is valid. Computes what
-    :func:`llama_layer` computes (same math; fused, transposed, norm-folded weights; residual adds inside the
-    ``addmm``)."""
-    b = x.shape[0]
-    n_q = num_heads * head_dim
-    qkv = _linear(normalize(x, packed.input_eps), packed.qkv, packed.qkv_bias)
-    # q and k rotated together and in place: [B, H_q + H_kv, 1, D_head]; then k|v goes to the cache in one copy.
-    _apply_rope_signed_(qkv[:, : n_q + num_kv_heads * head_dim].view(b, num_heads + num_kv_heads, 1, head_dim),
-                        cos, sin_signed)
-    cache.write_token(layer_idx, column, qkv[:, n_q:].view(b, 2, num_kv_heads, head_dim))
-    k_all, v_all = cache.layer(layer_idx)
+    """One Llama layer for a single new token per row, updating ``x`` ``[B, D]`` in place (and returning it); the
+    token's key/value written to cache column ``column``; rotary rows ``cos``/``sin_signed`` ``[B, 1, 1,
+    D_head]`` from :func:`decode_rope_tables`; scratch from :func:`decode_buffers`. With an int ``column`` the
+    token attends to cache columns ``0..column``, with a 0-d device tensor (CUDA-graph capture) to the cache's
+    whole active window; ``mask`` (boolean or additive, ``[B, 1, 1, S]`` over those columns) or None when every
+    one of them is valid. Computes what :func:`llama_layer` computes (same math; fused, transposed, norm-folded
+    weights; residual adds inside the ``addmm``)."""
+    _project(normalize(x, packed.input_eps), packed.qkv, packed.qkv_bias, buffers.qkv)
+    # q and k rotated together and in place; then k|v goes to the cache in one copy.
+    _apply_rope_signed_(buffers.qk, cos, sin_signed)
+    cache.write_token(layer_idx, column, buffers.kv)
+    k, v = cache.layer(layer_idx)
     if isinstance(column, int):
-        k_all, v_all = k_all[:, :, : column + 1], v_all[:, :, : column + 1]
-    o = attention(qkv[:, :n_q].view(b, num_heads, 1, head_dim), k_all, v_all, mask)
-    x = _linear(o.view(b, n_q), packed.o, packed.o_bias, residual=x)
-    gate, up = _linear(normalize(x, packed.post_eps), packed.gate_up, packed.gate_up_bias).chunk(2, dim=-1)
-    return _linear(F.silu(gate).mul_(up), packed.down, packed.down_bias, residual=x)
+        k, v = k[:, :, : column + 1], v[:, :, : column + 1]
+    o = attention(buffers.q, k, v, mask)
+    _residual_add_(x, o.view(x.shape[0], -1), packed.o, packed.o_bias)
+    _project(normalize(x, packed.post_eps), packed.gate_up, packed.gate_up_bias, buffers.gate_up)
+    return _residual_add_(x, F.silu(buffers.gate, inplace=True).mul_(buffers.up), packed.down, packed.down_bias)
