@@ -2,10 +2,11 @@
 
 Tensor-parallel LM heads are sharded by rows ([V_r, D] on rank r, shards in rank order, sizes may differ). The
 hidden states are replicated over the group. Per token row every rank computes its shard's logits and the ranks
-exchange per-row numbers only, through three all-reduces per chunk of C rows:
+exchange per-row numbers only, through three all-reduces per chunk of C rows (four for rkl):
 
     1. MAX  [C, 2]  the max of each model's (soft-capped, temperature-scaled) logits;
     2. SUM  [C, 2]  sum exp(z - max) of each model  ->  global log-probs (z - max) - log(sum) on every shard;
+       (rkl: MAX [C], log p_s - log p_t at the student's top token, the pivot the row kernels use too)
     3. SUM  [C, k]  the divergence's cross terms (sum p_t (log p_t - log p_s) for fkl, sum p_s (log p_s - log p_t)
                     for rkl, KL(t||m) and KL(s||m) for jsd), the student entropy, and log p(label) of both
                     models (the label lives on one shard; the others contribute 0).
@@ -108,7 +109,7 @@ def vocab_parallel_kernel(group: dist.ProcessGroup, vocab_start: int):
                           stats: torch.Tensor, divergence: int, beta: float, temperature: float, softcap: float,
                           soft_weight: float, hard_weight: float, ignore_index: int, compute_grad: bool) -> None:
         zs, zt = scaled_logits(xs, softcap, temperature), scaled_logits(xt, softcap, temperature)
-        c, width = zs.shape
+        c_rows, width = zs.shape
 
         m = torch.stack([_row_max(zs), _row_max(zt)], dim=1)
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
@@ -123,15 +124,28 @@ def vocab_parallel_kernel(group: dist.ProcessGroup, vocab_start: int):
         if divergence == FKL:
             cross = [_xlogy_ratio(pt, lpt - lps).sum(-1)]
         elif divergence == RKL:
-            cross = [_xlogy_ratio(ps, lps - lpt).sum(-1)]
+            # As the row kernels do: d = lp_s - lp_t relative to its value c at the student's top token, so the
+            # gradient p_s ((d - c) - S) of a dominant token cancels small numbers only (rkl = c + S). c comes from
+            # the rank holding the global max (one more MAX all-reduce; ties pick the largest candidate).
+            d = lps - lpt
+            if width:
+                top = zs.argmax(-1, keepdim=True)
+                c = torch.where(zs.gather(1, top)[:, 0] == m[:, 0], d.gather(1, top)[:, 0],
+                                torch.full((c_rows,), -math.inf, dtype=zs.dtype, device=zs.device))
+            else:
+                c = torch.full((c_rows,), -math.inf, dtype=zs.dtype, device=zs.device)
+            dist.all_reduce(c, op=dist.ReduceOp.MAX, group=group)
+            c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))[:, None]  # teacher -inf there: loss inf
+            r = d - c
+            cross = [_xlogy_ratio(ps, r).sum(-1)]
         elif divergence == JSD:
             lm = torch.logaddexp(lpt + math.log(beta), lps + math.log1p(-beta))
             cross = [_xlogy_ratio(pt, lpt - lm).sum(-1), _xlogy_ratio(ps, lps - lm).sum(-1)]
         else:
             raise ValueError(f"unknown divergence code {divergence}")
 
-        rows = torch.arange(c, device=xs.device)
-        zero = torch.zeros(c, dtype=zs.dtype, device=zs.device)
+        rows = torch.arange(c_rows, device=xs.device)
+        zero = torch.zeros(c_rows, dtype=zs.dtype, device=zs.device)
         if labels is not None:
             valid = labels != ignore_index
             local = labels - vocab_start
@@ -140,7 +154,7 @@ def vocab_parallel_kernel(group: dist.ProcessGroup, vocab_start: int):
             lp_s_y = torch.where(here, lps[rows, y], zero) if width else zero
             lp_t_y = torch.where(here, lpt[rows, y], zero) if width else zero
         else:
-            valid = torch.ones(c, dtype=torch.bool, device=xs.device)
+            valid = torch.ones(c_rows, dtype=torch.bool, device=xs.device)
             here = None
             lp_s_y = lp_t_y = zero
         terms = torch.stack([*cross, -_xlogy_ratio(ps, lps).sum(-1), lp_s_y, lp_t_y], dim=1)
@@ -150,6 +164,9 @@ def vocab_parallel_kernel(group: dist.ProcessGroup, vocab_start: int):
         if divergence == JSD:
             kl_t, kl_s = terms[:, 0], terms[:, 1]
             soft = beta * kl_t + (1.0 - beta) * kl_s
+        elif divergence == RKL:
+            s_rel = terms[:, 0]
+            soft = c[:, 0] + s_rel
         else:
             soft = terms[:, 0]
         row_loss = soft_weight * soft
@@ -165,7 +182,7 @@ def vocab_parallel_kernel(group: dist.ProcessGroup, vocab_start: int):
         if divergence == FKL:
             g = ps - pt
         elif divergence == RKL:
-            g = _xlogy_ratio(ps, (lps - lpt) - soft[:, None])
+            g = _xlogy_ratio(ps, r - s_rel[:, None])
         else:
             g = (1.0 - beta) * _xlogy_ratio(ps, (lps - lm) - kl_s[:, None])
         g = soft_weight * g

@@ -25,6 +25,7 @@ CASES = [
     pytest.param(dict(divergence="jsd", reduction="sum", vocab_size=30, bias=True), id="jsd-sum-vocab30-bias"),
     pytest.param(dict(divergence="rkl", vocab_size=30, hard_label_weight=0.25, return_stats=True, temperature=0.7),
                  id="rkl-vocab30-hard-stats-T0.7"),
+    pytest.param(dict(divergence="rkl", scale=30.0, return_stats=True), id="rkl-logit-scale-100"),
     pytest.param(dict(divergence="fkl", hard_label_weight=1.0, soft_label_weight=0.0, reduction="none",
                       return_stats=True, bias=True, chunk_size=5), id="ce-only-none-bias"),
 ]
@@ -33,7 +34,7 @@ OPTIONS = [c.values[0] for c in CASES]
 
 def _data(opts: dict):
     g = torch.Generator().manual_seed(1234)
-    hs = torch.randn(N, DS, generator=g)
+    hs = torch.randn(N, DS, generator=g) * opts.get("scale", 1.0)
     ws = torch.randn(V, DS, generator=g) * 0.7
     ht = torch.randn(N, DT, generator=g)
     wt = torch.randn(V, DT, generator=g) * 0.7
@@ -47,7 +48,7 @@ def _data(opts: dict):
 
 
 def _loss_kwargs(opts: dict) -> dict:
-    return {k: v for k, v in opts.items() if k != "bias"}
+    return {k: v for k, v in opts.items() if k not in ("bias", "scale")}
 
 
 def _run(hs, ws, ht, wt, bs, bt, labels, upstream, opts, group=None):
