@@ -127,11 +127,13 @@ def analyze_update(base: CheckpointLike, tuned: CheckpointLike, *, dtype: torch.
 
     writer = None
     if mask_out is not None:
+        from fastopd.optim.masks import module_kind as mask_kind  # the mask files' kind names ("embedding")
+
         Path(mask_out).parent.mkdir(parents=True, exist_ok=True)
         writer = MaskWriter(mask_out, [(n, bc.infos[n].shape) for n in names],
                             {"source": "fastopd.analysis", "base": str(bc.description), "tuned": str(tc.description),
                              "shapes": json.dumps({n: list(bc.infos[n].shape) for n in names}),
-                             "kinds": json.dumps({n: module_kind(n) for n in names}),
+                             "kinds": json.dumps({n: mask_kind(n) for n in names}),
                              "rule": "bitwise changed" if cfg.mask_atol is None else f"|delta| > {cfg.mask_atol:g}"})
     tensors: dict[str, dict] = {}
     spectra = {}

@@ -287,6 +287,8 @@ def test_mask_is_readable_by_optim_masks(tmp_path):
     assert set(loaded) == set(base)
     up = "model.layers.0.mlp.up_proj.weight"
     assert torch.equal(loaded[up].reshape(base[up].shape), base[up] != tuned[up])
+    kinds = optim_masks.load_metadata(str(path))["kinds"]  # the mask files' names, as masks.save writes them
+    assert kinds == {n: optim_masks.module_kind(n) for n in base} and kinds["model.embed_tokens.weight"] == "embedding"
 
 
 def test_mask_atol_and_streaming_with_small_chunks(tmp_path):
