@@ -223,10 +223,11 @@ class LlamaFamilyAdapter(ModelAdapter):
                 + [layer.input_layernorm.weight, layer.post_attention_layernorm.weight])
 
     def prepare_decode(self, length: int | None = None, batch_size: int | None = None) -> DecodeStep:
-        """Decode step over packed weights (fused q|k|v and gate|up, transposed, contiguous): one ``addmm`` per
-        projection, q and k rotated in one pass with rotary rows gathered from a table, k|v written to the cache
-        in one copy, and the transposed head of :meth:`decode_head`. The packed copies and the rotary table are
-        kept between calls and rebuilt only for the layers whose weights changed (:class:`DerivedWeights`)."""
+        """Decode step over packed weights (fused q|k|v and gate|up, transposed, contiguous, norm weights folded
+        in): one ``mm``/``addmm`` per projection into per-batch scratch, residuals added in place, q and k rotated
+        in one pass with rotary rows gathered from a table, k|v written to the cache in one copy, and the head of
+        :meth:`decode_head`. The packed copies and the rotary table are kept between calls and rebuilt only for
+        the layers whose weights changed (:class:`DerivedWeights`)."""
         length = self.max_positions if length is None else length
         if not hasattr(self, "_packed"):
             self._packed = [DerivedWeights(lambda *_, layer=layer: pack_llama_layer(layer)) for layer in self.layers]
