@@ -4,8 +4,9 @@ A logit tile X[rows, cols] = h[rows] @ W[cols]^T (+ b[cols]) is computed on chip
 dimension, for the student and the teacher, and consumed at once. Three kernels, each over a grid of
 (row block, vocabulary split) programs; a program walks its share of the vocabulary in BLOCK_V tiles:
 
-  _tiled_lse_kernel    per split: partial log-sum-exp of both models (online over its tiles) and the label's
-                       logits; the host side combines splits with a logsumexp over [SPLIT, N] (no sync).
+  _tiled_lse_kernel    per split: partial log-sum-exp of both models (online over its tiles), the label's
+                       logits and the teacher's z at the student's top token; the host side combines splits
+                       with a logsumexp over [SPLIT, N] (no sync) and forms the rkl pivot from that z.
   _tiled_sums_kernel   with the row normalizers known: per split, the divergence sums and the entropy with
                        exact log-probs (partials [SPLIT, N, 3], summed on the host side).
   _tiled_grad_kernel   the gradient tile G = dL/dx_s (upstream `row_scale`), then grad_h[rows] += G W[cols]
@@ -16,6 +17,11 @@ dimension, for the student and the teacher, and consumed at once. Three kernels,
 GEMM work for N tokens: each pass recomputes both models' tiles (2 N V (Ds + Dt) flops per pass); the
 gradient adds 2 x 2 N V Ds. Global memory holds only the inputs, the gradients and O(SPLIT x N) statistics.
 These are raw kernels plus launchers; fastopd/losses/tiled.py holds the autograd Function.
+
+rkl is taken relative to the pivot c = lp_s - lp_t at the student's top token, as in the row kernels
+(kernels/divergence.py): the sums pass accumulates S = sum p_s ((lp_s - lp_t) - c), rkl = c + S, and the grad pass
+forms p_s (((lp_s - lp_t) - c) - S). The gradient of a dominant token, p_s ((lp_s - lp_t) - rkl), is otherwise
+a difference of two numbers of size |rkl| (~27 at logit scale 140), where every fp32 rounding would land.
 """
 
 from __future__ import annotations
@@ -59,8 +65,10 @@ def _tiled_lse_kernel(
     HAS_BIAS_S: tl.constexpr, HAS_BIAS_T: tl.constexpr, HAS_LABELS: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """part[split, :, row] = (max_s, max_t, z_s[y], z_t[y]) ([SPLIT, 4, N] fp32) and sums[split, :, row] =
-    (sum exp(z_s - max_s), sum exp(z_t - max_t)) ([SPLIT, 2, N] fp64) of this split's vocabulary share."""
+    """part[split, :, row] = (max_s, max_t, z_s[y], z_t[y], z_t at the student's top) ([SPLIT, 5, N] fp32) and
+    sums[split, :, row] = (sum exp(z_s - max_s), sum exp(z_t - max_t)) ([SPLIT, 2, N] fp64) of this split's
+    vocabulary share. The student's top is in the first tile holding the largest z_s; among ties there the
+    largest z_t is taken."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -74,6 +82,7 @@ def _tiled_lse_kernel(
     s_t = tl.zeros([BLOCK_N], tl.float64)
     zs_y = tl.zeros([BLOCK_N], tl.float32)
     zt_y = tl.zeros([BLOCK_N], tl.float32)
+    top_t = tl.full([BLOCK_N], float("-inf"), tl.float32)  # the teacher's z at the student's top token
     v_begin = split * blocks_per_split * BLOCK_V
     v_end = tl.minimum(V, v_begin + blocks_per_split * BLOCK_V)
     for v0 in range(v_begin, v_end, BLOCK_V):
@@ -85,9 +94,14 @@ def _tiled_lse_kernel(
                          BLOCK_N, BLOCK_V, BLOCK_D, PRECISION)
         zs = _scaled_tile(xs, cmask, inv_temp, softcap, inv_softcap, SOFTCAP)
         zt = _scaled_tile(xt, cmask, inv_temp, softcap, inv_softcap, SOFTCAP)
-        new_s = tl.maximum(m_s, tl.max(zs, 1))
+        tile_max_s = tl.max(zs, 1)
+        new_s = tl.maximum(m_s, tile_max_s)
         safe_s = tl.where(new_s == float("-inf"), 0.0, new_s)
-        s_s = s_s * tl.exp(m_s - safe_s).to(tl.float64) + tl.sum(tl.exp(zs - safe_s[:, None]).to(tl.float64), 1)
+        e_s = tl.exp(zs - safe_s[:, None])
+        s_s = s_s * tl.exp(m_s - safe_s).to(tl.float64) + tl.sum(e_s.to(tl.float64), 1)
+        # A tile that raises the max holds the student's top where e_s == 1 (also at near-ties within 2^-24 of
+        # it, none dominant, where any pivot serves). Selecting on e_s keeps the fp32 variant free of spills.
+        top_t = tl.where(tile_max_s > m_s, tl.max(tl.where(e_s == 1.0, zt, float("-inf")), 1), top_t)
         m_s = new_s
         new_t = tl.maximum(m_t, tl.max(zt, 1))
         safe_t = tl.where(new_t == float("-inf"), 0.0, new_t)
@@ -97,11 +111,12 @@ def _tiled_lse_kernel(
             hit = cols[None, :] == y[:, None]
             zs_y += tl.sum(tl.where(hit, zs, 0.0), 1)
             zt_y += tl.sum(tl.where(hit, zt, 0.0), 1)
-    base = part_ptr + split * 4 * N + rows
+    base = part_ptr + split * 5 * N + rows
     tl.store(base, m_s, mask=rmask)  # -inf for an empty split, whose sums are 0
     tl.store(base + N, m_t, mask=rmask)
     tl.store(base + 2 * N, zs_y, mask=rmask)
     tl.store(base + 3 * N, zt_y, mask=rmask)
+    tl.store(base + 4 * N, top_t, mask=rmask)
     tl.store(sums_ptr + split * 2 * N + rows, s_s, mask=rmask)
     tl.store(sums_ptr + split * 2 * N + N + rows, s_t, mask=rmask)
 
@@ -132,9 +147,9 @@ def _tiled_sums_kernel(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """part[split, :, row] = (A, B, sum p_s lp_s) over this split's vocabulary; row_ptr holds the rows' max and log
-    sum-exp of both models [4, N] (max_s, log_s, max_t, log_t).
+    sum-exp of both models and the rkl pivot [5, N] (max_s, log_s, max_t, log_t, c).
 
-    fkl: A = KL(t||s); rkl: A = KL(s||t); jsd: A = KL(t||m), B = KL(s||m).
+    fkl: A = KL(t||s); rkl: A = KL(s||t) - c = sum p_s ((lp_s - lp_t) - c); jsd: A = KL(t||m), B = KL(s||m).
     """
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -144,6 +159,8 @@ def _tiled_sums_kernel(
     log_s = tl.load(row_ptr + N + rows, mask=rmask, other=0.0)
     m_t = tl.load(row_ptr + 2 * N + rows, mask=rmask, other=0.0)
     log_t = tl.load(row_ptr + 3 * N + rows, mask=rmask, other=0.0)
+    if DIV == 1:
+        pivot = tl.load(row_ptr + 4 * N + rows, mask=rmask, other=0.0)
     acc_a = tl.zeros([BLOCK_N], tl.float32)
     acc_b = tl.zeros([BLOCK_N], tl.float32)
     ent = tl.zeros([BLOCK_N], tl.float32)
@@ -160,7 +177,7 @@ def _tiled_sums_kernel(
         if DIV == 0:
             acc_a += tl.sum(tl.where(pt > 0.0, pt * (lpt - lps), 0.0), 1)
         elif DIV == 1:
-            acc_a += tl.sum(tl.where(ps > 0.0, ps * (lps - lpt), 0.0), 1)
+            acc_a += tl.sum(tl.where(ps > 0.0, ps * ((lps - lpt) - pivot[:, None]), 0.0), 1)
         else:
             lm = tl.log(beta * pt + (1.0 - beta) * ps)
             acc_a += tl.sum(tl.where(pt > TINY_P, pt * (lpt - lm), 0.0), 1)
@@ -182,8 +199,9 @@ def _tiled_grad_kernel(
 ):
     """Accumulates grad_h [N, Ds], grad_W [V, Ds], grad_b [V] (fp32, atomics) of sum_r row_scale[r] * loss[r].
 
-    row_ptr holds [max_s; log_s; max_t; log_t; K; row_scale] [6, N]: K is the row's KL(s||t) (rkl) or KL(s||m) (jsd);
-    row_scale is 0 on ignored rows. skip_ptr counts the tiles skipped under skip_threshold (int32 [1]).
+    row_ptr holds [max_s; log_s; max_t; log_t; c; K; row_scale] [7, N]: c is the rkl pivot (lp_s - lp_t at the
+    student's top token), K the row's KL(s||t) - c (rkl) or KL(s||m) (jsd); row_scale is 0 on ignored rows.
+    skip_ptr counts the tiles skipped under skip_threshold (int32 [1]).
     """
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -193,8 +211,10 @@ def _tiled_grad_kernel(
     log_s = tl.load(row_ptr + N + rows, mask=rmask, other=0.0)
     m_t = tl.load(row_ptr + 2 * N + rows, mask=rmask, other=0.0)
     log_t = tl.load(row_ptr + 3 * N + rows, mask=rmask, other=0.0)
-    k_row = tl.load(row_ptr + 4 * N + rows, mask=rmask, other=0.0)
-    scale = tl.load(row_ptr + 5 * N + rows, mask=rmask, other=0.0)
+    if DIV == 1:
+        pivot = tl.load(row_ptr + 4 * N + rows, mask=rmask, other=0.0)
+    k_row = tl.load(row_ptr + 5 * N + rows, mask=rmask, other=0.0)
+    scale = tl.load(row_ptr + 6 * N + rows, mask=rmask, other=0.0)
     if HAS_LABELS:
         y = tl.load(labels_ptr + rows, mask=rmask, other=ignore_index)
         valid = rmask & (y != ignore_index)
@@ -213,14 +233,14 @@ def _tiled_grad_kernel(
                                            BLOCK_N, BLOCK_V, BLOCK_D, PRECISION)
         if DIV == 0:
             g = soft_weight * _p_diff(ps, pt, lps, lpt)
+        elif DIV == 1:
+            # (lp_s - lp_t) - c is 0 at the student's top token (c was formed with this arithmetic): only small
+            # numbers cancel.
+            g = soft_weight * tl.where(ps > 0.0, ps * (((lps - lpt) - pivot[:, None]) - k_row[:, None]), 0.0)
         else:
-            if DIV == 1:
-                term = tl.where(ps > 0.0, ps * (lps - lpt), 0.0)
-                coef = soft_weight
-            else:
-                lm = tl.log(beta * pt + (1.0 - beta) * ps)
-                term = tl.where(ps > TINY_P, ps * (lps - lm), 0.0)
-                coef = soft_weight * (1.0 - beta)
+            lm = tl.log(beta * pt + (1.0 - beta) * ps)
+            term = tl.where(ps > TINY_P, ps * (lps - lm), 0.0)
+            coef = soft_weight * (1.0 - beta)
             g = coef * (term - ps * k_row[:, None])
         if HARD:
             g += hard_weight * ps
@@ -302,11 +322,12 @@ def _geometry(v: int, cfg: TiledConfig) -> int:
 
 def tiled_row_lse(h_s, w_s, b_s, h_t, w_t, b_t, labels, *, temperature: float, softcap: float, ignore_index: int,
                   cfg: TiledConfig) -> torch.Tensor:
-    """Per-split partials of each vocabulary share: [SPLIT, 4, N] fp32 (max_s, max_t, z_s[y], z_t[y]) and
-    [SPLIT, 2, N] fp64 (sum exp(z - max) of both models). `combine_lse` turns them into row statistics."""
+    """Per-split partials of each vocabulary share: [SPLIT, 5, N] fp32 (max_s, max_t, z_s[y], z_t[y], z_t at the
+    student's top) and [SPLIT, 2, N] fp64 (sum exp(z - max) of both models). `combine_lse` turns them into row
+    statistics."""
     n, ds = h_s.shape
     v, dt = w_s.shape[0], h_t.shape[1]
-    part = torch.empty(cfg.splits, 4, n, dtype=torch.float32, device=h_s.device)
+    part = torch.empty(cfg.splits, 5, n, dtype=torch.float32, device=h_s.device)
     sums = torch.empty(cfg.splits, 2, n, dtype=torch.float64, device=h_s.device)
     use_cap = softcap > 0
     grid = (triton.cdiv(n, cfg.block_n), cfg.splits)
@@ -323,19 +344,27 @@ def tiled_row_lse(h_s, w_s, b_s, h_t, w_t, b_t, labels, *, temperature: float, s
 
 
 def combine_lse(part: torch.Tensor, sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row statistics from the per-split partials: ([4, N] fp32 = max_s, log_s, max_t, log_t with
-    lse = max + log_s, log-probs (z - max) - log_s), and the label logits [2, N] (z_s[y], z_t[y])."""
+    """Row statistics from the per-split partials: ([5, N] fp32 = max_s, log_s, max_t, log_t, c with
+    lse = max + log_s, log-probs (z - max) - log_s and c = lp_s - lp_t at the student's top token, the rkl
+    pivot), and the label logits [2, N] (z_s[y], z_t[y])."""
     m = part[:, :2].amax(0)                                        # [2, N]
     m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)   # all -inf rows: keep NaN out
     scale = torch.exp((part[:, :2] - m_safe).double())            # empty splits: exp(-inf) = 0
     log_sum = torch.log((sums * scale).sum(0)).float()             # fp64 sum: exact near log p = 0
-    rowstats = torch.stack([m_safe[0], log_sum[0], m_safe[1], log_sum[1]])
-    return rowstats, part[:, 2:].sum(0)                            # the label lies in exactly one split
+    # The teacher's z at the student's top: from the split holding the max (ties: the largest z_t, as in a tile).
+    # c is formed with the grad kernel's arithmetic, ((z - max) - log_s) - ((z_t - max_t) - log_t) with z = max,
+    # so that (lp_s - lp_t) - c is exactly 0 there.
+    top_t = torch.where(part[:, 0] == m[0], part[:, 4], float("-inf")).amax(0)
+    pivot = (0.0 - log_sum[0]) - ((top_t - m_safe[1]) - log_sum[1])
+    pivot = torch.where(torch.isfinite(pivot), pivot, torch.zeros_like(pivot))  # teacher -inf there: the loss is inf
+    rowstats = torch.stack([m_safe[0], log_sum[0], m_safe[1], log_sum[1], pivot])
+    return rowstats, part[:, 2:4].sum(0)                           # the label lies in exactly one split
 
 
 def tiled_row_sums(h_s, w_s, b_s, h_t, w_t, b_t, rowstats: torch.Tensor, *, divergence: int, beta: float,
                    temperature: float, softcap: float, cfg: TiledConfig) -> torch.Tensor:
-    """Per-split partial sums [SPLIT, 3, N] (A, B, sum p_s lp_s) given rowstats [4, N] from `combine_lse`."""
+    """Per-split partial sums [SPLIT, 3, N] (A, B, sum p_s lp_s; for rkl A = KL(s||t) - c) given rowstats [5, N]
+    from `combine_lse`."""
     n, ds = h_s.shape
     v, dt = w_s.shape[0], h_t.shape[1]
     part = torch.empty(cfg.splits, 3, n, dtype=torch.float32, device=h_s.device)
@@ -357,8 +386,8 @@ def tiled_grad(h_s, w_s, b_s, h_t, w_t, b_t, labels, rowinfo: torch.Tensor, grad
                hard_weight: float, ignore_index: int, skip_threshold: float, cfg: TiledConfig) -> torch.Tensor:
     """Adds the student gradients into grad_h [N, Ds], grad_w [V, Ds], grad_b [V] (fp32, any may be None).
 
-    rowinfo: [6, N] fp32 = max_s, log_s, max_t, log_t (from `combine_lse`), K (KL(s||t) for rkl, KL(s||m) for
-    jsd, unused for fkl), row_scale.
+    rowinfo: [7, N] fp32 = max_s, log_s, max_t, log_t, c (from `combine_lse`), K (KL(s||t) - c for rkl, KL(s||m)
+    for jsd, unused for fkl), row_scale.
     Returns the number of skipped tiles as an int32 [1] device tensor (read it only where a sync is fine).
     """
     n, ds = h_s.shape

@@ -2,11 +2,15 @@
 
 Forward, for N rows and a vocabulary of V:
   1. lse pass: both models' row log-sum-exp and label logits, per vocabulary split, combined by a logsumexp
-     over the splits ([SPLIT, N] tensors);
-  2. sums pass: the divergence sums and the entropy with exact log-probs;
+     over the splits ([SPLIT, N] tensors), and the teacher's logit at the student's top token, which gives
+     the rkl pivot c = lp_s - lp_t there;
+  2. sums pass: the divergence sums and the entropy with exact log-probs (rkl: S = sum p_s ((lp_s - lp_t) - c),
+     rkl = c + S);
   3. with reduction "mean"/"sum" and a gradient wanted, the gradient for an upstream gradient of 1 is formed
      now (grad pass: recompute tiles, G = dL/dx_s, grad_h += G W, grad_W += G^T h), and scaled in backward.
-     With "none" the backward runs the grad pass with the per-row upstream gradients.
+     With "none" the backward runs the grad pass with the per-row upstream gradients. The rkl gradient is
+     p_s (((lp_s - lp_t) - c) - S): for a dominant token p_s ((lp_s - lp_t) - rkl) would cancel two numbers
+     of size |rkl|, where every fp32 rounding lands; relative to c only small numbers cancel.
 Nothing of size N x V is allocated: the largest temporaries are the fp32 gradients of h_s, W_s, b_s and
 O(SPLIT x N) statistics. Tiles whose largest |dL/dz_s| is below `skip_threshold` skip their gradient GEMMs.
 """
@@ -31,8 +35,8 @@ def _skip_threshold() -> float:
 
 
 def _rows_stats(h_s, w_s, b_s, h_t, w_t, b_t, labels, cfg: DivergenceConfig, tcfg):
-    """Forward statistics: rowstats [4, N] (max_s, log_s, max_t, log_t), label logits [2, N] (z_s[y], z_t[y])
-    and the sums [3, N] (A, B, sum p_s lp_s), fp32."""
+    """Forward statistics: rowstats [5, N] (max_s, log_s, max_t, log_t, rkl pivot c), label logits [2, N]
+    (z_s[y], z_t[y]) and the sums [3, N] (A, B, sum p_s lp_s; rkl: A = KL(s||t) - c), fp32."""
     from fastopd.kernels import tiled as tk
 
     part, partial_sums = tk.tiled_row_lse(h_s, w_s, b_s, h_t, w_t, b_t, labels, temperature=cfg.temperature,
@@ -65,7 +69,12 @@ class TiledLinearDivergenceFunction(torch.autograd.Function):
         rowstats, zy, sums = _rows_stats(h_s, w_s, b_s, h_t, w_t, b_t, labels, cfg, tcfg)
         lse_s, lse_t = rowstats[0] + rowstats[1], rowstats[2] + rowstats[3]
         acc_a, acc_b, plogp = sums[0], sums[1], sums[2]
-        soft = cfg.beta * acc_a + (1.0 - cfg.beta) * acc_b if cfg.divergence == JSD else acc_a
+        if cfg.divergence == JSD:
+            soft = cfg.beta * acc_a + (1.0 - cfg.beta) * acc_b
+        elif cfg.divergence == RKL:
+            soft = rowstats[4] + acc_a  # rkl = c + S
+        else:
+            soft = acc_a
         valid = labels != cfg.ignore_index if labels is not None else torch.ones(n, dtype=torch.bool, device=device)
         row_loss = cfg.soft_weight * soft
         if labels is not None:
@@ -79,14 +88,14 @@ class TiledLinearDivergenceFunction(torch.autograd.Function):
         zero = torch.zeros((), dtype=torch.float32, device=device)
         loss_rows = torch.where(valid, row_loss, zero)
         stats = torch.where(valid[:, None], torch.stack([lse_s, lse_t, lp_s_y, lp_t_y, -plogp], 1), zero)
-        k_row = acc_a if cfg.divergence == RKL else acc_b  # unused for fkl
+        k_row = acc_a if cfg.divergence == RKL else acc_b  # rkl: S = KL(s||t) - c; unused for fkl
 
         loss, divisor = reduce_rows(loss_rows, cfg, labels, num_items)
 
         ctx.mark_non_differentiable(stats)
         ctx.cfg, ctx.form_now, ctx.skip_threshold, ctx.tcfg = cfg, form_now, skip_threshold, tcfg
         ctx.dtypes = (h_s.dtype, w_s.dtype, b_s.dtype if b_s is not None else None)
-        rowinfo = torch.cat([rowstats, torch.stack([k_row, valid.to(torch.float32)])])  # [6, N]; row 5: row scale
+        rowinfo = torch.cat([rowstats, torch.stack([k_row, valid.to(torch.float32)])])  # [7, N]; row 6: row scale
         if form_now:
             grads = _grad_pass(h_s, w_s, b_s, h_t, w_t, b_t, labels, rowinfo, need, cfg, skip_threshold, tcfg)
             ctx.save_for_backward(*grads, divisor)
@@ -108,7 +117,7 @@ class TiledLinearDivergenceFunction(torch.autograd.Function):
                     (grad_b * scale).to(dt_b) if grad_b is not None else None, *none)
         h_s, w_s, b_s, h_t, w_t, b_t, labels, rowinfo = ctx.saved_tensors
         rowinfo = rowinfo.clone()
-        rowinfo[5] *= grad_loss.to(torch.float32)  # per-row upstream gradients, 0 on ignored rows
+        rowinfo[6] *= grad_loss.to(torch.float32)  # per-row upstream gradients, 0 on ignored rows
         grad_h, grad_w, grad_b = _grad_pass(h_s, w_s, b_s, h_t, w_t, b_t, labels, rowinfo, ctx.needs_input_grad,
                                             ctx.cfg, ctx.skip_threshold, ctx.tcfg)
         return (grad_h.to(dt_h) if grad_h is not None else None, grad_w.to(dt_w) if grad_w is not None else None,

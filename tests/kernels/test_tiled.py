@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernels_ref64 import row_divergence64
+from kernels_ref64 import rkl_dominant_logits, row_divergence64
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastopd
@@ -153,6 +153,33 @@ def test_vocab_splits_agree(splits):
     torch.testing.assert_close(loss.detach().double().cpu(), want[0], rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(stats.double().cpu(), want[1], rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(h.grad.double().cpu(), want[2], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("splits", [1, 3], ids=lambda s: f"splits{s}")
+def test_tiled_rkl_dominant_token_gradient(splits):
+    """rkl of 20..61 with one dominant student token (kernels_ref64.rkl_dominant_logits): its gradient is a
+    difference of two numbers of size rkl unless formed relative to lp_s - lp_t at the student's top token. The
+    tiled mode finds that token in the lse pass, per tile and across splits: V=301 in the interpreter's 32-wide
+    tiles is 10 tiles, 3 splits of 4, 4 and 2; the tops sit in tiles 9, 7, 0 and 4, and row 2's tie (columns 3
+    and 200) spans two splits. h = I makes x_s = W_s^T exactly, so grad_W_s[:, r] is dL/dx_s of row r. Budget:
+    1e-5, fp32's (formed directly: up to 4e-3)."""
+    from fastopd.losses.function import DivergenceConfig
+    from fastopd.losses.tiled import tiled_linear_divergence
+
+    xs, xt = rkl_dominant_logits()
+    xs, xt = xs.float().double(), xt.float().double()  # the float64 truth of the fp32 inputs
+    want = row_divergence64(xs, xt, None, divergence="rkl")
+    eye = torch.eye(4, dtype=torch.float32, device=DEVICE)
+    w = xs.T.float().to(DEVICE).contiguous().requires_grad_(True)
+    cfg = DivergenceConfig(divergence=1, beta=0.5, temperature=1.0, softcap=0.0, soft_weight=1.0, hard_weight=0.0,
+                           ignore_index=-100, reduction="none", chunk_rows=0)
+    loss, _ = tiled_linear_divergence(eye, w, None, eye, xt.T.float().to(DEVICE).contiguous(), None, None, None,
+                                      cfg, skip_threshold=0.0, splits=splits)
+    loss.sum().backward()
+    torch.testing.assert_close(loss.detach().double().cpu(), want[0], rtol=1e-6, atol=0)
+    grad = w.grad.double().cpu().T
+    rel = (grad - want[2]).norm(dim=1) / want[2].norm(dim=1)
+    assert (rel <= 1e-5).all(), rel
 
 
 def _grads_with_threshold(threshold, hs, ws, ht, wt, labels, div):
