@@ -1,17 +1,20 @@
 """Data parallelism for OPDTrainer on torch.distributed: DDP or FSDP2 (`fully_shard`), under torchrun.
 
 The trainer runs the student's training forward and the fused loss inside one module call (`LossModule`), so
-DDP's reducer and FSDP2's unshard/reshard hooks see every use of the student's weights, LM head included: under
-FSDP2 the head is gathered with the rest of the student once per micro-batch forward, and the loss never sees a
-sharded or stale weight (a DTensor head reaching `fused_linear_divergence` is refused there). Generation and
-self-distillation scoring, which read the weights outside any module call, run inside `unsharded(...)`.
+DDP's reducer and FSDP2's unshard/reshard hooks see every use of the student's weights, LM head included. Under
+FSDP2 each decoder layer is its own FSDP group, gathered for its forward and backward through a registered
+forward method (the adapters run layers functionally, through `call_layer`); the root group (embeddings, final
+norm, LM head) is gathered for the whole micro-batch, so the loss never sees a sharded or stale head (a DTensor
+head reaching `fused_linear_divergence` is refused there). Generation, evaluation and self-distillation scoring,
+which read the weights outside any module call, run inside `unsharded(...)` (every group gathered).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -39,6 +42,10 @@ def init_from_env(timeout: timedelta | None = None) -> bool:
         kwargs = {"timeout": timeout} if timeout is not None else {}
         dist.init_process_group(backend, **kwargs)
     return dist.get_world_size() > 1
+
+
+def _run_layer(layer: nn.Module, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    return fn(layer, *args, **kwargs)
 
 
 def is_dtensor(t: Any) -> bool:
@@ -95,9 +102,11 @@ class DataParallel:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def wrap(self, module: nn.Module) -> nn.Module:
-        """DDP(module), or `fully_shard(module)` (one FSDP group over all of it) after broadcasting rank 0's
-        parameters and buffers (DDP does the same), or the module itself."""
+    def wrap(self, module: nn.Module, layers: Sequence[nn.Module] = ()) -> nn.Module:
+        """DDP(module); or under FSDP2, after broadcasting rank 0's parameters and buffers (DDP does the same),
+        `fully_shard` of each of `layers` (decoder layers that run through `fastopd.rollout.adapters.call_layer`:
+        each is gathered for its own forward and backward and freed after) and then of `module` (the rest:
+        embeddings, final norm, LM head); or the module itself."""
         if not self.active:
             return module
         import torch.distributed as dist
@@ -112,6 +121,14 @@ class DataParallel:
         with torch.no_grad():
             for t in [*module.parameters(), *module.buffers()]:
                 dist.broadcast(t, src=0)
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        from fastopd.rollout.adapters import LAYER_FORWARD
+
+        for layer in layers:
+            setattr(layer, LAYER_FORWARD, functools.partial(_run_layer, layer))
+            fully_shard(layer)
+            register_fsdp_forward_method(layer, LAYER_FORWARD)
         return fully_shard(module)
 
     def sum_(self, t: torch.Tensor) -> torch.Tensor:
@@ -158,11 +175,16 @@ class DataParallel:
         if self.mode != "fsdp2":
             yield
             return
-        module.unshard()
+        from torch.distributed.fsdp import FSDPModule
+
+        sharded = [m for m in module.modules() if isinstance(m, FSDPModule)]
+        for m in sharded:
+            m.unshard()
         try:
             yield
         finally:
-            module.reshard()
+            for m in sharded:
+                m.reshard()
 
     # ------------------------------------------------------------------ world-size-independent state
 

@@ -56,6 +56,21 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a, b)
 
 
+# The attribute under which `fastopd.distributed` installs a per-layer forward method (registered with FSDP2 through
+# `register_fsdp_forward_method`, so the layer's own pre/post-forward hooks gather and free its weights).
+LAYER_FORWARD = "fastopd_layer_forward"
+
+
+def call_layer(fn: Callable[..., torch.Tensor], layer: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """`fn(layer, *args, **kwargs)`: through the layer's installed forward method when it has one and autograd is
+    on (the training forward of a per-layer FSDP2 student); directly otherwise (one process, or generation and
+    scoring, which run on weights already gathered)."""
+    routed = layer.__dict__.get(LAYER_FORWARD)
+    if routed is not None and torch.is_grad_enabled():
+        return routed(fn, *args, **kwargs)
+    return fn(layer, *args, **kwargs)
+
+
 class DerivedWeights:
     """A value derived from parameters (packed, transposed copies), rebuilt only when a source changed.
 
@@ -138,6 +153,11 @@ class ModelAdapter:
         :meth:`fastopd.models.Transformer.forward`."""
         raise NotImplementedError
 
+    def layer_modules(self) -> list[nn.Module]:
+        """The decoder layers :meth:`forward` runs, in order (each goes through :func:`call_layer`), so that data
+        parallelism can shard them one by one."""
+        return []
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[..., V]`` logits of hidden states ``[..., D]``."""
         return F.linear(hidden, self.output_weight, self.output_bias)
@@ -217,9 +237,13 @@ class LlamaFamilyAdapter(ModelAdapter):
         x = self.embed(input_ids)
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype, self.rope_scaling)
         for i, layer in enumerate(self.layers):
-            x = llama_layer(layer, x, cos, sin, mask, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-                            head_dim=self.head_dim, cache=cache, layer_idx=i, start=start, expand=expand)
+            x = call_layer(llama_layer, layer, x, cos, sin, mask, num_heads=self.num_heads,
+                           num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, cache=cache, layer_idx=i,
+                           start=start, expand=expand)
         return self.norm(x)
+
+    def layer_modules(self) -> list[nn.Module]:
+        return list(self.layers)
 
     def _layer_sources(self, layer: nn.Module) -> list[torch.Tensor]:
         """The tensors :func:`pack_llama_layer` reads (biases where present)."""
@@ -359,20 +383,26 @@ class HFGPT2Adapter(ModelAdapter):
 
     def forward(self, input_ids, positions, mask, cache=None, start=0, expand=1):
         tr = self.model.transformer
-        b, t = input_ids.shape
-        hd, nh = self.head_dim, self.num_heads
         x = tr.wte(input_ids) + tr.wpe(positions)
         for i, block in enumerate(tr.h):
-            h = block.ln_1(x)
-            q, k, v = block.attn.c_attn(h).view(b, t, 3, nh, hd).permute(2, 0, 3, 1, 4).unbind(0)
-            if cache is not None:
-                cache.write(i, start, k, v, expand)
-                if start > 0:
-                    k, v = cache.layer(i)
-            o = attention(q, k, v, mask, scale=self._scales[i])
-            x = x + block.attn.c_proj(o.transpose(1, 2).reshape(b, t, nh * hd))
-            x = x + block.mlp.c_proj(block.mlp.act(block.mlp.c_fc(block.ln_2(x))))
+            x = call_layer(self._block, block, x, mask, cache, i, start, expand)
         return tr.ln_f(x)
+
+    def _block(self, block: nn.Module, x: torch.Tensor, mask, cache, i: int, start: int, expand: int) -> torch.Tensor:
+        b, t, _ = x.shape
+        hd, nh = self.head_dim, self.num_heads
+        h = block.ln_1(x)
+        q, k, v = block.attn.c_attn(h).view(b, t, 3, nh, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        if cache is not None:
+            cache.write(i, start, k, v, expand)
+            if start > 0:
+                k, v = cache.layer(i)
+        o = attention(q, k, v, mask, scale=self._scales[i])
+        x = x + block.attn.c_proj(o.transpose(1, 2).reshape(b, t, nh * hd))
+        return x + block.mlp.c_proj(block.mlp.act(block.mlp.c_fc(block.ln_2(x))))
+
+    def layer_modules(self) -> list[nn.Module]:
+        return list(self.model.transformer.h)
 
 
 _HF_LLAMA_TYPES = ("llama", "qwen2", "mistral")

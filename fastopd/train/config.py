@@ -115,8 +115,8 @@ class OPDConfig:
         loss_impl, chunk_size: passed to `fused_linear_divergence` (impl=, chunk_size=).
     Scale-out (see fastopd.distributed.data_parallel):
         parallel: "auto" (DDP when launched by torchrun with more than one process, else one process), "none",
-            "ddp" or "fsdp2" (`fully_shard` over the whole student). Each rank rolls out its share of the step's
-            prompts; the loss is normalized by the step's token count over all ranks.
+            "ddp" or "fsdp2" (`fully_shard` per decoder layer and on the rest). Each rank rolls out its share of
+            the step's prompts; the loss is normalized by the step's token count over all ranks.
     """
 
     objective: str = "rkl"

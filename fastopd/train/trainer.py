@@ -149,7 +149,7 @@ class OPDTrainer:
                                     eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
         self.device = self.engine.student.device
         # The training forward and the loss run as one module call: what DDP and FSDP2 wrap.
-        self.module = self.parallel.wrap(LossModule(student, self._micro_loss))
+        self.module = self.parallel.wrap(LossModule(student, self._micro_loss), self.engine.student.layer_modules())
         self.masks = self._load_masks(cfg.masks)
         self.optimizer = self._make_optimizer()
         self.params = [p for p in student.parameters() if p.requires_grad]

@@ -28,13 +28,35 @@ PROMPTS = 8  # the global batch of every step
 
 
 def _models():
-    def make(seed, hidden):
+    def make(seed, hidden, layers):
         torch.manual_seed(seed)
-        cfg = TransformerConfig(vocab_size=TASK.tokenizer.vocab_size, hidden_size=hidden,
-                                intermediate_size=2 * hidden, num_layers=1, num_heads=2, max_position_embeddings=48)
+        cfg = TransformerConfig(vocab_size=TASK.tokenizer.vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                                num_layers=layers, num_heads=2, max_position_embeddings=48)
         return Transformer(cfg)
 
-    return make(0, 32), make(1, 48)
+    return make(0, 32, 2), make(1, 48, 1)
+
+
+def _hf_student(kind: str):
+    """A random-weight Hugging Face student (no download), sized for the task's vocabulary."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    v = TASK.tokenizer.vocab_size
+    if kind == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=v, n_embd=32, n_layer=2, n_head=2, n_positions=64)
+        return transformers.GPT2LMHeadModel(cfg)
+    cfg = transformers.LlamaConfig(vocab_size=v, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def hf_worker(rank: int, world: int, kind: str, mode: str) -> dict:
+    student, teacher = _hf_student(kind), _models()[1]
+    trainer = OPDTrainer(student, teacher, _config(parallel=mode if world > 1 else "none"))
+    trainer.train(_source, 2, progress=False)
+    out = _state(trainer)
+    out["fsdp_groups"] = sum(type(m).__name__.startswith("FSDP") for m in trainer.module.modules())
+    return out
 
 
 def _config(**kw) -> OPDConfig:
@@ -64,6 +86,7 @@ def train_worker(rank: int, world: int, steps: int, overrides: dict, mode: str =
     out = _state(trainer)
     out["mode"] = trainer.parallel.mode
     out["sharded"] = [type(p).__name__ for p in trainer.student.parameters()]
+    out["fsdp_groups"] = sum(type(m).__name__.startswith("FSDP") for m in trainer.module.modules())
     return out
 
 
@@ -100,11 +123,22 @@ def test_fsdp2_two_ranks_equal_one_process_and_resume_on_one(tmp_path):
     want = _single(3)
     for rank, got in enumerate(ranks):
         assert got["mode"] == "fsdp2" and set(got["sharded"]) == {"DTensor"}, got["sharded"]
+        assert got["fsdp_groups"] == 3, got["fsdp_groups"]  # each of the 2 decoder layers, and the root
         _assert_same_run(got, want, f"fsdp2 rank {rank}")
     assert sorted(os.listdir(ckdir)) == ["latest", "step_00000002", "step_00000003"]
     want4 = _single(4)
     resumed = _single(4, checkpoint_dir=ckdir, resume=True)  # full (gathered) state: loads in one process
     _assert_same_run(resumed, want4, "fsdp2 2 ranks -> 1 process")
+
+
+@needs_fsdp2
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_fsdp2_hugging_face_students_shard_per_layer_and_equal_one_process(kind):
+    ranks = run_ranks(hf_worker, 2, kind, "fsdp2")
+    want = hf_worker(0, 1, kind, "none")
+    for rank, got in enumerate(ranks):
+        assert got["fsdp_groups"] == 3, got["fsdp_groups"]
+        _assert_same_run(got, want, f"{kind} fsdp2 rank {rank}")
 
 
 def test_checkpoint_from_two_ranks_resumes_on_one_and_on_three(tmp_path):
