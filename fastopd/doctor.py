@@ -52,7 +52,24 @@ def report() -> list[tuple[str, str]]:
         if dev == "cuda" and not torch.cuda.is_available():
             continue
         rows.append((f"auto backend on {dev}", _dispatch.resolve(op, "auto", dev)))
+    rows.append(("torch.distributed", _distributed()))
     return rows
+
+
+def _distributed() -> str:
+    """Which torch.distributed backends and data-parallel modes this torch offers (fastopd.distributed)."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return "missing: this torch was built without torch.distributed"
+    backends = [name for name, ok in (("gloo", dist.is_gloo_available()), ("nccl", dist.is_nccl_available())) if ok]
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+
+        fsdp2 = "FSDP2"
+    except ImportError:
+        fsdp2 = "no FSDP2"
+    return f"{', '.join(backends) or 'no backend'}; DDP, {fsdp2}, vocab-parallel loss (torchrun)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
