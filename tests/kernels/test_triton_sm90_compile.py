@@ -39,6 +39,21 @@ def stack_bytes(cubin):
         rep = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
     m = re.search(r"STACK:(\d+)", rep)
     return int(m.group(1)) if m else None
+ptxas = os.path.join(tools, "ptxas")
+def spill_stores(ptx):
+    # ptxas -v reports "N bytes spill stores" per function: the register spills themselves (None when it cannot run)
+    if not os.path.exists(ptxas):
+        return None
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        open(src, "w").write(ptx)
+        target = re.search(r"\.target (sm_\w+)", ptx)  # sm_90a: what Triton targets on Hopper
+        arch = target.group(1) if target else "sm_90"
+        rep = subprocess.run([ptxas, f"-arch={arch}", "-v", src, "-o", os.path.join(d, "k.cubin")],
+                             capture_output=True, text=True).stderr
+    found = [int(x) for x in re.findall(r"(\d+) bytes spill stores", rep)]
+    return max(found) if found else None
 out = []
 for job in json.load(sys.stdin):
     fn = getattr(importlib.import_module(job["module"]), job["kernel"])
@@ -54,6 +69,7 @@ for job in json.load(sys.stdin):
         out.append({"id": job["id"], "error": f"{type(exc).__name__}: {msg}"}); continue
     out.append({"id": job["id"], "cubin_bytes": len(c.asm["cubin"]), "sm90": ".target sm_90" in c.asm["ptx"],
                 "local": ".local" in c.asm["ptx"], "stack": stack_bytes(c.asm["cubin"]),
+                "spill_stores": spill_stores(c.asm["ptx"]),
                 "shared": c.metadata.shared})
 print(json.dumps({"results": out}))
 """
@@ -72,8 +88,20 @@ def compile_for_sm90(jobs: list[dict]) -> dict[str, dict]:
     return {r["id"]: r for r in answer["results"]}
 
 
-# Bytes of stack frame tolerated: device_assert's call frame needs a few; register spills need far more.
+# Bytes of stack frame tolerated: device_assert's call frame needs a few. Register spills are counted apart, from
+# ptxas -v's "bytes spill stores", and must be 0 except where KNOWN_SPILLS records a measured one.
 MAX_STACK = 16
+# The fp32 tiled gradient kernel at GPU_CONFIG_FP32 spills 16 bytes (ptxas -v, sm_90a): fp32 is not the benchmark
+# dtype, and its tile sizes are to be retuned on a GPU. Recorded here so that no other kernel can start to spill.
+KNOWN_SPILLS = {"_tiled_grad_kernel-{'DIV': 1}-fp32": 16}
+
+
+def assert_no_spills(job_id: str, r: dict) -> None:
+    assert "error" not in r, f"{job_id}: {r.get('error')}"
+    assert r["sm90"] and r["cubin_bytes"] > 0, job_id
+    assert not r["local"] and (r["stack"] is None or r["stack"] <= MAX_STACK), f"{job_id} stack frame: {r}"
+    allowed = KNOWN_SPILLS.get(job_id, 0)
+    assert r["spill_stores"] is None or r["spill_stores"] <= allowed, f"{job_id} spills: {r}"
 
 ROW_SIGNATURE = {
     "xs_ptr": "*fp32", "xt_ptr": "*fp32", "labels_ptr": "*i64", "loss_ptr": "*fp32", "stats_ptr": "*fp32",
@@ -94,10 +122,7 @@ def test_divergence_row_kernel_compiles_for_sm90():
                                         "SOFTCAP": everything, "COMPUTE_GRAD": True, "BLOCK_V": 2048}})
     results = compile_for_sm90(jobs)
     for job in jobs:
-        r = results[job["id"]]
-        assert "error" not in r, f"{job['id']}: {r.get('error')}"
-        assert r["sm90"] and r["cubin_bytes"] > 0, job["id"]
-        assert not r["local"] and (r["stack"] is None or r["stack"] <= MAX_STACK), f"{job['id']} spills: {r}"
+        assert_no_spills(job["id"], results[job["id"]])
 
 
 def _tiled_signature(dtype: str, kernel: str) -> dict[str, str]:
@@ -126,12 +151,15 @@ def _tiled_signature(dtype: str, kernel: str) -> dict[str, str]:
 
 def test_tiled_kernels_compile_for_sm90():
     """The tiled kernels at the shipped GPU tile sizes (kernels.tiled.default_config), all options on: every
-    kernel in bf16 (the benchmark dtype), the heaviest also in fp32. No register spills."""
+    kernel in bf16 (the benchmark dtype), the lse and heaviest grad variant also in fp32. No register spills but
+    the one recorded in KNOWN_SPILLS."""
     from fastopd.kernels.tiled import GPU_CONFIG_16BIT, GPU_CONFIG_FP32, TiledConfig
 
     jobs = []
     for kernel, dtype, extra in [
         ("_tiled_lse_kernel", "bf16", {"HAS_LABELS": True}),
+        ("_tiled_lse_kernel", "fp32", {"HAS_LABELS": True}),
+        ("_tiled_sums_kernel", "bf16", {"DIV": 1}),
         ("_tiled_sums_kernel", "bf16", {"DIV": 2}),
         ("_tiled_grad_kernel", "bf16", {"DIV": 0}),
         ("_tiled_grad_kernel", "bf16", {"DIV": 2}),
@@ -148,7 +176,4 @@ def test_tiled_kernels_compile_for_sm90():
                      "num_stages": gpu.num_stages, "constexprs": constexprs})
     results = compile_for_sm90(jobs)
     for job in jobs:
-        r = results[job["id"]]
-        assert "error" not in r, f"{job['id']}: {r.get('error')}"
-        assert r["sm90"] and r["cubin_bytes"] > 0, job["id"]
-        assert not r["local"] and (r["stack"] is None or r["stack"] <= MAX_STACK), f"{job['id']} spills: {r}"
+        assert_no_spills(job["id"], results[job["id"]])
