@@ -49,11 +49,27 @@ def _run_layer(layer: nn.Module, fn: Callable[..., Any], *args: Any, **kwargs: A
 
 
 def is_dtensor(t: Any) -> bool:
+    """Whether `t` is a torch.distributed DTensor (an FSDP2 or tensor-parallel parameter); cheap for plain tensors."""
     if not isinstance(t, torch.Tensor) or type(t) in (torch.Tensor, nn.Parameter):
+        return False
+    if not torch.distributed.is_available():
         return False
     from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor)
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A full (replicated) tensor as a DTensor placed like the DTensor `like` (this rank keeps its part, no
+    communication), in `like`'s dtype and on its device."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (under no_grad its storage: updates write through), or the tensor itself."""
+    return t.to_local() if is_dtensor(t) else t
 
 
 class LossModule(nn.Module):
@@ -116,14 +132,13 @@ class DataParallel:
 
             dev = next(module.parameters()).device
             return DistributedDataParallel(module, device_ids=[dev] if dev.type == "cuda" else None)
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+        from fastopd.rollout.adapters import LAYER_FORWARD
 
         with torch.no_grad():
             for t in [*module.parameters(), *module.buffers()]:
                 dist.broadcast(t, src=0)
-        from torch.distributed.fsdp import register_fsdp_forward_method
-
-        from fastopd.rollout.adapters import LAYER_FORWARD
 
         for layer in layers:
             setattr(layer, LAYER_FORWARD, functools.partial(_run_layer, layer))
@@ -198,12 +213,8 @@ class DataParallel:
     def load_full_model_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list, list]:
         """Load full tensors; under FSDP2 each rank keeps its shard. Returns (missing, unexpected) keys."""
         if self.mode == "fsdp2":
-            from torch.distributed.tensor import distribute_tensor
-
             own = model.state_dict()
-            state = {k: (distribute_tensor(v.to(own[k].device, own[k].dtype), own[k].device_mesh,
-                                           own[k].placements, src_data_rank=None)
-                         if k in own and is_dtensor(own[k]) else v) for k, v in state.items()}
+            state = {k: (shard_like(v, own[k]) if k in own and is_dtensor(own[k]) else v) for k, v in state.items()}
         return model.load_state_dict(state, strict=False)
 
     def full_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -226,12 +237,10 @@ class DataParallel:
         if hasattr(optimizer, "load_full_state_dict"):
             optimizer.load_full_state_dict(state)
             return
-        from torch.distributed.tensor import distribute_tensor
-
         optimizer.load_state_dict(state)
         for group in optimizer.param_groups:
             for p in group["params"]:
                 st = optimizer.state.get(p, {})
                 for n, v in st.items():
                     if is_dtensor(p) and isinstance(v, torch.Tensor) and not is_dtensor(v) and v.shape == p.shape:
-                        st[n] = distribute_tensor(v.to(p.dtype), p.device_mesh, p.placements, src_data_rank=None)
+                        st[n] = shard_like(v, p)

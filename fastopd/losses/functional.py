@@ -131,20 +131,14 @@ def _finish(loss: torch.Tensor, stats: torch.Tensor, lead: torch.Size, reduction
     return loss, DivergenceStats(*per)
 
 
-def _is_dtensor(t) -> bool:
-    if type(t) in (torch.Tensor, torch.nn.Parameter) or not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
-
-
 def _plain_heads(ws, wt, bs, bt, group):
     """The heads as plain tensors. A DTensor head is taken shard-locally (`to_local()`, differentiable) under
     `vocab_parallel_group`; without one it is refused, never silently used as if its local shard were the head."""
+    from fastopd.distributed.data_parallel import is_dtensor
+
     out = []
     for name, t in (("student_weight", ws), ("teacher_weight", wt), ("student_bias", bs), ("teacher_bias", bt)):
-        if t is not None and _is_dtensor(t):
+        if t is not None and is_dtensor(t):
             if group is None:
                 raise ValueError(
                     f"{name} is a DTensor (placements {tuple(t.placements)}, local shard {_shape(t.to_local())} of "

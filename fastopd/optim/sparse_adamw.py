@@ -26,6 +26,7 @@ from torch.optim.adam import adam as _torch_adam
 from torch.optim.optimizer import _get_scalar_dtype
 
 from fastopd import _dispatch
+from fastopd.distributed.data_parallel import is_dtensor, local_shard, shard_like
 from fastopd.optim.masks import to_indices
 
 OP = "sparse_adamw_step"
@@ -35,19 +36,6 @@ _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 
 def _index_dtype(numel: int) -> torch.dtype:
     return torch.int32 if numel < 2**31 else torch.int64
-
-
-def _is_dtensor(t: Any) -> bool:
-    if not isinstance(t, torch.Tensor) or type(t) in (torch.Tensor, torch.nn.Parameter):
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor (its storage: updates write through), or the tensor itself."""
-    return t.to_local() if _is_dtensor(t) else t
 
 
 def _shard_span(p: torch.Tensor) -> tuple[int, int]:
@@ -61,7 +49,7 @@ def _shard_span(p: torch.Tensor) -> tuple[int, int]:
     rows = p.shape[0]
     chunk = -(-rows // mesh.size())  # torch.chunk's split, as FSDP2 shards
     first = min(rows, mesh.get_local_rank() * chunk)
-    local = _local(p)
+    local = local_shard(p)
     if local.shape[0] != max(0, min(chunk, rows - first)):
         raise ValueError(f"unexpected shard of {tuple(p.shape)}: local {tuple(local.shape)} at row {first}")
     row_numel = local[0].numel() if local.shape[0] else 0
@@ -160,15 +148,15 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
             p = by_name[name]
             if p.dtype not in _SUPPORTED:
                 raise ValueError(f"masked parameter {name!r} has dtype {p.dtype}; supported: {_SUPPORTED}")
-            if not _local(p).is_contiguous():
+            if not local_shard(p).is_contiguous():
                 raise ValueError(f"masked parameter {name!r} (shape {tuple(p.shape)}) must be contiguous: "
                                  "mask indices address its row-major storage")
             idx = to_indices(mask, p.shape, name=name)  # int64 sorted unique, or None for all selected
-            if idx is not None and _is_dtensor(p):  # keep this shard's coordinates, shard-local
+            if idx is not None and is_dtensor(p):  # keep this shard's coordinates, shard-local
                 first, size = _shard_span(p)
                 idx = idx.to(p.device)
                 idx = idx[(idx >= first) & (idx < first + size)] - first
-            numel = _local(p).numel()
+            numel = local_shard(p).numel()
             idx = None if idx is None else idx.to(device=p.device, dtype=_index_dtype(numel))
             self.state[p] = self._fresh_masked_state(p, idx)
 
@@ -192,12 +180,12 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
 
     @staticmethod
     def _gather(p: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
-        flat = _local(p).detach().view(-1)
+        flat = local_shard(p).detach().view(-1)
         return flat.clone() if idx is None else flat.index_select(0, idx)
 
     @staticmethod
     def _fresh_masked_state(p: torch.Tensor, idx: torch.Tensor | None) -> dict[str, Any]:
-        k = _local(p).numel() if idx is None else idx.numel()
+        k = local_shard(p).numel() if idx is None else idx.numel()
         state: dict[str, Any] = {
             "step": torch.tensor(0.0, dtype=_get_scalar_dtype()),
             "indices": idx,
@@ -214,8 +202,8 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
         idx = st["indices"]
         for key in ("exp_avg", "exp_avg_sq"):
             if key in dense:
-                v = _local(dense[key])
-                if v.numel() != _local(p).numel():
+                v = local_shard(dense[key])
+                if v.numel() != local_shard(p).numel():
                     raise ValueError(f"state of {self._names[id(p)]!r}: dense {key} has {v.numel()} values for a "
                                      f"parameter of {p.numel()}")
                 st[key] = self._gather(v, idx).float()
@@ -226,7 +214,7 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
     def _check_masked_state(self, p: torch.Tensor, st: dict[str, Any]) -> None:
         name = self._names[id(p)]
         idx = st["indices"]
-        numel = _local(p).numel()
+        numel = local_shard(p).numel()
         k = numel if idx is None else idx.numel()
         for s in ("exp_avg", "exp_avg_sq", "master"):
             if s in st and st[s].numel() != k:
@@ -273,8 +261,8 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
             idx = state["indices"]
             if idx is not None and idx.numel() == 0:
                 continue  # frozen
-            grad = _local(grad)
-            if grad.shape != _local(p).shape or grad.dtype != p.dtype:
+            grad = local_shard(grad)
+            if grad.shape != local_shard(p).shape or grad.dtype != p.dtype:
                 raise ValueError(f"gradient of {self._names[id(p)]!r} has shape {tuple(grad.shape)} and dtype "
                                  f"{grad.dtype}; expected {tuple(p.shape)} and {p.dtype}")
             if self._wants_master(p) and "master" not in state:
@@ -282,7 +270,7 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
             state["step"] += 1
             t = state["step"].item()  # a CPU tensor, as in torch.optim.AdamW: no device synchronization
             bucket = sparse.setdefault(p.device, {k: [] for k in ("p", "g", "i", "m", "v", "w", "s", "ss", "bc")})
-            bucket["p"].append(_local(p))
+            bucket["p"].append(local_shard(p))
             bucket["g"].append(grad if grad.is_contiguous() else grad.contiguous())
             bucket["i"].append(idx)
             bucket["m"].append(state["exp_avg"])
@@ -387,10 +375,10 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
         state = {}
         for i, st in sd["state"].items():
             p = params[i]
-            if not _is_dtensor(p):
+            if not is_dtensor(p):
                 state[i] = st
             elif "indices" not in st:
-                state[i] = {k: (v.full_tensor() if _is_dtensor(v) else v) for k, v in st.items()}
+                state[i] = {k: (v.full_tensor() if is_dtensor(v) else v) for k, v in st.items()}
             else:
                 first, size = _shard_span(p)
                 idx = st["indices"]
@@ -415,18 +403,15 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
     def load_full_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a `full_state_dict()` (or a one-process `state_dict()`), saved on any world size: each sharded
         parameter keeps its rows' part, with shard-local indices."""
-        from torch.distributed.tensor import distribute_tensor
-
         params = [p for group in self.param_groups for p in group["params"]]
         state = {}
         for i, st in state_dict["state"].items():
             p = params[i] if i < len(params) else None
-            if p is None or not _is_dtensor(p):
+            if p is None or not is_dtensor(p):
                 state[i] = st
             elif "indices" not in st:
-                state[i] = {k: (distribute_tensor(v.to(p.device, p.dtype), p.device_mesh, p.placements,
-                                                  src_data_rank=None)
-                                if isinstance(v, torch.Tensor) and tuple(v.shape) == tuple(p.shape) else v)
+                state[i] = {k: (shard_like(v, p) if isinstance(v, torch.Tensor) and tuple(v.shape) == tuple(p.shape)
+                                else v)
                             for k, v in st.items()}
             else:
                 first, size = _shard_span(p)
@@ -479,7 +464,7 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
         for name, p in self._named_params():
             idx = self.state[p]["indices"] if self._is_masked(p) else None
             current = self._gather(p, idx)
-            all_idx = (torch.arange(_local(p).numel(), device=p.device) if idx is None else idx.long())
+            all_idx = (torch.arange(local_shard(p).numel(), device=p.device) if idx is None else idx.long())
             ref = self._reference.get(id(p))
             if ref is None:
                 out[name] = (all_idx, current)

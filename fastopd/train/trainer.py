@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastopd.distributed.data_parallel import DataParallel, LossModule, is_dtensor
+from fastopd.distributed.data_parallel import DataParallel, LossModule, is_dtensor, local_shard
 from fastopd.losses import fused_linear_divergence
 from fastopd.train import checkpoint as ckpt
 from fastopd.train.config import OPDConfig, parse_horizon_spec
@@ -420,7 +420,7 @@ class OPDTrainer:
     # ------------------------------------------------------------------ density and checkpoints
 
     def _mark_reference(self) -> None:
-        self._reference = [_local(p).detach().clone() for p in self.params]
+        self._reference = [local_shard(p).detach().clone() for p in self.params]
 
     @torch.no_grad()
     def update_density(self) -> float:
@@ -428,7 +428,7 @@ class OPDTrainer:
         start of the run), over every rank's shard. Synchronizes."""
         if self._reference is None:
             raise ValueError("update_density needs track_density=True")
-        changed = sum((_local(p) != r).sum() for p, r in zip(self.params, self._reference))
+        changed = sum((local_shard(p) != r).sum() for p, r in zip(self.params, self._reference))
         if self.parallel.mode == "fsdp2":  # each rank holds a shard of every parameter
             changed = self.parallel.sum_(torch.as_tensor(changed, device=self.device))
         total = sum(p.numel() for p in self.params)
@@ -515,11 +515,6 @@ class _IterSource:
             return next(self._it)
         except StopIteration:
             raise ValueError(f"the prompt source ran out at step {step}") from None
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of an FSDP2 (DTensor) parameter, or the tensor itself."""
-    return t.to_local() if is_dtensor(t) else t
 
 
 def _split(n: int, parts: int) -> list[tuple[int, int]]:
