@@ -269,7 +269,8 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
                 state["master"] = self._gather(p, idx).float()
             state["step"] += 1
             t = state["step"].item()  # a CPU tensor, as in torch.optim.AdamW: no device synchronization
-            bucket = sparse.setdefault(p.device, {k: [] for k in ("p", "g", "i", "m", "v", "w", "s", "ss", "bc")})
+            bucket = sparse.setdefault(p.device, {k: [] for k in ("o", "p", "g", "i", "m", "v", "w", "s", "ss", "bc")})
+            bucket["o"].append(p)
             bucket["p"].append(local_shard(p))
             bucket["g"].append(grad if grad.is_contiguous() else grad.contiguous())
             bucket["i"].append(idx)
@@ -284,6 +285,12 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
             backend = _dispatch.resolve(OP, self.impl, device)
             _dispatch.kernel(OP, backend)(b["p"], b["g"], b["i"], b["m"], b["v"], b["w"], b["s"], b["ss"], b["bc"],
                                           float(lr), float(beta1), float(beta2), float(eps), float(wd))
+            # The C++ and Triton kernels write through data pointers, which autograd cannot see: bump the version
+            # counters as a native in-place op would, so a graph that saved a parameter before this step raises
+            # instead of silently back-propagating through the new values.
+            torch.autograd.graph.increment_version(
+                b["o"] + [t for t, o in zip(b["p"], b["o"]) if t is not o]  # a DTensor's local shard too
+                + b["m"] + b["v"] + [t for t in b["w"] + b["s"] if t is not None])
         if dense["p"]:
             has_complex = any(torch.is_complex(p) for p in dense["p"])
             _torch_adam(dense["p"], dense["g"], dense["m"], dense["v"], [], dense["t"],

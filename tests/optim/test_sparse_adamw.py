@@ -559,3 +559,21 @@ def test_triton_on_cuda_matches_torch_foreach_adamw(dtype):
             st["exp_avg"].copy_(rst["exp_avg"][mask])
             st["exp_avg_sq"].copy_(rst["exp_avg_sq"][mask])
     assert torch.equal(p.detach()[~mask], p0[~mask])
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_step_bumps_version_counters_so_stale_graphs_raise(impl):
+    """The C++ and Triton kernels write through data pointers; the step must still tell autograd, as a native
+    in-place op does, so backward through a graph that saved the pre-step weight raises instead of using the new
+    values silently."""
+    _skip_unavailable(impl)
+    w = torch.nn.Parameter(torch.randn(5, 7))
+    opt = SparseMaskedAdamW([("w", w)], lr=1e-2, impl=impl, masks={"w": torch.rand(5, 7) < 0.5})
+    w.grad = torch.randn(5, 7)
+    before = (w._version, opt.state[w]["exp_avg"]._version, opt.state[w]["exp_avg_sq"]._version)
+    loss = (w * w).sum()  # saves w for backward
+    opt.step()
+    after = (w._version, opt.state[w]["exp_avg"]._version, opt.state[w]["exp_avg_sq"]._version)
+    assert all(a > b for a, b in zip(after, before)), (before, after)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
