@@ -189,54 +189,76 @@ def machine(device: str) -> dict:
     return info
 
 
-def run(args: argparse.Namespace) -> dict:
+def shape_order(args: argparse.Namespace) -> list[tuple[str, int, int]]:
+    """(divergence, V, N) in the order they run: every divergence at the first vocabulary's smallest and largest
+    token counts first (what a time-boxed run most needs), then the rest of the grid in order."""
+    grid = [(d, v, n) for v in args.vocab for d in args.divergences for n in args.tokens]
+    first = {(d, args.vocab[0], n) for d in args.divergences for n in (min(args.tokens), max(args.tokens))}
+    return [g for g in grid if g in first] + [g for g in grid if g not in first]
+
+
+def run(args: argparse.Namespace, on_row: Callable[[dict], None] | None = None) -> dict:
+    """Benchmarks the grid; `on_row(partial_result)` after each row (the caller writes it, so a run killed at its
+    time limit keeps what it measured). With `args.time_budget` no new shape starts once that many seconds have
+    passed: its rows are recorded as "skipped: time budget"."""
     device = "cpu" if args.dry_run else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu_bench: no CUDA device visible (use --dry-run to check the harness on the CPU)")
     dtype = getattr(torch, args.dtype)
     timer = Timer(device, args.reps)
     rows = []
-    for divergence in args.divergences:
-        for v in args.vocab:
-            for n in args.tokens:
-                fl = flops(n, v, args.ds, args.dt)
-                inp = make_inputs(n, v, args.ds, args.dt, device, dtype)
-                per = {}
-                for provider in args.providers:
-                    rec = {"divergence": divergence, "V": v, "N": n, "Ds": args.ds, "Dt": args.dt, "dtype": args.dtype,
-                           "provider": provider}
-                    try:
-                        rec.update(bench_provider(provider, divergence, inp, timer, device, args.chunk_size))
-                        rec["tflops"] = {k: fl[k] / (rec[k]["median_ms"] * 1e-3) / 1e12 for k in ("fwd", "bwd", "full")}
-                        rec["status"] = "ok"
-                    except (ImportError, ValueError) as exc:
-                        rec["status"] = f"unavailable: {exc}"
-                    except torch.cuda.OutOfMemoryError:
-                        rec["status"] = "out of memory"
-                    except Exception as exc:  # noqa: BLE001 - one broken provider must not lose the others
-                        rec["status"] = f"error: {type(exc).__name__}: {str(exc)[:300]}"
-                    if device == "cuda":
-                        torch.cuda.empty_cache()
-                    per[provider] = rec
-                    rows.append(rec)
-                    print(_line(rec), flush=True)
-                floor = per.get("gemm_floor", {})
-                liger = per.get("liger", {})
-                for rec in per.values():
-                    if rec["status"] != "ok":
-                        continue
-                    if floor.get("status") == "ok":
-                        rec["ratio_to_gemm_floor"] = rec["full"]["median_ms"] / floor["full"]["median_ms"]
-                    if liger.get("status") == "ok":
-                        rec["speedup_vs_liger"] = liger["full"]["median_ms"] / rec["full"]["median_ms"]
-                        lp, lg = liger.get("peak_bytes_above_inputs"), rec.get("peak_bytes_above_inputs")
-                        if lp and lg is not None:
-                            rec["memory_vs_liger"] = lg / lp
-                del inp
-                gc.collect()
     config = {k: v for k, v in vars(args).items() if k != "out"}
     config["env"] = {k: os.environ.get(k) for k in ("FASTOPD_CHUNK_BYTES", "FASTOPD_TILED_SKIP", "FASTOPD_IMPL")}
-    return {"machine": machine(device), "dry_run": args.dry_run, "config": config, "results": rows}
+    result = {"machine": machine(device), "dry_run": args.dry_run, "config": config, "results": rows}
+    start = time.monotonic()
+    for divergence, v, n in shape_order(args):
+        head = {"divergence": divergence, "V": v, "N": n, "Ds": args.ds, "Dt": args.dt, "dtype": args.dtype}
+        if args.time_budget is not None and time.monotonic() - start > args.time_budget:
+            rows += [dict(head, provider=p, status="skipped: time budget") for p in args.providers]
+            continue
+        fl = flops(n, v, args.ds, args.dt)
+        inp = make_inputs(n, v, args.ds, args.dt, device, dtype)
+        per = {}
+        for provider in args.providers:
+            rec = dict(head, provider=provider)
+            try:
+                rec.update(bench_provider(provider, divergence, inp, timer, device, args.chunk_size))
+                rec["tflops"] = {k: fl[k] / (rec[k]["median_ms"] * 1e-3) / 1e12 for k in ("fwd", "bwd", "full")}
+                rec["status"] = "ok"
+            except (ImportError, ValueError) as exc:
+                rec["status"] = f"unavailable: {exc}"
+            except torch.cuda.OutOfMemoryError:
+                rec["status"] = "out of memory"
+            except Exception as exc:  # noqa: BLE001 - one broken provider must not lose the others
+                rec["status"] = f"error: {type(exc).__name__}: {str(exc)[:300]}"
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            per[provider] = rec
+            rows.append(rec)
+            print(_line(rec), flush=True)
+            if on_row is not None:
+                on_row(result)
+        _ratios(per)
+        del inp
+        gc.collect()
+        if on_row is not None:
+            on_row(result)
+    return result
+
+
+def _ratios(per: dict[str, dict]) -> None:
+    """Adds the ratios to the GEMM floor and to Liger to the rows of one shape."""
+    floor, liger = per.get("gemm_floor", {}), per.get("liger", {})
+    for rec in per.values():
+        if rec["status"] != "ok":
+            continue
+        if floor.get("status") == "ok":
+            rec["ratio_to_gemm_floor"] = rec["full"]["median_ms"] / floor["full"]["median_ms"]
+        if liger.get("status") == "ok":
+            rec["speedup_vs_liger"] = liger["full"]["median_ms"] / rec["full"]["median_ms"]
+            lp, lg = liger.get("peak_bytes_above_inputs"), rec.get("peak_bytes_above_inputs")
+            if lp and lg is not None:
+                rec["memory_vs_liger"] = lg / lp
 
 
 def _line(rec: dict) -> str:
@@ -293,6 +315,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunk-size", type=int, default=None,
                    help="token rows per chunk for the chunked providers (default: the library's byte budget)")
     p.add_argument("--tag", default="", help="suffix of the output file names (gpu_bench_<tag>.json/.md)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="start no new shape after this many seconds (its rows say 'skipped: time budget'); shapes "
+                        "run smallest and largest N of the first vocabulary first")
     p.add_argument("--reps", type=int, default=10, help="timing repetitions on the CPU; do_bench window x10 ms on GPU")
     p.add_argument("--dry-run", action="store_true",
                    help="run the harness on the CPU at tiny shapes (chunked-cpu, naive, liger, gemm_floor): checks "
@@ -307,12 +332,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    result = run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "gpu_bench" + (f"_{args.tag}" if args.tag else "") + ("_dry_run" if args.dry_run else "")
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    (out / f"{stem}.md").write_text(markdown(result))
+
+    def write(result: dict) -> None:  # after every row, atomically: a run killed at its limit keeps its rows
+        for suffix, text in ((".json", json.dumps(result, indent=1)), (".md", markdown(result))):
+            tmp = out / f".{stem}{suffix}.tmp"
+            tmp.write_text(text)
+            os.replace(tmp, out / f"{stem}{suffix}")
+
+    result = run(args, on_row=write)
+    write(result)
     print(f"wrote {out / (stem + '.json')} and {out / (stem + '.md')}")
     bad = [r for r in result["results"] if r["status"].startswith("error")]
     return 1 if bad else 0

@@ -6,7 +6,7 @@ and optimizer-state bytes per parameter. Ratios are against torch.optim.AdamW(fo
 
     flock /tmp/fastopd_bench.lock python -m pytest bench/test_optim_bench.py -q -p no:cacheprovider
 
-writes bench/results/optim_<device>.json and .md (the last test of this file). On a GPU the timed function
+writes bench/results/optim_<device>.json and .md ($OUT/ when OUT is set) (the last test of this file). On a GPU the timed function
 synchronizes, and the backends compared are SparseMaskedAdamW(impl=triton) and its torch reference.
 """
 
@@ -149,8 +149,9 @@ def _write(device: str, results: dict[str, dict]) -> None:
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "command": "flock /tmp/fastopd_bench.lock python -m pytest bench/test_optim_bench.py -q -p no:cacheprovider",
            "results": results}
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", f"optim_{device}.json"), "w") as f:
+    out_dir = os.environ.get("OUT", os.path.join(HERE, "results"))  # the GPU suite points OUT at its folder
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"optim_{device}.json"), "w") as f:
         json.dump(out, f, indent=2)
     lines = [f"# SparseMaskedAdamW vs torch.optim.AdamW ({device}, {numel / 1e6:.1f}M params)", "",
              f"{name}, {machine['cpus']} CPU cores, torch {versions['torch']} "
@@ -163,5 +164,5 @@ def _write(device: str, results: dict[str, dict]) -> None:
         dens = f"{100 * r['density']:g}%" if "density" in r else "100% (dense)"
         lines.append(f"| {r['optimizer']} | {dens} | {1e3 * r['median_s']:.2f} | {1e3 * r['p20_s']:.2f}-"
                      f"{1e3 * r['p80_s']:.2f} | {r['time_vs_torch_foreach']:.3f}x | {r['state_bytes_per_param']:.3f} |")
-    with open(os.path.join(HERE, "results", f"optim_{device}.md"), "w") as f:
+    with open(os.path.join(out_dir, f"optim_{device}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
