@@ -336,7 +336,7 @@ class RolloutEngine:
         pad = torch.tensor(self.pad_token_id, dtype=torch.long, device=device)
         # Stopping is checked on the host: every step on CPU, every 8 steps on accelerators (fewer syncs).
         check_every = 1 if device.type == "cpu" else 8
-        graphed = self.cuda_graphs and device.type == "cuda" and isinstance(adapter, LlamaFamilyAdapter) and h > 1
+        graphed = self.cuda_graphs and _can_capture(device) and isinstance(adapter, LlamaFamilyAdapter) and h > 1
         if graphed:
             # One static shape: the cache's full width under a key-validity mask whose completion columns turn
             # True as they are written. Warm-up/capture writes column p+h-1, which no step reads before
@@ -398,6 +398,11 @@ class RolloutEngine:
         scoring_mask = build_attention_mask(key_mask, pt, h - 1)
         hidden = adapter.forward(completion[:, : h - 1], positions, scoring_mask, cache, pt)
         return torch.cat([last[:, None], hidden], 1)
+
+
+def _can_capture(device: torch.device) -> bool:
+    """Whether decode steps on `device` can be captured in a CUDA graph (tests stand in an eager graph on CPU)."""
+    return device.type == "cuda"
 
 
 class _GraphedDecodeStep:
