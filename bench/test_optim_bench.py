@@ -6,8 +6,9 @@ and optimizer-state bytes per parameter. Ratios are against torch.optim.AdamW(fo
 
     flock /tmp/fastopd_bench.lock python -m pytest bench/test_optim_bench.py -q -p no:cacheprovider
 
-writes bench/results/optim_<device>.json and .md ($OUT/ when OUT is set) (the last test of this file). On a GPU the timed function
-synchronizes, and the backends compared are SparseMaskedAdamW(impl=triton) and its torch reference.
+writes bench/results/optim_<device>.json and .md, or $OUT/ when OUT is set (the last test of this file). On a GPU
+the timed function synchronizes, and the backends compared are SparseMaskedAdamW(impl=triton) and its torch
+reference.
 """
 
 from __future__ import annotations
