@@ -7,10 +7,11 @@
 TORCH_LIBRARY(fastopd, m) {
   // Row-wise divergence over a chunk of fp32 logits; see csrc/cpu/divergence.cpp for the math.
   // Mutates xs (gradient written in place when compute_grad), xt (scratch), loss [C] and stats [C, 5].
+  // hard_ratio = temperature / hard-label temperature: the hard-label CE is taken of z * hard_ratio.
   m.def(
       "divergence_chunk_(Tensor(a!) xs, Tensor(b!) xt, Tensor? labels, Tensor(c!) loss, Tensor(d!) stats, "
       "int divergence, float beta, float temperature, float softcap, float soft_weight, float hard_weight, "
-      "int ignore_index, bool compute_grad) -> ()");
+      "int ignore_index, bool compute_grad, float hard_ratio=1.0) -> ()");
   // Sparse-masked AdamW step over all tensors of a parameter group; see csrc/cpu/sparse_adamw.cpp and
   // fastopd/optim/reference.py. Mutates params (at the selected coordinates), moments, masters and counters;
   // an empty tensor in masters/swallowed means "none" (optional mutable lists do not functionalize).

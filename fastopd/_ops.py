@@ -27,7 +27,7 @@ if LOAD_ERROR is None:
 
     @torch.library.register_fake("fastopd::divergence_chunk_")
     def _divergence_chunk_fake(xs, xt, labels, loss, stats, divergence, beta, temperature, softcap,
-                               soft_weight, hard_weight, ignore_index, compute_grad) -> None:
+                               soft_weight, hard_weight, ignore_index, compute_grad, hard_ratio=1.0) -> None:
         return None
 
 if LOAD_ERROR is None:

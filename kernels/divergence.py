@@ -9,6 +9,8 @@ reference (fastopd/losses/reference.py). Per row r of xs, xt [C, V] (raw fp32 lo
     jsd = b KL(t||m) + (1-b) KL(s||m), log m = log(b p_t + (1-b) p_s)
                                                       dL/dz_s = (1-b) p_s ((lp_s - log m) - KL(s||m))
     loss = soft_w * div + hard_w * (lse_s - z_s[y]);  the hard term adds hard_w (p_s - onehot(y)).
+With a hard-label temperature of its own (HARD_T; r = T / T_hard) the CE is of z_h = r z_s: pass 1 also sums
+exp(r (z_s - max_s)) (max(r z_s) = r max_s, r > 0), and the gradient term is hard_w r (p_h - onehot(y)).
 
 One program per row streams the vocabulary in BLOCK_V blocks:
   pass 1  online max / sum-exp of both models (block maxima, rescaled running sums in fp64); for rkl also the
@@ -80,8 +82,8 @@ def _p_diff(ps, pt, lps, lpt):
 def _divergence_row_kernel(
     xs_ptr, xt_ptr, labels_ptr, loss_ptr, stats_ptr,
     V, stride_s, stride_t,
-    beta, inv_temp, temperature, softcap, inv_softcap, soft_weight, hard_weight, ignore_index,
-    DIV: tl.constexpr, HAS_LABELS: tl.constexpr, HARD: tl.constexpr, SOFTCAP: tl.constexpr,
+    beta, inv_temp, temperature, softcap, inv_softcap, soft_weight, hard_weight, ignore_index, hard_ratio,
+    DIV: tl.constexpr, HAS_LABELS: tl.constexpr, HARD: tl.constexpr, HARD_T: tl.constexpr, SOFTCAP: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -114,6 +116,7 @@ def _divergence_row_kernel(
         m_t = float("-inf")
         s_s = tl.zeros([], dtype=tl.float64)
         s_t = tl.zeros([], dtype=tl.float64)
+        s_h = tl.zeros([], dtype=tl.float64)  # HARD_T: sum exp(r (z_s - max_s)), relative to the running max
         top_t = float("-inf")  # rkl: the teacher's z at the student's top token (the pivot, see pass 2)
         for start in range(0, V, BLOCK_V):
             offs = start + lanes
@@ -126,6 +129,11 @@ def _divergence_row_kernel(
                 block_max = tl.max(zs, 0)
                 block_top_t = tl.max(tl.where(zs == block_max, zt, float("-inf")), 0)
                 top_t = tl.where(block_max > m_s, block_top_t, top_t)
+            if HARD_T:
+                m_h = tl.maximum(m_s, tl.max(zs, 0))
+                safe_h = tl.where(m_h == float("-inf"), 0.0, m_h)
+                s_h = s_h * tl.exp((m_s - safe_h) * hard_ratio).to(tl.float64) + tl.sum(
+                    tl.exp((zs - safe_h) * hard_ratio).to(tl.float64), 0)
             m_s, s_s = _online_update(m_s, s_s, zs)
             m_t, s_t = _online_update(m_t, s_t, zt)
         # log p = (z - max) - log(sum): subtracting the max first keeps log-probs near 0 exact, where z - lse
@@ -134,6 +142,8 @@ def _divergence_row_kernel(
         m_t = tl.where(m_t == float("-inf"), 0.0, m_t)
         log_s = tl.log(s_s).to(tl.float32)
         log_t = tl.log(s_t).to(tl.float32)
+        log_h = tl.log(s_h).to(tl.float32)  # HARD_T only
+        hw = hard_weight * hard_ratio if HARD_T else hard_weight  # d/dz_s of the CE is hw (p_h - onehot(y))
         # rkl: d = lp_s - lp_t is taken relative to its value c at the student's top token. The gradient
         # p_s (d - rkl) of a dominant token is a difference of two numbers of size |rkl| (~27 at logit scale
         # 140), where every fp32 rounding would land; with rkl = c + sum p_s (d - c) only small numbers cancel.
@@ -161,8 +171,9 @@ def _divergence_row_kernel(
                 if COMPUTE_GRAD:
                     g = soft_weight * _p_diff(ps, pt, lps, lpt)
                     if HARD:
-                        g += hard_weight * ps
-                        g = tl.where(offs == y, g - hard_weight, g)
+                        ph = tl.exp((zs - m_s) * hard_ratio - log_h) if HARD_T else ps
+                        g += hw * ph
+                        g = tl.where(offs == y, g - hw, g)
                     chain = inv_temp
                     if SOFTCAP:
                         c = zs * (temperature * inv_softcap)
@@ -202,8 +213,9 @@ def _divergence_row_kernel(
                     term = tl.where(ps > TINY_P, ps * (lps - lm), 0.0)
                     g = coef * (term - ps * k)
                 if HARD:
-                    g += hard_weight * ps
-                    g = tl.where(offs == y, g - hard_weight, g)
+                    ph = tl.exp((zs - m_s) * hard_ratio - log_h) if HARD_T else ps
+                    g += hw * ph
+                    g = tl.where(offs == y, g - hw, g)
                 chain = inv_temp
                 if SOFTCAP:
                     c = zs * (temperature * inv_softcap)
@@ -221,7 +233,8 @@ def _divergence_row_kernel(
             lp_s_y = (zs_y - m_s) - log_s
             lp_t_y = (zt_y - m_t) - log_t
             if HARD:
-                row_loss -= hard_weight * lp_s_y
+                lph_y = ((zs_y - m_s) * hard_ratio - log_h) if HARD_T else lp_s_y
+                row_loss -= hard_weight * lph_y
         else:
             lp_s_y = 0.0
             lp_t_y = 0.0
@@ -273,7 +286,7 @@ def _check(xs: torch.Tensor, xt: torch.Tensor, labels: torch.Tensor | None, loss
 def divergence_chunk_(xs: torch.Tensor, xt: torch.Tensor, labels: torch.Tensor | None, loss: torch.Tensor,
                       stats: torch.Tensor, divergence: int, beta: float, temperature: float, softcap: float,
                       soft_weight: float, hard_weight: float, ignore_index: int, compute_grad: bool,
-                      *, block_v: int | None = None, num_warps: int | None = None) -> None:
+                      hard_ratio: float = 1.0, *, block_v: int | None = None, num_warps: int | None = None) -> None:
     """Row-wise divergence of a chunk, in place. Same arguments and effects as `torch.ops.fastopd.divergence_chunk_`.
 
     Args:
@@ -282,6 +295,7 @@ def divergence_chunk_(xs: torch.Tensor, xt: torch.Tensor, labels: torch.Tensor |
         labels: int64 [C] or None. loss: fp32 [C] (out). stats: fp32 [C, 5] (out): lse_s, lse_t, lp_s[y],
             lp_t[y], entropy_s.
         divergence: 0 fkl, 1 rkl, 2 jsd. softcap <= 0 means none.
+        hard_ratio: temperature / hard-label temperature (the CE is of z * hard_ratio); 1 means the same.
         block_v, num_warps: launch configuration (defaults: 2048 columns per block, 8 warps).
 
     Raises:
@@ -297,11 +311,13 @@ def divergence_chunk_(xs: torch.Tensor, xt: torch.Tensor, labels: torch.Tensor |
         num_warps = 8 if block_v >= 2048 else 4
     use_cap = softcap > 0.0
     has_labels = labels is not None
+    hard = has_labels and hard_weight != 0.0
     _divergence_row_kernel[(c,)](
         xs, xt, labels if has_labels else loss, loss, stats,
         v, xs.stride(0), xt.stride(0),
         float(beta), 1.0 / float(temperature), float(temperature), float(softcap),
         1.0 / float(softcap) if use_cap else 0.0, float(soft_weight), float(hard_weight), int(ignore_index),
-        DIV=int(divergence), HAS_LABELS=has_labels, HARD=has_labels and hard_weight != 0.0, SOFTCAP=use_cap,
+        float(hard_ratio), DIV=int(divergence), HAS_LABELS=has_labels, HARD=hard,
+        HARD_T=hard and float(hard_ratio) != 1.0, SOFTCAP=use_cap,
         COMPUTE_GRAD=bool(compute_grad), BLOCK_V=block_v, num_warps=num_warps,
     )

@@ -61,14 +61,16 @@ def _scaled_tile(x, cmask, inv_temp, softcap, inv_softcap, SOFTCAP: tl.constexpr
 def _tiled_lse_kernel(
     hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, labels_ptr, part_ptr, sums_ptr,
     N, V, Ds, Dt, stride_hs, stride_ws, stride_ht, stride_wt, blocks_per_split,
-    inv_temp, softcap, inv_softcap, ignore_index,
+    inv_temp, softcap, inv_softcap, ignore_index, hard_ratio,
     HAS_BIAS_S: tl.constexpr, HAS_BIAS_T: tl.constexpr, HAS_LABELS: tl.constexpr, SOFTCAP: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    HARD_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """part[split, :, row] = (max_s, max_t, z_s[y], z_t[y], z_t at the student's top) ([SPLIT, 5, N] fp32) and
     sums[split, :, row] = (sum exp(z_s - max_s), sum exp(z_t - max_t)) ([SPLIT, 2, N] fp64) of this split's
     vocabulary share. The student's top is in the first tile holding the largest z_s; among ties there the
-    largest z_t is taken."""
+    largest z_t is taken. HARD_T (the hard-label CE at its own temperature, of r z_s with r = hard_ratio):
+    sums[split, 2, row] = sum exp(r (z_s - max_s)) too ([SPLIT, 3, N])."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -80,6 +82,7 @@ def _tiled_lse_kernel(
     m_t = tl.full([BLOCK_N], float("-inf"), tl.float32)
     s_s = tl.zeros([BLOCK_N], tl.float64)  # fp64: log(sum) must resolve log-probs near 0 (see divergence.py)
     s_t = tl.zeros([BLOCK_N], tl.float64)
+    s_h = tl.zeros([BLOCK_N], tl.float64)
     zs_y = tl.zeros([BLOCK_N], tl.float32)
     zt_y = tl.zeros([BLOCK_N], tl.float32)
     top_t = tl.full([BLOCK_N], float("-inf"), tl.float32)  # the teacher's z at the student's top token
@@ -99,6 +102,9 @@ def _tiled_lse_kernel(
         safe_s = tl.where(new_s == float("-inf"), 0.0, new_s)
         e_s = tl.exp(zs - safe_s[:, None])
         s_s = s_s * tl.exp(m_s - safe_s).to(tl.float64) + tl.sum(e_s.to(tl.float64), 1)
+        if HARD_T:
+            s_h = s_h * tl.exp((m_s - safe_s) * hard_ratio).to(tl.float64) + tl.sum(
+                tl.exp((zs - safe_s[:, None]) * hard_ratio).to(tl.float64), 1)
         # A tile that raises the max holds the student's top where e_s == 1 (also at near-ties within 2^-24 of
         # it, none dominant, where any pivot serves). Selecting on e_s keeps the fp32 variant free of spills.
         top_t = tl.where(tile_max_s > m_s, tl.max(tl.where(e_s == 1.0, zt, float("-inf")), 1), top_t)
@@ -117,8 +123,10 @@ def _tiled_lse_kernel(
     tl.store(base + 2 * N, zs_y, mask=rmask)
     tl.store(base + 3 * N, zt_y, mask=rmask)
     tl.store(base + 4 * N, top_t, mask=rmask)
-    tl.store(sums_ptr + split * 2 * N + rows, s_s, mask=rmask)
-    tl.store(sums_ptr + split * 2 * N + N + rows, s_t, mask=rmask)
+    tl.store(sums_ptr + split * 3 * N + rows, s_s, mask=rmask)
+    tl.store(sums_ptr + split * 3 * N + N + rows, s_t, mask=rmask)
+    if HARD_T:
+        tl.store(sums_ptr + split * 3 * N + 2 * N + rows, s_h, mask=rmask)
 
 
 @triton.jit
@@ -193,14 +201,17 @@ def _tiled_grad_kernel(
     hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, labels_ptr, row_ptr, gh_ptr, gw_ptr, gb_ptr, skip_ptr,
     N, V, Ds, Dt, stride_hs, stride_ws, stride_ht, stride_wt, blocks_per_split,
     beta, inv_temp, temperature, softcap, inv_softcap, soft_weight, hard_weight, ignore_index, skip_threshold,
+    hard_ratio,
     DIV: tl.constexpr, HAS_BIAS_S: tl.constexpr, HAS_BIAS_T: tl.constexpr, HAS_LABELS: tl.constexpr,
-    HARD: tl.constexpr, SOFTCAP: tl.constexpr, GRAD_H: tl.constexpr, GRAD_W: tl.constexpr, GRAD_B: tl.constexpr,
+    HARD: tl.constexpr, HARD_T: tl.constexpr, SOFTCAP: tl.constexpr, GRAD_H: tl.constexpr, GRAD_W: tl.constexpr,
+    GRAD_B: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Accumulates grad_h [N, Ds], grad_W [V, Ds], grad_b [V] (fp32, atomics) of sum_r row_scale[r] * loss[r].
 
-    row_ptr holds [max_s; log_s; max_t; log_t; c; K; row_scale] [7, N]: c is the rkl pivot (lp_s - lp_t at the
-    student's top token), K the row's KL(s||t) - c (rkl) or KL(s||m) (jsd); row_scale is 0 on ignored rows.
+    row_ptr holds [max_s; log_s; max_t; log_t; c; K; row_scale; log_h] [8, N]: c is the rkl pivot (lp_s - lp_t
+    at the student's top token), K the row's KL(s||t) - c (rkl) or KL(s||m) (jsd); row_scale is 0 on ignored
+    rows; log_h (HARD_T) = log sum exp(r (z_s - max_s)), the hard-label CE's normalizer at r = hard_ratio.
     skip_ptr counts the tiles skipped under skip_threshold (int32 [1]).
     """
     pid_n = tl.program_id(0)
@@ -215,6 +226,11 @@ def _tiled_grad_kernel(
         pivot = tl.load(row_ptr + 4 * N + rows, mask=rmask, other=0.0)
     k_row = tl.load(row_ptr + 5 * N + rows, mask=rmask, other=0.0)
     scale = tl.load(row_ptr + 6 * N + rows, mask=rmask, other=0.0)
+    if HARD_T:
+        log_h = tl.load(row_ptr + 7 * N + rows, mask=rmask, other=0.0)
+        hw = hard_weight * hard_ratio  # d/dz_s of the CE of r z_s: r hard_weight (p_h - onehot(y))
+    else:
+        hw = hard_weight
     if HAS_LABELS:
         y = tl.load(labels_ptr + rows, mask=rmask, other=ignore_index)
         valid = rmask & (y != ignore_index)
@@ -243,8 +259,11 @@ def _tiled_grad_kernel(
             coef = soft_weight * (1.0 - beta)
             g = coef * (term - ps * k_row[:, None])
         if HARD:
-            g += hard_weight * ps
-            g = tl.where(cols[None, :] == y[:, None], g - hard_weight, g)
+            if HARD_T:
+                g += hw * tl.exp((zs - m_s[:, None]) * hard_ratio - log_h[:, None])
+            else:
+                g += hw * ps
+            g = tl.where(cols[None, :] == y[:, None], g - hw, g)
         if SOFTCAP:
             c = zs * (temperature * inv_softcap)
             g = g * (inv_temp * (1.0 - c * c))
@@ -322,36 +341,43 @@ def _geometry(v: int, cfg: TiledConfig) -> int:
 
 
 def tiled_row_lse(h_s, w_s, b_s, h_t, w_t, b_t, labels, *, temperature: float, softcap: float, ignore_index: int,
-                  cfg: TiledConfig) -> torch.Tensor:
+                  cfg: TiledConfig, hard_ratio: float = 1.0) -> torch.Tensor:
     """Per-split partials of each vocabulary share: [SPLIT, 5, N] fp32 (max_s, max_t, z_s[y], z_t[y], z_t at the
-    student's top) and [SPLIT, 2, N] fp64 (sum exp(z - max) of both models). `combine_lse` turns them into row
-    statistics."""
+    student's top) and [SPLIT, 3, N] fp64 (sum exp(z - max) of both models; with hard_ratio != 1 also
+    sum exp(hard_ratio (z_s - max_s)), else 0). `combine_lse` turns them into row statistics."""
     n, ds = h_s.shape
     v, dt = w_s.shape[0], h_t.shape[1]
     part = torch.empty(cfg.splits, 5, n, dtype=torch.float32, device=h_s.device)
-    sums = torch.empty(cfg.splits, 2, n, dtype=torch.float64, device=h_s.device)
+    sums = torch.zeros(cfg.splits, 3, n, dtype=torch.float64, device=h_s.device)
     use_cap = softcap > 0
     grid = (triton.cdiv(n, cfg.block_n), cfg.splits)
     _tiled_lse_kernel[grid](
         h_s, w_s, b_s if b_s is not None else h_s, h_t, w_t, b_t if b_t is not None else h_t,
         labels if labels is not None else part, part, sums,
         n, v, ds, dt, h_s.stride(0), w_s.stride(0), h_t.stride(0), w_t.stride(0), _geometry(v, cfg),
-        1.0 / temperature, softcap, 1.0 / softcap if use_cap else 0.0, ignore_index,
+        1.0 / temperature, softcap, 1.0 / softcap if use_cap else 0.0, ignore_index, float(hard_ratio),
         HAS_BIAS_S=b_s is not None, HAS_BIAS_T=b_t is not None, HAS_LABELS=labels is not None, SOFTCAP=use_cap,
-        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, PRECISION=_precision(h_s),
+        HARD_T=float(hard_ratio) != 1.0, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+        PRECISION=_precision(h_s),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return part, sums
 
 
-def combine_lse(part: torch.Tensor, sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def combine_lse(part: torch.Tensor, sums: torch.Tensor,
+                hard_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Row statistics from the per-split partials: ([5, N] fp32 = max_s, log_s, max_t, log_t, c with
     lse = max + log_s, log-probs (z - max) - log_s and c = lp_s - lp_t at the student's top token, the rkl
-    pivot), and the label logits [2, N] (z_s[y], z_t[y])."""
+    pivot), the label logits [2, N] (z_s[y], z_t[y]) and, with hard_ratio != 1, log_h [N] = log sum
+    exp(hard_ratio (z_s - max_s)) (else None)."""
     m = part[:, :2].amax(0)                                        # [2, N]
     m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)   # all -inf rows: keep NaN out
     scale = torch.exp((part[:, :2] - m_safe).double())            # empty splits: exp(-inf) = 0
-    log_sum = torch.log((sums * scale).sum(0)).float()             # fp64 sum: exact near log p = 0
+    log_sum = torch.log((sums[:, :2] * scale).sum(0)).float()      # fp64 sum: exact near log p = 0
+    log_h = None
+    if hard_ratio != 1.0:
+        scale_h = torch.exp((part[:, 0] - m_safe[0]).double() * hard_ratio)
+        log_h = torch.log((sums[:, 2] * scale_h).sum(0)).float()
     # The teacher's z at the student's top: from the split holding the max (ties: the largest z_t, as in a tile).
     # c is formed with the grad kernel's arithmetic, ((z - max) - log_s) - ((z_t - max_t) - log_t) with z = max,
     # so that (lp_s - lp_t) - c is exactly 0 there.
@@ -359,7 +385,7 @@ def combine_lse(part: torch.Tensor, sums: torch.Tensor) -> tuple[torch.Tensor, t
     pivot = (0.0 - log_sum[0]) - ((top_t - m_safe[1]) - log_sum[1])
     pivot = torch.where(torch.isfinite(pivot), pivot, torch.zeros_like(pivot))  # teacher -inf there: the loss is inf
     rowstats = torch.stack([m_safe[0], log_sum[0], m_safe[1], log_sum[1], pivot])
-    return rowstats, part[:, 2:4].sum(0)                           # the label lies in exactly one split
+    return rowstats, part[:, 2:4].sum(0), log_h                    # the label lies in exactly one split
 
 
 def tiled_row_sums(h_s, w_s, b_s, h_t, w_t, b_t, rowstats: torch.Tensor, *, divergence: int, beta: float,
@@ -384,17 +410,19 @@ def tiled_row_sums(h_s, w_s, b_s, h_t, w_t, b_t, rowstats: torch.Tensor, *, dive
 
 def tiled_grad(h_s, w_s, b_s, h_t, w_t, b_t, labels, rowinfo: torch.Tensor, grad_h, grad_w, grad_b, *,
                divergence: int, beta: float, temperature: float, softcap: float, soft_weight: float,
-               hard_weight: float, ignore_index: int, skip_threshold: float, cfg: TiledConfig) -> torch.Tensor:
+               hard_weight: float, ignore_index: int, skip_threshold: float, cfg: TiledConfig,
+               hard_ratio: float = 1.0) -> torch.Tensor:
     """Adds the student gradients into grad_h [N, Ds], grad_w [V, Ds], grad_b [V] (fp32, any may be None).
 
-    rowinfo: [7, N] fp32 = max_s, log_s, max_t, log_t, c (from `combine_lse`), K (KL(s||t) - c for rkl, KL(s||m)
-    for jsd, unused for fkl), row_scale.
+    rowinfo: [8, N] fp32 = max_s, log_s, max_t, log_t, c (from `combine_lse`), K (KL(s||t) - c for rkl, KL(s||m)
+    for jsd, unused for fkl), row_scale, log_h (used with hard_ratio != 1: the hard-label CE's normalizer).
     Returns the number of skipped tiles as an int32 [1] device tensor (read it only where a sync is fine).
     """
     n, ds = h_s.shape
     v, dt = w_s.shape[0], h_t.shape[1]
     skipped = torch.zeros(1, dtype=torch.int32, device=h_s.device)
     use_cap = softcap > 0
+    hard = labels is not None and hard_weight != 0.0
     grid = (triton.cdiv(n, cfg.block_n), cfg.splits)
     dummy = rowinfo
     _tiled_grad_kernel[grid](
@@ -404,9 +432,9 @@ def tiled_grad(h_s, w_s, b_s, h_t, w_t, b_t, labels, rowinfo: torch.Tensor, grad
         grad_b if grad_b is not None else dummy, skipped,
         n, v, ds, dt, h_s.stride(0), w_s.stride(0), h_t.stride(0), w_t.stride(0), _geometry(v, cfg),
         beta, 1.0 / temperature, temperature, softcap, 1.0 / softcap if use_cap else 0.0, soft_weight, hard_weight,
-        ignore_index, skip_threshold,
+        ignore_index, skip_threshold, float(hard_ratio),
         DIV=divergence, HAS_BIAS_S=b_s is not None, HAS_BIAS_T=b_t is not None, HAS_LABELS=labels is not None,
-        HARD=labels is not None and hard_weight != 0.0, SOFTCAP=use_cap, GRAD_H=grad_h is not None,
+        HARD=hard, HARD_T=hard and float(hard_ratio) != 1.0, SOFTCAP=use_cap, GRAD_H=grad_h is not None,
         GRAD_W=grad_w is not None, GRAD_B=grad_b is not None,
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, PRECISION=_precision(h_s),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

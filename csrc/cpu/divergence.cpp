@@ -7,6 +7,9 @@
 //   jsd = b KL(t||m) + (1-b) KL(s||m), m = b p_t + (1-b) p_s
 //                                                    dL/dz_s = (1-b) p_s ((lp_s - log m) - KL(s||m))
 //   loss = soft_w * div + hard_w * (lse_s - z_s[y]);  hard term adds hard_w (p_s - onehot(y)).
+// With a hard-label temperature of its own (hard_ratio r = T / T_hard != 1) the CE is of z_h = r z_s, whose
+// max is r max_s: two extra passes (its normalizer, then its gradient term r hw p_h into the scratch row
+// while z_s is still at hand) and one more add in the gradient pass; the r = 1 path is unchanged.
 // Output: loss [C], stats [C, 5] = (lse_s, lse_t, lp_s[y], lp_t[y], entropy(p_s)), and, with
 // compute_grad, dL/dx_s written over xs (chain rule through temperature and softcap included).
 // xt is scratch. Ignored rows (label == ignore_index) get loss 0, stats 0, gradient 0.
@@ -36,15 +39,16 @@ struct RowOptions {
   float softcap;  // <= 0: none
   float soft_weight;
   float hard_weight;
+  float hard_ratio;  // T / T_hard; 1: the CE is of z_s itself
   bool compute_grad;
 };
 
 // Inlined into each ISA variant below, so every clone gets its own vector code.
 template <int64_t DIV, bool SOFTCAP>
 __attribute__((always_inline)) inline void divergence_row(float* __restrict xs, float* __restrict xt,
-                                                          float* __restrict es, float* __restrict et, int64_t V,
-                                                          int64_t y, const RowOptions& o, float* loss_out,
-                                                          float* stats) {
+                                                          float* __restrict es, float* __restrict et,
+                                                          float* __restrict eh, int64_t V, int64_t y,
+                                                          const RowOptions& o, float* loss_out, float* stats) {
   const float inv_t = o.inv_temperature;
   const float cap = o.softcap;
   const float inv_cap = SOFTCAP ? 1.0f / cap : 0.0f;
@@ -100,6 +104,34 @@ __attribute__((always_inline)) inline void divergence_row(float* __restrict xs, 
   const double lse_s_d = static_cast<double>(ms) + log_ss;
   const double lse_t_d = static_cast<double>(mt) + log_st;
   const float inv_ss = static_cast<float>(1.0 / ss), inv_st = static_cast<float>(1.0 / st);
+
+  // Hard-label CE at its own temperature: z_h = r z_s, max r ms. eh holds hw r p_h times the chain rule's
+  // factor (added to the gradient at the end), formed here while xs still holds z_s.
+  const bool hard_t = o.hard_ratio != 1.0f && o.hard_weight != 0.0f && y >= 0;
+  const float hr = o.hard_ratio;
+  double log_sh = 0.0;
+  if (hard_t) {
+    double sh = 0.0;
+#pragma omp simd reduction(+ : sh)
+    for (int64_t v = 0; v < V; ++v) {
+      const float a = vmath::exp((xs[v] - ms) * hr);
+      eh[v] = a;
+      sh += static_cast<double>(a);
+    }
+    log_sh = std::log(sh);
+    if (o.compute_grad) {
+      const float scale = static_cast<float>(static_cast<double>(o.hard_weight) * hr / sh);
+#pragma omp simd
+      for (int64_t v = 0; v < V; ++v) {
+        float chain = inv_t;
+        if (SOFTCAP) {
+          const float c = xs[v] * o.temperature * inv_cap;
+          chain = inv_t * (1.0f - c * c);
+        }
+        eh[v] *= scale * chain;
+      }
+    }
+  }
   // rkl: d = lp_s - lp_t is taken relative to its value c at the student's top token. The gradient
   // p_s (d - rkl) of a dominant token is a difference of two numbers of size |rkl| (~27 at logit scale 140),
   // where every fp32 rounding would land; with rkl = c + sum p_s (d - c) only small numbers cancel.
@@ -112,7 +144,8 @@ __attribute__((always_inline)) inline void divergence_row(float* __restrict xs, 
   // Pass 3: divergence terms and entropy; stores what the gradient pass needs.
   const float b = o.beta, omb = 1.0f - o.beta;
   constexpr float kTinyProb = 1e-30f;
-  const float hw = o.hard_weight, sw = o.soft_weight;
+  const float sw = o.soft_weight;
+  const float hw = hard_t ? 0.0f : o.hard_weight;  // in the passes below: the CE at the divergence's temperature
   const bool grad = o.compute_grad;
   double acc_a = 0.0, acc_b = 0.0, ent = 0.0;
 #pragma omp simd reduction(+ : acc_a, acc_b, ent)
@@ -177,19 +210,26 @@ __attribute__((always_inline)) inline void divergence_row(float* __restrict xs, 
     }
   }
 
+  if (grad && hard_t) {
+#pragma omp simd
+    for (int64_t v = 0; v < V; ++v) xs[v] += eh[v];
+  }
   double hard = 0.0;
+  const float hw_all = o.hard_weight;
   if (y >= 0) {
-    hard = log_ss - (static_cast<double>(zs_y) - static_cast<double>(ms));
-    if (grad && hw != 0.0f) {
+    hard = hard_t ? log_sh - (static_cast<double>(zs_y) - static_cast<double>(ms)) * hr
+                  : log_ss - (static_cast<double>(zs_y) - static_cast<double>(ms));
+    if (grad && hw_all != 0.0f) {
       float chain_y = inv_t;
       if (SOFTCAP) {
         const float c = zs_y * o.temperature * inv_cap;
         chain_y = inv_t * (1.0f - c * c);
       }
-      xs[y] -= hw * chain_y;
+      xs[y] -= hw_all * (hard_t ? hr : 1.0f) * chain_y;
     }
   }
-  *loss_out = static_cast<float>(static_cast<double>(sw) * soft + (hw != 0.0f ? static_cast<double>(hw) * hard : 0.0));
+  *loss_out = static_cast<float>(static_cast<double>(sw) * soft +
+                                 (hw_all != 0.0f ? static_cast<double>(hw_all) * hard : 0.0));
   stats[0] = static_cast<float>(lse_s_d);
   stats[1] = static_cast<float>(lse_t_d);
   stats[2] = y >= 0 ? static_cast<float>((static_cast<double>(zs_y) - ms) - log_ss) : 0.0f;
@@ -200,21 +240,21 @@ __attribute__((always_inline)) inline void divergence_row(float* __restrict xs, 
 // The row kernels compiled three times, for AVX-512, AVX2+FMA and baseline x86-64; the divergence_row
 // template is always_inline, so each variant gets its own vector code. The variant is picked at run time
 // by CPU feature (not CPU model), so a wheel built anywhere runs everywhere at the best width available.
-#define FASTOPD_ROW_VARIANT(NAME)                                                                             \
-  void NAME(int64_t div, bool softcap, float* xs, float* xt, float* es, float* et, int64_t V, int64_t y,      \
-            const RowOptions& o, float* loss_out, float* stats) {                                            \
-    if (softcap) {                                                                                            \
-      if (div == kFKL) return divergence_row<kFKL, true>(xs, xt, es, et, V, y, o, loss_out, stats);          \
-      if (div == kRKL) return divergence_row<kRKL, true>(xs, xt, es, et, V, y, o, loss_out, stats);          \
-      return divergence_row<kJSD, true>(xs, xt, es, et, V, y, o, loss_out, stats);                           \
-    }                                                                                                         \
-    if (div == kFKL) return divergence_row<kFKL, false>(xs, xt, es, et, V, y, o, loss_out, stats);           \
-    if (div == kRKL) return divergence_row<kRKL, false>(xs, xt, es, et, V, y, o, loss_out, stats);           \
-    return divergence_row<kJSD, false>(xs, xt, es, et, V, y, o, loss_out, stats);                            \
+#define FASTOPD_ROW_VARIANT(NAME)                                                                                     \
+  void NAME(int64_t div, bool softcap, float* xs, float* xt, float* es, float* et, float* eh, int64_t V,              \
+            int64_t y, const RowOptions& o, float* loss_out, float* stats) {                                          \
+    if (softcap) {                                                                                                    \
+      if (div == kFKL) return divergence_row<kFKL, true>(xs, xt, es, et, eh, V, y, o, loss_out, stats);               \
+      if (div == kRKL) return divergence_row<kRKL, true>(xs, xt, es, et, eh, V, y, o, loss_out, stats);               \
+      return divergence_row<kJSD, true>(xs, xt, es, et, eh, V, y, o, loss_out, stats);                                \
+    }                                                                                                                 \
+    if (div == kFKL) return divergence_row<kFKL, false>(xs, xt, es, et, eh, V, y, o, loss_out, stats);                \
+    if (div == kRKL) return divergence_row<kRKL, false>(xs, xt, es, et, eh, V, y, o, loss_out, stats);                \
+    return divergence_row<kJSD, false>(xs, xt, es, et, eh, V, y, o, loss_out, stats);                                 \
   }
 
-using RowFn = void (*)(int64_t, bool, float*, float*, float*, float*, int64_t, int64_t, const RowOptions&, float*,
-                       float*);
+using RowFn = void (*)(int64_t, bool, float*, float*, float*, float*, float*, int64_t, int64_t, const RowOptions&,
+                       float*, float*);
 
 FASTOPD_ROW_VARIANT(divergence_row_baseline)
 
@@ -238,7 +278,8 @@ RowFn pick_row_variant() { return &divergence_row_baseline; }
 
 void divergence_chunk_cpu(at::Tensor& xs, at::Tensor& xt, const std::optional<at::Tensor>& labels, at::Tensor& loss,
                           at::Tensor& stats, int64_t divergence, double beta, double temperature, double softcap,
-                          double soft_weight, double hard_weight, int64_t ignore_index, bool compute_grad) {
+                          double soft_weight, double hard_weight, int64_t ignore_index, bool compute_grad,
+                          double hard_ratio) {
   TORCH_CHECK(xs.dim() == 2 && xt.sizes() == xs.sizes(), "divergence_chunk_: xs and xt must be [C, V] of one shape, got ",
               xs.sizes(), " and ", xt.sizes());
   TORCH_CHECK(xs.scalar_type() == at::kFloat && xt.scalar_type() == at::kFloat, "divergence_chunk_: logits must be float32");
@@ -256,10 +297,12 @@ void divergence_chunk_cpu(at::Tensor& xs, at::Tensor& xt, const std::optional<at
     lab = labels->data_ptr<int64_t>();
   }
   TORCH_CHECK(temperature > 0.0, "divergence_chunk_: temperature must be positive");
+  TORCH_CHECK(hard_ratio > 0.0 && std::isfinite(hard_ratio), "divergence_chunk_: hard_ratio must be positive, got ",
+              hard_ratio);
 
   RowOptions o{static_cast<float>(beta),        static_cast<float>(temperature), static_cast<float>(1.0 / temperature),
                static_cast<float>(softcap),     static_cast<float>(soft_weight), static_cast<float>(hard_weight),
-               compute_grad};
+               static_cast<float>(hard_ratio),  compute_grad};
   const bool use_cap = softcap > 0.0;
   static const RowFn row_fn = pick_row_variant();
 
@@ -268,7 +311,8 @@ void divergence_chunk_cpu(at::Tensor& xs, at::Tensor& xt, const std::optional<at
   float* pl = loss.data_ptr<float>();
   float* pst = stats.data_ptr<float>();
   at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(static_cast<size_t>(2 * V));  // per task: exp rows of student and teacher
+    // per task: exp rows of student and teacher, and (hard-label temperature only) the CE's gradient term
+    std::vector<float> scratch(static_cast<size_t>((hard_ratio != 1.0 && hard_weight != 0.0 ? 3 : 2) * V));
     for (int64_t r = begin; r < end; ++r) {
       int64_t y = -1;
       if (lab != nullptr) {
@@ -281,8 +325,9 @@ void divergence_chunk_cpu(at::Tensor& xs, at::Tensor& xt, const std::optional<at
         }
         TORCH_CHECK(y >= 0 && y < V, "divergence_chunk_: label ", y, " out of range for vocabulary of ", V);
       }
-      row_fn(divergence, use_cap, ps + r * V, pt + r * V, scratch.data(), scratch.data() + V, V, y, o,
-                         pl + r, pst + r * 5);
+      row_fn(divergence, use_cap, ps + r * V, pt + r * V, scratch.data(), scratch.data() + V,
+             scratch.size() > static_cast<size_t>(2 * V) ? scratch.data() + 2 * V : nullptr, V, y, o, pl + r,
+             pst + r * 5);
     }
   });
 }

@@ -8,6 +8,8 @@
 //   jsd = b KL(t||m) + (1-b) KL(s||m), m = b p_t + (1-b) p_s
 //                                                    dL/dz_s = (1-b) p_s ((lp_s - log m) - KL(s||m))
 //   loss = soft_w * div + hard_w * (lse_s - z_s[y]);  the hard term adds hard_w (p_s - onehot(y)).
+// With a hard-label temperature of its own (hard_t; r = hard_ratio = T / T_hard) the CE is of z_h = r z_s:
+// pass 1 also keeps z_h's online max/sum, and the gradient term is hard_w r (p_h - onehot(y)).
 //
 // One thread block per row. Pass 1: per-thread online max / sum-exp of both models (sums in fp64 so that
 // log-probs near 0 stay exact; log p = (z - max) - log(sum)), then a block reduction of the (max, sum)
@@ -50,7 +52,9 @@ struct RowParams {
   float inv_softcap;
   float soft_weight;
   float hard_weight;
+  float hard_ratio;  // T / T_hard (used only when hard_t)
   int64_t ignore_index;
+  bool hard_t;  // the hard-label CE at a temperature of its own (and a hard term at all)
 };
 
 // tanh from exp: exact limits at +-inf and no NaN (the same formula as the Triton kernel).
@@ -240,6 +244,19 @@ __global__ void __launch_bounds__(kThreads) divergence_row_kernel(float* __restr
   // log p = (z - max) - log(sum): subtracting the max first keeps log-probs near 0 exact.
   const float ms = as.m == kNegInf ? 0.0f : as.m, mt = at.m == kNegInf ? 0.0f : at.m;
   const float log_s = log_sum(as.s), log_t = log_sum(at.s);
+  // Pass 1b (hard-label CE at its own temperature, r = hard_ratio; hard_t is uniform across the block): the
+  // normalizer of r z_s, whose max is r ms, as an fp64 sum (>= 1) relative to it. A pass of its own keeps pass
+  // 1's registers as they are.
+  const float hr = p.hard_ratio;
+  const bool hard_t = hard && p.hard_t;
+  float log_h = 0.0f;
+  if (hard_t) {
+    MaxSum ah{0.0f, 0.0, 0.0f};
+    for_row<VEC>(xs, xt, V, [&](int64_t, float a, float) {
+      ah.s += static_cast<double>(__expf((scale<SOFTCAP>(a, p) - ms) * hr));
+    });
+    log_h = log_sum(block_reduce(ah, smem_ms[0]).s);
+  }
   // rkl: d = lp_s - lp_t is taken relative to its value at the student's top token (the pivot). The gradient
   // p_s (d - rkl) of a dominant token is a difference of two numbers of size |rkl| (~27 at logit scale 140),
   // where every fp32 rounding would land; with rkl = pivot + sum p_s (d - pivot) only small numbers cancel.
@@ -251,6 +268,8 @@ __global__ void __launch_bounds__(kThreads) divergence_row_kernel(float* __restr
   constexpr float kTinyP = 1e-30f;  // JSD drops terms of smaller probability (< 1e-28 each), as the C++ kernel
 
   const float b = p.beta, omb = 1.0f - p.beta, sw = p.soft_weight, hw = p.hard_weight;
+  const float hw_g = hard_t ? hw * hr : hw;  // d/dz_s of the CE is hw_g (p_h - onehot(y))
+  auto p_hard = [&](float zs, float ps) { return hard_t ? __expf((zs - ms) * hr - log_h) : ps; };
   auto chain = [&](float zs) {
     if (!SOFTCAP) return p.inv_temp;
     const float c = zs * (p.temperature * p.inv_softcap);
@@ -282,7 +301,7 @@ __global__ void __launch_bounds__(kThreads) divergence_row_kernel(float* __restr
       float ps, pt;
       const float diff = terms(zs, scale<SOFTCAP>(bt, p), ps, pt);
       float g = sw * diff;
-      if (hard) g += hw * (ps - (i == y ? 1.0f : 0.0f));
+      if (hard) g += hw_g * (p_hard(zs, ps) - (i == y ? 1.0f : 0.0f));
       return g * chain(zs);
     });
   } else {
@@ -310,7 +329,7 @@ __global__ void __launch_bounds__(kThreads) divergence_row_kernel(float* __restr
         const float term = ps > kTinyP ? ps * (lps - lm) : 0.0f;
         g = coef * (term - ps * k);
       }
-      if (hard) g += hw * (ps - (i == y ? 1.0f : 0.0f));
+      if (hard) g += hw_g * (p_hard(zs, ps) - (i == y ? 1.0f : 0.0f));
       return g * chain(zs);
     });
   }
@@ -319,7 +338,7 @@ __global__ void __launch_bounds__(kThreads) divergence_row_kernel(float* __restr
     const float soft = DIV == kJSD ? b * acc[0] + omb * acc[1] : (DIV == kRKL ? pivot + acc[0] : acc[0]);
     float row_loss = sw * soft;
     const float lps_y = (zs_y - ms) - log_s, lpt_y = (zt_y - mt) - log_t;
-    if (hard) row_loss -= hw * lps_y;
+    if (hard) row_loss -= hw * (hard_t ? (zs_y - ms) * hr - log_h : lps_y);
     loss[row] = row_loss;
     float* st = stats + row * 5;
     st[0] = ms + log_s;
@@ -356,7 +375,8 @@ void launch_div(bool softcap, bool grad, bool vec, int64_t C, cudaStream_t strea
 
 void divergence_chunk_cuda(at::Tensor& xs, at::Tensor& xt, const std::optional<at::Tensor>& labels, at::Tensor& loss,
                            at::Tensor& stats, int64_t divergence, double beta, double temperature, double softcap,
-                           double soft_weight, double hard_weight, int64_t ignore_index, bool compute_grad) {
+                           double soft_weight, double hard_weight, int64_t ignore_index, bool compute_grad,
+                           double hard_ratio) {
   TORCH_CHECK(xs.is_cuda() && xt.is_cuda() && loss.is_cuda() && stats.is_cuda(),
               "divergence_chunk_ (CUDA): all tensors must be CUDA tensors");
   TORCH_CHECK(xs.dim() == 2 && xt.sizes() == xs.sizes(), "divergence_chunk_: xs and xt must be [C, V] of one shape, got ",
@@ -366,6 +386,8 @@ void divergence_chunk_cuda(at::Tensor& xs, at::Tensor& xt, const std::optional<a
               "divergence_chunk_: logit rows must be contiguous, got strides ", xs.strides(), " and ", xt.strides());
   TORCH_CHECK(divergence >= kFKL && divergence <= kJSD, "divergence_chunk_: unknown divergence ", divergence);
   TORCH_CHECK(temperature > 0.0, "divergence_chunk_: temperature must be positive");
+  TORCH_CHECK(hard_ratio > 0.0 && std::isfinite(hard_ratio), "divergence_chunk_: hard_ratio must be positive, got ",
+              hard_ratio);
   const int64_t C = xs.size(0), V = xs.size(1);
   TORCH_CHECK(loss.numel() == C && loss.scalar_type() == at::kFloat && loss.is_contiguous(),
               "divergence_chunk_: loss must be float32 [C]");
@@ -394,7 +416,9 @@ void divergence_chunk_cuda(at::Tensor& xs, at::Tensor& xt, const std::optional<a
               use_cap ? static_cast<float>(1.0 / softcap) : 0.0f,
               static_cast<float>(soft_weight),
               static_cast<float>(hard_weight),
-              ignore_index};
+              static_cast<float>(hard_ratio),
+              ignore_index,
+              static_cast<float>(hard_ratio) != 1.0f};
   float* ps = xs.data_ptr<float>();
   const float* pt = xt.data_ptr<float>();
   const int64_t ss = xs.stride(0), st = xt.stride(0);

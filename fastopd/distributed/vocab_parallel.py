@@ -107,18 +107,24 @@ def vocab_parallel_kernel(group: dist.ProcessGroup, vocab_start: int):
     @torch.no_grad()
     def divergence_chunk_(xs: torch.Tensor, xt: torch.Tensor, labels: torch.Tensor | None, loss: torch.Tensor,
                           stats: torch.Tensor, divergence: int, beta: float, temperature: float, softcap: float,
-                          soft_weight: float, hard_weight: float, ignore_index: int, compute_grad: bool) -> None:
+                          soft_weight: float, hard_weight: float, ignore_index: int, compute_grad: bool,
+                          hard_ratio: float = 1.0) -> None:
         zs, zt = scaled_logits(xs, softcap, temperature), scaled_logits(xt, softcap, temperature)
+        # The hard-label CE at its own temperature: of z_s * hard_ratio, whose max is hard_ratio * max(z_s),
+        # so its normalizer rides in the same SUM all-reduce.
+        hard_t = hard_weight != 0 and labels is not None and hard_ratio != 1.0
         c_rows, width = zs.shape
 
         m = torch.stack([_row_max(zs), _row_max(zt)], dim=1)
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         ds, dt = zs - m[:, :1], zt - m[:, 1:]
-        sums = torch.stack([ds.exp().sum(-1), dt.exp().sum(-1)], dim=1)
+        sums = torch.stack([ds.exp().sum(-1), dt.exp().sum(-1)] + ([(ds * hard_ratio).exp().sum(-1)] if hard_t else []),
+                           dim=1)
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
         log_sums = sums.log()
-        lps, lpt = ds - log_sums[:, :1], dt - log_sums[:, 1:]  # (z - max) - log(sum): precise near log p = 0
+        lph = ds * hard_ratio - log_sums[:, 2:] if hard_t else None
+        lps, lpt = ds - log_sums[:, :1], dt - log_sums[:, 1:2]  # (z - max) - log(sum): precise near log p = 0
         ps, pt = lps.exp(), lpt.exp()
 
         if divergence == FKL:
@@ -153,12 +159,16 @@ def vocab_parallel_kernel(group: dist.ProcessGroup, vocab_start: int):
             y = torch.where(here, local, torch.zeros_like(local))
             lp_s_y = torch.where(here, lps[rows, y], zero) if width else zero
             lp_t_y = torch.where(here, lpt[rows, y], zero) if width else zero
+            lph_y = (torch.where(here, lph[rows, y], zero) if width else zero) if hard_t else None
         else:
             valid = torch.ones(c_rows, dtype=torch.bool, device=xs.device)
             here = None
             lp_s_y = lp_t_y = zero
-        terms = torch.stack([*cross, -_xlogy_ratio(ps, lps).sum(-1), lp_s_y, lp_t_y], dim=1)
+        terms = torch.stack([*cross, -_xlogy_ratio(ps, lps).sum(-1), lp_s_y, lp_t_y] + ([lph_y] if hard_t else []),
+                            dim=1)
         dist.all_reduce(terms, op=dist.ReduceOp.SUM, group=group)
+        if hard_t:
+            lph_y, terms = terms[:, -1], terms[:, :-1]
         entropy, lp_s_y, lp_t_y = terms[:, -3], terms[:, -2], terms[:, -1]
 
         if divergence == JSD:
@@ -171,9 +181,9 @@ def vocab_parallel_kernel(group: dist.ProcessGroup, vocab_start: int):
             soft = terms[:, 0]
         row_loss = soft_weight * soft
         if hard_weight != 0 and labels is not None:
-            row_loss = row_loss - hard_weight * lp_s_y
+            row_loss = row_loss - hard_weight * (lph_y if hard_t else lp_s_y)
         loss.copy_(torch.where(valid, row_loss, torch.zeros_like(row_loss)))
-        lse = m + log_sums
+        lse = m + log_sums[:, :2]
         st = torch.stack([lse[:, 0], lse[:, 1], lp_s_y, lp_t_y, entropy], dim=1)
         stats.copy_(torch.where(valid[:, None], st, torch.zeros_like(st)))
 
@@ -186,10 +196,11 @@ def vocab_parallel_kernel(group: dist.ProcessGroup, vocab_start: int):
         else:
             g = (1.0 - beta) * _xlogy_ratio(ps, (lps - lm) - kl_s[:, None])
         g = soft_weight * g
-        if hard_weight != 0 and labels is not None:
-            g = g + hard_weight * ps
-            if width:  # -hard_weight at the label's column, on the rank that holds it (no host sync)
-                g.scatter_add_(1, y[:, None], (-hard_weight * here.to(g.dtype))[:, None])
+        if hard_weight != 0 and labels is not None:  # d/dz_s of the CE: hw (p_h - onehot(y)), hw = weight x ratio
+            hw = hard_weight * hard_ratio if hard_t else hard_weight
+            g = g + hw * (lph.exp() if hard_t else ps)
+            if width:  # -hw at the label's column, on the rank that holds it (no host sync)
+                g.scatter_add_(1, y[:, None], (-hw * here.to(g.dtype))[:, None])
         chain = 1.0 / temperature
         if softcap > 0:
             chain = chain * (1.0 - (zs * temperature / softcap) ** 2)

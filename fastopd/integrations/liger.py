@@ -69,14 +69,10 @@ class LigerFusedLinearJSDLoss(torch.nn.Module):
                       impl=self.impl, chunk_size=self.chunk_size)
         args = (student_input, student_weight, teacher_input, teacher_weight, true_labels)
         w_hard = self.weight_hard_loss if true_labels is not None else 0.0
+        # One fused pass: the JSD at `temperature`, the CE at temperature 1 (Liger's convention).
         t = self.temperature
-        if w_hard == 0.0 or t == 1.0:  # one fused pass: the CE's temperature (1) is the JSD's, or CE is off
-            loss = fused_linear_divergence(*args, temperature=t, hard_label_weight=w_hard,
-                                           soft_label_weight=self.weight_soft_loss, **common)
-        else:  # Liger takes the CE at temperature 1 and the JSD at `temperature`: two fused passes
-            loss = fused_linear_divergence(*args, temperature=t, soft_label_weight=self.weight_soft_loss, **common)
-            loss = loss + fused_linear_divergence(*args, temperature=1.0, hard_label_weight=w_hard,
-                                                  soft_label_weight=0.0, **common)
+        loss = fused_linear_divergence(*args, temperature=t, hard_label_weight=w_hard,
+                                       soft_label_weight=self.weight_soft_loss, hard_label_temperature=1.0, **common)
         if not self.return_soft_hard_loss:
             return loss
         with torch.no_grad():  # Liger returns the unweighted parts as values; an inspection aid, recomputed here

@@ -29,6 +29,7 @@ class DivergenceConfig:
     ignore_index: int
     reduction: str         # "mean" | "sum" | "none"
     chunk_rows: int
+    hard_ratio: float = 1.0  # temperature / hard-label temperature: the CE is of z_s * hard_ratio
 
     def kernel_args(self) -> tuple:
         return (self.divergence, self.beta, self.temperature, self.softcap, self.soft_weight, self.hard_weight,
@@ -110,7 +111,7 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
             _logits_into(xs, h_s[start:end], w_s, b_s)
             _logits_into(xt, h_t[start:end], w_t, b_t)
             lab = labels[start:end] if labels is not None else None
-            kernel(xs, xt, lab, loss_rows[start:end], stats[start:end], *cfg.kernel_args(), form_now)
+            kernel(xs, xt, lab, loss_rows[start:end], stats[start:end], *cfg.kernel_args(), form_now, cfg.hard_ratio)
             if form_now:
                 _accumulate_grads(xs, h_s[start:end], w_s, grad_h, grad_w, grad_b, start, end)
 
@@ -179,7 +180,7 @@ def _recompute_backward(ctx, grad_loss: torch.Tensor):
         _logits_into(xs, h_s[start:end], w_s, b_s)
         _logits_into(xt, h_t[start:end], w_t, b_t)
         lab = labels[start:end] if labels is not None else None
-        kernel(xs, xt, lab, loss_rows[:c], stats[:c], *cfg.kernel_args(), True)
+        kernel(xs, xt, lab, loss_rows[:c], stats[:c], *cfg.kernel_args(), True, cfg.hard_ratio)
         xs.mul_(gl[start:end, None])
         _accumulate_grads(xs, h_s[start:end], w_s, grad_h, grad_w, grad_b, start, end)
     dt_h, dt_w, dt_b = ctx.dtypes
@@ -211,7 +212,7 @@ class DivergenceFunction(torch.autograd.Function):
             xs.copy_(s_logits[start:end])
             xt.copy_(t_logits[start:end])
             lab = labels[start:end] if labels is not None else None
-            kernel(xs, xt, lab, loss_rows[start:end], stats[start:end], *cfg.kernel_args(), form_now)
+            kernel(xs, xt, lab, loss_rows[start:end], stats[start:end], *cfg.kernel_args(), form_now, cfg.hard_ratio)
             if form_now:
                 grad[start:end] = xs
         loss, divisor = reduce_rows(loss_rows, cfg, labels, num_items)
@@ -247,6 +248,6 @@ class DivergenceFunction(torch.autograd.Function):
             xs.copy_(s_logits[start:end])
             xt.copy_(t_logits[start:end])
             lab = labels[start:end] if labels is not None else None
-            ctx.kernel(xs, xt, lab, loss_rows[:c], stats[:c], *cfg.kernel_args(), True)
+            ctx.kernel(xs, xt, lab, loss_rows[:c], stats[:c], *cfg.kernel_args(), True, cfg.hard_ratio)
             grad[start:end] = xs * gl[start:end, None]
         return grad, None, None, None, None, None

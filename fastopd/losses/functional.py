@@ -64,13 +64,17 @@ def chunk_rows_for(vocab: int, chunk_size: int | None, device_type: str = "cpu")
 
 def _config(divergence: str, beta: float, temperature: float, softcap: float | None, hard_label_weight: float,
             soft_label_weight: float, ignore_index: int, reduction: str, vocab: int,
-            chunk_size: int | None, device_type: str) -> DivergenceConfig:
+            chunk_size: int | None, device_type: str, hard_label_temperature: float | None = None) -> DivergenceConfig:
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {tuple(DIVERGENCES)}, got {divergence!r}")
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must lie in [0, 1], got {beta}")
     if not (temperature > 0.0 and math.isfinite(temperature)):
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    if hard_label_temperature is not None and not (hard_label_temperature > 0.0
+                                                   and math.isfinite(hard_label_temperature)):
+        raise ValueError(f"hard_label_temperature must be None or a positive finite number, got "
+                         f"{hard_label_temperature}")
     if softcap is not None and not softcap > 0.0:
         raise ValueError(f"softcap must be None or > 0, got {softcap}")
     if reduction not in REDUCTIONS:
@@ -87,7 +91,9 @@ def _config(divergence: str, beta: float, temperature: float, softcap: float | N
                             softcap=float(softcap) if softcap is not None else 0.0,
                             soft_weight=float(soft_label_weight), hard_weight=float(hard_label_weight),
                             ignore_index=int(ignore_index), reduction=reduction,
-                            chunk_rows=chunk_rows_for(vocab, chunk_size, device_type))
+                            chunk_rows=chunk_rows_for(vocab, chunk_size, device_type),
+                            hard_ratio=(float(temperature) / float(hard_label_temperature)
+                                        if hard_label_temperature is not None else 1.0))
 
 
 def _check_labels(labels: torch.Tensor | None, lead: torch.Size, vocab: int, ignore_index: int,
@@ -168,6 +174,7 @@ def fused_linear_divergence(
     softcap: float | None = None,
     hard_label_weight: float = 0.0,
     soft_label_weight: float = 1.0,
+    hard_label_temperature: float | None = None,
     num_items_in_batch: int | torch.Tensor | None = None,
     return_stats: bool = False,
     impl: str = "auto",
@@ -191,6 +198,9 @@ def fused_linear_divergence(
         reduction: "mean" (over valid tokens, or / num_items_in_batch), "sum", or "none" (per token, [N]
             or [B, T], 0 at ignored positions).
         hard_label_weight, soft_label_weight: loss = soft * divergence + hard * CE(labels).
+        hard_label_temperature: the temperature of the hard-label CE (softcap(x_s) / hard_label_temperature);
+            None: `temperature`, as the divergence. Liger-Kernel takes it at 1 whatever `temperature` is; one
+            fused pass either way.
         return_stats: also return a DivergenceStats of per-token tensors.
         impl: "auto" | "torch" | "cpu" | "triton" | "cuda" (FASTOPD_IMPL overrides "auto").
         chunk_size: token rows per chunk (default: from a byte budget for both models' fp32 logit buffers,
@@ -252,7 +262,7 @@ def fused_linear_divergence(
             raise ValueError(f"{name} must be [{w.shape[0]}] of dtype {w.dtype}, got {_shape(b)} {b.dtype}")
 
     cfg = _config(divergence, beta, temperature, softcap, hard_label_weight, soft_label_weight, ignore_index,
-                  reduction, vocab, chunk_size, device.type)
+                  reduction, vocab, chunk_size, device.type, hard_label_temperature)
     lead = hs.shape[:-1]
     lab = _check_labels(labels, lead, vocab, ignore_index, device, hard_label_weight)
     num_items = _num_items(num_items_in_batch, device)
@@ -299,6 +309,7 @@ def divergence(
     softcap: float | None = None,
     hard_label_weight: float = 0.0,
     soft_label_weight: float = 1.0,
+    hard_label_temperature: float | None = None,
     num_items_in_batch: int | torch.Tensor | None = None,
     return_stats: bool = False,
     impl: str = "auto",
@@ -319,7 +330,7 @@ def divergence(
         raise ValueError(f"student logits on {sl.device}, teacher logits on {tl.device}")
     vocab = _shared_vocab(sl.shape[-1], tl.shape[-1], vocab_size, f"logits {_shape(sl)} and {_shape(tl)}")
     cfg = _config(divergence, beta, temperature, softcap, hard_label_weight, soft_label_weight, ignore_index,
-                  reduction, vocab, chunk_size, sl.device.type)
+                  reduction, vocab, chunk_size, sl.device.type, hard_label_temperature)
     lead = sl.shape[:-1]
     lab = _check_labels(labels, lead, vocab, ignore_index, sl.device, hard_label_weight)
     num_items = _num_items(num_items_in_batch, sl.device)

@@ -30,7 +30,10 @@ def scaled_logits(x: torch.Tensor, softcap: float, temperature: float) -> torch.
 @torch.no_grad()
 def divergence_chunk_(xs: torch.Tensor, xt: torch.Tensor, labels: torch.Tensor | None, loss: torch.Tensor,
                       stats: torch.Tensor, divergence: int, beta: float, temperature: float, softcap: float,
-                      soft_weight: float, hard_weight: float, ignore_index: int, compute_grad: bool) -> None:
+                      soft_weight: float, hard_weight: float, ignore_index: int, compute_grad: bool,
+                      hard_ratio: float = 1.0) -> None:
+    """`hard_ratio` = temperature / hard_temperature: the hard-label CE is taken of z * hard_ratio
+    (softcap(x) / hard_temperature) when that differs from the divergence's temperature."""
     zs, zt = scaled_logits(xs, softcap, temperature), scaled_logits(xt, softcap, temperature)
     lse_s = torch.logsumexp(zs, dim=-1, keepdim=True)
     lse_t = torch.logsumexp(zt, dim=-1, keepdim=True)
@@ -72,9 +75,15 @@ def divergence_chunk_(xs: torch.Tensor, xt: torch.Tensor, labels: torch.Tensor |
         valid = torch.ones(xs.shape[0], dtype=torch.bool, device=xs.device)
         lp_s_y = lp_t_y = torch.zeros(xs.shape[0], dtype=xs.dtype, device=xs.device)
 
+    hard_on = hard_weight != 0 and labels is not None
+    if hard_on and hard_ratio != 1.0:
+        lph = torch.log_softmax(zs * hard_ratio, dim=-1)  # the CE's own temperature
+        lph_y, ph = lph[rows, y], lph.exp()
+    else:
+        lph_y, ph = lp_s_y, ps
     row_loss = soft_weight * soft
-    if hard_weight != 0 and labels is not None:
-        row_loss = row_loss + hard_weight * (-lp_s_y)
+    if hard_on:
+        row_loss = row_loss + hard_weight * (-lph_y)
     loss.copy_(torch.where(valid, row_loss, torch.zeros_like(row_loss)))
     entropy = -_xlogy_ratio(ps, lps).sum(-1)
     st = torch.stack([lse_s[:, 0], lse_t[:, 0], lp_s_y, lp_t_y, entropy], dim=1)
@@ -82,9 +91,10 @@ def divergence_chunk_(xs: torch.Tensor, xt: torch.Tensor, labels: torch.Tensor |
 
     if compute_grad:
         g = soft_weight * dsoft
-        if hard_weight != 0 and labels is not None:
-            g = g + hard_weight * ps
-            g[rows, y] -= hard_weight
+        if hard_on:  # d/dz of CE(z * hard_ratio) = hard_ratio (p_h - onehot(y))
+            hw = hard_weight * hard_ratio
+            g = g + hw * ph
+            g[rows, y] -= hw
         chain = 1.0 / temperature
         if softcap > 0:
             chain = chain * (1.0 - (zs * temperature / softcap) ** 2)

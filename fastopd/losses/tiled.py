@@ -36,16 +36,24 @@ def _skip_threshold() -> float:
 
 def _rows_stats(h_s, w_s, b_s, h_t, w_t, b_t, labels, cfg: DivergenceConfig, tcfg):
     """Forward statistics: rowstats [5, N] (max_s, log_s, max_t, log_t, rkl pivot c), label logits [2, N]
-    (z_s[y], z_t[y]) and the sums [3, N] (A, B, sum p_s lp_s; rkl: A = KL(s||t) - c), fp32."""
+    (z_s[y], z_t[y]), the sums [3, N] (A, B, sum p_s lp_s; rkl: A = KL(s||t) - c), fp32, and log_h [N] (the
+    hard-label CE's normalizer at its own temperature) or None."""
     from fastopd.kernels import tiled as tk
 
+    ratio = _hard_ratio(cfg, labels)
     part, partial_sums = tk.tiled_row_lse(h_s, w_s, b_s, h_t, w_t, b_t, labels, temperature=cfg.temperature,
-                                          softcap=cfg.softcap, ignore_index=cfg.ignore_index, cfg=tcfg)
-    rowstats, zy = tk.combine_lse(part, partial_sums)
+                                          softcap=cfg.softcap, ignore_index=cfg.ignore_index, cfg=tcfg,
+                                          hard_ratio=ratio)
+    rowstats, zy, log_h = tk.combine_lse(part, partial_sums, ratio)
     rowstats = rowstats.contiguous()
     sums = tk.tiled_row_sums(h_s, w_s, b_s, h_t, w_t, b_t, rowstats, divergence=cfg.divergence, beta=cfg.beta,
                              temperature=cfg.temperature, softcap=cfg.softcap, cfg=tcfg).sum(0)
-    return rowstats, zy, sums
+    return rowstats, zy, sums, log_h
+
+
+def _hard_ratio(cfg: DivergenceConfig, labels) -> float:
+    """temperature / hard-label temperature where a hard term exists at a temperature of its own, else 1."""
+    return cfg.hard_ratio if labels is not None and cfg.hard_weight != 0 else 1.0
 
 
 class TiledLinearDivergenceFunction(torch.autograd.Function):
@@ -66,7 +74,7 @@ class TiledLinearDivergenceFunction(torch.autograd.Function):
         form_now = want_grad and cfg.reduction != "none"
         tcfg = tk.default_config(n, v, device, h_s.dtype, splits)
 
-        rowstats, zy, sums = _rows_stats(h_s, w_s, b_s, h_t, w_t, b_t, labels, cfg, tcfg)
+        rowstats, zy, sums, log_h = _rows_stats(h_s, w_s, b_s, h_t, w_t, b_t, labels, cfg, tcfg)
         lse_s, lse_t = rowstats[0] + rowstats[1], rowstats[2] + rowstats[3]
         acc_a, acc_b, plogp = sums[0], sums[1], sums[2]
         if cfg.divergence == JSD:
@@ -82,7 +90,9 @@ class TiledLinearDivergenceFunction(torch.autograd.Function):
             lp_s_y = (zy[0] - rowstats[0]) - rowstats[1]
             lp_t_y = (zy[1] - rowstats[2]) - rowstats[3]
             if cfg.hard_weight != 0:
-                row_loss = row_loss - cfg.hard_weight * lp_s_y
+                ratio = _hard_ratio(cfg, labels)
+                lph_y = lp_s_y if log_h is None else (zy[0] - rowstats[0]) * ratio - log_h  # CE at its own T
+                row_loss = row_loss - cfg.hard_weight * lph_y
         else:
             lp_s_y = lp_t_y = torch.zeros(n, dtype=torch.float32, device=device)
         zero = torch.zeros((), dtype=torch.float32, device=device)
@@ -95,7 +105,9 @@ class TiledLinearDivergenceFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(stats)
         ctx.cfg, ctx.form_now, ctx.skip_threshold, ctx.tcfg = cfg, form_now, skip_threshold, tcfg
         ctx.dtypes = (h_s.dtype, w_s.dtype, b_s.dtype if b_s is not None else None)
-        rowinfo = torch.cat([rowstats, torch.stack([k_row, valid.to(torch.float32)])])  # [7, N]; row 6: row scale
+        # [8, N]; row 6: the row scale; row 7: the hard-label CE's normalizer at its own temperature (or unused)
+        rowinfo = torch.cat([rowstats, torch.stack([k_row, valid.to(torch.float32),
+                                                    log_h if log_h is not None else torch.zeros_like(k_row)])])
         if form_now:
             grads = _grad_pass(h_s, w_s, b_s, h_t, w_t, b_t, labels, rowinfo, need, cfg, skip_threshold, tcfg)
             ctx.save_for_backward(*grads, divisor)
@@ -136,7 +148,7 @@ def _grad_pass(h_s, w_s, b_s, h_t, w_t, b_t, labels, rowinfo, need, cfg: Diverge
     tk.tiled_grad(h_s, w_s, b_s, h_t, w_t, b_t, labels, rowinfo.contiguous(), grad_h, grad_w, grad_b,
                   divergence=cfg.divergence, beta=cfg.beta, temperature=cfg.temperature, softcap=cfg.softcap,
                   soft_weight=cfg.soft_weight, hard_weight=cfg.hard_weight, ignore_index=cfg.ignore_index,
-                  skip_threshold=skip_threshold, cfg=tcfg)
+                  skip_threshold=skip_threshold, cfg=tcfg, hard_ratio=_hard_ratio(cfg, labels))
     return grad_h, grad_w, grad_b
 
 

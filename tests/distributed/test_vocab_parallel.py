@@ -28,6 +28,8 @@ CASES = [
     pytest.param(dict(divergence="rkl", scale=30.0, return_stats=True), id="rkl-logit-scale-100"),
     pytest.param(dict(divergence="fkl", hard_label_weight=1.0, soft_label_weight=0.0, reduction="none",
                       return_stats=True, bias=True, chunk_size=5), id="ce-only-none-bias"),
+    pytest.param(dict(divergence="jsd", beta=0.5, temperature=2.0, hard_label_weight=0.5, hard_label_temperature=1.0,
+                      vocab_size=30, reduction="none"), id="jsd-T2-hardT1-vocab30-none"),
 ]
 OPTIONS = [c.values[0] for c in CASES]
 

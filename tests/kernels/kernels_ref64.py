@@ -15,8 +15,11 @@ def _plogr(p: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
 
 def row_divergence64(xs: torch.Tensor, xt: torch.Tensor, labels: torch.Tensor | None, *, divergence: str,
                      beta: float = 0.5, temperature: float = 1.0, softcap: float | None = None,
-                     soft_weight: float = 1.0, hard_weight: float = 0.0, ignore_index: int = -100):
+                     soft_weight: float = 1.0, hard_weight: float = 0.0, ignore_index: int = -100,
+                     hard_temperature: float | None = None):
     """Per-row loss [C], stats [C, 5] and dL/dx_s [C, V] (upstream gradient 1 per row), all float64.
+
+    The hard-label CE is of softcap(x_s) / hard_temperature (default: the divergence's temperature).
 
     xs, xt: raw logits [C, V]. divergence: "fkl" | "rkl" | "jsd" (jsd with beta 0 / 1 is fkl / rkl, TRL's rule).
     """
@@ -25,6 +28,7 @@ def row_divergence64(xs: torch.Tensor, xt: torch.Tensor, labels: torch.Tensor | 
     zs, zt = xs, xt
     if softcap:
         zs, zt = softcap * torch.tanh(zs / softcap), softcap * torch.tanh(zt / softcap)
+    ce_logp = torch.log_softmax(zs / (hard_temperature or temperature), -1)
     zs, zt = zs / temperature, zt / temperature
     lps, lpt = torch.log_softmax(zs, -1), torch.log_softmax(zt, -1)
     ps, pt = lps.exp(), lpt.exp()
@@ -52,7 +56,7 @@ def row_divergence64(xs: torch.Tensor, xt: torch.Tensor, labels: torch.Tensor | 
         lps_y = lpt_y = torch.zeros(c, dtype=torch.float64)
     row = soft_weight * soft
     if labels is not None and hard_weight:
-        row = row - hard_weight * lps_y
+        row = row - hard_weight * ce_logp.gather(1, y[:, None])[:, 0]
     row = torch.where(valid, row, torch.zeros_like(row))
     grad = torch.autograd.grad(row.sum(), xs)[0] if row.requires_grad else torch.zeros_like(xs)
     entropy = -_plogr(ps, lps)

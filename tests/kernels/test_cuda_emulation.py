@@ -35,13 +35,14 @@ def harness(tmp_path_factory):
 
 
 def _run(exe, xs, xt, labels, *, divergence, beta=0.5, temperature=1.0, softcap=None, soft_weight=1.0,
-         hard_weight=0.0, ignore_index=-100, compute_grad=True, vec=None):
+         hard_weight=0.0, ignore_index=-100, compute_grad=True, vec=None, hard_temperature=None):
     c, v = xs.shape
+    ratio = temperature / hard_temperature if hard_temperature else 1.0
     vec = (v % 4 == 0) if vec is None else vec
     hard = labels is not None and hard_weight != 0.0
     header = (f"{c} {v} {CODES[divergence]} {int(bool(softcap))} {int(compute_grad)} {int(vec)} {int(hard)} "
               f"{int(labels is not None)} {beta!r} {temperature!r} {float(softcap or 0.0)!r} {soft_weight!r} "
-              f"{hard_weight!r} {ignore_index}\n")
+              f"{hard_weight!r} {ignore_index} {ratio!r}\n")
     payload = header.encode() + xs.float().numpy().tobytes() + xt.float().numpy().tobytes()
     if labels is not None:
         payload += labels.to(torch.int64).numpy().tobytes()
@@ -69,6 +70,12 @@ CASES = [
     pytest.param(3, 1000, "rkl", {"hard_weight": 0.25, "soft_weight": 0.5}, id="C3-V1000-float4-rkl-hard-soft"),
     pytest.param(3, 515, "jsd", {"beta": 0.7, "temperature": 1.5, "softcap": 2.5}, id="C3-V515-scalar-jsd0.7-cap"),
     pytest.param(3, 2052, "jsd", {"beta": 0.3, "hard_weight": 1.0}, id="C3-V2052-float4-jsd0.3-hard1"),
+    pytest.param(3, 300, "fkl", {"hard_weight": 0.5, "temperature": 2.0, "hard_temperature": 1.0},
+                 id="C3-V300-float4-fkl-T2-hardT1"),
+    pytest.param(3, 1001, "rkl", {"hard_weight": 0.7, "temperature": 0.5, "hard_temperature": 1.3, "softcap": 3.0},
+                 id="C3-V1001-scalar-rkl-T0.5-hardT1.3-cap3"),
+    pytest.param(3, 515, "jsd", {"beta": 0.4, "hard_weight": 1.0, "soft_weight": 0.5, "temperature": 3.0,
+                                 "hard_temperature": 1.0}, id="C3-V515-scalar-jsd0.4-T3-hardT1"),
 ]
 
 

@@ -63,6 +63,12 @@ CASES = [
                  id="N21-Ds17-Dt33-V101-rkl-T0.6-hard1-soft0.5-none"),
     pytest.param(21, 17, 33, 101, "jsd", {"beta": 0.8, "softcap": 2.0}, "none",
                  id="N21-Ds17-Dt33-V101-jsd0.8-cap2-none"),
+    # The hard-label CE at a temperature of its own, over several vocabulary splits (V=203: 13 tiles of 16).
+    pytest.param(37, 24, 40, 203, "fkl", {"temperature": 2.0, "hard_weight": 0.5, "hard_temperature": 1.0}, "mean",
+                 id="N37-Ds24-Dt40-V203-fkl-T2-hard0.5-hardT1-mean"),
+    pytest.param(21, 17, 33, 101, "jsd", {"beta": 0.4, "temperature": 0.7, "softcap": 3.0, "hard_weight": 1.0,
+                                          "hard_temperature": 1.6}, "none",
+                 id="N21-Ds17-Dt33-V101-jsd0.4-T0.7-cap3-hard1-hardT1.6-none"),
 ]
 
 
@@ -76,7 +82,7 @@ def test_tiled_matches_float64(n, ds, dt, v, div, opts, reduction):
     b = bs.float().to(DEVICE).requires_grad_(True) if bs is not None else None
     kw = {"temperature": opts.get("temperature", 1.0), "softcap": opts.get("softcap"),
           "hard_label_weight": opts.get("hard_weight", 0.0), "soft_label_weight": opts.get("soft_weight", 1.0),
-          "beta": opts.get("beta", 0.5)}
+          "beta": opts.get("beta", 0.5), "hard_label_temperature": opts.get("hard_temperature")}
     loss, stats = fastopd.fused_linear_divergence(
         h, w, ht.float().to(DEVICE), wt.float().to(DEVICE), labels.to(DEVICE), divergence=div, reduction=reduction,
         student_bias=b, teacher_bias=bt.float().to(DEVICE) if bt is not None else None, mode="tiled",
@@ -192,12 +198,12 @@ def _grads_with_threshold(threshold, hs, ws, ht, wt, labels, div):
     cfg = tk.default_config(n, v, h_s.device, h_s.dtype)
     part, partial_sums = tk.tiled_row_lse(h_s, w_s, None, h_t, w_t, None, lab, temperature=1.0, softcap=0.0,
                                           ignore_index=-100, cfg=cfg)
-    rowstats, _ = tk.combine_lse(part, partial_sums)
+    rowstats, _, _ = tk.combine_lse(part, partial_sums)
     rowstats = rowstats.contiguous()
     sums = tk.tiled_row_sums(h_s, w_s, None, h_t, w_t, None, rowstats, divergence=div, beta=0.5, temperature=1.0,
                              softcap=0.0, cfg=cfg).sum(0)
     k = sums[0] if div == 1 else sums[1]
-    rowinfo = torch.cat([rowstats, torch.stack([k, (lab != -100).float()])]).contiguous()
+    rowinfo = torch.cat([rowstats, torch.stack([k, (lab != -100).float(), torch.zeros_like(k)])]).contiguous()
     gh = torch.zeros_like(h_s)
     gw = torch.zeros_like(w_s)
     skipped = tk.tiled_grad(h_s, w_s, None, h_t, w_t, None, lab, rowinfo, gh, gw, None, divergence=div, beta=0.5,

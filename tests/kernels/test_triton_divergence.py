@@ -28,13 +28,14 @@ def _backend(name: str):
 
 
 def _run(kernel, xs, xt, labels, *, divergence, beta=0.5, temperature=1.0, softcap=None, soft_weight=1.0,
-         hard_weight=0.0, ignore_index=-100, compute_grad=True, **launch):
+         hard_weight=0.0, ignore_index=-100, compute_grad=True, hard_temperature=None, **launch):
     c = xs.shape[0]
     xs, xt = xs.clone(), xt.clone()
     loss = torch.full((c,), float("nan"), device=xs.device)
     stats = torch.full((c, 5), float("nan"), device=xs.device)
+    ratio = temperature / hard_temperature if hard_temperature else 1.0
     kernel(xs, xt, labels, loss, stats, CODES[divergence], beta, temperature, softcap or 0.0, soft_weight,
-           hard_weight, ignore_index, compute_grad, **launch)
+           hard_weight, ignore_index, compute_grad, ratio, **launch)
     return loss, stats, xs
 
 
@@ -74,6 +75,15 @@ CASES = [
     pytest.param(6, 515, 128, "jsd", {"hard_weight": 1.0, "soft_weight": 2.0, "temperature": 0.5, "softcap": 3.0},
                  id="C6-V515-B128-jsd-hard1-soft2-T0.5-cap3"),
     pytest.param(6, 515, 128, "fkl", {"hard_weight": 1.0, "soft_weight": 0.0}, id="C6-V515-B128-pure-CE"),
+    # The hard-label CE at a temperature of its own (Liger's: the divergence at T, the CE at 1).
+    pytest.param(6, 515, 128, "fkl", {"hard_weight": 0.5, "temperature": 2.0, "hard_temperature": 1.0},
+                 id="C6-V515-B128-fkl-T2-hardT1"),
+    pytest.param(6, 515, 128, "rkl", {"hard_weight": 0.7, "temperature": 0.5, "hard_temperature": 1.3, "softcap": 3.0},
+                 id="C6-V515-B128-rkl-T0.5-hardT1.3-cap3"),
+    pytest.param(5, 301, 64, "jsd", {"beta": 0.4, "hard_weight": 1.0, "soft_weight": 0.5, "temperature": 3.0,
+                                     "hard_temperature": 1.0}, id="C5-V301-B64-jsd0.4-T3-hardT1"),
+    pytest.param(6, 515, 128, "fkl", {"hard_weight": 1.0, "soft_weight": 0.0, "temperature": 4.0,
+                                      "hard_temperature": 0.5}, id="C6-V515-B128-pure-CE-hardT0.5"),
 ]
 
 BACKENDS = ["triton", "cuda", "cpu", "torch"]

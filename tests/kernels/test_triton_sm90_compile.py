@@ -106,6 +106,7 @@ ROW_SIGNATURE = {
     "xs_ptr": "*fp32", "xt_ptr": "*fp32", "labels_ptr": "*i64", "loss_ptr": "*fp32", "stats_ptr": "*fp32",
     "V": "i32", "stride_s": "i32", "stride_t": "i32", "beta": "fp32", "inv_temp": "fp32", "temperature": "fp32",
     "softcap": "fp32", "inv_softcap": "fp32", "soft_weight": "fp32", "hard_weight": "fp32", "ignore_index": "i32",
+    "hard_ratio": "fp32",
 }
 
 
@@ -118,7 +119,8 @@ def test_divergence_row_kernel_compiles_for_sm90():
                          "module": "fastopd.kernels.divergence", "kernel": "_divergence_row_kernel",
                          "signature": ROW_SIGNATURE, "num_warps": 8,
                          "constexprs": {"DIV": div, "HAS_LABELS": everything, "HARD": everything,
-                                        "SOFTCAP": everything, "COMPUTE_GRAD": True, "BLOCK_V": 2048}})
+                                        "HARD_T": everything, "SOFTCAP": everything, "COMPUTE_GRAD": True,
+                                        "BLOCK_V": 2048}})
     results = compile_for_sm90(jobs)
     for job in jobs:
         assert_no_spills(job["id"], results[job["id"]])
@@ -145,30 +147,36 @@ def _tiled_signature(dtype: str, kernel: str) -> dict[str, str]:
         sig["ignore_index"] = "i32"
     if kernel == "_tiled_grad_kernel":
         sig["skip_threshold"] = "fp32"
+    if kernel != "_tiled_sums_kernel":
+        sig["hard_ratio"] = "fp32"
     return sig
 
 
 def test_tiled_kernels_compile_for_sm90():
     """The tiled kernels at the shipped GPU tile sizes (kernels.tiled.default_config), all options on: every
-    kernel in bf16 (the benchmark dtype), the lse and heaviest grad variant also in fp32. No register spills."""
+    kernel in bf16 (the benchmark dtype), the lse and heaviest grad variant also in fp32, each with and without a
+    hard-label temperature of its own where that changes the kernel. No register spills."""
     from fastopd.kernels.tiled import GPU_CONFIG_16BIT, GPU_CONFIG_FP32, TiledConfig
 
     jobs = []
     for kernel, dtype, extra in [
-        ("_tiled_lse_kernel", "bf16", {"HAS_LABELS": True}),
-        ("_tiled_lse_kernel", "fp32", {"HAS_LABELS": True}),
+        ("_tiled_lse_kernel", "bf16", {"HAS_LABELS": True, "HARD_T": False}),
+        ("_tiled_lse_kernel", "bf16", {"HAS_LABELS": True, "HARD_T": True}),
+        ("_tiled_lse_kernel", "fp32", {"HAS_LABELS": True, "HARD_T": True}),
         ("_tiled_sums_kernel", "bf16", {"DIV": 1}),
         ("_tiled_sums_kernel", "bf16", {"DIV": 2}),
-        ("_tiled_grad_kernel", "bf16", {"DIV": 0}),
-        ("_tiled_grad_kernel", "bf16", {"DIV": 2}),
-        ("_tiled_grad_kernel", "fp32", {"DIV": 1}),
+        ("_tiled_grad_kernel", "bf16", {"DIV": 0, "HARD_T": False}),
+        ("_tiled_grad_kernel", "bf16", {"DIV": 2, "HARD_T": False}),
+        ("_tiled_grad_kernel", "bf16", {"DIV": 2, "HARD_T": True}),
+        ("_tiled_grad_kernel", "fp32", {"DIV": 1, "HARD_T": False}),
+        ("_tiled_grad_kernel", "fp32", {"DIV": 1, "HARD_T": True}),
     ]:
         gpu = TiledConfig(*(GPU_CONFIG_FP32 if dtype == "fp32" else GPU_CONFIG_16BIT), 1)
         constexprs = {"HAS_BIAS_S": True, "HAS_BIAS_T": True, "SOFTCAP": True, "BLOCK_N": gpu.block_n,
-                      "BLOCK_V": gpu.block_v, "BLOCK_D": gpu.block_d, "PRECISION": "ieee" if dtype == "fp32" else None,
-                      **extra}
+                      "BLOCK_V": gpu.block_v, "BLOCK_D": gpu.block_d, "PRECISION": "ieee" if dtype == "fp32" else None}
         if kernel == "_tiled_grad_kernel":
             constexprs.update({"HAS_LABELS": True, "HARD": True, "GRAD_H": True, "GRAD_W": True, "GRAD_B": True})
+        constexprs.update(extra)
         jobs.append({"id": f"{kernel}-{extra}-{dtype}", "module": "fastopd.kernels.tiled", "kernel": kernel,
                      "signature": _tiled_signature(dtype, kernel), "num_warps": gpu.num_warps,
                      "num_stages": gpu.num_stages, "constexprs": constexprs})

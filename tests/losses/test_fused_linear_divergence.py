@@ -40,7 +40,8 @@ def ref_per_token(zs: torch.Tensor, zt: torch.Tensor, divergence: str, beta: flo
 
 def reference(hs, ws, ht, wt, labels=None, *, divergence="fkl", beta=0.5, temperature=1.0, ignore_index=-100,
               reduction="mean", student_bias=None, teacher_bias=None, vocab_size=None, softcap=None,
-              hard_label_weight=0.0, soft_label_weight=1.0, num_items_in_batch=None, chunk_size=None, mode=None):
+              hard_label_weight=0.0, soft_label_weight=1.0, num_items_in_batch=None, chunk_size=None, mode=None,
+              hard_label_temperature=None):
     """Returns (loss, per-token stats dict) in float64, differentiable w.r.t. the student's float64 leaves.
     `chunk_size` and `mode` are accepted (and ignored) so that one options dict serves both implementations."""
     del chunk_size, mode
@@ -64,7 +65,8 @@ def reference(hs, ws, ht, wt, labels=None, *, divergence="fkl", beta=0.5, temper
         lp_s_y = lps.gather(1, y[:, None])[:, 0]
         lp_t_y = lpt.gather(1, y[:, None])[:, 0]
         if hard_label_weight:
-            per = per - hard_label_weight * lp_s_y
+            lp_ce = F.log_softmax(xs / (hard_label_temperature or temperature), -1)
+            per = per - hard_label_weight * lp_ce.gather(1, y[:, None])[:, 0]
     else:
         valid = torch.ones(n, dtype=torch.bool)
         lp_s_y = lp_t_y = torch.zeros(n, dtype=zs.dtype)
@@ -185,6 +187,13 @@ CASES = [
     pytest.param(dict(), dict(divergence="fkl", num_items_in_batch=50), id="num-items-fkl"),
     pytest.param(dict(), dict(divergence="jsd", beta=0.3, chunk_size=7), id="chunk7-jsd"),
     pytest.param(dict(), dict(divergence="rkl", chunk_size=5, reduction="none"), id="chunk5-none-rkl"),
+    # The hard-label CE at its own temperature: Liger's recipe (JSD at T, CE at 1), and others.
+    pytest.param(dict(), dict(divergence="jsd", beta=0.5, temperature=2.0, hard_label_weight=0.5,
+                              soft_label_weight=0.5, hard_label_temperature=1.0), id="hardT1-jsd-T2"),
+    pytest.param(dict(scale=4.0), dict(divergence="rkl", temperature=0.8, softcap=3.0, hard_label_weight=1.0,
+                                       hard_label_temperature=2.5, chunk_size=9), id="hardT2.5-rkl-T0.8-cap3"),
+    pytest.param(dict(), dict(divergence="fkl", temperature=3.0, hard_label_weight=0.3, hard_label_temperature=1.0,
+                              reduction="none"), id="hardT1-none-fkl-T3"),
 ]
 
 
@@ -536,6 +545,9 @@ def _ok():
     pytest.param(lambda a: dict(a, divergence="kl"), r"divergence", id="unknown-divergence"),
     pytest.param(lambda a: dict(a, beta=1.5), r"beta", id="beta-range"),
     pytest.param(lambda a: dict(a, temperature=0.0), r"temperature", id="temperature-zero"),
+    pytest.param(lambda a: dict(a, hard_label_temperature=0.0), r"hard_label_temperature", id="hard-temperature-zero"),
+    pytest.param(lambda a: dict(a, hard_label_temperature=float("nan")), r"hard_label_temperature",
+                 id="hard-temperature-nan"),
     pytest.param(lambda a: dict(a, reduction="batchmean"), r"reduction", id="reduction"),
     pytest.param(lambda a: dict(a, labels=None, hard_label_weight=0.5), r"labels", id="hard-without-labels"),
     pytest.param(lambda a: dict(a, vocab_size=40), r"vocab_size", id="vocab-size-too-big"),

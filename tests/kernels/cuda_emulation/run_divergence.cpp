@@ -1,6 +1,6 @@
 // Runs csrc/cuda/divergence.cu's row kernel under the host emulation (cuda_emulation.h).
 // stdin: one header line "C V div softcap_on grad vec hard has_labels beta temperature softcap soft_w hard_w
-// ignore_index", then C*V float32 xs, C*V float32 xt and, with labels, C int64 labels (raw little-endian).
+// ignore_index hard_ratio", then C*V float32 xs, C*V float32 xt and, with labels, C int64 labels (raw little-endian).
 // stdout: C*V float32 xs (the gradient when grad), C float32 loss, C*5 float32 stats (raw).
 #define FASTOPD_CUDA_EMULATION
 #include "cuda_emulation.h"
@@ -43,9 +43,9 @@ void dispatch(bool cap, bool grad, bool vec, int64_t C, float* xs, const float* 
 int main() {
   int64_t C, V, ignore;
   int div, cap, grad, vec, hard, has_labels;
-  double beta, temperature, softcap, sw, hw;
+  double beta, temperature, softcap, sw, hw, hr;
   if (!(std::cin >> C >> V >> div >> cap >> grad >> vec >> hard >> has_labels >> beta >> temperature >> softcap >> sw >>
-        hw >> ignore)) {
+        hw >> ignore >> hr)) {
     std::fprintf(stderr, "bad header\n");
     return 2;
   }
@@ -63,7 +63,8 @@ int main() {
   RowParams p{static_cast<float>(beta),    static_cast<float>(1.0 / temperature),
               static_cast<float>(temperature), static_cast<float>(softcap),
               cap ? static_cast<float>(1.0 / softcap) : 0.0f, static_cast<float>(sw),
-              static_cast<float>(hw),      ignore};
+              static_cast<float>(hw),      static_cast<float>(hr),
+              ignore,                      static_cast<float>(hr) != 1.0f};
   const int64_t* lab = has_labels ? labels.data() : nullptr;
   switch (div) {
     case 0: dispatch<0>(cap, grad, vec, C, xs.data(), xt.data(), lab, loss.data(), stats.data(), V, p, hard); break;
