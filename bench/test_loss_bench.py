@@ -41,3 +41,42 @@ def test_loss_forward_backward(benchmark, provider, divergence):
             torch.cuda.synchronize()
 
     benchmark.pedantic(timed, rounds=5, warmup_rounds=1)
+
+
+LIGER_RECIPE = dict(weight_hard_loss=0.5, weight_soft_loss=0.5, beta=0.5, temperature=2.0)
+
+
+@pytest.mark.parametrize("provider", ["fastopd-dropin", "liger", "gemm_floor"])
+def test_liger_recipe_hard_and_soft(benchmark, provider):
+    """Liger's distillation recipe (JSD at temperature 2 plus the hard-label CE at temperature 1, weights 0.5):
+    fastopd's drop-in takes it in one fused pass (hard_label_temperature=1), Liger as Liger does."""
+    inputs = bench.make_inputs(SHAPE, DEVICE)
+    hs, ws, ht, wt, labels = (inputs[k] for k in ("hs", "ws", "ht", "wt", "labels"))
+    if provider == "gemm_floor":
+        step = bench.provider_step("gemm_floor", "jsd", inputs)
+    else:
+        if provider == "liger":
+            liger = pytest.importorskip("liger_kernel.chunked_loss")
+            loss_fn = liger.LigerFusedLinearJSDLoss(compiled=hs.is_cuda, **LIGER_RECIPE)
+        else:
+            from fastopd.integrations.liger import LigerFusedLinearJSDLoss
+
+            loss_fn = LigerFusedLinearJSDLoss(**LIGER_RECIPE)
+
+        def step():
+            loss_fn(hs, ws, ht, wt, labels).backward()
+            hs.grad = ws.grad = None
+
+    mem = bench.PeakMemory(DEVICE)
+    mem.start()
+    step()
+    benchmark.group = f"liger-recipe-T2-hard0.5-N{SHAPE.n}-D{SHAPE.ds}-V{SHAPE.v}"
+    benchmark.extra_info.update(provider=provider, shape=vars(SHAPE), peak_bytes_above_inputs=mem.peak(),
+                                machine=bench.machine_info(DEVICE), recipe=LIGER_RECIPE)
+
+    def timed():
+        step()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+
+    benchmark.pedantic(timed, rounds=5, warmup_rounds=1)
