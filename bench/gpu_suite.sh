@@ -165,8 +165,13 @@ if [ "$BENCH" = 1 ] && [ "$QUICK" = 0 ]; then
     "${PYTEST[@]}" bench/test_rollout_bench.py -k "cuda or write_results"
 fi
 if [ "$TESTS" = 1 ]; then
+  # Without the files that need no GPU (ahead-of-time compiles, the CUDA emulation, this suite's own checks):
+  # CI runs those, and here they would only spend the lease.
+  NO_GPU_NEEDED=(tests/kernels/test_gpu_shapes.py tests/kernels/test_cuda_build.py tests/kernels/test_cuda_emulation.py
+                 tests/kernels/test_triton_sm90_compile.py tests/kernels/test_gpu_suite.py
+                 tests/optim/test_sparse_adamw_sm90.py)
   step "GPU tests (tests/kernels, tests/losses, tests/optim, tests/rollout)" 60 "${PYTEST[@]}" tests/kernels \
-    tests/losses tests/optim tests/rollout --ignore tests/kernels/test_gpu_shapes.py --junitxml="$OUT_DIR/pytest_gpu.xml"
+    tests/losses tests/optim tests/rollout "${NO_GPU_NEEDED[@]/#/--ignore=}" --junitxml="$OUT_DIR/pytest_gpu.xml"
 fi
 if [ "$BENCH" = 1 ] && [ "$QUICK" = 0 ]; then
   step "sparse AdamW benchmark (CUDA)" 30 env OUT="$OUT_DIR" "${PYTEST[@]}" bench/test_optim_bench.py -k "cuda or write_results"
