@@ -314,13 +314,16 @@ def test_low_precision_error_budget(impl_device, dtype, divergence, beta):
 @given(n=st.integers(1, 24), ds=st.integers(1, 40), dt=st.integers(1, 40), v=st.integers(2, 400),
        scale=st.sampled_from([0.01, 1.0, 8.0, 40.0]), divergence=st.sampled_from(["fkl", "rkl", "jsd"]),
        beta=st.sampled_from([0.0, 0.2, 0.5, 1.0]), temperature=st.sampled_from([0.5, 1.0, 3.0]),
-       chunk=st.integers(1, 9), impl=st.sampled_from(["torch", "cpu"]), seed=st.integers(0, 2**16))
-def test_hypothesis_shapes_and_scales(n, ds, dt, v, scale, divergence, beta, temperature, chunk, impl, seed):
+       chunk=st.integers(1, 9), impl=st.sampled_from(["torch", "cpu"]), seed=st.integers(0, 2**16),
+       hard=st.sampled_from([None, (0.5, None), (0.5, 1.0), (1.0, 2.5)]))
+def test_hypothesis_shapes_and_scales(n, ds, dt, v, scale, divergence, beta, temperature, chunk, impl, seed, hard):
     if _dispatch.available("divergence_chunk", impl, "cpu") is not None:
         impl = "torch"
     inputs = make_inputs(n=n, ds=ds, dt=dt, vs=v, vt=v, seed=seed, scale=scale)
     labels = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(seed))
     opts = dict(divergence=divergence, beta=beta, temperature=temperature, chunk_size=chunk)
+    if hard is not None:  # the hard-label CE too, at the divergence's temperature or at its own
+        opts.update(hard_label_weight=hard[0], hard_label_temperature=hard[1])
     out, ref, grads, ref_grads = run_both(inputs, labels, opts, (impl, "cpu"), grad_seed=seed)
     # Budget: 1e-5 relative, or twice the error of the same math done naively in fp32 (large logit scales
     # make rkl/jsd gradients ill-conditioned in any fp32 implementation).
