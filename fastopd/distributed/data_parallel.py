@@ -7,6 +7,10 @@ forward method (the adapters run layers functionally, through `call_layer`); the
 norm, LM head) is gathered for the whole micro-batch, so the loss never sees a sharded or stale head (a DTensor
 head reaching `fused_linear_divergence` is refused there). Generation, evaluation and self-distillation scoring,
 which read the weights outside any module call, run inside `unsharded(...)` (every group gathered).
+
+A teacher distinct from the student is sharded the same way (`shard_frozen`) and scored through `run_frozen`:
+its root group is gathered for the scoring call and each decoder layer for its own forward only, so no rank
+ever holds the whole teacher.
 """
 
 from __future__ import annotations
@@ -46,6 +50,13 @@ def init_from_env(timeout: timedelta | None = None) -> bool:
 
 def _run_layer(layer: nn.Module, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     return fn(layer, *args, **kwargs)
+
+
+ROOT_CALL = "fastopd_root_call"  # the registered forward method a frozen sharded module is run through
+
+
+def _run_root(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    return fn(*args, **kwargs)
 
 
 def is_dtensor(t: Any) -> bool:
@@ -145,6 +156,35 @@ class DataParallel:
             fully_shard(layer)
             register_fsdp_forward_method(layer, LAYER_FORWARD)
         return fully_shard(module)
+
+    def shard_frozen(self, module: nn.Module, layers: Sequence[nn.Module] = ()) -> bool:
+        """Under FSDP2, shards a module that never trains (a teacher) as `wrap` does, its layers always run through
+        their FSDP forward (each gathered for its own forward, also under inference mode) and the module itself
+        through `run_frozen`. Returns whether it did (False outside FSDP2: DDP keeps a replica per rank)."""
+        if self.mode != "fsdp2":
+            return False
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        from fastopd.rollout.adapters import LAYER_ALWAYS_ROUTED
+
+        self.wrap(module, layers)
+        for layer in layers:
+            setattr(layer, LAYER_ALWAYS_ROUTED, True)
+        setattr(module, ROOT_CALL, _run_root)
+        register_fsdp_forward_method(module, ROOT_CALL)
+        return True
+
+    def run_frozen(self, module: nn.Module, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """`fn(*args, **kwargs)` for a module sharded by `shard_frozen`: inside its root FSDP forward (so its root
+        group is gathered and it is the FSDP root; the layers gather themselves), resharded after. Just the call for
+        any other module."""
+        root_call = module.__dict__.get(ROOT_CALL)
+        if root_call is None:
+            return fn(*args, **kwargs)
+        try:
+            return root_call(fn, *args, **kwargs)
+        finally:
+            module.reshard()  # an FSDP root keeps its group gathered after forward (for a backward that never comes)
 
     def sum_(self, t: torch.Tensor) -> torch.Tensor:
         """All-reduce (sum) `t` in place over the ranks; returns it."""

@@ -59,14 +59,17 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 # The attribute under which `fastopd.distributed` installs a per-layer forward method (registered with FSDP2 through
 # `register_fsdp_forward_method`, so the layer's own pre/post-forward hooks gather and free its weights).
 LAYER_FORWARD = "fastopd_layer_forward"
+# Set (True) on the layers of a frozen FSDP2 module (a sharded teacher): they always run through LAYER_FORWARD.
+LAYER_ALWAYS_ROUTED = "fastopd_layer_always_routed"
 
 
 def call_layer(fn: Callable[..., torch.Tensor], layer: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
     """`fn(layer, *args, **kwargs)`: through the layer's installed forward method when it has one and autograd is
-    on (the training forward of a per-layer FSDP2 student); directly otherwise (one process, or generation and
-    scoring, which run on weights already gathered)."""
+    on (the training forward of a per-layer FSDP2 student) or the layer is always routed (a sharded teacher, whose
+    layers gather their weights one at a time also when scoring); directly otherwise (one process, or generation
+    and self-scoring, which run on weights already gathered)."""
     routed = layer.__dict__.get(LAYER_FORWARD)
-    if routed is not None and torch.is_grad_enabled():
+    if routed is not None and (torch.is_grad_enabled() or layer.__dict__.get(LAYER_ALWAYS_ROUTED, False)):
         return routed(fn, *args, **kwargs)
     return fn(layer, *args, **kwargs)
 

@@ -259,6 +259,7 @@ def _distill(job: DistillJob, opd: dict[str, Any], progress: bool, out) -> int:
     par.barrier()
     t0 = time.perf_counter()
     evaluator = AdditionEvaluator(task, job.eval_size)
+    teacher_acc = accuracy(teacher, task, evaluator.problems)  # before the trainer shards it (FSDP2)
     trainer = OPDTrainer(student, teacher, config, evaluator=evaluator, run_dir=run_dir)
     mask_note = ""
     if trainer.masks is not None:
@@ -271,7 +272,6 @@ def _distill(job: DistillJob, opd: dict[str, Any], progress: bool, out) -> int:
           f"student {sum(p.numel() for p in student.parameters()):,} params; objective {config.objective}, "
           f"{job.steps} steps x {job.batch_size} prompts x {config.num_samples} samples, horizon "
           f"{_horizon_text(config)}{mask_note}{ranks}", file=out, flush=True)
-    teacher_acc = accuracy(teacher, task, evaluator.problems)
     if trainer.global_step:
         print(f"resuming from {trainer.resumed_from} (step {trainer.global_step})", file=out, flush=True)
     history = trainer.train(lambda k: task.train_prompts(k, job.batch_size, seed=config.seed), job.steps,

@@ -97,7 +97,8 @@ class OPDTrainer:
             `fastopd.rollout.ModelAdapter`.
         teacher: the model imitated, put in eval mode and only run under inference mode; it may live on another
             device or dtype than the student, and may be the student itself (self-distillation, usually with
-            `teacher_prompt_fn`).
+            `teacher_prompt_fn`). Under FSDP2 a teacher of its own on the student's device is sharded in place
+            (per decoder layer, as the student); score it through the trainer (or `parallel.run_frozen`) after.
         config: an `OPDConfig`.
         teacher_prompt_fn: optional, maps the step's prompts (a list of token-id lists) to the prompts the teacher
             sees instead (one per prompt): privileged-context distillation on the same completion tokens.
@@ -150,6 +151,9 @@ class OPDTrainer:
         self.device = self.engine.student.device
         # The training forward and the loss run as one module call: what DDP and FSDP2 wrap.
         self.module = self.parallel.wrap(LossModule(student, self._micro_loss), self.engine.student.layer_modules())
+        # Under FSDP2 a teacher of its own on the student's device is sharded too: scoring gathers one layer at a time.
+        self.teacher_sharded = (teacher is not student and self.engine.teacher.device == self.device
+                                and self.parallel.shard_frozen(teacher, self.engine.teacher.layer_modules()))
         self.masks = self._load_masks(cfg.masks)
         self.optimizer = self._make_optimizer()
         self.params = [p for p in student.parameters() if p.requires_grad]
@@ -202,15 +206,16 @@ class OPDTrainer:
     # ------------------------------------------------------------------ one step
 
     def _teacher_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Teacher LM-head weight (and bias) on the student's device. A teacher elsewhere is copied once and
-        cached (it does not train); a teacher on the student's device is used in place (it may be the student)."""
+        """Teacher LM-head weight (and bias) on the student's device. A teacher elsewhere, or sharded under FSDP2,
+        is copied (gathered) once and cached (it does not train); a teacher on the student's device is used in place
+        (it may be the student)."""
         t = self.engine.teacher
         w, b = t.output_weight, t.output_bias
-        if w.device == self.device:
+        if w.device == self.device and not self.teacher_sharded:
             return w.detach(), (b.detach() if b is not None else None)
-        if self._teacher_weight_cache is None:
-            self._teacher_weight_cache = (w.detach().to(self.device),
-                                          b.detach().to(self.device) if b is not None else None)
+        if self._teacher_weight_cache is None:  # a sharded teacher's head is gathered once (it does not train)
+            full = lambda x: (x.full_tensor() if is_dtensor(x) else x).detach().to(self.device)  # noqa: E731
+            self._teacher_weight_cache = (full(w), full(b) if b is not None else None)
         return self._teacher_weight_cache
 
     def _loss(self, batch, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
@@ -306,7 +311,7 @@ class OPDTrainer:
             t0 = time.perf_counter()
             tp = teacher_prompts[a:b] if teacher_prompts is not None else None
             with par.unsharded(self.module) if self_scoring else contextlib.nullcontext():
-                teacher_hidden = self.engine.score(batch, tp).to(self.device)
+                teacher_hidden = par.run_frozen(self.teacher, self.engine.score, batch, tp).to(self.device)
             _sync(self.device)
             t1 = time.perf_counter()
             with par.no_sync(self.module, last=i == len(batches) - 1):

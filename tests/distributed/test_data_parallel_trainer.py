@@ -37,10 +37,10 @@ def _models():
     return make(0, 32, 2), make(1, 48, 1)
 
 
-def _hf_student(kind: str):
-    """A random-weight Hugging Face student (no download), sized for the task's vocabulary."""
+def _hf_student(kind: str, seed: int = 0):
+    """A random-weight Hugging Face model (no download), sized for the task's vocabulary."""
     transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     v = TASK.tokenizer.vocab_size
     if kind == "gpt2":
         cfg = transformers.GPT2Config(vocab_size=v, n_embd=32, n_layer=2, n_head=2, n_positions=64)
@@ -51,11 +51,13 @@ def _hf_student(kind: str):
 
 
 def hf_worker(rank: int, world: int, kind: str, mode: str) -> dict:
-    student, teacher = _hf_student(kind), _models()[1]
+    student, teacher = _hf_student(kind), _hf_student(kind, seed=1)  # a Hugging Face teacher, sharded too
     trainer = OPDTrainer(student, teacher, _config(parallel=mode if world > 1 else "none"))
     trainer.train(_source, 2, progress=False)
     out = _state(trainer)
     out["fsdp_groups"] = sum(type(m).__name__.startswith("FSDP") for m in trainer.module.modules())
+    out["teacher_groups"] = sum(type(m).__name__.startswith("FSDP") for m in teacher.modules())
+    out["teacher_params"] = sorted({type(p).__name__ for p in teacher.parameters()})
     return out
 
 
@@ -87,6 +89,9 @@ def train_worker(rank: int, world: int, steps: int, overrides: dict, mode: str =
     out["mode"] = trainer.parallel.mode
     out["sharded"] = [type(p).__name__ for p in trainer.student.parameters()]
     out["fsdp_groups"] = sum(type(m).__name__.startswith("FSDP") for m in trainer.module.modules())
+    out["teacher_sharded"] = trainer.teacher_sharded
+    out["teacher_params"] = sorted({type(p).__name__ for p in teacher.parameters()})
+    out["teacher_groups"] = sum(type(m).__name__.startswith("FSDP") for m in teacher.modules())
     return out
 
 
@@ -124,6 +129,10 @@ def test_fsdp2_two_ranks_equal_one_process_and_resume_on_one(tmp_path):
     for rank, got in enumerate(ranks):
         assert got["mode"] == "fsdp2" and set(got["sharded"]) == {"DTensor"}, got["sharded"]
         assert got["fsdp_groups"] == 3, got["fsdp_groups"]  # each of the 2 decoder layers, and the root
+        # The teacher is sharded too (its 1 decoder layer and its root), and every parameter is sharded again
+        # after scoring: each layer is gathered only for its own forward.
+        assert got["teacher_sharded"] and got["teacher_groups"] == 2, got
+        assert got["teacher_params"] == ["DTensor"], got["teacher_params"]
         _assert_same_run(got, want, f"fsdp2 rank {rank}")
     assert sorted(os.listdir(ckdir)) == ["latest", "step_00000002", "step_00000003"]
     want4 = _single(4)
@@ -138,6 +147,7 @@ def test_fsdp2_hugging_face_students_shard_per_layer_and_equal_one_process(kind)
     want = hf_worker(0, 1, kind, "none")
     for rank, got in enumerate(ranks):
         assert got["fsdp_groups"] == 3, got["fsdp_groups"]
+        assert got["teacher_groups"] == 3 and got["teacher_params"] == ["DTensor"], got
         _assert_same_run(got, want, f"{kind} fsdp2 rank {rank}")
 
 
