@@ -262,3 +262,43 @@ def test_fastopd_distill_under_torchrun_writes_one_run_folder(tmp_path, mode):
     assert proc.stdout.count(f"2 ranks ({mode})") == 1 and proc.stdout.count("student accuracy") == 1, proc.stdout
     assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step_00000002"]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # one line per step, from rank 0 only
+
+
+def sharded_teacher_worker(rank: int, world: int) -> dict:
+    """Scores a 3-layer teacher before and after `shard_frozen`, counting the teacher layers whose weights are
+    gathered whenever one of them runs."""
+    import fastopd.rollout.adapters as adapters
+    from fastopd.distributed.data_parallel import DataParallel, is_dtensor
+    from fastopd.rollout import RolloutEngine
+
+    torch.manual_seed(1)
+    teacher = Transformer(TransformerConfig(vocab_size=TASK.tokenizer.vocab_size, hidden_size=48, intermediate_size=96,
+                                            num_layers=3, num_heads=2, max_position_embeddings=48)).eval()
+    student = _models()[0]
+    engine = RolloutEngine(student, teacher, horizon=6, num_samples=2, temperature=0, pad_token_id=PAD)
+    batch = engine.generate(TASK.train_prompts(0, 3))
+    want = engine.score(batch).clone()
+    layers = engine.teacher.layer_modules()
+    par = DataParallel("fsdp2", rank, world)
+    assert par.shard_frozen(teacher, layers)
+    gathered, inner = [], adapters.llama_layer
+
+    def counting(layer, *args, **kwargs):
+        gathered.append(sum(not is_dtensor(next(m.parameters())) for m in layers))
+        return inner(layer, *args, **kwargs)
+
+    adapters.llama_layer = counting
+    try:
+        got = par.run_frozen(teacher, engine.score, batch)
+    finally:
+        adapters.llama_layer = inner
+    return {"max_equal": float((got - want).abs().max()), "gathered": gathered,
+            "after": sorted({type(p).__name__ for p in teacher.parameters()})}
+
+
+@needs_fsdp2
+def test_sharded_teacher_scores_one_gathered_layer_at_a_time():
+    for got in run_ranks(sharded_teacher_worker, 2):
+        assert got["max_equal"] == 0.0, got  # the same hidden states as the unsharded teacher's
+        assert got["gathered"] and max(got["gathered"]) == 1, got["gathered"]  # never two layers at once
+        assert got["after"] == ["DTensor"], got["after"]
