@@ -10,10 +10,11 @@ State per masked parameter (k = number of selected coordinates):
     step        float32 0-dim CPU tensor, as torch.optim.AdamW keeps it
 Parameters absent from `masks` are updated densely by torch's own AdamW (foreach or fused), with torch's state.
 
-FSDP2 (`fully_shard`, parameters sharded as DTensors by rows over a 1-D mesh): masks are given for the full
-parameter and each rank keeps the indices and state of its own rows only, shard-local (indices address the local
-shard's storage). `full_state_dict()` / `load_full_state_dict()` convert to and from the state one process would
-hold (global indices), so checkpoints load on any world size.
+FSDP2 (`fully_shard`, parameters sharded as DTensors by rows over a 1-D mesh, or HSDP's 2-D mesh that shards
+over one dimension and replicates over the other): masks are given for the full parameter and each rank keeps the
+indices and state of its own rows only, shard-local (indices address the local shard's storage).
+`full_state_dict()` / `load_full_state_dict()` convert to and from the state one process would hold (global
+indices), so checkpoints load on any world size.
 """
 
 from __future__ import annotations
@@ -38,17 +39,26 @@ def _index_dtype(numel: int) -> torch.dtype:
     return torch.int32 if numel < 2**31 else torch.int64
 
 
+def _shard_dim(p: torch.Tensor) -> int:
+    """The mesh dimension over which a DTensor parameter is row-sharded: FSDP2's Shard(0) on a 1-D mesh (dim 0), or
+    HSDP's (Replicate(), Shard(0)) on a 2-D mesh (dim 1); every other mesh dimension must replicate it."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    placements = tuple(p.placements)
+    sharded = [d for d, pl in enumerate(placements) if pl == Shard(0)]
+    if len(sharded) != 1 or any(pl != Replicate() for d, pl in enumerate(placements) if d != sharded[0]):
+        raise ValueError(f"SparseMaskedAdamW shards masks by rows over one mesh dimension (Shard(0), the others "
+                         f"Replicate(): FSDP2 or HSDP), got mesh {tuple(p.device_mesh.shape)} with placements "
+                         f"{placements}")
+    return sharded[0]
+
+
 def _shard_span(p: torch.Tensor) -> tuple[int, int]:
     """(first global flat index, flat size) of this rank's shard of a row-sharded DTensor parameter."""
-    from torch.distributed.tensor import Shard
-
-    mesh, placements = p.device_mesh, tuple(p.placements)
-    if mesh.ndim != 1 or placements != (Shard(0),):
-        raise ValueError(f"SparseMaskedAdamW shards masks over a 1-D mesh with Shard(0) placement (FSDP2's "
-                         f"default), got mesh {tuple(mesh.shape)} with placements {placements}")
+    mesh, dim = p.device_mesh, _shard_dim(p)
     rows = p.shape[0]
-    chunk = -(-rows // mesh.size())  # torch.chunk's split, as FSDP2 shards
-    first = min(rows, mesh.get_local_rank() * chunk)
+    chunk = -(-rows // mesh.size(dim))  # torch.chunk's split, as FSDP2 shards
+    first = min(rows, mesh.get_local_rank(dim) * chunk)
     local = local_shard(p)
     if local.shape[0] != max(0, min(chunk, rows - first)):
         raise ValueError(f"unexpected shard of {tuple(p.shape)}: local {tuple(local.shape)} at row {first}")
@@ -394,8 +404,9 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
                 for k in ("exp_avg", "exp_avg_sq", "master", "swallowed"):
                     if k in st:
                         mine[k] = st[k].to("cpu")
-                parts: list = [None] * p.device_mesh.size()
-                dist.all_gather_object(parts, mine, group=p.device_mesh.get_group())
+                dim = _shard_dim(p)  # gathered over the shard dimension; HSDP replicas each hold the same
+                parts: list = [None] * p.device_mesh.size(dim)
+                dist.all_gather_object(parts, mine, group=p.device_mesh.get_group(dim))
                 full = dict(st)
                 full["indices"] = (None if all(q["all"] for q in parts) else
                                    torch.cat([q["indices"] for q in parts]).to(p.device, _index_dtype(p.numel())))
@@ -430,8 +441,8 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
                 for k in ("exp_avg", "exp_avg_sq", "master"):
                     if k in st:
                         local[k] = st[k].to(p.device)[keep]
-                if "swallowed" in st:  # the count is a run total: kept on the mesh's first rank
-                    first_rank = p.device_mesh.get_local_rank() == 0
+                if "swallowed" in st:  # the count is a run total: kept on the shard dimension's first rank
+                    first_rank = p.device_mesh.get_local_rank(_shard_dim(p)) == 0
                     local["swallowed"] = st["swallowed"] if first_rank else torch.zeros_like(st["swallowed"])
                 state[i] = local
         self.load_state_dict({"state": state, "param_groups": state_dict["param_groups"]})
