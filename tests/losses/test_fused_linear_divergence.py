@@ -446,8 +446,10 @@ def test_empty_batch(impl_device, reduction):
 
 @pytest.mark.parametrize("impl_device", BACKENDS)
 @pytest.mark.parametrize("opts", [dict(divergence="fkl"), dict(divergence="jsd", beta=0.3, reduction="none"),
-                                  dict(divergence="rkl", temperature=2.0, vocab_size=250, hard_label_weight=0.2)],
-                         ids=["fkl", "jsd-none", "rkl-T2-vocab250-hard"])
+                                  dict(divergence="rkl", temperature=2.0, vocab_size=250, hard_label_weight=0.2),
+                                  dict(divergence="jsd", beta=0.5, temperature=2.0, hard_label_weight=0.5,
+                                       hard_label_temperature=1.0)],
+                         ids=["fkl", "jsd-none", "rkl-T2-vocab250-hard", "jsd-T2-hard-hardT1"])
 def test_divergence_from_logits(impl_device, opts):
     impl, device = impl_device
     g = torch.Generator().manual_seed(0)
