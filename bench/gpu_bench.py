@@ -320,13 +320,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "run smallest and largest N of the first vocabulary first")
     p.add_argument("--reps", type=int, default=10, help="timing repetitions on the CPU; do_bench window x10 ms on GPU")
     p.add_argument("--dry-run", action="store_true",
-                   help="run the harness on the CPU at tiny shapes (chunked-cpu, naive, liger, gemm_floor): checks "
-                        "the code path and the output files, measures nothing meaningful")
+                   help="run the harness on the CPU at tiny shapes (chunked-cpu, naive, liger, gemm_floor, and tiled "
+                        "under TRITON_INTERPRET=1): checks the code path and the output files, measures nothing "
+                        "meaningful")
     args = p.parse_args(argv)
     if args.dry_run:
         args.tokens, args.vocab, args.ds, args.dt, args.reps = [37], [301], 32, 48, 2
         args.dtype = "float32"
         args.providers = ["chunked-cpu", "naive", "liger", "gemm_floor"]
+        if os.environ.get("TRITON_INTERPRET") == "1":  # the tiled mode runs on the CPU under Triton's interpreter
+            args.providers.insert(1, "tiled")
     return args
 
 

@@ -35,6 +35,8 @@ def test_benchmark_harness_dry_run(tmp_path):
     assert result["dry_run"] is True and "date_utc" in result["machine"]
     by = {r["provider"]: r for r in result["results"]}
     assert by["gemm_floor"]["status"] == "ok" and by["chunked-cpu"]["status"] == "ok"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        assert by["tiled"]["status"] == "ok", by["tiled"]
     for rec in result["results"]:
         if rec["status"] != "ok":
             continue
