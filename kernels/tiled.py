@@ -67,10 +67,10 @@ def _tiled_lse_kernel(
     PRECISION: tl.constexpr,
 ):
     """part[split, :, row] = (max_s, max_t, z_s[y], z_t[y], z_t at the student's top) ([SPLIT, 5, N] fp32) and
-    sums[split, :, row] = (sum exp(z_s - max_s), sum exp(z_t - max_t)) ([SPLIT, 2, N] fp64) of this split's
+    sums[split, :2, row] = (sum exp(z_s - max_s), sum exp(z_t - max_t)) ([SPLIT, 3, N] fp64) of this split's
     vocabulary share. The student's top is in the first tile holding the largest z_s; among ties there the
     largest z_t is taken. HARD_T (the hard-label CE at its own temperature, of r z_s with r = hard_ratio):
-    sums[split, 2, row] = sum exp(r (z_s - max_s)) too ([SPLIT, 3, N])."""
+    sums[split, 2, row] = sum exp(r (z_s - max_s)) too (left untouched otherwise)."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
