@@ -197,7 +197,7 @@ class AdditionEvaluator:
                                num_samples=self.rkl_samples, temperature=cfg.temperature, eos_token_id=EOS,
                                pad_token_id=PAD, generator=gen)
         batch = engine.generate(self.task.prompt_ids(self.problems))
-        ht = trainer.parallel.run_frozen(trainer.teacher, engine.score, batch).to(trainer.device)
+        ht = trainer.score(batch, engine=engine).to(trainer.device)
         hs = engine.student_hidden(batch)
         wt, bt = trainer._teacher_head()
         rkl = fused_linear_divergence(hs, engine.student_output_weight, ht, wt, batch.labels().to(trainer.device),

@@ -98,7 +98,7 @@ class OPDTrainer:
         teacher: the model imitated, put in eval mode and only run under inference mode; it may live on another
             device or dtype than the student, and may be the student itself (self-distillation, usually with
             `teacher_prompt_fn`). Under FSDP2 a teacher of its own on the student's device is sharded in place
-            (per decoder layer, as the student); score it through the trainer (or `parallel.run_frozen`) after.
+            (per decoder layer, as the student); score it through :meth:`score` after.
         config: an `OPDConfig`.
         teacher_prompt_fn: optional, maps the step's prompts (a list of token-id lists) to the prompts the teacher
             sees instead (one per prompt): privileged-context distillation on the same completion tokens.
@@ -152,8 +152,9 @@ class OPDTrainer:
         # The training forward and the loss run as one module call: what DDP and FSDP2 wrap.
         self.module = self.parallel.wrap(LossModule(student, self._micro_loss), self.engine.student.layer_modules())
         # Under FSDP2 a teacher of its own on the student's device is sharded too: scoring gathers one layer at a time.
-        self.teacher_sharded = (teacher is not student and self.engine.teacher.device == self.device
-                                and self.parallel.shard_frozen(teacher, self.engine.teacher.layer_modules()))
+        t = self.engine.teacher
+        self.teacher_sharded = (t is not self.engine.student and t.device == self.device
+                                and self.parallel.shard_frozen(t.model, t.layer_modules()))
         self.masks = self._load_masks(cfg.masks)
         self.optimizer = self._make_optimizer()
         self.params = [p for p in student.parameters() if p.requires_grad]
@@ -204,6 +205,12 @@ class OPDTrainer:
         return opt
 
     # ------------------------------------------------------------------ one step
+
+    def score(self, batch, teacher_prompts=None, engine=None) -> torch.Tensor:
+        """The teacher's hidden states over `batch` (`engine.score`, default this trainer's engine), through the
+        sharded teacher under FSDP2 (one layer gathered at a time)."""
+        engine = engine if engine is not None else self.engine
+        return self.parallel.run_frozen(self.engine.teacher.model, engine.score, batch, teacher_prompts)
 
     def _teacher_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Teacher LM-head weight (and bias) on the student's device. A teacher elsewhere, or sharded under FSDP2,
@@ -311,7 +318,7 @@ class OPDTrainer:
             t0 = time.perf_counter()
             tp = teacher_prompts[a:b] if teacher_prompts is not None else None
             with par.unsharded(self.module) if self_scoring else contextlib.nullcontext():
-                teacher_hidden = par.run_frozen(self.teacher, self.engine.score, batch, tp).to(self.device)
+                teacher_hidden = self.score(batch, tp).to(self.device)
             _sync(self.device)
             t1 = time.perf_counter()
             with par.no_sync(self.module, last=i == len(batches) - 1):
