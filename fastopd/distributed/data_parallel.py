@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-MODES = ("auto", "none", "ddp", "fsdp2")
+MODES = ("auto", "none", "ddp", "fsdp2", "hsdp")
 
 
 def init_from_env(timeout: timedelta | None = None) -> bool:
@@ -98,16 +98,20 @@ class LossModule(nn.Module):
 
 @dataclass
 class DataParallel:
-    """How this process takes part in data-parallel training: mode "none" (one process), "ddp" or "fsdp2"."""
+    """How this process takes part in data-parallel training: mode "none" (one process), "ddp", "fsdp2" (every
+    parameter sharded over all ranks) or "hsdp" (sharded within groups of `shard_size` ranks, replicated across
+    the groups: FSDP2 over a 2-D (replicate, shard) mesh)."""
 
     mode: str
     rank: int = 0
     world_size: int = 1
+    shard_size: int = 0  # hsdp: ranks per shard group
 
     @classmethod
-    def resolve(cls, mode: str) -> DataParallel:
+    def resolve(cls, mode: str, shard_size: int | None = None) -> DataParallel:
         """"auto": DDP when a process group of more than one rank exists (or torchrun's environment asks for one,
-        which is then initialized), else one process. "ddp"/"fsdp2" need such a group."""
+        which is then initialized), else one process. "ddp"/"fsdp2"/"hsdp" need such a group. Under "hsdp"
+        `shard_size` (default: torchrun's LOCAL_WORLD_SIZE, the ranks of one node) must divide the world size."""
         if mode not in MODES:
             raise ValueError(f"parallel: must be one of {MODES}, got {mode!r}")
         if mode == "none":
@@ -119,7 +123,30 @@ class DataParallel:
                              "`torchrun --nproc-per-node N ...` (or initialize a process group first)")
         import torch.distributed as dist
 
-        return cls("ddp" if mode == "auto" else mode, dist.get_rank(), dist.get_world_size())
+        world = dist.get_world_size()
+        if mode != "hsdp":
+            return cls("ddp" if mode == "auto" else mode, dist.get_rank(), world)
+        shard = int(shard_size or os.environ.get("LOCAL_WORLD_SIZE", world))
+        if shard < 1 or world % shard:
+            raise ValueError(f"parallel='hsdp': the shard group size {shard} must divide the world size {world}")
+        return cls("hsdp", dist.get_rank(), world, shard)
+
+    @property
+    def sharded(self) -> bool:
+        """Whether parameters are FSDP2 DTensors here ("fsdp2" or "hsdp")."""
+        return self.mode in ("fsdp2", "hsdp")
+
+    @functools.cached_property
+    def mesh(self):
+        """The device mesh parameters are sharded over: None (FSDP2's default, every rank) or HSDP's 2-D
+        (replicate, shard) mesh."""
+        if self.mode != "hsdp":
+            return None
+        from torch.distributed.device_mesh import init_device_mesh
+
+        return init_device_mesh("cuda" if torch.cuda.is_available() else "cpu",
+                                (self.world_size // self.shard_size, self.shard_size),
+                                mesh_dim_names=("replicate", "shard"))
 
     @property
     def active(self) -> bool:
@@ -153,15 +180,15 @@ class DataParallel:
 
         for layer in layers:
             setattr(layer, LAYER_FORWARD, functools.partial(_run_layer, layer))
-            fully_shard(layer)
+            fully_shard(layer, mesh=self.mesh)
             register_fsdp_forward_method(layer, LAYER_FORWARD)
-        return fully_shard(module)
+        return fully_shard(module, mesh=self.mesh)
 
     def shard_frozen(self, module: nn.Module, layers: Sequence[nn.Module] = ()) -> bool:
         """Under FSDP2, shards a module that never trains (a teacher) as `wrap` does, its layers always run through
         their FSDP forward (each gathered for its own forward, also under inference mode) and the module itself
         through `run_frozen`. Returns whether it did (False outside FSDP2: DDP keeps a replica per rank)."""
-        if self.mode != "fsdp2":
+        if not self.sharded:
             return False
         from torch.distributed.fsdp import register_fsdp_forward_method
 
@@ -192,6 +219,15 @@ class DataParallel:
             import torch.distributed as dist
 
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def sum_over_shards_(self, t: torch.Tensor) -> torch.Tensor:
+        """All-reduce (sum) `t` over the ranks that hold different shards of the parameters: all of them under
+        FSDP2, one shard group under HSDP (its replicas hold the same); a no-op otherwise."""
+        if self.sharded:
+            import torch.distributed as dist
+
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.mesh["shard"].get_group() if self.mesh else None)
         return t
 
     def max_(self, t: torch.Tensor) -> torch.Tensor:
@@ -225,9 +261,9 @@ class DataParallel:
 
     @contextlib.contextmanager
     def unsharded(self, module: nn.Module):
-        """Under FSDP2, the full parameters on every rank for the duration (generation, self-scoring); resharded
-        after. A no-op otherwise."""
-        if self.mode != "fsdp2":
+        """Under FSDP2 (and HSDP), the full parameters on every rank for the duration (generation, self-scoring);
+        resharded after. A no-op otherwise."""
+        if not self.sharded:
             yield
             return
         from torch.distributed.fsdp import FSDPModule
@@ -246,13 +282,13 @@ class DataParallel:
     def full_model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The model's state dict with full (gathered) tensors on every rank: a checkpoint any world size loads."""
         state = model.state_dict()
-        if self.mode != "fsdp2":
+        if not self.sharded:
             return state
         return {k: (v.full_tensor() if is_dtensor(v) else v) for k, v in state.items()}
 
     def load_full_model_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list, list]:
         """Load full tensors; under FSDP2 each rank keeps its shard. Returns (missing, unexpected) keys."""
-        if self.mode == "fsdp2":
+        if self.sharded:
             own = model.state_dict()
             state = {k: (shard_like(v, own[k]) if k in own and is_dtensor(own[k]) else v) for k, v in state.items()}
         return model.load_state_dict(state, strict=False)
@@ -260,7 +296,7 @@ class DataParallel:
     def full_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """`optimizer.state_dict()` with every DTensor state gathered to a full tensor (FSDP2's dense AdamW
         moments), or with shard-local sparse state turned global (`SparseMaskedAdamW`)."""
-        if self.mode != "fsdp2":
+        if not self.sharded:
             return optimizer.state_dict()
         if hasattr(optimizer, "full_state_dict"):
             return optimizer.full_state_dict()
@@ -271,7 +307,7 @@ class DataParallel:
 
     def load_full_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         """Load a state saved by `full_optimizer_state` (from any world size)."""
-        if self.mode != "fsdp2":
+        if not self.sharded:
             optimizer.load_state_dict(state)
             return
         if hasattr(optimizer, "load_full_state_dict"):

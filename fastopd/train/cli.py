@@ -94,9 +94,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                     "default: the built-in addition teacher")
     p.add_argument("--student", metavar="DIR", help="student start folder; default: the built-in student")
     p.add_argument("--device", help="cpu or cuda (default cpu)")
-    p.add_argument("--parallel", choices=("auto", "none", "ddp", "fsdp2"),
+    p.add_argument("--parallel", choices=("auto", "none", "ddp", "fsdp2", "hsdp"),
                    help="data parallelism under torchrun (default auto: DDP when there is more than one process); "
                         "e.g. torchrun --nproc-per-node 2 -m fastopd.cli distill --parallel fsdp2")
+    p.add_argument("--hsdp-shard-size", type=int, metavar="N",
+                   help="with --parallel hsdp: ranks per shard group (default: one node's, torchrun's "
+                        "LOCAL_WORLD_SIZE); the groups replicate each other")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default 1: the built-in models are tiny, and "
                                                "more threads only add synchronization, badly so on a busy machine)")
 
@@ -215,7 +218,7 @@ def _distill(job: DistillJob, opd: dict[str, Any], progress: bool, out) -> int:
         config = OPDConfig(**{**opd, "max_new_tokens": task.max_new_tokens, "eos_token_id": EOS, "pad_token_id": PAD,
                               "checkpoint_dir": str(run_dir / "checkpoints")})
         try:  # under torchrun this initializes the process group; every rank uses rank 0's run folder
-            par = DataParallel.resolve(config.parallel)
+            par = DataParallel.resolve(config.parallel, config.hsdp_shard_size)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         if par.active and job.out is None:

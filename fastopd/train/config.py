@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 OBJECTIVES = ("fkl", "rkl", "jsd", "pg")
-PARALLEL_MODES = ("auto", "none", "ddp", "fsdp2")  # fastopd.distributed.data_parallel.MODES
+PARALLEL_MODES = ("auto", "none", "ddp", "fsdp2", "hsdp")  # fastopd.distributed.data_parallel.MODES
 
 
 class ConfigError(ValueError):
@@ -115,8 +115,10 @@ class OPDConfig:
         loss_impl, chunk_size: passed to `fused_linear_divergence` (impl=, chunk_size=).
     Scale-out (see fastopd.distributed.data_parallel):
         parallel: "auto" (DDP when launched by torchrun with more than one process, else one process), "none",
-            "ddp" or "fsdp2" (`fully_shard` per decoder layer and on the rest). Each rank rolls out its share of
-            the step's prompts; the loss is normalized by the step's token count over all ranks.
+            "ddp", "fsdp2" (`fully_shard` per decoder layer and on the rest) or "hsdp" (the same over a 2-D mesh:
+            sharded within groups of `hsdp_shard_size` ranks, default one node's (torchrun's LOCAL_WORLD_SIZE),
+            replicated across them). Each rank rolls out its share of the step's prompts; the loss is normalized
+            by the step's token count over all ranks.
     """
 
     objective: str = "rkl"
@@ -151,6 +153,7 @@ class OPDConfig:
     loss_impl: str = "auto"
     chunk_size: int | None = None
     parallel: str = "auto"
+    hsdp_shard_size: int | None = None
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -198,6 +201,8 @@ class OPDConfig:
         parse_horizon_spec(self.horizon, self.max_new_tokens)
         if self.parallel not in PARALLEL_MODES:
             raise ConfigError(f"parallel: must be one of {PARALLEL_MODES}, got {self.parallel!r}")
+        if self.hsdp_shard_size is not None and self.hsdp_shard_size < 1:
+            raise ConfigError(f"hsdp_shard_size: must be None or >= 1, got {self.hsdp_shard_size}")
 
     def horizon_spec(self) -> dict[str, Any] | None:
         """The horizon as a plain dict (None when it is a callable, e.g. a `fastopd.rollout.Horizon`)."""

@@ -136,7 +136,7 @@ class OPDTrainer:
             raise ValueError(f"config must be an OPDConfig, got {type(cfg).__name__}")
         if teacher is None:
             raise ValueError("OPDTrainer needs a teacher (pass the student itself for self-distillation)")
-        self.parallel = DataParallel.resolve(cfg.parallel)
+        self.parallel = DataParallel.resolve(cfg.parallel, cfg.hsdp_shard_size)
         seed_everything(cfg.seed + self.parallel.rank)
         self.student = student
         self.teacher = teacher
@@ -441,8 +441,8 @@ class OPDTrainer:
         if self._reference is None:
             raise ValueError("update_density needs track_density=True")
         changed = sum((local_shard(p) != r).sum() for p, r in zip(self.params, self._reference))
-        if self.parallel.mode == "fsdp2":  # each rank holds a shard of every parameter
-            changed = self.parallel.sum_(torch.as_tensor(changed, device=self.device))
+        if self.parallel.sharded:  # each rank of a shard group holds a shard of every parameter
+            changed = self.parallel.sum_over_shards_(torch.as_tensor(changed, device=self.device))
         total = sum(p.numel() for p in self.params)
         return float(changed) / total
 

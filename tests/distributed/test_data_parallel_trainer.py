@@ -88,6 +88,8 @@ def train_worker(rank: int, world: int, steps: int, overrides: dict, mode: str =
     out = _state(trainer)
     out["mode"] = trainer.parallel.mode
     out["sharded"] = [type(p).__name__ for p in trainer.student.parameters()]
+    out["placements"] = sorted({str(tuple(p.placements)) for p in trainer.student.parameters()
+                                if hasattr(p, "placements")})
     out["fsdp_groups"] = sum(type(m).__name__.startswith("FSDP") for m in trainer.module.modules())
     out["teacher_sharded"] = trainer.teacher_sharded
     out["teacher_params"] = sorted({type(p).__name__ for p in teacher.parameters()})
@@ -128,6 +130,7 @@ def test_fsdp2_two_ranks_equal_one_process_and_resume_on_one(tmp_path):
     want = _single(3)
     for rank, got in enumerate(ranks):
         assert got["mode"] == "fsdp2" and set(got["sharded"]) == {"DTensor"}, got["sharded"]
+        assert got["placements"] == ["(Shard(dim=0),)"], got["placements"]
         assert got["fsdp_groups"] == 3, got["fsdp_groups"]  # each of the 2 decoder layers, and the root
         # The teacher is sharded too (its 1 decoder layer and its root), and every parameter is sharded again
         # after scoring: each layer is gathered only for its own forward.
@@ -302,3 +305,41 @@ def test_sharded_teacher_scores_one_gathered_layer_at_a_time():
         assert got["max_equal"] == 0.0, got  # the same hidden states as the unsharded teacher's
         assert got["gathered"] and max(got["gathered"]) == 1, got["gathered"]  # never two layers at once
         assert got["after"] == ["DTensor"], got["after"]
+
+
+@needs_fsdp2
+def test_hsdp_2x2_equals_one_process_and_checkpoints_resume_on_one(tmp_path):
+    """HSDP on 4 ranks: parameters sharded over groups of 2 and replicated across the 2 groups (placements
+    (Replicate(), Shard(0))), dense AdamW and sparse masks; the same steps as one process; its checkpoint (full
+    state) resumes in one process."""
+    ckdir = str(tmp_path / "ck")
+    ranks = run_ranks(train_worker, 4, 3, {"hsdp_shard_size": 2, "checkpoint_dir": ckdir, "checkpoint_every": 2},
+                      "hsdp")
+    want = _single(3)
+    for rank, got in enumerate(ranks):
+        assert got["mode"] == "hsdp" and set(got["sharded"]) == {"DTensor"}, got["sharded"]
+        assert got["placements"] == ["(Replicate(), Shard(dim=0))"], got["placements"]
+        assert got["teacher_sharded"] and got["teacher_params"] == ["DTensor"], got
+        _assert_same_run(got, want, f"hsdp rank {rank}")
+    want4 = _single(4)
+    _assert_same_run(_single(4, checkpoint_dir=ckdir, resume=True), want4, "hsdp 4 ranks -> 1 process")
+    sparse = run_ranks(sparse_worker, 4, True, "hsdp", 2, {"hsdp_shard_size": 2})
+    one = sparse_worker(0, 1, True, "none", 2)
+    for rank, got in enumerate(sparse):
+        assert got["unmasked_same"], rank
+        _assert_same_run(got, one, f"sparse hsdp rank {rank}")
+
+
+def hsdp_bad_shard_worker(rank: int, world: int) -> str:
+    from fastopd.distributed.data_parallel import DataParallel
+
+    try:
+        DataParallel.resolve("hsdp", 3)
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_hsdp_shard_size_must_divide_the_world():
+    for message in run_ranks(hsdp_bad_shard_worker, 2):
+        assert "shard group size 3 must divide the world size 2" in message, message

@@ -24,6 +24,8 @@ from fastopd.train.config import ConfigError, OPDConfig, load_toml, parse_horizo
     pytest.param({"horizon": {"kind": "full", "ratio": 0.5}}, "horizon.ratio", id="horizon-extra-key"),
     pytest.param({"horizon": 0}, "horizon", id="horizon-zero"),
     pytest.param({"masks": 3}, "masks", id="masks-type"),
+    pytest.param({"parallel": "zero3"}, "parallel", id="parallel"),
+    pytest.param({"hsdp_shard_size": 0}, "hsdp_shard_size", id="hsdp-shard-size"),
 ])
 def test_bad_values_name_the_field(kwargs, field):
     with pytest.raises(ConfigError) as info:
