@@ -66,9 +66,9 @@ def _distributed() -> str:
     try:
         from torch.distributed.fsdp import fully_shard  # noqa: F401
 
-        fsdp2 = "FSDP2"
+        fsdp2 = "FSDP2, HSDP"
     except ImportError:
-        fsdp2 = "no FSDP2"
+        fsdp2 = "no FSDP2 (nor HSDP)"
     return f"{', '.join(backends) or 'no backend'}; DDP, {fsdp2}, vocab-parallel loss (torchrun)"
 
 
