@@ -187,7 +187,8 @@ def sparse_worker(rank: int, world: int, same: bool, mode: str = "ddp", steps: i
     trainer.train(_source, steps, progress=False)
     out = _state(trainer)
     unmasked_same = all(torch.equal(out["params"][n][~m], before[n][~m]) for n, m in masks.items())
-    return {"unmasked_same": unmasked_same, "digest": trainer.optimizer.masks_digest(), **out}
+    return {"unmasked_same": unmasked_same, "digest": trainer.optimizer.masks_digest(),
+            "density": [m.get("update_density") for m in trainer.history], **out}
 
 
 def test_sparse_adamw_under_ddp_keeps_ranks_identical():
@@ -323,11 +324,14 @@ def test_hsdp_2x2_equals_one_process_and_checkpoints_resume_on_one(tmp_path):
         _assert_same_run(got, want, f"hsdp rank {rank}")
     want4 = _single(4)
     _assert_same_run(_single(4, checkpoint_dir=ckdir, resume=True), want4, "hsdp 4 ranks -> 1 process")
-    sparse = run_ranks(sparse_worker, 4, True, "hsdp", 2, {"hsdp_shard_size": 2})
-    one = sparse_worker(0, 1, True, "none", 2)
+    # Sparse masks, and the update density counted once per shard group (replicas hold the same coordinates).
+    sparse = run_ranks(sparse_worker, 4, True, "hsdp", 2, {"hsdp_shard_size": 2, "track_density": True})
+    one = sparse_worker(0, 1, True, "none", 2, {"track_density": True})
+    assert one["density"][-1] > 0
     for rank, got in enumerate(sparse):
         assert got["unmasked_same"], rank
         _assert_same_run(got, one, f"sparse hsdp rank {rank}")
+        assert got["density"] == pytest.approx(one["density"], rel=1e-6), (got["density"], one["density"])
 
 
 def hsdp_bad_shard_worker(rank: int, world: int) -> str:
