@@ -69,6 +69,18 @@ def mistral(seed=0, sliding_window=None):
     return transformers.MistralForCausalLM(cfg).eval()
 
 
+def hf_greedy(model, batch, new_tokens, eos_token_id=None, pad_token_id=0):
+    """Hugging Face `generate(do_sample=False)` from the batch's prompts: its completion columns. Without EOS it
+    runs the full `new_tokens` (as the engine does); with one, rows stop there and are padded as HF pads them."""
+    p = batch.prompt_width
+    full = {"min_new_tokens": new_tokens} if eos_token_id is None else {}
+    with torch.no_grad():
+        ref = model.generate(input_ids=batch.input_ids[:, :p], attention_mask=batch.attention_mask[:, :p].long(),
+                             max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_token_id,
+                             eos_token_id=eos_token_id, **full)
+    return ref[:, p:]
+
+
 HF_MODELS = [pytest.param(llama, id="llama-gqa"), pytest.param(gpt2, id="gpt2"), pytest.param(qwen2, id="qwen2-tied"),
              pytest.param(mistral, id="mistral-no-window")]
 
@@ -81,12 +93,7 @@ def test_greedy_equals_hf_generate(make, prompts):
     model = make()
     engine = RolloutEngine(model, horizon=Horizon.full(14), temperature=0, pad_token_id=0)
     batch = engine.generate(prompts)
-    p = batch.prompt_width
-    with torch.no_grad():
-        ref = model.generate(input_ids=batch.input_ids[:, :p], attention_mask=batch.attention_mask[:, :p].long(),
-                             max_new_tokens=14, min_new_tokens=14, do_sample=False, pad_token_id=0,
-                             eos_token_id=None)
-    assert torch.equal(batch.completion_ids, ref[:, p:])
+    assert torch.equal(batch.completion_ids, hf_greedy(model, batch, 14))
     assert batch.completion_mask.all() and batch.truncated.all() and batch.horizon == 14
 
 
@@ -99,13 +106,9 @@ def test_greedy_with_eos_equals_hf_generate(make):
     eos = int(free.completion_ids[1, 3])
     engine = RolloutEngine(model, horizon=12, temperature=0, eos_token_id=eos, pad_token_id=0)
     batch = engine.generate(PROMPTS)
-    p = batch.prompt_width
-    with torch.no_grad():
-        ref = model.generate(input_ids=batch.input_ids[:, :p], attention_mask=batch.attention_mask[:, :p].long(),
-                             max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=eos)
-    got = batch.completion_ids[:, : ref.shape[1] - p]
-    assert torch.equal(got, ref[:, p:])
-    assert (batch.completion_ids[:, ref.shape[1] - p :] == 0).all()
+    ref = hf_greedy(model, batch, 12, eos_token_id=eos)
+    assert torch.equal(batch.completion_ids[:, : ref.shape[1]], ref)
+    assert (batch.completion_ids[:, ref.shape[1] :] == 0).all()
     comp = batch.completion_ids
     for r in range(comp.shape[0]):
         hits = (comp[r] == eos).nonzero()
@@ -291,11 +294,7 @@ def test_weight_update_between_generate_calls_is_picked_up(make, update):
     update(model)
     after = engine.generate(PROMPTS)
     p = after.prompt_width
-    with torch.no_grad():
-        ref = model.generate(input_ids=after.input_ids[:, :p], attention_mask=after.attention_mask[:, :p].long(),
-                             max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0,
-                             eos_token_id=None)
-    assert torch.equal(after.completion_ids, ref[:, p:])
+    assert torch.equal(after.completion_ids, hf_greedy(model, after, 10))
     assert not torch.equal(after.completion_ids, before.completion_ids)
     logits = full_logits(model, after.input_ids, after.attention_mask)[:, p - 1 : p + 9]
     ref_logprobs = logits.log_softmax(-1).gather(-1, after.completion_ids[..., None])[..., 0]
@@ -438,11 +437,9 @@ def test_cuda_graph_decode_equals_eager_on_gpu(dtype):
     a, b = eager.generate(PROMPTS), graphed.generate(PROMPTS)
     assert torch.equal(a.input_ids, b.input_ids)
     torch.testing.assert_close(a.logprobs, b.logprobs, rtol=0, atol=0)
-    p = a.prompt_width
-    ref = model.generate(input_ids=a.input_ids[:, :p], attention_mask=a.attention_mask[:, :p].long(),
-                         max_new_tokens=24, do_sample=False, pad_token_id=7, eos_token_id=7)
+    ref = hf_greedy(model, a, 24, eos_token_id=7, pad_token_id=7)
     if dtype == torch.float32:
-        assert torch.equal(b.completion_ids[:, : ref.shape[1] - p], ref[:, p:])
+        assert torch.equal(b.completion_ids[:, : ref.shape[1]], ref)
 
 
 class _EagerGraphDecodeStep:
