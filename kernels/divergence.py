@@ -79,6 +79,22 @@ def _p_diff(ps, pt, lps, lpt):
 
 
 @triton.jit
+def _store_grad(xs_row, offs, mask, g, zs, ps, y, m_s, log_h, hard_ratio, hw, inv_temp, temperature, inv_softcap,
+                HARD: tl.constexpr, HARD_T: tl.constexpr, SOFTCAP: tl.constexpr):
+    """Adds the hard-label term hw (p_h - onehot(y)) to a block's dL/dz_s `g` (p_h = p_s, or under HARD_T the
+    CE's own distribution of r z_s), applies the chain rule through temperature and softcap, stores dL/dx_s."""
+    if HARD:
+        ph = tl.exp((zs - m_s) * hard_ratio - log_h) if HARD_T else ps
+        g += hw * ph
+        g = tl.where(offs == y, g - hw, g)
+    chain = inv_temp
+    if SOFTCAP:
+        c = zs * (temperature * inv_softcap)
+        chain = inv_temp * (1.0 - c * c)
+    tl.store(xs_row + offs, g * chain, mask=mask)
+
+
+@triton.jit
 def _divergence_row_kernel(
     xs_ptr, xt_ptr, labels_ptr, loss_ptr, stats_ptr,
     V, stride_s, stride_t,
@@ -170,15 +186,8 @@ def _divergence_row_kernel(
                 acc_a += tl.sum(tl.where(pt > 0.0, pt * (lpt - lps), 0.0), 0)
                 if COMPUTE_GRAD:
                     g = soft_weight * _p_diff(ps, pt, lps, lpt)
-                    if HARD:
-                        ph = tl.exp((zs - m_s) * hard_ratio - log_h) if HARD_T else ps
-                        g += hw * ph
-                        g = tl.where(offs == y, g - hw, g)
-                    chain = inv_temp
-                    if SOFTCAP:
-                        c = zs * (temperature * inv_softcap)
-                        chain = inv_temp * (1.0 - c * c)
-                    tl.store(xs_row + offs, g * chain, mask=mask)
+                    _store_grad(xs_row, offs, mask, g, zs, ps, y, m_s, log_h, hard_ratio, hw, inv_temp, temperature,
+                                inv_softcap, HARD, HARD_T, SOFTCAP)
             elif DIV == 1:
                 acc_a += tl.sum(tl.where(ps > 0.0, ps * ((lps - lpt) - pivot), 0.0), 0)  # rkl - pivot
             else:
@@ -212,15 +221,8 @@ def _divergence_row_kernel(
                     lm = tl.log(beta * tl.exp(lpt) + (1.0 - beta) * ps)
                     term = tl.where(ps > TINY_P, ps * (lps - lm), 0.0)
                     g = coef * (term - ps * k)
-                if HARD:
-                    ph = tl.exp((zs - m_s) * hard_ratio - log_h) if HARD_T else ps
-                    g += hw * ph
-                    g = tl.where(offs == y, g - hw, g)
-                chain = inv_temp
-                if SOFTCAP:
-                    c = zs * (temperature * inv_softcap)
-                    chain = inv_temp * (1.0 - c * c)
-                tl.store(xs_row + offs, g * chain, mask=mask)
+                _store_grad(xs_row, offs, mask, g, zs, ps, y, m_s, log_h, hard_ratio, hw, inv_temp, temperature,
+                            inv_softcap, HARD, HARD_T, SOFTCAP)
 
         if DIV == 2:
             soft = beta * acc_a + (1.0 - beta) * acc_b
