@@ -95,6 +95,118 @@ def _store_grad(xs_row, offs, mask, g, zs, ps, y, m_s, log_h, hard_ratio, hw, in
 
 
 @triton.jit
+def _load_z(row_ptr, offs, mask, inv_temp, softcap, inv_softcap, SOFTCAP: tl.constexpr):
+    """A block of z = softcap(x) / T read from a row (upcast to fp32), -inf past the vocabulary."""
+    return _scale(tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32), mask, inv_temp, softcap, inv_softcap,
+                  SOFTCAP)
+
+
+@triton.jit
+def _row_normalizers(xs_row, xt_row, V, inv_temp, softcap, inv_softcap, hard_ratio,
+                     DIV: tl.constexpr, HARD_T: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Pass 1: (max, sum exp(z - max)) of both models' rows (sums in fp64), under HARD_T sum exp(r (z_s - max_s)),
+    and for rkl the teacher's z at the student's top token (ties: the largest). Empty rows give (-inf, 0)."""
+    lanes = tl.arange(0, BLOCK_V)
+    m_s = float("-inf")
+    m_t = float("-inf")
+    s_s = tl.zeros([], dtype=tl.float64)
+    s_t = tl.zeros([], dtype=tl.float64)
+    s_h = tl.zeros([], dtype=tl.float64)  # HARD_T: sum exp(r (z_s - max_s)), relative to the running max
+    top_t = float("-inf")  # rkl: the teacher's z at the student's top token (the pivot, see _row_terms)
+    for start in range(0, V, BLOCK_V):
+        offs = start + lanes
+        mask = offs < V
+        zs = _load_z(xs_row, offs, mask, inv_temp, softcap, inv_softcap, SOFTCAP)
+        zt = _load_z(xt_row, offs, mask, inv_temp, softcap, inv_softcap, SOFTCAP)
+        if DIV == 1:
+            block_max = tl.max(zs, 0)
+            block_top_t = tl.max(tl.where(zs == block_max, zt, float("-inf")), 0)
+            top_t = tl.where(block_max > m_s, block_top_t, top_t)
+        if HARD_T:
+            m_h = tl.maximum(m_s, tl.max(zs, 0))
+            safe_h = tl.where(m_h == float("-inf"), 0.0, m_h)
+            s_h = s_h * tl.exp((m_s - safe_h) * hard_ratio).to(tl.float64) + tl.sum(
+                tl.exp((zs - safe_h) * hard_ratio).to(tl.float64), 0)
+        m_s, s_s = _online_update(m_s, s_s, zs)
+        m_t, s_t = _online_update(m_t, s_t, zt)
+    return m_s, s_s, m_t, s_t, s_h, top_t
+
+
+@triton.jit
+def _row_terms(xs_row, xt_row, V, y, m_s, log_s, m_t, log_t, log_h, pivot, beta, inv_temp, temperature, softcap,
+               inv_softcap, soft_weight, hard_ratio, hw, DIV: tl.constexpr, HARD: tl.constexpr,
+               HARD_T: tl.constexpr, SOFTCAP: tl.constexpr, GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Pass 2, given the row's normalizers: the divergence sums (fkl KL(t||s); rkl KL(s||t) - pivot; jsd KL(t||m)
+    and KL(s||m)) and sum p_s lp_s, with log-probs formed as (z - max) - log(sum). fkl with GRAD also writes the
+    gradient (p_s - p_t via expm1 where both are near 1)."""
+    lanes = tl.arange(0, BLOCK_V)
+    acc_a = 0.0  # fkl: KL(t||s); rkl: KL(s||t) - pivot; jsd: KL(t||m)
+    acc_b = 0.0  # jsd: KL(s||m)
+    ent = 0.0    # sum p_s lp_s
+    for start in range(0, V, BLOCK_V):
+        offs = start + lanes
+        mask = offs < V
+        zs = _load_z(xs_row, offs, mask, inv_temp, softcap, inv_softcap, SOFTCAP)
+        zt = _load_z(xt_row, offs, mask, inv_temp, softcap, inv_softcap, SOFTCAP)
+        lps = (zs - m_s) - log_s
+        lpt = (zt - m_t) - log_t
+        ps = tl.exp(lps)
+        pt = tl.exp(lpt)
+        ent += tl.sum(tl.where(ps > 0.0, ps * lps, 0.0), 0)
+        if DIV == 0:
+            acc_a += tl.sum(tl.where(pt > 0.0, pt * (lpt - lps), 0.0), 0)
+            if GRAD:
+                g = soft_weight * _p_diff(ps, pt, lps, lpt)
+                _store_grad(xs_row, offs, mask, g, zs, ps, y, m_s, log_h, hard_ratio, hw, inv_temp, temperature,
+                            inv_softcap, HARD, HARD_T, SOFTCAP)
+        elif DIV == 1:
+            acc_a += tl.sum(tl.where(ps > 0.0, ps * ((lps - lpt) - pivot), 0.0), 0)  # rkl - pivot
+        else:
+            # Terms of probability <= 1e-30 are dropped (< 1e-28 each): m > 0 wherever log m is used.
+            lm = tl.log(beta * pt + (1.0 - beta) * ps)
+            acc_a += tl.sum(tl.where(pt > TINY_P, pt * (lpt - lm), 0.0), 0)
+            acc_b += tl.sum(tl.where(ps > TINY_P, ps * (lps - lm), 0.0), 0)
+    return acc_a, acc_b, ent
+
+
+@triton.jit
+def _row_grad(xs_row, xt_row, V, y, m_s, log_s, m_t, log_t, log_h, pivot, k, beta, inv_temp, temperature, softcap,
+              inv_softcap, soft_weight, hard_ratio, hw, DIV: tl.constexpr, HARD: tl.constexpr,
+              HARD_T: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Pass 3 (rkl, jsd), given the row's K (rkl: rkl - pivot; jsd: KL(s||m)): dL/dz_s = coef p_s ((lp_s - lp_ref)
+    - K) plus the hard-label term; for rkl both lp_s - lp_t and K are taken relative to the pivot."""
+    lanes = tl.arange(0, BLOCK_V)
+    if DIV == 1:
+        coef = soft_weight
+    else:
+        coef = soft_weight * (1.0 - beta)
+    for start in range(0, V, BLOCK_V):
+        offs = start + lanes
+        mask = offs < V
+        zs = _load_z(xs_row, offs, mask, inv_temp, softcap, inv_softcap, SOFTCAP)
+        zt = _load_z(xt_row, offs, mask, inv_temp, softcap, inv_softcap, SOFTCAP)
+        lps = (zs - m_s) - log_s
+        lpt = (zt - m_t) - log_t
+        ps = tl.exp(lps)
+        if DIV == 1:
+            g = coef * tl.where(ps > 0.0, ps * (((lps - lpt) - pivot) - k), 0.0)
+        else:
+            lm = tl.log(beta * tl.exp(lpt) + (1.0 - beta) * ps)
+            term = tl.where(ps > TINY_P, ps * (lps - lm), 0.0)
+            g = coef * (term - ps * k)
+        _store_grad(xs_row, offs, mask, g, zs, ps, y, m_s, log_h, hard_ratio, hw, inv_temp, temperature,
+                    inv_softcap, HARD, HARD_T, SOFTCAP)
+
+
+@triton.jit
+def _zero_row(xs_row, V, BLOCK_V: tl.constexpr):
+    lanes = tl.arange(0, BLOCK_V)
+    for start in range(0, V, BLOCK_V):
+        offs = start + lanes
+        tl.store(xs_row + offs, tl.zeros([BLOCK_V], dtype=tl.float32), mask=offs < V)
+
+
+@triton.jit
 def _divergence_row_kernel(
     xs_ptr, xt_ptr, labels_ptr, loss_ptr, stats_ptr,
     V, stride_s, stride_t,
@@ -105,7 +217,6 @@ def _divergence_row_kernel(
     row = tl.program_id(0).to(tl.int64)
     xs_row = xs_ptr + row * stride_s
     xt_row = xt_ptr + row * stride_t
-    lanes = tl.arange(0, BLOCK_V)
 
     if HAS_LABELS:
         y = tl.load(labels_ptr + row)
@@ -127,31 +238,8 @@ def _divergence_row_kernel(
             zs_y = ys * inv_temp
             zt_y = yt * inv_temp
 
-        # Pass 1: normalizers.
-        m_s = float("-inf")
-        m_t = float("-inf")
-        s_s = tl.zeros([], dtype=tl.float64)
-        s_t = tl.zeros([], dtype=tl.float64)
-        s_h = tl.zeros([], dtype=tl.float64)  # HARD_T: sum exp(r (z_s - max_s)), relative to the running max
-        top_t = float("-inf")  # rkl: the teacher's z at the student's top token (the pivot, see pass 2)
-        for start in range(0, V, BLOCK_V):
-            offs = start + lanes
-            mask = offs < V
-            zs = _scale(tl.load(xs_row + offs, mask=mask, other=0.0).to(tl.float32), mask, inv_temp, softcap,
-                        inv_softcap, SOFTCAP)
-            zt = _scale(tl.load(xt_row + offs, mask=mask, other=0.0).to(tl.float32), mask, inv_temp, softcap,
-                        inv_softcap, SOFTCAP)
-            if DIV == 1:
-                block_max = tl.max(zs, 0)
-                block_top_t = tl.max(tl.where(zs == block_max, zt, float("-inf")), 0)
-                top_t = tl.where(block_max > m_s, block_top_t, top_t)
-            if HARD_T:
-                m_h = tl.maximum(m_s, tl.max(zs, 0))
-                safe_h = tl.where(m_h == float("-inf"), 0.0, m_h)
-                s_h = s_h * tl.exp((m_s - safe_h) * hard_ratio).to(tl.float64) + tl.sum(
-                    tl.exp((zs - safe_h) * hard_ratio).to(tl.float64), 0)
-            m_s, s_s = _online_update(m_s, s_s, zs)
-            m_t, s_t = _online_update(m_t, s_t, zt)
+        m_s, s_s, m_t, s_t, s_h, top_t = _row_normalizers(xs_row, xt_row, V, inv_temp, softcap, inv_softcap,
+                                                          hard_ratio, DIV, HARD_T, SOFTCAP, BLOCK_V)
         # log p = (z - max) - log(sum): subtracting the max first keeps log-probs near 0 exact, where z - lse
         # would lose everything below the fp32 spacing at |lse|.
         m_s = tl.where(m_s == float("-inf"), 0.0, m_s)
@@ -166,63 +254,13 @@ def _divergence_row_kernel(
         pivot = (0.0 - log_s) - ((top_t - m_t) - log_t)
         pivot = tl.where((pivot == pivot) & (tl.abs(pivot) < float("inf")), pivot, 0.0)  # teacher -inf there
 
-        # Pass 2: divergence sums and entropy (fkl: also the gradient).
-        acc_a = 0.0  # fkl: KL(t||s); rkl: KL(s||t); jsd: KL(t||m)
-        acc_b = 0.0  # jsd: KL(s||m)
-        ent = 0.0    # sum p_s lp_s
-        for start in range(0, V, BLOCK_V):
-            offs = start + lanes
-            mask = offs < V
-            zs = _scale(tl.load(xs_row + offs, mask=mask, other=0.0).to(tl.float32), mask, inv_temp, softcap,
-                        inv_softcap, SOFTCAP)
-            zt = _scale(tl.load(xt_row + offs, mask=mask, other=0.0).to(tl.float32), mask, inv_temp, softcap,
-                        inv_softcap, SOFTCAP)
-            lps = (zs - m_s) - log_s
-            lpt = (zt - m_t) - log_t
-            ps = tl.exp(lps)
-            pt = tl.exp(lpt)
-            ent += tl.sum(tl.where(ps > 0.0, ps * lps, 0.0), 0)
-            if DIV == 0:
-                acc_a += tl.sum(tl.where(pt > 0.0, pt * (lpt - lps), 0.0), 0)
-                if COMPUTE_GRAD:
-                    g = soft_weight * _p_diff(ps, pt, lps, lpt)
-                    _store_grad(xs_row, offs, mask, g, zs, ps, y, m_s, log_h, hard_ratio, hw, inv_temp, temperature,
-                                inv_softcap, HARD, HARD_T, SOFTCAP)
-            elif DIV == 1:
-                acc_a += tl.sum(tl.where(ps > 0.0, ps * ((lps - lpt) - pivot), 0.0), 0)  # rkl - pivot
-            else:
-                # Terms of probability <= 1e-30 are dropped (< 1e-28 each): m > 0 wherever log m is used.
-                lm = tl.log(beta * pt + (1.0 - beta) * ps)
-                acc_a += tl.sum(tl.where(pt > TINY_P, pt * (lpt - lm), 0.0), 0)
-                acc_b += tl.sum(tl.where(ps > TINY_P, ps * (lps - lm), 0.0), 0)
-
-        # Pass 3 (rkl, jsd): dL/dz_s = coef * p_s ((lp_s - lp_ref) - K) + hard_w (p_s - onehot(y)); for rkl both
-        # lp_s - lp_t and K = rkl are taken relative to the pivot.
+        acc_a, acc_b, ent = _row_terms(xs_row, xt_row, V, y, m_s, log_s, m_t, log_t, log_h, pivot, beta, inv_temp,
+                                       temperature, softcap, inv_softcap, soft_weight, hard_ratio, hw, DIV, HARD,
+                                       HARD_T, SOFTCAP, COMPUTE_GRAD and DIV == 0, BLOCK_V)
         if COMPUTE_GRAD and DIV != 0:
-            if DIV == 1:
-                k = acc_a
-                coef = soft_weight
-            else:
-                k = acc_b
-                coef = soft_weight * (1.0 - beta)
-            for start in range(0, V, BLOCK_V):
-                offs = start + lanes
-                mask = offs < V
-                zs = _scale(tl.load(xs_row + offs, mask=mask, other=0.0).to(tl.float32), mask, inv_temp, softcap,
-                            inv_softcap, SOFTCAP)
-                zt = _scale(tl.load(xt_row + offs, mask=mask, other=0.0).to(tl.float32), mask, inv_temp, softcap,
-                            inv_softcap, SOFTCAP)
-                lps = (zs - m_s) - log_s
-                lpt = (zt - m_t) - log_t
-                ps = tl.exp(lps)
-                if DIV == 1:
-                    g = coef * tl.where(ps > 0.0, ps * (((lps - lpt) - pivot) - k), 0.0)
-                else:
-                    lm = tl.log(beta * tl.exp(lpt) + (1.0 - beta) * ps)
-                    term = tl.where(ps > TINY_P, ps * (lps - lm), 0.0)
-                    g = coef * (term - ps * k)
-                _store_grad(xs_row, offs, mask, g, zs, ps, y, m_s, log_h, hard_ratio, hw, inv_temp, temperature,
-                            inv_softcap, HARD, HARD_T, SOFTCAP)
+            _row_grad(xs_row, xt_row, V, y, m_s, log_s, m_t, log_t, log_h, pivot, acc_a if DIV == 1 else acc_b,
+                      beta, inv_temp, temperature, softcap, inv_softcap, soft_weight, hard_ratio, hw, DIV, HARD,
+                      HARD_T, SOFTCAP, BLOCK_V)
 
         if DIV == 2:
             soft = beta * acc_a + (1.0 - beta) * acc_b
@@ -251,9 +289,7 @@ def _divergence_row_kernel(
         five = tl.arange(0, 8)
         tl.store(stats_ptr + row * 5 + five, tl.zeros([8], dtype=tl.float32), mask=five < 5)
         if COMPUTE_GRAD:
-            for start in range(0, V, BLOCK_V):
-                offs = start + lanes
-                tl.store(xs_row + offs, tl.zeros([BLOCK_V], dtype=tl.float32), mask=offs < V)
+            _zero_row(xs_row, V, BLOCK_V)
 
 
 def _check(xs: torch.Tensor, xt: torch.Tensor, labels: torch.Tensor | None, loss: torch.Tensor,
