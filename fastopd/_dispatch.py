@@ -61,6 +61,11 @@ REGISTRY: dict[str, list[Backend]] = {
                 _check_cpp("CPU", "divergence_chunk_")),
         Backend("torch", ("cpu", "cuda"), "fastopd.losses.reference:divergence_chunk_", _always),
     ],
+    # The vocab-parallel row math in phases (fastopd/distributed/vocab_parallel.py runs the all-reduces between).
+    "vocab_parallel_chunk": [
+        Backend("triton", ("cuda",), "fastopd.kernels.vocab_parallel:vocab_parallel_phase_", _check_triton),
+        Backend("torch", ("cpu", "cuda"), "fastopd.distributed.vocab_parallel:torch_phase_", _always),
+    ],
     "sparse_adamw_step": [
         Backend("triton", ("cuda",), "fastopd.kernels.sparse_adamw:sparse_adamw_step_", _check_triton),
         Backend("cpu", ("cpu",), "fastopd.optim.kernels:sparse_adamw_step_cpu",
@@ -94,7 +99,7 @@ def available(op: str, backend: str, device: torch.device | str) -> str | None:
                 hint = " (set TRITON_INTERPRET=1 to run Triton kernels on the CPU)" if b.name == "triton" else ""
                 return f"backend {backend!r} does not run on {device_type} tensors{hint}"
             return b.check()
-    return f"op {op!r} has no backend {backend!r}"
+    return f"op {op!r} has no backend {backend!r} (it has: {', '.join(b.name for b in REGISTRY[op])})"
 
 
 def resolve(op: str, impl: str, device: torch.device | str) -> str:

@@ -5,7 +5,8 @@ hidden states are replicated over the group. Per token row every rank computes i
 exchange per-row numbers only, through three all-reduces per chunk of C rows (four for rkl):
 
     1. MAX  [C, 2]  the max of each model's (soft-capped, temperature-scaled) logits;
-    2. SUM  [C, 2]  sum exp(z - max) of each model  ->  global log-probs (z - max) - log(sum) on every shard;
+    2. SUM  [C, 3]  each shard's sum exp(z - its own max) rescaled to the row's max, of each model (and of the
+                    hard-label CE's r z_s)  ->  global log-probs (z - max) - log(sum) on every shard;
        (rkl: MAX [C], log p_s - log p_t at the student's top token, the pivot the row kernels use too)
     3. SUM  [C, k]  the divergence's cross terms (sum p_t (log p_t - log p_s) for fkl, sum p_s (log p_s - log p_t)
                     for rkl, KL(t||m) and KL(s||m) for jsd), the student entropy, and log p(label) of both
@@ -16,7 +17,9 @@ contract of the single-process row kernels (`fastopd.losses.reference.divergence
 gradient G W_r of each shard is a partial sum: `copy_to_vocab_parallel` (identity forward, all-reduce backward,
 Megatron's "copy to tensor-parallel region") sums it. Nothing O(tokens x vocab) crosses the wire.
 
-The row math runs in torch ops on the shard (on a GPU, several elementwise passes rather than one fused kernel).
+The row math on the shard runs in three phases with the all-reduces between them: on CUDA tensors the Triton row
+kernel's passes, one launch each (fastopd/kernels/vocab_parallel.py, no [C x V_r] temporary), elsewhere
+`torch_phase_` in torch ops (the reference).
 """
 
 from __future__ import annotations
@@ -95,116 +98,160 @@ def copy_to_vocab_parallel(x: torch.Tensor, group: dist.ProcessGroup) -> torch.T
     return _CopyToVocabParallel.apply(x, group)
 
 
-def _row_max(z: torch.Tensor) -> torch.Tensor:
-    if z.shape[1] == 0:  # a rank whose shard holds no column of the shared vocabulary
-        return torch.full((z.shape[0],), -math.inf, dtype=z.dtype, device=z.device)
-    return z.amax(dim=-1)
+@torch.no_grad()
+def torch_phase_(phase: int, xs: torch.Tensor, xt: torch.Tensor, y: torch.Tensor, info: torch.Tensor | None,
+                 out: torch.Tensor | None, divergence: int, beta: float, temperature: float, softcap: float,
+                 soft_weight: float, hard_weight: float, hard_ratio: float, hard: bool, compute_grad: bool) -> None:
+    """One phase of the vocab-parallel row math in torch ops: the reference backend, with the contract of the
+    Triton phases (fastopd/kernels/vocab_parallel.py): phase 1 this shard's (max, sum exp) of both models (and of
+    the hard-label CE's r z_s, and rkl's teacher z at the student's top token) into fp64 out [C, 6]; phase 2 the
+    divergence sums and sum p_s lp_s given the whole row's normalizers in info [C, 8] into out [C, 3] (fkl: also
+    the gradient); phase 3 the rkl/jsd gradient given K = info[:, 6]. y: label column here (>= 0), elsewhere
+    (-1), ignored row (-2)."""
+    if phase == 3 and (not compute_grad or divergence == FKL):
+        return
+    zs, zt = scaled_logits(xs, softcap, temperature), scaled_logits(xt, softcap, temperature)
+    hard_t = hard and hard_ratio != 1.0
+    if phase == 1:
+        m_s, m_t = zs.amax(-1, keepdim=True), zt.amax(-1, keepdim=True)
+        safe_s = torch.where(torch.isfinite(m_s), m_s, torch.zeros_like(m_s))
+        safe_t = torch.where(torch.isfinite(m_t), m_t, torch.zeros_like(m_t))
+        parts = [m_s[:, 0].double(), (zs - safe_s).exp().double().sum(-1),
+                 m_t[:, 0].double(), (zt - safe_t).exp().double().sum(-1)]
+        parts.append(((zs - safe_s) * hard_ratio).exp().double().sum(-1) if hard_t else torch.zeros_like(parts[0]))
+        parts.append(torch.where(zs == m_s, zt, -math.inf).amax(-1).double() if divergence == RKL
+                     else torch.full_like(parts[0], -math.inf))
+        out.copy_(torch.stack(parts, dim=1))
+        return
+    m_s, log_s, m_t, log_t, log_h, pivot, k = (info[:, i:i + 1] for i in range(7))
+    lps, lpt = (zs - m_s) - log_s, (zt - m_t) - log_t
+    ps, pt = lps.exp(), lpt.exp()
+    valid = (y != -2)[:, None]
+    if divergence == JSD:
+        lm = torch.logaddexp(lpt + math.log(beta), lps + math.log1p(-beta))
+    if phase == 2:
+        zero = torch.zeros_like(ps[:, 0])
+        if divergence == FKL:
+            sums = [_xlogy_ratio(pt, lpt - lps).sum(-1), zero]
+        elif divergence == RKL:
+            sums = [_xlogy_ratio(ps, (lps - lpt) - pivot).sum(-1), zero]
+        else:
+            sums = [_xlogy_ratio(pt, lpt - lm).sum(-1), _xlogy_ratio(ps, lps - lm).sum(-1)]
+        out.copy_(torch.where(valid, torch.stack([*sums, _xlogy_ratio(ps, lps).sum(-1)], dim=1), 0.0))
+        if not (compute_grad and divergence == FKL):
+            return
+        g = ps - pt
+    elif divergence == RKL:
+        g = _xlogy_ratio(ps, ((lps - lpt) - pivot) - k)
+    else:
+        g = (1.0 - beta) * _xlogy_ratio(ps, (lps - lm) - k)
+    g = soft_weight * g
+    if hard:  # d/dz_s of the CE: hw (p_h - onehot(y)), hw = weight x ratio; -hw only on the shard with the label
+        hw = hard_weight * hard_ratio if hard_t else hard_weight
+        g = g + hw * (((zs - m_s) * hard_ratio - log_h).exp() if hard_t else ps)
+        here = y >= 0
+        g.scatter_add_(1, torch.where(here, y, 0)[:, None], (-hw * here.to(g.dtype))[:, None])
+    chain = 1.0 / temperature
+    if softcap > 0:
+        chain = chain * (1.0 - (zs * temperature / softcap) ** 2)
+    xs.copy_(torch.where(valid, g * chain, 0.0))
 
 
-def vocab_parallel_kernel(group: dist.ProcessGroup, vocab_start: int):
-    """A row kernel with the `divergence_chunk_` contract for shards starting at global column `vocab_start`."""
+def _masked(x: torch.Tensor, keep: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    return torch.where(keep, x, torch.full_like(x, fill))
+
+
+def vocab_parallel_kernel(group: dist.ProcessGroup | None, vocab_start: int, phase=torch_phase_, all_reduce=None):
+    """A row kernel with the `divergence_chunk_` contract for shards starting at global column `vocab_start`.
+
+    `phase` is a backend's phase function (`torch_phase_`, or the Triton one); the all-reduces between the
+    phases, and the [C]-sized combination of their results, happen here. `all_reduce(tensor, op)` replaces
+    `torch.distributed.all_reduce` over `group` (tests run one shard as the whole vocabulary with a no-op)."""
+    if all_reduce is None:
+        def all_reduce(t: torch.Tensor, op) -> None:
+            dist.all_reduce(t, op=op, group=group)
 
     @torch.no_grad()
     def divergence_chunk_(xs: torch.Tensor, xt: torch.Tensor, labels: torch.Tensor | None, loss: torch.Tensor,
                           stats: torch.Tensor, divergence: int, beta: float, temperature: float, softcap: float,
                           soft_weight: float, hard_weight: float, ignore_index: int, compute_grad: bool,
                           hard_ratio: float = 1.0) -> None:
-        zs, zt = scaled_logits(xs, softcap, temperature), scaled_logits(xt, softcap, temperature)
-        # The hard-label CE at its own temperature: of z_s * hard_ratio, whose max is hard_ratio * max(z_s),
-        # so its normalizer rides in the same SUM all-reduce.
-        hard_t = hard_weight != 0 and labels is not None and hard_ratio != 1.0
-        c_rows, width = zs.shape
-
-        m = torch.stack([_row_max(zs), _row_max(zt)], dim=1)
-        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        ds, dt = zs - m[:, :1], zt - m[:, 1:]
-        sums = torch.stack([ds.exp().sum(-1), dt.exp().sum(-1)] + ([(ds * hard_ratio).exp().sum(-1)] if hard_t else []),
-                           dim=1)
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-        log_sums = sums.log()
-        lph = ds * hard_ratio - log_sums[:, 2:] if hard_t else None
-        lps, lpt = ds - log_sums[:, :1], dt - log_sums[:, 1:2]  # (z - max) - log(sum): precise near log p = 0
-        ps, pt = lps.exp(), lpt.exp()
-
-        if divergence == FKL:
-            cross = [_xlogy_ratio(pt, lpt - lps).sum(-1)]
-        elif divergence == RKL:
-            # As the row kernels do: d = lp_s - lp_t relative to its value c at the student's top token, so the
-            # gradient p_s ((d - c) - S) of a dominant token cancels small numbers only (rkl = c + S). c comes from
-            # the rank holding the global max (one more MAX all-reduce; ties pick the largest candidate).
-            d = lps - lpt
-            if width:
-                top = zs.argmax(-1, keepdim=True)
-                c = torch.where(zs.gather(1, top)[:, 0] == m[:, 0], d.gather(1, top)[:, 0],
-                                torch.full((c_rows,), -math.inf, dtype=zs.dtype, device=zs.device))
-            else:
-                c = torch.full((c_rows,), -math.inf, dtype=zs.dtype, device=zs.device)
-            dist.all_reduce(c, op=dist.ReduceOp.MAX, group=group)
-            c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))[:, None]  # teacher -inf there: loss inf
-            r = d - c
-            cross = [_xlogy_ratio(ps, r).sum(-1)]
-        elif divergence == JSD:
-            lm = torch.logaddexp(lpt + math.log(beta), lps + math.log1p(-beta))
-            cross = [_xlogy_ratio(pt, lpt - lm).sum(-1), _xlogy_ratio(ps, lps - lm).sum(-1)]
-        else:
-            raise ValueError(f"unknown divergence code {divergence}")
-
-        rows = torch.arange(c_rows, device=xs.device)
-        zero = torch.zeros(c_rows, dtype=zs.dtype, device=zs.device)
+        c_rows, width = xs.shape
+        dev = xs.device
+        hard = hard_weight != 0 and labels is not None
+        hard_t = hard and hard_ratio != 1.0
+        # Where each row's label is (a column here, elsewhere, or an ignored row), and its logits, read before a
+        # gradient overwrites xs.
         if labels is not None:
             valid = labels != ignore_index
             local = labels - vocab_start
             here = valid & (local >= 0) & (local < width)
-            y = torch.where(here, local, torch.zeros_like(local))
-            lp_s_y = torch.where(here, lps[rows, y], zero) if width else zero
-            lp_t_y = torch.where(here, lpt[rows, y], zero) if width else zero
-            lph_y = (torch.where(here, lph[rows, y], zero) if width else zero) if hard_t else None
+            y = torch.where(here, local, torch.where(valid, -1, -2))
+            if width:
+                col = torch.where(here, local, 0)[:, None]
+                z_y = scaled_logits(torch.cat([xs.gather(1, col), xt.gather(1, col)], dim=1).float(), softcap,
+                                    temperature)
+            else:
+                z_y = torch.zeros(c_rows, 2, dtype=torch.float32, device=dev)
         else:
-            valid = torch.ones(c_rows, dtype=torch.bool, device=xs.device)
-            here = None
-            lp_s_y = lp_t_y = zero
-        terms = torch.stack([*cross, -_xlogy_ratio(ps, lps).sum(-1), lp_s_y, lp_t_y] + ([lph_y] if hard_t else []),
-                            dim=1)
-        dist.all_reduce(terms, op=dist.ReduceOp.SUM, group=group)
-        if hard_t:
-            lph_y, terms = terms[:, -1], terms[:, :-1]
-        entropy, lp_s_y, lp_t_y = terms[:, -3], terms[:, -2], terms[:, -1]
+            valid = torch.ones(c_rows, dtype=torch.bool, device=dev)
+            here = torch.zeros_like(valid)
+            y = torch.full((c_rows,), -1, dtype=torch.int64, device=dev)
+            z_y = torch.zeros(c_rows, 2, dtype=torch.float32, device=dev)
+        args = (divergence, beta, temperature, softcap, soft_weight, hard_weight, hard_ratio, hard, compute_grad)
+
+        # Phase 1, then MAX and SUM all-reduces: the whole row's max and sums (each shard's rescaled to the max).
+        part = torch.empty(c_rows, 6, dtype=torch.float64, device=dev)
+        if width:
+            phase(1, xs, xt, y, None, part, *args)
+        else:  # a rank whose shard holds no column of the shared vocabulary
+            part.zero_()
+            part[:, [0, 2, 5]] = -math.inf  # no max, empty sums
+        m = part[:, [0, 2]].contiguous()
+        all_reduce(m, dist.ReduceOp.MAX)
+        m = _masked(m, torch.isfinite(m))
+        shift = _masked(part[:, [0, 2]] - m, torch.isfinite(part[:, [0, 2]]), -math.inf)
+        sums = torch.stack([part[:, 1] * shift[:, 0].exp(), part[:, 3] * shift[:, 1].exp(),
+                            part[:, 4] * (shift[:, 0] * hard_ratio).exp()], dim=1)
+        all_reduce(sums, dist.ReduceOp.SUM)
+        log_sums = sums.log()
+        # rkl's pivot: lp_s - lp_t at the student's top token, from the rank that holds the row's max (one more
+        # MAX all-reduce; ties pick the largest candidate). Teacher -inf there: the loss is inf anyway.
+        pivot = torch.zeros(c_rows, dtype=torch.float64, device=dev)
+        if divergence == RKL:
+            pivot = _masked((0.0 - log_sums[:, 0]) - ((part[:, 5] - m[:, 1]) - log_sums[:, 1]),
+                            torch.isfinite(part[:, 0]) & (part[:, 0] == m[:, 0]), -math.inf)
+            all_reduce(pivot, dist.ReduceOp.MAX)
+            pivot = _masked(pivot, torch.isfinite(pivot))
+        info = torch.zeros(c_rows, 8, dtype=torch.float32, device=dev)
+        info[:, :6] = torch.stack([m[:, 0], log_sums[:, 0], m[:, 1], log_sums[:, 1], log_sums[:, 2], pivot], dim=1)
+
+        # Phase 2, then one SUM all-reduce of the divergence sums, the entropy and the label's log-probs.
+        terms = torch.zeros(c_rows, 3, dtype=torch.float32, device=dev)
+        if width:
+            phase(2, xs, xt, y, info, terms, *args)
+        lp_y = _masked((z_y - info[:, [0, 2]]) - info[:, [1, 3]], here[:, None])
+        lph_y = _masked((z_y[:, 0] - info[:, 0]) * hard_ratio - info[:, 4], here)
+        terms = torch.cat([terms, lp_y, lph_y[:, None]], dim=1)
+        all_reduce(terms, dist.ReduceOp.SUM)
+        acc_a, acc_b, ent, lp_s_y, lp_t_y, lph_y = terms.unbind(1)
+
+        # Phase 3 (rkl, jsd): the gradient, given the row's K.
+        if width and compute_grad and divergence != FKL:
+            info[:, 6] = acc_a if divergence == RKL else acc_b
+            phase(3, xs, xt, y, info, None, *args)
 
         if divergence == JSD:
-            kl_t, kl_s = terms[:, 0], terms[:, 1]
-            soft = beta * kl_t + (1.0 - beta) * kl_s
+            soft = beta * acc_a + (1.0 - beta) * acc_b
         elif divergence == RKL:
-            s_rel = terms[:, 0]
-            soft = c[:, 0] + s_rel
+            soft = info[:, 5] + acc_a
         else:
-            soft = terms[:, 0]
+            soft = acc_a
         row_loss = soft_weight * soft
-        if hard_weight != 0 and labels is not None:
+        if hard:
             row_loss = row_loss - hard_weight * (lph_y if hard_t else lp_s_y)
-        loss.copy_(torch.where(valid, row_loss, torch.zeros_like(row_loss)))
-        lse = m + log_sums[:, :2]
-        st = torch.stack([lse[:, 0], lse[:, 1], lp_s_y, lp_t_y, entropy], dim=1)
-        stats.copy_(torch.where(valid[:, None], st, torch.zeros_like(st)))
-
-        if not compute_grad:
-            return
-        if divergence == FKL:
-            g = ps - pt
-        elif divergence == RKL:
-            g = _xlogy_ratio(ps, r - s_rel[:, None])
-        else:
-            g = (1.0 - beta) * _xlogy_ratio(ps, (lps - lm) - kl_s[:, None])
-        g = soft_weight * g
-        if hard_weight != 0 and labels is not None:  # d/dz_s of the CE: hw (p_h - onehot(y)), hw = weight x ratio
-            hw = hard_weight * hard_ratio if hard_t else hard_weight
-            g = g + hw * (lph.exp() if hard_t else ps)
-            if width:  # -hw at the label's column, on the rank that holds it (no host sync)
-                g.scatter_add_(1, y[:, None], (-hw * here.to(g.dtype))[:, None])
-        chain = 1.0 / temperature
-        if softcap > 0:
-            chain = chain * (1.0 - (zs * temperature / softcap) ** 2)
-        g = g * chain
-        xs.copy_(torch.where(valid[:, None], g, torch.zeros_like(g)))
+        loss.copy_(_masked(row_loss, valid))
+        lse = (m + log_sums[:, :2]).float()
+        stats.copy_(_masked(torch.stack([lse[:, 0], lse[:, 1], lp_s_y, lp_t_y, -ent], dim=1), valid[:, None]))
 
     return divergence_chunk_

@@ -212,8 +212,9 @@ def fused_linear_divergence(
             rank order, sizes may differ; weights may be plain tensors or DTensors), the hidden states and labels
             are replicated over the group. Ranks exchange only per-token statistics; the loss and stats are the
             single-process ones on every rank, the weights get their shard's gradient and the hidden states the
-            full one. Runs the row math in torch ops ("auto"/"torch" impl, chunked mode), and every rank of the
-            group must call it with the same token rows. `vocab_size` counts the whole (global) vocabulary.
+            full one. Chunked mode; the row math runs in phases with the all-reduces between them, as Triton
+            kernels on CUDA ("auto"/"triton") or torch ops ("torch", and on the CPU); every rank of the group
+            must call it with the same token rows. `vocab_size` counts the whole (global) vocabulary.
 
     Returns:
         The loss (fp32), and a DivergenceStats when `return_stats`.
@@ -253,9 +254,10 @@ def fused_linear_divergence(
     else:
         from fastopd.distributed.vocab_parallel import vocab_layout
 
-        if impl not in ("auto", "torch") or mode not in ("auto", "chunked"):
-            raise ValueError(f"vocab_parallel_group runs the chunked torch row math; got impl={impl!r}, "
-                             f"mode={mode!r} (use impl='auto' or 'torch', mode='auto' or 'chunked')")
+        if mode not in ("auto", "chunked"):
+            raise ValueError(f"vocab_parallel_group runs in chunked mode; got mode={mode!r} (use 'auto' or "
+                             "'chunked')")
+        vp_backend = _dispatch.resolve("vocab_parallel_chunk", impl, device)
         vocab, vocab_start, local_vocab = vocab_layout(ws.shape[0], wt.shape[0], vocab_size, vocab_parallel_group)
     for name, b, w in (("student_bias", student_bias, ws), ("teacher_bias", teacher_bias, wt)):
         if b is not None and (b.dim() != 1 or b.shape[0] != w.shape[0] or b.dtype != w.dtype):
@@ -283,8 +285,9 @@ def fused_linear_divergence(
         from fastopd.distributed.vocab_parallel import copy_to_vocab_parallel, vocab_parallel_kernel
 
         args = (copy_to_vocab_parallel(args[0], vocab_parallel_group), *args[1:])
-        loss, stats = FusedLinearDivergenceFunction.apply(*args, vocab_parallel_kernel(vocab_parallel_group,
-                                                                                       vocab_start))
+        kernel = vocab_parallel_kernel(vocab_parallel_group, vocab_start,
+                                       _dispatch.kernel("vocab_parallel_chunk", vp_backend))
+        loss, stats = FusedLinearDivergenceFunction.apply(*args, kernel)
     elif mode == "tiled":
         from fastopd.losses.tiled import tiled_linear_divergence
 

@@ -1,4 +1,5 @@
-"""Vocab-parallel loss on 2 and 4 gloo processes equals the single-process loss and gradients (fp32, 1e-5).
+"""Vocab-parallel loss on 2, 3 and 4 gloo processes, with each phase backend, equals the single-process loss and
+gradients (fp32, 1e-5).
 
 Each rank holds a contiguous row shard of both heads (V not divisible by the world size, and a layout where one
 rank's shard is all padding), the hidden states and labels are replicated; the loss, the stats, the hidden-state
@@ -12,6 +13,7 @@ import torch
 from dist_harness import run_ranks
 
 import fastopd
+from fastopd import _dispatch
 
 N, DS, DT, V = 13, 9, 11, 37
 
@@ -53,13 +55,13 @@ def _loss_kwargs(opts: dict) -> dict:
     return {k: v for k, v in opts.items() if k not in ("bias", "scale")}
 
 
-def _run(hs, ws, ht, wt, bs, bt, labels, upstream, opts, group=None):
+def _run(hs, ws, ht, wt, bs, bt, labels, upstream, opts, group=None, impl="auto"):
     """Loss, stats, grads (h, W, b) of one call; a non-unit upstream gradient for reduction="none"."""
     hs = hs.clone().requires_grad_(True)
     ws = ws.clone().requires_grad_(True)
     bs = bs.clone().requires_grad_(True) if bs is not None else None
     out = fastopd.fused_linear_divergence(hs, ws, ht, wt, labels, student_bias=bs, teacher_bias=bt,
-                                          vocab_parallel_group=group, **_loss_kwargs(opts))
+                                          vocab_parallel_group=group, impl=impl, **_loss_kwargs(opts))
     loss, stats = out if opts.get("return_stats") else (out, None)
     (loss * upstream).sum().backward() if loss.dim() else (3.0 * loss).backward()
     return dict(loss=loss.detach(), stats=None if stats is None else torch.stack(list(stats)),
@@ -78,7 +80,7 @@ def shards(world: int, layout: str) -> list[tuple[int, int]]:
     return [(s, s + b) for s, b in zip(starts, bounds)]
 
 
-def vocab_parallel_worker(rank: int, world: int, layout: str) -> list[dict]:
+def vocab_parallel_worker(rank: int, world: int, layout: str, impl: str) -> list[dict]:
     import torch.distributed as dist
 
     a, b = shards(world, layout)[rank]
@@ -88,7 +90,7 @@ def vocab_parallel_worker(rank: int, world: int, layout: str) -> list[dict]:
             continue
         hs, ws, ht, wt, bs, bt, labels, upstream = _data(opts)
         res = _run(hs, ws[a:b], ht, wt[a:b], bs[a:b] if bs is not None else None,
-                   bt[a:b] if bt is not None else None, labels, upstream, opts, group=dist.group.WORLD)
+                   bt[a:b] if bt is not None else None, labels, upstream, opts, group=dist.group.WORLD, impl=impl)
         results.append(res)
     return results
 
@@ -97,11 +99,16 @@ def _close(actual, expected, what):
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: {m}")
 
 
+@pytest.mark.parametrize("impl", ["torch", "triton"])
 @pytest.mark.parametrize("world,layout", [pytest.param(2, "even", id="world2-even"),
                                           pytest.param(4, "even", id="world4-even"),
                                           pytest.param(3, "skewed", id="world3-last-rank-padding")])
-def test_vocab_parallel_equals_single_process(world, layout):
-    per_rank = run_ranks(vocab_parallel_worker, world, layout)
+def test_vocab_parallel_equals_single_process(world, layout, impl):
+    """Each phase backend: torch ops, and the Triton phases (on the CPU under the interpreter)."""
+    why = _dispatch.available("vocab_parallel_chunk", impl, "cpu")
+    if why is not None:
+        pytest.skip(f"vocab-parallel backend {impl!r} cannot run here: {why}")
+    per_rank = run_ranks(vocab_parallel_worker, world, layout, impl)
     ranges = shards(world, layout)
     opts_run = [o for o in OPTIONS if layout != "skewed" or o.get("vocab_size") is not None]
     assert len(opts_run) >= 2

@@ -7,6 +7,7 @@ CUDA tensors, and the real-shape cases of tests/kernels/test_gpu_shapes.py add t
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 from kernels_ref64 import rkl_dominant_logits, row_divergence64
 
 from fastopd import _dispatch
+from fastopd.distributed.vocab_parallel import vocab_parallel_kernel
 
 CODES = {"fkl": 0, "rkl": 1, "jsd": 2}
 GPU = torch.cuda.is_available()
@@ -21,10 +23,21 @@ DEVICE = "cuda" if GPU else "cpu"
 
 
 def _backend(name: str):
-    why = _dispatch.available("divergence_chunk", name, DEVICE)
+    """The row kernel of backend `name`; "vp-<backend>": the vocab-parallel phases of that backend under their
+    driver, one shard holding the whole vocabulary (the all-reduces are no-ops), which must be the row kernel."""
+    op, backend = ("vocab_parallel_chunk", name[3:]) if name.startswith("vp-") else ("divergence_chunk", name)
+    why = _dispatch.available(op, backend, DEVICE)
     if why is not None:
         pytest.skip(f"backend {name!r} cannot run on {DEVICE}: {why}")
-    return _dispatch.kernel("divergence_chunk", name)
+    kernel = _dispatch.kernel(op, backend)
+    if op == "divergence_chunk":
+        return kernel
+
+    def one_shard(*args, **launch):
+        phase = functools.partial(kernel, **launch)
+        vocab_parallel_kernel(None, 0, phase, all_reduce=lambda t, op: None)(*args)
+
+    return one_shard
 
 
 def _run(kernel, xs, xt, labels, *, divergence, beta=0.5, temperature=1.0, softcap=None, soft_weight=1.0,
@@ -86,7 +99,8 @@ CASES = [
                                       "hard_temperature": 0.5}, id="C6-V515-B128-pure-CE-hardT0.5"),
 ]
 
-BACKENDS = ["triton", "cuda", "cpu", "torch"]
+TRITON = ("triton", "vp-triton")  # take block_v
+BACKENDS = ["triton", "cuda", "cpu", "torch", "vp-triton", "vp-torch"]
 
 # The interpreter evaluates both sides of tl.where with numpy, which warns on the inf/NaN of the unused side.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -96,7 +110,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("c,v,block_v,div,opts", CASES)
 def test_matches_float64(backend, c, v, block_v, div, opts):
     kernel = _backend(backend)
-    launch = {"block_v": block_v} if backend == "triton" else {}
+    launch = {"block_v": block_v} if backend in TRITON else {}
     xs, xt, labels = _logits(c, v, seed=c * 1000 + v)
     labels[1] = -100  # an ignored row in every case
     want = row_divergence64(xs, xt, labels, divergence=div, **opts)
@@ -111,7 +125,7 @@ def test_matches_float64(backend, c, v, block_v, div, opts):
 def test_masked_teacher_entries(backend, div, beta):
     """-inf teacher logits (vocab the teacher forbids): p_t = 0 there, finite loss and gradient, no NaN."""
     kernel = _backend(backend)
-    launch = {"block_v": 64} if backend == "triton" else {}
+    launch = {"block_v": 64} if backend in TRITON else {}
     xs, xt, labels = _logits(4, 203, seed=7)
     xt[:, 5::9] = float("-inf")
     xt[2, 60:203] = float("-inf")  # whole trailing blocks masked
@@ -127,7 +141,7 @@ def test_masked_teacher_entries(backend, div, beta):
 def test_masked_student_entries_rkl(backend):
     """-inf student logits: p_s = 0 there, so reverse KL and its gradient stay finite."""
     kernel = _backend(backend)
-    launch = {"block_v": 64} if backend == "triton" else {}
+    launch = {"block_v": 64} if backend in TRITON else {}
     xs, xt, labels = _logits(3, 150, seed=11)
     xs[:, 3::4] = float("-inf")
     labels[:] = 4
@@ -143,7 +157,7 @@ def test_rkl_dominant_token_gradient(backend):
     which every backend forms relative to lp_s - lp_t at the student's top token (found across blocks, also
     when tied). Formed directly in fp32 the error would be up to 2e-3 of the gradient; 1e-5 is the fp32 budget."""
     kernel = _backend(backend)
-    launch = {"block_v": 64} if backend == "triton" else {}
+    launch = {"block_v": 64} if backend in TRITON else {}
     xs, xt = rkl_dominant_logits()
     xs, xt = xs.float().double(), xt.float().double()  # the float64 truth of the fp32 inputs
     want = row_divergence64(xs, xt, None, divergence="rkl")
@@ -158,7 +172,7 @@ def test_rkl_dominant_token_gradient(backend):
 def test_no_labels_and_no_grad(backend, div):
     """labels=None: label stats are 0 and every row counts; compute_grad=False leaves xs untouched."""
     kernel = _backend(backend)
-    launch = {"block_v": 64} if backend == "triton" else {}
+    launch = {"block_v": 64} if backend in TRITON else {}
     xs, xt, _ = _logits(3, 130, seed=3)
     want = row_divergence64(xs, xt, None, divergence=div)
     xs32 = xs.float().to(DEVICE)
@@ -170,7 +184,7 @@ def test_no_labels_and_no_grad(backend, div):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_all_rows_ignored(backend):
     kernel = _backend(backend)
-    launch = {"block_v": 64} if backend == "triton" else {}
+    launch = {"block_v": 64} if backend in TRITON else {}
     xs, xt, _ = _logits(3, 99, seed=5)
     labels = torch.full((3,), -1, dtype=torch.int64)
     loss, stats, grad = _run(kernel, xs.float().to(DEVICE), xt.float().to(DEVICE), labels.to(DEVICE),
@@ -183,7 +197,7 @@ def test_all_rows_ignored(backend):
 def test_extreme_logits_stay_finite(backend, div):
     """Logits of magnitude 1e4 (a diverged model) and a one-hot teacher: finite loss, stats and gradient."""
     kernel = _backend(backend)
-    launch = {"block_v": 64} if backend == "triton" else {}
+    launch = {"block_v": 64} if backend in TRITON else {}
     xs, xt, labels = _logits(3, 211, seed=13, scale=1.0)
     xs = xs * 1e4
     xt[0] = -1e4

@@ -126,6 +126,31 @@ def test_divergence_row_kernel_compiles_for_sm90():
         assert_no_spills(job["id"], results[job["id"]])
 
 
+VP_SIGNATURE = {
+    "xs_ptr": "*fp32", "xt_ptr": "*fp32", "y_ptr": "*i64", "info_ptr": "*fp32", "out_ptr": "*fp64",
+    "V": "i32", "stride_s": "i32", "stride_t": "i32", "beta": "fp32", "inv_temp": "fp32", "temperature": "fp32",
+    "softcap": "fp32", "inv_softcap": "fp32", "soft_weight": "fp32", "hw": "fp32", "hard_ratio": "fp32",
+}
+
+
+def test_vocab_parallel_phases_compile_for_sm90():
+    """The vocab-parallel phases (phase 1 writes fp64, phase 2 fp32 sums, phase 3 only the gradient) of every
+    divergence with all options on lower to sm_90 cubins without register spills."""
+    jobs = []
+    for phase in (1, 2, 3):
+        for div, name in enumerate(["fkl", "rkl", "jsd"]):
+            if phase == 3 and div == 0:
+                continue  # fkl writes its gradient in phase 2
+            sig = dict(VP_SIGNATURE, out_ptr="*fp64" if phase == 1 else "*fp32")
+            jobs.append({"id": f"phase{phase}-{name}", "module": "fastopd.kernels.vocab_parallel",
+                         "kernel": "_vocab_parallel_kernel", "signature": sig, "num_warps": 8,
+                         "constexprs": {"PHASE": phase, "DIV": div, "HARD": True, "HARD_T": True, "SOFTCAP": True,
+                                        "COMPUTE_GRAD": True, "BLOCK_V": 2048}})
+    results = compile_for_sm90(jobs)
+    for job in jobs:
+        assert_no_spills(job["id"], results[job["id"]])
+
+
 def _tiled_signature(dtype: str, kernel: str) -> dict[str, str]:
     ptr = f"*{dtype}"
     sig = {"hs_ptr": ptr, "ws_ptr": ptr, "bs_ptr": ptr, "ht_ptr": ptr, "wt_ptr": ptr, "bt_ptr": ptr}

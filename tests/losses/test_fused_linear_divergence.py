@@ -559,6 +559,11 @@ def _ok():
     pytest.param(lambda a: dict(a, impl="fast"), r"impl", id="unknown-impl"),
     pytest.param(lambda a: dict(a, impl="cuda"), r"cuda", id="impl-not-here"),
     pytest.param(lambda a: dict(a, mode="fused"), r"mode", id="unknown-mode"),
+    # Refused before any collective, so a placeholder group suffices.
+    pytest.param(lambda a: dict(a, vocab_parallel_group=object(), impl="cpu"),
+                 r"vocab_parallel_chunk.*no backend 'cpu' \(it has: triton, torch\)", id="vocab-parallel-impl-cpu"),
+    pytest.param(lambda a: dict(a, vocab_parallel_group=object(), mode="tiled"), r"chunked mode.*'tiled'",
+                 id="vocab-parallel-tiled"),
 ])
 def test_bad_input_raises(mutate, match):
     hs, ws, ht, wt, _, _ = _ok()
