@@ -52,6 +52,7 @@ def report() -> list[tuple[str, str]]:
         if dev == "cuda" and not torch.cuda.is_available():
             continue
         rows.append((f"auto backend on {dev}", _dispatch.resolve(op, "auto", dev)))
+        rows.append((f"vocab-parallel on {dev}", _dispatch.resolve("vocab_parallel_chunk", "auto", dev)))
     rows.append(("torch.distributed", _distributed()))
     return rows
 

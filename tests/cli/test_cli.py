@@ -18,7 +18,7 @@ def test_doctor_reports_every_backend(capsys):
     assert cli.main(["doctor"]) == 0
     out = capsys.readouterr().out
     for row in ("torch", "torch reference", "C++ CPU kernel", "Triton", "Triton interpreter", "CUDA kernel",
-                "auto backend on cpu", "torch.distributed"):
+                "auto backend on cpu", "vocab-parallel on cpu", "torch.distributed"):
         assert row in out
     assert "missing:" in out or "usable" in out
 
