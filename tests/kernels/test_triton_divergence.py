@@ -7,15 +7,14 @@ CUDA tensors, and the real-shape cases of tests/kernels/test_gpu_shapes.py add t
 
 from __future__ import annotations
 
-import functools
 import os
 
 import pytest
 import torch
+from kernel_backends import row_kernel
 from kernels_ref64 import rkl_dominant_logits, row_divergence64
 
 from fastopd import _dispatch
-from fastopd.distributed.vocab_parallel import vocab_parallel_kernel
 
 CODES = {"fkl": 0, "rkl": 1, "jsd": 2}
 GPU = torch.cuda.is_available()
@@ -23,21 +22,7 @@ DEVICE = "cuda" if GPU else "cpu"
 
 
 def _backend(name: str):
-    """The row kernel of backend `name`; "vp-<backend>": the vocab-parallel phases of that backend under their
-    driver, one shard holding the whole vocabulary (the all-reduces are no-ops), which must be the row kernel."""
-    op, backend = ("vocab_parallel_chunk", name[3:]) if name.startswith("vp-") else ("divergence_chunk", name)
-    why = _dispatch.available(op, backend, DEVICE)
-    if why is not None:
-        pytest.skip(f"backend {name!r} cannot run on {DEVICE}: {why}")
-    kernel = _dispatch.kernel(op, backend)
-    if op == "divergence_chunk":
-        return kernel
-
-    def one_shard(*args, **launch):
-        phase = functools.partial(kernel, **launch)
-        vocab_parallel_kernel(None, 0, phase, all_reduce=lambda t, op: None)(*args)
-
-    return one_shard
+    return row_kernel(name, DEVICE)
 
 
 def _run(kernel, xs, xt, labels, *, divergence, beta=0.5, temperature=1.0, softcap=None, soft_weight=1.0,
