@@ -102,6 +102,15 @@ def _load_z(row_ptr, offs, mask, inv_temp, softcap, inv_softcap, SOFTCAP: tl.con
 
 
 @triton.jit
+def _block_logprobs(xs_row, xt_row, offs, mask, m_s, log_s, m_t, log_t, inv_temp, softcap, inv_softcap,
+                    SOFTCAP: tl.constexpr):
+    """A block's z_s and both models' log-probs (z - max) - log(sum), given the row's normalizers."""
+    zs = _load_z(xs_row, offs, mask, inv_temp, softcap, inv_softcap, SOFTCAP)
+    zt = _load_z(xt_row, offs, mask, inv_temp, softcap, inv_softcap, SOFTCAP)
+    return zs, (zs - m_s) - log_s, (zt - m_t) - log_t
+
+
+@triton.jit
 def _row_normalizers(xs_row, xt_row, V, inv_temp, softcap, inv_softcap, hard_ratio,
                      DIV: tl.constexpr, HARD_T: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
     """Pass 1: (max, sum exp(z - max)) of both models' rows (sums in fp64), under HARD_T sum exp(r (z_s - max_s)),
@@ -146,10 +155,8 @@ def _row_terms(xs_row, xt_row, V, y, m_s, log_s, m_t, log_t, log_h, pivot, beta,
     for start in range(0, V, BLOCK_V):
         offs = start + lanes
         mask = offs < V
-        zs = _load_z(xs_row, offs, mask, inv_temp, softcap, inv_softcap, SOFTCAP)
-        zt = _load_z(xt_row, offs, mask, inv_temp, softcap, inv_softcap, SOFTCAP)
-        lps = (zs - m_s) - log_s
-        lpt = (zt - m_t) - log_t
+        zs, lps, lpt = _block_logprobs(xs_row, xt_row, offs, mask, m_s, log_s, m_t, log_t, inv_temp, softcap,
+                                       inv_softcap, SOFTCAP)
         ps = tl.exp(lps)
         pt = tl.exp(lpt)
         ent += tl.sum(tl.where(ps > 0.0, ps * lps, 0.0), 0)
@@ -183,10 +190,8 @@ def _row_grad(xs_row, xt_row, V, y, m_s, log_s, m_t, log_t, log_h, pivot, k, bet
     for start in range(0, V, BLOCK_V):
         offs = start + lanes
         mask = offs < V
-        zs = _load_z(xs_row, offs, mask, inv_temp, softcap, inv_softcap, SOFTCAP)
-        zt = _load_z(xt_row, offs, mask, inv_temp, softcap, inv_softcap, SOFTCAP)
-        lps = (zs - m_s) - log_s
-        lpt = (zt - m_t) - log_t
+        zs, lps, lpt = _block_logprobs(xs_row, xt_row, offs, mask, m_s, log_s, m_t, log_t, inv_temp, softcap,
+                                       inv_softcap, SOFTCAP)
         ps = tl.exp(lps)
         if DIV == 1:
             g = coef * tl.where(ps > 0.0, ps * (((lps - lpt) - pivot) - k), 0.0)
@@ -321,6 +326,15 @@ def _check(xs: torch.Tensor, xt: torch.Tensor, labels: torch.Tensor | None, loss
         raise ValueError(f"divergence_chunk_: temperature must be positive, got {temperature}")
 
 
+def launch_config(v: int, block_v: int | None, num_warps: int | None) -> tuple[int, int]:
+    """(columns per block, warps) of a row-kernel launch over rows of `v` columns: 2048 and 8 unless given."""
+    if block_v is None:
+        block_v = min(DEFAULT_BLOCK_V, triton.next_power_of_2(max(v, 16)))
+    if num_warps is None:
+        num_warps = 8 if block_v >= 2048 else 4
+    return block_v, num_warps
+
+
 def divergence_chunk_(xs: torch.Tensor, xt: torch.Tensor, labels: torch.Tensor | None, loss: torch.Tensor,
                       stats: torch.Tensor, divergence: int, beta: float, temperature: float, softcap: float,
                       soft_weight: float, hard_weight: float, ignore_index: int, compute_grad: bool,
@@ -343,10 +357,7 @@ def divergence_chunk_(xs: torch.Tensor, xt: torch.Tensor, labels: torch.Tensor |
     c, v = xs.shape
     if c == 0:
         return
-    if block_v is None:
-        block_v = min(DEFAULT_BLOCK_V, triton.next_power_of_2(max(v, 16)))
-    if num_warps is None:
-        num_warps = 8 if block_v >= 2048 else 4
+    block_v, num_warps = launch_config(v, block_v, num_warps)
     use_cap = softcap > 0.0
     has_labels = labels is not None
     hard = has_labels and hard_weight != 0.0

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from fastopd.kernels.divergence import DEFAULT_BLOCK_V, _row_grad, _row_normalizers, _row_terms, _zero_row
+from fastopd.kernels.divergence import _row_grad, _row_normalizers, _row_terms, _zero_row, launch_config
 
 
 @triton.jit
@@ -89,10 +89,7 @@ def vocab_parallel_phase_(phase: int, xs: torch.Tensor, xt: torch.Tensor, y: tor
     c, v = xs.shape
     if c == 0 or (phase == 3 and (not compute_grad or divergence == 0)):
         return
-    if block_v is None:
-        block_v = min(DEFAULT_BLOCK_V, triton.next_power_of_2(max(v, 16)))
-    if num_warps is None:
-        num_warps = 8 if block_v >= 2048 else 4
+    block_v, num_warps = launch_config(v, block_v, num_warps)
     use_cap = softcap > 0.0
     hard_t = hard and float(hard_ratio) != 1.0
     _vocab_parallel_kernel[(c,)](
