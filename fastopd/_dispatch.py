@@ -75,6 +75,11 @@ REGISTRY: dict[str, list[Backend]] = {
 }
 
 
+def backend_names(op: str) -> tuple[str, ...]:
+    """The backends `op` has, in priority order."""
+    return tuple(b.name for b in REGISTRY[op])
+
+
 def _torch_op_divergence_chunk(*args):
     return torch.ops.fastopd.divergence_chunk_(*args)
 
@@ -99,7 +104,7 @@ def available(op: str, backend: str, device: torch.device | str) -> str | None:
                 hint = " (set TRITON_INTERPRET=1 to run Triton kernels on the CPU)" if b.name == "triton" else ""
                 return f"backend {backend!r} does not run on {device_type} tensors{hint}"
             return b.check()
-    return f"op {op!r} has no backend {backend!r} (it has: {', '.join(b.name for b in REGISTRY[op])})"
+    return f"op {op!r} has no backend {backend!r} (it has: {', '.join(backend_names(op))})"
 
 
 def resolve(op: str, impl: str, device: torch.device | str) -> str:

@@ -131,8 +131,9 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         if master_weights not in ("auto", True, False):
             raise ValueError(f"master_weights must be 'auto', True or False, got {master_weights!r}")
-        if impl not in _dispatch.IMPLS:
-            raise ValueError(f"impl must be one of {_dispatch.IMPLS}, got {impl!r}")
+        impls = ("auto", *_dispatch.backend_names(OP))
+        if impl not in impls:
+            raise ValueError(f"impl must be one of {impls} for SparseMaskedAdamW, got {impl!r}")
         if fused and foreach:
             raise ValueError("foreach and fused cannot both be True")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
@@ -304,7 +305,7 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
         if dense["p"]:
             has_complex = any(torch.is_complex(p) for p in dense["p"])
             _torch_adam(dense["p"], dense["g"], dense["m"], dense["v"], [], dense["t"],
-                        foreach=(self.foreach if self.foreach is not None else not self.fused) or None,
+                        foreach=self.foreach if self.foreach is not None else (not self.fused) or None,
                         fused=self.fused, capturable=False, differentiable=False, grad_scale=None, found_inf=None,
                         has_complex=has_complex, decoupled_weight_decay=True, amsgrad=False, beta1=beta1, beta2=beta2,
                         lr=lr, weight_decay=wd, eps=eps, maximize=False)
@@ -312,8 +313,10 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
     # ------------------------------------------------------------------ state dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads state (masks included) saved by `state_dict()`. Tensors keep their dtypes (fp32 moments stay
-        fp32 for bf16 parameters) and move to their parameter's device; the checkpoint's masks replace the
-        constructor's. Raises ValueError when groups, sizes or names do not match."""
+        fp32 for bf16 parameters, also when a dense checkpoint's are gathered onto a mask) and move to their
+        parameter's device; the checkpoint's masks replace the constructor's. The reference point of
+        `export_delta` is dropped (call `mark_reference()` again). Raises ValueError when groups, sizes or names
+        do not match."""
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
             if result is not None:
@@ -345,8 +348,8 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
                 elif k == "step":  # masked steps stay on the CPU; dense ones follow torch's policy
                     on_device = not masked and (v.device.type != "cpu" or bool(self.fused))
                     st[k] = v.detach().to(device=p.device if on_device else "cpu", copy=True)
-                elif k in ("exp_avg", "exp_avg_sq") and not masked:
-                    st[k] = v.detach().to(device=p.device, dtype=p.dtype, copy=True)
+                elif k in ("exp_avg", "exp_avg_sq") and not masked and not self._is_masked(p):
+                    st[k] = v.detach().to(device=p.device, dtype=p.dtype, copy=True)  # dense onto dense: torch's rule
                 else:
                     st[k] = v.detach().to(device=p.device, copy=True)
             if not masked and self._is_masked(p):
@@ -360,6 +363,7 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
                     new_state[p] = self._fresh_masked_state(p, self.state[p]["indices"])
         self.state.clear()
         self.state.update(new_state)
+        self._reference = {}  # taken at other values (and maybe another mask): export_delta returns all again
         for group, saved in zip(self.param_groups, saved_groups):
             for k, v in saved.items():
                 if k not in ("params", "param_names"):

@@ -256,6 +256,23 @@ def test_bad_construction_is_rejected():
         SparseMaskedAdamW([("w", p)], master_weights="yes")
     with pytest.raises(ValueError, match="impl"):
         SparseMaskedAdamW([("w", p)], impl="gpu")
+    with pytest.raises(ValueError, match=r"impl must be one of .*'cuda'"):  # a loss backend, not an optimizer one
+        SparseMaskedAdamW([("w", p)], impl="cuda")
+
+
+def test_explicit_foreach_false_reaches_torch_adam(monkeypatch):
+    """foreach=False is passed on as False (torch would otherwise pick foreach itself on CUDA)."""
+    import fastopd.optim.sparse_adamw as module
+
+    seen = []
+    real = module._torch_adam
+    monkeypatch.setattr(module, "_torch_adam", lambda *a, **k: (seen.append((k["foreach"], k["fused"])), real(*a, **k)))
+    for foreach, want in ((False, False), (True, True), (None, True)):
+        p = torch.nn.Parameter(torch.randn(3))
+        opt = SparseMaskedAdamW([("d", p)], foreach=foreach)
+        p.grad = torch.randn(3)
+        opt.step()
+        assert seen[-1] == (want, None), (foreach, seen[-1])
 
 
 def test_unsorted_indices_are_sorted_and_int32():
@@ -521,6 +538,38 @@ def test_load_dense_torch_adamw_checkpoint_onto_a_mask():
         torch_opt.step()
         opt.step()
     assert torch.equal(w.detach()[mask], ref.detach()[mask])
+
+
+def test_dense_fp32_moments_onto_a_masked_bf16_parameter_stay_fp32():
+    """torch AdamW's fp32 moments gathered onto a bf16 parameter's mask are not rounded through bf16 first."""
+    gen = torch.Generator().manual_seed(10)
+    w32 = torch.nn.Parameter(torch.randn(8, 8, generator=gen))
+    torch_opt = torch.optim.AdamW([w32], lr=1e-3)
+    for _ in range(3):
+        w32.grad = torch.randn(8, 8, generator=gen)
+        torch_opt.step()
+    wb = torch.nn.Parameter(w32.detach().bfloat16())
+    mask = torch.rand(8, 8, generator=gen) < 0.5
+    opt = SparseMaskedAdamW([("w", wb)], masks={"w": mask}, lr=1e-3)
+    opt.load_state_dict(torch_opt.state_dict())
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert opt.state[wb][key].dtype == torch.float32
+        assert torch.equal(opt.state[wb][key], torch_opt.state[w32][key][mask]), key
+
+
+def test_load_state_dict_drops_the_export_reference_point():
+    """After a checkpoint's mask replaces the constructor's, export_delta no longer compares against values taken
+    at the old indices (which crashed for another size and reported wrong coordinates for the same size): it
+    returns every selectable coordinate until mark_reference() is called again."""
+    w = torch.nn.Parameter(torch.randn(6, 6))
+    sd = SparseMaskedAdamW([("w", w)], masks={"w": torch.arange(0, 12)}).state_dict()
+    for other in (torch.arange(20, 30), torch.arange(24, 36)):
+        opt = SparseMaskedAdamW([("w", w)], masks={"w": other})
+        opt.mark_reference()
+        opt.load_state_dict(sd)
+        idx, vals = opt.export_delta()["w"]
+        assert idx.tolist() == list(range(12)) and torch.equal(vals, w.detach().view(-1)[:12])
+        assert opt.export_delta()["w"][0].numel() == 0  # export reset the reference point at the new mask
 
 
 @pytest.mark.gpu
