@@ -15,8 +15,9 @@
 Each model runs its own forward with `output_hidden_states=True, logits_to_keep=1` (logits of one position only),
 so wrappers (DDP, accelerate's mixed-precision autocast) apply, or, for models without `logits_to_keep`, its
 decoder (`model.get_decoder()`); either way only final hidden states [B, T, D] are used, and
-`fastopd.fused_linear_divergence` applies both LM heads chunk by chunk. Final-logit soft-capping (Gemma 2/3) and
-logit scales (Cohere `logit_scale`, Granite `logits_scaling`) are honoured.
+`fastopd.fused_linear_divergence` applies both LM heads chunk by chunk. Logit scales (Cohere `logit_scale`, Granite
+`logits_scaling`) are honoured per model (folded into its hidden states). Final-logit soft-capping (Gemma 2/3) is
+honoured when both models agree: the fused loss applies one softcap to both, so differing caps raise ValueError.
 """
 
 from __future__ import annotations
@@ -43,6 +44,21 @@ def _logit_multiplier(config) -> float:
     if getattr(config, "logits_scaling", None) is not None:  # Granite: logits / logits_scaling
         scale /= float(config.logits_scaling)
     return scale
+
+
+def shared_softcap(student: nn.Module, teacher: nn.Module) -> float | None:
+    """The `final_logit_softcapping` of both models' configs (None: no cap), which must agree.
+
+    Raises:
+        ValueError: the caps differ (one None and one set included): the fused loss applies one softcap to both
+            models, so it cannot reproduce a pair with different caps.
+    """
+    caps = [getattr(_unwrap(m).config, "final_logit_softcapping", None) for m in (student, teacher)]
+    s, t = (float(c) if c is not None else None for c in caps)
+    if s != t:
+        raise ValueError(f"the student's final_logit_softcapping ({s}) differs from the teacher's ({t}): the fused "
+                         "loss applies one softcap to both models; pass softcap= explicitly to use one cap for both")
+    return s
 
 
 def lm_head_of(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -115,13 +131,18 @@ def distillation_loss(
             when `shift` (the default); pass shift=False for already aligned labels.
         divergence, beta, temperature, num_items_in_batch and `loss_options` (hard_label_weight, reduction,
             return_stats, impl, chunk_size, ...): as in `fastopd.fused_linear_divergence`. Soft-capping is taken
-            from the student's config (`final_logit_softcapping`) unless given.
+            from the models' configs (`final_logit_softcapping`, see `shared_softcap`) unless `softcap=` is given,
+            which then applies to both models.
         mode: how hidden states are obtained (see `causal_lm_hidden_states`).
     Returns:
         The loss (and a DivergenceStats with return_stats=True). Gradients flow into the student only; the teacher
         runs in eval mode under torch.no_grad. A teacher on another device is moved per call (hidden states and
         head), not its weights.
+    Raises:
+        ValueError: the two models' `final_logit_softcapping` differ and no `softcap=` is given (checked before
+            any forward); the hidden states do not cover the same positions.
     """
+    softcap = loss_options.pop("softcap") if "softcap" in loss_options else shared_softcap(student, teacher)
     if labels is None:
         labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, ignore_index)
     hs = causal_lm_hidden_states(student, input_ids, attention_mask, mode=mode)
@@ -142,7 +163,6 @@ def distillation_loss(
                          f"{tuple(hs.shape)}")
     if shift:
         hs, ht, labels = hs[:, :-1], ht[:, :-1], labels[:, 1:]
-    softcap = loss_options.pop("softcap", getattr(_unwrap(student).config, "final_logit_softcapping", None))
     return fused_linear_divergence(hs, ws, ht, wt, labels.to(hs.device), divergence=divergence, beta=beta,
                                    temperature=temperature, ignore_index=ignore_index, student_bias=bs,
                                    teacher_bias=bt, softcap=softcap, num_items_in_batch=num_items_in_batch,

@@ -22,6 +22,14 @@ def _llama(seed, hidden=32, layers=2, heads=4, kv=2):
     return transformers.LlamaForCausalLM(cfg)
 
 
+def _gemma2(seed, softcap, hidden=32):
+    torch.manual_seed(seed)
+    cfg = transformers.Gemma2Config(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+                                    num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                    max_position_embeddings=64, final_logit_softcapping=softcap, pad_token_id=0)
+    return transformers.Gemma2ForCausalLM(cfg)
+
+
 def _tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -149,3 +157,24 @@ def test_hidden_states_give_the_logits_and_default_labels_skip_padding():
     with_default = distillation_loss(model, teacher, ids, mask, divergence="fkl")
     explicit = distillation_loss(model, teacher, ids, mask, ids.masked_fill(mask == 0, -100), divergence="fkl")
     torch.testing.assert_close(with_default, explicit, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("student_cap,teacher_cap", [pytest.param(None, 2.0, id="llama-student-capped-teacher"),
+                                                     pytest.param(2.0, None, id="capped-student-llama-teacher"),
+                                                     pytest.param(2.0, 3.0, id="different-caps")])
+def test_differing_softcaps_are_refused(student_cap, teacher_cap):
+    make = lambda seed, cap: _llama(seed) if cap is None else _gemma2(seed, cap)  # noqa: E731
+    student, teacher = make(0, student_cap), make(1, teacher_cap)
+    ids = torch.randint(3, VOCAB, (2, 6))
+    with pytest.raises(ValueError, match=rf"student's final_logit_softcapping \({student_cap}\) differs from the "
+                                         rf"teacher's \({teacher_cap}\): the fused loss applies one softcap"):
+        distillation_loss(student, teacher, ids, divergence="fkl")
+
+
+def test_shared_softcap_matches_the_capped_logits():
+    student, teacher = _gemma2(0, softcap=0.5), _gemma2(1, softcap=0.5, hidden=40)  # a cap small enough to bind
+    ids = torch.randint(3, VOCAB, (2, 7))
+    mask = torch.ones_like(ids)
+    loss = distillation_loss(student, teacher, ids, mask, beta=0.3)
+    ref = _shifted_reference_loss(student, teacher, ids, mask, ids, 0.3, 1.0)
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-7)
