@@ -232,6 +232,9 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
                 raise ValueError(f"state of {name!r}: {s} has {st[s].numel()} values for a mask of {k}")
         if idx is not None and k and (int(idx.max()) >= numel or int(idx.min()) < 0):
             raise ValueError(f"state of {name!r}: mask indices out of range for numel {numel}")
+        if idx is not None and k > 1 and not bool((idx[1:] > idx[:-1]).all()):
+            # the kernels' parallel chunks rely on it: a repeated index would be updated twice, racing
+            raise ValueError(f"state of {name!r}: mask indices must be sorted and unique")
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()

@@ -337,6 +337,11 @@ def test_load_state_dict_rejects_mismatch():
     sd["state"][0]["exp_avg"] = torch.zeros(3)
     with pytest.raises(ValueError, match="exp_avg"):
         SparseMaskedAdamW([("w", p)]).load_state_dict(sd)
+    for bad in ([2, 1], [1, 1]):  # a corrupted checkpoint: unsorted, or a repeated coordinate
+        sd = opt.state_dict()
+        sd["state"][0]["indices"] = torch.tensor(bad, dtype=sd["state"][0]["indices"].dtype)
+        with pytest.raises(ValueError, match="sorted and unique"):
+            SparseMaskedAdamW([("w", p)]).load_state_dict(sd)
 
 
 def test_export_delta_reproduces_weights():
