@@ -215,10 +215,12 @@ class ModelAdapter:
         return step
 
     def release_decode_weights(self) -> None:
-        """Free the derived decode copies (transposed head, packed layers); the next call rebuilds them."""
+        """Free the derived decode copies (transposed head, packed layers, rotary table) and their snapshots; the
+        next call rebuilds them."""
         for value in vars(self).values():
-            if isinstance(value, DerivedWeights):
-                value.clear()
+            for derived in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(derived, DerivedWeights):
+                    derived.clear()
 
     def new_cache(self, batch_size: int, length: int) -> KVCache:
         return KVCache(self.num_layers, batch_size, self.num_kv_heads, length, self.head_dim, dtype=self.dtype,

@@ -325,6 +325,31 @@ def test_kv_cache_sized_to_horizon_reused_and_grown():
     assert engine._caches["student"].capacity == (2, 7)
 
 
+def _tensor_bytes(value):
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):  # a PackedLlamaLayer, the rotary (cos, sin) pair, a snapshot list
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
+def _decode_copy_bytes(adapter):
+    """Bytes held by a Llama-family adapter's derived decode copies: packed layers, rotary table, head, snapshots."""
+    derived = [*adapter._packed, adapter._rope, adapter._head_t, adapter._head_mkl]
+    return sum(_tensor_bytes(d._value) + _tensor_bytes(d._snapshot) for d in derived)
+
+
+@pytest.mark.parametrize("make", [pytest.param(builtin, id="builtin"), pytest.param(llama, id="llama")])
+def test_release_caches_frees_packed_layer_copies(make):
+    """release_caches() frees every derived decode copy, including the per-layer packed weights held in a list."""
+    engine = RolloutEngine(make(), horizon=4, temperature=0, pad_token_id=0)
+    before = engine.generate(PROMPTS)
+    assert sum(_tensor_bytes(d._value) for d in engine.student._packed) > 0
+    engine.release_caches()
+    assert _decode_copy_bytes(engine.student) == 0 and engine.kv_cache_bytes == 0
+    assert torch.equal(engine.generate(PROMPTS).input_ids, before.input_ids)  # rebuilt on the next call
+
+
 def test_horizon_capped_by_context_and_recorded():
     model = builtin()
     engine = RolloutEngine(model, horizon=500, temperature=0)
