@@ -338,7 +338,7 @@ def test_load_state_dict_rejects_mismatch():
     with pytest.raises(ValueError, match="exp_avg"):
         SparseMaskedAdamW([("w", p)]).load_state_dict(sd)
     for bad in ([2, 1], [1, 1]):  # a corrupted checkpoint: unsorted, or a repeated coordinate
-        sd = opt.state_dict()
+        sd = SparseMaskedAdamW([("w", p)], masks={"w": torch.tensor([1, 2])}).state_dict()
         sd["state"][0]["indices"] = torch.tensor(bad, dtype=sd["state"][0]["indices"].dtype)
         with pytest.raises(ValueError, match="sorted and unique"):
             SparseMaskedAdamW([("w", p)]).load_state_dict(sd)
