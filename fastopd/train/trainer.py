@@ -165,6 +165,7 @@ class OPDTrainer:
         self._reference: list[torch.Tensor] | None = None
         self.resumed_from: Path | None = None
         self._saved_step: int | None = None
+        self._restored_steps = 0  # batches of an iterator prompt source the next `train` skips (after a resume)
         self._train_steps: int | None = None
         if cfg.resume:
             found = ckpt.latest_checkpoint(cfg.checkpoint_dir)
@@ -374,7 +375,9 @@ class OPDTrainer:
 
         Args:
             prompt_source: a callable `step -> prompts` (the exact-resume form: step k's prompts depend on k only),
-                or an iterable of prompt batches (on resume, the batches of finished steps are skipped).
+                or an iterable of prompt batches, one per step. A collection (a list) is read from its start, so
+                the batches of finished steps are skipped; an iterator (a generator) is read on from where it is,
+                and only on the first `train` after `load_checkpoint` are the restored steps' batches skipped.
             steps: the total number of steps (a resumed run continues up to it).
             progress: show a tqdm progress bar on stderr.
         Returns:
@@ -383,7 +386,13 @@ class OPDTrainer:
         cfg = self.config
         if steps < self.global_step:
             raise ValueError(f"steps={steps} is below the step already reached ({self.global_step})")
-        get = prompt_source if callable(prompt_source) else _IterSource(prompt_source, self.global_step)
+        restored, self._restored_steps = self._restored_steps, 0
+        if callable(prompt_source):
+            get = prompt_source
+        elif iter(prompt_source) is prompt_source:  # an iterator is read on: it skips only the restored steps, once
+            get = _IterSource(prompt_source, restored)
+        else:  # a collection is read from its start: skip every finished step
+            get = _IterSource(prompt_source, self.global_step)
         self._train_steps = steps
         if self.evaluator is not None and not self.eval_history:
             self.evaluate()
@@ -495,7 +504,7 @@ class OPDTrainer:
             ckpt.set_rng_state(ranks[self.parallel.rank])
         else:  # another world size: fresh per-rank streams, a function of the seed, rank and step only
             seed_everything(self.config.seed + self.parallel.rank + 1_000_003 * int(tr["step"]))
-        self.global_step = int(tr["step"])
+        self.global_step = self._restored_steps = int(tr["step"])
         self.history = list(tr.get("history", []))
         self.eval_history = list(tr.get("eval_history", []))
         self.resumed_from = Path(path)
@@ -515,7 +524,7 @@ class OPDTrainer:
 
 
 class _IterSource:
-    """Step-indexed view of an iterable of prompt batches (skips `start` batches when resuming)."""
+    """Step-indexed view of an iterable of prompt batches (skips its first `start` batches)."""
 
     def __init__(self, iterable: Iterable[Prompts], start: int) -> None:
         self._it = iter(iterable)

@@ -148,6 +148,42 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, objective):
         assert torch.equal(p, q)
 
 
+def _counting(seen):
+    """Batch k = _prompts(k), recording every k drawn."""
+    k = 0
+    while True:
+        seen.append(k)
+        yield _prompts(k)
+        k += 1
+
+
+def test_iterator_source_is_read_on_and_skips_only_restored_steps(tmp_path):
+    seen = []
+    gen = _counting(seen)
+    trainer = OPDTrainer(_tiny(2), _tiny(3), _config(checkpoint_dir=str(tmp_path)))
+    trainer.train(gen, 1, progress=False)
+    trainer.train(gen, 2, progress=False)  # the same generator goes on: no batch thrown away
+    assert seen == [0, 1]
+    seen.clear()
+    gen = _counting(seen)
+    resumed = OPDTrainer(_tiny(2), _tiny(3), _config(checkpoint_dir=str(tmp_path), resume=True))
+    resumed.train(gen, 3, progress=False)  # a fresh generator: the 2 restored steps' batches are skipped, once
+    resumed.train(gen, 4, progress=False)
+    assert seen == [0, 1, 2, 3]
+
+
+def test_collection_source_is_read_from_its_start_past_finished_steps():
+    class Batches:  # a re-iterable collection: every iter() starts at batch 0
+        def __iter__(self):
+            return _counting(seen)
+
+    seen = []
+    trainer = OPDTrainer(_tiny(2), _tiny(3), _config())
+    trainer.train(Batches(), 1, progress=False)
+    trainer.train(Batches(), 2, progress=False)
+    assert seen == [0, 0, 1]
+
+
 def test_sparse_optimizer_state_resumes(tmp_path):
     from fastopd.optim import masks as mask_lib
 
