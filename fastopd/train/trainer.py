@@ -24,9 +24,12 @@ models' log-probs of y_t as statistics, so one fused call serves the loss and th
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import os
 import random
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -485,7 +488,8 @@ class OPDTrainer:
         return path
 
     def load_checkpoint(self, path: str | Path) -> None:
-        """Restore student weights, optimizer state (masks included), RNG states, step and histories."""
+        """Restore student weights, optimizer state (masks included), RNG states, step and histories; with a
+        `run_dir`, metrics.jsonl and eval.jsonl are rewritten from the restored histories."""
         data = ckpt.load_checkpoint(path, map_location=self.device)
         state = data["model"]
         own = self.student.state_dict()
@@ -509,15 +513,30 @@ class OPDTrainer:
         self.eval_history = list(tr.get("eval_history", []))
         self.resumed_from = Path(path)
         self._saved_step = self.global_step
+        self._rewrite_logs()
         self._teacher_weight_cache = None
         if self.config.track_density:
             self._mark_reference()
 
+    def _rewrite_logs(self) -> None:
+        """Make metrics.jsonl and eval.jsonl hold the current histories, one line per record (each file replaced
+        atomically): after a resume, the lines a dead run wrote past its last checkpoint are dropped."""
+        if self.run_dir is None or not self.parallel.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for name, records in (("metrics.jsonl", self.history), ("eval.jsonl", self.eval_history)):
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=self.run_dir)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in records)
+                os.replace(tmp, self.run_dir / name)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+
     def _log(self, name: str, record: dict[str, Any]) -> None:
         if self.run_dir is None or not self.parallel.is_main:
             return
-        import json
-
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / name, "a") as f:
             f.write(json.dumps(record) + "\n")

@@ -184,6 +184,30 @@ def test_collection_source_is_read_from_its_start_past_finished_steps():
     assert seen == [0, 0, 1]
 
 
+def test_resume_after_a_crash_keeps_one_log_line_per_step(tmp_path):
+    import json
+
+    class Crash(Exception):
+        pass
+
+    def dies_before_step_4(k):
+        if k == 3:
+            raise Crash
+        return _prompts(k)
+
+    cfg = dict(checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=2, eval_every=1)
+    evaluator = lambda trainer: {"x": 1.0}  # noqa: E731
+    first = OPDTrainer(_tiny(8), _tiny(9), _config(**cfg), evaluator=evaluator, run_dir=tmp_path)
+    with pytest.raises(Crash):  # step 3 is logged, the last checkpoint is step 2's
+        first.train(dies_before_step_4, 5, progress=False)
+    resumed = OPDTrainer(_tiny(8), _tiny(9), _config(**cfg, resume=True), evaluator=evaluator, run_dir=tmp_path)
+    assert resumed.global_step == 2
+    resumed.train(_prompts, 4, progress=False)
+    steps = lambda name: [json.loads(line)["step"] for line in (tmp_path / name).read_text().splitlines()]  # noqa: E731
+    assert steps("metrics.jsonl") == [1, 2, 3, 4]
+    assert steps("eval.jsonl") == [0, 1, 2, 3, 4]
+
+
 def test_sparse_optimizer_state_resumes(tmp_path):
     from fastopd.optim import masks as mask_lib
 
