@@ -72,6 +72,14 @@ def _hi16(x_abs: torch.Tensor) -> torch.Tensor:
     return x_abs.to(torch.float32).view(torch.int32) >> 16
 
 
+def _strictly_below(x: float, dtype: torch.dtype) -> float:
+    """The bound b with |Delta| <= b  <=>  |Delta| < x, for the "<=" counts of the elementwise pass: the next
+    value below x in `dtype`, or -inf for x <= 0 (no |Delta| is below 0; nextafter(0, 0) would be 0 itself)."""
+    if x <= 0:
+        return -math.inf
+    return float(torch.nextafter(torch.tensor(x, dtype=dtype), torch.tensor(0.0, dtype=dtype)))
+
+
 def _gen(seed: int, name: str, salt: str) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(f"{name}/{salt}".encode()))
 
@@ -319,9 +327,7 @@ def analyze_tensor(name: str, base: torch.Tensor, tuned: torch.Tensor, cfg: Anal
     # ---- pass 2: elementwise, native row order
     ibits = _int_dtype(storage)
     thresholds = [(f"atol:{a:g}", a) for a in cfg.atols]
-    # strict "<" for tau: the next representable value below tau * RMS in the compute dtype
-    thresholds += [(f"tau:{t:g}", float(torch.nextafter(torch.tensor(t * rms_base, dtype=comp),
-                                                         torch.tensor(0.0, dtype=comp)))) for t in cfg.taus]
+    thresholds += [(f"tau:{t:g}", _strictly_below(t * rms_base, comp)) for t in cfg.taus]
     order = sorted(range(len(thresholds)), key=lambda i: thresholds[i][1])
     bounds = torch.tensor([thresholds[i][1] for i in order], dtype=comp)
     le_counts = torch.zeros(len(bounds) + 1, dtype=torch.int64)

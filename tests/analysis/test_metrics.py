@@ -92,6 +92,18 @@ def test_planted_sparse_density_exact(shape, density, dtype):
         assert out["energy_top"][f"{f * 100:g}%"] == pytest.approx(float(sq[:kk].sum() / sq.sum()), rel=1e-9)
 
 
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
+def test_frac_below_tau_rms_is_zero_when_the_base_is_all_zero(dtype):
+    # a zero-initialised bias or LoRA B: RMS(base) = 0, so |Delta| < tau * 0 holds for no coordinate
+    base = torch.zeros(40, dtype=dtype)
+    tuned = base.clone()
+    tuned[:3] = 1e-3
+    out, _ = analyze_tensor("b", base, tuned, AnalysisConfig())
+    assert out["rms_base"] == 0.0
+    assert out["frac_below_tau_rms"] == {"0.0001": 0.0, "0.001": 0.0, "0.01": 0.0}
+    assert out["density_atol"]["1e-08"] == pytest.approx(3 / 40)  # the atol counts share the bucketize
+
+
 def test_energy_top_exact_with_ties_in_the_boundary_bin():
     # 1000 coordinates share one |Delta| value; the top 5% boundary falls inside that tie group
     base = torch.zeros(40, 50, dtype=torch.float32)
