@@ -206,11 +206,14 @@ def vocab_parallel_kernel(group: dist.ProcessGroup | None, vocab_start: int, pha
             phase(1, xs, xt, y, None, part, *args)
         else:  # a rank whose shard holds no column of the shared vocabulary
             part.zero_()
-            part[:, [0, 2, 5]] = -math.inf  # no max, empty sums
-        m = part[:, [0, 2]].contiguous()
+            part[:, 0:4:2] = -math.inf  # no max, empty sums
+            part[:, 5] = -math.inf
+        # (column slices, not index lists: a list would be copied to the device for every chunk)
+        maxima = part[:, 0:4:2]  # each model's max on this shard
+        m = maxima.contiguous()
         all_reduce(m, dist.ReduceOp.MAX)
         m = _masked(m, torch.isfinite(m))
-        shift = _masked(part[:, [0, 2]] - m, torch.isfinite(part[:, [0, 2]]), -math.inf)
+        shift = _masked(maxima - m, torch.isfinite(maxima), -math.inf)
         sums = torch.stack([part[:, 1] * shift[:, 0].exp(), part[:, 3] * shift[:, 1].exp(),
                             part[:, 4] * (shift[:, 0] * hard_ratio).exp()], dim=1)
         all_reduce(sums, dist.ReduceOp.SUM)
@@ -230,7 +233,7 @@ def vocab_parallel_kernel(group: dist.ProcessGroup | None, vocab_start: int, pha
         terms = torch.zeros(c_rows, 3, dtype=torch.float32, device=dev)
         if width:
             phase(2, xs, xt, y, info, terms, *args)
-        lp_y = _masked((z_y - info[:, [0, 2]]) - info[:, [1, 3]], here[:, None])
+        lp_y = _masked((z_y - info[:, 0:4:2]) - info[:, 1:4:2], here[:, None])
         lph_y = _masked((z_y[:, 0] - info[:, 0]) * hard_ratio - info[:, 4], here)
         terms = torch.cat([terms, lp_y, lph_y[:, None]], dim=1)
         all_reduce(terms, dist.ReduceOp.SUM)
