@@ -235,6 +235,8 @@ class LlamaFamilyAdapter(ModelAdapter):
     embed: nn.Embedding
     layers: nn.ModuleList
     norm: nn.Module
+    # [D_head / 2] rotary frequencies. The built-in adapters read the model's buffer at each use (a property): a
+    # reference kept at construction goes stale when `model.to(dtype)` or a device move replaces the buffer.
     inv_freq: torch.Tensor
     rope_scaling: float = 1.0
 
@@ -267,11 +269,14 @@ class LlamaFamilyAdapter(ModelAdapter):
         if not hasattr(self, "_packed"):
             self._packed = [DerivedWeights(lambda *_, layer=layer: pack_llama_layer(layer)) for layer in self.layers]
             self._rope = DerivedWeights(lambda inv_freq: decode_rope_tables(
-                self._rope_length, inv_freq, self.dtype, self.rope_scaling))
-            self._rope_length = 0
+                self._rope_key[0], inv_freq, self._rope_key[1], self.rope_scaling))
+            self._rope_key = (0, None, None)
         packed = [d.get(self._layer_sources(layer)) for d, layer in zip(self._packed, self.layers)]
-        if length > self._rope_length:  # grown like the KV cache: a longer generation rebuilds the table
-            self._rope_length = length
+        # The table's length grows like the KV cache (a longer generation rebuilds it); its dtype and device are
+        # the model's, which inv_freq alone does not tell (a kept fp32 buffer under bf16 weights).
+        rope_key = (max(length, self._rope_key[0]), self.dtype, self.device)
+        if rope_key != self._rope_key:
+            self._rope_key = rope_key
             self._rope.clear()
         cos_table, sin_table = self._rope.get([self.inv_freq])
         embed = self.embed.weight.detach()
@@ -303,7 +308,7 @@ class BuiltinAdapter(LlamaFamilyAdapter):
     def __init__(self, model: Transformer) -> None:
         cfg = model.config
         self.model = model
-        self.embed, self.layers, self.norm, self.inv_freq = model.embed_tokens, model.layers, model.norm, model.inv_freq
+        self.embed, self.layers, self.norm = model.embed_tokens, model.layers, model.norm
         self.vocab_size = cfg.vocab_size
         self.hidden_size = cfg.hidden_size
         self.num_layers = cfg.num_layers
@@ -311,6 +316,10 @@ class BuiltinAdapter(LlamaFamilyAdapter):
         self.num_kv_heads = cfg.num_kv_heads
         self.head_dim = cfg.head_dim
         self.max_positions = cfg.max_position_embeddings
+
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        return self.model.inv_freq
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -339,7 +348,6 @@ class HFLlamaAdapter(LlamaFamilyAdapter):
         self.model = model
         self.embed, self.norm = base.embed_tokens, base.norm
         self.layers = base.layers[: cfg.num_hidden_layers]
-        self.inv_freq = base.rotary_emb.inv_freq
         self.rope_scaling = float(getattr(base.rotary_emb, "attention_scaling", 1.0))
         self.vocab_size = base.embed_tokens.num_embeddings
         self.hidden_size = cfg.hidden_size
@@ -348,6 +356,10 @@ class HFLlamaAdapter(LlamaFamilyAdapter):
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.max_positions = cfg.max_position_embeddings
+
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        return self.model.model.rotary_emb.inv_freq
 
     @property
     def output_weight(self) -> torch.Tensor:

@@ -301,6 +301,33 @@ def test_weight_update_between_generate_calls_is_picked_up(make, update):
     torch.testing.assert_close(after.logprobs, ref_logprobs, rtol=1e-5, atol=1e-5)
 
 
+def _cast_to_bf16(model):
+    model.to(torch.bfloat16)
+
+
+def _cast_weights_keep_fp32_inv_freq(model):
+    owner = model if isinstance(model, Transformer) else model.model.rotary_emb
+    inv_freq = owner.inv_freq  # the same fp32 tensor put back: only the weights' dtype tells the change
+    model.to(torch.bfloat16)
+    owner.inv_freq = inv_freq
+
+
+@pytest.mark.parametrize("cast", [pytest.param(_cast_to_bf16, id="model-to-bf16"),
+                                  pytest.param(_cast_weights_keep_fp32_inv_freq, id="bf16-weights-fp32-inv-freq")])
+@pytest.mark.parametrize("make", [pytest.param(builtin, id="builtin"), pytest.param(llama, id="llama")])
+def test_dtype_cast_after_engine_built_equals_fresh_engine(make, cast):
+    """Casting the model after a generate call: the engine's next rollout uses the model's current RoPE buffer and a
+    rotary table of the new dtype, exactly as an engine built after the cast."""
+    model = make()
+    engine = RolloutEngine(model, horizon=8, temperature=0, pad_token_id=0)
+    engine.generate(PROMPTS)
+    cast(model)
+    got = engine.generate(PROMPTS)
+    ref = RolloutEngine(model, horizon=8, temperature=0, pad_token_id=0).generate(PROMPTS)
+    assert torch.equal(got.input_ids, ref.input_ids)
+    torch.testing.assert_close(got.logprobs, ref.logprobs, rtol=0, atol=0)
+
+
 def test_kv_cache_sized_to_horizon_reused_and_grown():
     model = builtin()
     engine = RolloutEngine(model, horizon=Horizon.progressive(start=4, step=4, every=2, max_new_tokens=16),
