@@ -295,7 +295,9 @@ class RolloutEngine:
                 batch_cap, len_cap = max(batch_size, b_old), max(length, s_old)
             else:
                 batch_cap, len_cap = batch_size, length
-            self._caches.pop(role, None)  # free the old one before allocating
+            # Free the old one before allocating (the peak is the new cache alone): drop both references to it.
+            self._caches.pop(role, None)
+            del cache
             cache = adapter.new_cache(batch_cap, len_cap)
             self._caches[role] = cache
         cache.reset(batch_size, length)

@@ -1,6 +1,7 @@
 """RolloutEngine against Hugging Face generate and plain full forwards, on random-weight models built from configs."""
 
 import logging
+import weakref
 
 import pytest
 import torch
@@ -375,6 +376,24 @@ def test_release_caches_frees_packed_layer_copies(make):
     engine.release_caches()
     assert _decode_copy_bytes(engine.student) == 0 and engine.kv_cache_bytes == 0
     assert torch.equal(engine.generate(PROMPTS).input_ids, before.input_ids)  # rebuilt on the next call
+
+
+def test_kv_cache_growth_frees_the_old_cache_before_allocating(monkeypatch):
+    """When a longer horizon grows the cache, the old storage is gone by the time the new one is allocated."""
+    engine = RolloutEngine(builtin(), horizon=Horizon.progressive(start=4, step=4, every=1, max_new_tokens=16),
+                           temperature=0)
+    engine.generate([[1, 2, 3]], step=0)
+    old_storage = weakref.ref(engine._caches["student"].storage)
+    old_alive_at_allocation = []
+    new_cache = engine.student.new_cache
+
+    def spy(batch_size, length):
+        old_alive_at_allocation.append(old_storage() is not None)
+        return new_cache(batch_size, length)
+
+    monkeypatch.setattr(engine.student, "new_cache", spy)
+    engine.generate([[1, 2, 3]], step=1)
+    assert old_alive_at_allocation == [False]
 
 
 def test_horizon_capped_by_context_and_recorded():
