@@ -9,6 +9,8 @@ step), eval.jsonl, loss.png and accuracy.png, and the final checkpoint.
 Precedence: built-in defaults < `--config file.toml` < command-line flags. The TOML file holds flat keys, any
 field of `OPDConfig` (objective, lr, horizon, masks, ...) or of the job (steps, batch_size, eval_size, out,
 teacher, student, device, mask_density); unknown keys and bad values are reported with the field's name.
+`masks` and `mask_density` exclude each other: a flag for one replaces the file's value of either, and a file may
+not set both.
 """
 
 from __future__ import annotations
@@ -79,9 +81,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
     masks = p.add_mutually_exclusive_group()
     masks.add_argument("--masks", metavar="FILE", help="train only the coordinates of a mask file "
-                                                       "(fastopd.optim.masks format) with SparseMaskedAdamW")
+                                                       "(fastopd.optim.masks format) with SparseMaskedAdamW "
+                                                       "(replaces a config file's masks or mask_density)")
     masks.add_argument("--mask-density", type=float, dest="mask_density",
-                       help="train a random fraction of every weight tensor with SparseMaskedAdamW")
+                       help="train a random fraction of every weight tensor with SparseMaskedAdamW (replaces a "
+                            "config file's masks or mask_density)")
     p.add_argument("--seed", type=int, help="seed of every RNG (default 0)")
     p.add_argument("--eval-every", type=int, dest="eval_every", help="evaluate every N steps (default 50)")
     p.add_argument("--eval-size", type=int, dest="eval_size", help="evaluation problems (default 256)")
@@ -115,10 +119,13 @@ def resolve(args: argparse.Namespace) -> tuple[DistillJob, dict[str, Any]]:
             if isinstance(value, dict) and key != "horizon":
                 raise ConfigError(f"{key}: tables are not fields; {source} takes flat keys (e.g. lr = 1e-3)")
         check_keys(values, (JOB_FIELDS | OPD_FIELDS) - TASK_FIELDS, source)
-    for key, value in vars(args).items():
-        if key in ("config", "command") or value is None:
-            continue
-        values[key] = value
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "command") and v is not None}
+    for given, other in (("masks", "mask_density"), ("mask_density", "masks")):
+        if given in flags:  # a flag replaces the file's choice of either
+            values.pop(other, None)
+    values.update(flags)
+    if values.get("masks") is not None and values.get("mask_density") is not None:
+        raise ConfigError(f"mask_density: {source} sets both masks and mask_density; give one of them")
     job = DistillJob(**{k: v for k, v in values.items() if k in JOB_FIELDS})
     opd = {**OPD_DEFAULTS, **{k: v for k, v in values.items() if k in OPD_FIELDS}}
     return job, opd

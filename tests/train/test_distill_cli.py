@@ -23,7 +23,21 @@ def test_precedence_defaults_file_flags(tmp_path):
     assert resolve(_args([]))[0] == DistillJob()
 
 
+@pytest.mark.parametrize("text,flags,masks,density", [
+    pytest.param("mask_density = 0.5\n", ["--masks", "m.safetensors"], "m.safetensors", None, id="masks-flag"),
+    pytest.param('masks = "m.safetensors"\n', ["--mask-density", "0.25"], None, 0.25, id="density-flag"),
+    pytest.param("mask_density = 0.5\n", ["--mask-density", "0.25"], None, 0.25, id="same-field-flag"),
+])
+def test_a_mask_flag_replaces_the_files_masks_or_density(tmp_path, text, flags, masks, density):
+    cfg = tmp_path / "job.toml"
+    cfg.write_text(text)
+    job, opd = resolve(_args(["--config", str(cfg), *flags]))
+    assert opd.get("masks") == masks and job.mask_density == density
+
+
 @pytest.mark.parametrize("text,message", [
+    pytest.param('masks = "m.safetensors"\nmask_density = 0.5\n', "sets both masks and mask_density",
+                 id="masks-and-density"),
     pytest.param("lrr = 1e-3\n", "lrr: unknown field in config file", id="unknown-key"),
     pytest.param('objective = "kl"\n', "objective: must be one of", id="bad-objective"),
     pytest.param("steps = 0\n", "steps: must be >= 1", id="bad-steps"),
