@@ -10,7 +10,7 @@ Precedence: built-in defaults < `--config file.toml` < command-line flags. The T
 field of `OPDConfig` (objective, lr, horizon, masks, ...) or of the job (steps, batch_size, eval_size, out,
 teacher, student, device, mask_density); unknown keys and bad values are reported with the field's name.
 `masks` and `mask_density` exclude each other: a flag for one replaces the file's value of either, and a file may
-not set both.
+not set both. `checkpoint_dir` (default <out>/checkpoints) is honoured, relative to the working directory.
 """
 
 from __future__ import annotations
@@ -221,16 +221,18 @@ def _distill(job: DistillJob, opd: dict[str, Any], progress: bool, out) -> int:
 
     task = AdditionTask(digits=3)
     run_dir = Path(job.out or Path("fastopd-runs") / time.strftime("distill-%Y%m%d-%H%M%S"))
+    own_checkpoint_dir = opd.get("checkpoint_dir") is not None  # honoured; else <run folder>/checkpoints
     try:
-        config = OPDConfig(**{**opd, "max_new_tokens": task.max_new_tokens, "eos_token_id": EOS, "pad_token_id": PAD,
-                              "checkpoint_dir": str(run_dir / "checkpoints")})
+        config = OPDConfig(**{"checkpoint_dir": str(run_dir / "checkpoints"), **opd,
+                              "max_new_tokens": task.max_new_tokens, "eos_token_id": EOS, "pad_token_id": PAD})
         try:  # under torchrun this initializes the process group; every rank uses rank 0's run folder
             par = DataParallel.resolve(config.parallel, config.hsdp_shard_size)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         if par.active and job.out is None:
             run_dir = Path(par.gather_objects(str(run_dir))[0])
-            config = dataclasses.replace(config, checkpoint_dir=str(run_dir / "checkpoints"))
+            if not own_checkpoint_dir:
+                config = dataclasses.replace(config, checkpoint_dir=str(run_dir / "checkpoints"))
         device = torch.device(job.device)
         if device.type == "cpu":
             torch.set_num_threads(job.threads)
@@ -310,8 +312,9 @@ def _distill(job: DistillJob, opd: dict[str, Any], progress: bool, out) -> int:
     print(table, file=out)
     print(f"time: rollout {summary['rollout_s']:.1f} s, scoring {summary['scoring_s']:.1f} s, update "
           f"{summary['update_s']:.1f} s; {summary['tokens_generated']:,} tokens generated", file=out)
+    checkpoints = f", checkpoints{os.sep})" if not own_checkpoint_dir else f"); checkpoints: {config.checkpoint_dir}"
     print(f"run folder: {run_dir}{os.sep} (summary.md, metrics.jsonl, eval.jsonl, {', '.join(plots) or 'no plots'}"
-          f", checkpoints{os.sep})", file=out, flush=True)
+          f"{checkpoints}", file=out, flush=True)
     return 0
 
 

@@ -80,6 +80,19 @@ def test_tiny_run_writes_the_run_folder_and_resumes(tmp_path, capsys):
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
 
 
+@pytest.mark.skipif(not (ASSETS / "teacher" / "config.json").is_file(), reason="built-in models not present")
+def test_config_checkpoint_dir_is_honoured(tmp_path, capsys):
+    cfg = tmp_path / "job.toml"
+    cfg.write_text(f'checkpoint_dir = "{tmp_path / "elsewhere"}"\n')
+    argv = ["distill", "--config", str(cfg), "--steps", "1", "--batch-size", "2", "--num-samples", "1",
+            "--eval-size", "4", "--horizon", "full:4", "--out", str(tmp_path / "run")]
+    assert main(argv) == 0
+    assert (tmp_path / "elsewhere" / "step_00000001").is_dir() and not (tmp_path / "run" / "checkpoints").exists()
+    assert f"checkpoints: {tmp_path / 'elsewhere'}" in capsys.readouterr().out
+    assert main(argv[:4] + ["2"] + argv[5:] + ["--resume"]) == 0
+    assert f"resuming from {tmp_path / 'elsewhere' / 'step_00000001'}" in capsys.readouterr().out
+
+
 def test_missing_model_folder_is_reported(tmp_path, capsys):
     assert main(["distill", "--teacher", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
     assert "teacher:" in capsys.readouterr().err
