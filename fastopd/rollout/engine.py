@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,6 +25,36 @@ def _eos_ids(eos_token_id: int | Sequence[int] | None) -> list[int]:
     ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
     if not ids or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
         raise ValueError(f"eos_token_id must be None, a non-negative int or a list of them, got {eos_token_id!r}")
+    return ids
+
+
+def _index(value: Any) -> int:
+    """``operator.index(value)`` (ints, NumPy integers, one-element integer tensors), refusing bools (Python, NumPy or
+    tensor): token ids are integers, not flags.
+
+    Raises:
+        TypeError: a bool or a value without an exact integer value (floats, strings, ...).
+    """
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        raise TypeError(f"{value!r} is a bool")
+    return operator.index(value)
+
+
+def _row_ids(row: Sequence[Any], what: str, i: int) -> list[int]:
+    """Prompt row ``i`` as a list of ints.
+
+    Raises:
+        ValueError: an id that is not an integer (a float such as 1.7 is not truncated; a bool is refused).
+    """
+    if all(type(x) is int for x in row):  # the usual case: no call per id
+        return list(row)
+    ids = []
+    for j, x in enumerate(row):
+        try:
+            ids.append(_index(x))
+        except TypeError:
+            raise ValueError(f"{what}[{i}] is not a sequence of int token ids: {x!r} at position {j} (floats and "
+                             "bools are refused)") from None
     return ids
 
 
@@ -124,8 +155,9 @@ class RolloutEngine:
         Returns:
             a :class:`RolloutBatch` of ``B * num_samples`` rows; ``H`` is capped so that ``P + H`` fits the context.
         Raises:
-            ValueError: no prompts, an empty prompt, a token id outside ``[0, vocab)``, a prompt that does not fit
-                the model's context, or a schedule returning a non-positive horizon.
+            ValueError: no prompts, an empty prompt, a token id that is not an integer (a float or a bool, in a
+                list or as a tensor's dtype) or is outside ``[0, vocab)``, a prompt that does not fit the model's
+                context, or a schedule returning a non-positive horizon.
         """
         adapter = self.student
         ids, mask, lengths = self._pack_prompts(prompts, attention_mask, adapter, "prompts")
@@ -249,7 +281,8 @@ class RolloutEngine:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Left-padded ``ids [B, P]`` int64, ``mask [B, P]`` bool and ``lengths [B]`` on the model's device."""
         if isinstance(prompts, torch.Tensor):
-            if prompts.dim() != 2 or prompts.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            dtype = prompts.dtype
+            if prompts.dim() != 2 or dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
                 raise ValueError(f"{what} tensor must be integer ids [B, L], got {tuple(prompts.shape)} "
                                  f"{prompts.dtype}")
             if attention_mask is None:
@@ -263,7 +296,8 @@ class RolloutEngine:
         else:
             if attention_mask is not None:
                 raise ValueError("attention_mask is only accepted with a tensor of prompts")
-            rows = [p.tolist() if isinstance(p, torch.Tensor) else list(p) for p in prompts]
+            rows = [_row_ids(p.tolist() if isinstance(p, torch.Tensor) else list(p), what, i)
+                    for i, p in enumerate(prompts)]
         if not rows:
             raise ValueError(f"{what} is empty: need at least one prompt")
         for i, r in enumerate(rows):

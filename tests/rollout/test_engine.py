@@ -3,6 +3,7 @@
 import logging
 import weakref
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -417,6 +418,14 @@ def test_tensor_prompts_any_padding_side_equal_list_prompts():
     assert torch.equal(got.input_ids, ref.input_ids) and torch.equal(got.attention_mask, ref.attention_mask)
 
 
+def test_integer_like_prompt_ids_equal_int_lists():
+    """NumPy integer rows and integer tensor rows are token ids like Python ints (only bools and floats are not)."""
+    engine = RolloutEngine(builtin(), horizon=3, temperature=0)
+    ref = engine.generate(PROMPTS[:3])
+    got = engine.generate([np.array(PROMPTS[0]), torch.tensor(PROMPTS[1]), [np.int32(x) for x in PROMPTS[2]]])
+    assert torch.equal(got.input_ids, ref.input_ids)
+
+
 @pytest.mark.parametrize(
     "call,match",
     [pytest.param(lambda e: e.generate([]), "at least one prompt", id="no-prompts"),
@@ -426,6 +435,15 @@ def test_tensor_prompts_any_padding_side_equal_list_prompts():
      pytest.param(lambda e: e.generate([[-1, 3]]), "vocabulary", id="negative-id"),
      pytest.param(lambda e: e.generate([[1]], step=-1), "step", id="negative-step"),
      pytest.param(lambda e: e.generate(torch.ones(2, 3)), "integer ids", id="float-tensor"),
+     pytest.param(lambda e: e.generate(torch.ones(2, 3, dtype=torch.bool)), "integer ids", id="bool-tensor"),
+     pytest.param(lambda e: e.generate([[1, 2], [1.7, 2.9]]), r"prompts\[1\] .*1\.7 at position 0",
+                  id="float-ids-in-list"),
+     pytest.param(lambda e: e.generate([[1, 2], [3, 2.0]]), r"prompts\[1\] .*2\.0 at position 1",
+                  id="integral-float-id-in-list"),
+     pytest.param(lambda e: e.generate([[True, False]]), r"prompts\[0\] .*True at position 0", id="bool-ids-in-list"),
+     pytest.param(lambda e: e.generate([[1, 2], torch.tensor([1.0, 2.0])]), r"prompts\[1\] .*1\.0",
+                  id="float-tensor-row"),
+     pytest.param(lambda e: e.generate([torch.tensor([True, True])]), r"prompts\[0\] .*True", id="bool-tensor-row"),
      pytest.param(lambda e: e.generate(torch.ones(2, 3, dtype=torch.long), torch.ones(2, 4)), "does not match",
                   id="mask-shape")],
 )
