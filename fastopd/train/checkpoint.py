@@ -107,6 +107,14 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The step of a checkpoint folder (from its ``step_<k>`` name), e.g. of `latest_checkpoint`'s answer."""
+    m = _STEP_DIR.match(Path(path).name)
+    if m is None:
+        raise ValueError(f"{path} is not a checkpoint folder (step_<k>)")
+    return int(m.group(1))
+
+
 def save_checkpoint(
     directory: str | os.PathLike,
     step: int,

@@ -11,6 +11,7 @@ field of `OPDConfig` (objective, lr, horizon, masks, ...) or of the job (steps, 
 teacher, student, device, mask_density); unknown keys and bad values are reported with the field's name.
 `masks` and `mask_density` exclude each other: a flag for one replaces the file's value of either, and a file may
 not set both. `checkpoint_dir` (default <out>/checkpoints) is honoured, relative to the working directory.
+`--resume` needs `--out DIR`; a run folder without a checkpoint starts a fresh run (with a notice).
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, dest="checkpoint_every",
                    help="checkpoint every N steps (default: only at the end)")
     p.add_argument("--resume", action="store_true", default=None,
-                   help="continue from the newest checkpoint in the run folder")
+                   help="continue the run in --out DIR (required) from its newest checkpoint up to --steps; "
+                        "without a checkpoint there, start a fresh run (with a notice)")
     p.add_argument("--out", metavar="DIR", help="run folder (default ./fastopd-runs/distill-<time>)")
     p.add_argument("--teacher", metavar="DIR", help="teacher folder (fastopd.models.Transformer.save_pretrained); "
                                                     "default: the built-in addition teacher")
@@ -216,6 +218,7 @@ def _distill(job: DistillJob, opd: dict[str, Any], progress: bool, out) -> int:
 
     from fastopd.distributed.data_parallel import DataParallel
     from fastopd.models import Transformer
+    from fastopd.train import checkpoint as ckpt
     from fastopd.train.task import EOS, PAD, AdditionEvaluator, AdditionTask, accuracy
     from fastopd.train.trainer import OPDTrainer, peak_memory_mb
 
@@ -223,8 +226,25 @@ def _distill(job: DistillJob, opd: dict[str, Any], progress: bool, out) -> int:
     run_dir = Path(job.out or Path("fastopd-runs") / time.strftime("distill-%Y%m%d-%H%M%S"))
     own_checkpoint_dir = opd.get("checkpoint_dir") is not None  # honoured; else <run folder>/checkpoints
     try:
+        if opd.get("resume") and job.out is None:
+            raise ConfigError("resume: --resume needs --out DIR (the run folder to continue)")
         config = OPDConfig(**{"checkpoint_dir": str(run_dir / "checkpoints"), **opd,
                               "max_new_tokens": task.max_new_tokens, "eos_token_id": EOS, "pad_token_id": PAD})
+        try:
+            device = torch.device(job.device)
+        except RuntimeError:
+            raise ConfigError(f"device: {job.device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device: {job.device!r} requested but no CUDA device is visible")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device: {job.device!r} requested but only {torch.cuda.device_count()} CUDA "
+                              "device(s) are visible")
+        if isinstance(config.masks, (str, os.PathLike)) and not Path(config.masks).is_file():
+            raise ConfigError(f"masks: {os.fspath(config.masks)} is not a file (a fastopd.optim.masks file)")
+        found = ckpt.latest_checkpoint(config.checkpoint_dir) if config.resume else None
+        if found is not None and job.steps < ckpt.checkpoint_step(found):
+            raise ConfigError(f"steps: {job.steps} is below the step the run already reached "
+                              f"({ckpt.checkpoint_step(found)}, {found}); a resumed run continues up to --steps")
         try:  # under torchrun this initializes the process group; every rank uses rank 0's run folder
             par = DataParallel.resolve(config.parallel, config.hsdp_shard_size)
         except ValueError as exc:
@@ -233,11 +253,8 @@ def _distill(job: DistillJob, opd: dict[str, Any], progress: bool, out) -> int:
             run_dir = Path(par.gather_objects(str(run_dir))[0])
             if not own_checkpoint_dir:
                 config = dataclasses.replace(config, checkpoint_dir=str(run_dir / "checkpoints"))
-        device = torch.device(job.device)
         if device.type == "cpu":
             torch.set_num_threads(job.threads)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("device: 'cuda' requested but no CUDA device is visible")
         teacher_dir = Path(job.teacher) if job.teacher else ASSETS / "teacher"
         student_dir = Path(job.student) if job.student else ASSETS / "student"
         for name, d in (("teacher", teacher_dir), ("student", student_dir)):
@@ -262,7 +279,7 @@ def _distill(job: DistillJob, opd: dict[str, Any], progress: bool, out) -> int:
         out = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the process)
     if par.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if not config.resume:
+        if found is None:  # a fresh run (resumed runs rewrite these from the checkpoint's histories)
             for stale in ("metrics.jsonl", "eval.jsonl"):
                 (run_dir / stale).unlink(missing_ok=True)
         resolved = {**dataclasses.asdict(job), **config.to_dict(), "teacher": str(teacher_dir),
@@ -284,8 +301,10 @@ def _distill(job: DistillJob, opd: dict[str, Any], progress: bool, out) -> int:
           f"student {sum(p.numel() for p in student.parameters()):,} params; objective {config.objective}, "
           f"{job.steps} steps x {job.batch_size} prompts x {config.num_samples} samples, horizon "
           f"{_horizon_text(config)}{mask_note}{ranks}", file=out, flush=True)
-    if trainer.global_step:
+    if trainer.resumed_from is not None:
         print(f"resuming from {trainer.resumed_from} (step {trainer.global_step})", file=out, flush=True)
+    elif config.resume:
+        print(f"no checkpoint in {config.checkpoint_dir}: starting a fresh run", file=out, flush=True)
     history = trainer.train(lambda k: task.train_prompts(k, job.batch_size, seed=config.seed), job.steps,
                             progress=progress)
     wall = time.perf_counter() - t0

@@ -63,10 +63,13 @@ def test_summary_table_lists_everything():
 @pytest.mark.skipif(not (ASSETS / "teacher" / "config.json").is_file(), reason="built-in models not present")
 def test_tiny_run_writes_the_run_folder_and_resumes(tmp_path, capsys):
     out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')  # left by a run killed before its first checkpoint
     argv = ["distill", "--steps", "2", "--batch-size", "2", "--num-samples", "2", "--eval-size", "8",
             "--horizon", "full:6", "--mask-density", "0.5", "--out", str(out)]
-    assert main(argv) == 0
+    assert main(argv + ["--resume"]) == 0  # nothing to resume: a fresh run, with a notice
     text = capsys.readouterr().out
+    assert f"no checkpoint in {out / 'checkpoints'}: starting a fresh run" in text
     assert "student accuracy" in text and "teacher accuracy" in text and "run folder" in text
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and 0 <= summary["student_accuracy_after"] <= 1
@@ -78,6 +81,29 @@ def test_tiny_run_writes_the_run_folder_and_resumes(tmp_path, capsys):
     assert "resuming from" in capsys.readouterr().out
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
+
+
+@pytest.mark.parametrize("argv,message", [
+    pytest.param(["--masks", "/nonexistent/m.safetensors"], "masks: /nonexistent/m.safetensors is not a file",
+                 id="missing-masks-file"),
+    pytest.param(["--device", "gpu"], "device: 'gpu' is not a torch device", id="bad-device"),
+    pytest.param(["--resume", "--steps", "2"], "steps: 2 is below the step the run already reached (3",
+                 id="resume-below-reached-step"),
+])
+def test_bad_flags_are_reported_before_anything_is_written(tmp_path, capsys, argv, message):
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step_00000003").mkdir(parents=True)  # a run that reached step 3
+    assert main(["distill", *argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastopd distill: error: ") and message in err and "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints"]
+
+
+def test_resume_needs_out(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # where a fresh run's default folder would go
+    assert main(["distill", "--resume", "--steps", "1", "--eval-size", "4"]) == 2
+    assert list(tmp_path.iterdir()) == []
+    assert "resume: --resume needs --out DIR" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not (ASSETS / "teacher" / "config.json").is_file(), reason="built-in models not present")
