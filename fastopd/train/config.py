@@ -89,7 +89,8 @@ class OPDConfig:
         objective: "fkl" (KL(teacher||student)), "rkl" (KL(student||teacher)), "jsd" (generalized JSD, `beta`)
             on the full vocabulary at every sampled position; or "pg": the sampled-token reverse KL
             r_t = log p_s(y_t) - log p_t(y_t) used as a per-token (detached) cost in an importance-sampled
-            policy gradient, loss = sum_t w_t * r_t * (-log p_s(y_t)) / tokens with w_t = min(ratio_t, pg_ratio_cap).
+            policy gradient, loss = sum_t w_t * r_t * log p_s(y_t) / tokens with w_t = min(ratio_t, pg_ratio_cap)
+            (r_t is a cost: minimizing the loss lowers log p_s of the tokens the student over-weights, r_t > 0).
         beta: the JSD mixture weight (0 = fkl, 1 = rkl; TRL's convention).
         temperature: sampling temperature of the rollouts and the temperature of the loss.
         top_k, top_p: sampling filters (0 / 1.0 = off). With either on, "pg"'s importance ratio is only approximate.

@@ -13,9 +13,10 @@ Objectives. "fkl" / "rkl" / "jsd" take the full-vocabulary divergence at every s
 completion tokens). "pg" uses the sampled-token reverse KL r_t = log p_s(y_t) - log p_t(y_t) as a per-token cost
 (reward -r_t, no credit to earlier tokens, no baseline) in an importance-sampled policy gradient:
 
-    loss = -(1/N) sum_t  w_t * r_t * log p_s(y_t),    w_t = min(p_s(y_t) / q(y_t), pg_ratio_cap),
+    loss = (1/N) sum_t  w_t * r_t * log p_s(y_t),    w_t = min(p_s(y_t) / q(y_t), pg_ratio_cap),
 
-r_t and w_t detached, q the sampling distribution (the rollout's log-probs). Its gradient is
+r_t and w_t detached, q the sampling distribution (the rollout's log-probs). r_t is a cost, hence the + sign:
+minimizing the loss lowers log p_s of tokens the student over-weights (r_t > 0). Its gradient is
 (1/N) sum_t w_t r_t grad log p_s(y_t), the per-token REINFORCE estimate of grad E_y~q[sum_t r_t]. The per-token
 -log p_s(y_t) is the hard-label term of `fused_linear_divergence(reduction="none")`, which also returns both
 models' log-probs of y_t as statistics, so one fused call serves the loss and the reward.

@@ -61,7 +61,7 @@ def _reference_losses(trainer, batch):
     cfg = trainer.config
     if cfg.objective == "pg":
         w = (lps - batch.logprobs.double()).exp().clamp(max=cfg.pg_ratio_cap)
-        loss = (w * r * lps).sum() / n  # -(w r (-log p))
+        loss = (w * r * lps).sum() / n  # (1/N) sum w r log p_s: r is a cost
     elif cfg.objective == "rkl":
         loss = ((ls.exp() * (ls - lt)).sum(-1) * mask).sum() / n
     else:
@@ -82,7 +82,7 @@ def test_loss_matches_float64_reference(objective, temperature):
 
 
 def test_pg_gradient_is_the_importance_weighted_policy_gradient():
-    """d loss / d logits of the pg surrogate = -(1/N) w r (onehot(y) - p_s), checked against autograd in float64."""
+    """d loss / d logits of the pg surrogate = (1/N) w r (onehot(y) - p_s), checked against autograd in float64."""
     trainer = OPDTrainer(_tiny(4), _tiny(5), _config(objective="pg"))
     torch.manual_seed(1)
     batch = trainer.engine.generate(_prompts(1, 3))
@@ -101,7 +101,7 @@ def test_pg_gradient_is_the_importance_weighted_policy_gradient():
     lps = ls.gather(-1, y[..., None])[..., 0]
     coef = ((lps - lt.gather(-1, y[..., None])[..., 0]) * (lps - batch.logprobs.double()).exp().clamp(max=2.0)
             * mask).detach()
-    (-(coef * lps).sum() / n).neg().backward()  # surrogate: sum coef * log p / N, sign as in the trainer
+    ((coef * lps).sum() / n).backward()  # surrogate: (1/N) sum w r log p_s, r a cost (the documented sign)
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(hs.grad.double(), h.grad, rtol=1e-4, atol=1e-7)
 
