@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -20,10 +20,15 @@ Prompts = Sequence[Sequence[int]] | Sequence[torch.Tensor] | torch.Tensor
 
 
 def _eos_ids(eos_token_id: int | Sequence[int] | None) -> list[int]:
+    """The EOS ids as Python ints: one id or a sequence of them (ints, NumPy integers, 0-d tensors, a 1-D tensor)."""
     if eos_token_id is None:
         return []
-    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    if not ids or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
+    scalar = getattr(eos_token_id, "ndim", None) == 0 or not isinstance(eos_token_id, Iterable)
+    try:
+        ids = [_index(i) for i in ([eos_token_id] if scalar else eos_token_id)]
+    except TypeError:
+        ids = []
+    if not ids or any(i < 0 for i in ids):
         raise ValueError(f"eos_token_id must be None, a non-negative int or a list of them, got {eos_token_id!r}")
     return ids
 
@@ -115,7 +120,13 @@ class RolloutEngine:
         self.top_k = top_k
         self.top_p = float(top_p)
         self.eos_ids = _eos_ids(eos_token_id)
-        self.pad_token_id = pad_token_id if pad_token_id is not None else (self.eos_ids[0] if self.eos_ids else 0)
+        if pad_token_id is None:
+            self.pad_token_id = self.eos_ids[0] if self.eos_ids else 0
+        else:
+            try:
+                self.pad_token_id = _index(pad_token_id)
+            except TypeError:
+                raise ValueError(f"pad_token_id must be None or an int, got {pad_token_id!r}") from None
         for adapter in (self.student, self.teacher):
             if adapter is not None:
                 self._check_special_ids(adapter)
@@ -205,12 +216,16 @@ class RolloutEngine:
             teacher_prompts: privileged context: ``B`` prompts (one per student prompt) or ``B*n`` (one per row) that
                 the teacher sees instead of the student's prompt, before the same completion tokens.
         Raises:
-            ValueError: no teacher, a prompt count that matches neither ``B`` nor ``B*n``, ids outside the
-                teacher's vocabulary, or prompt + horizon beyond the teacher's context.
+            ValueError: no teacher, ``teacher_attention_mask`` without ``teacher_prompts``, a prompt count that
+                matches neither ``B`` nor ``B*n``, ids outside the teacher's vocabulary, or prompt + horizon beyond
+                the teacher's context.
         """
         teacher = self.teacher
         if teacher is None:
             raise ValueError("RolloutEngine.score needs a teacher: pass teacher=... to RolloutEngine")
+        if teacher_prompts is None and teacher_attention_mask is not None:
+            raise ValueError("teacher_attention_mask is the mask of a teacher_prompts tensor; it was given without "
+                             "teacher_prompts (the batch's own prompts carry their mask)")
         rows, n, h = batch.input_ids.shape[0], batch.num_samples, batch.horizon
         if teacher_prompts is None:
             ids, mask = batch.input_ids[::n, : batch.prompt_width], batch.attention_mask[::n, : batch.prompt_width]
@@ -265,7 +280,7 @@ class RolloutEngine:
 
     def _check_special_ids(self, adapter: ModelAdapter) -> None:
         for name, i in [("eos_token_id", e) for e in self.eos_ids] + [("pad_token_id", self.pad_token_id)]:
-            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < adapter.vocab_size:
+            if not 0 <= i < adapter.vocab_size:
                 raise ValueError(f"{name}={i!r} is outside the vocabulary [0, {adapter.vocab_size}) of "
                                  f"{type(adapter.model).__name__}")
 

@@ -462,11 +462,34 @@ def test_bad_input_raises(call, match):
      pytest.param(dict(horizon=4, top_p=0.0), "top_p", id="top_p0"),
      pytest.param(dict(horizon=4, top_k=-3), "top_k", id="neg-topk"),
      pytest.param(dict(horizon=4, eos_token_id=VOCAB), "eos_token_id", id="eos-outside-vocab"),
-     pytest.param(dict(horizon=4, pad_token_id=VOCAB + 5), "pad_token_id", id="pad-outside-vocab")],
+     pytest.param(dict(horizon=4, pad_token_id=VOCAB + 5), "pad_token_id", id="pad-outside-vocab"),
+     pytest.param(dict(horizon=4, eos_token_id=True), "eos_token_id", id="eos-bool"),
+     pytest.param(dict(horizon=4, eos_token_id=[3, np.True_]), "eos_token_id", id="eos-numpy-bool-in-list"),
+     pytest.param(dict(horizon=4, eos_token_id=torch.tensor(3.0)), "eos_token_id", id="eos-float-tensor"),
+     pytest.param(dict(horizon=4, eos_token_id=torch.tensor(VOCAB)), r"eos_token_id=96 is outside",
+                  id="eos-tensor-outside-vocab"),
+     pytest.param(dict(horizon=4, pad_token_id=np.float64(3.0)), "pad_token_id", id="pad-numpy-float"),
+     pytest.param(dict(horizon=4, pad_token_id=torch.tensor(True)), "pad_token_id", id="pad-bool-tensor")],
 )
 def test_bad_engine_settings_raise(kw, match):
     with pytest.raises(ValueError, match=match):
         RolloutEngine(builtin(), **kw).generate([[1, 2]])
+
+
+@pytest.mark.parametrize("eos,pad,eos_ids", [
+    pytest.param(np.int64(3), np.int64(7), [3], id="numpy-ints"),
+    pytest.param(torch.tensor(3), torch.tensor(7), [3], id="0d-tensors"),
+    pytest.param([np.int32(3), torch.tensor(5)], np.int64(7), [3, 5], id="list-of-int-likes"),
+    pytest.param(torch.tensor([3, 5]), 7, [3, 5], id="1d-tensor-eos")])
+def test_int_like_special_ids_equal_python_ints(eos, pad, eos_ids):
+    """eos_token_id/pad_token_id given as NumPy integers or integer tensors act as the same Python ints."""
+    model = builtin()
+    engine = RolloutEngine(model, horizon=6, temperature=0, eos_token_id=eos, pad_token_id=pad)
+    assert engine.eos_ids == eos_ids and all(type(i) is int for i in engine.eos_ids)
+    assert engine.pad_token_id == 7 and type(engine.pad_token_id) is int
+    ref = RolloutEngine(model, horizon=6, temperature=0, eos_token_id=eos_ids, pad_token_id=7)
+    got, want = engine.generate(PROMPTS), ref.generate(PROMPTS)
+    assert torch.equal(got.input_ids, want.input_ids) and torch.equal(got.completion_mask, want.completion_mask)
 
 
 def test_score_errors():
@@ -474,6 +497,8 @@ def test_score_errors():
     batch = RolloutEngine(s, horizon=3).generate([[1, 2]])
     with pytest.raises(ValueError, match="needs a teacher"):
         RolloutEngine(s, horizon=3).score(batch)
+    with pytest.raises(ValueError, match="teacher_attention_mask .* without teacher_prompts"):
+        RolloutEngine(s, teacher=s, horizon=3).score(batch, teacher_attention_mask=torch.ones(1, 2))
     small_vocab = Transformer(TransformerConfig(vocab_size=8, hidden_size=16, intermediate_size=16, num_layers=1,
                                                 num_heads=2))
     batch.input_ids[:, -1] = 50
