@@ -9,6 +9,7 @@ import torch
 
 from fastopd.analysis.analyze import NULL_MODES, MismatchError, analyze_update
 from fastopd.analysis.io import CheckpointError
+from fastopd.analysis.report import nonfinite_line
 from fastopd.analysis.stats import AnalysisConfig
 
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
@@ -59,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"analysed {s['tensors']} tensors ({s['numel']:,} parameters) in {report.meta['seconds']:.1f} s: "
           f"{s['density_exact']:.4g} of coordinates changed; FFN share: {s['ffn_share_params']:.3g} of parameters, "
           f"{s['ffn_share_updated'] or 0:.3g} of changed coordinates, {s['ffn_share_energy'] or 0:.3g} of energy")
+    if s["nonfinite_tensors"]:
+        print(f"  ! non-finite values, taken as 0 in energies and spectra: {nonfinite_line(s)}")
     for f in report.findings:
         print(f"  - {f['claim']}: {f['verdict']}")
     if report.mismatches:

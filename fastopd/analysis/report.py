@@ -194,6 +194,8 @@ class UpdateReport:
                  f"- changed coordinates (bitwise): {s['changed']:,} = **{_f(s['density_exact'])}** of parameters",
                  f"- FFN share: {_f(s['ffn_share_params'])} of parameters, **{_f(s['ffn_share_updated'])}** of "
                  f"changed coordinates, **{_f(s['ffn_share_energy'])}** of update energy", ""]
+        if s.get("nonfinite_tensors"):
+            lines[-1:-1] = [f"- **non-finite values** (taken as 0 in energies and spectra): {nonfinite_line(s)}"]
         if self.mismatches:
             lines += ["**Mismatches (analysed the common tensors only):** " + ", ".join(
                 f"{k}: {len(v)}" for k, v in self.mismatches.items() if v), ""]
@@ -220,6 +222,14 @@ class UpdateReport:
                          f"{_f((t.get('enrichment_small') or {}).get(SMALL_Q))} |")
         lines += ["", f"(these tensors hold {_f(sum(t['energy'] for _, t in top) / tot_e)} of the update energy)"]
         return "\n".join(lines) + "\n"
+
+
+def nonfinite_line(summary: dict) -> str:
+    """What the summary's NaN/Inf counts say, in one line (report.md and the command line)."""
+    names = summary["nonfinite_tensors"]
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return (f"{summary['nonfinite_delta']:,} changed coordinates with a NaN/Inf Delta, {summary['nonfinite_base']:,} "
+            f"NaN/Inf base values, in {len(names)} tensors ({shown})")
 
 
 def _f(x) -> str:
@@ -274,6 +284,11 @@ def build_report(tensors: dict[str, dict], meta: dict, mismatches: dict, skipped
         "ffn_share_updated": _ratio(sum(t["changed"] for t in ffn), changed),
         "ffn_share_energy": _ratio(sum(t["energy"] for t in ffn), energy),
         "null_tensors": sum(1 for t in tensors.values() if t.get("null")),
+        # NaN/Inf: counted per tensor, taken as 0 in energies, Grams and spectra (stats.py)
+        "nonfinite_delta": sum(t.get("nonfinite_delta", 0) for t in tensors.values()),
+        "nonfinite_base": sum(t.get("nonfinite_base", 0) for t in tensors.values()),
+        "nonfinite_tensors": sorted(n for n, t in tensors.items()
+                                    if t.get("nonfinite_delta") or t.get("nonfinite_base")),
     }
     return UpdateReport(tensors=tensors, summary=summary, by_layer=by_layer, by_kind=by_kind,
                         findings=_findings(tensors, summary), meta=meta, mismatches=mismatches, skipped=skipped,

@@ -2,7 +2,11 @@
 
 Delta = tuned - base is formed from the values in the storage dtype (bitwise comparison for "unchanged";
 the difference itself in fp32 for 16-bit storage and fp64 otherwise, which is exact for the usual
-exponent gaps). Passes, for a tensor viewed as a matrix X [m', n'] with m' >= n' (transposed if wide):
+exponent gaps). Non-finite values (a weight that is or became NaN/Inf) are counted and taken as 0 in every
+sum: `nonfinite_delta` counts the changed coordinates with a non-finite Delta (changed, and beyond every
+atol), `nonfinite_base` the NaN/Inf base values (0 in RMS(base), the base Gram and the rounding null); an
+unchanged NaN weight has Delta 0, its bits being equal. Passes, for a tensor viewed as a matrix X [m', n'],
+m' >= n' (transposed if wide):
 
 1. Gram pass: G_delta = D^T D in float64 (rows of X in chunks): its eigenvalues are the squared
    singular values, the full spectrum, not a truncation. G_base = X^T X in float32 (only its top
@@ -70,6 +74,11 @@ def _mant_digits(dt: torch.dtype) -> int:
 def _hi16(x_abs: torch.Tensor) -> torch.Tensor:
     """Top 16 bits of the fp32 pattern of a non-negative tensor: monotone in the value, bf16 resolution."""
     return x_abs.to(torch.float32).view(torch.int32) >> 16
+
+
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    """x with NaN and +-Inf replaced by 0 (a new tensor: `x` may be the caller's or a memory map)."""
+    return torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _strictly_below(x: float, dtype: torch.dtype) -> float:
@@ -172,7 +181,7 @@ def _ulp_buckets(joint: torch.Tensor, hist_b: torch.Tensor, hist_upd: torch.Tens
     changed_by_exp = hist_upd.view(_NEXP, -1).sum(1)
     e_d = torch.arange(1, _NEXP)
     out = []
-    for e in torch.nonzero(count_by_exp).flatten().tolist():
+    for e in torch.nonzero(count_by_exp[: _NEXP - 1]).flatten().tolist():  # exponent 255: NaN/Inf, not a range
         n, ch = int(count_by_exp[e]), int(changed_by_exp[e])
         r = (e_d - max(e, emin) + p - 1).clamp(_R_LO, _R_HI) - _R_LO
         h = torch.zeros(_R_HI - _R_LO + 1, dtype=torch.int64).index_add_(0, r, joint[1:, e])
@@ -215,7 +224,7 @@ class _RoundingNull:
     """
 
     def __init__(self, xb: _TensorView, name: str, cfg: AnalysisConfig, storage: torch.dtype, comp: torch.dtype,
-                 target_energy_per_elem: float):
+                 target_energy_per_elem: float, nonfinite: bool):
         self.storage, self.comp = storage, comp
         self.round_to = cfg.null_dtype or storage
         r = max(1, min(cfg.null_rank, xb.nx))
@@ -225,6 +234,7 @@ class _RoundingNull:
         k = max(1, min(xb.mx, (1 << 14) // xb.nx))
         idx = torch.randperm(xb.mx, generator=g)[:k].sort().values
         base = xb.take_rows(idx).to(storage).to(comp)
+        base = _finite(base) if nonfinite else base
         u = self.a[idx] @ self.b.T
         lo, hi = -30.0, 30.0
         rms = math.sqrt(target_energy_per_elem)
@@ -306,13 +316,17 @@ def analyze_tensor(name: str, base: torch.Tensor, tuned: torch.Tensor, cfg: Anal
     gb = torch.zeros(xb.nx, xb.nx, dtype=torch.float32) if spectral else None
     gd = torch.zeros(xb.nx, xb.nx, dtype=torch.float64) if spectral else None
     base_sq = delta_sq = 0.0
+    nonfinite = False  # any NaN/Inf Delta in this tensor (a NaN/Inf base value gives one): later passes sanitize
     for r0, r1 in _chunks(xb.mx, xb.nx, cfg.chunk_elems):
         b, t = rows(r0, r1)
         b64 = b.to(torch.float64)
         d64 = t.to(torch.float64) - b64
+        if not bool(d64.isfinite().all()):  # a NaN/Inf base value makes Delta non-finite as well
+            nonfinite = True
+            d64, b64 = _finite(d64), _finite(b64)
         base_sq += float(torch.dot(b64.flatten(), b64.flatten()))
         if spectral:
-            b32 = b.to(torch.float32)
+            b32 = b64.to(torch.float32)
             gb.addmm_(b32.T, b32)
             if d64.any():
                 gd.addmm_(d64.T, d64)
@@ -339,13 +353,21 @@ def analyze_tensor(name: str, base: torch.Tensor, tuned: torch.Tensor, cfg: Anal
     emin = int(math.log2(torch.finfo(storage).tiny)) + 127  # biased exponent of the smallest normal
     rows_native = xb.t2.shape[0]
     row_len = xb.t2.shape[1]
+    n_nonfinite = 0
     for r0, r1 in _chunks(rows_native, row_len, cfg.chunk_elems):
         b, t = xb.t2[r0:r1].to(storage), xt.t2[r0:r1].to(storage)
         changed = b.view(ibits) != t.view(ibits)
         bc = b.to(comp)
         d = t.to(comp) - bc
-        ad = d.abs()
-        le_counts += torch.bincount(torch.bucketize(ad.flatten(), bounds).flatten(), minlength=len(bounds) + 1)
+        ad_thr = ad = d.abs()
+        bad = ~d.isfinite()
+        if bool(bad.any()):
+            nonfinite = True
+            ad = _finite(ad)
+            bad &= changed                       # an unchanged NaN/Inf weight: Delta 0, not counted
+            n_nonfinite += int(bad.sum())
+            ad_thr = ad.masked_fill(bad, math.inf)  # beyond every atol, below no tau
+        le_counts += torch.bincount(torch.bucketize(ad_thr.flatten(), bounds).flatten(), minlength=len(bounds) + 1)
         key_d = _hi16(ad)
         hist_d += torch.bincount(key_d.flatten(), minlength=_NBINS)
         hist_dw += torch.bincount(key_d.flatten(), weights=ad.flatten().to(torch.float64).square(), minlength=_NBINS)
@@ -353,9 +375,11 @@ def analyze_tensor(name: str, base: torch.Tensor, tuned: torch.Tensor, cfg: Anal
         hist_b2 += torch.bincount((key_b | (changed.to(torch.int32) << 15)).flatten(), minlength=2 * _NBINS)
         joint += torch.bincount((((key_d >> 7) << 8) | (key_b >> 7)).flatten(), minlength=_NEXP * _NEXP)
         if mask_sink is not None:
-            mask_sink(changed if cfg.mask_atol is None else ad > cfg.mask_atol)
+            mask_sink(changed if cfg.mask_atol is None else ad_thr > cfg.mask_atol)
     n_changed = int(hist_b2[_NBINS:].sum())
     out["changed"] = n_changed
+    out["nonfinite_delta"] = n_nonfinite
+    out["nonfinite_base"] = int(hist_b2.view(2, _NEXP, -1)[:, _NEXP - 1].sum())  # fp32 exponent 255: NaN/Inf
     out["density_exact"] = n_changed / numel if numel else 0.0
     le_cum = torch.cumsum(le_counts, 0)  # le_cum[j] = #(|Delta| <= bounds[j])
     below = {thresholds[i][0]: int(le_cum[j]) for j, i in enumerate(order)}
@@ -397,34 +421,35 @@ def analyze_tensor(name: str, base: torch.Tensor, tuned: torch.Tensor, cfg: Anal
             out["null"] = None
         return out, spectra
     top = _TopEnergy(hist_d, hist_dw, delta_sq, numel, cfg)
+    fin = _finite if nonfinite else (lambda x: x)
     obs = _Accum(xb.nx, kmax, with_gram=False, track_energy=False)
     obs.energy = delta_sq
     shuf = rnd = None
     if null_models:
         shuf = _Accum(xb.nx, kmax, with_gram=spectral)
         rnd = _Accum(xb.nx, kmax, with_gram=spectral)
-        rounding = _RoundingNull(xb, name, cfg, storage, comp, delta_sq / numel)
+        rounding = _RoundingNull(xb, name, cfg, storage, comp, delta_sq / numel, nonfinite)
         g_shuf = _gen(cfg.seed, name, "shuffle")
         exact = numel <= cfg.exact_shuffle_max
         if exact:
-            dflat = (tuned.reshape(-1).to(storage).to(comp) - base.reshape(-1).to(storage).to(comp))
+            dflat = fin(tuned.reshape(-1).to(storage).to(comp) - base.reshape(-1).to(storage).to(comp))
             perm = torch.randperm(numel, generator=g_shuf)
         bflat, tflat = base.reshape(-1), tuned.reshape(-1)
     for r0, r1 in _chunks(xb.mx, xb.nx, cfg.chunk_elems):
         b, t = rows(r0, r1)
-        bc = b.to(comp)
+        b_raw = b.to(comp)
+        d, bc = fin(t.to(comp) - b_raw), fin(b_raw)
         ub = (bc @ vk) * inv_s if kmax else None
-        d = t.to(comp) - bc
         top.add(d.abs())
         obs.add(d, ub, vk, None, None)
         if not null_models:
             continue
-        key_b = _hi16(bc.abs())
+        key_b = _hi16(b_raw.abs())  # binned as in the elementwise pass (NaN/Inf base: exponent 255)
         if exact:
             s = dflat[perm[r0 * xb.nx: r1 * xb.nx]].view(r1 - r0, xb.nx)
         else:
             idx = torch.randint(numel, ((r1 - r0) * xb.nx,), generator=g_shuf)
-            s = (tflat[idx].to(storage).to(comp) - bflat[idx].to(storage).to(comp)).view(r1 - r0, xb.nx)
+            s = fin(tflat[idx].to(storage).to(comp) - bflat[idx].to(storage).to(comp)).view(r1 - r0, xb.nx)
         shuf.add(s, ub, vk, key_b, s != 0)
         dn = rounding.chunk(bc, r0, r1)
         rnd.add(dn, ub, vk, key_b, dn != 0)

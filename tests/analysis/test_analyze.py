@@ -190,6 +190,34 @@ def test_mismatched_names_and_shapes_are_listed(tmp_path):
         "model.layers.0.extra.weight"]
 
 
+def test_nonfinite_delta_is_reported_and_the_other_tensors_are_analysed(tmp_path, capsys):
+    base = _llama(0, layers=1, dtype=torch.float32)
+    tuned = _bump(base, lambda n: "mlp" in n or "q_proj" in n)
+    up, down = "model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.down_proj.weight"
+    tuned[up][3, 5] = float("inf")   # a diverged weight
+    base[down][1, 2] = float("nan")  # a NaN weight the run left alone
+    tuned[down][1, 2] = float("nan")
+    fb, ft = tmp_path / "b.safetensors", tmp_path / "t.safetensors"
+    save_file(base, str(fb))
+    save_file(tuned, str(ft))
+    out = tmp_path / "o"
+    assert cli_main(["analyze", str(fb), str(ft), "--out", str(out), "--quiet", "--no-plots",
+                     "--null-models", "all"]) == 0
+    printed = capsys.readouterr().out
+    assert "non-finite values" in printed and "1 changed coordinates with a NaN/Inf Delta" in printed
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["summary"]["nonfinite_delta"] == 1 and rep["summary"]["nonfinite_base"] == 1
+    assert rep["summary"]["nonfinite_tensors"] == sorted([up, down])
+    assert rep["tensors"][up]["nonfinite_delta"] == 1 and rep["tensors"][down]["nonfinite_base"] == 1
+    assert rep["tensors"][up]["numerical_rank"] is not None and rep["tensors"][down]["null"] is not None
+    assert "non-finite values" in (out / "report.md").read_text()
+    # the tensors without NaN/Inf get exactly the metrics they get on their own
+    q = "model.layers.0.self_attn.q_proj.weight"
+    alone = analyze_update({q: base[q]}, {q: tuned[q]}, null_models="all", progress=False).tensors[q]
+    for key in ("energy", "numerical_rank", "topk_energy", "energy_top", "null"):
+        assert rep["tensors"][q][key] == json.loads(json.dumps(alone[key])), key
+
+
 def test_dtype_mismatch_needs_dtype_option():
     base = {"w": torch.randn(8, 8)}
     tuned = {"w": (base["w"] + 1).bfloat16()}

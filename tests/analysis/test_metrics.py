@@ -195,6 +195,59 @@ def test_unchanged_tensor_reports_zeros_not_nan():
     assert out["energy_top"]["1%"] is None and out["null"] is None
 
 
+def _with_nonfinite(case: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(6)
+    base = torch.randn(24, 17, generator=g).to(dtype)
+    tuned = torch.where(torch.rand(base.shape, generator=g) < 0.3, (base.float() + 0.01).to(dtype), base)
+    nan, inf = float("nan"), float("inf")
+    if case == "became-nan":
+        tuned[0, 0], tuned[5, 3] = nan, nan
+    elif case == "became-inf":
+        tuned[2, 1], tuned[7, 9] = inf, -inf
+    elif case == "unchanged-nan":   # NaN - NaN = NaN, but the stored value did not change
+        base[3, 3] = nan
+        tuned[3, 3] = base[3, 3]
+    elif case == "inf-to-finite":
+        base[4, 4] = inf
+        tuned[4, 4] = 1.0
+    return base, tuned
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
+@pytest.mark.parametrize("case,n_delta,n_base", [
+    pytest.param("became-nan", 2, 0, id="became-nan"),
+    pytest.param("became-inf", 2, 0, id="became-inf"),
+    pytest.param("unchanged-nan", 0, 1, id="unchanged-nan"),
+    pytest.param("inf-to-finite", 1, 1, id="inf-to-finite"),
+])
+def test_nonfinite_deltas_are_counted_and_excluded_from_energy_and_spectra(case, n_delta, n_base, dtype):
+    base, tuned = _with_nonfinite(case, dtype)
+    out, spectra = analyze_tensor("w", base, tuned, SMALL_CHUNKS, null_models=True)
+    assert out["nonfinite_delta"] == n_delta and out["nonfinite_base"] == n_base
+    changed = base.view(torch.int16 if dtype.itemsize == 2 else torch.int32) != tuned.view(
+        torch.int16 if dtype.itemsize == 2 else torch.int32)
+    assert out["changed"] == int(changed.sum())
+    # float64 reference: Delta = 0 where the stored value is unchanged; non-finite Delta taken as 0
+    d = torch.where(changed, tuned.to(torch.float64) - base.to(torch.float64), 0.0)
+    bad = ~d.isfinite()
+    assert int(bad.sum()) == n_delta
+    d = d.masked_fill(bad, 0.0)
+    assert out["energy"] == pytest.approx(float(d.square().sum()), rel=1e-12)
+    torch.testing.assert_close(torch.from_numpy(spectra["delta"]), _ref_svals(d), rtol=1e-9, atol=1e-12)
+    for key in ("null_shuffled", "null_rounding", "base"):
+        assert bool(torch.from_numpy(spectra[key]).isfinite().all()), key
+    assert out["null"]["shuffled"]["energy"] == pytest.approx(out["energy"], rel=1e-9)
+    # a coordinate whose Delta is NaN/Inf changed by more than any tolerance
+    for a in (1e-8, 1e-4):
+        want = float(((d.abs() > a) | bad).double().mean())
+        assert out["density_atol"][f"{a:g}"] == pytest.approx(want, abs=1e-12)
+    rms = float(base.to(torch.float64).nan_to_num(0.0, 0.0, 0.0).square().mean().sqrt())
+    assert out["rms_base"] == pytest.approx(rms, rel=1e-12)
+    assert out["frac_below_tau_rms"]["0.01"] == pytest.approx(float(((d.abs() < 0.01 * rms) & ~bad).double().mean()),
+                                                             abs=1e-12)
+    assert math.isfinite(out["stable_rank"]) and math.isfinite(out["energy_top"]["1%"])
+
+
 def test_shuffle_by_sampling_for_large_tensors_runs_and_is_unstructured():
     base, tuned = _planted_low_rank(64, 48, 2, torch.float32, seed=1)
     cfg = AnalysisConfig(exact_shuffle_max=0, chunk_elems=500)
