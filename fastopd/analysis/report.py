@@ -165,11 +165,13 @@ class UpdateReport:
                 "tensors": self.tensors}
 
     def write(self, out_dir: str | Path, plots: bool = True) -> list[Path]:
-        """Write report.json, report.md, spectra.safetensors and (with matplotlib) PNG plots into `out_dir`."""
+        """Write report.json (strict JSON: NaN/Inf numbers as null), report.md, spectra.safetensors and (with
+        matplotlib) PNG plots into `out_dir`."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         written = [out / "report.json", out / "report.md"]
-        written[0].write_text(json.dumps(self.to_dict(), indent=1, default=_json_default, allow_nan=True))
+        # strict JSON: NaN/Inf statistics are written as null (json's default would write the invalid NaN)
+        written[0].write_text(json.dumps(_json_ready(self.to_dict()), indent=1, allow_nan=False))
         written[1].write_text(self.markdown())
         if self.spectra:
             import torch
@@ -257,12 +259,17 @@ def _table(groups: dict[str, dict], label: str) -> str:
     return "\n".join(rows)
 
 
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(type(o))
+def _json_ready(o):
+    """`o` with numpy values as Python ones and non-finite floats as None, for strict JSON."""
+    if isinstance(o, dict):
+        return {k: _json_ready(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_json_ready(v) for v in o]
+    if isinstance(o, (np.ndarray, np.generic)):
+        return _json_ready(o.tolist())
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return o
 
 
 def build_report(tensors: dict[str, dict], meta: dict, mismatches: dict, skipped: dict,

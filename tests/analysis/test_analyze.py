@@ -305,6 +305,25 @@ def test_cli_writes_report_plots_and_mask(tmp_path):
     assert not masks.with_name(masks.name + ".partial").exists()
 
 
+def test_report_json_is_strict_json_with_null_for_nonfinite_numbers(tmp_path):
+    import numpy as np
+
+    base = {"w": torch.randn(8, 6)}
+    r = analyze_update(base, {"w": base["w"] + 1e-3}, null_models="none", progress=False)
+    r.tensors["w"]["stable_rank"] = float("nan")            # statistics that came out NaN/Inf
+    r.tensors["w"]["topk_energy"]["1"] = np.float64("inf")
+    r.summary["energy"] = float("-inf")
+    r.write(tmp_path, plots=False)
+
+    def reject(token):
+        raise ValueError(f"not strict JSON: {token}")
+
+    rep = json.loads((tmp_path / "report.json").read_text(), parse_constant=reject)
+    assert rep["tensors"]["w"]["stable_rank"] is None and rep["tensors"]["w"]["topk_energy"]["1"] is None
+    assert rep["summary"]["energy"] is None
+    assert rep["tensors"]["w"]["energy"] == r.tensors["w"]["energy"]  # finite numbers unchanged
+
+
 def test_mask_is_readable_by_optim_masks(tmp_path):
     optim_masks = pytest.importorskip("fastopd.optim.masks", reason="fastopd.optim (issue 5) not installed here")
     base = _llama(0, layers=1)
