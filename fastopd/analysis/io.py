@@ -1,12 +1,12 @@
 """Reading checkpoints tensor by tensor, in bounded memory.
 
-A checkpoint is a Hugging Face model folder (safetensors shards, with or without an index; or
-`pytorch_model*.bin`), a single `.safetensors` file, a torch state dict (`.bin`/`.pt`/`.pth`), or an
-in-memory `{name: tensor}` dict. Safetensors files are parsed here (8-byte header length, JSON header,
-raw data) and each tensor is a private, copy-on-write memory map of just its own byte range: pages are
-read lazily and released when the tensor is dropped, so analysing a multi-GB pair keeps only the tensors
-in flight resident. Every offset is checked against the file size first, so a truncated or corrupt file
-fails with its name instead of a bus error.
+A checkpoint is a Hugging Face model folder (`model*.safetensors` or `pytorch_model*.bin` shards, with or
+without their index; other files in it, such as training_args.bin, are not read), a single `.safetensors`
+file, a torch state dict (`.bin`/`.pt`/`.pth`), or an in-memory `{name: tensor}` dict. Safetensors files
+are parsed here (8-byte header length, JSON header, raw data) and each tensor is a private, copy-on-write
+memory map of just its own byte range: pages are read lazily and released when the tensor is dropped, so
+analysing a multi-GB pair keeps only the tensors in flight resident. Every offset is checked against the
+file size first, so a truncated or corrupt file fails with its name instead of a bus error.
 """
 
 from __future__ import annotations
@@ -163,6 +163,51 @@ class Checkpoint:
             self._mem[name] = t
 
 
+def _read_index(index: Path) -> dict[str, set[str]]:
+    """A Hugging Face `*.index.json`: shard file name -> the tensor names it holds."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index}: not a readable weight index ({exc})") from exc
+    by_file: dict[str, set[str]] = {}
+    for name, fname in weight_map.items():
+        by_file.setdefault(fname, set()).add(name)
+    return by_file
+
+
+def _add_model_folder(ckpt: Checkpoint, path: Path) -> None:
+    """The weights of a Hugging Face model folder, found as transformers finds them: the safetensors index, else
+    `model*.safetensors`, else the torch index, else `pytorch_model*.bin`. Other files (training_args.bin,
+    optimizer.pt, rng_state.pth, adapter weights) are not read: they are not the model's weights."""
+    st_index, pt_index = path / "model.safetensors.index.json", path / "pytorch_model.bin.index.json"
+    index = st_index if st_index.exists() else pt_index if pt_index.exists() else None
+    if index is not None:
+        by_file = _read_index(index)
+        for fname, names in sorted(by_file.items()):
+            if index is st_index:
+                ckpt._add_safetensors(path / fname, names)
+            else:
+                tensors = _load_torch_file(path / fname)
+                ckpt._add_tensors({k: v for k, v in tensors.items() if k in names}, str(path / fname))
+        missing = set().union(*by_file.values()) - set(ckpt.infos)
+        if missing:
+            raise CheckpointError(f"{index}: lists {len(missing)} tensors not found in their shard, "
+                                  f"e.g. {sorted(missing)[:3]}")
+    elif shards := sorted(path.glob("model*.safetensors")):
+        for shard in shards:
+            ckpt._add_safetensors(shard)
+    elif bins := sorted(p for p in path.glob("pytorch_model*.bin") if p.is_file()):
+        for b in bins:
+            ckpt._add_tensors(_load_torch_file(b), str(b))
+    else:
+        others = sorted(p.name for p in path.iterdir() if p.suffix in (".safetensors", *_TORCH_SUFFIXES))
+        found = f" (it has {', '.join(others[:5])}{', ...' if len(others) > 5 else ''}: pass a file to read it)" \
+            if others else ""
+        raise CheckpointError(f"{path}: folder holds no model weights (model*.safetensors with or without "
+                              f"model.safetensors.index.json, or pytorch_model*.bin with or without "
+                              f"pytorch_model.bin.index.json){found}")
+
+
 CheckpointLike = Union[str, os.PathLike, Mapping[str, torch.Tensor], Checkpoint]  # noqa: UP007 (py3.10 alias)
 
 
@@ -170,9 +215,10 @@ def open_checkpoint(src: CheckpointLike) -> Checkpoint:
     """Open a checkpoint for tensor-by-tensor reading.
 
     Args:
-        src: a model folder (`model.safetensors.index.json`, `*.safetensors` shards, or
-            `pytorch_model*.bin`), a `.safetensors` file, a torch file holding a state dict, a
-            `{name: tensor}` mapping, or an already opened `Checkpoint`.
+        src: a model folder (`model.safetensors.index.json`, `model*.safetensors` shards,
+            `pytorch_model.bin.index.json` or `pytorch_model*.bin` shards; no other file in it is read), a
+            `.safetensors` file, a torch file holding a state dict, a `{name: tensor}` mapping, or an already
+            opened `Checkpoint`.
 
     Raises:
         CheckpointError: the path does not exist, holds no tensors, or a file is unreadable/truncated
@@ -189,31 +235,7 @@ def open_checkpoint(src: CheckpointLike) -> Checkpoint:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     if path.is_dir():
-        index = path / "model.safetensors.index.json"
-        shards = sorted(path.glob("*.safetensors"))
-        if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (OSError, ValueError, KeyError) as exc:
-                raise CheckpointError(f"{index}: not a readable safetensors index ({exc})") from exc
-            by_file: dict[str, set[str]] = {}
-            for name, fname in weight_map.items():
-                by_file.setdefault(fname, set()).add(name)
-            for fname, names in sorted(by_file.items()):
-                ckpt._add_safetensors(path / fname, names)
-            missing = set(weight_map) - set(ckpt.infos)
-            if missing:
-                raise CheckpointError(f"{index}: lists {len(missing)} tensors not found in their shard, "
-                                      f"e.g. {sorted(missing)[:3]}")
-        elif shards:
-            for shard in shards:
-                ckpt._add_safetensors(shard)
-        else:
-            bins = sorted(p for p in path.iterdir() if p.suffix in _TORCH_SUFFIXES and p.is_file())
-            if not bins:
-                raise CheckpointError(f"{path}: folder holds no *.safetensors or torch checkpoint files")
-            for b in bins:
-                ckpt._add_tensors(_load_torch_file(b), str(b))
+        _add_model_folder(ckpt, path)
     elif path.suffix == ".safetensors":
         ckpt._add_safetensors(path)
     else:

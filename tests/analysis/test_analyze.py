@@ -141,6 +141,53 @@ def test_all_checkpoint_formats_give_the_same_report(tmp_path):
                 assert r.tensors[name][key] == t[key], (k, name, key)
 
 
+def _hf_folder(folder, sd: dict, layout: str) -> None:
+    """A model folder as transformers/Trainer write it, with the non-weight files beside the weights."""
+    import argparse
+
+    folder.mkdir()
+    names = sorted(sd)
+    if layout == "bin":
+        torch.save(sd, folder / "pytorch_model.bin")
+    elif layout == "bin-sharded":
+        shards = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+        for fname, keys in shards.items():
+            torch.save({k: sd[k] for k in keys}, folder / fname)
+        (folder / "pytorch_model.bin.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": {k: f for f, ks in shards.items() for k in ks}}))
+    else:
+        save_file(sd, str(folder / "model.safetensors"))
+        save_file({"base_model.lora_A.weight": torch.zeros(2, 2)}, str(folder / "adapter_model.safetensors"))
+    torch.save(argparse.Namespace(learning_rate=1e-5), folder / "training_args.bin")  # not weights_only-loadable
+    torch.save({"state": {}, "param_groups": [{"lr": 1e-5}]}, folder / "optimizer.pt")
+    torch.save({"python": 1}, folder / "rng_state.pth")
+
+
+@pytest.mark.parametrize("layout", [pytest.param("bin", id="pytorch_model.bin"),
+                                    pytest.param("bin-sharded", id="bin-shards-with-index"),
+                                    pytest.param("safetensors", id="model.safetensors-beside-adapter")])
+def test_model_folder_reads_only_the_model_weights(tmp_path, layout):
+    base = _llama(0, layers=1)
+    tuned = _bump(base, lambda n: "up_proj" in n)
+    _hf_folder(tmp_path / "base", base, layout)
+    _hf_folder(tmp_path / "tuned", tuned, layout)
+    ckpt = open_checkpoint(tmp_path / "tuned")
+    assert set(ckpt.names()) == set(tuned)
+    for n in tuned:
+        assert torch.equal(ckpt.load(n), tuned[n]), n
+    r = analyze_update(tmp_path / "base", tmp_path / "tuned", null_models="none", progress=False)
+    assert r.summary == analyze_update(base, tuned, null_models="none", progress=False).summary
+
+
+def test_folder_without_model_weights_names_what_it_holds(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    save_file({"w": torch.zeros(2, 2)}, str(folder / "weights.safetensors"))
+    with pytest.raises(CheckpointError, match=r"no model weights.*weights\.safetensors.*pass a file"):
+        open_checkpoint(folder)
+    assert open_checkpoint(folder / "weights.safetensors").names() == ["w"]
+
+
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs /proc/self/maps (Linux)")
 def test_safetensors_tensors_are_memory_mapped(tmp_path):
     sd = {"a": torch.randn(30, 20), "w": torch.randn(300, 200)}
