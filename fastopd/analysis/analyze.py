@@ -17,13 +17,27 @@ from fastopd.analysis.naming import KINDS, layer_index, module_kind
 from fastopd.analysis.report import UpdateReport, build_report
 from fastopd.analysis.stats import AnalysisConfig, analyze_tensor
 
-__all__ = ["MismatchError", "analyze_update", "select_null_tensors"]
+__all__ = ["AnalysisInputError", "MismatchError", "analyze_update", "select_null_tensors"]
 
 NULL_MODES = ("sample", "all", "none")
 
 
 class MismatchError(ValueError):
     """BASE and TUNED disagree on tensor names or shapes (message lists them)."""
+
+
+class AnalysisInputError(ValueError):
+    """The options leave nothing to analyse or are invalid: an include/exclude pattern that is not a regular
+    expression, an unknown null_models, or no floating-point tensor left (filtered out, integer-only)."""
+
+
+def _compile(pattern: str | None, option: str) -> re.Pattern | None:
+    if not pattern:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise AnalysisInputError(f"{option} (--{option}) {pattern!r} is not a valid regular expression: {exc}") from exc
 
 
 def _listing(title: str, items: list[str], limit: int = 20) -> str:
@@ -74,13 +88,15 @@ def analyze_update(base: CheckpointLike, tuned: CheckpointLike, *, dtype: torch.
     Raises:
         MismatchError: names/shapes/dtypes differ (names/shapes: unless allow_partial).
         CheckpointError: a file is unreadable or truncated (names the file).
-        ValueError: bad options.
+        AnalysisInputError: an invalid include/exclude regex or null_models, or no floating-point tensor left
+            to analyse (a ValueError).
     """
     cfg = config or AnalysisConfig()
     if dtype is not None:
         cfg = AnalysisConfig(**{**cfg.__dict__, "dtype": dtype})
     if null_models not in NULL_MODES:
-        raise ValueError(f"null_models must be one of {NULL_MODES}, got {null_models!r}")
+        raise AnalysisInputError(f"null_models must be one of {NULL_MODES}, got {null_models!r}")
+    inc, exc = _compile(include, "include"), _compile(exclude, "exclude")
     t0 = time.perf_counter()
     bc, tc = open_checkpoint(base), open_checkpoint(tuned)
     only_base = sorted(set(bc.infos) - set(tc.infos))
@@ -101,7 +117,6 @@ def analyze_update(base: CheckpointLike, tuned: CheckpointLike, *, dtype: torch.
                             "the common tensors only)")
     if not common or len(shape_mismatch) == len(common):
         raise MismatchError(f"BASE ({bc.description}) and TUNED ({tc.description}) share no tensor of equal shape")
-    inc, exc = (re.compile(include) if include else None), (re.compile(exclude) if exclude else None)
     skipped: dict[str, str] = {}
     names = []
     for n in common:
@@ -122,7 +137,12 @@ def analyze_update(base: CheckpointLike, tuned: CheckpointLike, *, dtype: torch.
             continue
         names.append(n)
     if not names:
-        raise ValueError(f"no floating-point tensors left to analyse (skipped: {len(skipped)})")
+        reasons: dict[str, int] = {}
+        for why in skipped.values():
+            reasons[why] = reasons.get(why, 0) + 1
+        filters = "".join(f", {o} {p!r}" for o, p in (("include", include), ("exclude", exclude)) if p)
+        raise AnalysisInputError(f"no floating-point tensor left to analyse among the {len(common)} that BASE and "
+                                 f"TUNED share{filters}: " + "; ".join(f"{n} {why}" for why, n in reasons.items()))
     with_null = select_null_tensors(names, null_models, {n: math.prod(bc.infos[n].shape) for n in names})
 
     writer = None

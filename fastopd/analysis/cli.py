@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from fastopd.analysis.analyze import NULL_MODES, MismatchError, analyze_update
+from fastopd.analysis.analyze import NULL_MODES, AnalysisInputError, MismatchError, analyze_update
 from fastopd.analysis.io import CheckpointError
 from fastopd.analysis.report import nonfinite_line
 from fastopd.analysis.stats import AnalysisConfig
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
                                 null_models=args.null_models, allow_partial=args.allow_partial,
                                 include=args.include, exclude=args.exclude, mask_out=args.mask_out,
                                 progress=not args.quiet)
-    except (CheckpointError, MismatchError) as exc:
+    except (AnalysisInputError, CheckpointError, MismatchError) as exc:
         print(f"fastopd analyze: error: {exc}", file=sys.stderr)
         return 2
     written = report.write(args.out, plots=not args.no_plots)

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 from fastopd.analysis import (
     AnalysisConfig,
+    AnalysisInputError,
     CheckpointError,
     MismatchError,
     analyze_update,
@@ -263,6 +264,32 @@ def test_nonfinite_delta_is_reported_and_the_other_tensors_are_analysed(tmp_path
     alone = analyze_update({q: base[q]}, {q: tuned[q]}, null_models="all", progress=False).tensors[q]
     for key in ("energy", "numerical_rank", "topk_energy", "energy_top", "null"):
         assert rep["tensors"][q][key] == json.loads(json.dumps(alone[key])), key
+
+
+@pytest.mark.parametrize("sd,extra,says", [
+    pytest.param({"lm_head.weight": torch.ones(4, 4)}, ["--include", "nomatch"],
+                 "1 filtered by include/exclude", id="include-matches-nothing"),
+    pytest.param({"lm_head.weight": torch.ones(4, 4)}, ["--include", "("],
+                 "include (--include) '(' is not a valid regular expression", id="invalid-include-regex"),
+    pytest.param({"lm_head.weight": torch.ones(4, 4)}, ["--exclude", "[a-"],
+                 "exclude (--exclude) '[a-' is not a valid regular expression", id="invalid-exclude-regex"),
+    pytest.param({"ids": torch.arange(5), "step": torch.tensor(3)}, [],
+                 "2 not a 16/32/64-bit floating-point tensor", id="integer-tensors-only"),
+])
+def test_cli_input_errors_exit_2_with_an_error_line(tmp_path, capsys, sd, extra, says):
+    fb, ft = tmp_path / "b.safetensors", tmp_path / "t.safetensors"
+    save_file(sd, str(fb))
+    save_file({k: v + 1 for k, v in sd.items()}, str(ft))
+    rc = cli_main(["analyze", str(fb), str(ft), "--out", str(tmp_path / "o"), "--quiet", "--no-plots", *extra])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("fastopd analyze: error: ") and says in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_invalid_regex_is_reported_before_any_checkpoint_is_read(tmp_path):
+    with pytest.raises(AnalysisInputError, match="exclude"):
+        analyze_update(tmp_path / "missing", tmp_path / "missing", exclude="*.bias", progress=False)
 
 
 def test_dtype_mismatch_needs_dtype_option():
