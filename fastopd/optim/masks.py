@@ -205,9 +205,12 @@ def _select(named_keys: list[tuple[str, torch.Tensor]], density: float | None, p
 @torch.no_grad()
 def from_delta(base_state: Mapping[str, torch.Tensor], tuned_state: Mapping[str, torch.Tensor],
                atol: float = 0.0) -> dict[str, torch.Tensor]:
-    """The coordinates a finished run changed: name -> sorted int64 flat indices where |tuned - base| > atol
-    (atol = 0: the stored values differ at all). Floating-point tensors present in both states only.
+    """The coordinates a finished run changed: name -> sorted int64 flat indices where the stored value changed
+    and |tuned - base| > atol. Floating-point tensors present in both states only.
 
+    atol = 0: the stored bits differ (an unchanged NaN is unchanged; -0.0 and +0.0 differ), as `fastopd analyze
+    --mask-out` decides. atol > 0: the difference is taken in the wider of the dtype and float32 (float64 stays
+    float64), and a changed coordinate whose difference is NaN (it became or was NaN) counts as beyond atol.
     Raises ValueError when a tensor's shapes differ between the two states.
     """
     out = {}
@@ -217,8 +220,13 @@ def from_delta(base_state: Mapping[str, torch.Tensor], tuned_state: Mapping[str,
         tuned = tuned_state[name]
         if tuned.shape != base.shape:
             raise ValueError(f"{name!r}: base shape {tuple(base.shape)} != tuned shape {tuple(tuned.shape)}")
-        tuned = tuned.to(base.device)
-        changed = tuned != base if atol == 0 else (tuned.float() - base.float()).abs() > atol
+        common = torch.promote_types(base.dtype, tuned.dtype)  # exact for floating dtypes
+        b, t = base.to(common), tuned.to(device=base.device, dtype=common)
+        bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[common.itemsize]
+        changed = b.view(bits) != t.view(bits)
+        if atol > 0:
+            comp = torch.promote_types(common, torch.float32)
+            changed &= ~((t.to(comp) - b.to(comp)).abs() <= atol)  # "not <=": a NaN difference is beyond atol
         out[name] = changed.reshape(-1).nonzero().view(-1)
     return out
 

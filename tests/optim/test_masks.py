@@ -118,6 +118,26 @@ def test_from_delta():
         masks.from_delta(base, {"a": torch.zeros(5, 4)})
 
 
+NAN = float("nan")
+
+
+@pytest.mark.parametrize("base,tuned,atol,want", [
+    pytest.param(torch.ones(4, dtype=torch.float64), torch.tensor([1, 1 + 1e-9, 1, 1], dtype=torch.float64), 1e-10,
+                 [1], id="fp64-change-below-fp32-resolution"),
+    pytest.param(torch.ones(4, dtype=torch.float64), torch.tensor([1, 1 + 1e-9, 1, 1], dtype=torch.float64), 1e-8,
+                 [], id="fp64-change-within-atol"),
+    pytest.param(torch.tensor([NAN, 1.0]), torch.tensor([NAN, 1.0]), 0.0, [], id="unchanged-nan-atol0"),
+    pytest.param(torch.tensor([NAN, 1.0]), torch.tensor([NAN, 1.0]), 1e-3, [], id="unchanged-nan-atol"),
+    pytest.param(torch.tensor([1.0, 2.0]), torch.tensor([NAN, 2.0]), 1e-3, [0], id="became-nan-atol"),
+    pytest.param(torch.tensor([0.0, 1.0]), torch.tensor([-0.0, 1.0]), 0.0, [0], id="signed-zero-atol0"),
+    pytest.param(torch.tensor([0.0, 1.0]), torch.tensor([-0.0, 1.0]), 1e-3, [], id="signed-zero-atol"),
+    pytest.param(torch.tensor([1.0, 2.0], dtype=torch.bfloat16), torch.tensor([1.0, 2.015625], dtype=torch.bfloat16),
+                 1e-2, [1], id="bf16-one-ulp-atol"),
+])
+def test_from_delta_precision_nan_and_signed_zero(base, tuned, atol, want):
+    assert masks.from_delta({"w": base}, {"w": tuned}, atol=atol)["w"].tolist() == want
+
+
 NAMES = {"model.layers.0.self_attn.q_proj.weight": (24, 16), "model.layers.0.mlp.up_proj.weight": (40, 16),
          "model.layers.1.mlp.down_proj.weight": (16, 40), "model.norm.weight": (16,)}
 
