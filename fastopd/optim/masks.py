@@ -9,6 +9,7 @@ few batches (`calibrate`), baselines (`random`, `smallest_weights`), optionally 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -309,7 +310,8 @@ def save(path: str, masks: Mapping[str, torch.Tensor], *, shapes: Mapping[str, I
          metadata: Mapping[str, str] | None = None) -> None:
     """Writes masks to a safetensors file (format "fastopd.masks.v1"): bool masks become sorted flat indices,
     int32 when they fit; metadata records each tensor's parameter shape (from bool masks or `shapes`) and
-    module kind as JSON."""
+    module kind as JSON. Written to `path + ".partial"` and renamed over `path` when complete (as
+    `fastopd analyze --mask-out` does), so an interrupted save leaves an existing file at `path` intact."""
     from safetensors.torch import save_file
 
     tensors, shape_meta = {}, {}
@@ -328,7 +330,16 @@ def save(path: str, masks: Mapping[str, torch.Tensor], *, shapes: Mapping[str, I
     meta = {"format": FORMAT, "shapes": json.dumps(shape_meta),
             "kinds": json.dumps({n: module_kind(n) for n in masks})}
     meta.update(metadata or {})
-    save_file(tensors, path, metadata=meta)
+    tmp = f"{os.fspath(path)}.partial"
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def load(path: str, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:

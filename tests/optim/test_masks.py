@@ -267,6 +267,27 @@ def test_save_load_round_trip(tmp_path):
     assert opt.state[named[0][1]]["indices"].dtype == torch.int32
 
 
+def test_interrupted_save_keeps_the_existing_file(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    path = str(tmp_path / "m.safetensors")
+    old = {"w": torch.tensor([1, 4, 9])}
+    masks.save(path, old)
+    real_save_file = safetensors.torch.save_file
+
+    def interrupted(tensors, filename, metadata=None):  # killed half way through writing
+        real_save_file(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as f:
+            f.truncate(20)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        masks.save(path, {"w": torch.arange(50)})
+    assert masks.load(path)["w"].tolist() == [1, 4, 9]
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temporary file left behind
+
+
 def test_load_reads_bool_files_and_rejects_others(tmp_path):
     good = str(tmp_path / "bool.safetensors")
     bool_mask = torch.rand(6, 7) < 0.3
