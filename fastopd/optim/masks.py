@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from fastopd._io import atomic_path
 from fastopd.analysis import naming
 
 FORMAT = "fastopd.masks.v1"
@@ -310,8 +311,8 @@ def save(path: str, masks: Mapping[str, torch.Tensor], *, shapes: Mapping[str, I
          metadata: Mapping[str, str] | None = None) -> None:
     """Writes masks to a safetensors file (format "fastopd.masks.v1"): bool masks become sorted flat indices,
     int32 when they fit; metadata records each tensor's parameter shape (from bool masks or `shapes`) and
-    module kind as JSON. Written to `path + ".partial"` and renamed over `path` when complete (as
-    `fastopd analyze --mask-out` does), so an interrupted save leaves an existing file at `path` intact."""
+    module kind as JSON. Written to a temporary file beside `path` and renamed over it when complete
+    (`fastopd._io.atomic_path`), so an interrupted save leaves an existing file at `path` intact."""
     from safetensors.torch import save_file
 
     tensors, shape_meta = {}, {}
@@ -330,16 +331,8 @@ def save(path: str, masks: Mapping[str, torch.Tensor], *, shapes: Mapping[str, I
     meta = {"format": FORMAT, "shapes": json.dumps(shape_meta),
             "kinds": json.dumps({n: module_kind(n) for n in masks})}
     meta.update(metadata or {})
-    tmp = f"{os.fspath(path)}.partial"
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:  # an interrupted save leaves the existing file as it was
+        save_file(tensors, os.fspath(tmp), metadata=meta)
 
 
 def load(path: str, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:

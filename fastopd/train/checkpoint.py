@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from fastopd._io import write_text_atomic
+
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 TRAINER_FILE = "trainer.pt"
@@ -158,27 +160,13 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_atomic(root / LATEST, final.name + "\n")
+    write_text_atomic(root / LATEST, final.name + "\n")
     _fsync_dir(root)
     if keep is not None:
         for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def list_checkpoints(directory: str | os.PathLike) -> list[Path]:

@@ -27,10 +27,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -39,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastopd._io import write_text_atomic
 from fastopd.distributed.data_parallel import DataParallel, LossModule, is_dtensor, local_shard
 from fastopd.losses import fused_linear_divergence
 from fastopd.train import checkpoint as ckpt
@@ -526,14 +525,7 @@ class OPDTrainer:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for name, records in (("metrics.jsonl", self.history), ("eval.jsonl", self.eval_history)):
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=self.run_dir)
-            try:
-                with os.fdopen(fd, "w") as f:
-                    f.writelines(json.dumps(r) + "\n" for r in records)
-                os.replace(tmp, self.run_dir / name)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            write_text_atomic(self.run_dir / name, "".join(json.dumps(r) + "\n" for r in records))
 
     def _log(self, name: str, record: dict[str, Any]) -> None:
         if self.run_dir is None or not self.parallel.is_main:
