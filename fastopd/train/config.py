@@ -105,7 +105,8 @@ class OPDConfig:
         lr, betas, eps, weight_decay; warmup_steps (linear warm-up from lr/warmup_steps to lr); lr_schedule
         "constant" or "cosine" (decay to 0 at `schedule_steps`, default: the `steps` given to `train`); the rate is
         a function of the step alone, so there is no scheduler state to checkpoint; max_grad_norm (None: no
-        clipping); grad_accum (micro-batches per step).
+        clipping; the norm is torch's clip_grad_norm_ over the whole gradient, under masks too, coordinates the
+        masks freeze included); grad_accum (micro-batches per step).
         masks: None (dense), a dict param name -> bool tensor, or a path to a masks file (fastopd.optim.masks).
     Run:
         seed: seeds torch's, Python's and numpy's RNGs at construction. log_every: progress-bar/log cadence.
