@@ -77,3 +77,20 @@ def test_seeded_generator_reproducible_and_global_rng():
 def test_top_k_one_is_greedy():
     z = _logits(16, 30)
     assert torch.equal(sample_tokens(z, top_k=1)[0], z.argmax(-1))
+
+
+def test_inverse_cdf_keeps_tokens_far_below_the_float32_spacing():
+    """A dominant token then 1000 tokens of probability 1e-8 each (tail mass 1e-5): in a float32 running sum each
+    would add less than half the spacing near 1 and get no share, so no u could draw one. u in the middle of the
+    tail must land in the middle of the tail, and u just below the dominant token's mass on the dominant token."""
+    from fastopd.rollout.sampling import inverse_cdf
+
+    p = torch.full((1, 1001), 1e-8, dtype=torch.float64)
+    p[0, 0] = 1.0 - 1000 * 1e-8
+    logp = p.log().float()
+    total = float(logp.double().exp().sum())
+    head = float(logp[0, 0].double().exp()) / total
+    for frac, want in ((0.5, 500), (0.1, 100), (0.9, 900)):
+        u = torch.tensor([[head + frac * (1.0 - head)]], dtype=torch.float64)
+        assert abs(int(inverse_cdf(logp, u)) - want) <= 1, (frac, int(inverse_cdf(logp, u)))
+    assert int(inverse_cdf(logp, torch.tensor([[head * 0.999]], dtype=torch.float64))) == 0
