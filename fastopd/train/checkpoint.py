@@ -26,6 +26,7 @@ MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 TRAINER_FILE = "trainer.pt"
 LATEST = "latest"
+_ASIDE_PREFIX = ".{name}.old-"  # a step folder moved aside while its step is saved again
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -150,8 +151,9 @@ def save_checkpoint(
         for f in tmp.iterdir():
             _fsync_file(f)
         _fsync_dir(tmp)
-        if final.exists():  # re-saving a step: move the old one aside first (rename over a non-empty dir fails)
-            old = root / f".{final.name}.old-{os.getpid()}"
+        if final.exists():  # re-saving a step: move the old one aside first (rename over a non-empty dir fails);
+            # a crash between the two renames leaves it aside, and latest_checkpoint moves it back
+            old = root / f"{_ASIDE_PREFIX.format(name=final.name)}{os.getpid()}"
             os.rename(final, old)
             os.rename(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
@@ -178,12 +180,23 @@ def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def _restore_moved_aside(root: Path, target: Path) -> None:
+    """Move back a complete checkpoint that a re-save of its step moved aside and a crash left there (the new
+    version never reached its place, so the old one is the newest complete one)."""
+    for aside in sorted(root.glob(_ASIDE_PREFIX.format(name=target.name) + "*")):
+        if (aside / TRAINER_FILE).is_file():
+            os.rename(aside, target)
+            return
+
+
 def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint under `directory` (the ``latest`` pointer, else the highest step), or None."""
     root = Path(directory)
     pointer = root / LATEST
     if pointer.is_file():
         target = root / pointer.read_text().strip()
+        if _STEP_DIR.match(target.name) and not target.exists():
+            _restore_moved_aside(root, target)
         if _STEP_DIR.match(target.name) and (target / TRAINER_FILE).is_file():
             return target
     found = list_checkpoints(root)

@@ -77,3 +77,28 @@ def test_keep_prunes_old_and_resave_replaces(tmp_path):
     assert ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))["trainer"]["tag"] == 33
     with pytest.raises(FileNotFoundError):
         ckpt.load_checkpoint(tmp_path / "step_00000009")
+
+
+def test_crash_while_resaving_a_step_keeps_its_previous_version(tmp_path, monkeypatch):
+    """Re-saving a step moves the old folder aside before the new one takes its place; a crash between the two
+    renames must not lose the step: latest_checkpoint moves the old version back."""
+    import os
+
+    m = _model()
+    ckpt.save_checkpoint(tmp_path, 2, model_state=m.state_dict(), optimizer_state=None, trainer_state={"tag": 2})
+    real_rename = os.rename
+    calls = []
+
+    def dying_rename(src, dst):
+        calls.append(src)
+        if len(calls) == 2:  # the old version is aside, the new one not yet in place
+            raise KeyboardInterrupt
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", dying_rename)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(tmp_path, 2, model_state=m.state_dict(), optimizer_state=None, trainer_state={"tag": 22})
+    monkeypatch.setattr(os, "rename", real_rename)
+    assert not (tmp_path / "step_00000002").exists()
+    found = ckpt.latest_checkpoint(tmp_path)
+    assert found == tmp_path / "step_00000002" and ckpt.load_checkpoint(found)["trainer"]["tag"] == 2
