@@ -113,7 +113,8 @@ class RolloutEngine:
         if not (callable(horizon) or isinstance(horizon, int)):
             raise ValueError(f"horizon must be a Horizon, a callable step -> H or an int, got {horizon!r}")
         self.student = as_adapter(student)
-        self.teacher = as_adapter(teacher) if teacher is not None else None
+        # the student itself as teacher (self-distillation): one adapter, so `engine.teacher is engine.student`
+        self.teacher = (self.student if teacher is student else as_adapter(teacher)) if teacher is not None else None
         self.horizon = horizon
         self.num_samples = num_samples
         self.temperature = float(temperature)

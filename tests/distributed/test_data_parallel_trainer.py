@@ -347,3 +347,27 @@ def hsdp_bad_shard_worker(rank: int, world: int) -> str:
 def test_hsdp_shard_size_must_divide_the_world():
     for message in run_ranks(hsdp_bad_shard_worker, 2):
         assert "shard group size 3 must divide the world size 2" in message, message
+
+
+def _privileged(prompts):
+    return [[p[0]] + list(p) for p in prompts]  # the teacher reads one more token of context
+
+
+def self_distill_worker(rank: int, world: int, mode: str) -> dict:
+    student, _ = _models()
+    trainer = OPDTrainer(student, student, _config(parallel=mode if world > 1 else "none"),
+                         teacher_prompt_fn=_privileged)
+    trainer.train(_source, 2, progress=False)
+    out = _state(trainer)
+    out["teacher_sharded"] = trainer.teacher_sharded
+    return out
+
+
+@needs_fsdp2
+def test_fsdp2_self_distillation_equals_one_process():
+    """The student as its own teacher (privileged context): under FSDP2 it is one module, scored gathered, never
+    sharded a second time as a teacher (which raised in the broadcast of its DTensor parameters)."""
+    want = self_distill_worker(0, 1, "none")
+    for rank, got in enumerate(run_ranks(self_distill_worker, 2, "fsdp2")):
+        assert got["teacher_sharded"] is False
+        _assert_same_run(got, want, f"fsdp2 self-distillation rank {rank}")
