@@ -71,12 +71,17 @@ __attribute__((always_inline)) static inline float log(float x) {
   return x == __builtin_inff() ? x : res;
 }
 
-// tanh(x) through exp(-2|x|), odd-symmetric; exact 0 at 0 and +-1 in the tails.
+// tanh(x) through exp(-2|x|), odd-symmetric; exact 0 at 0 and +-1 in the tails. Below |x| = 0.2, where
+// 1 - exp(-2|x|) would cancel (all digits lost as x -> 0: a large softcap), its odd Taylor polynomial to x^9
+// (truncation below 2e-10 relative); both branches are computed and selected, so the loop stays vectorized.
 __attribute__((always_inline)) static inline float tanh(float x) {
   const float ax = x < 0.0f ? -x : x;
   const float t = exp(-2.0f * ax);
   const float r = (1.0f - t) / (1.0f + t);
-  return x < 0.0f ? -r : r;
+  const float x2 = x * x;
+  const float series =
+      x * (1.0f + x2 * (-1.0f / 3.0f + x2 * (2.0f / 15.0f + x2 * (-17.0f / 315.0f + x2 * (62.0f / 2835.0f)))));
+  return ax < 0.2f ? series : (x < 0.0f ? -r : r);
 }
 
 }  // namespace vmath

@@ -57,10 +57,11 @@ struct RowParams {
   bool hard_t;  // the hard-label CE at a temperature of its own (and a hard term at all)
 };
 
-// tanh from exp: exact limits at +-inf and no NaN (the same formula as the Triton kernel).
+// tanh(|x|) = -expm1(-2|x|) / (2 + expm1(-2|x|)): exact limits at +-inf, no NaN, and no cancellation for small
+// |x| (a large softcap), where 1 - exp(-2|x|) would lose every digit.
 __device__ __forceinline__ float tanh_exp(float x) {
-  const float t = __expf(-2.0f * fabsf(x));
-  const float r = (1.0f - t) / (1.0f + t);
+  const float e = expm1f(-2.0f * fabsf(x));
+  const float r = -e / (2.0f + e);
   return x < 0.0f ? -r : r;
 }
 
