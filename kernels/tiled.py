@@ -326,7 +326,7 @@ def default_config(n: int, v: int, device: torch.device, dtype: torch.dtype = to
     row_blocks = triton.cdiv(n, cfg.block_n)
     vblocks = triton.cdiv(v, cfg.block_v)
     if splits is None:
-        splits = max(1, min(vblocks, triton.cdiv(2 * sms, row_blocks)))
+        splits = max(1, min(vblocks, triton.cdiv(2 * sms, max(1, row_blocks))))  # N = 0: no row block
     cfg.splits = max(1, min(vblocks, splits))
     return cfg
 

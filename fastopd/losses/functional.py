@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 import os
 from typing import NamedTuple
 
@@ -53,9 +54,13 @@ def chunk_rows_for(vocab: int, chunk_size: int | None, device_type: str = "cpu")
     """Rows per chunk: `chunk_size` if given, else from the byte budget FASTOPD_CHUNK_BYTES
     (default 256 MiB on the CPU, 1 GiB on CUDA)."""
     if chunk_size is not None:
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        return int(chunk_size)
+        try:
+            rows = None if isinstance(chunk_size, bool) else operator.index(chunk_size)  # 2.5 is not truncated
+        except TypeError:
+            rows = None
+        if rows is None or rows < 1:
+            raise ValueError(f"chunk_size must be an int >= 1 (token rows per chunk), got {chunk_size!r}")
+        return rows
     default = DEFAULT_CHUNK_BYTES.get(device_type, DEFAULT_CHUNK_BYTES["cpu"])
     budget = int(os.environ.get("FASTOPD_CHUNK_BYTES", default))
     rows = max(1, budget // max(1, vocab * 4 * 2))
@@ -75,12 +80,12 @@ def _config(divergence: str, beta: float, temperature: float, softcap: float | N
                                                    and math.isfinite(hard_label_temperature)):
         raise ValueError(f"hard_label_temperature must be None or a positive finite number, got "
                          f"{hard_label_temperature}")
-    if softcap is not None and not softcap > 0.0:
-        raise ValueError(f"softcap must be None or > 0, got {softcap}")
+    if softcap is not None and not (softcap > 0.0 and math.isfinite(softcap)):
+        raise ValueError(f"softcap must be None (no cap) or a positive finite number, got {softcap}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if hard_label_weight < 0 or soft_label_weight < 0:
-        raise ValueError(f"loss weights must be >= 0, got hard_label_weight={hard_label_weight}, "
+    if not all(w >= 0 and math.isfinite(w) for w in (hard_label_weight, soft_label_weight)):
+        raise ValueError(f"loss weights must be finite and >= 0, got hard_label_weight={hard_label_weight}, "
                          f"soft_label_weight={soft_label_weight}")
     code = DIVERGENCES[divergence]
     if divergence == "jsd" and beta == 0.0:
@@ -123,8 +128,8 @@ def _num_items(num_items_in_batch, device) -> torch.Tensor | None:
         return None
     if isinstance(num_items_in_batch, torch.Tensor):
         return num_items_in_batch.reshape(())
-    if num_items_in_batch <= 0:
-        raise ValueError(f"num_items_in_batch must be positive, got {num_items_in_batch}")
+    if not (num_items_in_batch > 0 and math.isfinite(num_items_in_batch)):
+        raise ValueError(f"num_items_in_batch must be a positive finite number, got {num_items_in_batch}")
     return torch.tensor(float(num_items_in_batch), device=device)
 
 
@@ -206,7 +211,8 @@ def fused_linear_divergence(
         chunk_size: token rows per chunk (default: from a byte budget for both models' fp32 logit buffers,
             256 MiB on the CPU and 1 GiB on CUDA; FASTOPD_CHUNK_BYTES overrides it).
         mode: "auto" | "chunked" | "tiled". "chunked" materializes one chunk of fp32 logits per model;
-            "tiled" (Triton, CUDA or the interpreter) keeps logit tiles on chip. "auto" is "chunked".
+            "tiled" (Triton, CUDA or the interpreter; impl "auto" or "triton") keeps logit tiles on chip. "auto"
+            is "chunked".
         vocab_parallel_group: a torch.distributed process group over which both heads are row-sharded (as
             tensor-parallel LM heads are): this rank holds a contiguous vocabulary shard of each head (shards in
             rank order, sizes may differ; weights may be plain tensors or DTensors), the hidden states and labels
@@ -270,6 +276,9 @@ def fused_linear_divergence(
     num_items = _num_items(num_items_in_batch, device)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "tiled" and impl not in ("auto", "triton"):
+        raise ValueError(f"mode='tiled' runs the Triton tiled kernels only; got impl={impl!r} (use 'auto' or "
+                         "'triton', or mode='chunked' for the other backends)")
 
     h2s = hs.reshape(-1, hs.shape[-1])
     h2t = ht.detach().reshape(-1, ht.shape[-1])

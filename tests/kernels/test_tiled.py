@@ -310,3 +310,16 @@ def test_tiled_rejects_unsupported_device():
             tiled_linear_divergence(x, torch.zeros(3, 4), None, x, torch.zeros(3, 4), None, None, None, cfg)
     finally:
         os.environ["TRITON_INTERPRET"] = old
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_tiled_empty_batch(reduction):
+    """N = 0 (no row block: the launch configuration divided by zero): loss 0 (or []), zero gradients."""
+    hs = torch.zeros(0, 16, device=DEVICE, requires_grad=True)
+    ws = torch.randn(101, 16, device=DEVICE, requires_grad=True)
+    loss = fastopd.fused_linear_divergence(hs, ws, torch.zeros(0, 8, device=DEVICE), torch.randn(101, 8, device=DEVICE),
+                                           torch.zeros(0, dtype=torch.long, device=DEVICE), reduction=reduction,
+                                           hard_label_weight=0.5, mode="tiled")
+    assert loss.shape == ((0,) if reduction == "none" else ()) and (loss == 0).all()
+    loss.sum().backward()
+    assert hs.grad.shape == (0, 16) and (ws.grad == 0).all()
