@@ -147,8 +147,13 @@ def provider_loss(name: str, divergence: str, inputs: dict[str, torch.Tensor]) -
     with torch.no_grad():
         if name == "fastopd":
             return float(fastopd.fused_linear_divergence(hs, ws, ht, wt, labels, divergence=divergence, beta=beta))
-        if name in ("naive", "trl"):
+        if name == "naive":
             return float(_naive_loss(hs @ ws.T, ht @ wt.T, labels, beta))
+        if name == "trl":  # TRL's own function, so a disagreement with naive shows in loss_rel_diff_vs_naive
+            from trl.experimental.gkd import GKDTrainer
+
+            return float(GKDTrainer.generalized_jsd_loss((hs @ ws.T)[None], (ht @ wt.T)[None], labels=labels[None],
+                                                         beta=beta))
         if name == "liger":
             from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
@@ -361,7 +366,9 @@ def run(args: argparse.Namespace) -> int:
     for p in providers:
         if p not in PROVIDERS:
             raise SystemExit(f"fastopd bench: unknown provider {p!r} (choose from {', '.join(PROVIDERS)})")
-    repeats = args.repeats or (3 if args.full else 5)
+    if args.repeats is not None and args.repeats < 1:
+        raise SystemExit(f"fastopd bench: --repeats must be >= 1, got {args.repeats}")
+    repeats = args.repeats if args.repeats is not None else (3 if args.full else 5)
     if custom:
         label = "custom shapes"
     elif args.full:

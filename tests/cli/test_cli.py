@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from fastopd import cli
 
@@ -41,3 +42,22 @@ def test_bench_tiny_run_writes_results(tmp_path, capsys):
 def test_bench_rejects_unknown_provider():
     with pytest.raises(SystemExit, match="unknown provider"):
         cli.main(["bench", "--providers", "fastest", "--out", "/nonexistent"])
+    with pytest.raises(SystemExit, match="--repeats must be >= 1"):  # was silently the default 5
+        cli.main(["bench", "--repeats", "0", "--out", "/nonexistent"])
+
+
+def test_bench_trl_loss_is_trls_own(monkeypatch):
+    """The loss check of the trl provider calls TRL's generalized_jsd_loss (it used fastopd's naive loss)."""
+    gkd = pytest.importorskip("trl.experimental.gkd")
+    from fastopd import bench
+
+    calls = []
+    real = gkd.GKDTrainer.generalized_jsd_loss
+    monkeypatch.setattr(gkd.GKDTrainer, "generalized_jsd_loss",
+                        staticmethod(lambda *a, **k: (calls.append(k["beta"]), real(*a, **k))[1]))
+    g = torch.Generator().manual_seed(0)
+    inputs = {"hs": torch.randn(9, 8, generator=g), "ws": torch.randn(40, 8, generator=g),
+              "ht": torch.randn(9, 6, generator=g), "wt": torch.randn(40, 6, generator=g),
+              "labels": torch.randint(0, 40, (9,), generator=g)}
+    got = bench.provider_loss("trl", "jsd", inputs)
+    assert calls and got == pytest.approx(bench.provider_loss("naive", "jsd", inputs), rel=1e-5)
