@@ -74,10 +74,20 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        exponents = torch.arange(0, config.head_dim, 2, dtype=torch.float) / config.head_dim
-        inv_freq = 1.0 / (config.rope_theta**exponents)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", self._rope_inv_freq(), persistent=False)
         self.reset_parameters()
+
+    def _rope_inv_freq(self, device: torch.device | str | None = None) -> torch.Tensor:
+        exponents = torch.arange(0, self.config.head_dim, 2, dtype=torch.float, device=device) / self.config.head_dim
+        return 1.0 / (self.config.rope_theta**exponents)
+
+    def _apply(self, fn, recurse: bool = True):
+        # `.to(dtype)`/`.half()` cast every floating buffer; the RoPE frequencies stay float32, as Hugging Face
+        # keeps them (in bf16 they would misplace the rotary angle by up to 2.5 rad at position 2048).
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:
+            self.inv_freq = self._rope_inv_freq(self.inv_freq.device)
+        return self
 
     def reset_parameters(self) -> None:
         """Normal(0, initializer_range) for matrices, ones for norms; re-ties the head if configured."""
