@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,13 @@ class TransformerConfig:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        for name in ("rope_theta", "rms_norm_eps"):  # theta <= 0 gave inf/NaN rotary frequencies silently
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"TransformerConfig.{name} must be a positive finite number, got {value}")
+        if not (self.initializer_range >= 0 and math.isfinite(self.initializer_range)):
+            raise ValueError(f"TransformerConfig.initializer_range must be finite and >= 0, got "
+                             f"{self.initializer_range}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

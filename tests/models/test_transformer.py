@@ -159,6 +159,10 @@ def test_backward_reaches_every_parameter():
         pytest.param(dict(num_heads=4, num_kv_heads=3), "multiple", id="bad-gqa"),
         pytest.param(dict(num_layers=0), "positive", id="zero-layers"),
         pytest.param(dict(hidden_size=30, num_heads=2, head_dim=15), "even", id="odd-head-dim"),
+        pytest.param(dict(rope_theta=0.0), "rope_theta", id="rope-theta-zero"),
+        pytest.param(dict(rope_theta=float("nan")), "rope_theta", id="rope-theta-nan"),
+        pytest.param(dict(rms_norm_eps=-1e-6), "rms_norm_eps", id="negative-eps"),
+        pytest.param(dict(initializer_range=float("inf")), "initializer_range", id="infinite-init"),
     ],
 )
 def test_bad_config_raises(kwargs, match):
