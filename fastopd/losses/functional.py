@@ -202,6 +202,8 @@ def fused_linear_divergence(
         vocab_size: only the first `vocab_size` rows of each head count (the rest is padding).
         reduction: "mean" (over valid tokens, or / num_items_in_batch), "sum", or "none" (per token, [N]
             or [B, T], 0 at ignored positions).
+        num_items_in_batch: what "mean" divides by (Hugging Face's name): a positive number (checked), or a
+            one-element tensor, used as it is (checking its value would synchronize with the device).
         hard_label_weight, soft_label_weight: loss = soft * divergence + hard * CE(labels).
         hard_label_temperature: the temperature of the hard-label CE (softcap(x_s) / hard_label_temperature);
             None: `temperature`, as the divergence. Liger-Kernel takes it at 1 whatever `temperature` is; one
