@@ -331,8 +331,16 @@ def default_config(n: int, v: int, device: torch.device, dtype: torch.dtype = to
     return cfg
 
 
-def _precision(t: torch.Tensor) -> str | None:
-    return "ieee" if t.dtype == torch.float32 else None  # fp32 exactly (no TF32); bf16/fp16 need no choice
+def tile_dtype(h_s: torch.Tensor, h_t: torch.Tensor) -> torch.dtype:
+    """The dtype the tiles are sized and their products made for: float32 when either model is float32 (a bf16
+    student may have an fp32 teacher), else the student's."""
+    return torch.float32 if torch.float32 in (h_s.dtype, h_t.dtype) else h_s.dtype
+
+
+def _precision(h_s: torch.Tensor, h_t: torch.Tensor) -> str | None:
+    # fp32 products exactly (IEEE, no TF32, which Triton would pick by default on NVIDIA) whenever either model is
+    # fp32, also for a bf16 student beside an fp32 teacher; bf16/fp16 products need no choice
+    return "ieee" if tile_dtype(h_s, h_t) == torch.float32 else None
 
 
 def _geometry(v: int, cfg: TiledConfig) -> int:
@@ -358,7 +366,7 @@ def tiled_row_lse(h_s, w_s, b_s, h_t, w_t, b_t, labels, *, temperature: float, s
         1.0 / temperature, softcap, 1.0 / softcap if use_cap else 0.0, ignore_index, float(hard_ratio),
         HAS_BIAS_S=b_s is not None, HAS_BIAS_T=b_t is not None, HAS_LABELS=labels is not None, SOFTCAP=use_cap,
         HARD_T=float(hard_ratio) != 1.0, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
-        PRECISION=_precision(h_s),
+        PRECISION=_precision(h_s, h_t),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return part, sums
@@ -402,7 +410,7 @@ def tiled_row_sums(h_s, w_s, b_s, h_t, w_t, b_t, rowstats: torch.Tensor, *, dive
         n, v, ds, dt, h_s.stride(0), w_s.stride(0), h_t.stride(0), w_t.stride(0), _geometry(v, cfg),
         beta, 1.0 / temperature, softcap, 1.0 / softcap if use_cap else 0.0,
         DIV=divergence, HAS_BIAS_S=b_s is not None, HAS_BIAS_T=b_t is not None, SOFTCAP=use_cap,
-        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, PRECISION=_precision(h_s),
+        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, PRECISION=_precision(h_s, h_t),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return part
@@ -436,7 +444,7 @@ def tiled_grad(h_s, w_s, b_s, h_t, w_t, b_t, labels, rowinfo: torch.Tensor, grad
         DIV=divergence, HAS_BIAS_S=b_s is not None, HAS_BIAS_T=b_t is not None, HAS_LABELS=labels is not None,
         HARD=hard, HARD_T=hard and float(hard_ratio) != 1.0, SOFTCAP=use_cap, GRAD_H=grad_h is not None,
         GRAD_W=grad_w is not None, GRAD_B=grad_b is not None,
-        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, PRECISION=_precision(h_s),
+        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, PRECISION=_precision(h_s, h_t),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return skipped

@@ -72,7 +72,7 @@ class TiledLinearDivergenceFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         want_grad = need[0] or need[1] or need[2]
         form_now = want_grad and cfg.reduction != "none"
-        tcfg = tk.default_config(n, v, device, h_s.dtype, splits)
+        tcfg = tk.default_config(n, v, device, tk.tile_dtype(h_s, h_t), splits)
 
         rowstats, zy, sums, log_h = _rows_stats(h_s, w_s, b_s, h_t, w_t, b_t, labels, cfg, tcfg)
         lse_s, lse_t = rowstats[0] + rowstats[1], rowstats[2] + rowstats[3]

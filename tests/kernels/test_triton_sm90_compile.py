@@ -69,7 +69,7 @@ for job in json.load(sys.stdin):
         out.append({"id": job["id"], "error": f"{type(exc).__name__}: {msg}"}); continue
     out.append({"id": job["id"], "cubin_bytes": len(c.asm["cubin"]), "sm90": ".target sm_90" in c.asm["ptx"],
                 "local": ".local" in c.asm["ptx"], "stack": stack_bytes(c.asm["cubin"]),
-                "spill_stores": spill_stores(c.asm["ptx"]),
+                "spill_stores": spill_stores(c.asm["ptx"]), "tf32": ".tf32" in c.asm["ptx"],
                 "shared": c.metadata.shared})
 print(json.dumps({"results": out}))
 """
@@ -208,3 +208,32 @@ def test_tiled_kernels_compile_for_sm90():
     results = compile_for_sm90(jobs)
     for job in jobs:
         assert_no_spills(job["id"], results[job["id"]])
+
+
+def test_tiled_bf16_student_with_fp32_teacher_multiplies_in_ieee_fp32():
+    """A bf16 student beside an fp32 teacher: the tiles follow the fp32 configuration and the teacher's products
+    are IEEE fp32 (Triton's default on NVIDIA, TF32, would round the teacher's logits to a 10-bit mantissa)."""
+    import torch
+    from fastopd.kernels.tiled import GPU_CONFIG_FP32, TiledConfig, _precision, tile_dtype
+
+    hs, ht = torch.zeros(1, 2, dtype=torch.bfloat16), torch.zeros(1, 2)
+    assert tile_dtype(hs, ht) == torch.float32 and _precision(hs, ht) == "ieee"
+    gpu = TiledConfig(*GPU_CONFIG_FP32, 1)
+    jobs = []
+    for kernel in ("_tiled_lse_kernel", "_tiled_sums_kernel", "_tiled_grad_kernel"):
+        sig = _tiled_signature("bf16", kernel)
+        sig.update({"ht_ptr": "*fp32", "wt_ptr": "*fp32", "bt_ptr": "*fp32"})
+        constexprs = {"HAS_BIAS_S": True, "HAS_BIAS_T": True, "SOFTCAP": True, "BLOCK_N": gpu.block_n,
+                      "BLOCK_V": gpu.block_v, "BLOCK_D": gpu.block_d, "PRECISION": _precision(hs, ht)}
+        constexprs.update({"_tiled_lse_kernel": {"HAS_LABELS": True, "HARD_T": False},
+                           "_tiled_sums_kernel": {"DIV": 2},
+                           "_tiled_grad_kernel": {"DIV": 2, "HARD_T": False, "HAS_LABELS": True, "HARD": True,
+                                                  "GRAD_H": True, "GRAD_W": True, "GRAD_B": True}}[kernel])
+        jobs.append({"id": f"{kernel}-bf16-student-fp32-teacher", "module": "fastopd.kernels.tiled", "kernel": kernel,
+                     "signature": sig, "num_warps": gpu.num_warps, "num_stages": gpu.num_stages,
+                     "constexprs": constexprs})
+    results = compile_for_sm90(jobs)
+    for job in jobs:
+        r = results[job["id"]]
+        assert_no_spills(job["id"], r)
+        assert not r["tf32"], f"{job['id']}: TF32 products in the PTX"
