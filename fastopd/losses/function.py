@@ -62,7 +62,7 @@ def _divisor(cfg: DivergenceConfig, labels: torch.Tensor | None, n: int, num_ite
     if num_items is not None:
         return num_items.to(device=device, dtype=torch.float32)
     if labels is None:
-        return torch.tensor(float(max(n, 1)), device=device)
+        return torch.full((), float(max(n, 1)), device=device)  # a fill: torch.tensor(x, device=) copies and syncs
     return (labels != cfg.ignore_index).sum().clamp_min(1).to(torch.float32)
 
 

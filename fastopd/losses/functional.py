@@ -130,7 +130,7 @@ def _num_items(num_items_in_batch, device) -> torch.Tensor | None:
         return num_items_in_batch.reshape(())
     if not (num_items_in_batch > 0 and math.isfinite(num_items_in_batch)):
         raise ValueError(f"num_items_in_batch must be a positive finite number, got {num_items_in_batch}")
-    return torch.tensor(float(num_items_in_batch), device=device)
+    return torch.full((), float(num_items_in_batch), device=device)  # a fill kernel, no host-to-device copy
 
 
 def _finish(loss: torch.Tensor, stats: torch.Tensor, lead: torch.Size, reduction: str, return_stats: bool):

@@ -119,3 +119,26 @@ def test_tiled_peak_memory_has_no_n_by_v_term():
     assert large - small < 0.05 * logits, f"tiled peak grew {large - small} bytes for 3072 more rows"
     chunked_small, chunked_large = peak_above_inputs(1024, "chunked"), peak_above_inputs(4096, "chunked")
     assert chunked_large - chunked_small > logits, "the probe should see the chunked mode's [N, V] buffers"
+
+
+@pytest.mark.parametrize("variant", ["chunked-triton", "chunked-cuda", "tiled"])
+@pytest.mark.parametrize("labels_kind", ["labels", "no-labels-num-items"])
+def test_forward_and_backward_never_synchronize(variant, labels_kind):
+    """The loss and its backward under torch.cuda.set_sync_debug_mode("error"): any host-device synchronization
+    (an .item(), a torch.tensor(x, device="cuda") copy, data-dependent Python) raises, as it would break CUDA-graph
+    capture. The inputs are made first: making them may synchronize."""
+    mode, impl = ("tiled", "auto") if variant == "tiled" else ("chunked", variant.split("-")[1])
+    if mode == "chunked":
+        row_kernel(impl, "cuda")  # skips when that backend cannot run
+    hs, ws, ht, wt, labels = _inputs(64, 4099, ds=128, dt=96)
+    h, w = hs.clone().requires_grad_(True), ws.clone().requires_grad_(True)
+    kw = dict(labels=labels) if labels_kind == "labels" else dict(labels=None, num_items_in_batch=50)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = fastopd.fused_linear_divergence(h, w, ht, wt, divergence="jsd", beta=0.3, impl=impl, mode=mode,
+                                              chunk_size=16, **kw)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss) and h.grad is not None
