@@ -29,7 +29,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from fastopd.losses.reference import FKL, JSD, RKL, _xlogy_ratio, scaled_logits
+from fastopd.losses.reference import FKL, JSD, RKL, _xlogy_ratio, scaled_logits, to_raw_logit_grad
 
 _SIZES: dict[tuple, tuple[tuple[int, int], ...]] = {}
 
@@ -151,10 +151,7 @@ def torch_phase_(phase: int, xs: torch.Tensor, xt: torch.Tensor, y: torch.Tensor
         g = g + hw * (((zs - m_s) * hard_ratio - log_h).exp() if hard_t else ps)
         here = y >= 0
         g.scatter_add_(1, torch.where(here, y, 0)[:, None], (-hw * here.to(g.dtype))[:, None])
-    chain = 1.0 / temperature
-    if softcap > 0:
-        chain = chain * (1.0 - (zs * temperature / softcap) ** 2)
-    xs.copy_(torch.where(valid, g * chain, 0.0))
+    xs.copy_(torch.where(valid, to_raw_logit_grad(g, zs, temperature, softcap), 0.0))
 
 
 def _masked(x: torch.Tensor, keep: torch.Tensor, fill: float = 0.0) -> torch.Tensor:

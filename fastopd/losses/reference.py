@@ -27,6 +27,15 @@ def scaled_logits(x: torch.Tensor, softcap: float, temperature: float) -> torch.
     return x / temperature
 
 
+def to_raw_logit_grad(g: torch.Tensor, zs: torch.Tensor, temperature: float, softcap: float) -> torch.Tensor:
+    """dL/dx_s from dL/dz_s `g`, for z = softcap(x) / T: divide by T and, under a softcap, multiply by
+    1 - (softcap(x) / softcap)^2 (softcap(x) = zs * T)."""
+    chain = 1.0 / temperature
+    if softcap > 0:
+        chain = chain * (1.0 - (zs * temperature / softcap) ** 2)
+    return g * chain
+
+
 @torch.no_grad()
 def divergence_chunk_(xs: torch.Tensor, xt: torch.Tensor, labels: torch.Tensor | None, loss: torch.Tensor,
                       stats: torch.Tensor, divergence: int, beta: float, temperature: float, softcap: float,
@@ -95,8 +104,5 @@ def divergence_chunk_(xs: torch.Tensor, xt: torch.Tensor, labels: torch.Tensor |
             hw = hard_weight * hard_ratio
             g = g + hw * ph
             g[rows, y] -= hw
-        chain = 1.0 / temperature
-        if softcap > 0:
-            chain = chain * (1.0 - (zs * temperature / softcap) ** 2)
-        g = g * chain
+        g = to_raw_logit_grad(g, zs, temperature, softcap)
         xs.copy_(torch.where(valid[:, None], g, torch.zeros_like(g)))
