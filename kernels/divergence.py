@@ -162,15 +162,15 @@ def _row_terms(xs_row, xt_row, V, y, m_s, log_s, m_t, log_t, log_h, pivot, beta,
                                        inv_softcap, SOFTCAP)
         ps = tl.exp(lps)
         pt = tl.exp(lpt)
-        ent += tl.sum(tl.where(ps > 0.0, ps * lps, 0.0), 0)
+        ent += tl.sum(tl.where(ps != 0.0, ps * lps, 0.0), 0)
         if DIV == 0:
-            acc_a += tl.sum(tl.where(pt > 0.0, pt * (lpt - lps), 0.0), 0)
+            acc_a += tl.sum(tl.where(pt != 0.0, pt * (lpt - lps), 0.0), 0)
             if GRAD:
                 g = soft_weight * _p_diff(ps, pt, lps, lpt)
                 _store_grad(xs_row, offs, mask, g, zs, ps, y, m_s, log_h, hard_ratio, hw, inv_temp, temperature,
                             inv_softcap, HARD, HARD_T, SOFTCAP)
         elif DIV == 1:
-            acc_a += tl.sum(tl.where(ps > 0.0, ps * ((lps - lpt) - pivot), 0.0), 0)  # rkl - pivot
+            acc_a += tl.sum(tl.where(ps != 0.0, ps * ((lps - lpt) - pivot), 0.0), 0)  # rkl - pivot
         else:
             # Terms of probability <= 1e-30 are dropped (< 1e-28 each): m > 0 wherever log m is used.
             lm = tl.log(beta * pt + (1.0 - beta) * ps)
@@ -197,7 +197,7 @@ def _row_grad(xs_row, xt_row, V, y, m_s, log_s, m_t, log_t, log_h, pivot, k, bet
                                        inv_softcap, SOFTCAP)
         ps = tl.exp(lps)
         if DIV == 1:
-            g = coef * tl.where(ps > 0.0, ps * (((lps - lpt) - pivot) - k), 0.0)
+            g = coef * tl.where(ps != 0.0, ps * (((lps - lpt) - pivot) - k), 0.0)
         else:
             lm = tl.log(beta * tl.exp(lpt) + (1.0 - beta) * ps)
             term = tl.where(ps > TINY_P, ps * (lps - lm), 0.0)

@@ -181,11 +181,11 @@ def _tiled_sums_kernel(
                                            Ds, Dt, stride_hs, stride_ws, stride_ht, stride_wt, m_s, log_s, m_t, log_t,
                                            inv_temp, softcap, inv_softcap, HAS_BIAS_S, HAS_BIAS_T, SOFTCAP,
                                            BLOCK_N, BLOCK_V, BLOCK_D, PRECISION)
-        ent += tl.sum(tl.where(ps > 0.0, ps * lps, 0.0), 1)
+        ent += tl.sum(tl.where(ps != 0.0, ps * lps, 0.0), 1)
         if DIV == 0:
-            acc_a += tl.sum(tl.where(pt > 0.0, pt * (lpt - lps), 0.0), 1)
+            acc_a += tl.sum(tl.where(pt != 0.0, pt * (lpt - lps), 0.0), 1)
         elif DIV == 1:
-            acc_a += tl.sum(tl.where(ps > 0.0, ps * ((lps - lpt) - pivot[:, None]), 0.0), 1)
+            acc_a += tl.sum(tl.where(ps != 0.0, ps * ((lps - lpt) - pivot[:, None]), 0.0), 1)
         else:
             lm = tl.log(beta * pt + (1.0 - beta) * ps)
             acc_a += tl.sum(tl.where(pt > TINY_P, pt * (lpt - lm), 0.0), 1)
@@ -252,7 +252,7 @@ def _tiled_grad_kernel(
         elif DIV == 1:
             # (lp_s - lp_t) - c is 0 at the student's top token (c was formed with this arithmetic): only small
             # numbers cancel.
-            g = soft_weight * tl.where(ps > 0.0, ps * (((lps - lpt) - pivot[:, None]) - k_row[:, None]), 0.0)
+            g = soft_weight * tl.where(ps != 0.0, ps * (((lps - lpt) - pivot[:, None]) - k_row[:, None]), 0.0)
         else:
             lm = tl.log(beta * pt + (1.0 - beta) * ps)
             term = tl.where(ps > TINY_P, ps * (lps - lm), 0.0)
@@ -270,7 +270,9 @@ def _tiled_grad_kernel(
         else:
             g = g * inv_temp
         g = tl.where(valid[:, None] & cmask[None, :], g, 0.0)
-        if tl.max(tl.max(tl.abs(g), 1), 0) >= skip_threshold:
+        # NaN counts as large: a NaN tile must reach the gradients (tl.max would drop NaN on a GPU and NaN
+        # compares false everywhere), so that a NaN row shows in them as in the loss.
+        if tl.max(tl.max(tl.where(g == g, tl.abs(g), float("inf")), 1), 0) >= skip_threshold:
             g = g * scale[:, None]
             if GRAD_B:
                 tl.atomic_add(gb_ptr + cols, tl.sum(g, 0), mask=cmask)

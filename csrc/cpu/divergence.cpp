@@ -153,17 +153,17 @@ __attribute__((always_inline)) inline void divergence_row(float* __restrict xs, 
     const float zs = xs[v], zt = xt[v];
     const float lps = (zs - ms) - lss, lpt = (zt - mt) - lst;
     const float ps = es[v] * inv_ss, pt = et[v] * inv_st;
-    ent += ps > 0.0f ? static_cast<double>(ps * lps) : 0.0;
+    ent += ps != 0.0f ? static_cast<double>(ps * lps) : 0.0;
     float chain = inv_t;
     if (SOFTCAP) {
       const float c = zs * o.temperature * inv_cap;
       chain = inv_t * (1.0f - c * c);
     }
     if (DIV == kFKL) {
-      acc_a += pt > 0.0f ? static_cast<double>(pt * (lpt - lps)) : 0.0;
+      acc_a += pt != 0.0f ? static_cast<double>(pt * (lpt - lps)) : 0.0;
       if (grad) xs[v] = chain * (sw * (ps - pt) + hw * ps);
     } else if (DIV == kRKL) {
-      const float r = ps > 0.0f ? (lps - lpt) - pivot : 0.0f;
+      const float r = ps != 0.0f ? (lps - lpt) - pivot : 0.0f;
       acc_a += static_cast<double>(ps * r);
       if (grad) {
         xs[v] = r;

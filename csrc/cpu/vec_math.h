@@ -42,7 +42,7 @@ __attribute__((always_inline)) static inline float exp(float x) {
   return x < lo ? 0.0f : y * scale;
 }
 
-// log(x) for x >= 0: log(0) = -inf, denormals handled by prescaling.
+// log(x) for x >= 0: log(0) = -inf, log(inf) = inf, log(NaN) = NaN, denormals handled by prescaling.
 __attribute__((always_inline)) static inline float log(float x) {
   const bool denorm = x < 1.17549435e-38f;
   float xs = denorm ? x * 8388608.0f : x;  // 2^23
@@ -68,7 +68,7 @@ __attribute__((always_inline)) static inline float log(float x) {
   y = y - 0.5f * z;
   float res = m + y + fe * 0.693359375f;
   res = x == 0.0f ? -__builtin_inff() : res;
-  return x == __builtin_inff() ? x : res;
+  return (x == __builtin_inff() || x != x) ? x : res;  // the bit manipulation above turns a NaN into a number
 }
 
 // tanh(x) through exp(-2|x|), odd-symmetric; exact 0 at 0 and +-1 in the tails. Below |x| = 0.2, where

@@ -282,11 +282,11 @@ __global__ void __launch_bounds__(kThreads) divergence_row_kernel(float* __restr
   auto terms = [&](float zs, float zt, float& ps_out, float& pt_out) {
     const float lps = (zs - ms) - log_s, lpt = (zt - mt) - log_t;
     const float ps = __expf(lps), pt = __expf(lpt);
-    acc[2] += ps > 0.0f ? ps * lps : 0.0f;
+    acc[2] += ps != 0.0f ? ps * lps : 0.0f;
     if (DIV == kFKL) {
-      acc[0] += pt > 0.0f ? pt * (lpt - lps) : 0.0f;
+      acc[0] += pt != 0.0f ? pt * (lpt - lps) : 0.0f;
     } else if (DIV == kRKL) {
-      acc[0] += ps > 0.0f ? ps * ((lps - lpt) - pivot) : 0.0f;
+      acc[0] += ps != 0.0f ? ps * ((lps - lpt) - pivot) : 0.0f;
     } else {
       const float lm = __logf(b * pt + omb * ps);
       acc[0] += pt > kTinyP ? pt * (lpt - lm) : 0.0f;
@@ -324,7 +324,7 @@ __global__ void __launch_bounds__(kThreads) divergence_row_kernel(float* __restr
       const float ps = __expf(lps);
       float g;
       if (DIV == kRKL) {
-        g = ps > 0.0f ? coef * (ps * (((lps - lpt) - pivot) - k)) : 0.0f;
+        g = ps != 0.0f ? coef * (ps * (((lps - lpt) - pivot) - k)) : 0.0f;
       } else {
         const float lm = __logf(b * __expf(lpt) + omb * ps);
         const float term = ps > kTinyP ? ps * (lps - lm) : 0.0f;

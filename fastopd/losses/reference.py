@@ -16,8 +16,9 @@ FKL, RKL, JSD = 0, 1, 2
 
 
 def _xlogy_ratio(p: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
-    """p * log_ratio with 0 where p == 0 (so -inf log-probs of masked entries give 0, not NaN)."""
-    return torch.where(p > 0, p * log_ratio, torch.zeros((), dtype=p.dtype, device=p.device))
+    """p * log_ratio with 0 where p == 0 (so -inf log-probs of masked entries give 0, not NaN); a NaN p (a NaN
+    logit in the row) stays NaN, so the row's loss shows it."""
+    return torch.where(p != 0, p * log_ratio, torch.zeros((), dtype=p.dtype, device=p.device))
 
 
 def scaled_logits(x: torch.Tensor, softcap: float, temperature: float) -> torch.Tensor:

@@ -256,6 +256,35 @@ def test_skip_threshold_is_harmless(div):
     assert skipped_all == tiles and gh_all.abs().max() == 0 and gw_all.abs().max() == 0
 
 
+@pytest.mark.parametrize("div", ["fkl", "rkl", "jsd"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("nan_rows", ["one-row", "every-row"])
+def test_tiled_nan_rows_reach_loss_and_gradients(div, reduction, nan_rows):
+    """A NaN in a row's teacher hidden state gives that row a NaN loss and NaN gradients, as the chunked mode
+    does, and leaves the other rows alone. The tile skip test counts NaN as large: NaN compares false with any
+    threshold and a max drops it (a GPU's, and the interpreter's nanmax), so a tile of NaN rows only ("every-row")
+    was skipped and its gradients came back as zeros."""
+    hs, ws, _, ht, wt, _, labels = _problem(40, 16, 16, 101, seed=4)
+    labels[:] = 1
+    bad = torch.zeros(40, dtype=torch.bool)
+    bad[2 if nan_rows == "one-row" else slice(None)] = True
+    ht[bad, 3] = float("nan")
+    for mode in ("tiled", "chunked"):
+        h = hs.float().to(DEVICE).requires_grad_(True)
+        w = ws.float().to(DEVICE).requires_grad_(True)
+        loss = fastopd.fused_linear_divergence(h, w, ht.float().to(DEVICE), wt.float().to(DEVICE),
+                                               labels.to(DEVICE), divergence=div, reduction=reduction, mode=mode,
+                                               impl="torch" if mode == "chunked" else "auto")
+        loss.sum().backward()
+        loss, gh, gw = loss.detach().cpu(), h.grad.cpu(), w.grad.cpu()
+        if reduction == "none":
+            assert torch.isnan(loss[bad]).all() and torch.isfinite(loss[~bad]).all(), (mode, loss)
+        else:
+            assert torch.isnan(loss), (mode, loss)
+        assert torch.isnan(gh[bad]).all() and torch.isfinite(gh[~bad]).all(), mode
+        assert torch.isnan(gw).any(), mode
+
+
 class _LargestTensor(TorchDispatchMode):
     """Records the largest tensor (in bytes) any torch op produces: outputs of every dispatched op, allocations
     included (the interpreter's byte views of kernel arguments show up as uint8 tensors of the argument's size)."""

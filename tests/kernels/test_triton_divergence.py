@@ -197,6 +197,30 @@ def test_extreme_logits_stay_finite(backend, div):
     torch.testing.assert_close(got[2].double().cpu(), want[2], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("div", ["fkl", "rkl", "jsd"])
+@pytest.mark.parametrize("side", ["teacher", "student"])
+def test_nan_logit_shows_in_its_row(backend, div, side):
+    """A NaN logit (an fp16 overflow upstream) makes its row's loss NaN on every backend, as torch's losses do,
+    rather than a number: fkl once dropped a NaN teacher row to 0 (p_t > 0 is false for NaN) and the C++ jsd
+    turned it into -45 (its log's bit tricks made a number of a NaN). The other rows, and ignored rows, stay
+    as they were."""
+    kernel = _backend(backend)
+    launch = {"block_v": 64} if backend in TRITON else {}
+    xs, xt, labels = _logits(4, 150, seed=17)
+    want = row_divergence64(xs, xt, labels, divergence=div)
+    bad = xt if side == "teacher" else xs
+    bad[1, 70] = float("nan")
+    bad[3, 5] = float("nan")
+    labels[3] = -100  # an ignored row keeps its 0 even with a NaN in it
+    loss, _, _ = _run(kernel, xs.float().to(DEVICE), xt.float().to(DEVICE), labels.to(DEVICE), divergence=div,
+                      **launch)
+    loss = loss.double().cpu()
+    assert torch.isnan(loss[1]), loss
+    assert loss[3] == 0, loss
+    torch.testing.assert_close(loss[[0, 2]], want[0][[0, 2]], rtol=2e-5, atol=2e-5)
+
+
 @pytest.mark.skipif(GPU, reason="checks the interpreter launcher with lower-precision inputs on the CPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_triton_half_inputs_upcast(dtype):
