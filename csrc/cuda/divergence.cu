@@ -65,10 +65,13 @@ __device__ __forceinline__ float tanh_exp(float x) {
   return x < 0.0f ? -r : r;
 }
 
+// The products are rounded (__fmul_rn), never contracted into an FMA with what follows: every pass must form
+// the same z, since the row max and the rkl pivot taken from z in pass 1 meet z again in z - max (an FFMA there
+// would leave a rounding residual of |z| 2^-24 where the pivot identity needs an exact 0).
 template <bool SOFTCAP>
 __device__ __forceinline__ float scale(float x, const RowParams& p) {
-  if (SOFTCAP) x = p.softcap * tanh_exp(x * p.inv_softcap);
-  return x * p.inv_temp;
+  if (SOFTCAP) x = __fmul_rn(p.softcap, tanh_exp(__fmul_rn(x, p.inv_softcap)));
+  return __fmul_rn(x, p.inv_temp);
 }
 
 // Online log-sum-exp state: running max m and sum s relative to m. The sum is fp64 so that log(s) resolves

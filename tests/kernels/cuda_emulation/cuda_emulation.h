@@ -32,6 +32,7 @@ struct float4 {
 
 inline float __expf(float x) { return std::exp(x); }
 inline float __logf(float x) { return std::log(x); }
+inline float __fmul_rn(float a, float b) { return a * b; }  // x86 without -mfma: products are rounded anyway
 
 namespace emu {
 inline std::unique_ptr<std::barrier<>> block_barrier;
