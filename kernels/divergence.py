@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from fastopd.kernels import on_tensor_device
 
 FKL, RKL, JSD = 0, 1, 2
 DEFAULT_BLOCK_V = 2048
@@ -338,6 +339,7 @@ def launch_config(v: int, block_v: int | None, num_warps: int | None) -> tuple[i
     return block_v, num_warps
 
 
+@on_tensor_device
 def divergence_chunk_(xs: torch.Tensor, xt: torch.Tensor, labels: torch.Tensor | None, loss: torch.Tensor,
                       stats: torch.Tensor, divergence: int, beta: float, temperature: float, softcap: float,
                       soft_weight: float, hard_weight: float, ignore_index: int, compute_grad: bool,

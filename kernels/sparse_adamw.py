@@ -29,6 +29,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from fastopd.kernels import on_tensor_device
 
 BLOCK = 1024
 # Per-tensor address table columns: param, grad, idx, m, v, master, counter addresses, then k.
@@ -121,6 +122,7 @@ def _block_map(device: torch.device, sizes: tuple[int, ...]) -> tuple[torch.Tens
     return (torch.tensor(owner, dtype=torch.int32).to(device), torch.tensor(start, dtype=torch.int64).to(device))
 
 
+@on_tensor_device
 def sparse_adamw_step_(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],

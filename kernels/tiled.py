@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from fastopd.kernels import on_tensor_device
 from fastopd.kernels.divergence import TINY_P, _p_diff, _tanh
 
 
@@ -350,6 +351,7 @@ def _geometry(v: int, cfg: TiledConfig) -> int:
     return triton.cdiv(vblocks, cfg.splits)
 
 
+@on_tensor_device
 def tiled_row_lse(h_s, w_s, b_s, h_t, w_t, b_t, labels, *, temperature: float, softcap: float, ignore_index: int,
                   cfg: TiledConfig, hard_ratio: float = 1.0) -> torch.Tensor:
     """Per-split partials of each vocabulary share: [SPLIT, 5, N] fp32 (max_s, max_t, z_s[y], z_t[y], z_t at the
@@ -398,6 +400,7 @@ def combine_lse(part: torch.Tensor, sums: torch.Tensor,
     return rowstats, part[:, 2:4].sum(0), log_h                    # the label lies in exactly one split
 
 
+@on_tensor_device
 def tiled_row_sums(h_s, w_s, b_s, h_t, w_t, b_t, rowstats: torch.Tensor, *, divergence: int, beta: float,
                    temperature: float, softcap: float, cfg: TiledConfig) -> torch.Tensor:
     """Per-split partial sums [SPLIT, 3, N] (A, B, sum p_s lp_s; for rkl A = KL(s||t) - c) given rowstats [5, N]
@@ -418,6 +421,7 @@ def tiled_row_sums(h_s, w_s, b_s, h_t, w_t, b_t, rowstats: torch.Tensor, *, dive
     return part
 
 
+@on_tensor_device
 def tiled_grad(h_s, w_s, b_s, h_t, w_t, b_t, labels, rowinfo: torch.Tensor, grad_h, grad_w, grad_b, *,
                divergence: int, beta: float, temperature: float, softcap: float, soft_weight: float,
                hard_weight: float, ignore_index: int, skip_threshold: float, cfg: TiledConfig,

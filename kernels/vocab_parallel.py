@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from fastopd.kernels import on_tensor_device
 from fastopd.kernels.divergence import _row_grad, _row_normalizers, _row_terms, _zero_row, launch_config
 
 
@@ -78,6 +79,7 @@ def _vocab_parallel_kernel(
                       SOFTCAP, BLOCK_V)
 
 
+@on_tensor_device
 def vocab_parallel_phase_(phase: int, xs: torch.Tensor, xt: torch.Tensor, y: torch.Tensor,
                           info: torch.Tensor | None, out: torch.Tensor | None, divergence: int, beta: float,
                           temperature: float, softcap: float, soft_weight: float, hard_weight: float,

@@ -221,6 +221,21 @@ def test_nan_logit_shows_in_its_row(backend, div, side):
     torch.testing.assert_close(loss[[0, 2]], want[0][[0, 2]], rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("backend", ["triton", "cuda", "vp-triton"])
+def test_kernels_run_on_the_tensors_device_not_the_current_one(backend):
+    """Tensors on cuda:1 while cuda:0 is current: Triton launches on the current device unless told, so the
+    launchers make the tensors' device current (the CUDA op has its device guard)."""
+    kernel = row_kernel(backend, "cuda")
+    xs, xt, labels = _logits(5, 301, seed=23)
+    want = row_divergence64(xs, xt, labels, divergence="rkl", hard_weight=0.5)
+    with torch.cuda.device(0):
+        got = _run(kernel, xs.float().to("cuda:1"), xt.float().to("cuda:1"), labels.to("cuda:1"), divergence="rkl",
+                   hard_weight=0.5)
+        torch.cuda.synchronize(1)
+    _assert_matches(got, want, f"{backend} on cuda:1")
+
+
 @pytest.mark.skipif(GPU, reason="checks the interpreter launcher with lower-precision inputs on the CPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_triton_half_inputs_upcast(dtype):
