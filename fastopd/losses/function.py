@@ -141,6 +141,26 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
         return _recompute_backward(ctx, grad_loss)
 
 
+_ADDMM_FP32_INTO = True  # False once this torch refused an fp32 accumulator beside bf16/fp16 operands
+
+
+def _addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b for bf16/fp16 CUDA operands, accumulated by cuBLAS in place. Some torch releases with
+    `out_dtype` (2.8, 2.9) still check that `self` has the operands' dtype; the refusal is a host-side argument
+    check, so it is met once, and from then on the product goes to an fp32 temporary (same numbers, one more
+    buffer of the accumulator's size)."""
+    global _ADDMM_FP32_INTO
+    if _ADDMM_FP32_INTO:
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return
+        except RuntimeError as err:
+            if "dtype" not in str(err):
+                raise
+            _ADDMM_FP32_INTO = False
+    acc += torch.mm(a, b, out_dtype=torch.float32)
+
+
 def _accumulate_grads(g: torch.Tensor, h: torch.Tensor, w: torch.Tensor, grad_h, grad_w, grad_b,
                       start: int, end: int) -> None:
     """grad_h[start:end] = G W;  grad_w += G^T h;  grad_b += colsum(G).  G [C, V] fp32."""
@@ -151,7 +171,7 @@ def _accumulate_grads(g: torch.Tensor, h: torch.Tensor, w: torch.Tensor, grad_h,
         if h.dtype == torch.float32:
             grad_w.addmm_(g.t(), h)
         elif h.is_cuda:  # fp32 accumulator, bf16/fp16 operands, accumulated in place by cuBLAS
-            torch.addmm(grad_w, gl.t(), h, out_dtype=torch.float32, out=grad_w)
+            _addmm_f32_(grad_w, gl.t(), h)
         else:
             grad_w.addmm_(gl.t().float(), h.float())
     if grad_b is not None:

@@ -115,11 +115,19 @@ def _check_labels(labels: torch.Tensor | None, lead: torch.Size, vocab: int, ign
     if labels.device != device:
         raise ValueError(f"labels are on {labels.device} but the hidden states on {device}")
     labels = labels.reshape(-1).to(torch.int64).contiguous()
-    if labels.device.type == "cpu" and labels.numel() > 0:  # a free check on the CPU; GPU kernels guard instead
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if labels.numel() == 0:
+        return labels
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if labels.device.type == "cpu":  # a free check on the CPU
         if bool(bad.any()):
             first = int(labels[bad][0])
             raise ValueError(f"labels hold {first}, outside [0, {vocab}) and not ignore_index={ignore_index}")
+    else:
+        # On a GPU a host check would synchronize; a device-side assert does not (and is graph-capturable). The
+        # kernels cannot be trusted with it: Triton drops tl.device_assert outside debug mode, and the tiled and
+        # vocab-parallel paths would silently read such a label as a logit of 0.
+        torch._assert_async(~bad.any(), f"fastopd: labels outside [0, {vocab}) that are not ignore_index="
+                                        f"{ignore_index}")
     return labels
 
 

@@ -598,3 +598,71 @@ def test_fastopd_impl_environment_override(monkeypatch):
     monkeypatch.delenv("FASTOPD_IMPL")
     assert _dispatch.resolve("divergence_chunk", "cpu" if _dispatch.available(
         "divergence_chunk", "cpu", "cpu") is None else "torch", "cpu") in ("cpu", "torch")
+
+
+def test_fp32_accumulator_falls_back_where_torch_refuses_it(monkeypatch):
+    """grad_W accumulation for bf16/fp16 CUDA operands: torch 2.8/2.9 may refuse an fp32 `self` beside bf16
+    operands in addmm(out_dtype=fp32) (a host-side dtype check); the helper then adds an fp32 product instead,
+    from then on, and re-raises errors that are not that refusal. Control flow only: the CUDA GEMMs cannot run
+    here, so torch.addmm / torch.mm are stood in by fp32 CPU versions."""
+    from fastopd.losses import function
+
+    calls, real_mm = [], torch.mm
+
+    def refusing_addmm(acc, a, b, *, out_dtype, out):
+        calls.append("addmm")
+        raise RuntimeError("self and mat2 must have the same dtype, but got Float and BFloat16")
+
+    def mm(a, b, *, out_dtype):
+        calls.append("mm")
+        return real_mm(a.to(out_dtype), b.to(out_dtype))
+
+    monkeypatch.setattr(function, "_ADDMM_FP32_INTO", True)
+    monkeypatch.setattr(function.torch, "addmm", refusing_addmm)
+    monkeypatch.setattr(function.torch, "mm", mm)
+    a, b = torch.randn(3, 4), torch.randn(4, 5)
+    acc = torch.ones(3, 5)
+    function._addmm_f32_(acc, a, b)
+    function._addmm_f32_(acc, a, b)
+    assert calls == ["addmm", "mm", "mm"]  # the refusal is met once
+    torch.testing.assert_close(acc, 1 + 2 * real_mm(a, b))
+
+    def broken_addmm(acc, a, b, *, out_dtype, out):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(function, "_ADDMM_FP32_INTO", True)
+    monkeypatch.setattr(function.torch, "addmm", broken_addmm)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        function._addmm_f32_(acc, a, b)
+
+
+@pytest.mark.parametrize("bad", [pytest.param(23, id="label-equal-to-vocab"), pytest.param(-1, id="label-minus-1")])
+def test_out_of_range_labels_are_refused(bad):
+    """A label outside [0, V) that is not ignore_index (-100 here) is an error, not a logit of 0."""
+    g = torch.Generator().manual_seed(0)
+    hs, ws = torch.randn(4, 8, generator=g), torch.randn(23, 8, generator=g)
+    labels = torch.tensor([1, bad, -100, 3])
+    with pytest.raises(ValueError, match=rf"labels hold {bad}, outside \[0, 23\)"):
+        fastopd.fused_linear_divergence(hs, ws, hs, ws, labels)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the device-side label check needs CUDA")
+def test_out_of_range_labels_fail_on_gpu_without_a_sync():
+    """On CUDA the check is a device-side assert (no host sync): the process fails (torch may print its own
+    assert text rather than the message). It kills the CUDA context, so it runs in a subprocess, beside the same
+    program with valid labels, which succeeds."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, fastopd\n"
+            "h = torch.randn(4, 64, device='cuda', dtype=torch.bfloat16, requires_grad=True)\n"
+            "w = torch.randn(100, 64, device='cuda', dtype=torch.bfloat16)\n"
+            "y = torch.tensor([1, int(sys.argv[1]), 2, 3], device='cuda')\n"
+            "loss = fastopd.fused_linear_divergence(h, w, h.detach(), w, y,"
+            " hard_label_weight=0.5)\n"
+            "loss.backward(); torch.cuda.synchronize()\n")
+    ok = subprocess.run([sys.executable, "-c", code, "99"], capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    bad = subprocess.run([sys.executable, "-c", code, "100"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0
+    assert "labels outside [0, 100)" in bad.stderr or "device-side assert" in bad.stderr, bad.stderr[-2000:]
