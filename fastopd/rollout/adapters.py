@@ -201,14 +201,17 @@ class ModelAdapter:
         S]`` over those columns (boolean, or additive float), or None when all are valid. Positions stay below
         ``length`` (default: the model's context); ``batch_size``, when given, is ``B`` (the head may be laid out
         for it, see :meth:`decode_head`). The step's ``head`` attribute is the :meth:`decode_head` it uses (for
-        the logits of the prefill's last state). This default runs :meth:`forward`; adapters override
-        it with faster weight layouts."""
+        the logits of the prefill's last state). This default runs :meth:`forward` under the boolean mask that
+        :meth:`forward` takes (None becomes all True, an additive one True where it is above -inf); adapters
+        override it with faster weight layouts."""
         head = self.decode_head(batch_size)
 
         def step(tokens, positions, mask, cache, column):
             if mask is None:
                 width = column + 1 if isinstance(column, int) else cache.length
                 mask = torch.ones(tokens.shape[0], 1, 1, width, dtype=torch.bool, device=tokens.device)
+            elif mask.dtype != torch.bool:
+                mask = mask > float("-inf")
             return head(self.forward(tokens[:, None], positions, mask, cache, column)[:, 0])
 
         step.head = head

@@ -401,7 +401,8 @@ class RolloutEngine:
             decode_mask = None  # no padding: every filled column is valid, the step attends to columns 0..p+t
         else:
             # Eager steps attend to the filled columns 0..p+t only: the mask is a static additive one (-inf at
-            # prompt padding, 0 elsewhere), narrowed each step; completion columns are valid once written.
+            # prompt padding, 0 elsewhere), narrowed each step; completion columns are valid once written. (The
+            # default step of ModelAdapter hands forward its boolean form.)
             decode_mask = torch.zeros(b, 1, 1, p + h, dtype=adapter.dtype, device=device)
             decode_mask[:, 0, 0, :p].masked_fill_(~row_mask, float("-inf"))
         steps = 0
@@ -460,12 +461,20 @@ def _can_capture(device: torch.device) -> bool:
 class _GraphedDecodeStep:
     """A decode step captured in a CUDA graph for one generation: token ids and the write column are copied
     into static device buffers, ``positions`` and the mask are the engine's own buffers (updated in place), the
-    cache is static; each call replays the graph and returns the static logits buffer."""
+    cache is static; each call replays the graph and returns the static logits buffer.
+
+    The graph holds raw device addresses, not owners, so this object keeps alive everything the captured kernels
+    read or write that was allocated outside the capture's pool, for as long as the graph lives: the step (on CUDA
+    the only owner of the packed layer weights and rotary tables, which :class:`DerivedWeights` does not keep
+    there, and of the per-batch scratch its warm-up allocated) and the ``positions``, mask and cache passed in.
+    Freed, their blocks would be reused by the caching allocator while replays still read and write them."""
 
     def __init__(
         self, step: DecodeStep, batch: int, positions: torch.Tensor, mask: torch.Tensor, cache: KVCache, column: int
     ) -> None:
         device = positions.device
+        self.step = step
+        self.inputs = (positions, mask, cache)
         self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
         self.column = torch.full((), column, dtype=torch.long, device=device)
         side = torch.cuda.Stream(device)

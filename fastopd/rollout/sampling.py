@@ -22,6 +22,8 @@ def sample_tokens(
     binary search: no host sync, and far fewer random numbers than a Gumbel/exponential race over the
     vocabulary); ``top_k = 0`` and ``top_p = 1`` disable the filters, and
     top-p keeps the smallest prefix of the sorted distribution whose mass reaches ``top_p`` (at least one token).
+    A tiny positive temperature gives the greedy limit: ``logits / temperature`` is taken after shifting each row's
+    maximum to 0, so it never overflows to +inf (a temperature below fp32's smallest subnormal divides as it).
     Randomness comes from ``generator``, or torch's global RNG when None.
     """
     z = logits.float()
@@ -29,7 +31,10 @@ def sample_tokens(
         best, tokens = z.max(-1)  # max(dim) is ~3x faster than argmax on CPU; same first-index tie rule
         return tokens, best - z.logsumexp(-1)
     if temperature != 1.0:
-        z = z / temperature
+        # The top logit shifted to 0 first (softmax is shift-invariant): z / T then lies in [-inf, 0], where a tiny
+        # T would overflow raw fp32 logits to +-inf and make log_softmax NaN. A T below fp32's smallest subnormal
+        # would round to 0 (0 / 0 at the top logit): it divides as that subnormal, 2**-149, the same greedy limit.
+        z = (z - z.amax(-1, keepdim=True)) / max(temperature, 2.0**-149)
     logp = torch.log_softmax(z, -1)
     filtered = logp
     if 0 < top_k < z.shape[-1]:

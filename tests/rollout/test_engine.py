@@ -1,5 +1,7 @@
 """RolloutEngine against Hugging Face generate and plain full forwards, on random-weight models built from configs."""
 
+import contextlib
+import gc
 import logging
 import weakref
 
@@ -8,8 +10,9 @@ import pytest
 import torch
 import transformers
 
-from fastopd.models import Transformer, TransformerConfig
-from fastopd.rollout import Horizon, RolloutEngine, as_adapter
+from fastopd.models import Transformer, TransformerConfig, build_attention_mask
+from fastopd.models.layers import positions_from_mask
+from fastopd.rollout import Horizon, ModelAdapter, RolloutEngine, as_adapter
 
 transformers.logging.set_verbosity_error()
 logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -141,6 +144,56 @@ def test_builtin_greedy_equals_naive_recompute_loop():
         ids = torch.cat([ids, nxt[:, None]], 1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
     assert torch.equal(batch.input_ids, ids)
+
+
+class _BooleanMaskAdapter(ModelAdapter):
+    """A minimal custom adapter (embeddings, one attention layer, a head) written to `ModelAdapter.forward`'s
+    contract: it masks scores with `~mask`, which only the documented boolean mask supports."""
+
+    def __init__(self):
+        torch.manual_seed(0)
+        self.model = torch.nn.ModuleDict(dict(embed=torch.nn.Embedding(VOCAB, 16), pos=torch.nn.Embedding(64, 16),
+                                              qkv=torch.nn.Linear(16, 48), head=torch.nn.Linear(16, VOCAB)))
+        self.vocab_size, self.hidden_size, self.num_layers, self.num_kv_heads, self.head_dim = VOCAB, 16, 1, 1, 16
+        self.max_positions = 64
+
+    @property
+    def output_weight(self):
+        return self.model["head"].weight
+
+    @property
+    def output_bias(self):
+        return self.model["head"].bias
+
+    def forward(self, input_ids, positions, mask, cache=None, start=0, expand=1):
+        x = self.model["embed"](input_ids) + self.model["pos"](positions)
+        q, k, v = self.model["qkv"](x)[:, None].chunk(3, -1)  # [B, 1, T, 16] each
+        if cache is not None:
+            cache.write(0, start, k, v, expand)
+            if start > 0:
+                k, v = cache.layer(0)
+        k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]
+        scores = (q @ k.transpose(-1, -2) / 4).masked_fill(~mask, float("-inf"))
+        return x + (scores.softmax(-1) @ v)[:, 0]
+
+
+def test_custom_adapter_forward_gets_a_boolean_mask_on_padded_prompts():
+    """Mixed prompt lengths make the engine's eager decode mask an additive one; the default decode step hands the
+    adapter's forward its boolean form, and the rollout equals a greedy loop of plain forwards (no cache)."""
+    adapter = _BooleanMaskAdapter()
+    batch = RolloutEngine(adapter, horizon=6, temperature=0).generate(PROMPTS)
+    p = batch.prompt_width
+    ids, mask = batch.input_ids[:, :p], batch.attention_mask[:, :p]
+    logprobs = []
+    with torch.no_grad():
+        for _ in range(6):
+            hidden = adapter.forward(ids, positions_from_mask(mask), build_attention_mask(mask, 0, ids.shape[1]))
+            logp = adapter.logits(hidden[:, -1]).log_softmax(-1)
+            nxt = logp.argmax(-1)
+            logprobs.append(logp.gather(-1, nxt[:, None])[:, 0])
+            ids, mask = torch.cat([ids, nxt[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    assert torch.equal(batch.input_ids, ids)
+    torch.testing.assert_close(batch.logprobs, torch.stack(logprobs, 1), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -522,8 +575,6 @@ def test_decode_step_with_tensor_column_and_full_mask(make):
     ids = torch.tensor([[0, 0, 5, 6], [1, 2, 3, 4], [0, 9, 8, 7]])
     mask = ids != 0
     mask[1, 0] = True
-    from fastopd.models import build_attention_mask
-
     with torch.inference_mode():
         for cache in cfg_cache:
             adapter.forward(ids, (mask.long().cumsum(-1) - 1).clamp(min=0), build_attention_mask(mask, 0, 4), cache)
@@ -556,43 +607,111 @@ def test_cuda_graph_decode_equals_eager_on_gpu(dtype):
         assert torch.equal(b.completion_ids[:, : ref.shape[1]], ref)
 
 
-class _EagerGraphDecodeStep:
-    """Stands in for engine._GraphedDecodeStep on the CPU with a graph's semantics: the step is 'captured' once
-    over static buffers (token ids, write column, the engine's positions and mask, the cache) and every replay
-    recomputes from those same buffers into the one static logits tensor, so the engine's in-place buffer
-    updates, the capture's warm-up writes and reuse of the logits buffer are exercised as on a GPU."""
+class _CpuCudaGraph:
+    """torch.cuda.CUDAGraph on the CPU with a graph's ownership: capture records the one decode-step call made under
+    it, keeping the step and its inputs by weak reference only (a CUDA graph holds raw device addresses, not owners:
+    what its kernels read must be kept alive by someone else), and its output by strong reference (the capture pool
+    owns it); every replay reruns that call from the same buffers into the same output, so the engine's in-place
+    buffer updates, the capture's warm-up writes and reuse of the logits buffer are exercised as on a GPU. With
+    ``collect``, each replay first runs gc.collect() (about 0.1 s), so that unowned objects in reference cycles are
+    gone too."""
 
-    def __init__(self, step, batch, positions, mask, cache, column):
-        self.tokens = torch.zeros(batch, dtype=torch.long, device=positions.device)
-        self.column = torch.full((), column, dtype=torch.long, device=positions.device)
-        self._replay = lambda: step(self.tokens, positions, mask, cache, self.column)
-        for _ in range(2):  # the warm-up on the side stream
-            self._replay()
-        self.logits = self._replay()  # the capture
+    capturing: "_CpuCudaGraph | None" = None
 
-    def __call__(self, tokens, positions, mask, cache, column):
-        self.tokens.copy_(tokens)
-        self.column.fill_(column)
-        self.logits.copy_(self._replay())
-        return self.logits
+    def __init__(self, collect):
+        self.call = None
+        self.collect = collect
+        self.alive_at_replay = []  # per replay: whether the step and each of its inputs still existed
+
+    def replay(self):
+        if self.collect:
+            gc.collect()
+        step_ref, input_refs, out = self.call
+        step, inputs = step_ref(), [r() for r in input_refs]
+        self.alive_at_replay.append([step is not None] + [x is not None for x in inputs])
+        if step is not None and all(x is not None for x in inputs):
+            out.copy_(step(*inputs))
+
+
+class _RecordingStep:
+    """Wraps the decode step that prepare_decode returned: the call made under a `_CpuCudaGraph` capture is recorded
+    into that graph."""
+
+    def __init__(self, step):
+        self.step, self.head = step, step.head
+
+    def __call__(self, *inputs):
+        out = self.step(*inputs)
+        if _CpuCudaGraph.capturing is not None:
+            _CpuCudaGraph.capturing.call = (weakref.ref(self), [weakref.ref(x) for x in inputs], out)
+        return out
+
+
+class _NoStream:
+    def wait_stream(self, other):
+        pass
+
+
+@contextlib.contextmanager
+def _capture(graph):
+    _CpuCudaGraph.capturing = graph
+    try:
+        yield
+    finally:
+        _CpuCudaGraph.capturing = None
+
+
+def _cpu_cuda_graphs(monkeypatch, engine, collect=False):
+    """Runs engine._GraphedDecodeStep itself on the CPU: no-op streams, `_CpuCudaGraph(collect)` for the graph,
+    capture allowed. Returns the graphs captured and weak references to the steps that prepare_decode made."""
+    import fastopd.rollout.engine as engine_mod
+
+    graphs, steps = [], []
+    monkeypatch.setattr(engine_mod, "_can_capture", lambda device: True)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda *a, **k: _NoStream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a, **k: _NoStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: graphs.append(_CpuCudaGraph(collect)) or graphs[-1])
+    monkeypatch.setattr(torch.cuda, "graph", _capture)
+    prepare = engine.student.prepare_decode
+
+    def prepare_recording(*args, **kwargs):
+        step = _RecordingStep(prepare(*args, **kwargs))
+        steps.append(weakref.ref(step))
+        return step
+
+    monkeypatch.setattr(engine.student, "prepare_decode", prepare_recording)
+    return graphs, steps
+
+
+def test_cuda_graph_step_keeps_the_captured_step_and_inputs_alive_at_every_replay(monkeypatch):
+    """The graph reads the step's packed weights, rotary tables and scratch (on CUDA the step is their only owner)
+    and the engine's positions, mask and cache by address: the graphed step must own all of them while it replays,
+    although the engine drops its own reference to the step once the graph is captured."""
+    engine = RolloutEngine(builtin(), horizon=6, num_samples=2, temperature=0, cuda_graphs=True)
+    graphs, steps = _cpu_cuda_graphs(monkeypatch, engine, collect=True)
+    engine.generate(PROMPTS)
+    assert len(graphs) == 1 and len(steps) == 1
+    # step, tokens, positions, mask, cache, column at each of the H - 1 replays
+    assert graphs[0].alive_at_replay == [[True] * 6] * 5
+    gc.collect()
+    assert steps[0]() is None  # released with the graph once generate returns
 
 
 @pytest.mark.parametrize("make", [pytest.param(builtin, id="builtin"), pytest.param(llama, id="llama")])
 @pytest.mark.parametrize("temperature", [pytest.param(0.0, id="greedy"), pytest.param(1.0, id="sampled")])
 def test_cuda_graph_path_equals_eager_with_a_cpu_stand_in_graph(monkeypatch, make, temperature):
     """The graphed decode loop (one static full-width boolean mask whose completion columns turn on as they are
-    written, static token/column buffers, one logits buffer) gives the eager loop's rollouts: same tokens, same
-    log-probs, same masks, across mixed prompt lengths, EOS stops and several samples per prompt."""
-    import fastopd.rollout.engine as engine_mod
-
+    written, static token/column buffers, one logits buffer), through the real `_GraphedDecodeStep` over a CPU
+    stand-in graph, gives the eager loop's rollouts: same tokens, same log-probs, same masks, across mixed prompt
+    lengths, EOS stops and several samples per prompt."""
     model = make()
     kw = dict(horizon=12, num_samples=2, temperature=temperature, eos_token_id=7, pad_token_id=0)
     eager = RolloutEngine(model, generator=torch.Generator().manual_seed(3), **kw).generate(PROMPTS)
-    calls = []
-    monkeypatch.setattr(engine_mod, "_can_capture", lambda device: True)
-    monkeypatch.setattr(engine_mod, "_GraphedDecodeStep", lambda *a: calls.append(1) or _EagerGraphDecodeStep(*a))
-    graphed = RolloutEngine(model, cuda_graphs=True, generator=torch.Generator().manual_seed(3), **kw).generate(PROMPTS)
-    assert calls == [1]  # the graphed path ran, captured once per generate
+    engine = RolloutEngine(model, cuda_graphs=True, generator=torch.Generator().manual_seed(3), **kw)
+    graphs, _ = _cpu_cuda_graphs(monkeypatch, engine)
+    graphed = engine.generate(PROMPTS)
+    assert len(graphs) == 1 and graphs[0].alive_at_replay  # the graphed path ran, captured once per generate
     assert torch.equal(eager.input_ids, graphed.input_ids)
     assert torch.equal(eager.completion_mask, graphed.completion_mask)
     assert torch.equal(eager.truncated, graphed.truncated)

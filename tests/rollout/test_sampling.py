@@ -27,6 +27,21 @@ def test_logprob_is_under_the_temperature(temperature):
     torch.testing.assert_close(lp.double(), ref, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("kw", [pytest.param(dict(temperature=1e-39), id="T1e-39-subnormal"),
+                                pytest.param(dict(temperature=1e-38), id="T1e-38"),
+                                pytest.param(dict(temperature=1e-300), id="T1e-300-below-fp32"),
+                                pytest.param(dict(temperature=1e-39, top_k=5, top_p=0.9), id="T1e-39-topk5-topp0.9")])
+def test_tiny_temperature_gives_greedy_tokens_with_finite_logprobs(kw):
+    """logits / T overflows fp32 for a tiny T (to +-inf, then log_softmax is NaN and the draw the last id), and a T
+    below fp32's range rounds to 0; under the shift of each row's maximum to 0 the draw is the argmax with log-prob
+    0."""
+    z = _logits(16, 41) * 10
+    tok, lp = sample_tokens(z, generator=torch.Generator().manual_seed(0), **kw)
+    assert torch.equal(tok, z.argmax(-1))
+    assert torch.isfinite(lp).all()
+    torch.testing.assert_close(lp, torch.zeros(16), rtol=0, atol=1e-6)
+
+
 def _empirical(z_row: torch.Tensor, draws: int, **kw) -> torch.Tensor:
     g = torch.Generator().manual_seed(123)
     tok, _ = sample_tokens(z_row.expand(draws, -1), generator=g, **kw)
