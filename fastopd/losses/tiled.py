@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from fastopd.losses.function import DivergenceConfig, reduce_rows
+from fastopd.losses.function import DivergenceConfig, apply_lift, lift_upstream, reduce_rows
 
 FKL, RKL, JSD = 0, 1, 2
 # A tile's gradient GEMMs are skipped when every |dL/dz_s| in it (upstream gradient 1) is below this. At 2^-20
@@ -129,9 +129,11 @@ class TiledLinearDivergenceFunction(torch.autograd.Function):
                     (grad_b * scale).to(dt_b) if grad_b is not None else None, *none)
         h_s, w_s, b_s, h_t, w_t, b_t, labels, rowinfo = ctx.saved_tensors
         rowinfo = rowinfo.clone()
-        rowinfo[6] *= grad_loss.to(torch.float32)  # per-row upstream gradients, 0 on ignored rows
+        upstream, lift = lift_upstream(grad_loss.to(torch.float32), h_s.dtype)
+        rowinfo[6] *= upstream  # per-row upstream gradients, 0 on ignored rows
         grad_h, grad_w, grad_b = _grad_pass(h_s, w_s, b_s, h_t, w_t, b_t, labels, rowinfo, ctx.needs_input_grad,
                                             ctx.cfg, ctx.skip_threshold, ctx.tcfg)
+        apply_lift(lift, grad_h, grad_w, grad_b)
         return (grad_h.to(dt_h) if grad_h is not None else None, grad_w.to(dt_w) if grad_w is not None else None,
                 grad_b.to(dt_b) if grad_b is not None else None, *none)
 
