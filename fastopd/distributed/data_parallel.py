@@ -29,10 +29,17 @@ from torch import nn
 MODES = ("auto", "none", "ddp", "fsdp2", "hsdp")
 
 
+def default_backend() -> str:
+    """The process-group backend `init_from_env` asks for, keyed by device: with CUDA, gloo for CPU tensors and NCCL
+    for CUDA ones (so a run whose models stay on the CPU of a GPU machine works: NCCL has no CPU collectives);
+    without, gloo."""
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+
+
 def init_from_env(timeout: timedelta | None = None) -> bool:
     """Initialize the default process group from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...)
-    when WORLD_SIZE > 1 and none exists yet: NCCL when CUDA is available (the CUDA device set to LOCAL_RANK),
-    else gloo. Returns whether a process group of more than one rank is in place."""
+    when WORLD_SIZE > 1 and none exists yet, with `default_backend()` (and, where CUDA has a device for it, the
+    current CUDA device set to LOCAL_RANK). Returns whether a process group of more than one rank is in place."""
     import torch.distributed as dist
 
     if not dist.is_available():
@@ -40,11 +47,11 @@ def init_from_env(timeout: timedelta | None = None) -> bool:
     if not dist.is_initialized():
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             return False
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.cuda.is_available() and local_rank < torch.cuda.device_count():
+            torch.cuda.set_device(local_rank)
         kwargs = {"timeout": timeout} if timeout is not None else {}
-        dist.init_process_group(backend, **kwargs)
+        dist.init_process_group(default_backend(), **kwargs)
     return dist.get_world_size() > 1
 
 
@@ -106,6 +113,7 @@ class DataParallel:
     rank: int = 0
     world_size: int = 1
     shard_size: int = 0  # hsdp: ranks per shard group
+    device_type: str = "cpu"  # of the parameters sharded: `wrap` sets it from the module it wraps
 
     @classmethod
     def resolve(cls, mode: str, shard_size: int | None = None) -> DataParallel:
@@ -139,13 +147,13 @@ class DataParallel:
     @functools.cached_property
     def mesh(self):
         """The device mesh parameters are sharded over: None (FSDP2's default, every rank) or HSDP's 2-D
-        (replicate, shard) mesh."""
+        (replicate, shard) mesh, on `device_type` (the device of the parameters `wrap` shards; built at its first
+        use, in `wrap`)."""
         if self.mode != "hsdp":
             return None
         from torch.distributed.device_mesh import init_device_mesh
 
-        return init_device_mesh("cuda" if torch.cuda.is_available() else "cpu",
-                                (self.world_size // self.shard_size, self.shard_size),
+        return init_device_mesh(self.device_type, (self.world_size // self.shard_size, self.shard_size),
                                 mesh_dim_names=("replicate", "shard"))
 
     @property
@@ -165,11 +173,13 @@ class DataParallel:
             return module
         import torch.distributed as dist
 
+        dev = next(module.parameters()).device
         if self.mode == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
-            dev = next(module.parameters()).device
             return DistributedDataParallel(module, device_ids=[dev] if dev.type == "cuda" else None)
+        if "mesh" not in self.__dict__:  # the mesh is built on the device of the first module sharded (the student)
+            self.device_type = dev.type
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
         from fastopd.rollout.adapters import LAYER_FORWARD

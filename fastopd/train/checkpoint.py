@@ -14,7 +14,8 @@ import os
 import random
 import re
 import shutil
-import tempfile
+import stat
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -142,13 +143,16 @@ def save_checkpoint(
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+    tmp = root / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()  # the mode of any new folder (the umask's), which the checkpoint keeps; mkdtemp's would be 0700
     try:
         save_file(_plain_state_dict(model_state), str(tmp / MODEL_FILE), metadata={"step": str(step)})
         if optimizer_state is not None:
             torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
         torch.save({**trainer_state, "step": step}, tmp / TRAINER_FILE)
+        file_mode = stat.S_IMODE(tmp.stat().st_mode) & 0o666  # the umask's, as the folder was made with it
         for f in tmp.iterdir():
+            os.chmod(f, file_mode)  # safetensors writes its file 0600
             _fsync_file(f)
         _fsync_dir(tmp)
         if final.exists():  # re-saving a step: move the old one aside first (rename over a non-empty dir fails);

@@ -11,7 +11,9 @@ field of `OPDConfig` (objective, lr, horizon, masks, ...) or of the job (steps, 
 teacher, student, device, mask_density); unknown keys and bad values are reported with the field's name.
 `masks` and `mask_density` exclude each other: a flag for one replaces the file's value of either, and a file may
 not set both. `checkpoint_dir` (default <out>/checkpoints) is honoured, relative to the working directory.
-`--resume` needs `--out DIR`; a run folder without a checkpoint starts a fresh run (with a notice).
+`--resume` needs `--out DIR`; a run folder without a checkpoint starts a fresh run (with a notice), and a masked
+run goes on with its checkpoint's masks. Bad input is reported as one `error:` line (exit code 2) before anything is
+written.
 """
 
 from __future__ import annotations
@@ -94,7 +96,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="checkpoint every N steps (default: only at the end)")
     p.add_argument("--resume", action="store_true", default=None,
                    help="continue the run in --out DIR (required) from its newest checkpoint up to --steps; "
-                        "without a checkpoint there, start a fresh run (with a notice)")
+                        "without a checkpoint there, start a fresh run (with a notice). A masked run goes on with "
+                        "its checkpoint's masks, whatever --masks/--mask-density say (with a notice)")
     p.add_argument("--out", metavar="DIR", help="run folder (default ./fastopd-runs/distill-<time>)")
     p.add_argument("--teacher", metavar="DIR", help="teacher folder (fastopd.models.Transformer.save_pretrained); "
                                                     "default: the built-in addition teacher")
@@ -271,31 +274,34 @@ def _distill(job: DistillJob, opd: dict[str, Any], progress: bool, out) -> int:
 
             gen = torch.Generator().manual_seed(config.seed)
             config = dataclasses.replace(config, masks=mask_lib.random(student, job.mask_density, generator=gen))
-    except ConfigError as exc:
-        print(f"fastopd distill: error: {exc}", file=sys.stderr)
+        t0 = time.perf_counter()
+        evaluator = AdditionEvaluator(task, job.eval_size)
+        teacher_acc = accuracy(teacher, task, evaluator.problems)  # before the trainer shards it (FSDP2)
+        # The trainer checks what remains (mask files and names, a checkpoint that does not fit the student, the
+        # optimizer's hyper-parameters) before the run folder is written.
+        trainer = OPDTrainer(student, teacher, config, evaluator=evaluator, run_dir=run_dir)
+    except (ValueError, RuntimeError, OSError) as exc:  # ConfigError is a ValueError
+        print(f"fastopd distill: error: {_error_text(exc)}", file=sys.stderr)
         return 2
 
-    if not par.is_main:  # rank 0 prints and writes the run folder; the others train beside it
+    failed = None
+    if par.is_main:  # rank 0 prints and writes the run folder; the others train beside it
+        try:
+            _write_run_folder(run_dir, fresh=trainer.resumed_from is None,
+                              resolved={**dataclasses.asdict(job), **config.to_dict(), "teacher": str(teacher_dir),
+                                        "student": str(student_dir), "world_size": par.world_size})
+        except OSError as exc:
+            failed = f"out: cannot write the run folder {run_dir} ({exc.strerror or exc})"
+    failed = par.gather_objects(failed)[0]  # every rank stops if rank 0 could not write it
+    if failed is not None:
+        print(f"fastopd distill: error: {failed}", file=sys.stderr)
+        return 2
+    if not par.is_main:
         out = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the process)
-    if par.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if found is None:  # a fresh run (resumed runs rewrite these from the checkpoint's histories)
-            for stale in ("metrics.jsonl", "eval.jsonl"):
-                (run_dir / stale).unlink(missing_ok=True)
-        resolved = {**dataclasses.asdict(job), **config.to_dict(), "teacher": str(teacher_dir),
-                    "student": str(student_dir), "world_size": par.world_size}
-        (run_dir / "config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n")
-    par.barrier()
-    t0 = time.perf_counter()
-    evaluator = AdditionEvaluator(task, job.eval_size)
-    teacher_acc = accuracy(teacher, task, evaluator.problems)  # before the trainer shards it (FSDP2)
-    trainer = OPDTrainer(student, teacher, config, evaluator=evaluator, run_dir=run_dir)
     mask_note = ""
-    if trainer.masks is not None:
-        given = trainer.masks  # full masks (under FSDP2 the optimizer holds only this rank's part)
-        chosen = sum((int(given[n].sum()) if given[n].dtype == torch.bool else given[n].numel()) if n in given
-                     else p.numel() for n, p in student.named_parameters())
-        mask_note = f", sparse masks ({100 * chosen / sum(p.numel() for p in student.parameters()):.1f}% trainable)"
+    if trainer.sparse:  # what the optimizer trains: the given masks, or a resumed checkpoint's
+        share = trainer.trainable_count() / sum(p.numel() for p in student.parameters())
+        mask_note = f", sparse masks ({100 * share:.1f}% trainable)"
     ranks = f", {par.world_size} ranks ({par.mode})" if par.active else ""
     print(f"fastopd distill: 3-digit addition, teacher {sum(p.numel() for p in teacher.parameters()):,} params, "
           f"student {sum(p.numel() for p in student.parameters()):,} params; objective {config.objective}, "
@@ -303,6 +309,10 @@ def _distill(job: DistillJob, opd: dict[str, Any], progress: bool, out) -> int:
           f"{_horizon_text(config)}{mask_note}{ranks}", file=out, flush=True)
     if trainer.resumed_from is not None:
         print(f"resuming from {trainer.resumed_from} (step {trainer.global_step})", file=out, flush=True)
+        if trainer.masks_from_checkpoint:
+            why = ("; the masks given (--masks, --mask-density or the config file's) select others and are not used"
+                   if config.masks is not None else " (the run was started with masks)")
+            print(f"note: resuming with the checkpoint's sparse masks{why}", file=out, flush=True)
     elif config.resume:
         print(f"no checkpoint in {config.checkpoint_dir}: starting a fresh run", file=out, flush=True)
     history = trainer.train(lambda k: task.train_prompts(k, job.batch_size, seed=config.seed), job.steps,
@@ -335,6 +345,21 @@ def _distill(job: DistillJob, opd: dict[str, Any], progress: bool, out) -> int:
     print(f"run folder: {run_dir}{os.sep} (summary.md, metrics.jsonl, eval.jsonl, {', '.join(plots) or 'no plots'}"
           f"{checkpoints}", file=out, flush=True)
     return 0
+
+
+def _error_text(exc: BaseException) -> str:
+    """A configuration error's message; other exceptions keep their type, so a real bug is still recognizable."""
+    return str(exc) if isinstance(exc, ValueError) and str(exc) else f"{type(exc).__name__}: {exc}"
+
+
+def _write_run_folder(run_dir: Path, fresh: bool, resolved: dict[str, Any]) -> None:
+    """Create the run folder and write config.json; a fresh run drops the logs a previous one left there (resumed
+    runs have rewritten them from the checkpoint's histories)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if fresh:
+        for stale in ("metrics.jsonl", "eval.jsonl"):
+            (run_dir / stale).unlink(missing_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n")
 
 
 def _horizon_text(config: OPDConfig) -> str:

@@ -14,8 +14,12 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from fastopd import _dispatch
+
 OBJECTIVES = ("fkl", "rkl", "jsd", "pg")
 PARALLEL_MODES = ("auto", "none", "ddp", "fsdp2", "hsdp")  # fastopd.distributed.data_parallel.MODES
+# `fused_linear_divergence(impl=)`: "auto" or a backend of the dispatch's divergence op (fastopd._dispatch)
+LOSS_IMPLS = ("auto", *_dispatch.backend_names("divergence_chunk"))
 
 
 class ConfigError(ValueError):
@@ -178,24 +182,29 @@ class OPDConfig:
         for name in ("eval_every", "checkpoint_every", "seed", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ConfigError(f"lr: must be > 0, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr: must be a positive finite number, got {self.lr}")
+        if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:
+            raise ConfigError(f"betas: must hold two numbers (e.g. [0.9, 0.999]), got {self.betas!r}")
         self.betas = tuple(self.betas)
-        if len(self.betas) != 2:
-            raise ConfigError(f"betas: must hold two numbers, got {self.betas!r}")
         for i, b in enumerate(self.betas):
+            if not isinstance(b, (int, float)) or isinstance(b, bool):
+                raise ConfigError(f"betas[{i}]: must be a number, got {type(b).__name__} {b!r}")
             if not 0.0 <= b < 1.0:
                 raise ConfigError(f"betas[{i}]: must lie in [0, 1), got {b}")
-        if not self.eps > 0:
-            raise ConfigError(f"eps: must be > 0, got {self.eps}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay: must be >= 0, got {self.weight_decay}")
+        self.betas = tuple(float(b) for b in self.betas)
+        if not (self.eps > 0 and math.isfinite(self.eps)):
+            raise ConfigError(f"eps: must be a positive finite number, got {self.eps}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ConfigError(f"weight_decay: must be a finite number >= 0, got {self.weight_decay}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ConfigError(f"max_grad_norm: must be > 0 or None, got {self.max_grad_norm}")
         if not self.pg_ratio_cap >= 1.0:
             raise ConfigError(f"pg_ratio_cap: must be >= 1, got {self.pg_ratio_cap}")
         if self.resume and self.checkpoint_dir is None:
             raise ConfigError("resume: needs checkpoint_dir")
+        if self.loss_impl not in LOSS_IMPLS:
+            raise ConfigError(f"loss_impl: must be one of {LOSS_IMPLS}, got {self.loss_impl!r}")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ConfigError(f"chunk_size: must be >= 1 or None, got {self.chunk_size}")
         if self.masks is not None and not isinstance(self.masks, (dict, str, os.PathLike)):
@@ -286,5 +295,9 @@ def load_toml(path: str | os.PathLike) -> dict[str, Any]:
             return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file {os.fspath(path)!r} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {os.fspath(path)!r} is a directory, not a TOML file") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {os.fspath(path)!r} cannot be read ({exc.strerror or exc})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{os.fspath(path)}: invalid TOML ({exc})") from None

@@ -118,8 +118,10 @@ class OPDTrainer:
     RNG included, on the same one).
 
     Attributes:
-        engine: the `RolloutEngine`; optimizer: the optimizer; global_step: steps taken so far;
-        history: per-step metric dicts; eval_history: evaluation dicts (with "step").
+        engine: the `RolloutEngine`; optimizer: the optimizer (AdamW, or SparseMaskedAdamW when `config.masks` is
+        given or a resumed checkpoint is masked); global_step: steps taken so far; history: per-step metric dicts;
+        eval_history: evaluation dicts (with "step"); masks_from_checkpoint: whether a resumed checkpoint's masks
+        replaced other masks (or none) that `config.masks` gave.
     """
 
     def __init__(
@@ -159,7 +161,10 @@ class OPDTrainer:
         self.teacher_sharded = (t is not self.engine.student and t.device == self.device
                                 and self.parallel.shard_frozen(t.model, t.layer_modules()))
         self.masks = self._load_masks(cfg.masks)
-        self.optimizer = self._make_optimizer()
+        found = ckpt.latest_checkpoint(cfg.checkpoint_dir) if cfg.resume else None
+        data = ckpt.load_checkpoint(found, map_location=self.device) if found is not None else None
+        # A masked run resumed without masks goes on with the checkpoint's (its optimizer state fixes them).
+        self.optimizer = self._make_optimizer(sparse=data is not None and _is_masked_state(data["optimizer"]))
         self.params = [p for p in student.parameters() if p.requires_grad]
         self.global_step = 0
         self.history: list[dict[str, Any]] = []
@@ -170,10 +175,9 @@ class OPDTrainer:
         self._saved_step: int | None = None
         self._restored_steps = 0  # batches of an iterator prompt source the next `train` skips (after a resume)
         self._train_steps: int | None = None
-        if cfg.resume:
-            found = ckpt.latest_checkpoint(cfg.checkpoint_dir)
-            if found is not None:
-                self.load_checkpoint(found)
+        self.masks_from_checkpoint = False
+        if data is not None:
+            self._restore(found, data)
         if cfg.track_density and self._reference is None:
             self._mark_reference()
 
@@ -183,25 +187,34 @@ class OPDTrainer:
         if masks is None:
             return None
         if not isinstance(masks, dict):
+            from safetensors import SafetensorError
+
             from fastopd.optim import masks as mask_io
 
-            masks = mask_io.load(str(masks), device=self.device)
+            try:
+                masks = mask_io.load(str(masks), device=self.device)
+            except (SafetensorError, OSError) as exc:  # not a safetensors file at all (mask_io raises ValueError
+                # for a safetensors file of another format)
+                raise ValueError(f"masks: cannot read {masks} as a fastopd.optim.masks file ({exc})") from None
         return masks
 
-    def _make_optimizer(self) -> torch.optim.Optimizer:
+    def _make_optimizer(self, sparse: bool = False) -> torch.optim.Optimizer:
+        """AdamW, or SparseMaskedAdamW when there are masks or `sparse` (then without masks of its own: a masked
+        checkpoint's state brings them)."""
         cfg = self.config
         named = [(n, p) for n, p in self.student.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the student has no parameter with requires_grad=True")
-        if self.masks is None:
+        if self.masks is None and not sparse:
             return torch.optim.AdamW([p for _, p in named], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                                      weight_decay=cfg.weight_decay)
         from fastopd.optim import SparseMaskedAdamW
         from fastopd.optim.sparse_adamw import masks_digest
 
-        opt = SparseMaskedAdamW(named, masks=self.masks, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+        masks = self.masks if self.masks is not None else {}
+        opt = SparseMaskedAdamW(named, masks=masks, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                                 weight_decay=cfg.weight_decay)
-        digests = self.parallel.gather_objects(masks_digest(self.masks))
+        digests = self.parallel.gather_objects(masks_digest(masks))
         if len(set(digests)) > 1:  # every rank raises, none is left waiting in a collective
             differ = [r for r, d in enumerate(digests) if d != digests[0]]
             raise ValueError(f"the sparse masks differ across ranks (ranks {differ} differ from rank 0): every rank "
@@ -413,7 +426,9 @@ class OPDTrainer:
                     bar.update(1)
                     if k % cfg.log_every == 0 or k == steps:
                         bar.set_postfix(loss=f"{m['loss']:.4f}", rkl=f"{m['rkl']:.4f}", H=m["horizon"])
-                if self.evaluator is not None and cfg.eval_every and k % cfg.eval_every == 0 and k != steps:
+                # The final evaluation comes before the checkpoint of the same step, so the checkpoint holds it
+                # and a run resumed from there keeps it.
+                if self.evaluator is not None and (k == steps or cfg.eval_every and k % cfg.eval_every == 0):
                     self.evaluate()
                 if cfg.checkpoint_dir is not None and cfg.checkpoint_every and k % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
@@ -421,6 +436,7 @@ class OPDTrainer:
             if bar is not None:
                 bar.close()
         if self.evaluator is not None and (not self.eval_history or self.eval_history[-1]["step"] != steps):
+            # no step ran (a resumed run already at `steps`) and no evaluation there yet
             self.evaluate()
         if cfg.checkpoint_dir is not None and self._saved_step != self.global_step:
             self.save_checkpoint()
@@ -488,11 +504,29 @@ class OPDTrainer:
         return path
 
     def load_checkpoint(self, path: str | Path) -> None:
-        """Restore student weights, optimizer state (masks included), RNG states, step and histories; with a
-        `run_dir`, metrics.jsonl and eval.jsonl are rewritten from the restored histories."""
-        data = ckpt.load_checkpoint(path, map_location=self.device)
+        """Restore student weights, optimizer state (masks included: the checkpoint's replace this trainer's),
+        RNG states, step and histories; with a `run_dir`, metrics.jsonl and eval.jsonl are rewritten from the
+        restored histories.
+
+        Raises:
+            ValueError: the checkpoint's weights do not fit the student (names or shapes), or it holds a masked
+                (SparseMaskedAdamW) state and this trainer's optimizer is AdamW (`resume=True` at construction
+                builds a SparseMaskedAdamW for it).
+        """
+        self._restore(path, ckpt.load_checkpoint(path, map_location=self.device))
+
+    def _restore(self, path: str | Path, data: dict[str, Any]) -> None:
         state = data["model"]
         own = self.student.state_dict()
+        for name, t in own.items():  # checked before anything is loaded
+            if name in state and tuple(state[name].shape) != tuple(t.shape):
+                raise ValueError(f"checkpoint {path} does not match the student: {name} has shape "
+                                 f"{tuple(state[name].shape)} there, {tuple(t.shape)} in the student")
+        sparse = self.sparse
+        if _is_masked_state(data["optimizer"]) and not sparse:
+            raise ValueError(f"checkpoint {path} holds a sparse-masked optimizer state (SparseMaskedAdamW) and "
+                             f"this trainer's optimizer is {type(self.optimizer).__name__}: build the trainer with "
+                             "resume=True (it goes on with the checkpoint's masks) or with masks")
         for name, t in own.items():  # tied weights are saved under every name; copy into each
             if name in state:
                 state[name] = state[name].to(dtype=t.dtype)
@@ -501,7 +535,10 @@ class OPDTrainer:
             raise ValueError(f"checkpoint {path} does not match the student: missing {missing[:8]}, "
                              f"unexpected {unexpected[:8]}")
         if data["optimizer"] is not None:
+            before = _mask_signature(self.optimizer) if sparse else None
             self.parallel.load_full_optimizer_state(self.optimizer, data["optimizer"])
+            changed = sparse and _mask_signature(self.optimizer) != before
+            self.masks_from_checkpoint = any(self.parallel.gather_objects(changed))
         tr = data["trainer"]
         ranks = tr.get("rng_ranks", [tr["rng"]])
         if len(ranks) == self.parallel.world_size:
@@ -518,6 +555,28 @@ class OPDTrainer:
         if self.config.track_density:
             self._mark_reference()
 
+    @property
+    def sparse(self) -> bool:
+        """Whether the optimizer is SparseMaskedAdamW (masks given, or a masked checkpoint resumed)."""
+        from fastopd.optim import SparseMaskedAdamW
+
+        return isinstance(self.optimizer, SparseMaskedAdamW)
+
+    @torch.no_grad()
+    def trainable_count(self) -> int:
+        """Coordinates of the student the optimizer updates: all of a dense parameter, the selected ones of a masked
+        one (SparseMaskedAdamW; its masks may be a resumed checkpoint's). A collective under FSDP2 (every rank
+        calls it)."""
+        if not self.sparse:
+            return sum(p.numel() for p in self.params)
+        masked = self.optimizer.mask_indices()
+        named = {n: p for n, p in self.student.named_parameters() if p.requires_grad}  # as the optimizer holds them
+        dense = sum(p.numel() for n, p in named.items() if n not in masked)
+        local = sum(local_shard(named[n]).numel() if idx is None else idx.numel() for n, idx in masked.items())
+        if self.parallel.sharded:  # shard-local indices: sum over the ranks holding different shards
+            local = self.parallel.sum_over_shards_(torch.tensor(local, device=self.device))
+        return dense + int(local)
+
     def _rewrite_logs(self) -> None:
         """Make metrics.jsonl and eval.jsonl hold the current histories, one line per record (each file replaced
         atomically): after a resume, the lines a dead run wrote past its last checkpoint are dropped."""
@@ -533,6 +592,18 @@ class OPDTrainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / name, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def _is_masked_state(optimizer_state: dict[str, Any] | None) -> bool:
+    """Whether an optimizer state dict is SparseMaskedAdamW's with at least one masked parameter."""
+    return optimizer_state is not None and any("indices" in st for st in optimizer_state["state"].values())
+
+
+def _mask_signature(optimizer) -> str:
+    """A digest of a SparseMaskedAdamW's masks (its selected flat indices, whatever their integer dtype)."""
+    from fastopd.optim.sparse_adamw import masks_digest
+
+    return masks_digest({n: None if i is None else i.to(torch.int64) for n, i in optimizer.mask_indices().items()})
 
 
 class _IterSource:

@@ -261,9 +261,10 @@ def test_fastopd_distill_under_torchrun_writes_one_run_folder(tmp_path, mode):
     out = tmp_path / "run"
     proc = _torchrun("-m", "fastopd.cli", "distill", "--steps", "2", "--batch-size", "4", "--num-samples", "2",
                      "--eval-size", "8", "--eval-every", "1", "--horizon", "full:6", "--parallel", mode,
-                     "--out", str(out))
+                     "--mask-density", "0.5", "--out", str(out))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert proc.stdout.count(f"2 ranks ({mode})") == 1 and proc.stdout.count("student accuracy") == 1, proc.stdout
+    assert "sparse masks (50.0% trainable)" in proc.stdout, proc.stdout  # counted over FSDP2's shard-local masks
     assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step_00000002"]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # one line per step, from rank 0 only
 
@@ -371,3 +372,44 @@ def test_fsdp2_self_distillation_equals_one_process():
     for rank, got in enumerate(run_ranks(self_distill_worker, 2, "fsdp2")):
         assert got["teacher_sharded"] is False
         _assert_same_run(got, want, f"fsdp2 self-distillation rank {rank}")
+
+
+@pytest.mark.parametrize("cuda,backend", [pytest.param(True, "cpu:gloo,cuda:nccl", id="cuda-machine"),
+                                          pytest.param(False, "gloo", id="cpu-machine")])
+def test_init_from_env_uses_gloo_for_cpu_tensors_also_on_a_cuda_machine(monkeypatch, cuda, backend):
+    """`torchrun ... fastopd distill --device cpu` on a GPU machine: NCCL has no CPU collectives, so the process
+    group must give CPU tensors gloo."""
+    import torch.distributed as dist
+
+    from fastopd.distributed import data_parallel
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # no device to select: set_device is not called
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.append(backend))
+    monkeypatch.setattr(dist, "get_world_size", lambda *a, **kw: 2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert data_parallel.default_backend() == backend
+    assert data_parallel.init_from_env() and calls == [backend]
+
+
+def test_hsdp_mesh_is_built_on_the_students_device_type_also_on_a_cuda_machine(monkeypatch):
+    """The mesh follows the device of the module `wrap` shards (a CPU student here), not whether CUDA exists."""
+    import torch.distributed as dist
+    import torch.distributed.device_mesh as device_mesh
+    import torch.distributed.fsdp as fsdp
+
+    from fastopd.distributed.data_parallel import DataParallel
+
+    meshes = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(device_mesh, "init_device_mesh",
+                        lambda kind, shape, mesh_dim_names: meshes.append((kind, shape)) or "mesh")
+    monkeypatch.setattr(dist, "broadcast", lambda t, src: None)
+    monkeypatch.setattr(fsdp, "fully_shard", lambda m, mesh: m)
+    monkeypatch.setattr(fsdp, "register_fsdp_forward_method", lambda m, name: None)
+    par = DataParallel("hsdp", 0, 4, 2)
+    par.wrap(torch.nn.Linear(2, 2))
+    assert meshes == [("cpu", (2, 2))] and par.mesh == "mesh"

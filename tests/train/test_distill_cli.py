@@ -44,12 +44,19 @@ def test_a_mask_flag_replaces_the_files_masks_or_density(tmp_path, text, flags, 
     pytest.param('steps = "ten"\n', "steps: must be an int", id="steps-type"),
     pytest.param("max_new_tokens = 9\n", "max_new_tokens: unknown field", id="task-owned-field"),
     pytest.param("[opd]\nlr = 1\n", "opd: tables are not fields", id="table"),
+    pytest.param("betas = 0.9\n", "betas: must hold two numbers", id="betas-scalar"),
+    pytest.param('betas = ["a", 0.9]\n', "betas[0]: must be a number, got str 'a'", id="betas-string"),
+    pytest.param('loss_impl = "bogus"\n', "loss_impl: must be one of ('auto', ", id="bad-loss-impl"),
+    pytest.param("weight_decay = nan\n", "weight_decay: must be a finite number >= 0, got nan", id="nan-decay"),
+    pytest.param("lr = inf\n", "lr: must be a positive finite number, got inf", id="inf-lr"),
 ])
 def test_config_errors_name_the_field(tmp_path, capsys, text, message):
     cfg = tmp_path / "bad.toml"
     cfg.write_text(text)
     assert main(["distill", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("fastopd distill: error: ") and message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_summary_table_lists_everything():
@@ -122,3 +129,83 @@ def test_config_checkpoint_dir_is_honoured(tmp_path, capsys):
 def test_missing_model_folder_is_reported(tmp_path, capsys):
     assert main(["distill", "--teacher", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
     assert "teacher:" in capsys.readouterr().err
+
+
+TINY = ["--steps", "1", "--batch-size", "2", "--num-samples", "1", "--eval-size", "4", "--horizon", "full:4"]
+needs_assets = pytest.mark.skipif(not (ASSETS / "teacher" / "config.json").is_file(),
+                                  reason="built-in models not present")
+
+
+def _mask_file(tmp_path, kind):
+    import torch
+    from safetensors.torch import save_file
+
+    from fastopd.optim import masks as mask_lib
+
+    path = tmp_path / f"{kind}.safetensors"
+    if kind == "unknown-names":
+        mask_lib.save(str(path), {"nope.weight": torch.tensor([0])}, shapes={"nope.weight": [4]})
+    elif kind == "not-a-mask-file":
+        save_file({"x": torch.zeros(2)}, str(path))
+    else:
+        path.write_bytes(b"not a safetensors file")
+    return path
+
+
+def _assert_one_line_error(err, message):
+    assert err.startswith("fastopd distill: error: ") and message in err, err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+
+
+@needs_assets
+@pytest.mark.parametrize("kind,message", [
+    pytest.param("unknown-names", "masks name parameters that are not optimized here: ['nope.weight']",
+                 id="unknown-names"),
+    pytest.param("not-a-mask-file", "not a fastopd mask file", id="not-a-mask-file"),
+    pytest.param("corrupt", "masks: cannot read", id="corrupt"),
+])
+def test_a_masks_file_the_trainer_rejects_is_a_one_line_error_before_anything_is_written(tmp_path, capsys, kind,
+                                                                                        message):
+    out = tmp_path / "run"
+    assert main(["distill", *TINY, "--masks", str(_mask_file(tmp_path, kind)), "--out", str(out)]) == 2
+    _assert_one_line_error(capsys.readouterr().err, message)
+    assert not out.exists()
+
+
+def test_a_config_folder_is_a_one_line_error(tmp_path, capsys):
+    assert main(["distill", "--config", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
+    _assert_one_line_error(capsys.readouterr().err, f"config file {str(tmp_path)!r} is a directory")
+
+
+@needs_assets
+def test_an_out_folder_that_cannot_be_created_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert main(["distill", *TINY, "--out", str(tmp_path / "file" / "run")]) == 2
+    _assert_one_line_error(capsys.readouterr().err, f"out: cannot write the run folder {tmp_path / 'file' / 'run'}")
+
+
+@needs_assets
+def test_resuming_with_another_student_architecture_is_a_one_line_error(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["distill", *TINY, "--out", str(out)]) == 0
+    written = (out / "config.json").read_text()
+    capsys.readouterr()
+    argv = ["distill", *TINY[:1], "2", *TINY[2:], "--student", str(ASSETS / "teacher"), "--out", str(out), "--resume"]
+    assert main(argv) == 2
+    _assert_one_line_error(capsys.readouterr().err, "does not match the student: embed_tokens.weight has shape")
+    assert (out / "config.json").read_text() == written
+
+
+@needs_assets
+def test_resume_reports_the_checkpoints_masks_not_the_flags(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["distill", *TINY, "--mask-density", "0.5", "--out", str(out)]) == 0
+    assert "sparse masks (50.0% trainable)" in capsys.readouterr().out
+    steps = lambda k: ["distill", "--steps", str(k), *TINY[2:], "--out", str(out), "--resume"]  # noqa: E731
+    assert main(steps(2) + ["--mask-density", "0.1"]) == 0
+    text = capsys.readouterr().out
+    assert "sparse masks (50.0% trainable)" in text  # what the optimizer trains, not the flag's 10%
+    assert "note: resuming with the checkpoint's sparse masks; the masks given" in text
+    assert main(steps(3)) == 0  # no mask flag: the masked run goes on masked
+    text = capsys.readouterr().out
+    assert "sparse masks (50.0% trainable)" in text and "(the run was started with masks)" in text

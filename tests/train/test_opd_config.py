@@ -26,6 +26,16 @@ from fastopd.train.config import ConfigError, OPDConfig, load_toml, parse_horizo
     pytest.param({"masks": 3}, "masks", id="masks-type"),
     pytest.param({"parallel": "zero3"}, "parallel", id="parallel"),
     pytest.param({"hsdp_shard_size": 0}, "hsdp_shard_size", id="hsdp-shard-size"),
+    pytest.param({"betas": 0.9}, "betas", id="betas-scalar"),
+    pytest.param({"betas": ("a", 0.9)}, "betas[0]", id="betas-string"),
+    pytest.param({"betas": (0.9, False)}, "betas[1]", id="betas-bool"),
+    pytest.param({"betas": (0.9, float("nan"))}, "betas[1]", id="betas-nan"),
+    pytest.param({"lr": float("inf")}, "lr", id="lr-inf"),
+    pytest.param({"lr": float("nan")}, "lr", id="lr-nan"),
+    pytest.param({"eps": float("inf")}, "eps", id="eps-inf"),
+    pytest.param({"weight_decay": float("nan")}, "weight_decay", id="weight_decay-nan"),
+    pytest.param({"weight_decay": float("inf")}, "weight_decay", id="weight_decay-inf"),
+    pytest.param({"loss_impl": "bogus"}, "loss_impl", id="loss_impl"),
 ])
 def test_bad_values_name_the_field(kwargs, field):
     with pytest.raises(ConfigError) as info:

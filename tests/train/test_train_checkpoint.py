@@ -1,6 +1,8 @@
 """Atomic checkpoints: round trip (tied weights included), RNG states, crash safety, pruning."""
 
+import os
 import random
+import stat
 
 import numpy as np
 import pytest
@@ -102,3 +104,18 @@ def test_crash_while_resaving_a_step_keeps_its_previous_version(tmp_path, monkey
     assert not (tmp_path / "step_00000002").exists()
     found = ckpt.latest_checkpoint(tmp_path)
     assert found == tmp_path / "step_00000002" and ckpt.load_checkpoint(found)["trainer"]["tag"] == 2
+
+
+@pytest.mark.skipif(not hasattr(os, "umask") or os.name != "posix", reason="POSIX permissions")
+@pytest.mark.parametrize("umask,mode", [pytest.param(0o022, 0o755, id="umask-022"),
+                                        pytest.param(0o027, 0o750, id="umask-027")])
+def test_checkpoint_folder_has_the_umasks_permissions(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        path = ckpt.save_checkpoint(tmp_path, 1, model_state=_model().state_dict(), optimizer_state=None,
+                                    trainer_state={})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == mode  # as any new folder (mkdtemp's would be 0o700)
+    for name in (ckpt.MODEL_FILE, ckpt.TRAINER_FILE):  # safetensors alone would write its file 0o600
+        assert stat.S_IMODE((path / name).stat().st_mode) == 0o666 & ~umask, name

@@ -249,3 +249,72 @@ def test_bad_arguments():
         trainer.step(_prompts(0, 3))
     with pytest.raises(ValueError, match="masks name parameters"):
         OPDTrainer(_tiny(0), _tiny(1), _config(masks={"nope.weight": torch.tensor([0])}))
+
+
+def test_resume_keeps_the_evaluation_at_the_step_where_the_first_run_ended(tmp_path):
+    import json
+
+    cfg = dict(checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=2, eval_every=2)
+    evaluator = lambda trainer: {"x": float(trainer.global_step)}  # noqa: E731
+    first = OPDTrainer(_tiny(8), _tiny(9), _config(**cfg), evaluator=evaluator, run_dir=tmp_path)
+    first.train(_prompts, 2, progress=False)  # its last evaluation (step 2) must reach the step-2 checkpoint
+    resumed = OPDTrainer(_tiny(8), _tiny(9), _config(**cfg, resume=True), evaluator=evaluator, run_dir=tmp_path)
+    assert [e["step"] for e in resumed.eval_history] == [0, 2]
+    resumed.train(_prompts, 4, progress=False)
+    assert [e["step"] for e in resumed.eval_history] == [0, 2, 4]
+    assert [json.loads(line)["step"] for line in (tmp_path / "eval.jsonl").read_text().splitlines()] == [0, 2, 4]
+
+
+def _masked_trainer(folder, masks=None, resume=False, density=0.2, seed=1):
+    from fastopd.optim import masks as mask_lib
+
+    student = _tiny(10)
+    if masks == "random":
+        masks = mask_lib.random(student, density, generator=torch.Generator().manual_seed(seed))
+    return OPDTrainer(student, _tiny(11), _config(masks=masks, checkpoint_dir=str(folder), resume=resume))
+
+
+def test_resuming_a_masked_run_without_masks_goes_on_with_the_checkpoints_masks(tmp_path):
+    from fastopd.optim import SparseMaskedAdamW
+
+    straight = _masked_trainer(tmp_path / "a", "random")
+    straight.train(_prompts, 3, progress=False)
+    _masked_trainer(tmp_path / "b", "random").train(_prompts, 1, progress=False)
+    resumed = _masked_trainer(tmp_path / "b", masks=None, resume=True)  # no masks given: the checkpoint's
+    assert isinstance(resumed.optimizer, SparseMaskedAdamW) and resumed.masks_from_checkpoint
+    assert resumed.trainable_count() == straight.trainable_count() < sum(p.numel() for p in straight.params)
+    resumed.train(_prompts, 3, progress=False)
+    assert _strip(resumed.history) == _strip(straight.history)
+    for p, q in zip(resumed.student.parameters(), straight.student.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_resuming_with_other_masks_keeps_the_checkpoints_and_says_so(tmp_path):
+    first = _masked_trainer(tmp_path, "random", density=0.5)
+    first.train(_prompts, 1, progress=False)
+    same = _masked_trainer(tmp_path, "random", density=0.5, resume=True)
+    assert not same.masks_from_checkpoint
+    other = _masked_trainer(tmp_path, "random", density=0.1, seed=2, resume=True)
+    assert other.masks_from_checkpoint and other.trainable_count() == first.trainable_count()
+
+
+def test_a_dense_run_resumed_with_masks_trains_only_the_masked_coordinates(tmp_path):
+    _masked_trainer(tmp_path).train(_prompts, 1, progress=False)
+    resumed = _masked_trainer(tmp_path, "random", resume=True)
+    assert resumed.sparse and not resumed.masks_from_checkpoint
+    before = {n: p.detach().clone() for n, p in resumed.student.named_parameters()}
+    resumed.train(_prompts, 2, progress=False)
+    changed = sum(int((p.detach() != before[n]).sum()) for n, p in resumed.student.named_parameters())
+    assert 0 < changed <= resumed.trainable_count()
+
+
+def test_load_checkpoint_refuses_what_does_not_fit_before_loading_anything(tmp_path):
+    _masked_trainer(tmp_path / "masked", "random").train(_prompts, 1, progress=False)
+    dense = _masked_trainer(tmp_path / "dense")
+    weights = [p.detach().clone() for p in dense.student.parameters()]
+    with pytest.raises(ValueError, match="sparse-masked optimizer state"):
+        dense.load_checkpoint(tmp_path / "masked" / "step_00000001")
+    OPDTrainer(_tiny(10, hidden=40), _tiny(11), _config(checkpoint_dir=str(tmp_path / "wide"))).save_checkpoint()
+    with pytest.raises(ValueError, match=r"embed_tokens.weight has shape \(\d+, 40\) there, \(\d+, 32\)"):
+        dense.load_checkpoint(tmp_path / "wide" / "step_00000000")
+    assert dense.global_step == 0 and all(torch.equal(p, w) for p, w in zip(dense.student.parameters(), weights))
