@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,9 +22,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
+        tmp.unlink(missing_ok=True)  # a crashed writer's leftover would lend its mode
+        tmp.touch()  # created with the umask's mode, which the result gets (setting the umask to read it would race)
+        mode = stat.S_IMODE(tmp.stat().st_mode)
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, mode)  # some writers (safetensors) make their file 0600
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

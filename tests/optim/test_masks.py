@@ -267,6 +267,22 @@ def test_save_load_round_trip(tmp_path):
     assert opt.state[named[0][1]]["indices"].dtype == torch.int32
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_saved_mask_file_has_the_umasks_permissions(tmp_path, umask):
+    """safetensors creates its file 0600; the atomic write gives the file the umask's mode, like any other file
+    (a serving process or group-mates can read it)."""
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        path = tmp_path / "m.safetensors"
+        masks.save(str(path), {"w": torch.arange(5)})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
 def test_interrupted_save_keeps_the_existing_file(tmp_path, monkeypatch):
     import safetensors.torch
 
