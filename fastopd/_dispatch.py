@@ -108,18 +108,26 @@ def available(op: str, backend: str, device: torch.device | str) -> str | None:
 
 
 def resolve(op: str, impl: str, device: torch.device | str) -> str:
-    """The backend name for `op` on `device`. Raises ValueError for an unknown or unusable `impl`."""
+    """The backend name for `op` on `device`. Raises ValueError for an unknown or unusable `impl`.
+
+    `FASTOPD_IMPL` stands in for `impl="auto"` in the ops that have a backend of that name (FASTOPD_IMPL=cuda
+    forces the CUDA loss kernel; the optimizer step, which has none, stays automatic); an explicit `impl` must
+    name one of the op's backends."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    source = "impl"
     if impl == "auto":
         impl = os.environ.get("FASTOPD_IMPL", "auto") or "auto"
         if impl not in IMPLS:
             raise ValueError(f"FASTOPD_IMPL must be one of {IMPLS}, got {impl!r}")
+        source = "FASTOPD_IMPL"
+        if impl not in backend_names(op):
+            impl = "auto"
     device_type = torch.device(device).type
     if impl != "auto":
         why = available(op, impl, device)
         if why is not None:
-            raise ValueError(f"impl={impl!r} cannot run {op} here: {why}")
+            raise ValueError(f"{source}={impl!r} cannot run {op} here: {why}")
         return impl
     for b in REGISTRY[op]:
         if b.name == "triton" and device_type == "cpu":

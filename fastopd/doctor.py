@@ -51,10 +51,18 @@ def report() -> list[tuple[str, str]]:
     for dev in ("cpu", "cuda"):
         if dev == "cuda" and not torch.cuda.is_available():
             continue
-        rows.append((f"auto backend on {dev}", _dispatch.resolve(op, "auto", dev)))
-        rows.append((f"vocab-parallel on {dev}", _dispatch.resolve("vocab_parallel_chunk", "auto", dev)))
+        rows.append((f"auto backend on {dev}", _resolved(op, dev)))
+        rows.append((f"vocab-parallel on {dev}", _resolved("vocab_parallel_chunk", dev)))
     rows.append(("torch.distributed", _distributed()))
     return rows
+
+
+def _resolved(op: str, dev: str) -> str:
+    """What impl="auto" picks (FASTOPD_IMPL included), or why nothing can run."""
+    try:
+        return _dispatch.resolve(op, "auto", dev)
+    except ValueError as exc:
+        return f"error: {exc}"
 
 
 def _distributed() -> str:

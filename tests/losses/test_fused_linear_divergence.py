@@ -589,6 +589,27 @@ def test_bad_input_raises(mutate, match):
         fastopd.fused_linear_divergence(args["hs"], args["ws"], args["ht"], args["wt"], args["labels"], **kwargs)
 
 
+def test_fastopd_impl_applies_to_the_ops_that_have_that_backend(monkeypatch):
+    """FASTOPD_IMPL=cpu forces the C++ loss kernel, while the vocab-parallel phases (no 'cpu' backend) stay
+    automatic rather than refusing; FASTOPD_IMPL=cuda leaves the optimizer step (no 'cuda' backend) automatic. A
+    forced backend the op has but cannot run here is an error naming the variable; `fastopd doctor` reports it
+    instead of crashing."""
+    from fastopd import cli
+
+    monkeypatch.delenv("FASTOPD_IMPL", raising=False)
+    adamw_auto = _dispatch.resolve("sparse_adamw_step", "auto", "cpu")
+    monkeypatch.setenv("FASTOPD_IMPL", "cpu")
+    assert _dispatch.resolve("vocab_parallel_chunk", "auto", "cpu") == "torch"
+    monkeypatch.setenv("FASTOPD_IMPL", "cuda")
+    assert _dispatch.resolve("sparse_adamw_step", "auto", "cpu") == adamw_auto
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("FASTOPD_IMPL", "triton")
+    with pytest.raises(ValueError, match="FASTOPD_IMPL='triton' cannot run divergence_chunk"):
+        _dispatch.resolve("divergence_chunk", "auto", "cpu")
+    assert _dispatch.resolve("divergence_chunk", "torch", "cpu") == "torch"  # an explicit impl wins
+    assert cli.main(["doctor"]) == 0
+
+
 def test_fastopd_impl_environment_override(monkeypatch):
     monkeypatch.setenv("FASTOPD_IMPL", "torch")
     assert _dispatch.resolve("divergence_chunk", "auto", "cpu") == "torch"
