@@ -281,9 +281,7 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
                                  f"{grad.dtype}; expected {tuple(p.shape)} and {p.dtype}")
             if self._wants_master(p) and "master" not in state:
                 state["master"] = self._gather(p, idx).float()
-            state["step"] += 1
-            t = state["step"].item()  # a CPU tensor, as in torch.optim.AdamW: no device synchronization
-            bucket = sparse.setdefault(p.device, {k: [] for k in ("o", "p", "g", "i", "m", "v", "w", "s", "ss", "bc")})
+            bucket = sparse.setdefault(p.device, {k: [] for k in ("o", "p", "g", "i", "m", "v", "w", "s", "st")})
             bucket["o"].append(p)
             bucket["p"].append(local_shard(p))
             bucket["g"].append(grad if grad.is_contiguous() else grad.contiguous())
@@ -292,13 +290,20 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
             bucket["v"].append(state["exp_avg_sq"])
             bucket["w"].append(state.get("master"))
             bucket["s"].append(state.get("swallowed"))
-            bucket["ss"].append(lr / (1 - beta1**t))
-            bucket["bc"].append((1 - beta2**t) ** 0.5)
+            bucket["st"].append(state)
 
+        # Every check, the backends included, before the first step count moves: a refused step changes nothing.
+        backends = {device: _dispatch.resolve(OP, self.impl, device) for device in sparse}
         for device, b in sparse.items():
-            backend = _dispatch.resolve(OP, self.impl, device)
-            _dispatch.kernel(OP, backend)(b["p"], b["g"], b["i"], b["m"], b["v"], b["w"], b["s"], b["ss"], b["bc"],
-                                          float(lr), float(beta1), float(beta2), float(eps), float(wd))
+            step_sizes, bc2_sqrts = [], []
+            for state in b["st"]:
+                state["step"] += 1
+                t = state["step"].item()  # a CPU tensor, as in torch.optim.AdamW: no device synchronization
+                step_sizes.append(lr / (1 - beta1**t))
+                bc2_sqrts.append((1 - beta2**t) ** 0.5)
+            _dispatch.kernel(OP, backends[device])(b["p"], b["g"], b["i"], b["m"], b["v"], b["w"], b["s"], step_sizes,
+                                                   bc2_sqrts, float(lr), float(beta1), float(beta2), float(eps),
+                                                   float(wd))
             # The C++ and Triton kernels write through data pointers, which autograd cannot see: bump the version
             # counters as a native in-place op would, so a graph that saved a parameter before this step raises
             # instead of silently back-propagating through the new values.

@@ -631,3 +631,22 @@ def test_step_bumps_version_counters_so_stale_graphs_raise(impl):
     assert all(a > b for a, b in zip(after, before)), (before, after)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def test_a_refused_step_changes_nothing(monkeypatch):
+    """A step whose backend cannot run (impl='triton' on CPU tensors without the interpreter) raises before any
+    state moves: the step count stays 0, so a retry on a usable backend has the right bias correction."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    p = torch.nn.Parameter(torch.randn(5, 6))
+    q = torch.nn.Parameter(torch.randn(7))
+    opt = SparseMaskedAdamW([("w", p), ("b", q)], masks={"w": torch.rand(5, 6) < 0.5, "b": torch.rand(7) < 0.5},
+                            impl="triton")
+    p.grad, q.grad = torch.randn(5, 6), torch.randn(7)
+    before = (p.detach().clone(), q.detach().clone())
+    with pytest.raises(ValueError, match="triton"):
+        opt.step()
+    assert all(float(opt.state[t]["step"]) == 0 for t in (p, q))
+    assert torch.equal(p, before[0]) and torch.equal(q, before[1])
+    opt.impl = "torch"
+    opt.step()
+    assert all(float(opt.state[t]["step"]) == 1 for t in (p, q))
