@@ -301,7 +301,8 @@ void divergence_chunk_cpu(at::Tensor& xs, at::Tensor& xt, const std::optional<at
               hard_ratio);
 
   RowOptions o{static_cast<float>(beta),        static_cast<float>(temperature), static_cast<float>(1.0 / temperature),
-               static_cast<float>(softcap),     static_cast<float>(soft_weight), static_cast<float>(hard_weight),
+               static_cast<float>(softcap),     static_cast<float>(soft_weight),
+               lab != nullptr ? static_cast<float>(hard_weight) : 0.0f,  // no labels, no hard term (as the reference)
                static_cast<float>(hard_ratio),  compute_grad};
   const bool use_cap = softcap > 0.0;
   static const RowFn row_fn = pick_row_variant();

@@ -167,6 +167,20 @@ def test_no_labels_and_no_grad(backend, div):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("div", ["fkl", "rkl", "jsd"])
+def test_hard_weight_without_labels_adds_nothing(backend, div):
+    """No labels, no hard-label term, in the loss and in the gradient alike (the C++ kernel once added
+    hard_weight * p_s to the gradient without a label to subtract)."""
+    kernel = _backend(backend)
+    launch = {"block_v": 64} if backend in TRITON else {}
+    xs, xt, _ = _logits(3, 130, seed=9)
+    want = row_divergence64(xs, xt, None, divergence=div)
+    got = _run(kernel, xs.float().to(DEVICE), xt.float().to(DEVICE), None, divergence=div, hard_weight=0.7,
+               hard_temperature=2.0 if div == "rkl" else None, **launch)
+    _assert_matches(got, want, f"{backend} no-labels hard {div}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_all_rows_ignored(backend):
     kernel = _backend(backend)
     launch = {"block_v": 64} if backend in TRITON else {}
