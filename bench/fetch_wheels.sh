@@ -5,7 +5,8 @@
 #   bash bench/fetch_wheels.sh                   # for CPython 3.12 (the lent H200's python3)
 #   PY_VERSION=3.11 bash bench/fetch_wheels.sh   # another target interpreter
 #
-# Then carry .whl with the checkout (it is git-ignored) and run `bash bench/gpu_suite.sh` there.
+# Then carry .whl with the checkout (it is git-ignored) and run `bash bench/gpu_suite.sh` there, with the commit
+# written into the command (.git may not travel): the last line printed is that command.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
@@ -16,3 +17,4 @@ mkdir -p "$ROOT/.whl"
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform any \
   -d "$ROOT/.whl" "liger-kernel==$LIGER"
 ls -l "$ROOT/.whl"
+echo "device command: FASTOPD_COMMIT=$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown) bash bench/gpu_suite.sh --budget 540"
