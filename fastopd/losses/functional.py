@@ -339,7 +339,10 @@ def divergence(
 ):
     """The same divergence for callers that already hold logits: [N, V] or [B, T, V] each.
 
-    Options as in `fused_linear_divergence`; the student logits get a gradient ([N, V], their dtype).
+    Options as in `fused_linear_divergence`; the student logits get a gradient ([N, V], their dtype). -inf
+    logits are masked entries (probability 0, gradient 0), but `softcap` is applied first and maps -inf to
+    -softcap, as c*tanh(x/c) does (Gemma-2 caps inside the model, before any mask): to keep a mask under a cap,
+    pass logits already capped and masked, with softcap=None.
     """
     sl, tl = student_logits, teacher_logits
     for name, t in (("student_logits", sl), ("teacher_logits", tl)):
