@@ -1,6 +1,7 @@
 """Hugging Face helpers: the distillation loss of any `AutoModelForCausalLM` pair, from forwards without logits.
 
-    from fastopd.integrations.hf import distillation_loss
+    import torch
+    from fastopd.integrations.hf import distillation_loss, trainer_loss_scale
 
     class DistillTrainer(transformers.Trainer):
         def __init__(self, *args, teacher, **kwargs):
@@ -8,21 +9,41 @@
             self.teacher = teacher.eval()
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            return distillation_loss(model, self.teacher, inputs["input_ids"], inputs.get("attention_mask"),
+            loss = distillation_loss(model, self.teacher, inputs["input_ids"], inputs.get("attention_mask"),
                                      inputs.get("labels"), divergence="jsd", beta=0.5,
                                      num_items_in_batch=num_items_in_batch)
+            loss = loss * trainer_loss_scale(self, num_items_in_batch)  # DDP: as Trainer.compute_loss does
+            if not return_outputs:
+                return loss
+            with torch.no_grad():  # evaluate()/predict() read the student's logits from the outputs
+                return loss, model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
+
+`trainer_loss_scale`: under data parallelism with `average_tokens_across_devices` (HF's default), the Trainer sums
+`num_items_in_batch` over the ranks and DDP averages the gradients, so `Trainer.compute_loss` multiplies the loss by
+the number of ranks; an overriding `compute_loss` has to do the same (1 on one process).
 
 Each model runs its own forward with `output_hidden_states=True, logits_to_keep=1` (logits of one position only),
 so wrappers (DDP, accelerate's mixed-precision autocast) apply, or, for models without `logits_to_keep`, its
 decoder (`model.get_decoder()`); either way only final hidden states [B, T, D] are used, and
-`fastopd.fused_linear_divergence` applies both LM heads chunk by chunk. Logit scales (Cohere `logit_scale`, Granite
-`logits_scaling`) are honoured per model (folded into its hidden states). Final-logit soft-capping (Gemma 2/3) is
-honoured when both models agree: the fused loss applies one softcap to both, so differing caps raise ValueError.
+`fastopd.fused_linear_divergence` applies both LM heads chunk by chunk. Configs are read through
+`config.get_text_config()`, so multimodal classes that `AutoModelForCausalLM` returns (Gemma 3n/4
+`*ForConditionalGeneration`) are covered. Logit multipliers are honoured per model (folded into its hidden states),
+in the direction each architecture's modeling file applies them (`_LOGIT_FACTORS`): Cohere `logits * logit_scale`,
+Granite and MiniCPM3 `/ logits_scaling`, HyperCLOVAX `* logits_scaling`, FalconH1 `* lm_head_multiplier`, Muse
+`* output_multiplier`. Final-logit soft-capping (Gemma 2/3/3n/4, ...) is honoured when both models agree: the fused
+loss applies one softcap to both, so differing caps raise ValueError.
+
+Self-check: the first time a model runs in "hidden_states" mode, the last position's logits its forward returns
+are compared with softcap(h[:, -1] @ W^T + b) as the loss computes them (h with the multiplier folded in); if they
+differ (relative L2 error above 1e-2, 3e-2 in 16-bit or autocast) a ValueError names the architecture, so a
+post-processing fastopd does not know fails instead of training on other logits. A cap that does not bind on
+that batch cannot be told apart (nor can it change the loss much there). "decoder" mode has no logits to check.
 """
 
 from __future__ import annotations
 
 import inspect
+import weakref
 
 import torch
 from torch import nn
@@ -36,29 +57,82 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+# How each architecture's forward scales `hidden @ W^T` (before any soft-capping), by the model_type of its text
+# config: (config attribute, True: logits * value, False: logits / value), as the modeling files of transformers do
+# (`grep -n "logits = " models/*/modeling_*.py`). Not listed: no factor (MPT's `logit_scale` is unused by HF's MPT);
+# the self-check in `causal_lm_hidden_states` catches an architecture that scales otherwise.
+_LOGIT_FACTORS: dict[str, tuple[str, bool]] = {
+    **dict.fromkeys(("cohere", "cohere2", "cohere2_moe", "cohere_compass_text"), ("logit_scale", True)),
+    **dict.fromkeys(("granite", "granitemoe", "granitemoeshared", "granitemoehybrid", "granite_swa", "granitemoe_swa",
+                     "granite4_vision_text", "granite_docling_text", "minicpm3"), ("logits_scaling", False)),
+    "hyperclovax": ("logits_scaling", True),
+    "falcon_h1": ("lm_head_multiplier", True),
+    **dict.fromkeys(("muse_spark_text", "muse_glimmer_text"), ("output_multiplier", True)),
+}
+# Top-level model types whose forward ignores the text config's final_logit_softcapping
+# (Gemma3ForConditionalGeneration applies no cap; Gemma3ForCausalLM, model type "gemma3_text", does).
+_IGNORES_SOFTCAP = frozenset({"gemma3"})
+_LOGITS_CHECKED: weakref.WeakSet = weakref.WeakSet()  # models whose forward's logits passed the self-check
+
+
+def _text_config(config):
+    """The decoder's config: `config.get_text_config()` where it exists (multimodal wrappers), else `config`."""
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
 def _logit_multiplier(config) -> float:
-    """The factor HF applies to `hidden @ W^T` before soft-capping (1 for most models)."""
-    scale = 1.0
-    if getattr(config, "logit_scale", None) is not None:  # Cohere: logits * logit_scale
-        scale *= float(config.logit_scale)
-    if getattr(config, "logits_scaling", None) is not None:  # Granite: logits / logits_scaling
-        scale /= float(config.logits_scaling)
-    return scale
+    """The factor the architecture applies to `hidden @ W^T` before soft-capping (1 for most models)."""
+    text = _text_config(config)
+    attr, multiplies = _LOGIT_FACTORS.get(getattr(text, "model_type", None), (None, True))
+    value = getattr(text, attr, None) if attr is not None else None
+    if value is None:
+        return 1.0
+    return float(value) if multiplies else 1.0 / float(value)
+
+
+def final_softcap(model: nn.Module) -> float | None:
+    """The `final_logit_softcapping` a causal LM's forward applies (None: none), read from its text config."""
+    config = _unwrap(model).config
+    if getattr(config, "model_type", None) in _IGNORES_SOFTCAP:
+        return None
+    cap = getattr(_text_config(config), "final_logit_softcapping", None)
+    return float(cap) if cap is not None else None
 
 
 def shared_softcap(student: nn.Module, teacher: nn.Module) -> float | None:
-    """The `final_logit_softcapping` of both models' configs (None: no cap), which must agree.
+    """The `final_logit_softcapping` of both models (see `final_softcap`; None: no cap), which must agree.
 
     Raises:
         ValueError: the caps differ (one None and one set included): the fused loss applies one softcap to both
             models, so it cannot reproduce a pair with different caps.
     """
-    caps = [getattr(_unwrap(m).config, "final_logit_softcapping", None) for m in (student, teacher)]
-    s, t = (float(c) if c is not None else None for c in caps)
+    s, t = final_softcap(student), final_softcap(teacher)
     if s != t:
         raise ValueError(f"the student's final_logit_softcapping ({s}) differs from the teacher's ({t}): the fused "
                          "loss applies one softcap to both models; pass softcap= explicitly to use one cap for both")
     return s
+
+
+def trainer_loss_scale(trainer, num_items_in_batch: int | torch.Tensor | None) -> int:
+    """The factor HF's `Trainer.compute_loss` multiplies a loss normalized by `num_items_in_batch` by.
+
+    With `args.average_tokens_across_devices` (default True) and more than one rank, the Trainer sums
+    `num_items_in_batch` over the ranks while DDP averages the gradients, so it multiplies the loss by the number of
+    data-parallel ranks (`accelerator.num_processes // tp_size`, or `n_gpu` under DataParallel); an overriding
+    `compute_loss` that normalizes by `num_items_in_batch` must multiply by this too. 1 when `num_items_in_batch` is
+    None (the loss is then a per-batch mean) or the Trainer would not count items (the model takes no loss kwargs
+    and there is no `compute_loss_func`).
+    """
+    args = trainer.args
+    if (num_items_in_batch is None or not getattr(args, "average_tokens_across_devices", False)
+            or not (getattr(trainer, "model_accepts_loss_kwargs", False)
+                    or getattr(trainer, "compute_loss_func", None) is not None)):
+        return 1
+    if getattr(args, "n_gpu", 1) > 1:
+        return int(args.n_gpu)
+    tp = trainer.get_tp_size() if hasattr(trainer, "get_tp_size") else 1
+    return int(trainer.accelerator.num_processes) // max(1, int(tp))
 
 
 def lm_head_of(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -99,7 +173,44 @@ def causal_lm_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention
     else:
         raise ValueError(f"mode must be 'auto', 'decoder' or 'hidden_states', got {mode!r}")
     scale = _logit_multiplier(inner.config)
-    return hidden * scale if scale != 1.0 else hidden
+    hidden = hidden * scale if scale != 1.0 else hidden
+    logits = getattr(out, "logits", None) if mode == "hidden_states" else None
+    if logits is not None and inner not in _LOGITS_CHECKED and _check_logits(inner, hidden[:, -1], logits[:, -1]):
+        _LOGITS_CHECKED.add(inner)
+    return hidden
+
+
+def _check_logits(model: nn.Module, hidden_last: torch.Tensor, logits_last: torch.Tensor) -> bool:
+    """Raise ValueError if the forward's last-position logits [B, V] are not softcap(hidden_last @ W^T + b) (rows
+    whose logits are not all finite are left out; False: no row left, nothing checked). Synchronizes once."""
+    with torch.no_grad():
+        weight, bias = lm_head_of(model)
+        h = hidden_last.detach()
+        low = min(h.dtype.itemsize, weight.dtype.itemsize, logits_last.dtype.itemsize) <= 2
+        with torch.autocast(h.device.type, enabled=False):
+            z = (h.to(weight.dtype) @ weight.T).float()  # in the head's dtype: no float32 copy of a [V, D] head
+        if bias is not None:
+            z = z + bias.float()
+        cap = final_softcap(model)
+        if cap is not None:
+            z = cap * torch.tanh(z / cap)
+        ref = logits_last.detach().float()
+        rows = ref.isfinite().all(-1)
+        if not bool(rows.any()):
+            return False
+        z, ref = z[rows], ref[rows]
+        err = float((z - ref).norm() / ref.norm().clamp_min(torch.finfo(torch.float32).tiny))
+    tol = 3e-2 if low or torch.is_autocast_enabled(h.device.type) else 1e-2
+    if not err <= tol:  # NaN fails too
+        name = type(model).__name__
+        model_type = getattr(_text_config(model.config), "model_type", None)
+        raise ValueError(
+            f"{name} (model_type {model_type!r}): the logits its forward returns differ from softcap(hidden @ W^T + b) "
+            f"* multiplier as fastopd computes them (multiplier {_logit_multiplier(model.config):g}, softcap {cap}; "
+            f"relative L2 error {err:.3g} > {tol:g} at the last position): this architecture post-processes its "
+            "logits in a way fastopd.integrations.hf does not know, so the fused loss would train on other logits "
+            "(add it to fastopd.integrations.hf._LOGIT_FACTORS / _IGNORES_SOFTCAP)")
+    return True
 
 
 def distillation_loss(
@@ -131,7 +242,7 @@ def distillation_loss(
             when `shift` (the default); pass shift=False for already aligned labels.
         divergence, beta, temperature, num_items_in_batch and `loss_options` (hard_label_weight, reduction,
             return_stats, impl, chunk_size, ...): as in `fastopd.fused_linear_divergence`. Soft-capping is taken
-            from the models' configs (`final_logit_softcapping`, see `shared_softcap`) unless `softcap=` is given,
+            from the models' text configs (`final_logit_softcapping`, see `shared_softcap`) unless `softcap=` is given,
             which then applies to both models.
         mode: how hidden states are obtained (see `causal_lm_hidden_states`).
     Returns:
@@ -140,7 +251,8 @@ def distillation_loss(
         head), not its weights.
     Raises:
         ValueError: the two models' `final_logit_softcapping` differ and no `softcap=` is given (checked before
-            any forward); the hidden states do not cover the same positions.
+            any forward); the hidden states do not cover the same positions; a model's forward post-processes its
+            logits in a way not known here (the self-check of `causal_lm_hidden_states`).
     """
     softcap = loss_options.pop("softcap") if "softcap" in loss_options else shared_softcap(student, teacher)
     if labels is None:

@@ -11,7 +11,12 @@ collation, logging. `compute_loss` runs both models' decoders to final hidden st
 (position t predicts token t+1, the [B, T-1] slices flattened by the loss), and calls
 `fastopd.fused_linear_divergence(divergence="jsd", beta=args.beta)` with TRL's normalization: the mean over tokens
 whose label is not -100, or the sum over `num_items_in_batch` under gradient accumulation. Like TRL's own
-`compute_loss`, the divergence is taken at temperature 1 (`args.temperature` only affects sampling).
+`compute_loss`, the divergence is taken at temperature 1 (`args.temperature` only affects sampling). Under data
+parallelism the loss is multiplied by `fastopd.integrations.hf.trainer_loss_scale` (the number of ranks when HF sums
+`num_items_in_batch` over them, `average_tokens_across_devices`), as HF's `Trainer.compute_loss` does (TRL's
+`GKDTrainer.compute_loss` does not, so its loss is 1/world_size too small there). With `return_outputs` (evaluate()
+and predict() call it so) the outputs are a student forward under no_grad, whose `.logits` TRL's `prediction_step`
+reads, as with the stock trainer.
 
 TRL's newer `trl.DistillationTrainer` already computes its loss from hidden states in chunks, so it needs no
 drop-in.
@@ -23,7 +28,7 @@ from typing import Any
 
 import torch
 
-from fastopd.integrations.hf import distillation_loss
+from fastopd.integrations.hf import distillation_loss, trainer_loss_scale
 
 try:
     from trl.experimental.gkd import GKDTrainer
@@ -47,4 +52,9 @@ class FusedGKDTrainer(GKDTrainer):
                                  inputs["labels"], divergence="jsd", beta=self.beta, temperature=1.0,
                                  num_items_in_batch=num_items_in_batch, impl=self.loss_impl,
                                  chunk_size=self.loss_chunk_size)
-        return (loss, {"loss": loss}) if return_outputs else loss
+        loss = loss * trainer_loss_scale(self, num_items_in_batch)
+        if not return_outputs:
+            return loss
+        with torch.no_grad():  # the logits evaluate()/predict() hand to compute_metrics, as GKDTrainer returns them
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        return loss, outputs

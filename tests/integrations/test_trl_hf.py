@@ -178,3 +178,45 @@ def test_shared_softcap_matches_the_capped_logits():
     loss = distillation_loss(student, teacher, ids, mask, beta=0.3)
     ref = _shifted_reference_loss(student, teacher, ids, mask, ids, 0.3, 1.0)
     torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-7)
+
+
+def _gkd_trainer(tmp_path, **extra):
+    from trl.experimental.gkd import GKDConfig
+
+    args = GKDConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, per_device_eval_batch_size=4,
+                     max_steps=1, lmbda=0.0, beta=0.5, report_to=[], save_strategy="no", use_cpu=True,
+                     disable_tqdm=True, seed=0, max_length=64, bf16=False)
+    return FusedGKDTrainer(model=_llama(0), teacher_model=_llama(1, hidden=48, layers=3), args=args,
+                           train_dataset=_dataset(), eval_dataset=_dataset(8, seed=1), processing_class=_tokenizer(),
+                           data_collator=_collate, **extra)
+
+
+def test_gkd_evaluate_with_compute_metrics_and_predict_get_the_student_logits(tmp_path):
+    seen = []
+
+    def compute_metrics(ev):
+        seen.append(ev.predictions.shape)
+        return {"n_predictions": float(len(ev.predictions))}
+
+    trainer = _gkd_trainer(tmp_path, compute_metrics=compute_metrics)
+    metrics = trainer.evaluate()
+    assert metrics["eval_n_predictions"] == 8.0 and seen[0][0] == 8 and seen[0][-1] == VOCAB
+    assert metrics["eval_loss"] > 0
+    pred = trainer.predict(_dataset(4, seed=2))
+    assert pred.predictions.shape[0] == 4 and pred.predictions.shape[-1] == VOCAB
+
+
+def test_gkd_loss_is_scaled_by_the_ranks_when_tokens_are_counted_across_devices(tmp_path):
+    """HF sums num_items_in_batch over the ranks (average_tokens_across_devices) and DDP averages the gradients, so
+    Trainer.compute_loss multiplies by the number of ranks; FusedGKDTrainer does too."""
+    from types import SimpleNamespace
+
+    trainer = _gkd_trainer(tmp_path)
+    batch = _collate([_dataset(4)[i] for i in range(4)])
+    num_items = torch.tensor(23)
+    one_rank = trainer.compute_loss(trainer.model, batch, num_items_in_batch=num_items)
+    trainer.accelerator = SimpleNamespace(num_processes=4)  # what compute_loss reads of a 4-rank accelerator
+    four_ranks = trainer.compute_loss(trainer.model, batch, num_items_in_batch=num_items)
+    torch.testing.assert_close(four_ranks, 4 * one_rank)
+    trainer.args.average_tokens_across_devices = False
+    torch.testing.assert_close(trainer.compute_loss(trainer.model, batch, num_items_in_batch=num_items), one_rank)
