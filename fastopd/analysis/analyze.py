@@ -45,6 +45,43 @@ def _listing(title: str, items: list[str], limit: int = 20) -> str:
     return f"  {title} ({len(items)}):\n" + "\n".join(f"    {x}" for x in items[:limit]) + more
 
 
+def _bitwise_equal(a: torch.Tensor, b: torch.Tensor, chunk: int) -> bool:
+    """Same shape, dtype and bits (NaN payloads and signed zeros included), compared chunk by chunk."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.dtype.itemsize]
+    fa, fb = a.reshape(-1), b.reshape(-1)
+    return all(torch.equal(fa[i:i + chunk].view(ints), fb[i:i + chunk].view(ints)) for i in range(0, fa.numel(), chunk))
+
+
+def _config_ties(ckpt) -> bool | None:
+    """`tie_word_embeddings` of a model folder's config.json (top level, else its text_config); None: no folder, no
+    config, or no such key (save_pretrained writes it only where it differs from the class default)."""
+    path = Path(ckpt.description) / "config.json"
+    try:
+        cfg = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return None
+    if not isinstance(cfg, dict):
+        return None
+    tie = cfg.get("tie_word_embeddings", (cfg.get("text_config") or {}).get("tie_word_embeddings"))
+    return tie if isinstance(tie, bool) else None
+
+
+def _tie_partner(ckpts, name: str, candidates, chunk: int) -> str | None:
+    """The first embedding among `candidates` that LM head `name` is tied to: same shape and dtype, bitwise equal in
+    every checkpoint of `ckpts` (the tuned side only, when the other one leaves the tied copy out)."""
+    if module_kind(name) != "lm_head":
+        return None
+    for e in candidates:
+        if e == name or module_kind(e) != "embed":
+            continue
+        if all(c.infos[e].shape == c.infos[name].shape and c.infos[e].dtype == c.infos[name].dtype
+               for c in ckpts) and all(_bitwise_equal(c.load(name), c.load(e), chunk) for c in ckpts):
+            return e
+    return None
+
+
 SAMPLE_MAX_NUMEL = 1 << 26  # "sample" skips bigger tensors (embeddings, LM heads: half the cost of a 1B model)
 
 
@@ -71,6 +108,10 @@ def analyze_update(base: CheckpointLike, tuned: CheckpointLike, *, dtype: torch.
                    include: str | None = None, exclude: str | None = None,
                    mask_out: str | os.PathLike | None = None, progress: bool = True) -> UpdateReport:
     """Measure Delta = tuned - base for every floating-point tensor the two checkpoints share.
+
+    An LM head bitwise equal to an earlier embedding of its shape in both checkpoints (or, where one checkpoint
+    leaves the tied copy out, in the other) is skipped as "tied to <embedding>": counted once, not in the mask;
+    a model folder's config.json with tie_word_embeddings false turns this off (docs/analysis.md, "Tied weights").
 
     Args:
         base, tuned: model folders, safetensors files, torch state-dict files, `{name: tensor}` dicts,
@@ -102,6 +143,19 @@ def analyze_update(base: CheckpointLike, tuned: CheckpointLike, *, dtype: torch.
     only_base = sorted(set(bc.infos) - set(tc.infos))
     only_tuned = sorted(set(tc.infos) - set(bc.infos))
     common = [n for n in bc.names() if n in tc.infos]
+    # Tied LM heads (see docs/analysis.md, "Tied weights"): an LM-head tensor bitwise equal, in each checkpoint that
+    # has it, to an embedding of the same shape is the embedding itself, saved twice (fastopd's step checkpoints
+    # clone it) or once (save_pretrained leaves it out): analysed once, under the embedding's name, and left out of
+    # the mask (the optimizer holds one parameter). A config.json saying tie_word_embeddings false turns this off.
+    ties_off = False in (_config_ties(bc), _config_ties(tc))
+    skipped: dict[str, str] = {}
+    for only, ckpt, side, other in ((only_tuned, tc, "TUNED", "BASE"), (only_base, bc, "BASE", "TUNED")):
+        for n in list(only) if not ties_off else []:
+            partner = _tie_partner([ckpt], n, [e for e in common if bc.infos[e].shape == tc.infos[e].shape],
+                                   cfg.chunk_elems)
+            if partner is not None:
+                only.remove(n)
+                skipped[n] = f"tied to {partner} (only in {side}: {other} leaves the tied copy out)"
     shape_mismatch = [n for n in common if bc.infos[n].shape != tc.infos[n].shape]
     problems = []
     if only_base:
@@ -117,7 +171,6 @@ def analyze_update(base: CheckpointLike, tuned: CheckpointLike, *, dtype: torch.
                             "the common tensors only)")
     if not common or len(shape_mismatch) == len(common):
         raise MismatchError(f"BASE ({bc.description}) and TUNED ({tc.description}) share no tensor of equal shape")
-    skipped: dict[str, str] = {}
     names = []
     for n in common:
         if n in shape_mismatch:
@@ -134,6 +187,10 @@ def analyze_update(base: CheckpointLike, tuned: CheckpointLike, *, dtype: torch.
                                 f"({tc.infos[n].source}); pass --dtype to compare both in one storage dtype")
         if bc.infos[n].shape and 0 in bc.infos[n].shape:
             skipped[n] = "empty tensor"
+            continue
+        partner = None if ties_off else _tie_partner([bc, tc], n, names, cfg.chunk_elems)
+        if partner is not None:
+            skipped[n] = f"tied to {partner}"
             continue
         names.append(n)
     if not names:

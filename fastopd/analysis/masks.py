@@ -4,6 +4,9 @@ The file holds one bool tensor per parameter, keyed by the parameter name, with 
 (True where the coordinate changed), and metadata {"format": "fastopd.masks.v1"}: the format that
 `fastopd.optim.masks.load` reads. The header is known before any mask is computed (names and shapes), so
 masks are written chunk by chunk as the analysis streams over each tensor and never held whole.
+
+`match_param_names(masks, model)` renames a mask dict onto a model's parameter names when the two differ by one
+uniform prefix (a Hugging Face checkpoint's "model." against fastopd's own `Transformer`, or the reverse).
 """
 
 from __future__ import annotations
@@ -11,11 +14,12 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
 
-__all__ = ["MASK_FORMAT", "MaskWriter"]
+__all__ = ["MASK_FORMAT", "MaskWriter", "match_param_names"]
 
 MASK_FORMAT = "fastopd.masks.v1"
 
@@ -91,3 +95,53 @@ class MaskWriter:
             self.close()
         else:
             self.abort()
+
+
+def match_param_names(masks: Mapping[str, torch.Tensor], model: torch.nn.Module | Iterable[str]
+                      ) -> dict[str, torch.Tensor]:
+    """`masks` keyed by the model's parameter names, where a mask file's names differ from them by one prefix.
+
+    Names that are parameter names stay. The others must all map by one and the same dotted prefix P, either
+    removed (mask "model.layers.0.mlp.up_proj.weight" -> parameter "layers.0.mlp.up_proj.weight") or added (the
+    reverse), onto parameter names no other mask claims; an untied Hugging Face "lm_head.weight", already a
+    parameter name of fastopd's Transformer, simply stays.
+
+    Args:
+        masks: name -> mask (e.g. from `fastopd.optim.masks.load`).
+        model: the module (its `named_parameters()`) or its parameter names.
+    Raises:
+        ValueError: the unmatched names do not all map by one prefix, or more than one prefix would do, or a
+            renamed mask would land on a name another mask already has (the message lists names).
+    """
+    names = {n for n, _ in model.named_parameters()} if isinstance(model, torch.nn.Module) else set(model)
+    unmatched = [n for n in masks if n not in names]
+    if not unmatched:
+        return dict(masks)
+    first = unmatched[0]
+    # candidate prefixes from the first unmatched name: removed ("model.") or added (a parameter "P" + first)
+    strip = {first[: i + 1] for i, c in enumerate(first) if c == "." and first[i + 1:] in names}
+    add = {p[: len(p) - len(first)] for p in names if p.endswith("." + first)}
+
+    def rename(prefix: str, removes: bool) -> dict[str, str] | None:
+        out = {}
+        for n in unmatched:
+            if removes and n.startswith(prefix) and n[len(prefix):] in names:
+                out[n] = n[len(prefix):]
+            elif not removes and prefix + n in names:
+                out[n] = prefix + n
+            else:
+                return None
+        return out
+
+    fits = [m for m in [rename(p, True) for p in sorted(strip)] + [rename(p, False) for p in sorted(add)] if m]
+    if len(fits) != 1:
+        why = "no single prefix maps them onto parameter names" if not fits else \
+            f"{len(fits)} prefixes would do, ambiguous"
+        raise ValueError(f"masks name {len(unmatched)} tensors that are not parameters of the model, e.g. "
+                         f"{unmatched[:3]}, and {why} (parameters: {sorted(names)[:3]} ...)")
+    mapping = fits[0]
+    targets = list(mapping.values())
+    clash = sorted({t for t in targets if t in masks or targets.count(t) > 1})
+    if clash:
+        raise ValueError(f"renaming the masks by prefix puts two masks on the same parameters: {clash[:3]}")
+    return {mapping.get(n, n): m for n, m in masks.items()}

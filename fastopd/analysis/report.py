@@ -37,7 +37,7 @@ def _group(tensors: dict[str, dict], key) -> dict[str, dict]:
         g["changed"] += t["changed"]
         g["energy"] += t["energy"]
         if t.get("numerical_rank") is not None and t["shape"]:
-            mn = min(t["shape"][0], t["numel"] // max(1, t["shape"][0]))
+            mn = _min_dim(t)
             g["_rank"].append(t["numerical_rank"][RANK_TOL] / mn if RANK_TOL in t["numerical_rank"] else None)
             g["_eff"].append(t["effective_rank"] / mn if t.get("effective_rank") is not None else None)
             g["_top"].append((t.get("topk_energy") or {}).get(TOPK_KEY))
@@ -58,14 +58,22 @@ def _group(tensors: dict[str, dict], key) -> dict[str, dict]:
 
 
 def _min_dim(t: dict) -> int:
-    return min(t["shape"][0], t["numel"] // max(1, t["shape"][0]))
+    """The number of singular values of a tensor's spectrum: min(m, n), B min(m, n) for a stack [B, m, n]."""
+    return t.get("spectral_min_dim") or min(t["shape"][0], t["numel"] // max(1, t["shape"][0]))
+
+
+def _not_computed(fid: str, claim: str, metric: str, why: str) -> dict:
+    """A finding whose metric the AnalysisConfig did not compute (its verdict says which option lacks it)."""
+    return {"id": fid, "claim": claim, "metric": metric, "observed": None, "null_shuffled": None,
+            "null_rounding": None, "holds": None, "survives_shuffled": None, "survives_rounding": None,
+            "test": None, "verdict": f"not computed: {why}"}
 
 
 def _findings(tensors: dict[str, dict], summary: dict) -> list[dict]:
     """The study's four claims, each against the null models it could be an artefact of."""
     nulled = {n: t for n, t in tensors.items() if t.get("null")}
-    spectral = {n: t for n, t in nulled.items()
-                if t.get("numerical_rank") and t["null"]["rounding"].get("numerical_rank")}
+    spectral = {n: t for n, t in nulled.items()  # stacks [B, m, n] have no null spectra (stats._stacked_spectra)
+                if t.get("numerical_rank") is not None and t["null"]["rounding"].get("numerical_rank") is not None}
     out = []
 
     def verdict(holds, *survives) -> str:
@@ -77,42 +85,56 @@ def _findings(tensors: dict[str, dict], summary: dict) -> list[dict]:
         return "holds and survives the null models" if all(known) else "holds, but is explained by a null model"
 
     if nulled:
+        # the verdict is the whole update's (summary); the null compares like with like, on the null-model tensors
         n = sum(t["numel"] for t in nulled.values())
-        obs = sum(t["changed"] for t in nulled.values()) / n
+        obs_n = sum(t["changed"] for t in nulled.values()) / n
         rnd = sum(t["null"]["rounding"]["density_exact"] * t["numel"] for t in nulled.values()) / n
+        obs = summary["density_exact"]
         holds = obs < 0.5
-        surv = obs < 0.5 * rnd
+        surv = obs_n < 0.5 * rnd
         out.append({"id": "coordinate_sparse",
                     "claim": "the update is coordinate-sparse (fewer than half the coordinates change)",
                     "metric": "fraction of coordinates changed (bitwise)", "observed": obs,
-                    "null_shuffled": obs, "null_rounding": rnd, "holds": holds, "survives_shuffled": None,
-                    "survives_rounding": surv,
-                    "test": "survives rounding if observed density < 0.5 x the rounding null's density",
-                    "verdict": verdict(holds, surv)})
-    if spectral:
+                    "observed_on_null_tensors": obs_n, "null_shuffled": obs_n, "null_rounding": rnd, "holds": holds,
+                    "survives_shuffled": None, "survives_rounding": surv,
+                    "test": "holds if the summary's density < 0.5; survives rounding if the density on the null-model "
+                    "tensors < 0.5 x the rounding null's density there", "verdict": verdict(holds, surv)})
+    rank_claim = (f"2-D updates are numerically full-rank (rank at tol {RANK_TOL} of at least half of min(m, n))",
+                  "median numerical rank / min(m, n)")
+    topk_claim = (f"2-D updates are spectrally concentrated (top {TOPK_KEY} of singular directions hold at least 2x "
+                  "the energy they hold in the shuffled update)", f"median top-{TOPK_KEY} singular energy")
+    if spectral and not all(RANK_TOL in t["numerical_rank"] for t in spectral.values()):
+        out.append(_not_computed("full_rank", *rank_claim, f"AnalysisConfig.rank_tols has no {RANK_TOL}"))
+    elif spectral:
         obs = _median([t["numerical_rank"][RANK_TOL] / _min_dim(t) for t in spectral.values()])
         shf = _median([t["null"]["shuffled"]["numerical_rank"][RANK_TOL] / _min_dim(t) for t in spectral.values()])
         rnd = _median([t["null"]["rounding"]["numerical_rank"][RANK_TOL] / _min_dim(t) for t in spectral.values()])
         holds = obs >= 0.5
         surv = rnd < 0.5 * obs
-        out.append({"id": "full_rank", "claim": f"2-D updates are numerically full-rank (rank at tol {RANK_TOL} "
-                    "of at least half of min(m, n))", "metric": "median numerical rank / min(m, n)",
+        out.append({"id": "full_rank", "claim": rank_claim[0], "metric": rank_claim[1],
                     "observed": obs, "null_shuffled": shf, "null_rounding": rnd, "holds": holds,
                     "survives_shuffled": None, "survives_rounding": surv,
                     "test": "survives rounding if the rounded dense low-rank null stays below 0.5 x observed rank",
                     "verdict": verdict(holds, surv)})
+    if spectral and not all(TOPK_KEY in (t["topk_energy"] or {}) for t in spectral.values()):
+        out.append(_not_computed("spectrally_concentrated", *topk_claim,
+                                 f"AnalysisConfig.topk_fracs has no {float(TOPK_KEY[:-1]) / 100:g}"))
+    elif spectral:
         obs = _median([t["topk_energy"][TOPK_KEY] for t in spectral.values()])
         shf = _median([t["null"]["shuffled"]["topk_energy"][TOPK_KEY] for t in spectral.values()])
         rnd = _median([t["null"]["rounding"]["topk_energy"][TOPK_KEY] for t in spectral.values()])
         holds = obs >= 2 * shf
-        out.append({"id": "spectrally_concentrated",
-                    "claim": f"2-D updates are spectrally concentrated (top {TOPK_KEY} of singular directions "
-                    "hold at least 2x the energy they hold in the shuffled update)",
-                    "metric": f"median top-{TOPK_KEY} singular energy", "observed": obs, "null_shuffled": shf,
+        out.append({"id": "spectrally_concentrated", "claim": topk_claim[0], "metric": topk_claim[1],
+                    "observed": obs, "null_shuffled": shf,
                     "null_rounding": rnd, "holds": holds, "survives_shuffled": holds, "survives_rounding": None,
                     "test": "holds if observed >= 2 x shuffled (the shuffled update keeps the values, loses structure)",
                     "verdict": verdict(holds, holds)})
     enr = {n: t for n, t in nulled.items() if (t.get("enrichment_small") or {}).get(SMALL_Q) is not None}
+    if nulled and not any(SMALL_Q in (t.get("enrichment_small") or {}) for t in nulled.values()):
+        out.append(_not_computed("near_zero_heavy", f"updated coordinates are enriched among the {SMALL_Q} "
+                                 "smallest-magnitude base weights (enrichment > 1.5)",
+                                 f"median P(small_{SMALL_Q} | updated) / P(small_{SMALL_Q})",
+                                 f"AnalysisConfig.small_fracs has no {float(SMALL_Q[:-1]) / 100:g}"))
     if enr:
         obs = _median([t["enrichment_small"][SMALL_Q] for t in enr.values()])
         shf = _median([t["null"]["shuffled"]["enrichment_small"][SMALL_Q] for t in enr.values()])
@@ -217,7 +239,8 @@ class UpdateReport:
         tot_e = sum(t["energy"] for t in self.tensors.values()) or 1.0
         top = sorted(self.tensors.items(), key=lambda kv: -kv[1]["energy"])[:15]
         for name, t in top:
-            rank = f"{t['numerical_rank'][RANK_TOL]}/{_min_dim(t)}" if t.get("numerical_rank") else "-"
+            rank = (f"{t['numerical_rank'][RANK_TOL]}/{_min_dim(t)}"
+                    if RANK_TOL in (t.get("numerical_rank") or {}) else "-")
             lines.append(f"| `{name}` | {t['module_kind']} | {_f(t['density_exact'])} | "
                          f"{_f((t.get('energy_top') or {}).get('1%'))} | {rank} | {_f(t.get('stable_rank'))} | "
                          f"{_f((t.get('topk_energy') or {}).get(TOPK_KEY))} | "

@@ -6,7 +6,7 @@ exponent gaps). Non-finite values (a weight that is or became NaN/Inf) are count
 sum: `nonfinite_delta` counts the changed coordinates with a non-finite Delta (changed, and beyond every
 atol), `nonfinite_base` the NaN/Inf base values (0 in RMS(base), the base Gram and the rounding null); an
 unchanged NaN weight has Delta 0, its bits being equal. Passes, for a tensor viewed as a matrix X [m', n'],
-m' >= n' (transposed if wide):
+m' >= n' (transposed if wide; 1-D as a column, >= 4-D as [dim0, rest]):
 
 1. Gram pass: G_delta = D^T D in float64 (rows of X in chunks): its eigenvalues are the squared
    singular values, the full spectrum, not a truncation. G_base = X^T X in float32 (only its top
@@ -18,7 +18,16 @@ m' >= n' (transposed if wide):
 3. Geometry pass: energy of Delta in the base's top-k singular subspaces (U_k = X V_k / sigma_k from the
    base Gram's eigenvectors); the coordinates in the histogram bins holding the top-p% energy boundaries
    are histogrammed again by their low 16 bits (exact top-p% energy); the null models (shuffled Delta,
-   bf16 rounding of a dense update of matched energy) get their Gram, geometry and enrichment here too.
+   bf16 rounding of a dense update of approximately matched energy) get their Gram, geometry and enrichment here
+   too.
+
+A 3-D tensor [B, m, n] (a stack of MoE experts) is a batch of B matrices for everything spectral (`_stacked_spectra`):
+its spectrum is that of the block-diagonal matrix diag(X_1, ..., X_B), the union of the matrices' singular values
+(B min(m, n) of them: a rank-1-per-expert update has rank B), and its subspace energy is the energy each Delta_b has
+in its own base matrix's top-k subspaces (k a fraction of min(m, n)), summed over the stack. Viewed as [B, m n]
+instead, it would have at most B singular values, which say nothing about the matrices. Its null models keep their
+densities, energies and enrichments (elementwise) but get no spectra, so stacks are left out of the spectral
+findings (`spectral_layout` says so).
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ __all__ = ["AnalysisConfig", "analyze_tensor", "spectrum_metrics"]
 _NBINS = 1 << 15          # hi16 keys of non-negative fp32 patterns: sign bit 0
 _R_LO, _R_HI = -2, 9      # log2(|Delta|/ulp) histogram range (clipped), per exponent bucket
 _NEXP = 256               # fp32 biased exponents
+_NULL_FIT_ELEMS = 1 << 16  # row sample the rounding null's scale is fitted on (about 0.1 s per tensor)
 
 
 @dataclass(frozen=True)
@@ -220,7 +230,10 @@ class _RoundingNull:
     """Null model (b): the storage-dtype rounding of a dense rank-r update of matched energy.
 
     U = A B^T (A [m', r], B [n', r] standard normal; an iid Gaussian for columns, n' = 1), scaled by s chosen by
-    bisection on a row sample so that ||round(base + sU) - base||^2 matches the observed ||Delta||^2 per element.
+    bisection on a row sample (about 2^16 elements) so that ||round(base + sU) - base||^2 per element matches the
+    observed ||Delta||^2 per element there: over the whole tensor it matches approximately (rounding is not linear
+    in s, so an exact match would take a full pass per bisection step); the achieved ratio is reported
+    (`energy_ratio`).
     """
 
     def __init__(self, xb: _TensorView, name: str, cfg: AnalysisConfig, storage: torch.dtype, comp: torch.dtype,
@@ -231,7 +244,7 @@ class _RoundingNull:
         g = _gen(cfg.seed, name, "rounding")
         self.a = torch.randn(xb.mx, r, generator=g, dtype=comp)
         self.b = torch.randn(xb.nx, r, generator=g, dtype=comp) / math.sqrt(r)
-        k = max(1, min(xb.mx, (1 << 14) // xb.nx))
+        k = max(1, min(xb.mx, _NULL_FIT_ELEMS // xb.nx))
         idx = torch.randperm(xb.mx, generator=g)[:k].sort().values
         base = xb.take_rows(idx).to(storage).to(comp)
         base = _finite(base) if nonfinite else base
@@ -283,6 +296,62 @@ def _subspace(acc: _Accum, ks: dict[str, int], base_rank: int) -> dict | None:
             for key, k in ks.items()}
 
 
+def _stacked_spectra(base: torch.Tensor, tuned: torch.Tensor, cfg: AnalysisConfig, storage: torch.dtype,
+                     comp: torch.dtype) -> tuple[dict, dict[str, np.ndarray]]:
+    """Spectral metrics of a stack [B, m, n] as the block-diagonal matrix of its B matrices (module docstring).
+
+    Per matrix: Delta's float64 Gram (its singular values), the base's float32 Gram (top-k directions), and a
+    projection pass for the subspace energy; two passes over each matrix. Returns (metrics, {"delta", "base"}).
+    """
+    n_mat, m, n = base.shape
+    ks = {pct(f): max(1, math.ceil(f * min(m, n))) for f in cfg.subspace_fracs}
+    sig_d, sig_b, proj = [], [], dict.fromkeys(ks, 0.0)
+    energy, base_rank, random_share = 0.0, 0, dict.fromkeys(ks, 0.0)
+    for i in range(n_mat):
+        xb, xt = _TensorView(base[i]), _TensorView(tuned[i])
+        gb = torch.zeros(xb.nx, xb.nx, dtype=torch.float32)
+        gd = torch.zeros(xb.nx, xb.nx, dtype=torch.float64)
+        for r0, r1 in _chunks(xb.mx, xb.nx, cfg.chunk_elems):
+            b64 = xb.rows(r0, r1).to(storage).to(torch.float64)
+            d64 = xt.rows(r0, r1).to(storage).to(torch.float64) - b64
+            if not bool(d64.isfinite().all()):
+                d64, b64 = _finite(d64), _finite(b64)
+            b32 = b64.to(torch.float32)
+            gb.addmm_(b32.T, b32)
+            gd.addmm_(d64.T, d64)
+        energy += float(gd.diagonal().sum())
+        sig_d.append(_sigma_from_gram(gd, xb.mx))
+        lam_b, vec_b = _eig(gb, vectors=True)
+        sb = lam_b.clamp_min(0).flip(0).sqrt()
+        sig_b.append(sb.double().numpy())
+        rank = int((sb > 1e-3 * sb[0]).sum()) if sb[0] > 0 else 0
+        base_rank += rank
+        for key, k in ks.items():
+            random_share[key] += min(k, rank) ** 2 / (xb.mx * xb.nx) / n_mat
+        kmax = min(max(ks.values()), rank)
+        if not kmax or not bool(gd.diagonal().sum() > 0):
+            continue
+        vk = vec_b.flip(1)[:, :kmax].to(comp).contiguous()
+        inv_s = (1.0 / sb[:kmax].double()).to(comp)
+        acc = torch.zeros(kmax, kmax, dtype=torch.float64)
+        for r0, r1 in _chunks(xb.mx, xb.nx, cfg.chunk_elems):
+            b_raw = xb.rows(r0, r1).to(storage).to(comp)
+            d, bc = _finite(xt.rows(r0, r1).to(storage).to(comp) - b_raw), _finite(b_raw)
+            acc.addmm_(((bc @ vk) * inv_s).T.to(torch.float64), (d @ vk).to(torch.float64))
+        for key, k in ks.items():
+            proj[key] += float(acc[: min(k, rank), : min(k, rank)].pow(2).sum())
+    delta = np.sort(np.concatenate(sig_d))[::-1].copy()
+    out = spectrum_metrics(delta, cfg)
+    out.update({"sigma_floor_rel": math.sqrt(max(m, n) * 2.0 ** -53), "base_numerical_rank": base_rank,
+                "subspace_energy_random": random_share,
+                "subspace_energy": {key: v / energy for key, v in proj.items()} if energy > 0 else None,
+                "spectral_min_dim": n_mat * min(m, n),
+                "spectral_layout": f"stack of {n_mat} matrices [{m}, {n}]: the spectrum is the block-diagonal "
+                "matrix's (the union of the matrices' singular values); no null-model spectra, so the tensor is "
+                "left out of the full_rank and spectrally_concentrated findings"})
+    return out, {"delta": delta, "base": np.sort(np.concatenate(sig_b))[::-1].copy()}
+
+
 def analyze_tensor(name: str, base: torch.Tensor, tuned: torch.Tensor, cfg: AnalysisConfig, *,
                    null_models: bool = False, mask_sink: Callable[[torch.Tensor], None] | None = None
                    ) -> tuple[dict, dict[str, np.ndarray]]:
@@ -302,7 +371,8 @@ def analyze_tensor(name: str, base: torch.Tensor, tuned: torch.Tensor, cfg: Anal
     comp = torch.float32 if storage.itemsize <= 2 else torch.float64
     numel = base.numel()
     xb, xt = _TensorView(base), _TensorView(tuned)
-    spectral = base.dim() >= 2 and xb.nx >= 2
+    stacked = base.dim() == 3  # a stack of matrices (MoE experts): spectra per matrix, see _stacked_spectra
+    spectral = base.dim() >= 2 and xb.nx >= 2 and not stacked
     out: dict = {"shape": list(base.shape), "dtype": str(tuned.dtype).replace("torch.", ""),
                  "storage_dtype": str(storage).replace("torch.", ""), "numel": numel}
     spectra: dict[str, np.ndarray] = {}
@@ -408,10 +478,15 @@ def analyze_tensor(name: str, base: torch.Tensor, tuned: torch.Tensor, cfg: Anal
         inv_s = (1.0 / sig_b[:kmax].double()).to(comp)
         out["base_numerical_rank"] = base_rank
         out["subspace_energy_random"] = {key: min(k, base_rank) ** 2 / (xb.mx * xb.nx) for key, k in ks.items()}
+        out["spectral_min_dim"] = xb.nx
         del gb, gd
     else:
         kmax, vk, inv_s, base_rank = 0, None, None, 0
         out.update({"numerical_rank": None, "stable_rank": None, "effective_rank": None, "topk_energy": None})
+        if stacked and min(base.shape[1:]) >= 2:
+            stacked_out, stacked_spectra = _stacked_spectra(base, tuned, cfg, storage, comp)
+            out.update(stacked_out)
+            spectra.update(stacked_spectra)
 
     # ---- pass 4: geometry (observed) and null models
     if delta_sq == 0.0:
@@ -454,13 +529,15 @@ def analyze_tensor(name: str, base: torch.Tensor, tuned: torch.Tensor, cfg: Anal
         dn = rounding.chunk(bc, r0, r1)
         rnd.add(dn, ub, vk, key_b, dn != 0)
     out["energy_top"] = top.result()
-    out["subspace_energy"] = _subspace(obs, ks, base_rank)
+    if "subspace_energy" not in out:  # a stack's is its matrices' (_stacked_spectra)
+        out["subspace_energy"] = _subspace(obs, ks, base_rank)
     if null_models:
         out["null"] = {"shuffled": _null_summary(shuf, hist_b_all, spectral, ks, base_rank, cfg, numel),
                        "rounding": _null_summary(rnd, hist_b_all, spectral, ks, base_rank, cfg, numel)}
         out["null"]["shuffled"]["method"] = "permutation" if exact else "sampled with replacement"
         out["null"]["rounding"].update(scale=rounding.scale, rank=rounding.a.shape[1],
-                                       dtype=str(rounding.round_to).replace("torch.", ""))
+                                       dtype=str(rounding.round_to).replace("torch.", ""),
+                                       energy_ratio=rnd.energy / delta_sq)  # fitted on a sample: about 1
         if spectral:
             spectra["null_shuffled"] = _sigma_from_gram(shuf.gram, xb.mx)
             spectra["null_rounding"] = _sigma_from_gram(rnd.gram, xb.mx)

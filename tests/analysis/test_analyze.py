@@ -421,3 +421,156 @@ def test_mask_atol_and_streaming_with_small_chunks(tmp_path):
     with safe_open(str(path), "pt") as f:
         for k in base:
             assert torch.equal(f.get_tensor(k), (tuned[k] - base[k]).abs() > 5e-4), k
+
+
+def _tied_step_checkpoints():
+    """fastopd step-checkpoint state dicts (tied lm_head.weight saved as a clone) of a tiny tied Transformer,
+    before and after a sparse update, and the model."""
+    models = pytest.importorskip("fastopd.models")
+    from fastopd.models.config import TransformerConfig
+    from fastopd.train.checkpoint import _plain_state_dict
+
+    torch.manual_seed(0)
+    model = models.Transformer(TransformerConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1,
+                                                 num_heads=4, tie_word_embeddings=True))
+    base = {k: v.clone() for k, v in _plain_state_dict(model.state_dict()).items()}  # not views of the parameters
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 1e-2 * (torch.rand_like(p) < 0.1))
+    return base, {k: v.clone() for k, v in _plain_state_dict(model.state_dict()).items()}, model
+
+
+def test_tied_lm_head_is_analysed_once_and_left_out_of_the_mask(tmp_path):
+    from fastopd.optim import SparseMaskedAdamW
+    from fastopd.optim import masks as optim_masks
+
+    base, tuned, model = _tied_step_checkpoints()
+    assert "lm_head.weight" in tuned and torch.equal(tuned["lm_head.weight"], tuned["embed_tokens.weight"])
+    path = tmp_path / "m.safetensors"
+    r = analyze_update(base, tuned, null_models="none", mask_out=path, progress=False)
+    assert r.skipped["lm_head.weight"] == "tied to embed_tokens.weight"
+    assert "lm_head.weight" not in r.tensors and "lm_head" not in r.by_kind
+    assert r.summary["numel"] == sum(p.numel() for p in model.parameters())
+    loaded = optim_masks.load(str(path))
+    assert "lm_head.weight" not in loaded
+    SparseMaskedAdamW(model.named_parameters(), masks=loaded)  # every mask names a parameter it optimizes
+
+
+def test_base_without_the_tied_lm_head_matches_a_step_checkpoint(tmp_path):
+    base, tuned, _ = _tied_step_checkpoints()
+    del base["lm_head.weight"]  # save_pretrained leaves the tied copy out
+    r = analyze_update(base, tuned, null_models="none", progress=False)
+    assert r.skipped["lm_head.weight"].startswith("tied to embed_tokens.weight (only in TUNED")
+    assert not r.mismatches
+    r = analyze_update(tuned, base, null_models="none", progress=False)  # and the other way round
+    assert r.skipped["lm_head.weight"].startswith("tied to embed_tokens.weight (only in BASE")
+
+
+def test_lm_head_that_is_not_tied_is_analysed(tmp_path):
+    base, tuned, _ = _tied_step_checkpoints()
+    tuned["lm_head.weight"] = tuned["lm_head.weight"].clone()
+    tuned["lm_head.weight"][0, 0] += 1.0  # equal to the embedding in BASE only: trained separately
+    r = analyze_update(base, tuned, null_models="none", progress=False)
+    assert "lm_head.weight" in r.tensors and "lm_head.weight" not in r.skipped
+    only_tuned = {k: v for k, v in tuned.items() if k != "lm_head.weight"}
+    base.pop("lm_head.weight")
+    tuned["lm_head.weight"] = tuned["lm_head.weight"] * 2  # only in TUNED and not its embedding: a mismatch
+    with pytest.raises(MismatchError, match="only in TUNED"):
+        analyze_update(base, tuned, null_models="none", progress=False)
+    assert analyze_update(base, only_tuned, null_models="none", progress=False).summary["tensors"] == len(base)
+
+
+def test_config_saying_untied_keeps_equal_lm_head_and_embedding(tmp_path):
+    base, tuned, _ = _tied_step_checkpoints()
+    for name, sd in (("base", base), ("tuned", tuned)):
+        (tmp_path / name).mkdir()
+        save_file(sd, str(tmp_path / name / "model.safetensors"))
+    (tmp_path / "tuned" / "config.json").write_text(json.dumps({"tie_word_embeddings": False}))
+    r = analyze_update(tmp_path / "base", tmp_path / "tuned", null_models="none", progress=False)
+    assert "lm_head.weight" in r.tensors
+    (tmp_path / "tuned" / "config.json").write_text(json.dumps({"text_config": {"tie_word_embeddings": True}}))
+    r = analyze_update(tmp_path / "base", tmp_path / "tuned", null_models="none", progress=False)
+    assert r.skipped["lm_head.weight"] == "tied to embed_tokens.weight"
+
+
+def test_coordinate_sparse_verdict_follows_the_summary_not_the_null_sample(monkeypatch):
+    """Sample mode leaves big tensors (embeddings) out of the null models; the verdict still covers them."""
+    import fastopd.analysis.analyze as analyze_mod
+
+    monkeypatch.setattr(analyze_mod, "SAMPLE_MAX_NUMEL", 4096)  # the embedding below is "big"
+    g = torch.Generator().manual_seed(0)
+    base = {"model.embed_tokens.weight": torch.randn(400, 16, generator=g),
+            "model.layers.0.self_attn.q_proj.weight": torch.randn(16, 16, generator=g),
+            "model.layers.0.mlp.up_proj.weight": torch.randn(32, 16, generator=g)}
+    tuned = {k: v.clone() for k, v in base.items()}
+    tuned["model.embed_tokens.weight"] += 0.1  # dense
+    tuned["model.layers.0.mlp.up_proj.weight"][0, 0] += 0.1
+    tuned["model.layers.0.self_attn.q_proj.weight"][0, 0] += 0.1
+    r = analyze_update(base, tuned, null_models="sample", progress=False)
+    assert not r.tensors["model.embed_tokens.weight"].get("null")
+    f = next(f for f in r.findings if f["id"] == "coordinate_sparse")
+    assert r.summary["density_exact"] > 0.5 and f["observed"] == r.summary["density_exact"]
+    assert f["observed_on_null_tensors"] < 0.01
+    assert f["holds"] is False and f["verdict"] == "does not hold"
+
+
+def test_config_without_the_finding_keys_records_them_as_not_computed():
+    base = _llama(0, layers=1)
+    tuned = _bump(base, lambda n: "proj" in n)
+    cfg = AnalysisConfig(rank_tols=(1e-6,), topk_fracs=(0.05,), small_fracs=(0.25,))
+    r = analyze_update(base, tuned, config=cfg, null_models="all", progress=False)
+    verdicts = {f["id"]: f["verdict"] for f in r.findings}
+    assert verdicts["full_rank"] == "not computed: AnalysisConfig.rank_tols has no 0.0001"
+    assert verdicts["spectrally_concentrated"] == "not computed: AnalysisConfig.topk_fracs has no 0.01"
+    assert verdicts["near_zero_heavy"] == "not computed: AnalysisConfig.small_fracs has no 0.1"
+    assert verdicts["coordinate_sparse"] != "not computed" and "ffn_heavy" in verdicts
+    assert "not computed" in r.markdown()
+
+
+def test_moe_expert_stack_is_left_out_of_the_spectral_findings():
+    g = torch.Generator().manual_seed(0)
+    base = {"model.layers.0.mlp.experts.down_proj": torch.randn(4, 24, 40, generator=g),
+            "model.layers.0.self_attn.q_proj.weight": torch.randn(24, 24, generator=g)}
+    tuned = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+    r = analyze_update(base, tuned, null_models="all", progress=False)
+    stack = r.tensors["model.layers.0.mlp.experts.down_proj"]
+    assert stack["spectral_min_dim"] == 4 * 24 and stack["numerical_rank"]["0.0001"] == 4 * 24
+    full_rank = next(f for f in r.findings if f["id"] == "full_rank")  # from the 2-D tensor alone
+    assert full_rank["observed"] == r.tensors["model.layers.0.self_attn.q_proj.weight"]["numerical_rank"][
+        "0.0001"] / 24
+    assert "4/96" not in r.markdown() and "96/96" in r.markdown()
+
+
+def test_hf_named_mask_is_matched_onto_fastopd_transformer_names(tmp_path):
+    from fastopd.analysis import match_param_names
+    from fastopd.optim import SparseMaskedAdamW
+    from fastopd.optim import masks as optim_masks
+
+    base, tuned, model = _tied_step_checkpoints()
+    hf = lambda sd: {("" if k == "lm_head.weight" else "model.") + k: v for k, v in sd.items()}  # noqa: E731
+    path = tmp_path / "m.safetensors"
+    analyze_update(hf(base), hf(tuned), null_models="none", mask_out=path, progress=False)
+    loaded = optim_masks.load(str(path))
+    assert "model.embed_tokens.weight" in loaded and "lm_head.weight" not in loaded  # tied: left out
+    matched = match_param_names(loaded, model)
+    assert set(matched) == {n for n, _ in model.named_parameters()} - {"lm_head.weight"}
+    assert torch.equal(matched["layers.0.mlp.up_proj.weight"], loaded["model.layers.0.mlp.up_proj.weight"])
+    SparseMaskedAdamW(model.named_parameters(), masks=matched)
+    # an untied head keeps its name while the rest loses the prefix; and the reverse direction adds it
+    untied = {**loaded, "lm_head.weight": loaded["model.embed_tokens.weight"]}
+    untied_params = [n for n, _ in model.named_parameters()] + ["lm_head.weight"]
+    assert set(match_param_names(untied, untied_params)) == set(untied_params)
+    assert set(match_param_names(matched, list(loaded))) == set(loaded)
+
+
+@pytest.mark.parametrize("mask_names,params,says", [
+    pytest.param(["a.x.weight", "b.y.weight"], ["x.weight", "y.weight"], "no single prefix",
+                 id="two-different-prefixes"),
+    pytest.param(["a.b.x"], ["b.x", "x"], "2 prefixes would do, ambiguous", id="ambiguous-prefix"),
+    pytest.param(["model.x", "x"], ["x"], "same parameters", id="renamed-onto-an-existing-mask"),
+])
+def test_mask_names_that_do_not_map_by_one_prefix_are_refused(mask_names, params, says):
+    from fastopd.analysis import match_param_names
+
+    with pytest.raises(ValueError, match=says):
+        match_param_names({n: torch.ones(1, dtype=torch.bool) for n in mask_names}, params)

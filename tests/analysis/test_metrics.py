@@ -284,3 +284,46 @@ def test_shuffle_by_sampling_for_large_tensors_runs_and_is_unstructured():
 def test_module_kind_and_layer(name, kind, layer):
     assert module_kind(name) == kind
     assert layer_index(name) == layer
+
+
+@pytest.mark.parametrize("n_exp,m,n,dtype", [
+    pytest.param(4, 40, 24, torch.float64, id="E4-40x24-fp64"),
+    pytest.param(3, 17, 29, torch.float32, id="E3-17x29-fp32-wide"),
+])
+@pytest.mark.parametrize("cfg", [pytest.param(AnalysisConfig(), id="one-chunk"),
+                                 pytest.param(SMALL_CHUNKS, id="chunked")])
+def test_moe_expert_stack_spectrum_is_the_union_of_the_experts(n_exp, m, n, dtype, cfg):
+    """A rank-1 update per expert of a stack [E, m, n] has rank E out of E min(m, n), not full rank of [E, m n]."""
+    g = torch.Generator().manual_seed(n_exp * m * n)
+    base = torch.randn(n_exp, m, n, generator=g, dtype=torch.float64).to(dtype)
+    upd = torch.randn(n_exp, m, 1, generator=g, dtype=torch.float64) @ torch.randn(n_exp, 1, n, generator=g,
+                                                                                  dtype=torch.float64)
+    tuned = (base.to(torch.float64) + upd).to(dtype)
+    out, spectra = analyze_tensor("model.layers.0.mlp.experts.down_proj", base, tuned, cfg, null_models=True)
+    delta = tuned.to(torch.float64) - base.to(torch.float64)
+    ref = torch.linalg.svdvals(delta).flatten().sort(descending=True).values  # block-diagonal spectrum
+    assert out["numerical_rank"] == {"1e-06": n_exp, "1e-05": n_exp, "0.0001": n_exp}
+    assert out["spectral_min_dim"] == n_exp * min(m, n) and spectra["delta"].shape == (n_exp * min(m, n),)
+    torch.testing.assert_close(torch.from_numpy(spectra["delta"])[:n_exp], ref[:n_exp], rtol=1e-6, atol=0)
+    assert out["stable_rank"] == pytest.approx(float((ref ** 2).sum() / ref[0] ** 2), rel=1e-6)
+    # subspace energy: each expert's Delta in its own base matrix's top-k singular subspaces, summed
+    b64 = base.to(torch.float64)
+    for f in (0.05, 0.20):
+        k = max(1, math.ceil(f * min(m, n)))
+        u, _, vh = torch.linalg.svd(b64, full_matrices=False)
+        proj = u[..., :k].mT @ delta @ vh[..., :k, :].mT
+        assert out["subspace_energy"][f"{f * 100:g}%"] == pytest.approx(float(proj.square().sum()
+                                                                            / delta.square().sum()), rel=1e-4)
+    assert "stack of" in out["spectral_layout"] and "numerical_rank" not in out["null"]["rounding"]
+
+
+def test_rounding_null_reports_the_energy_ratio_it_achieves():
+    """The rounding null's scale is fitted on a row sample: its energy matches the observed one approximately, and
+    the report says how closely."""
+    g = torch.Generator().manual_seed(1)
+    base = (torch.randn(512, 256, generator=g) * 0.02).to(torch.bfloat16)
+    tuned = (base.float() + 2e-5 * torch.randn(512, 256, generator=g)).to(torch.bfloat16)
+    out, _ = analyze_tensor("w", base, tuned, AnalysisConfig(), null_models=True)
+    rounding = out["null"]["rounding"]
+    assert rounding["energy_ratio"] == pytest.approx(rounding["energy"] / out["energy"], rel=1e-12)
+    assert 0.9 < rounding["energy_ratio"] < 1.1
