@@ -196,7 +196,14 @@ class OPDTrainer:
             except (SafetensorError, OSError) as exc:  # not a safetensors file at all (mask_io raises ValueError
                 # for a safetensors file of another format)
                 raise ValueError(f"masks: cannot read {masks} as a fastopd.optim.masks file ({exc})") from None
-        return masks
+        from fastopd.analysis import match_param_names
+
+        # A mask file from `fastopd analyze` on Hugging Face checkpoints names "model.layers...": names one uniform
+        # prefix away from this student's are matched; anything else is left for the optimizer to refuse by name.
+        try:
+            return match_param_names(masks, [n for n, p in self.student.named_parameters() if p.requires_grad])
+        except ValueError:
+            return masks
 
     def _make_optimizer(self, sparse: bool = False) -> torch.optim.Optimizer:
         """AdamW, or SparseMaskedAdamW when there are masks or `sparse` (then without masks of its own: a masked

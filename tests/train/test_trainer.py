@@ -251,6 +251,27 @@ def test_bad_arguments():
         OPDTrainer(_tiny(0), _tiny(1), _config(masks={"nope.weight": torch.tensor([0])}))
 
 
+def test_a_mask_file_with_hugging_face_names_trains_the_matching_parameters(tmp_path):
+    """`fastopd analyze` on Hugging Face checkpoints writes "model.layers..." names; the trainer maps a file one
+    uniform prefix away onto the student's names and trains exactly those coordinates of that parameter (the
+    parameters without a mask train densely, as always)."""
+    from fastopd.optim import masks as mask_io
+
+    student = _tiny(0)
+    names = [n for n, _ in student.named_parameters()]
+    target = next(n for n in names if n.startswith("layers.") and n.endswith("weight"))
+    mask = torch.zeros(dict(student.named_parameters())[target].shape, dtype=torch.bool)
+    mask.view(-1)[::7] = True
+    path = tmp_path / "hf.safetensors"
+    mask_io.save(str(path), {"model." + target: mask})
+    trainer = OPDTrainer(student, _tiny(1), _config(masks=str(path)))
+    assert set(trainer.optimizer.mask_indices()) == {target}
+    before = dict(student.named_parameters())[target].detach().clone()
+    trainer.step(_prompts(0, 3))
+    moved = (dict(student.named_parameters())[target] != before).view(-1)
+    assert moved[mask.view(-1)].any() and not moved[~mask.view(-1)].any()
+
+
 def test_resume_keeps_the_evaluation_at_the_step_where_the_first_run_ended(tmp_path):
     import json
 
