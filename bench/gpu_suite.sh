@@ -167,7 +167,7 @@ step() {
   local name="$1" need="$2" cap="$3"; shift 3
   local t limit kind="deadline"; t=$(left); limit=$t
   STEP_RC=0
-  if [ "$t" -lt "$need" ]; then say "-- $name: skipped (${t}s left, needs ${need}s)"; SKIPPED+=("$name"); STEP_RC=-1; return 0; fi
+  if [ "$t" -lt "$need" ] || [ "$t" -le 0 ]; then say "-- $name: skipped (${t}s left, needs ${need}s)"; SKIPPED+=("$name"); STEP_RC=-1; return 0; fi
   if [ "$cap" -gt 0 ] && [ "$cap" -lt "$t" ]; then limit=$cap kind="cap"; fi
   if [ -n "$BUDGET" ]; then say "== $name (at most ${limit}s): $*"; else say "== $name: $*"; fi
   if [ -n "$BUDGET" ]; then timeout -k 10 "$limit" "$@" >>"$LOG" 2>&1 || STEP_RC=$?; else "$@" >>"$LOG" 2>&1 || STEP_RC=$?; fi

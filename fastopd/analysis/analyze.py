@@ -188,7 +188,10 @@ def analyze_update(base: CheckpointLike, tuned: CheckpointLike, *, dtype: torch.
         if bc.infos[n].shape and 0 in bc.infos[n].shape:
             skipped[n] = "empty tensor"
             continue
-        partner = None if ties_off else _tie_partner([bc, tc], n, names, cfg.chunk_elems)
+        # every common embedding is a candidate, not only those already taken: the order of names is the files'
+        # (safetensors sorts, and "lm_head.weight" comes before "model.embed_tokens.weight")
+        partner = None if ties_off else _tie_partner([bc, tc], n, [e for e in common if e not in shape_mismatch],
+                                                     cfg.chunk_elems)
         if partner is not None:
             skipped[n] = f"tied to {partner}"
             continue

@@ -15,7 +15,8 @@
             loss = loss * trainer_loss_scale(self, num_items_in_batch)  # DDP: as Trainer.compute_loss does
             if not return_outputs:
                 return loss
-            with torch.no_grad():  # evaluate()/predict() read the student's logits from the outputs
+            with torch.no_grad():  # evaluate()/predict() read the student's logits here (full [B, T, V]: HF
+                # asks on every eval batch; return (loss, {}) instead when no compute_metrics needs them)
                 return loss, model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
 
 `trainer_loss_scale`: under data parallelism with `average_tokens_across_devices` (HF's default), the Trainer sums

@@ -14,9 +14,10 @@ whose label is not -100, or the sum over `num_items_in_batch` under gradient acc
 `compute_loss`, the divergence is taken at temperature 1 (`args.temperature` only affects sampling). Under data
 parallelism the loss is multiplied by `fastopd.integrations.hf.trainer_loss_scale` (the number of ranks when HF sums
 `num_items_in_batch` over them, `average_tokens_across_devices`), as HF's `Trainer.compute_loss` does (TRL's
-`GKDTrainer.compute_loss` does not, so its loss is 1/world_size too small there). With `return_outputs` (evaluate()
-and predict() call it so) the outputs are a student forward under no_grad, whose `.logits` TRL's `prediction_step`
-reads, as with the stock trainer.
+`GKDTrainer.compute_loss` does not, so its loss is 1/world_size too small there). With `return_outputs` the outputs
+are a student forward under no_grad, whose `.logits` TRL's `prediction_step` reads, as with the stock trainer; TRL
+asks for them only when logits are wanted (predict(), or evaluate() with `compute_metrics`), so a loss-only
+evaluation makes no [B, T, V] logits.
 
 TRL's newer `trl.DistillationTrainer` already computes its loss from hidden states in chunks, so it needs no
 drop-in.

@@ -86,7 +86,8 @@ def lift_upstream(upstream: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Ten
     lift None where nothing is rescaled (bf16 and fp32 have fp32's exponent range)."""
     if dtype != torch.float16 or upstream.numel() == 0:
         return upstream, None
-    lift = upstream.abs().amax().clamp_min(torch.finfo(torch.float32).tiny)
+    # over finite entries: a NaN/inf upstream row must spoil its own row only, not every row through the lift
+    lift = torch.where(torch.isfinite(upstream), upstream.abs(), 0.0).amax().clamp_min(torch.finfo(torch.float32).tiny)
     return upstream / lift, lift
 
 

@@ -23,7 +23,7 @@ def sample_tokens(
     vocabulary); ``top_k = 0`` and ``top_p = 1`` disable the filters, and
     top-p keeps the smallest prefix of the sorted distribution whose mass reaches ``top_p`` (at least one token).
     A tiny positive temperature gives the greedy limit: ``logits / temperature`` is taken after shifting each row's
-    maximum to 0, so it never overflows to +inf (a temperature below fp32's smallest subnormal divides as it).
+    maximum to 0, so it never overflows to +inf (a temperature below fp32's smallest normal divides as it).
     Randomness comes from ``generator``, or torch's global RNG when None.
     """
     z = logits.float()
@@ -32,9 +32,11 @@ def sample_tokens(
         return tokens, best - z.logsumexp(-1)
     if temperature != 1.0:
         # The top logit shifted to 0 first (softmax is shift-invariant): z / T then lies in [-inf, 0], where a tiny
-        # T would overflow raw fp32 logits to +-inf and make log_softmax NaN. A T below fp32's smallest subnormal
-        # would round to 0 (0 / 0 at the top logit): it divides as that subnormal, 2**-149, the same greedy limit.
-        z = (z - z.amax(-1, keepdim=True)) / max(temperature, 2.0**-149)
+        # T would overflow raw fp32 logits to +-inf and make log_softmax NaN. It is a product with 1 / T, as CUDA
+        # divides by a scalar anyway (so CPU tests see what a GPU does), and T is clamped to 2**-126, fp32's
+        # smallest normal, so that 1 / T stays finite (0 * inf would be NaN at the top logit); any smaller T gives
+        # the same greedy limit.
+        z = (z - z.amax(-1, keepdim=True)) * (1.0 / max(temperature, 2.0**-126))
     logp = torch.log_softmax(z, -1)
     filtered = logp
     if 0 < top_k < z.shape[-1]:

@@ -281,6 +281,10 @@ def _distill(job: DistillJob, opd: dict[str, Any], progress: bool, out) -> int:
         # optimizer's hyper-parameters) before the run folder is written.
         trainer = OPDTrainer(student, teacher, config, evaluator=evaluator, run_dir=run_dir)
     except (ValueError, RuntimeError, OSError) as exc:  # ConfigError is a ValueError
+        if isinstance(exc, RuntimeError):  # also what a bug or CUDA/NCCL failure raises: keep where it came from
+            import traceback
+
+            traceback.print_exc()
         print(f"fastopd distill: error: {_error_text(exc)}", file=sys.stderr)
         return 2
 

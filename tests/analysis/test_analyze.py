@@ -456,6 +456,27 @@ def test_tied_lm_head_is_analysed_once_and_left_out_of_the_mask(tmp_path):
     SparseMaskedAdamW(model.named_parameters(), masks=loaded)  # every mask names a parameter it optimizes
 
 
+def test_tied_lm_head_read_from_hf_named_safetensors_folders_is_analysed_once(tmp_path):
+    """Safetensors lists keys sorted, and "lm_head.weight" sorts before "model.embed_tokens.weight": the tie must not
+    depend on which of the two is read first."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    emb, up = torch.randn(64, 32, generator=g), torch.randn(64, 32, generator=g)
+    base = {"model.embed_tokens.weight": emb.clone(), "lm_head.weight": emb.clone(),
+            "model.layers.0.mlp.up_proj.weight": up.clone()}
+    tuned = {k: v.clone() for k, v in base.items()}
+    tuned["model.embed_tokens.weight"][0, :4] += 0.1
+    tuned["lm_head.weight"] = tuned["model.embed_tokens.weight"].clone()
+    tuned["model.layers.0.mlp.up_proj.weight"][1, 1] += 0.1
+    for name, sd in (("base", base), ("tuned", tuned)):
+        (tmp_path / name).mkdir()
+        save_file(sd, str(tmp_path / name / "model.safetensors"))
+    r = analyze_update(str(tmp_path / "base"), str(tmp_path / "tuned"), null_models="none", progress=False)
+    assert r.skipped.get("lm_head.weight") == "tied to model.embed_tokens.weight"
+    assert "lm_head.weight" not in r.tensors and "model.embed_tokens.weight" in r.tensors
+
+
 def test_base_without_the_tied_lm_head_matches_a_step_checkpoint(tmp_path):
     base, tuned, _ = _tied_step_checkpoints()
     del base["lm_head.weight"]  # save_pretrained leaves the tied copy out

@@ -723,3 +723,14 @@ def test_fp16_reduction_none_keeps_small_upstream_gradients(mode):
     got_h, got_w = grads(torch.float16, mode == "tiled")
     assert float((got_h - want_h).norm() / want_h.norm()) < 5e-4
     assert float((got_w - want_w).norm() / want_w.norm()) < 1.5e-3
+
+
+def test_fp16_upstream_lift_ignores_non_finite_rows():
+    """A NaN or inf upstream gradient spoils its own row only: the lift is the largest finite magnitude."""
+    from fastopd.losses.function import lift_upstream
+
+    u = torch.tensor([1e-3, float("nan"), -2e-3, float("inf")])
+    scaled, lift = lift_upstream(u, torch.float16)
+    assert float(lift) == pytest.approx(2e-3)
+    torch.testing.assert_close(scaled[[0, 2]], torch.tensor([0.5, -1.0]))
+    assert lift_upstream(u, torch.bfloat16)[1] is None  # bf16 has fp32's exponent range: nothing to lift

@@ -29,12 +29,13 @@ def test_logprob_is_under_the_temperature(temperature):
 
 @pytest.mark.parametrize("kw", [pytest.param(dict(temperature=1e-39), id="T1e-39-subnormal"),
                                 pytest.param(dict(temperature=1e-38), id="T1e-38"),
+                                pytest.param(dict(temperature=2.0**-140), id="T2^-140-reciprocal-overflows"),
                                 pytest.param(dict(temperature=1e-300), id="T1e-300-below-fp32"),
                                 pytest.param(dict(temperature=1e-39, top_k=5, top_p=0.9), id="T1e-39-topk5-topp0.9")])
 def test_tiny_temperature_gives_greedy_tokens_with_finite_logprobs(kw):
     """logits / T overflows fp32 for a tiny T (to +-inf, then log_softmax is NaN and the draw the last id), and a T
-    below fp32's range rounds to 0; under the shift of each row's maximum to 0 the draw is the argmax with log-prob
-    0."""
+    below fp32's range rounds to 0 (and CUDA's z * (1 / T) makes 0 * inf at the top logit for T < 2^-128); under the
+    shift of each row's maximum to 0 and T clamped to 2^-126 the draw is the argmax with log-prob 0."""
     z = _logits(16, 41) * 10
     tok, lp = sample_tokens(z, generator=torch.Generator().manual_seed(0), **kw)
     assert torch.equal(tok, z.argmax(-1))

@@ -197,6 +197,21 @@ def test_resuming_with_another_student_architecture_is_a_one_line_error(tmp_path
 
 
 @needs_assets
+def test_a_runtime_error_keeps_its_traceback(tmp_path, capsys, monkeypatch):
+    """A RuntimeError while the trainer is built is also what a bug or a CUDA/NCCL failure raises: the error line
+    comes with the traceback, not alone as if the input were bad."""
+    import fastopd.train.trainer as trainer_mod
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom inside the trainer")
+
+    monkeypatch.setattr(trainer_mod, "OPDTrainer", broken)
+    assert main(["distill", *TINY, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "fastopd distill: error: RuntimeError: boom inside the trainer" in err
+
+
+@needs_assets
 def test_resume_reports_the_checkpoints_masks_not_the_flags(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["distill", *TINY, "--mask-density", "0.5", "--out", str(out)]) == 0
