@@ -4,8 +4,11 @@ the four-GEMM floor, forward + backward, one benchmark group per divergence so t
     pytest bench/test_loss_bench.py --benchmark-only --benchmark-group-by=group
     FASTOPD_BENCH_FULL=1 pytest bench/test_loss_bench.py --benchmark-only   # the target shapes
 
-`fastopd bench` runs the same providers (fastopd.bench) in one process and writes bench/results/.
-Peak memory above the inputs goes into each benchmark's extra_info.
+`fastopd bench` runs the same providers (fastopd.bench) in one process and writes bench/results/. pytest-benchmark
+times each provider in its own block, so a change in machine load lands on one provider; `fastopd bench` times
+them round-robin, and its ratios are the ones to quote. Peak memory above the inputs (None where the CPU
+high-water mark could not be reset), fastopd's resolved backend and the FASTOPD_* environment go into each
+benchmark's extra_info.
 """
 
 import os
@@ -33,7 +36,7 @@ def test_loss_forward_backward(benchmark, provider, divergence):
     peak = mem.peak()
     benchmark.group = f"loss-{divergence}-N{SHAPE.n}-D{SHAPE.ds}-V{SHAPE.v}"
     benchmark.extra_info.update(provider=provider, divergence=divergence, shape=vars(SHAPE),
-                                peak_bytes_above_inputs=peak, machine=bench.machine_info(DEVICE))
+                                peak_bytes_above_inputs=peak, machine=bench.machine_info(DEVICE, SHAPE.v))
 
     def timed():
         step()
@@ -72,7 +75,7 @@ def test_liger_recipe_hard_and_soft(benchmark, provider):
     step()
     benchmark.group = f"liger-recipe-T2-hard0.5-N{SHAPE.n}-D{SHAPE.ds}-V{SHAPE.v}"
     benchmark.extra_info.update(provider=provider, shape=vars(SHAPE), peak_bytes_above_inputs=mem.peak(),
-                                machine=bench.machine_info(DEVICE), recipe=LIGER_RECIPE)
+                                machine=bench.machine_info(DEVICE, SHAPE.v), recipe=LIGER_RECIPE)
 
     def timed():
         step()

@@ -1,15 +1,21 @@
 """`fastopd bench`: the fused divergence beside its peers and its floor, in one process and one run.
 
 Providers (forward + backward of a distillation loss from hidden states and LM-head weights):
-- fastopd:    fastopd.fused_linear_divergence (impl="auto": the C++ kernel on CPU, Triton on CUDA)
+- fastopd:    fastopd.fused_linear_divergence (impl="auto": the C++ kernel on CPU, Triton on CUDA; FASTOPD_IMPL
+              and FASTOPD_CHUNK_BYTES change what runs, so the resolved backend and those variables are recorded)
 - naive:      materialized [N, V] logits for both models, log_softmax and the divergence in PyTorch, autograd
 - liger:      Liger-Kernel's chunked LigerFusedLinearJSDLoss (beta=0 for forward KL)
 - trl:        TRL's GKDTrainer.generalized_jsd_loss on materialized logits
-- gemm_floor: the four GEMMs any exact fused-linear loss must do (teacher logits, student logits,
-              grad of the student hidden states, grad of the student head), nothing else
-Each is timed (median and 20/80 percentiles of several repeats after a warm-up) and its peak memory above
-the inputs measured (CUDA: max_memory_allocated; CPU: the process's resident-set high-water mark, reset
-before each run, with glibc told to return every block of 64 KiB or more to the OS when freed).
+- gemm_floor: the four GEMMs fastopd's fused loss does (teacher logits, student logits, grad of the student hidden
+              states, grad of the student head), with fastopd's own GEMM calls, in its compute precision (fp32 on
+              the CPU, where fastopd upcasts its inputs), into buffers made once: nothing else
+Each provider's first call measures its peak memory above the inputs (CUDA: max_memory_allocated; CPU: the
+process's resident-set high-water mark, reset before each run and checked to have been reset, with glibc told
+to return every block of 64 KiB or more to the OS when freed). Then all providers are timed round-robin, one
+call of each per repeat with the starting provider rotated, on the same inputs, so a change in machine load
+falls on all of them; each reports the median and 20/80 percentiles, and ratios are of medians of the same run.
+A ratio below 1 against the floor, a wide p20-p80 spread, or a loss that differs from naive's by more than the
+dtype's tolerance is flagged in the table and warned about.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import os
 import platform
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,8 +37,21 @@ from pathlib import Path
 import torch
 
 import fastopd
+from fastopd import _dispatch
 
 PROVIDERS = ("fastopd", "naive", "liger", "trl", "gemm_floor")
+# Environment variables that change what the fastopd provider (or the GEMMs under every provider) runs.
+ENV_VARS = ("FASTOPD_IMPL", "FASTOPD_CHUNK_BYTES", "TRITON_INTERPRET", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+# |loss - naive's loss| / |naive's loss| above which a provider is flagged: naive computes in fp32 from logits
+# in the input dtype, so low-precision inputs leave room for honest differences of the order of their rounding.
+LOSS_RTOL = {"float32": 1e-4, "bfloat16": 1e-2, "float16": 2e-3}
+SPREAD_LIMIT = 0.2  # (p80 - p20) / median above which a provider's timings are flagged as too noisy
+CLEAR_REFS = "/proc/self/clear_refs"
+HWM_RESET_SLACK = 2 * 2**20  # bytes VmHWM may exceed VmRSS right after a reset that took effect
+
+
+class BenchWarning(UserWarning):
+    """A measurement `fastopd bench` does not trust (it is also marked in the table)."""
 
 
 @dataclass(frozen=True)
@@ -49,8 +69,6 @@ class Shape:
 
 QUICK = Shape(n=1024, ds=256, dt=256, v=8192)
 FULL = Shape(n=4096, ds=512, dt=512, v=32768)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Inputs and providers
 # ---------------------------------------------------------------------------------------------------------
@@ -127,16 +145,37 @@ def provider_step(name: str, divergence: str, inputs: dict[str, torch.Tensor]) -
             GKDTrainer.generalized_jsd_loss(xs[None], xt[None], labels=labels[None], beta=beta).backward()
             clear()
     elif name == "gemm_floor":
-        grad_logits = torch.randn(hs.shape[0], ws.shape[0], device=hs.device, dtype=hs.dtype)
-        h, w = hs.detach(), ws.detach()
-
-        def step():
-            torch.mm(ht, wt.T)
-            torch.mm(h, w.T)
-            torch.mm(grad_logits, w)
-            torch.mm(grad_logits.T, h)
+        step = _gemm_floor_step(hs, ws, ht, wt)
     else:
         raise ValueError(f"unknown provider {name!r}; choose from {PROVIDERS}")
+    return step
+
+
+def _gemm_floor_step(hs: torch.Tensor, ws: torch.Tensor, ht: torch.Tensor, wt: torch.Tensor) -> Callable[[], None]:
+    """The GEMMs of fastopd's chunked FusedLinearDivergenceFunction, and nothing else, at whole-batch size.
+
+    They are its own calls (`_logits_into` for both models' fp32 logits, `_accumulate_grads` for grad_h = G W_s and
+    grad_W_s += G^T h_s) in its compute dtype: fp32 on the CPU, where fused_linear_divergence upcasts its inputs
+    once, the input dtype (fp32 accumulation) on CUDA. G stands for the [N, V] logit gradient, already in that
+    dtype. The output buffers are made by the first call (the memory run, so the floor's peak counts them) and
+    reused, so no call pays for allocation or page faults: a loss doing these GEMMs cannot be faster."""
+    from fastopd.losses.function import _accumulate_grads, _logits_into
+
+    cdt = torch.float32 if hs.device.type == "cpu" else hs.dtype
+    h_s, w_s, h_t, w_t = (x.detach().to(cdt) for x in (hs, ws, ht, wt))
+    n, v = h_s.shape[0], w_s.shape[0]
+    grad_logits = torch.randn(n, v, device=h_s.device, dtype=cdt)
+    buf: dict[str, torch.Tensor] = {}
+
+    def step():
+        if not buf:
+            f32 = dict(device=h_s.device, dtype=torch.float32)
+            buf.update(xs=torch.empty(n, v, **f32), xt=torch.empty(n, v, **f32),
+                       grad_h=torch.empty(n, h_s.shape[1], **f32), grad_w=torch.zeros(v, w_s.shape[1], **f32))
+        _logits_into(buf["xt"], h_t, w_t, None)
+        _logits_into(buf["xs"], h_s, w_s, None)
+        _accumulate_grads(grad_logits, h_s, w_s, buf["grad_h"], buf["grad_w"], None, 0, n)
+
     return step
 
 
@@ -168,11 +207,18 @@ def provider_loss(name: str, divergence: str, inputs: dict[str, torch.Tensor]) -
 
 
 class PeakMemory:
-    """Peak memory above what is live when `start()` is called, in bytes."""
+    """Peak memory above what is live when `start()` is called, in bytes; None where it cannot be measured.
+
+    On the CPU the peak is the resident-set high-water mark (VmHWM), which only a write to /proc/self/clear_refs
+    resets. Where that write fails or has no effect, VmHWM still holds an earlier, larger peak, which would be
+    reported as this run's: `start()` checks that VmHWM came down to VmRSS, and if not `peak()` returns None and
+    a BenchWarning says so (once per PeakMemory)."""
 
     def __init__(self, device: str):
         self.device = device
         self.base = 0
+        self.reset_ok = True
+        self._warned = False
         self._libc = None
         if device == "cpu" and platform.system() == "Linux":
             try:
@@ -182,12 +228,30 @@ class PeakMemory:
                 self._libc = None
 
     @staticmethod
-    def _status(field: str) -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field):
-                    return int(line.split()[1]) * 1024
-        return 0
+    def _status(field: str) -> int | None:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith(field):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return None
+
+    def _reset_hwm(self) -> str | None:
+        """Reset VmHWM to VmRSS; None when that took effect, else why not."""
+        try:
+            with open(CLEAR_REFS, "w") as f:
+                f.write("5")
+        except OSError as exc:
+            return f"writing {CLEAR_REFS} failed ({exc})"
+        hwm, rss = self._status("VmHWM:"), self._status("VmRSS:")
+        if hwm is None or rss is None:
+            return "/proc/self/status has no VmHWM/VmRSS"
+        if hwm > rss + HWM_RESET_SLACK:
+            return (f"VmHWM stayed {(hwm - rss) / 2**20:.0f} MiB above VmRSS after writing {CLEAR_REFS} "
+                    "(the reset did not take effect)")
+        return None
 
     def start(self) -> None:
         gc.collect()
@@ -198,19 +262,20 @@ class PeakMemory:
             return
         if self._libc is not None:
             self._libc.malloc_trim(0)
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset the resident-set high-water mark
-        except OSError:
-            pass
-        self.base = self._status("VmRSS:")
+        why = self._reset_hwm()
+        self.reset_ok = why is None
+        if why is not None and not self._warned:
+            self._warned = True
+            warnings.warn(f"fastopd bench: CPU peak memory is unavailable (n/a): {why}; an earlier provider's "
+                          "high-water mark would be reported instead", BenchWarning, stacklevel=2)
+        self.base = self._status("VmRSS:") or 0
 
     def peak(self) -> int | None:
         if self.device == "cuda":
             torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated() - self.base
         hwm = self._status("VmHWM:")
-        return hwm - self.base if hwm else None
+        return hwm - self.base if hwm is not None and self.reset_ok else None
 
 
 def _sync(device: str) -> None:
@@ -218,17 +283,27 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_step(step: Callable[[], None], device: str, repeats: int, warmup: int) -> list[float]:
+def time_round_robin(steps: dict[str, Callable[[], None]], device: str, repeats: int, warmup: int = 0,
+                     clock: Callable[[], float] = time.perf_counter) -> tuple[dict[str, list[float]], list[str]]:
+    """Time every step `repeats` times, interleaved: each repeat calls each step once, starting one provider
+    further along each time (so none always runs first or after the same neighbour). `warmup` untimed rounds
+    first. Returns the times per step name and the order the timed calls ran in."""
+    names = list(steps)
     for _ in range(warmup):
-        step()
+        for name in names:
+            steps[name]()
     _sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return times
+    times: dict[str, list[float]] = {name: [] for name in names}
+    order: list[str] = []
+    for r in range(repeats):
+        k = r % len(names) if names else 0
+        for name in names[k:] + names[:k]:
+            t0 = clock()
+            steps[name]()
+            _sync(device)
+            times[name].append(clock() - t0)
+            order.append(name)
+    return times, order
 
 
 def _percentile(xs: list[float], q: float) -> float:
@@ -250,9 +325,26 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_info(device: str) -> dict:
+def fastopd_backend(device: str) -> str:
+    """The backend fused_linear_divergence(impl="auto") resolves to on `device` (FASTOPD_IMPL included)."""
+    try:
+        return _dispatch.resolve("divergence_chunk", "auto", device)
+    except ValueError as exc:
+        return f"unresolved ({exc})"
+
+
+def machine_info(device: str, vocab: int | None = None) -> dict:
+    """Machine, versions, fastopd's resolved backend (and its chunk rows at `vocab`), the environment variables
+    in ENV_VARS (None where unset) and the load average."""
     info = dict(device=device, cpu=cpu_name(), cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
-                torch=torch.__version__, fastopd=fastopd.__version__, python=platform.python_version())
+                torch=torch.__version__, fastopd=fastopd.__version__, python=platform.python_version(),
+                fastopd_backend=fastopd_backend(device), fastopd_mode="chunked",
+                env={k: os.environ.get(k) for k in ENV_VARS},
+                load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None)
+    if vocab is not None:
+        from fastopd.losses.functional import chunk_rows_for
+
+        info["fastopd_chunk_rows"] = chunk_rows_for(vocab, None, device)
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name(0)
     for mod in ("liger_kernel", "trl", "triton"):
@@ -265,13 +357,53 @@ def machine_info(device: str) -> dict:
     return info
 
 
+def summarize(rows: list[dict], dtype: str) -> list[str]:
+    """Fill each timed row's median/p20/p80 (from `times_s`), its ratio to the floor's median and its memory vs
+    naive's (per divergence, so from the same run), and its `flags`. Returns one warning sentence per flag."""
+    rtol = LOSS_RTOL.get(dtype, LOSS_RTOL["float32"])
+    out = []
+    for r in rows:
+        if "times_s" in r:
+            t = r["times_s"]
+            r.update(median_s=statistics.median(t), p20_s=_percentile(t, 0.2), p80_s=_percentile(t, 0.8))
+    for div in dict.fromkeys(r["divergence"] for r in rows):
+        by = {r["provider"]: r for r in rows if r["divergence"] == div and "median_s" in r}
+        floor, naive = by.get("gemm_floor"), by.get("naive")
+        for name, r in by.items():
+            flags = []
+            r["ratio_to_gemm_floor"] = r["median_s"] / floor["median_s"] if floor else None
+            naive_peak = naive.get("peak_bytes_above_inputs") if naive else None
+            r["memory_vs_naive"] = (r["peak_bytes_above_inputs"] / naive_peak
+                                    if naive_peak and r.get("peak_bytes_above_inputs") is not None else None)
+            if name != "gemm_floor" and r["ratio_to_gemm_floor"] is not None and r["ratio_to_gemm_floor"] < 1.0:
+                flags.append("below floor")
+                out.append(f"{div} {name}: {r['ratio_to_gemm_floor']:.2f}x the GEMM floor, below the GEMMs it must "
+                           "do: the timings are not trustworthy (machine load?); rerun")
+            spread = (r["p80_s"] - r["p20_s"]) / r["median_s"] if r["median_s"] > 0 else 0.0
+            if spread > SPREAD_LIMIT:
+                flags.append(f"spread {spread:.0%}")
+                out.append(f"{div} {name}: p20-p80 spread is {spread:.0%} of the median (over "
+                           f"{SPREAD_LIMIT:.0%}): noisy timings")
+            diff = r.get("loss_rel_diff_vs_naive")
+            if diff is not None and diff > rtol:
+                flags.append(f"loss differs {diff:.1e}")
+                out.append(f"{div} {name}: loss differs from naive's by {diff:.2e} (relative), over the "
+                           f"{dtype} tolerance {rtol:.0e}")
+            r["flags"] = flags
+    return out
+
+
 def run_benchmark(shape: Shape, divergences: list[str], providers: list[str], device: str, repeats: int,
                   warmup: int, log: Callable[[str], None] = print) -> dict:
+    """Per divergence: each provider's memory run (its first call, one provider at a time), `warmup - 1` more
+    untimed rounds, then `repeats` timed round-robin rounds over all providers on the same inputs."""
+    machine = machine_info(device, shape.v)
     mem = PeakMemory(device)
-    rows = []
+    rows, order = [], {}
     for div in divergences:
         inputs = make_inputs(shape, device)
         ref_loss = provider_loss("naive", div, inputs)
+        steps, by = {}, {}
         for name in providers:
             try:
                 step = provider_step(name, div, inputs)
@@ -281,60 +413,82 @@ def run_benchmark(shape: Shape, divergences: list[str], providers: list[str], de
                 continue
             loss = provider_loss(name, div, inputs)
             mem.start()
-            step()  # the first call doubles as the memory run and part of the warm-up
+            step()  # the memory run, also the first warm-up call
             peak = mem.peak()
-            times = time_step(step, device, repeats, max(0, warmup - 1))
-            row = dict(divergence=div, provider=name, median_s=statistics.median(times),
-                       p20_s=_percentile(times, 0.2), p80_s=_percentile(times, 0.8), times_s=times,
-                       peak_bytes_above_inputs=peak,
-                       loss=loss, loss_rel_diff_vs_naive=(abs(loss - ref_loss) / abs(ref_loss)
-                                                          if loss is not None and ref_loss else None))
+            row = dict(divergence=div, provider=name, peak_bytes_above_inputs=peak, loss=loss,
+                       loss_rel_diff_vs_naive=(abs(loss - ref_loss) / abs(ref_loss)
+                                               if loss is not None and ref_loss else None))
+            if name == "fastopd":
+                row["backend"] = machine["fastopd_backend"]
             rows.append(row)
-            log(f"  {div:4s} {name:10s} {row['median_s']:8.3f} s   peak +{(peak or 0) / 2**20:8.1f} MiB")
+            steps[name], by[name] = step, row
             del step
-            gc.collect()
-        del inputs
+        times, order[div] = time_round_robin(steps, device, repeats, max(0, warmup - 1))
+        for name, t in times.items():
+            by[name]["times_s"] = t
+            peak = by[name]["peak_bytes_above_inputs"]
+            log(f"  {div:4s} {name:10s} {statistics.median(t):8.3f} s   peak "
+                + (f"+{peak / 2**20:8.1f} MiB" if peak is not None else "n/a"))
+        del steps, inputs
         gc.collect()
-    for div in divergences:
-        by = {r["provider"]: r for r in rows if r["divergence"] == div and "median_s" in r}
-        floor, naive = by.get("gemm_floor"), by.get("naive")
-        for r in by.values():
-            r["ratio_to_gemm_floor"] = r["median_s"] / floor["median_s"] if floor else None
-            if naive and naive.get("peak_bytes_above_inputs") and r.get("peak_bytes_above_inputs") is not None:
-                r["memory_vs_naive"] = r["peak_bytes_above_inputs"] / naive["peak_bytes_above_inputs"]
+    flagged = summarize(rows, shape.dtype)
+    for w in flagged:
+        warnings.warn(f"fastopd bench: {w}", BenchWarning, stacklevel=2)
     return dict(shape=asdict(shape), divergences=divergences, repeats=repeats, warmup=warmup,
-                machine=machine_info(device), date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                results=rows)
+                timing="round-robin: one call per provider per repeat, starting provider rotated", order=order,
+                machine=machine, date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                warnings=flagged, results=rows)
+
+
+def _env_line(machine: dict) -> str:
+    env = machine.get("env") or {}
+    fastopd_env = ", ".join(f"{k}={env[k]}" if env.get(k) is not None else f"{k} unset"
+                            for k in ("FASTOPD_IMPL", "FASTOPD_CHUNK_BYTES"))
+    others = ", ".join(f"{k}={v}" for k, v in env.items() if v is not None and not k.startswith("FASTOPD_"))
+    rows = machine.get("fastopd_chunk_rows")
+    return (f"fastopd backend: {machine.get('fastopd_backend')} ({machine.get('fastopd_mode', 'chunked')}"
+            + (f", {rows} rows per chunk" if rows else "") + f"); {fastopd_env}" + (f"; {others}" if others else ""))
 
 
 def markdown_table(result: dict, label: str) -> str:
     s = result["shape"]
     m = result["machine"]
+    load = m.get("load_average")
     lines = [f"### {label}: N={s['n']}, Ds={s['ds']}, Dt={s['dt']}, V={s['v']}, {s['dtype']}, forward+backward",
              "",
-             f"{m.get('gpu') or m['cpu']}, {m['cores']} cores, torch {m['torch']}, {result['date']}; "
-             f"median of {result['repeats']} after warm-up",
+             f"{m.get('gpu') or m['cpu']}, {m['cores']} cores ({m.get('torch_threads')} torch threads), torch "
+             f"{m['torch']}, {result['date']}" + (f", load average {load[0]:.2f} at the start" if load else "")
+             + f"; median [p20, p80] of {result['repeats']} round-robin repeats (providers interleaved) after a "
+             "warm-up",
+             "",
+             _env_line(m),
              "",
              "| divergence | provider | median s | p20 s | p80 s | x GEMM floor | peak MiB above inputs "
-             "| memory vs naive |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| memory vs naive | loss rel diff vs naive | flags |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["results"]:
         if "median_s" not in r:
-            lines.append(f"| {r['divergence']} | {r['provider']} | skipped: {r['skipped']} | | | | | |")
+            lines.append(f"| {r['divergence']} | {r['provider']} | skipped: {r.get('skipped', '')} | | | | | | | |")
             continue
-        ratio = f"{r['ratio_to_gemm_floor']:.2f}" if r.get("ratio_to_gemm_floor") else ""
+        ratio = r.get("ratio_to_gemm_floor")
+        ratio = "" if ratio is None else f"{ratio:.2f}" + (" (!)" if "below floor" in r.get("flags", ()) else "")
         peak = r.get("peak_bytes_above_inputs")
+        peak = "n/a" if peak is None else f"{peak / 2**20:.0f}"
         memv = f"{r['memory_vs_naive']:.1%}" if r.get("memory_vs_naive") is not None else ""
+        diff = r.get("loss_rel_diff_vs_naive")
+        diff = "" if diff is None else f"{diff:.1e}"
         lines.append(f"| {r['divergence']} | {r['provider']} | {r['median_s']:.3f} | {r['p20_s']:.3f} | "
-                     f"{r['p80_s']:.3f} | {ratio} | {peak / 2**20:.0f} | {memv} |" if peak is not None else
-                     f"| {r['divergence']} | {r['provider']} | {r['median_s']:.3f} | {r['p20_s']:.3f} | "
-                     f"{r['p80_s']:.3f} | {ratio} | | |")
+                     f"{r['p80_s']:.3f} | {ratio} | {peak} | {memv} | {diff} | {', '.join(r.get('flags', ()))} |")
+    if result.get("warnings"):
+        lines += ["", "Warnings:", ""] + [f"- {w}" for w in result["warnings"]]
     return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------------------
+
+DEFAULT_REPEATS = {"quick": 15, "full": 7}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -348,9 +502,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma-separated, from {','.join(PROVIDERS)}")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 3 full, 5 quick)")
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=None,
+                        help=f"timed round-robin repeats, one call of every provider each (default "
+                             f"{DEFAULT_REPEATS['full']} full, {DEFAULT_REPEATS['quick']} otherwise)")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="untimed calls per provider before timing, the first of which measures its peak "
+                             "memory (default 1)")
     parser.add_argument("--out", default="bench/results", help="folder for the JSON and Markdown results")
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The `fastopd bench` command line that reproduces `args` (options at their defaults left out)."""
+    parts = ["fastopd bench"] + (["--full"] if args.full else [])
+    defaults = dict(tokens=None, hidden=None, vocab=None, divergences="fkl,jsd", providers=",".join(PROVIDERS),
+                    dtype="float32", repeats=None, warmup=1, out="bench/results")
+    for key, default in defaults.items():
+        if getattr(args, key) != default:
+            parts.append(f"--{key} {getattr(args, key)}")
+    parts.append(f"--device {args.device}")
+    return " ".join(parts)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -368,7 +538,7 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"fastopd bench: unknown provider {p!r} (choose from {', '.join(PROVIDERS)})")
     if args.repeats is not None and args.repeats < 1:
         raise SystemExit(f"fastopd bench: --repeats must be >= 1, got {args.repeats}")
-    repeats = args.repeats if args.repeats is not None else (3 if args.full else 5)
+    repeats = args.repeats if args.repeats is not None else DEFAULT_REPEATS["full" if args.full else "quick"]
     if custom:
         label = "custom shapes"
     elif args.full:
@@ -376,9 +546,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         label = "quick (smaller shapes than the targets; --full for those)"
     print(f"fastopd bench, {label}: N={shape.n} Ds={shape.ds} Dt={shape.dt} V={shape.v} {shape.dtype} "
-          f"on {args.device}")
+          f"on {args.device}, fastopd backend {fastopd_backend(args.device)}")
     result = run_benchmark(shape, divergences, providers, args.device, repeats, args.warmup)
     result["label"] = label
+    result["command"] = _command(args)
     table = markdown_table(result, label)
     print()
     print(table)

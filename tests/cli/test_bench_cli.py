@@ -1,0 +1,146 @@
+"""`fastopd bench` measures what it says: providers timed round-robin, peak memory only where the high-water mark
+was really reset, the backend and environment fastopd ran under recorded, and untrustworthy numbers flagged."""
+
+import json
+import platform
+
+import pytest
+import torch
+
+from fastopd import _dispatch, bench, cli
+
+TINY = ["bench", "--tokens", "32", "--hidden", "8", "--vocab", "200", "--providers", "fastopd,naive,gemm_floor",
+        "--divergences", "fkl", "--repeats", "2", "--device", "cpu"]
+linux_only = pytest.mark.skipif(platform.system() != "Linux", reason="the CPU peak is read from /proc")
+# Tiny shapes on a shared machine are noisy by nature; the flags themselves are tested on synthetic timings.
+pytestmark = pytest.mark.filterwarnings("ignore::fastopd.bench.BenchWarning")
+
+
+def _run_tiny(tmp_path, *extra):
+    assert cli.main([*TINY, *extra, "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "loss_cpu_custom_float32.json").read_text())
+    return result, (tmp_path / "loss_cpu_custom_float32.md").read_text()
+
+
+def test_providers_are_timed_round_robin(monkeypatch):
+    calls = []
+    monkeypatch.setattr(bench, "provider_step", lambda name, div, inputs: lambda: calls.append(name))
+    monkeypatch.setattr(bench, "provider_loss", lambda name, div, inputs: 1.0)
+    result = bench.run_benchmark(bench.Shape(8, 4, 4, 16), ["fkl"], ["fastopd", "naive", "gemm_floor"], "cpu",
+                                 repeats=3, warmup=2, log=lambda line: None)
+    f, n, g = "fastopd", "naive", "gemm_floor"
+    timed = [f, n, g, n, g, f, g, f, n]  # one call of each per repeat, the first provider rotated
+    assert calls == [f, n, g] + [f, n, g] + timed  # memory runs, one warm-up round, then the timed repeats
+    assert result["order"]["fkl"] == timed
+    assert all(len(r["times_s"]) == 3 for r in result["results"])
+
+
+def test_round_robin_times_each_call_on_its_own():
+    ticks = iter(range(100))
+    steps = {"a": lambda: None, "b": lambda: None}
+    times, order = bench.time_round_robin(steps, "cpu", repeats=2, clock=lambda: next(ticks))
+    assert order == ["a", "b", "b", "a"]
+    assert times == {"a": [1, 1], "b": [1, 1]}
+
+
+def test_a_real_run_records_its_interleaved_order(tmp_path):
+    result, _ = _run_tiny(tmp_path)
+    assert result["order"]["fkl"] == ["fastopd", "naive", "gemm_floor", "naive", "gemm_floor", "fastopd"]
+    assert "round-robin" in result["timing"]
+    assert result["command"].startswith("fastopd bench --tokens 32 --hidden 8 --vocab 200")
+
+
+@linux_only
+@pytest.mark.parametrize("how", ["write-fails", "write-has-no-effect"])
+def test_peak_is_unavailable_when_the_high_water_mark_is_not_reset(tmp_path, monkeypatch, how):
+    if how == "write-fails":
+        monkeypatch.setattr(bench, "CLEAR_REFS", str(tmp_path / "missing" / "clear_refs"))
+    else:  # a plain file takes the write and resets nothing
+        monkeypatch.setattr(bench, "CLEAR_REFS", str(tmp_path / "clear_refs"))
+    bench.PeakMemory("cpu")  # lowers glibc's mmap threshold, so the block below goes back to the OS when freed
+    big = torch.ones(64 * 2**20 // 4)  # raise the high-water mark well above what stays resident
+    del big
+    with pytest.warns(bench.BenchWarning, match="peak memory is unavailable") as record:
+        result, md = _run_tiny(tmp_path / "out")
+    assert sum("peak memory" in str(w.message) for w in record) == 1  # warned once, not per provider
+    rows = [r for r in result["results"] if "median_s" in r]
+    assert rows and all(r["peak_bytes_above_inputs"] is None and r["memory_vs_naive"] is None for r in rows)
+    assert "| fkl | fastopd |" in md and md.count("| n/a |") == len(rows)
+
+
+@linux_only
+def test_peak_is_measured_when_the_reset_takes_effect():
+    mem = bench.PeakMemory("cpu")
+    if mem._reset_hwm() is not None:
+        pytest.skip("this kernel does not let the process reset its VmHWM")
+    mem.start()
+    x = torch.ones(16 * 2**20 // 4)
+    peak = mem.peak()
+    del x
+    assert mem.reset_ok and 15 * 2**20 <= peak < 64 * 2**20
+
+
+def test_backend_and_environment_are_recorded(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTOPD_IMPL", "torch")
+    monkeypatch.setenv("FASTOPD_CHUNK_BYTES", str(2**20))
+    result, md = _run_tiny(tmp_path)
+    m = result["machine"]
+    assert m["fastopd_backend"] == "torch"
+    assert m["env"]["FASTOPD_IMPL"] == "torch" and m["env"]["FASTOPD_CHUNK_BYTES"] == str(2**20)
+    assert m["fastopd_chunk_rows"] == 640  # 1 MiB over two fp32 rows of V=200, rounded down to 16
+    assert next(r for r in result["results"] if r["provider"] == "fastopd")["backend"] == "torch"
+    assert "fastopd backend: torch (chunked, 640 rows per chunk); FASTOPD_IMPL=torch, FASTOPD_CHUNK_BYTES=1048576" in md
+
+
+def test_default_backend_is_the_resolved_one(tmp_path, monkeypatch):
+    monkeypatch.delenv("FASTOPD_IMPL", raising=False)
+    monkeypatch.delenv("FASTOPD_CHUNK_BYTES", raising=False)
+    result, md = _run_tiny(tmp_path)
+    want = _dispatch.resolve("divergence_chunk", "auto", "cpu")
+    assert result["machine"]["fastopd_backend"] == want
+    assert result["machine"]["env"]["FASTOPD_IMPL"] is None
+    assert f"fastopd backend: {want} " in md and "FASTOPD_IMPL unset, FASTOPD_CHUNK_BYTES unset" in md
+    assert "loss rel diff vs naive" in md
+
+
+def _row(provider, times, loss_diff=0.0, peak=2**20):
+    return dict(divergence="jsd", provider=provider, times_s=times, loss=1.0, loss_rel_diff_vs_naive=loss_diff,
+                peak_bytes_above_inputs=peak)
+
+
+def _result(rows, msgs, dtype="float32"):
+    machine = dict(cpu="test cpu", cores=2, torch_threads=2, torch="x", fastopd_backend="cpu", env={})
+    return dict(shape=dict(n=1, ds=1, dt=1, v=1, dtype=dtype), machine=machine, date="today", repeats=5,
+                results=rows, warnings=msgs)
+
+
+def test_a_ratio_below_the_floor_is_flagged():
+    rows = [_row("fastopd", [0.9, 0.9, 0.9, 0.9, 0.9]), _row("naive", [2.0] * 5, peak=4 * 2**20),
+            _row("gemm_floor", [1.0] * 5, loss_diff=None)]
+    msgs = bench.summarize(rows, "float32")
+    fast, naive, floor = rows
+    assert fast["ratio_to_gemm_floor"] == pytest.approx(0.9) and fast["flags"] == ["below floor"]
+    assert naive["flags"] == [] and floor["flags"] == [] and floor["ratio_to_gemm_floor"] == 1.0
+    assert fast["memory_vs_naive"] == pytest.approx(0.25)
+    assert len(msgs) == 1 and "jsd fastopd: 0.90x the GEMM floor" in msgs[0]
+    md = bench.markdown_table(_result(rows, msgs), "synthetic")
+    assert "| jsd | fastopd | 0.900 | 0.900 | 0.900 | 0.90 (!) |" in md
+    assert "below floor |" in md and "Warnings:" in md
+
+
+def test_wide_spread_and_loss_difference_are_flagged():
+    rows = [_row("fastopd", [1.0, 1.0, 1.1, 1.5, 1.5]), _row("liger", [2.0] * 5, loss_diff=1.2e-2),
+            _row("trl", [2.0] * 5, loss_diff=5e-3), _row("gemm_floor", [1.0] * 5, loss_diff=None)]
+    msgs = bench.summarize(rows, "bfloat16")
+    fast, liger, trl, _ = rows
+    assert fast["flags"] == ["spread 45%"]  # p20 1.0, p80 1.5, median 1.1
+    assert liger["flags"] == ["loss differs 1.2e-02"]
+    assert trl["flags"] == []  # within the bf16 tolerance
+    assert bench.summarize([_row("trl", [2.0] * 5, loss_diff=5e-3)], "float32")  # not within fp32's
+    assert len(msgs) == 2
+
+
+def test_no_flags_on_a_clean_run():
+    rows = [_row("fastopd", [1.2] * 5), _row("gemm_floor", [1.0] * 5, loss_diff=None)]
+    assert bench.summarize(rows, "float32") == [] and all(r["flags"] == [] for r in rows)
+    assert "Warnings:" not in bench.markdown_table(_result(rows, []), "synthetic")
