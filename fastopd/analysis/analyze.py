@@ -109,7 +109,7 @@ def analyze_update(base: CheckpointLike, tuned: CheckpointLike, *, dtype: torch.
                    mask_out: str | os.PathLike | None = None, progress: bool = True) -> UpdateReport:
     """Measure Delta = tuned - base for every floating-point tensor the two checkpoints share.
 
-    An LM head bitwise equal to an earlier embedding of its shape in both checkpoints (or, where one checkpoint
+    An LM head bitwise equal to an embedding of its shape and dtype in both checkpoints (or, where one checkpoint
     leaves the tied copy out, in the other) is skipped as "tied to <embedding>": counted once, not in the mask;
     a model folder's config.json with tie_word_embeddings false turns this off (docs/analysis.md, "Tied weights").
 

@@ -102,7 +102,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", metavar="DIR", help="teacher folder (fastopd.models.Transformer.save_pretrained); "
                                                     "default: the built-in addition teacher")
     p.add_argument("--student", metavar="DIR", help="student start folder; default: the built-in student")
-    p.add_argument("--device", help="cpu or cuda (default cpu)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--parallel", choices=("auto", "none", "ddp", "fsdp2", "hsdp"),
                    help="data parallelism under torchrun (default auto: DDP when there is more than one process); "
                         "e.g. torchrun --nproc-per-node 2 -m fastopd.cli distill --parallel fsdp2")
