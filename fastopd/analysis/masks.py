@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from fastopd._io import atomic_path
+
 __all__ = ["MASK_FORMAT", "MaskWriter", "match_param_names"]
 
 MASK_FORMAT = "fastopd.masks.v1"
@@ -28,13 +30,15 @@ class MaskWriter:
     """Write masks in the order given, each as consecutive row-major bool chunks.
 
     Usage: `with MaskWriter(path, [(name, shape), ...]) as w: w.begin(name); w.write(chunk); ...`.
-    The file appears at `path` only when every tensor has been written in full (a temporary file before).
+    The file appears at `path` only when every tensor has been written in full: it is written through
+    `fastopd._io.atomic_path` (a per-process temporary file, fsynced and renamed, with the umask's mode).
     """
 
     def __init__(self, path: str | os.PathLike, entries: list[tuple[str, tuple[int, ...]]],
                  metadata: dict[str, str] | None = None):
         self.path = Path(path)
-        self.tmp = self.path.with_name(self.path.name + ".partial")
+        self._atomic = atomic_path(self.path)
+        self.tmp = self._atomic.__enter__()
         header: dict = {"__metadata__": {"format": MASK_FORMAT, **(metadata or {})}}
         self.sizes: dict[str, int] = {}
         offset = 0
@@ -77,15 +81,20 @@ class MaskWriter:
         self.done += 1
 
     def close(self) -> None:
-        self._finish_current()
+        try:
+            self._finish_current()
+            if self.done != len(self.order):
+                raise ValueError(f"mask file incomplete: {self.done} of {len(self.order)} tensors written")
+        except BaseException:
+            self.abort()
+            raise
         self.f.close()
-        if self.done != len(self.order):
-            raise ValueError(f"mask file incomplete: {self.done} of {len(self.order)} tensors written")
-        os.replace(self.tmp, self.path)
+        self._atomic.__exit__(None, None, None)  # fsync, mode, rename over `path`
 
     def abort(self) -> None:
         self.f.close()
-        self.tmp.unlink(missing_ok=True)
+        err = RuntimeError("mask file aborted")
+        self._atomic.__exit__(type(err), err, None)  # removes the temporary file, leaves `path` as it was
 
     def __enter__(self) -> MaskWriter:
         return self

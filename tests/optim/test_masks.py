@@ -344,3 +344,32 @@ def test_load_reads_analysis_mask_writer_files(tmp_path):
             w.write(m)
     got = masks.load(str(path))
     assert all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_analysis_mask_writer_is_atomic_and_honours_the_umask(tmp_path):
+    """MaskWriter writes through fastopd._io.atomic_path: an incomplete file never replaces the existing one and
+    leaves no temporary behind; a complete one gets the umask's mode (not 0600)."""
+    import os
+    import stat
+
+    from fastopd.analysis.masks import MaskWriter
+
+    path = tmp_path / "m.safetensors"
+    entries = [("a.weight", (4, 3)), ("b.weight", (5,))]
+    old = os.umask(0o022)
+    try:
+        with MaskWriter(path, entries) as w:
+            w.begin("a.weight")
+            w.write(torch.ones(4, 3, dtype=torch.bool))
+            w.begin("b.weight")
+            w.write(torch.zeros(5, dtype=torch.bool))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="incomplete"):
+        with MaskWriter(path, entries) as w:
+            w.begin("a.weight")
+            w.write(torch.zeros(4, 3, dtype=torch.bool))
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
