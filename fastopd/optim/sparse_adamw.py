@@ -244,6 +244,10 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # The sparse kernel's backend for every device, before any group steps: a refused step changes nothing.
+        for device in {p.device for g in self.param_groups for p in g["params"]
+                       if p.grad is not None and "indices" in self.state[p]}:
+            _dispatch.resolve(OP, self.impl, device)
         for group in self.param_groups:
             self._step_group(group)
         return loss

@@ -639,14 +639,16 @@ def test_a_refused_step_changes_nothing(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     p = torch.nn.Parameter(torch.randn(5, 6))
     q = torch.nn.Parameter(torch.randn(7))
-    opt = SparseMaskedAdamW([("w", p), ("b", q)], masks={"w": torch.rand(5, 6) < 0.5, "b": torch.rand(7) < 0.5},
-                            impl="triton")
-    p.grad, q.grad = torch.randn(5, 6), torch.randn(7)
-    before = (p.detach().clone(), q.detach().clone())
+    d = torch.nn.Parameter(torch.randn(3))  # a dense parameter in a group of its own, stepped first
+    opt = SparseMaskedAdamW([{"params": [("d", d)]}, {"params": [("w", p), ("b", q)], "lr": 0.1}],
+                            masks={"w": torch.rand(5, 6) < 0.5, "b": torch.rand(7) < 0.5}, impl="triton")
+    p.grad, q.grad, d.grad = torch.randn(5, 6), torch.randn(7), torch.randn(3)
+    before = (p.detach().clone(), q.detach().clone(), d.detach().clone())
     with pytest.raises(ValueError, match="triton"):
         opt.step()
     assert all(float(opt.state[t]["step"]) == 0 for t in (p, q))
-    assert torch.equal(p, before[0]) and torch.equal(q, before[1])
+    assert not opt.state[d]  # the dense group, before the refused one, did not step either
+    assert torch.equal(p, before[0]) and torch.equal(q, before[1]) and torch.equal(d, before[2])
     opt.impl = "torch"
     opt.step()
-    assert all(float(opt.state[t]["step"]) == 1 for t in (p, q))
+    assert all(float(opt.state[t]["step"]) == 1 for t in (p, q, d))
