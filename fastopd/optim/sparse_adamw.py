@@ -245,14 +245,14 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         # The sparse kernel's backend for every device, before any group steps: a refused step changes nothing.
-        for device in {p.device for g in self.param_groups for p in g["params"]
-                       if p.grad is not None and "indices" in self.state[p]}:
-            _dispatch.resolve(OP, self.impl, device)
+        backends = {device: _dispatch.resolve(OP, self.impl, device)
+                    for device in {p.device for g in self.param_groups for p in g["params"]
+                                   if p.grad is not None and "indices" in self.state[p]}}
         for group in self.param_groups:
-            self._step_group(group)
+            self._step_group(group, backends)
         return loss
 
-    def _step_group(self, group: dict[str, Any]) -> None:
+    def _step_group(self, group: dict[str, Any], backends: dict[torch.device, str]) -> None:
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         dense: dict[str, list] = {k: [] for k in ("p", "g", "m", "v", "t")}
         sparse: dict[torch.device, dict[str, list]] = {}
@@ -296,8 +296,7 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
             bucket["s"].append(state.get("swallowed"))
             bucket["st"].append(state)
 
-        # Every check, the backends included, before the first step count moves: a refused step changes nothing.
-        backends = {device: _dispatch.resolve(OP, self.impl, device) for device in sparse}
+        # Every check before the first step count moves (the backends were resolved by `step`, for every group).
         for device, b in sparse.items():
             step_sizes, bc2_sqrts = [], []
             for state in b["st"]:
