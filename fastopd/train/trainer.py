@@ -160,12 +160,17 @@ class OPDTrainer:
         t = self.engine.teacher
         self.teacher_sharded = (t is not self.engine.student and t.device == self.device
                                 and self.parallel.shard_frozen(t.model, t.layer_modules()))
+        # The student's trainable parameters by name, as the optimizer holds them (masks, the optimizer, clipping,
+        # density tracking and trainable_count all read this one list).
+        self.named_trainable = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+        if not self.named_trainable:
+            raise ValueError("the student has no parameter with requires_grad=True")
+        self.params = [p for _, p in self.named_trainable]
         self.masks = self._load_masks(cfg.masks)
         found = ckpt.latest_checkpoint(cfg.checkpoint_dir) if cfg.resume else None
         data = ckpt.load_checkpoint(found, map_location=self.device) if found is not None else None
         # A masked run resumed without masks goes on with the checkpoint's (its optimizer state fixes them).
         self.optimizer = self._make_optimizer(sparse=data is not None and _is_masked_state(data["optimizer"]))
-        self.params = [p for p in student.parameters() if p.requires_grad]
         self.global_step = 0
         self.history: list[dict[str, Any]] = []
         self.eval_history: list[dict[str, Any]] = []
@@ -201,7 +206,7 @@ class OPDTrainer:
         # A mask file from `fastopd analyze` on Hugging Face checkpoints names "model.layers...": names one uniform
         # prefix away from this student's are matched; anything else is left for the optimizer to refuse by name.
         try:
-            return match_param_names(masks, [n for n, p in self.student.named_parameters() if p.requires_grad])
+            return match_param_names(masks, [n for n, _ in self.named_trainable])
         except ValueError:
             return masks
 
@@ -209,9 +214,7 @@ class OPDTrainer:
         """AdamW, or SparseMaskedAdamW when there are masks or `sparse` (then without masks of its own: a masked
         checkpoint's state brings them)."""
         cfg = self.config
-        named = [(n, p) for n, p in self.student.named_parameters() if p.requires_grad]
-        if not named:
-            raise ValueError("the student has no parameter with requires_grad=True")
+        named = self.named_trainable
         if self.masks is None and not sparse:
             return torch.optim.AdamW([p for _, p in named], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                                      weight_decay=cfg.weight_decay)
@@ -577,7 +580,7 @@ class OPDTrainer:
         if not self.sparse:
             return sum(p.numel() for p in self.params)
         masked = self.optimizer.mask_indices()
-        named = {n: p for n, p in self.student.named_parameters() if p.requires_grad}  # as the optimizer holds them
+        named = dict(self.named_trainable)
         dense = sum(p.numel() for n, p in named.items() if n not in masked)
         local = sum(local_shard(named[n]).numel() if idx is None else idx.numel() for n, idx in masked.items())
         if self.parallel.sharded:  # shard-local indices: sum over the ranks holding different shards
