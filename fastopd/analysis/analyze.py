@@ -172,10 +172,12 @@ def analyze_update(base: CheckpointLike, tuned: CheckpointLike, *, dtype: torch.
     if not common or len(shape_mismatch) == len(common):
         raise MismatchError(f"BASE ({bc.description}) and TUNED ({tc.description}) share no tensor of equal shape")
     names = []
+    mask_names: dict[str, str] = {}  # a tied head analysed in place of its filtered-out embedding: its mask's name
+    filtered = lambda e: bool((inc and not inc.search(e)) or (exc and exc.search(e)))  # noqa: E731
     for n in common:
         if n in shape_mismatch:
             continue
-        if (inc and not inc.search(n)) or (exc and exc.search(n)):
+        if filtered(n):
             skipped[n] = "filtered by include/exclude"
             continue
         bd, td = bc.infos[n].dtype, tc.infos[n].dtype
@@ -192,9 +194,11 @@ def analyze_update(base: CheckpointLike, tuned: CheckpointLike, *, dtype: torch.
         # (safetensors sorts, and "lm_head.weight" comes before "model.embed_tokens.weight")
         partner = None if ties_off else _tie_partner([bc, tc], n, [e for e in common if e not in shape_mismatch],
                                                      cfg.chunk_elems)
-        if partner is not None:
+        if partner is not None and not filtered(partner):
             skipped[n] = f"tied to {partner}"
             continue
+        if partner is not None:  # --include/--exclude keeps the head and not its embedding: the head stands for it,
+            mask_names[n] = partner  # and its mask carries the name the optimizer holds the one parameter under
         names.append(n)
     if not names:
         reasons: dict[str, int] = {}
@@ -210,10 +214,11 @@ def analyze_update(base: CheckpointLike, tuned: CheckpointLike, *, dtype: torch.
         from fastopd.optim.masks import module_kind as mask_kind  # the mask files' kind names ("embedding")
 
         Path(mask_out).parent.mkdir(parents=True, exist_ok=True)
-        writer = MaskWriter(mask_out, [(n, bc.infos[n].shape) for n in names],
+        as_mask = {n: mask_names.get(n, n) for n in names}
+        writer = MaskWriter(mask_out, [(as_mask[n], bc.infos[n].shape) for n in names],
                             {"source": "fastopd.analysis", "base": str(bc.description), "tuned": str(tc.description),
-                             "shapes": json.dumps({n: list(bc.infos[n].shape) for n in names}),
-                             "kinds": json.dumps({n: mask_kind(n) for n in names}),
+                             "shapes": json.dumps({as_mask[n]: list(bc.infos[n].shape) for n in names}),
+                             "kinds": json.dumps({as_mask[n]: mask_kind(as_mask[n]) for n in names}),
                              "rule": "bitwise changed" if cfg.mask_atol is None else f"|delta| > {cfg.mask_atol:g}"})
     tensors: dict[str, dict] = {}
     spectra = {}
@@ -225,7 +230,7 @@ def analyze_update(base: CheckpointLike, tuned: CheckpointLike, *, dtype: torch.
             bar.set_postfix_str(n[-48:], refresh=False)
             b, t = bc.load(n), tc.load(n)
             if writer is not None:
-                writer.begin(n)
+                writer.begin(as_mask[n])
             metrics, spec = analyze_tensor(n, b, t, cfg, null_models=n in with_null,
                                            mask_sink=writer.write if writer is not None else None)
             del b, t

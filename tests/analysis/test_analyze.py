@@ -477,6 +477,25 @@ def test_tied_lm_head_read_from_hf_named_safetensors_folders_is_analysed_once(tm
     assert "lm_head.weight" not in r.tensors and "model.embed_tokens.weight" in r.tensors
 
 
+def test_tied_lm_head_is_analysed_when_include_leaves_its_embedding_out(tmp_path):
+    """`--include lm_head` on a tied model: the head stands for the one parameter the filter left out, and its mask
+    carries the embedding's name (the optimizer holds the tied parameter under it)."""
+    from fastopd.optim import SparseMaskedAdamW
+    from fastopd.optim import masks as optim_masks
+
+    base, tuned, model = _tied_step_checkpoints()
+    path = tmp_path / "m.safetensors"
+    r = analyze_update(base, tuned, null_models="none", include="lm_head", mask_out=path, progress=False)
+    assert list(r.tensors) == ["lm_head.weight"] and "lm_head.weight" not in r.skipped
+    assert r.skipped["embed_tokens.weight"] == "filtered by include/exclude"
+    loaded = optim_masks.load(str(path))
+    assert list(loaded) == ["embed_tokens.weight"]
+    assert torch.equal(loaded["embed_tokens.weight"], tuned["lm_head.weight"] != base["lm_head.weight"])
+    SparseMaskedAdamW(model.named_parameters(), masks=loaded)
+    r = analyze_update(base, tuned, null_models="none", exclude="embed", progress=False)  # the same by exclusion
+    assert "lm_head.weight" in r.tensors
+
+
 def test_base_without_the_tied_lm_head_matches_a_step_checkpoint(tmp_path):
     base, tuned, _ = _tied_step_checkpoints()
     del base["lm_head.weight"]  # save_pretrained leaves the tied copy out
