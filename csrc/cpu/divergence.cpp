@@ -161,7 +161,13 @@ __attribute__((always_inline)) inline void divergence_row(float* __restrict xs, 
     }
     if (DIV == kFKL) {
       acc_a += pt != 0.0f ? static_cast<double>(pt * (lpt - lps)) : 0.0;
-      if (grad) xs[v] = chain * (sw * (ps - pt) + hw * ps);
+      if (grad) {
+        // p_s - p_t, exact also where both are near 1 (a dominant token): p_t * expm1(lp_s - lp_t) there, as
+        // the Triton and CUDA kernels take it.
+        const float d = lps - lpt;
+        const float diff = (pt > 0.0f && d < 30.0f && lpt > -1.0f) ? pt * vmath::expm1(d) : ps - pt;
+        xs[v] = chain * (sw * diff + hw * ps);
+      }
     } else if (DIV == kRKL) {
       const float r = ps != 0.0f ? (lps - lpt) - pivot : 0.0f;
       acc_a += static_cast<double>(ps * r);

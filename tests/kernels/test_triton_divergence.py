@@ -152,6 +152,25 @@ def test_rkl_dominant_token_gradient(backend):
     assert (rel <= 1e-5).all(), rel
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda", "cpu", "vp-triton"])
+def test_fkl_dominant_token_gradient(backend):
+    """fkl where both models put all but ~1e-8 of the mass on one token: its gradient p_s - p_t is a difference
+    of two numbers near 1, which the kernels form as p_t * expm1(lp_s - lp_t). The torch backends take p_s - p_t
+    as same-dtype PyTorch does (0 here: both round to 1 in fp32), an absolute error below fp32's ulp of 1."""
+    kernel = _backend(backend)
+    launch = {"block_v": 64} if backend in TRITON else {}
+    g = torch.Generator().manual_seed(5)
+    xs = torch.randn(3, 131, generator=g, dtype=torch.float64) - 40.0
+    xt = xs + 0.5 * torch.randn(3, 131, generator=g, dtype=torch.float64)
+    xs[:, 77], xt[:, 77] = -17.0, -16.0  # the dominant token: e^-23 .. e^-24 of each row's mass elsewhere
+    xs[1, 77] = -16.0  # a row where the two agree on it to within the rest of the mass
+    xs, xt = xs.float().double(), xt.float().double()
+    want = row_divergence64(xs, xt, None, divergence="fkl")
+    _, _, grad = _run(kernel, xs.float().to(DEVICE), xt.float().to(DEVICE), None, divergence="fkl", **launch)
+    err = (grad.double().cpu() - want[2])[:, 77].abs() / want[2][:, 77].abs()
+    assert (err <= 1e-3).all(), err
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("div", ["fkl", "rkl", "jsd"])
 def test_no_labels_and_no_grad(backend, div):
