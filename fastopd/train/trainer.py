@@ -181,6 +181,7 @@ class OPDTrainer:
         self._restored_steps = 0  # batches of an iterator prompt source the next `train` skips (after a resume)
         self._train_steps: int | None = None
         self.masks_from_checkpoint = False
+        self._logs_stale = False  # metrics/eval.jsonl to be rewritten from the histories before the next write
         if data is not None:
             self._restore(found, data)
         if cfg.track_density and self._reference is None:
@@ -420,6 +421,8 @@ class OPDTrainer:
         else:  # a collection is read from its start: skip every finished step
             get = _IterSource(prompt_source, self.global_step)
         self._train_steps = steps
+        if self._logs_stale:
+            self._rewrite_logs()
         if self.evaluator is not None and not self.eval_history:
             self.evaluate()
         bar = None
@@ -516,7 +519,7 @@ class OPDTrainer:
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore student weights, optimizer state (masks included: the checkpoint's replace this trainer's),
         RNG states, step and histories; with a `run_dir`, metrics.jsonl and eval.jsonl are rewritten from the
-        restored histories.
+        restored histories when `train` starts or a record is next logged.
 
         Raises:
             ValueError: the checkpoint's weights do not fit the student (names or shapes), or it holds a masked
@@ -560,7 +563,7 @@ class OPDTrainer:
         self.eval_history = list(tr.get("eval_history", []))
         self.resumed_from = Path(path)
         self._saved_step = self.global_step
-        self._rewrite_logs()
+        self._logs_stale = True  # rewritten at the next train() or log write: building a trainer writes nothing
         self._teacher_weight_cache = None
         if self.config.track_density:
             self._mark_reference()
@@ -590,6 +593,7 @@ class OPDTrainer:
     def _rewrite_logs(self) -> None:
         """Make metrics.jsonl and eval.jsonl hold the current histories, one line per record (each file replaced
         atomically): after a resume, the lines a dead run wrote past its last checkpoint are dropped."""
+        self._logs_stale = False
         if self.run_dir is None or not self.parallel.is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -597,6 +601,10 @@ class OPDTrainer:
             write_text_atomic(self.run_dir / name, "".join(json.dumps(r) + "\n" for r in records))
 
     def _log(self, name: str, record: dict[str, Any]) -> None:
+        """Append `record` (already the last of its history) to `name` in the run folder."""
+        if self._logs_stale:  # after a restore: the files become the histories, this record included
+            self._rewrite_logs()
+            return
         if self.run_dir is None or not self.parallel.is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -200,10 +200,13 @@ def test_resume_after_a_crash_keeps_one_log_line_per_step(tmp_path):
     first = OPDTrainer(_tiny(8), _tiny(9), _config(**cfg), evaluator=evaluator, run_dir=tmp_path)
     with pytest.raises(Crash):  # step 3 is logged, the last checkpoint is step 2's
         first.train(dies_before_step_4, 5, progress=False)
+    steps = lambda name: [json.loads(line)["step"] for line in (tmp_path / name).read_text().splitlines()]  # noqa: E731
     resumed = OPDTrainer(_tiny(8), _tiny(9), _config(**cfg, resume=True), evaluator=evaluator, run_dir=tmp_path)
     assert resumed.global_step == 2
+    assert steps("metrics.jsonl") == [1, 2, 3]  # building the trainer writes nothing (the caller may still fail)
+    resumed.train(_prompts, 2, progress=False)  # no step left to take: the logs still become the histories
+    assert steps("metrics.jsonl") == [1, 2] and steps("eval.jsonl") == [0, 1, 2]
     resumed.train(_prompts, 4, progress=False)
-    steps = lambda name: [json.loads(line)["step"] for line in (tmp_path / name).read_text().splitlines()]  # noqa: E731
     assert steps("metrics.jsonl") == [1, 2, 3, 4]
     assert steps("eval.jsonl") == [0, 1, 2, 3, 4]
 
