@@ -202,8 +202,9 @@ class ModelAdapter:
         ``length`` (default: the model's context); ``batch_size``, when given, is ``B`` (the head may be laid out
         for it, see :meth:`decode_head`). The step's ``head`` attribute is the :meth:`decode_head` it uses (for
         the logits of the prefill's last state). This default runs :meth:`forward` under the boolean mask that
-        :meth:`forward` takes (None becomes all True, an additive one True where it is above -inf); adapters
-        override it with faster weight layouts."""
+        :meth:`forward` takes, over the cache's whole active window as with any ``start > 0`` (None becomes True
+        up to ``column``, an additive one True where it is above -inf; columns past the given mask are False);
+        adapters override it with faster weight layouts."""
         head = self.decode_head(batch_size)
 
         def step(tokens, positions, mask, cache, column):
@@ -212,6 +213,9 @@ class ModelAdapter:
                 mask = torch.ones(tokens.shape[0], 1, 1, width, dtype=torch.bool, device=tokens.device)
             elif mask.dtype != torch.bool:
                 mask = mask > float("-inf")
+            if mask.shape[-1] < cache.length:  # keys are the cache's active window (cache.layer), as in scoring
+                rest = mask.new_zeros(*mask.shape[:-1], cache.length - mask.shape[-1])
+                mask = torch.cat([mask, rest], -1)
             return head(self.forward(tokens[:, None], positions, mask, cache, column)[:, 0])
 
         step.head = head
