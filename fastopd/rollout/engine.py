@@ -13,7 +13,7 @@ from fastopd.models.kv_cache import KVCache, build_attention_mask
 from fastopd.models.layers import positions_from_mask
 from fastopd.rollout.adapters import DecodeStep, LlamaFamilyAdapter, ModelAdapter, as_adapter
 from fastopd.rollout.batch import RolloutBatch
-from fastopd.rollout.horizon import Horizon, resolve_horizon
+from fastopd.rollout.horizon import Horizon, as_int, as_real, resolve_horizon
 from fastopd.rollout.sampling import sample_tokens
 
 Prompts = Sequence[Sequence[int]] | Sequence[torch.Tensor] | torch.Tensor
@@ -77,9 +77,9 @@ class RolloutEngine:
         pad_token_id: fills prompt padding and the columns after EOS; default: the first EOS id, else 0.
         generator: RNG of sampling; None uses torch's global RNG (``torch.manual_seed`` makes rollouts repeatable).
         share_prefix: prefill each prompt once and expand its KV to its samples (True), or prefill every sample.
-        cuda_graphs: on CUDA, capture the decode step of Llama-family models (built-in, Llama, Qwen2) in a CUDA
-            graph once per :meth:`generate` and replay it every step (one launch instead of hundreds). Ignored on
-            CPU and for other models.
+        cuda_graphs: on CUDA, capture the decode step of Llama-family models (built-in, Llama, Qwen2, Mistral) in
+            a CUDA graph once per :meth:`generate` and replay it every step (one launch instead of hundreds).
+            Ignored on CPU and for other models.
 
     After each call, ``last_stats`` holds the horizon, prefill tokens computed and saved, decode steps and the KV
     cache bytes; ``kv_cache_bytes`` is the memory held by the student's and teacher's caches. Caches are sized to
@@ -102,16 +102,18 @@ class RolloutEngine:
         share_prefix: bool = True,
         cuda_graphs: bool = False,
     ) -> None:
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
+        n, k, temp, p = as_int(num_samples), as_int(top_k), as_real(temperature), as_real(top_p)
+        if n is None or n <= 0:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
-        if not temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature!r}")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        if temp is None or not temp >= 0:
+            raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+        if k is None or k < 0:
             raise ValueError(f"top_k must be a non-negative int, got {top_k!r}")
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-        if not (callable(horizon) or isinstance(horizon, int)):
+        if p is None or not 0.0 < p <= 1.0:
+            raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+        if not callable(horizon) and as_int(horizon) is None:
             raise ValueError(f"horizon must be a Horizon, a callable step -> H or an int, got {horizon!r}")
+        num_samples, top_k, temperature, top_p = n, k, temp, p
         self.student = as_adapter(student)
         # the student itself as teacher (self-distillation): one adapter, so `engine.teacher is engine.student`
         self.teacher = (self.student if teacher is student else as_adapter(teacher)) if teacher is not None else None
@@ -174,6 +176,7 @@ class RolloutEngine:
         adapter = self.student
         ids, mask, lengths = self._pack_prompts(prompts, attention_mask, adapter, "prompts")
         horizon = self.horizon_at(step)
+        step = as_int(step)  # validated: a NumPy / tensor integer becomes an int
         bp, p = ids.shape
         n = self.num_samples
         b = bp * n
@@ -245,7 +248,8 @@ class RolloutEngine:
         self._check_vocab(completion, teacher, "completion tokens")
         pt = ids.shape[1]
         if pt + h - 1 > teacher.max_positions:
-            raise ValueError(f"teacher prompt width {pt} + horizon {h} exceeds the teacher's context "
+            raise ValueError(f"teacher prompt width {pt} + horizon {h} needs {pt + h - 1} positions (the last "
+                             f"completion token is scored, not fed), more than the teacher's context "
                              f"{teacher.max_positions}")
         ids, mask, lengths = ids.to(teacher.device), mask.to(teacher.device), lengths.to(teacher.device)
         completion = completion.to(teacher.device)

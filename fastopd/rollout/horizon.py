@@ -8,14 +8,41 @@ callable with that signature works wherever a :class:`Horizon` does.
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from collections.abc import Callable
 
 
+def as_int(value: object) -> int | None:
+    """`value` as a Python int if it is an integer (int, NumPy or one-element integer tensor; not a bool or a
+    float), else None."""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        return None
+    try:
+        return operator.index(value)
+    except (TypeError, ValueError, RuntimeError):  # a float or many-element tensor
+        return None
+
+
+def as_real(value: object) -> float | None:
+    """`value` as a Python float if it is a real number (int, float, NumPy scalar; not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
 def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    v = as_int(value)
+    if v is None or v <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
+    return v
+
+
+def _step(value: object) -> int:
+    k = as_int(value)
+    if k is None or k < 0:
+        raise ValueError(f"step must be a non-negative int, got {value!r}")
+    return k
 
 
 class Horizon:
@@ -28,9 +55,7 @@ class Horizon:
         self.description = description
 
     def __call__(self, step: int) -> int:
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be a non-negative int, got {step!r}")
-        return self._fn(step)
+        return self._fn(_step(step))
 
     def __repr__(self) -> str:
         return f"Horizon.{self.description}"
@@ -45,9 +70,12 @@ class Horizon:
     def truncated(cls, ratio: float, max_new_tokens: int) -> Horizon:
         """TOPD: ``H = max(1, round(ratio * max_new_tokens))`` at every step; ``0 < ratio <= 1``."""
         t = _positive_int("max_new_tokens", max_new_tokens)
-        if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0.0 < ratio <= 1.0:
+        r = as_real(ratio)
+        if r is None:
+            raise ValueError(f"ratio must be a real number in (0, 1], got {ratio!r}")
+        if not 0.0 < r <= 1.0:
             raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
-        h = max(1, min(t, round(ratio * t)))
+        h = max(1, min(t, round(r * t)))
         return cls(lambda step: h, t, f"truncated(ratio={ratio}, max_new_tokens={t})")
 
     @classmethod
@@ -56,9 +84,9 @@ class Horizon:
         t = _positive_int("max_new_tokens", max_new_tokens)
         s0 = _positive_int("start", start)
         every = _positive_int("every", every)
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        inc = as_int(step)
+        if inc is None or inc < 0:
             raise ValueError(f"step (the horizon increment) must be a non-negative int, got {step!r}")
-        inc = step
         return cls(lambda k: min(t, s0 + inc * math.floor(k / every)), t,
                    f"progressive(start={s0}, step={inc}, every={every}, max_new_tokens={t})")
 
@@ -69,11 +97,9 @@ def resolve_horizon(horizon: Horizon | Callable[[int], int] | int, step: int) ->
     Raises:
         ValueError: the schedule returns something other than a positive int (horizon 0 included).
     """
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be a non-negative int, got {step!r}")
-    h = horizon(step) if callable(horizon) else horizon
-    if not isinstance(h, bool) and hasattr(h, "__index__"):
-        h = operator.index(h)  # numpy / torch integer scalars
-    if isinstance(h, bool) or not isinstance(h, int) or h <= 0:
-        raise ValueError(f"horizon at step {step} must be a positive int, got {h!r} (from {horizon!r})")
+    step = _step(step)
+    raw = horizon(step) if callable(horizon) else horizon
+    h = as_int(raw)  # also NumPy / torch integer scalars
+    if h is None or h <= 0:
+        raise ValueError(f"horizon at step {step} must be a positive int, got {raw!r} (from {horizon!r})")
     return h

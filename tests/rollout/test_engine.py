@@ -172,14 +172,15 @@ class _BooleanMaskAdapter(ModelAdapter):
             cache.write(0, start, k, v, expand)
             if start > 0:
                 k, v = cache.layer(0)
-        k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]
+        assert mask.shape[-1] == k.shape[2], "the mask spans the keys: the cache's active window with a cache"
         scores = (q @ k.transpose(-1, -2) / 4).masked_fill(~mask, float("-inf"))
         return x + (scores.softmax(-1) @ v)[:, 0]
 
 
 def test_custom_adapter_forward_gets_a_boolean_mask_on_padded_prompts():
     """Mixed prompt lengths make the engine's eager decode mask an additive one; the default decode step hands the
-    adapter's forward its boolean form, and the rollout equals a greedy loop of plain forwards (no cache)."""
+    adapter's forward its boolean form over the cache's whole active window (what cache.layer returns, as in
+    scoring), and the rollout equals a greedy loop of plain forwards (no cache)."""
     adapter = _BooleanMaskAdapter()
     batch = RolloutEngine(adapter, horizon=6, temperature=0).generate(PROMPTS)
     p = batch.prompt_width
@@ -514,6 +515,10 @@ def test_bad_input_raises(call, match):
      pytest.param(dict(horizon=4, temperature=-1.0), "temperature", id="neg-temperature"),
      pytest.param(dict(horizon=4, top_p=0.0), "top_p", id="top_p0"),
      pytest.param(dict(horizon=4, top_k=-3), "top_k", id="neg-topk"),
+     pytest.param(dict(horizon=4, temperature="1"), "temperature must be a number", id="str-temperature"),
+     pytest.param(dict(horizon=4, top_p="0.5"), "top_p must be a number", id="str-top_p"),
+     pytest.param(dict(horizon=4, top_k=2.0), "top_k", id="float-topk"),
+     pytest.param(dict(horizon=2.5), "horizon must be", id="float-horizon"),
      pytest.param(dict(horizon=4, eos_token_id=VOCAB), "eos_token_id", id="eos-outside-vocab"),
      pytest.param(dict(horizon=4, pad_token_id=VOCAB + 5), "pad_token_id", id="pad-outside-vocab"),
      pytest.param(dict(horizon=4, eos_token_id=True), "eos_token_id", id="eos-bool"),
@@ -545,6 +550,21 @@ def test_int_like_special_ids_equal_python_ints(eos, pad, eos_ids):
     assert torch.equal(got.input_ids, want.input_ids) and torch.equal(got.completion_mask, want.completion_mask)
 
 
+def test_numpy_and_tensor_settings_equal_python_numbers():
+    """Settings given as NumPy numbers or integer tensors (a config read through numpy) act as the same Python
+    numbers, as token ids already do."""
+    model = builtin()
+    kw = dict(horizon=np.int64(5), num_samples=np.int64(2), temperature=np.float32(0.7), top_k=np.int64(7),
+              top_p=np.float64(0.9))
+    torch.manual_seed(3)
+    got = RolloutEngine(model, **kw).generate(PROMPTS, step=torch.tensor(2))
+    torch.manual_seed(3)
+    want = RolloutEngine(model, horizon=5, num_samples=2, temperature=float(np.float32(0.7)), top_k=7,
+                         top_p=0.9).generate(PROMPTS, step=2)
+    assert torch.equal(got.input_ids, want.input_ids) and got.horizon == want.horizon == 5
+    assert type(got.horizon) is int
+
+
 def test_score_errors():
     s = builtin()
     batch = RolloutEngine(s, horizon=3).generate([[1, 2]])
@@ -557,6 +577,16 @@ def test_score_errors():
     batch.input_ids[:, -1] = 50
     with pytest.raises(ValueError, match="vocabulary"):
         RolloutEngine(s, teacher=small_vocab, horizon=3).score(batch)
+    batch = RolloutEngine(s, horizon=8, temperature=0).generate([[1, 2, 3, 4]])
+    assert batch.horizon == 8
+    for ctx, fits in ((10, False), (11, True)):  # scoring feeds prompt + completion[:-1]: 4 + 8 - 1 positions
+        short = Transformer(TransformerConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=16, num_layers=1,
+                                              num_heads=2, max_position_embeddings=ctx))
+        if fits:
+            assert RolloutEngine(s, teacher=short, horizon=8).score(batch).shape[:2] == (1, 8)
+        else:
+            with pytest.raises(ValueError, match="needs 11 positions .* teacher's context 10"):
+                RolloutEngine(s, teacher=short, horizon=8).score(batch)
 
 
 def test_unsupported_model_raises():

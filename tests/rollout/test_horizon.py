@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from fastopd.rollout import Horizon, resolve_horizon
 
@@ -58,3 +59,26 @@ def test_bad_schedule_raises(make):
 def test_negative_step_raises():
     with pytest.raises(ValueError, match="step"):
         Horizon.full(4)(-1)
+
+
+def test_numpy_and_tensor_numbers_are_accepted():
+    """Schedules and steps built from NumPy or tensor numbers (a config read through numpy, a step counter
+    tensor) act as the same Python numbers."""
+    assert Horizon.truncated(np.float32(0.5), np.int64(10))(np.int64(3)) == 5
+    h = Horizon.progressive(np.int32(2), np.int64(3), np.int64(2), 20)
+    assert [h(torch.tensor(k)) for k in range(5)] == [h(k) for k in range(5)] == [2, 2, 5, 5, 8]
+    assert resolve_horizon(np.int64(7), torch.tensor(4)) == 7
+
+
+@pytest.mark.parametrize("bad", [pytest.param(1.0, id="float"), pytest.param(True, id="bool"),
+                                 pytest.param(torch.tensor(1.0), id="float-tensor"),
+                                 pytest.param(torch.tensor([1, 2]), id="two-element-tensor"),
+                                 pytest.param("1", id="str")])
+def test_non_integer_step_raises(bad):
+    with pytest.raises(ValueError, match="step must be a non-negative int"):
+        Horizon.full(4)(bad)
+
+
+def test_non_number_ratio_names_the_type():
+    with pytest.raises(ValueError, match="real number"):
+        Horizon.truncated("0.5", 10)
