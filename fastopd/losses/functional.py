@@ -62,9 +62,22 @@ def chunk_rows_for(vocab: int, chunk_size: int | None, device_type: str = "cpu")
             raise ValueError(f"chunk_size must be an int >= 1 (token rows per chunk), got {chunk_size!r}")
         return rows
     default = DEFAULT_CHUNK_BYTES.get(device_type, DEFAULT_CHUNK_BYTES["cpu"])
-    budget = int(os.environ.get("FASTOPD_CHUNK_BYTES", default))
+    budget = _chunk_bytes_from_env(default)
     rows = max(1, budget // max(1, vocab * 4 * 2))
     return rows - rows % 16 if rows >= 32 else rows
+
+
+def _chunk_bytes_from_env(default: int) -> int:
+    raw = os.environ.get("FASTOPD_CHUNK_BYTES")
+    if raw is None:
+        return default
+    try:
+        budget = int(raw)
+    except ValueError:
+        budget = 0
+    if budget < 1:
+        raise ValueError(f"FASTOPD_CHUNK_BYTES must be a positive number of bytes (e.g. {default}), got {raw!r}")
+    return budget
 
 
 def _config(divergence: str, beta: float, temperature: float, softcap: float | None, hard_label_weight: float,
@@ -135,7 +148,12 @@ def _num_items(num_items_in_batch, device) -> torch.Tensor | None:
     if num_items_in_batch is None:
         return None
     if isinstance(num_items_in_batch, torch.Tensor):
-        return num_items_in_batch.reshape(())
+        if num_items_in_batch.numel() == 0:
+            raise ValueError("num_items_in_batch is an empty tensor; give the token count as a number or a "
+                             "one-element tensor")
+        # One count, or HF Trainer's copies of it under DataParallel ([n_gpu, 1], all equal): the first is taken
+        # (on the device, no host sync).
+        return num_items_in_batch.reshape(-1)[0]
     if not (num_items_in_batch > 0 and math.isfinite(num_items_in_batch)):
         raise ValueError(f"num_items_in_batch must be a positive finite number, got {num_items_in_batch}")
     return torch.full((), float(num_items_in_batch), device=device)  # a fill kernel, no host-to-device copy
@@ -211,7 +229,8 @@ def fused_linear_divergence(
         reduction: "mean" (over valid tokens, or / num_items_in_batch), "sum", or "none" (per token, [N]
             or [B, T], 0 at ignored positions).
         num_items_in_batch: what "mean" divides by (Hugging Face's name): a positive number (checked), or a
-            one-element tensor, used as it is (checking its value would synchronize with the device).
+            tensor holding it, used as it is (checking its value would synchronize with the device); of a tensor
+            of several entries (HF's Trainer under DataParallel passes ``[n_gpu, 1]`` copies) the first is used.
         hard_label_weight, soft_label_weight: loss = soft * divergence + hard * CE(labels).
         hard_label_temperature: the temperature of the hard-label CE (softcap(x_s) / hard_label_temperature);
             None: `temperature`, as the divergence. Liger-Kernel takes it at 1 whatever `temperature` is; one

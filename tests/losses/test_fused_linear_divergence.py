@@ -570,6 +570,7 @@ def _ok():
     pytest.param(lambda a: dict(a, hard_label_weight=float("inf")), r"loss weights", id="hard-weight-inf"),
     pytest.param(lambda a: dict(a, num_items_in_batch=float("nan")), r"num_items_in_batch", id="num-items-nan"),
     pytest.param(lambda a: dict(a, num_items_in_batch=float("inf")), r"num_items_in_batch", id="num-items-inf"),
+    pytest.param(lambda a: dict(a, num_items_in_batch=torch.ones(0)), r"num_items_in_batch", id="num-items-empty"),
     pytest.param(lambda a: dict(a, chunk_size=2.5), r"chunk_size", id="chunk-size-float"),
     pytest.param(lambda a: dict(a, chunk_size=True), r"chunk_size", id="chunk-size-bool"),
     # Refused before any collective, so a placeholder group suffices.
@@ -587,6 +588,27 @@ def test_bad_input_raises(mutate, match):
     kwargs = {k: v for k, v in args.items() if k not in ("hs", "ws", "ht", "wt", "labels")}
     with pytest.raises(ValueError, match=match):
         fastopd.fused_linear_divergence(args["hs"], args["ws"], args["ht"], args["wt"], args["labels"], **kwargs)
+
+
+def test_num_items_as_hf_dataparallel_passes_it():
+    """HF's Trainer under DataParallel passes num_items_in_batch as [n_gpu, 1] copies of one count."""
+    hs, ws, ht, wt, _, _ = _ok()
+    labels = torch.zeros(5, dtype=torch.long)
+    want = fastopd.fused_linear_divergence(hs, ws, ht, wt, labels, num_items_in_batch=7)
+    for given in (torch.tensor(7), torch.tensor([7]), torch.tensor([[7], [7]])):
+        got = fastopd.fused_linear_divergence(hs, ws, ht, wt, labels, num_items_in_batch=given)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert got.shape == ()
+
+
+@pytest.mark.parametrize("raw", ["1GiB", "0", "-5", ""])
+def test_bad_chunk_bytes_variable_is_named(monkeypatch, raw):
+    hs, ws, ht, wt, _, _ = _ok()
+    monkeypatch.setenv("FASTOPD_CHUNK_BYTES", raw)
+    with pytest.raises(ValueError, match="FASTOPD_CHUNK_BYTES must be a positive number of bytes"):
+        fastopd.fused_linear_divergence(hs, ws, ht, wt)
+    monkeypatch.setenv("FASTOPD_CHUNK_BYTES", "4096")
+    fastopd.fused_linear_divergence(hs, ws, ht, wt)
 
 
 def test_fastopd_impl_applies_to_the_ops_that_have_that_backend(monkeypatch):
