@@ -73,6 +73,8 @@ _LOGIT_FACTORS: dict[str, tuple[str, bool]] = {
 # Top-level model types whose forward ignores the text config's final_logit_softcapping
 # (Gemma3ForConditionalGeneration applies no cap; Gemma3ForCausalLM, model type "gemma3_text", does).
 _IGNORES_SOFTCAP = frozenset({"gemma3"})
+# Text-config model types that name their final cap otherwise than `final_logit_softcapping`.
+_SOFTCAP_ATTRS = {"recurrent_gemma": "logits_soft_cap"}
 _LOGITS_CHECKED: weakref.WeakSet = weakref.WeakSet()  # models whose forward's logits passed the self-check
 
 
@@ -93,11 +95,13 @@ def _logit_multiplier(config) -> float:
 
 
 def final_softcap(model: nn.Module) -> float | None:
-    """The `final_logit_softcapping` a causal LM's forward applies (None: none), read from its text config."""
+    """The `final_logit_softcapping` a causal LM's forward applies (None: none), read from its text config
+    (RecurrentGemma's `logits_soft_cap`)."""
     config = _unwrap(model).config
     if getattr(config, "model_type", None) in _IGNORES_SOFTCAP:
         return None
-    cap = getattr(_text_config(config), "final_logit_softcapping", None)
+    text = _text_config(config)
+    cap = getattr(text, _SOFTCAP_ATTRS.get(getattr(text, "model_type", None), "final_logit_softcapping"), None)
     return float(cap) if cap is not None else None
 
 

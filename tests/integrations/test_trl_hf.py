@@ -8,7 +8,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
-from fastopd.integrations.hf import causal_lm_hidden_states, distillation_loss  # noqa: E402
+from fastopd.integrations.hf import causal_lm_hidden_states, distillation_loss, final_softcap  # noqa: E402
 from fastopd.integrations.trl import FusedGKDTrainer, GKDTrainer  # noqa: E402
 
 VOCAB = 48
@@ -173,6 +173,32 @@ def test_differing_softcaps_are_refused(student_cap, teacher_cap):
 
 def test_shared_softcap_matches_the_capped_logits():
     student, teacher = _gemma2(0, softcap=0.5), _gemma2(1, softcap=0.5, hidden=40)  # a cap small enough to bind
+    ids = torch.randint(3, VOCAB, (2, 7))
+    mask = torch.ones_like(ids)
+    loss = distillation_loss(student, teacher, ids, mask, beta=0.3)
+    ref = _shifted_reference_loss(student, teacher, ids, mask, ids, 0.3, 1.0)
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-7)
+
+
+def test_recurrent_gemma_logits_soft_cap_is_applied():
+    """RecurrentGemma caps its logits by `logits_soft_cap`, not `final_logit_softcapping`."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "RecurrentGemmaForCausalLM"):
+        pytest.skip("this transformers has no RecurrentGemma")
+
+    def make(seed, hidden=32):
+        torch.manual_seed(seed)
+        cfg = transformers.RecurrentGemmaConfig(
+            vocab_size=VOCAB, hidden_size=hidden, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=1, head_dim=8, lru_width=hidden, attention_window_size=16,
+            block_types=["recurrent", "attention"], logits_soft_cap=2.0, pad_token_id=0)
+        m = transformers.RecurrentGemmaForCausalLM(cfg)
+        with torch.no_grad():
+            m.get_output_embeddings().weight.mul_(30.0)  # logits far beyond the cap: it binds
+        return m.eval()
+
+    student, teacher = make(0), make(1, hidden=40)
+    assert final_softcap(student) == 2.0
     ids = torch.randint(3, VOCAB, (2, 7))
     mask = torch.ones_like(ids)
     loss = distillation_loss(student, teacher, ids, mask, beta=0.3)
