@@ -318,7 +318,7 @@ if [ "$TESTS" = 1 ]; then
   # CI runs those, and here they would only spend the lease.
   NO_GPU_NEEDED=(tests/kernels/test_gpu_shapes.py tests/kernels/test_cuda_build.py tests/kernels/test_cuda_emulation.py
                  tests/kernels/test_triton_sm90_compile.py tests/kernels/test_gpu_suite.py
-                 tests/optim/test_sparse_adamw_sm90.py)
+                 tests/optim/test_sparse_adamw_sm90.py tests/losses/test_compile.py)
   step "GPU tests (tests/kernels, tests/losses, tests/optim, tests/rollout)" 60 0 "${PYTEST[@]}" tests/kernels \
     tests/losses tests/optim tests/rollout "${NO_GPU_NEEDED[@]/#/--ignore=}" --junitxml="$OUT_DIR/pytest_gpu.xml"
 fi

@@ -4,6 +4,10 @@ Each op names its backends in priority order per device type; `resolve(op, impl,
 backend to use, honouring `impl=` first, then the `FASTOPD_IMPL` environment variable, then the first
 available backend for the device. `available(op, backend, device)` says whether a backend can run here,
 and why not. Nothing here imports a backend's code until it is asked for.
+
+Under torch.compile both run at trace time, outside the graph: `resolve` is a constant result (it reads the
+environment and what is installed, never tensors), and it loads the backend's kernel there, so that `kernel`
+is a dictionary lookup (Dynamo cannot trace an import). The graph then holds only the kernel's ops.
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ def _always() -> str | None:
 # op -> backends in priority order (the first available one for the device wins under "auto").
 REGISTRY: dict[str, list[Backend]] = {
     "divergence_chunk": [
-        Backend("triton", ("cuda",), "fastopd.kernels.divergence:divergence_chunk_", _check_triton),
+        Backend("triton", ("cuda",), "fastopd._triton_ops:divergence_chunk_", _check_triton),
         Backend("cuda", ("cuda",), "fastopd._dispatch:_torch_op_divergence_chunk",
                 _check_cpp("CUDA", "divergence_chunk_")),
         Backend("cpu", ("cpu",), "fastopd._dispatch:_torch_op_divergence_chunk",
@@ -107,12 +111,23 @@ def available(op: str, backend: str, device: torch.device | str) -> str | None:
     return f"op {op!r} has no backend {backend!r} (it has: {', '.join(backend_names(op))})"
 
 
+@torch.compiler.assume_constant_result
 def resolve(op: str, impl: str, device: torch.device | str) -> str:
-    """The backend name for `op` on `device`. Raises ValueError for an unknown or unusable `impl`.
+    """The backend name for `op` on `device`, its kernel loaded for `kernel`. Raises ValueError for an unknown or
+    unusable `impl`.
 
     `FASTOPD_IMPL` stands in for `impl="auto"` in the ops that have a backend of that name (FASTOPD_IMPL=cuda
     forces the CUDA loss kernel; the optimizer step, which has none, stays automatic); an explicit `impl` must
     name one of the op's backends."""
+    name = _resolve(op, impl, device)
+    try:
+        _load(op, name)
+    except Exception:  # noqa: BLE001 (an import that fails is raised by `kernel`, where the kernel is needed)
+        pass
+    return name
+
+
+def _resolve(op: str, impl: str, device: torch.device | str) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     source = "impl"
@@ -137,10 +152,19 @@ def resolve(op: str, impl: str, device: torch.device | str) -> str:
     raise ValueError(f"no backend for {op} on {device_type}")
 
 
-def kernel(op: str, backend: str) -> Callable:
-    """The kernel callable of `backend` for `op`."""
+_LOADED: dict[tuple[str, str], Callable] = {}  # (op, backend) -> kernel callable, imported once
+
+
+def _load(op: str, backend: str) -> Callable:
     for b in REGISTRY[op]:
         if b.name == backend:
             module, attr = b.loader.split(":")
-            return getattr(importlib.import_module(module), attr)
+            fn = _LOADED[(op, backend)] = getattr(importlib.import_module(module), attr)
+            return fn
     raise ValueError(f"op {op!r} has no backend {backend!r}")
+
+
+def kernel(op: str, backend: str) -> Callable:
+    """The kernel callable of `backend` for `op` (a lookup once `resolve` has named it)."""
+    fn = _LOADED.get((op, backend))
+    return fn if fn is not None else _load(op, backend)

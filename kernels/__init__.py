@@ -19,8 +19,13 @@ def _first_tensor(args) -> torch.Tensor | None:
 def on_tensor_device(launcher):
     """Runs a kernel launcher with its first tensor argument's CUDA device current. Triton launches on the current
     device and its current stream, not on the tensors' device: with tensors on cuda:1 while cuda:0 is current, the
-    kernel would run on the wrong GPU, unordered with the work around it. A no-op for CPU tensors (interpreter)."""
+    kernel would run on the wrong GPU, unordered with the work around it. A no-op for CPU tensors (interpreter).
 
+    The launcher is also left out of torch.compile's tracing (`torch.compiler.disable`: a graph break, where
+    Dynamo would otherwise fail inside the launch, as it does under the interpreter); a launcher a graph must
+    keep whole is registered as a custom op instead (fastopd/_triton_ops.py)."""
+
+    @torch.compiler.disable
     @functools.wraps(launcher)
     def launch(*args, **kwargs):
         t = _first_tensor(args)

@@ -131,12 +131,13 @@ def _check_labels(labels: torch.Tensor | None, lead: torch.Size, vocab: int, ign
     if labels.numel() == 0:
         return labels
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
-    if labels.device.type == "cpu":  # a free check on the CPU
+    if labels.device.type == "cpu" and not torch.compiler.is_compiling():  # a free check on the CPU
         if bool(bad.any()):
             first = int(labels[bad][0])
             raise ValueError(f"labels hold {first}, outside [0, {vocab}) and not ignore_index={ignore_index}")
     else:
-        # On a GPU a host check would synchronize; a device-side assert does not (and is graph-capturable). The
+        # On a GPU a host check would synchronize; a device-side assert does not (and is graph-capturable; under
+        # torch.compile, where a data-dependent branch cannot be traced, it serves the CPU too). The
         # kernels cannot be trusted with it: Triton drops tl.device_assert outside debug mode, and the tiled and
         # vocab-parallel paths would silently read such a label as a logit of 0.
         torch._assert_async(~bad.any(), f"fastopd: labels outside [0, {vocab}) that are not ignore_index="
