@@ -6,6 +6,10 @@ config, RNG states, metric history and anything else the trainer adds). It is wr
 folder, every file flushed to disk, then renamed into place in one `os.rename`; the ``latest`` pointer is
 replaced the same way. A crash at any point leaves either the previous checkpoint or the new one, never a
 partial one, and `latest_checkpoint` ignores leftover temporary folders.
+
+``trainer.pt``, written last, lists the other files with their sizes (``_files``): a folder whose files are
+missing, of other sizes or unreadable (damaged after the fact, or left by something else) is not a complete
+checkpoint; `latest_checkpoint` passes over it, with a warning, to the newest complete one.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import re
 import shutil
 import stat
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +154,8 @@ def save_checkpoint(
         save_file(_plain_state_dict(model_state), str(tmp / MODEL_FILE), metadata={"step": str(step)})
         if optimizer_state is not None:
             torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
-        torch.save({**trainer_state, "step": step}, tmp / TRAINER_FILE)
+        files = {f.name: f.stat().st_size for f in tmp.iterdir()}  # what a complete copy of this folder holds
+        torch.save({**trainer_state, "step": step, "_files": files}, tmp / TRAINER_FILE)
         file_mode = stat.S_IMODE(tmp.stat().st_mode) & 0o666  # the umask's, as the folder was made with it
         for f in tmp.iterdir():
             os.chmod(f, file_mode)  # safetensors writes its file 0600
@@ -168,20 +174,44 @@ def save_checkpoint(
         raise
     write_text_atomic(root / LATEST, final.name + "\n")
     _fsync_dir(root)
-    if keep is not None:
-        for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
+    if keep is not None and keep > 0:
+        # The newest `keep` up to this step stay; folders of higher steps (another run's, in a reused folder) and
+        # folders that are no complete checkpoint are left alone: nothing this run did not write is deleted.
+        older = [p for p in list_checkpoints(root) if checkpoint_step(p) < step]
+        for old in older[: max(0, len(older) - (keep - 1))]:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """None when `path` is a complete checkpoint folder, else why not (a missing, unreadable or resized file)."""
+    p = Path(path)
+    for name in (MODEL_FILE, TRAINER_FILE):
+        if not (p / name).is_file():
+            return f"it has no {name}"
+    try:
+        trainer = torch.load(p / TRAINER_FILE, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 (a truncated or foreign pickle raises many kinds of error)
+        return f"its {TRAINER_FILE} does not load ({type(exc).__name__}: {str(exc)[:120]})"
+    if not isinstance(trainer, dict) or "step" not in trainer:
+        return f"its {TRAINER_FILE} is not a fastopd trainer state"
+    for name, size in (trainer.get("_files") or {}).items():  # absent in checkpoints of earlier versions
+        f = p / name
+        if not f.is_file():
+            return f"it has no {name} (its {TRAINER_FILE} lists one)"
+        if f.stat().st_size != size:
+            return f"its {name} has {f.stat().st_size} bytes, not the {size} written"
+    return None
+
+
 def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
-    """Complete checkpoint folders under `directory`, oldest step first (temporary folders are skipped)."""
+    """Complete checkpoint folders under `directory`, oldest step first (temporary folders and folders that
+    `checkpoint_problem` rejects are skipped)."""
     root = Path(directory)
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
-    return [p for _, p in sorted(found)]
+    return [p for _, p in sorted(found) if checkpoint_problem(p) is None]
 
 
 def _restore_moved_aside(root: Path, target: Path) -> None:
@@ -194,15 +224,23 @@ def _restore_moved_aside(root: Path, target: Path) -> None:
 
 
 def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint under `directory` (the ``latest`` pointer, else the highest step), or None."""
+    """The newest complete checkpoint under `directory` (the ``latest`` pointer, else the highest complete step),
+    or None. A pointer to a folder that is no complete checkpoint is passed over with a warning naming why."""
     root = Path(directory)
     pointer = root / LATEST
     if pointer.is_file():
         target = root / pointer.read_text().strip()
-        if _STEP_DIR.match(target.name) and not target.exists():
-            _restore_moved_aside(root, target)
-        if _STEP_DIR.match(target.name) and (target / TRAINER_FILE).is_file():
-            return target
+        if _STEP_DIR.match(target.name):
+            if not target.exists():
+                _restore_moved_aside(root, target)
+            why = checkpoint_problem(target) if target.exists() else None
+            if why is None and target.exists():
+                return target
+            found = list_checkpoints(root)
+            if why is not None:
+                warnings.warn(f"checkpoint {target} is not complete ({why}): using "
+                              f"{found[-1] if found else 'none'} instead", RuntimeWarning, stacklevel=2)
+            return found[-1] if found else None
     found = list_checkpoints(root)
     return found[-1] if found else None
 
@@ -212,6 +250,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
     Raises:
         FileNotFoundError: the folder or one of its required files is missing.
+        ValueError: the folder is no complete checkpoint (a file of another size than written, or unreadable).
     """
     from safetensors.torch import load_file
 
@@ -219,8 +258,15 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     for name in (MODEL_FILE, TRAINER_FILE):
         if not (p / name).is_file():
             raise FileNotFoundError(f"checkpoint {p} has no {name}")
-    model = load_file(str(p / MODEL_FILE), device=str(map_location))
-    opt_path = p / OPTIMIZER_FILE
-    optimizer = torch.load(opt_path, map_location=map_location, weights_only=True) if opt_path.is_file() else None
-    trainer = torch.load(p / TRAINER_FILE, map_location="cpu", weights_only=True)
+    why = checkpoint_problem(p)
+    if why is not None:
+        raise ValueError(f"checkpoint {p} is not complete: {why}")
+    try:
+        model = load_file(str(p / MODEL_FILE), device=str(map_location))
+        opt_path = p / OPTIMIZER_FILE
+        optimizer = torch.load(opt_path, map_location=map_location, weights_only=True) if opt_path.is_file() else None
+        trainer = torch.load(p / TRAINER_FILE, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 (safetensors and pickle raise their own kinds of error)
+        raise ValueError(f"checkpoint {p} does not load: {type(exc).__name__}: {str(exc)[:200]}") from exc
+    trainer.pop("_files", None)
     return {"model": model, "optimizer": optimizer, "trainer": trainer}

@@ -61,6 +61,9 @@ class DistillJob:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.mask_density is not None and not 0.0 <= self.mask_density <= 1.0:
             raise ConfigError(f"mask_density: must lie in [0, 1], got {self.mask_density}")
+        cpus = os.cpu_count() or 1
+        if self.threads > cpus:  # torch.set_num_threads of a huge count crashes the process
+            raise ConfigError(f"threads: {self.threads} is more than the {cpus} CPUs of this machine")
 
 
 JOB_FIELDS = {f.name for f in dataclasses.fields(DistillJob)}
@@ -244,14 +247,26 @@ def _distill(job: DistillJob, opd: dict[str, Any], progress: bool, out) -> int:
                               "device(s) are visible")
         if isinstance(config.masks, (str, os.PathLike)) and not Path(config.masks).is_file():
             raise ConfigError(f"masks: {os.fspath(config.masks)} is not a file (a fastopd.optim.masks file)")
-        found = ckpt.latest_checkpoint(config.checkpoint_dir) if config.resume else None
+        found = ckpt.latest_checkpoint(config.checkpoint_dir)
+        if found is not None and not config.resume:  # a fresh run would mix its checkpoints with that run's
+            raise ConfigError(f"out: {config.checkpoint_dir} already holds checkpoints of a run (newest: "
+                              f"{found.name}); pass --resume to continue it, or give another --out")
         if found is not None and job.steps < ckpt.checkpoint_step(found):
             raise ConfigError(f"steps: {job.steps} is below the step the run already reached "
                               f"({ckpt.checkpoint_step(found)}, {found}); a resumed run continues up to --steps")
+        from fastopd import _dispatch
+
+        _dispatch.resolve("divergence_chunk", config.loss_impl, device)  # loss_impl / FASTOPD_IMPL runnable here
+        if config.masks is not None or job.mask_density is not None:
+            _dispatch.resolve("sparse_adamw_step", "auto", device)
         try:  # under torchrun this initializes the process group; every rank uses rank 0's run folder
             par = DataParallel.resolve(config.parallel, config.hsdp_shard_size)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        if job.batch_size < config.grad_accum * par.world_size:
+            raise ConfigError(f"grad_accum: {job.batch_size} prompts per step cannot be split into grad_accum="
+                              f"{config.grad_accum} micro-batches on each of {par.world_size} rank(s) (raise "
+                              "--batch-size or lower grad_accum)")
         if par.active and job.out is None:
             run_dir = Path(par.gather_objects(str(run_dir))[0])
             if not own_checkpoint_dir:

@@ -595,8 +595,8 @@ def test_num_items_as_hf_dataparallel_passes_it():
     hs, ws, ht, wt, _, _ = _ok()
     labels = torch.zeros(5, dtype=torch.long)
     want = fastopd.fused_linear_divergence(hs, ws, ht, wt, labels, num_items_in_batch=7)
-    for given in (torch.tensor(7), torch.tensor([7]), torch.tensor([[7], [7]])):
-        got = fastopd.fused_linear_divergence(hs, ws, ht, wt, labels, num_items_in_batch=given)
+    for count in (torch.tensor(7), torch.tensor([7]), torch.tensor([[7], [7]])):
+        got = fastopd.fused_linear_divergence(hs, ws, ht, wt, labels, num_items_in_batch=count)
         torch.testing.assert_close(got, want, rtol=0, atol=0)
         assert got.shape == ()
 

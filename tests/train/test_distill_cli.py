@@ -96,10 +96,18 @@ def test_tiny_run_writes_the_run_folder_and_resumes(tmp_path, capsys):
     pytest.param(["--device", "gpu"], "device: 'gpu' is not a torch device", id="bad-device"),
     pytest.param(["--resume", "--steps", "2"], "steps: 2 is below the step the run already reached (3",
                  id="resume-below-reached-step"),
+    pytest.param(["--steps", "5"], "already holds checkpoints of a run (newest: step_00000003); pass --resume",
+                 id="fresh-run-over-checkpoints"),
+    pytest.param(["--resume", "--threads", "100000"], "threads: 100000 is more than the", id="threads-over-cpus"),
 ])
 def test_bad_flags_are_reported_before_anything_is_written(tmp_path, capsys, argv, message):
+    import torch
+
+    from fastopd.train import checkpoint as ckpt
+
     out = tmp_path / "run"
-    (out / "checkpoints" / "step_00000003").mkdir(parents=True)  # a run that reached step 3
+    ckpt.save_checkpoint(out / "checkpoints", 3, model_state={"w": torch.zeros(1)}, optimizer_state=None,
+                         trainer_state={})  # a run that reached step 3
     assert main(["distill", *argv, "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fastopd distill: error: ") and message in err and "Traceback" not in err
@@ -224,3 +232,29 @@ def test_resume_reports_the_checkpoints_masks_not_the_flags(tmp_path, capsys):
     assert main(steps(3)) == 0  # no mask flag: the masked run goes on masked
     text = capsys.readouterr().out
     assert "sparse masks (50.0% trainable)" in text and "(the run was started with masks)" in text
+
+
+@needs_assets
+@pytest.mark.parametrize("setup,message", [
+    pytest.param("grad-accum", "grad_accum: 2 prompts per step cannot be split into grad_accum=5", id="grad-accum"),
+    pytest.param("impl-bogus", "FASTOPD_IMPL must be one of", id="impl-bogus"),
+    pytest.param("impl-cuda", "FASTOPD_IMPL='cuda' cannot run divergence_chunk here", id="impl-cuda-on-cpu"),
+    pytest.param("horizon-over-task", "a horizon of up to 1000 tokens exceeds max_new_tokens=", id="horizon-over"),
+])
+def test_settings_the_run_cannot_use_are_one_line_errors_before_anything_is_written(tmp_path, capsys, monkeypatch,
+                                                                                   setup, message):
+    import torch
+
+    argv = ["distill", *TINY, "--out", str(tmp_path / "run")]
+    if setup == "grad-accum":
+        (tmp_path / "ga.toml").write_text("grad_accum = 5\n")
+        argv += ["--config", str(tmp_path / "ga.toml")]
+    elif setup == "horizon-over-task":
+        argv += ["--horizon", "full:1000"]
+    else:
+        if setup == "impl-cuda" and torch.cuda.is_available():
+            pytest.skip("CUDA is available here")
+        monkeypatch.setenv("FASTOPD_IMPL", setup.split("-")[1])
+    assert main(argv) == 2
+    _assert_one_line_error(capsys.readouterr().err, message)
+    assert not (tmp_path / "run").exists()

@@ -119,3 +119,57 @@ def test_checkpoint_folder_has_the_umasks_permissions(tmp_path, umask, mode):
     assert stat.S_IMODE(path.stat().st_mode) == mode  # as any new folder (mkdtemp's would be 0o700)
     for name in (ckpt.MODEL_FILE, ckpt.TRAINER_FILE):  # safetensors alone would write its file 0o600
         assert stat.S_IMODE((path / name).stat().st_mode) == 0o666 & ~umask, name
+
+
+def _three_steps(tmp_path, keep=None):
+    m = _model()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    m(torch.tensor([1, 2])).sum().backward()
+    opt.step()
+    return [ckpt.save_checkpoint(tmp_path, k, model_state=m.state_dict(), optimizer_state=opt.state_dict(),
+                                 trainer_state={"history": []}, keep=keep) for k in (1, 2, 3)]
+
+
+@pytest.mark.parametrize("damage", ["truncated-model", "truncated-trainer", "missing-optimizer",
+                                    "missing-trainer", "grown-optimizer"])
+def test_a_damaged_newest_checkpoint_is_passed_over_for_the_previous_one(tmp_path, damage):
+    """A folder whose files were damaged after it was written is no complete checkpoint: latest_checkpoint warns
+    and returns the newest complete one, and loading the damaged one raises naming it."""
+    paths = _three_steps(tmp_path)
+    newest = paths[-1]
+    what, name = damage.split("-", 1)
+    f = newest / {"model": ckpt.MODEL_FILE, "trainer": ckpt.TRAINER_FILE, "optimizer": ckpt.OPTIMIZER_FILE}[name]
+    if what == "truncated":
+        os.truncate(f, f.stat().st_size // 2)
+    elif what == "missing":
+        f.unlink()
+    else:
+        with open(f, "ab") as out:
+            out.write(b"\0" * 8)
+    assert ckpt.checkpoint_problem(newest) is not None and ckpt.checkpoint_problem(paths[1]) is None
+    with pytest.warns(RuntimeWarning, match=r"step_00000003 is not complete .* using .*step_00000002"):
+        assert ckpt.latest_checkpoint(tmp_path) == paths[1]
+    with pytest.raises((ValueError, FileNotFoundError), match="step_00000003"):
+        ckpt.load_checkpoint(newest)
+    assert ckpt.load_checkpoint(paths[1])["trainer"]["step"] == 2
+
+
+def test_incomplete_folders_are_neither_listed_nor_pruned(tmp_path):
+    junk = tmp_path / "step_00000099"
+    junk.mkdir()
+    paths = _three_steps(tmp_path, keep=2)
+    assert ckpt.list_checkpoints(tmp_path) == paths[1:]  # step 1 pruned; the junk folder neither listed nor deleted
+    assert junk.is_dir()
+    (tmp_path / ckpt.LATEST).unlink()
+    assert ckpt.latest_checkpoint(tmp_path) == paths[-1]
+
+
+def test_a_fresh_run_in_a_reused_folder_prunes_only_below_its_step(tmp_path):
+    """Checkpoints of an earlier run at higher steps are left alone; the new run keeps its own newest ones."""
+    m = _model()
+    old = [ckpt.save_checkpoint(tmp_path, k, model_state=m.state_dict(), optimizer_state=None, trainer_state={})
+           for k in (35, 40)]
+    new = [ckpt.save_checkpoint(tmp_path, k, model_state=m.state_dict(), optimizer_state=None, trainer_state={},
+                                keep=2) for k in (5, 10, 15)]
+    assert ckpt.list_checkpoints(tmp_path) == new[1:] + old
+    assert ckpt.latest_checkpoint(tmp_path) == new[-1]
