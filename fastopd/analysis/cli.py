@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -13,49 +17,143 @@ from fastopd.analysis.report import nonfinite_line
 from fastopd.analysis.stats import AnalysisConfig
 
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
+SEED_LIMIT = 1 << 43  # |seed| below this: stats._gen's seed * 1_000_003 + crc32 stays in torch.Generator's range
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = AnalysisConfig()
     parser.add_argument("base", help="base checkpoint: HF model folder, .safetensors file, or torch state dict")
     parser.add_argument("tuned", help="tuned checkpoint (same forms)")
-    parser.add_argument("--out", default="fastopd-analysis", help="output folder (default: %(default)s)")
+    parser.add_argument("--out", default="fastopd-analysis",
+                        help="output folder, created if missing; checked to be writable before the analysis "
+                        "(default: %(default)s)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
                         help="storage dtype to form Delta in; auto: the checkpoints' own (default: %(default)s)")
     parser.add_argument("--atol", type=float, nargs="+", default=list(d.atols),
-                        help="absolute tolerances for density |Delta| > atol (default: %(default)s)")
+                        help="absolute tolerances, each finite and >= 0, for density |Delta| > atol "
+                        "(0: any nonzero Delta) (default: %(default)s)")
     parser.add_argument("--tau", type=float, nargs="+", default=list(d.taus),
-                        help="relative tolerances: fraction with |Delta| < tau * RMS(base) (default: %(default)s)")
+                        help="relative tolerances, each finite and > 0: fraction with |Delta| < tau * RMS(base) "
+                        "(default: %(default)s)")
     parser.add_argument("--null-models", choices=NULL_MODES, default="sample",
                         help="null models on a sample of tensors (first/middle/last layer per module kind, tensors "
                         "up to 2^26 elements), all, or none (default: %(default)s)")
     parser.add_argument("--mask-out", metavar="MASKS.safetensors",
-                        help="write the changed-coordinate mask (fastopd.masks.v1) for fastopd.optim.masks")
+                        help="write the changed-coordinate mask (fastopd.masks.v1) for fastopd.optim.masks; its "
+                        "folder is created if missing and checked to be writable before the analysis")
     parser.add_argument("--mask-atol", type=float, default=None,
-                        help="mask = |Delta| > this instead of bitwise changed")
+                        help="mask = |Delta| > this (finite, >= 0) instead of bitwise changed")
     parser.add_argument("--allow-partial", action="store_true",
                         help="analyse the common tensors when names or shapes differ (listed in the report)")
     parser.add_argument("--include", metavar="REGEX", help="analyse only tensors whose name matches")
     parser.add_argument("--exclude", metavar="REGEX", help="skip tensors whose name matches")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the null models (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the null models, |seed| < 2^43 (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads, a positive integer (default: torch's choice)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cfg = AnalysisConfig(atols=tuple(args.atol), taus=tuple(args.tau), seed=args.seed, mask_atol=args.mask_atol)
+def _option_error(args: argparse.Namespace) -> str | None:
+    """The first option whose value is outside its meaning (see the help texts), or None."""
+    for a in args.atol:
+        if not (math.isfinite(a) and a >= 0):
+            return f"--atol {a:g}: absolute tolerances must be finite and >= 0"
+    for t in args.tau:
+        if not (math.isfinite(t) and t > 0):
+            return f"--tau {t:g}: relative tolerances must be finite and > 0 (|Delta| < 0 * RMS(base) holds nowhere)"
+    if args.mask_atol is not None and not (math.isfinite(args.mask_atol) and args.mask_atol >= 0):
+        return f"--mask-atol {args.mask_atol:g}: the mask tolerance must be finite and >= 0"
+    if args.threads is not None and args.threads < 1:
+        return f"--threads {args.threads}: the number of torch threads must be a positive integer"
+    if not -SEED_LIMIT < args.seed < SEED_LIMIT:
+        return f"--seed {args.seed}: the seed must satisfy |seed| < 2^43"
+    return None
+
+
+def _writable_folder(folder: Path, option: str, created: list[Path]) -> str | None:
+    """Create `folder` (appending the folders made to `created`, deepest first) and probe-write a temporary file in
+    it, removed again; the error text (naming `option`) when that fails, else None."""
+    if folder.exists() and not folder.is_dir():
+        return f"{option}: {str(folder)!r} exists and is not a folder"
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
     try:
-        report = analyze_update(args.base, args.tuned, dtype=DTYPES[args.dtype], config=cfg,
-                                null_models=args.null_models, allow_partial=args.allow_partial,
-                                include=args.include, exclude=args.exclude, mask_out=args.mask_out,
-                                progress=not args.quiet)
-    except (AnalysisInputError, CheckpointError, MismatchError) as exc:
-        print(f"fastopd analyze: error: {exc}", file=sys.stderr)
-        return 2
-    written = report.write(args.out, plots=not args.no_plots)
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"{option}: cannot create the folder {str(folder)!r}: {exc.strerror or exc}"
+    finally:
+        created += [p for p in missing if p.is_dir()]
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".fastopd-write-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return f"{option}: cannot write into the folder {str(folder)!r}: {exc.strerror or exc}"
+    return None
+
+
+def _output_error(args: argparse.Namespace, created: list[Path]) -> str | None:
+    """Check that --out and --mask-out can be written, creating their folders (listed in `created`)."""
+    if args.mask_out is not None:
+        mask = Path(args.mask_out)
+        if mask.is_dir():
+            return f"--mask-out: {args.mask_out!r} is a folder, not a file name"
+        if mask.exists():
+            if not mask.is_file():
+                return f"--mask-out: {args.mask_out!r} exists and is not a regular file"
+            for side, ckpt in (("BASE", args.base), ("TUNED", args.tuned)):
+                if os.path.exists(ckpt) and os.path.samefile(mask, ckpt):
+                    return f"--mask-out: {args.mask_out!r} is the {side} checkpoint"
+        error = _writable_folder(mask.parent, "--mask-out", created)
+        if error:
+            return error
+    return _writable_folder(Path(args.out), "--out", created)
+
+
+def _remove_created(created: list[Path]) -> None:
+    """Remove the folders the output checks made, where they are still empty (deepest first)."""
+    for folder in sorted(set(created), key=lambda p: len(p.parts), reverse=True):
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
+
+
+def _fail(message: str) -> int:
+    print(f"fastopd analyze: error: {message}", file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    error = _option_error(args)
+    if error:
+        return _fail(error)
+    created: list[Path] = []
+    ok = False
+    try:
+        error = _output_error(args, created)
+        if error:
+            return _fail(error)
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        cfg = AnalysisConfig(atols=tuple(args.atol), taus=tuple(args.tau), seed=args.seed, mask_atol=args.mask_atol)
+        try:
+            report = analyze_update(args.base, args.tuned, dtype=DTYPES[args.dtype], config=cfg,
+                                    null_models=args.null_models, allow_partial=args.allow_partial,
+                                    include=args.include, exclude=args.exclude, mask_out=args.mask_out,
+                                    progress=not args.quiet)
+        except (AnalysisInputError, CheckpointError, MismatchError) as exc:
+            return _fail(str(exc))
+        ok = True
+    finally:
+        if not ok:
+            _remove_created(created)
+    try:
+        written = report.write(args.out, plots=not args.no_plots)
+    except OSError as exc:
+        return _fail(f"--out: writing the report into {args.out!r} failed: {exc}"
+                     + (f" (the mask {args.mask_out!r} was written)" if args.mask_out else ""))
     s = report.summary
     print(f"analysed {s['tensors']} tensors ({s['numel']:,} parameters) in {report.meta['seconds']:.1f} s: "
           f"{s['density_exact']:.4g} of coordinates changed; FFN share: {s['ffn_share_params']:.3g} of parameters, "

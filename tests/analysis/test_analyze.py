@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -285,6 +287,129 @@ def test_cli_input_errors_exit_2_with_an_error_line(tmp_path, capsys, sd, extra,
     assert rc == 2
     assert err.startswith("fastopd analyze: error: ") and says in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def _pair(tmp_path):
+    """A small BASE/TUNED pair of safetensors files in tmp_path."""
+    fb, ft = tmp_path / "b.safetensors", tmp_path / "t.safetensors"
+    save_file({"lm_head.weight": torch.ones(4, 4)}, str(fb))
+    save_file({"lm_head.weight": torch.full((4, 4), 2.0)}, str(ft))
+    return fb, ft
+
+
+def _no_analysis(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the analysis ran despite an invalid option")
+    monkeypatch.setattr("fastopd.analysis.cli.analyze_update", refuse)
+
+
+def _tree(root) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("extra,option", [
+    pytest.param(["--atol", "-1"], "--atol", id="atol-negative"),
+    pytest.param(["--atol", "1e-6", "nan"], "--atol", id="atol-nan"),
+    pytest.param(["--atol", "inf"], "--atol", id="atol-inf"),
+    pytest.param(["--tau", "0"], "--tau", id="tau-zero"),
+    pytest.param(["--tau", "-0.001"], "--tau", id="tau-negative"),
+    pytest.param(["--tau", "nan"], "--tau", id="tau-nan"),
+    pytest.param(["--mask-atol", "-1"], "--mask-atol", id="mask-atol-negative"),
+    pytest.param(["--mask-atol", "nan"], "--mask-atol", id="mask-atol-nan"),
+    pytest.param(["--threads", "0"], "--threads", id="threads-zero"),
+    pytest.param(["--threads", "-2"], "--threads", id="threads-negative"),
+    pytest.param(["--seed", str(10 ** 14)], "--seed", id="seed-beyond-generator-range"),
+])
+def test_cli_invalid_option_values_exit_2_before_the_analysis(tmp_path, capsys, monkeypatch, extra, option):
+    fb, ft = _pair(tmp_path)
+    _no_analysis(monkeypatch)
+    threads = torch.get_num_threads()
+    before = _tree(tmp_path)
+    rc = cli_main(["analyze", str(fb), str(ft), "--out", str(tmp_path / "o"), "--quiet", "--no-plots",
+                   "--mask-out", str(tmp_path / "m" / "m.safetensors"), *extra])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith(f"fastopd analyze: error: {option} ") and err.count("\n") == 1 and "Traceback" not in err
+    assert _tree(tmp_path) == before and torch.get_num_threads() == threads
+
+
+def _bad_output(tmp_path, case: str) -> tuple[list[str], str]:
+    """(--out/--mask-out arguments, the option the error must name) for one unwritable-output case."""
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    (tmp_path / "adir").mkdir()
+    ok_out, ok_mask = str(tmp_path / "new" / "o"), str(tmp_path / "new" / "m" / "m.safetensors")
+    if case.endswith("proc") and not Path("/proc").is_dir():
+        pytest.skip("no /proc")
+    if case == "fifo":
+        if not hasattr(os, "mkfifo"):
+            pytest.skip("no mkfifo")
+        os.mkfifo(tmp_path / "fifo")
+    return {
+        "mask-in-proc": (["--out", ok_out, "--mask-out", "/proc/nope/m.safetensors"], "--mask-out"),
+        "mask-is-folder": (["--out", ok_out, "--mask-out", str(tmp_path / "adir")], "--mask-out"),
+        "mask-under-file": (["--out", ok_out, "--mask-out", str(afile / "m.safetensors")], "--mask-out"),
+        "mask-is-base": (["--out", ok_out, "--mask-out", str(tmp_path / "b.safetensors")], "--mask-out"),
+        "fifo": (["--out", ok_out, "--mask-out", str(tmp_path / "fifo")], "--mask-out"),
+        "out-is-file": (["--out", str(afile), "--mask-out", ok_mask], "--out"),
+        "out-in-proc": (["--out", "/proc/x", "--mask-out", ok_mask], "--out"),
+        "out-under-file": (["--out", str(afile / "o"), "--mask-out", ok_mask], "--out"),
+    }[case]
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param("mask-in-proc", id="mask-out-under-proc"),
+    pytest.param("mask-is-folder", id="mask-out-is-an-existing-folder"),
+    pytest.param("mask-under-file", id="mask-out-under-a-regular-file"),
+    pytest.param("mask-is-base", id="mask-out-is-the-base-checkpoint"),
+    pytest.param("fifo", id="mask-out-is-not-a-regular-file"),
+    pytest.param("out-is-file", id="out-is-an-existing-regular-file"),
+    pytest.param("out-in-proc", id="out-under-proc"),
+    pytest.param("out-under-file", id="out-under-a-regular-file"),
+])
+def test_cli_unwritable_outputs_exit_2_before_the_analysis_and_write_nothing(tmp_path, capsys, monkeypatch, case):
+    fb, ft = _pair(tmp_path)
+    outputs, option = _bad_output(tmp_path, case)
+    _no_analysis(monkeypatch)
+    before = _tree(tmp_path)
+    base_bytes = fb.read_bytes()
+    rc = cli_main(["analyze", str(fb), str(ft), "--quiet", "--no-plots", *outputs])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith(f"fastopd analyze: error: {option}: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert _tree(tmp_path) == before  # the other output's folder, made for its check, is removed again
+    assert fb.read_bytes() == base_bytes
+
+
+def test_cli_removes_the_output_folders_it_made_when_the_analysis_fails(tmp_path, capsys):
+    fb, ft = _pair(tmp_path)
+    before = _tree(tmp_path)
+    rc = cli_main(["analyze", str(fb), str(ft), "--out", str(tmp_path / "new" / "o"), "--quiet", "--no-plots",
+                   "--mask-out", str(tmp_path / "new" / "m" / "m.safetensors"), "--include", "nomatch"])
+    assert rc == 2 and "filtered by include/exclude" in capsys.readouterr().err
+    assert _tree(tmp_path) == before
+
+
+def test_cli_accepts_zero_tolerances_and_the_seed_limit(tmp_path):
+    fb, ft = _pair(tmp_path)
+    out, mask = tmp_path / "o", tmp_path / "o" / "m.safetensors"
+    rc = cli_main(["analyze", str(fb), str(ft), "--out", str(out), "--quiet", "--no-plots", "--atol", "0",
+                   "--mask-atol", "0", "--mask-out", str(mask), "--null-models", "all", "--seed", str(-(2 ** 43 - 1))])
+    assert rc == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["tensors"]["lm_head.weight"]["density_atol"] == {"0": 1.0}
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".fastopd-write-probe-")]
+
+
+def test_cli_report_write_failure_is_an_error_line(tmp_path, capsys, monkeypatch):
+    fb, ft = _pair(tmp_path)
+
+    def fail(self, out_dir, plots=True):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr("fastopd.analysis.report.UpdateReport.write", fail)
+    rc = cli_main(["analyze", str(fb), str(ft), "--out", str(tmp_path / "o"), "--quiet", "--no-plots"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("fastopd analyze: error: --out: ") and "No space left" in err
 
 
 def test_invalid_regex_is_reported_before_any_checkpoint_is_read(tmp_path):
