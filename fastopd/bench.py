@@ -28,6 +28,8 @@ import json
 import os
 import platform
 import statistics
+import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -489,26 +491,43 @@ def markdown_table(result: dict, label: str) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 DEFAULT_REPEATS = {"quick": 15, "full": 7}
+DIVERGENCES = ("fkl", "rkl", "jsd")
+# The smallest --tokens/--hidden/--vocab that measure something: make_inputs masks every 10th row from the
+# first (so one row leaves nothing to average: a NaN loss), and a one-token vocabulary makes every divergence 0.
+MIN_SIZE = {"tokens": 2, "hidden": 1, "vocab": 2}
+
+
+class BenchInputError(ValueError):
+    """Bad input to `fastopd bench`, reported as one `fastopd bench: error:` line (exit code 2) before any timing."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--full", action="store_true",
                         help=f"the target shapes (N={FULL.n}, Ds=Dt={FULL.ds}, V={FULL.v}); default is a quick run "
                              f"at N={QUICK.n}, Ds=Dt={QUICK.ds}, V={QUICK.v}")
-    parser.add_argument("--tokens", type=int, default=None, help="override N (token rows)")
-    parser.add_argument("--hidden", type=int, default=None, help="override Ds = Dt (hidden size)")
-    parser.add_argument("--vocab", type=int, default=None, help="override V (vocabulary size)")
-    parser.add_argument("--divergences", default="fkl,jsd", help="comma-separated, from fkl,rkl,jsd (default fkl,jsd)")
+    parser.add_argument("--tokens", type=int, default=None,
+                        help=f"override N (token rows, at least {MIN_SIZE['tokens']}: every 10th row from the first "
+                             "is masked out)")
+    parser.add_argument("--hidden", type=int, default=None,
+                        help=f"override Ds = Dt (hidden size, at least {MIN_SIZE['hidden']})")
+    parser.add_argument("--vocab", type=int, default=None,
+                        help=f"override V (vocabulary size, at least {MIN_SIZE['vocab']}: with one token every "
+                             "divergence is 0)")
+    parser.add_argument("--divergences", default="fkl,jsd",
+                        help=f"comma-separated, from {','.join(DIVERGENCES)} (default fkl,jsd)")
     parser.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma-separated, from {','.join(PROVIDERS)}")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"),
+                        help="default cuda where a CUDA device is visible, else cpu")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--repeats", type=int, default=None,
-                        help=f"timed round-robin repeats, one call of every provider each (default "
+                        help=f"timed round-robin repeats, one call of every provider each, at least 1 (default "
                              f"{DEFAULT_REPEATS['full']} full, {DEFAULT_REPEATS['quick']} otherwise)")
     parser.add_argument("--warmup", type=int, default=1,
-                        help="untimed calls per provider before timing, the first of which measures its peak "
-                             "memory (default 1)")
-    parser.add_argument("--out", default="bench/results", help="folder for the JSON and Markdown results")
+                        help="untimed calls per provider before timing, at least 1, the first of which measures "
+                             "its peak memory (default 1)")
+    parser.add_argument("--out", default="bench/results",
+                        help="folder for the JSON and Markdown results (created, and checked to be writable, "
+                             "before the timing)")
 
 
 def _command(args: argparse.Namespace) -> str:
@@ -523,22 +542,92 @@ def _command(args: argparse.Namespace) -> str:
     return " ".join(parts)
 
 
-def run(args: argparse.Namespace) -> int:
+def _names(flag: str, value: str, allowed: tuple[str, ...], what: str) -> list[str]:
+    """The comma-separated names of `flag`, each one of `allowed`, at least one and none twice."""
+    names = [x.strip() for x in value.split(",") if x.strip()]
+    choose = f"choose from {', '.join(allowed)}"
+    if not names:
+        raise BenchInputError(f"--{flag}: no {what} given ({choose})")
+    for x in names:
+        if x not in allowed:
+            raise BenchInputError(f"--{flag}: unknown {what} {x!r} ({choose})")
+    twice = sorted({x for x in names if names.count(x) > 1})
+    if twice:
+        raise BenchInputError(f"--{flag}: {', '.join(map(repr, twice))} given more than once")
+    return names
+
+
+def _pick(value: int | None, default: int) -> int:
+    """`value`, or `default` only where the flag was absent (a 0 given is checked, never replaced)."""
+    return default if value is None else value
+
+
+def _check_args(args: argparse.Namespace) -> tuple[Shape, list[str], list[str], int]:
+    """The shape, divergences, providers and repeats `args` ask for; BenchInputError where they are bad."""
+    for flag, least in MIN_SIZE.items():
+        value = getattr(args, flag)
+        if value is not None and value < least:
+            raise BenchInputError(f"--{flag} must be >= {least}, got {value}")
+    for flag in ("repeats", "warmup"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise BenchInputError(f"--{flag} must be >= 1, got {value}")
     base = FULL if args.full else QUICK
-    d = args.hidden or base.ds
-    shape = Shape(args.tokens or base.n, d, args.hidden or base.dt, args.vocab or base.v, args.dtype)
+    shape = Shape(_pick(args.tokens, base.n), _pick(args.hidden, base.ds), _pick(args.hidden, base.dt),
+                  _pick(args.vocab, base.v), args.dtype)
+    divergences = _names("divergences", args.divergences, DIVERGENCES, "divergence")
+    providers = _names("providers", args.providers, PROVIDERS, "provider")
+    repeats = _pick(args.repeats, DEFAULT_REPEATS["full" if args.full else "quick"])
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise BenchInputError("--device cuda: no CUDA device is visible (torch.cuda.is_available() is False); "
+                              "use --device cpu")
+    if "fastopd" in providers:  # a bad FASTOPD_IMPL or FASTOPD_CHUNK_BYTES would fail the first fastopd call
+        from fastopd.losses.functional import chunk_rows_for
+
+        try:
+            _dispatch.resolve("divergence_chunk", "auto", args.device)
+            chunk_rows_for(shape.v, None, args.device)
+        except ValueError as exc:
+            raise BenchInputError(f"provider fastopd: {exc}") from None
+    return shape, divergences, providers, repeats
+
+
+def _prepare_out(out: Path, files: list[str]) -> None:
+    """Create the folder `out` and check that `files` can be written in it; BenchInputError if not."""
+    if out.exists() and not out.is_dir():
+        raise BenchInputError(f"--out {out}: exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BenchInputError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
+    for name in files:
+        if (out / name).is_dir():
+            raise BenchInputError(f"--out {out}: {name} there is a folder, not a file that can be written")
+    try:
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise BenchInputError(f"--out {out}: cannot write in the folder ({exc.strerror or exc})") from None
+    for name in files:
+        if (out / name).exists() and not os.access(out / name, os.W_OK):
+            raise BenchInputError(f"--out {out}: {name} there is not writable")
+
+
+def _error(msg: str) -> int:
+    print(f"fastopd bench: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
     custom = (args.tokens, args.hidden, args.vocab) != (None, None, None)
-    divergences = [d.strip() for d in args.divergences.split(",") if d.strip()]
-    providers = [p.strip() for p in args.providers.split(",") if p.strip()]
-    for d in divergences:
-        if d not in ("fkl", "rkl", "jsd"):
-            raise SystemExit(f"fastopd bench: unknown divergence {d!r} (choose from fkl, rkl, jsd)")
-    for p in providers:
-        if p not in PROVIDERS:
-            raise SystemExit(f"fastopd bench: unknown provider {p!r} (choose from {', '.join(PROVIDERS)})")
-    if args.repeats is not None and args.repeats < 1:
-        raise SystemExit(f"fastopd bench: --repeats must be >= 1, got {args.repeats}")
-    repeats = args.repeats if args.repeats is not None else DEFAULT_REPEATS["full" if args.full else "quick"]
+    kind = "custom" if custom else ("full" if args.full else "quick")
+    out = Path(args.out)
+    try:
+        shape, divergences, providers, repeats = _check_args(args)
+        stem = f"loss_{args.device}_{kind}_{shape.dtype}"
+        _prepare_out(out, [f"{stem}.json", f"{stem}.md"])  # before the timing, so a bad --out does not waste it
+    except BenchInputError as exc:
+        return _error(str(exc))
     if custom:
         label = "custom shapes"
     elif args.full:
@@ -553,11 +642,10 @@ def run(args: argparse.Namespace) -> int:
     table = markdown_table(result, label)
     print()
     print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    kind = "custom" if custom else ("full" if args.full else "quick")
-    stem = f"loss_{args.device}_{kind}_{shape.dtype}"
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(table)
+    try:
+        (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / f"{stem}.md").write_text(table)
+    except OSError as exc:  # checked before the timing; this is what changed since (the table is printed above)
+        return _error(f"--out {out}: cannot write the results ({exc.strerror or exc})")
     print(f"wrote {out / (stem + '.json')} and {out / (stem + '.md')}")
     return 0

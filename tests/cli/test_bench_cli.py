@@ -144,3 +144,117 @@ def test_no_flags_on_a_clean_run():
     rows = [_row("fastopd", [1.2] * 5), _row("gemm_floor", [1.0] * 5, loss_diff=None)]
     assert bench.summarize(rows, "float32") == [] and all(r["flags"] == [] for r in rows)
     assert "Warnings:" not in bench.markdown_table(_result(rows, []), "synthetic")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad input: one `fastopd bench: error:` line naming the flag, exit code 2, before any timing and any writing
+# ---------------------------------------------------------------------------------------------------------
+
+OK = ["bench", "--tokens", "8", "--hidden", "4", "--vocab", "16", "--divergences", "fkl", "--providers", "naive",
+      "--repeats", "1", "--device", "cpu"]
+BAD_INPUT = [
+    pytest.param(["--tokens", "0"], "--tokens must be >= 2, got 0", id="tokens-zero-is-not-the-default"),
+    pytest.param(["--tokens", "-4"], "--tokens must be >= 2, got -4", id="tokens-negative"),
+    pytest.param(["--tokens", "1"], "--tokens must be >= 2", id="tokens-one-row-is-all-masked"),
+    pytest.param(["--hidden", "0"], "--hidden must be >= 1, got 0", id="hidden-zero-is-not-the-default"),
+    pytest.param(["--hidden", "-1"], "--hidden must be >= 1", id="hidden-negative"),
+    pytest.param(["--vocab", "0"], "--vocab must be >= 2, got 0", id="vocab-zero-is-not-the-default"),
+    pytest.param(["--vocab", "-3"], "--vocab must be >= 2, got -3", id="vocab-negative"),
+    pytest.param(["--vocab", "1"], "--vocab must be >= 2", id="vocab-one-token-has-no-divergence"),
+    pytest.param(["--repeats", "0"], "--repeats must be >= 1, got 0", id="repeats-zero"),
+    pytest.param(["--repeats", "-2"], "--repeats must be >= 1", id="repeats-negative"),
+    pytest.param(["--warmup", "-1"], "--warmup must be >= 1, got -1", id="warmup-negative"),
+    pytest.param(["--warmup", "0"], "--warmup must be >= 1", id="warmup-zero-would-still-run-the-memory-call"),
+    pytest.param(["--divergences", ""], "--divergences: no divergence given (choose from fkl, rkl, jsd)",
+                 id="divergences-empty"),
+    pytest.param(["--divergences", " , "], "--divergences: no divergence given", id="divergences-only-commas"),
+    pytest.param(["--divergences", "fkl,kl"], "--divergences: unknown divergence 'kl' (choose from fkl, rkl, jsd)",
+                 id="divergences-unknown"),
+    pytest.param(["--divergences", "fkl,fkl"], "--divergences: 'fkl' given more than once",
+                 id="divergences-duplicate"),
+    pytest.param(["--providers", ""], "--providers: no provider given (choose from fastopd, naive, liger, trl, "
+                 "gemm_floor)", id="providers-empty"),
+    pytest.param(["--providers", "fastest"], "--providers: unknown provider 'fastest' (choose from fastopd",
+                 id="providers-unknown"),
+    pytest.param(["--providers", "naive,naive"], "--providers: 'naive' given more than once",
+                 id="providers-duplicate"),
+]
+
+
+@pytest.fixture
+def no_timing(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("bad input reached the timing")
+
+    monkeypatch.setattr(bench, "run_benchmark", fail)
+
+
+def _rejected(capsys, argv, message):
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # nothing printed before the check: no run started
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastopd bench: error: ")
+    assert message in lines[0]
+
+
+@pytest.mark.parametrize(("extra", "message"), BAD_INPUT)
+def test_bad_flag_is_an_error_before_anything_runs(tmp_path, capsys, no_timing, extra, message):
+    out = tmp_path / "out"
+    _rejected(capsys, [*OK, *extra, "--out", str(out)], message)
+    assert not out.exists()  # not even the folder
+
+
+def test_cuda_without_a_visible_device_is_an_error(tmp_path, capsys, no_timing, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "out"
+    _rejected(capsys, [*OK, "--device", "cuda", "--out", str(out)], "--device cuda: no CUDA device is visible")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("env", [pytest.param({"FASTOPD_IMPL": "bogus"}, id="FASTOPD_IMPL-unknown"),
+                                 pytest.param({"FASTOPD_CHUNK_BYTES": "0"}, id="FASTOPD_CHUNK_BYTES-zero")])
+def test_bad_fastopd_environment_is_an_error_before_anything_runs(tmp_path, capsys, no_timing, monkeypatch, env):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    out = tmp_path / "out"
+    _rejected(capsys, [*OK, "--providers", "fastopd,naive", "--out", str(out)], f"provider fastopd: {k}")
+    assert not out.exists()
+
+
+def test_out_that_is_a_file_is_an_error(tmp_path, capsys, no_timing):
+    out = tmp_path / "results"
+    out.write_text("keep me")
+    _rejected(capsys, [*OK, "--out", str(out)], f"--out {out}: exists and is not a folder")
+    assert out.read_text() == "keep me"
+
+
+def test_out_under_a_file_is_an_error(tmp_path, capsys, no_timing):
+    (tmp_path / "results").write_text("keep me")
+    out = tmp_path / "results" / "sub"
+    _rejected(capsys, [*OK, "--out", str(out)], f"--out {out}: cannot create the folder")
+    assert (tmp_path / "results").read_text() == "keep me"
+
+
+@linux_only
+def test_out_under_proc_is_an_error(capsys, no_timing):
+    _rejected(capsys, [*OK, "--out", "/proc/fastopd-bench-results"], "--out /proc/fastopd-bench-results: cannot")
+
+
+def test_out_whose_result_file_is_a_folder_is_an_error(tmp_path, capsys, no_timing):
+    (tmp_path / "loss_cpu_custom_float32.json").mkdir()
+    _rejected(capsys, [*OK, "--out", str(tmp_path)], "loss_cpu_custom_float32.json there is a folder")
+    assert [p.name for p in tmp_path.iterdir()] == ["loss_cpu_custom_float32.json"]
+
+
+def test_out_folder_is_made_before_the_timing(tmp_path, monkeypatch):
+    out = tmp_path / "a" / "b"
+    seen = []
+
+    def fake(*args, **kwargs):
+        seen.append(out.is_dir())
+        return _result([_row("naive", [1.0])], [])
+
+    monkeypatch.setattr(bench, "run_benchmark", fake)
+    assert cli.main([*OK, "--out", str(out)]) == 0
+    assert seen == [True] and (out / "loss_cpu_custom_float32.json").exists()
