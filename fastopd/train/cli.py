@@ -308,7 +308,9 @@ def _distill(job: DistillJob, opd: dict[str, Any], progress: bool, out) -> int:
         try:
             _write_run_folder(run_dir, fresh=trainer.resumed_from is None,
                               resolved={**dataclasses.asdict(job), **config.to_dict(), "teacher": str(teacher_dir),
-                                        "student": str(student_dir), "world_size": par.world_size})
+                                        "student": str(student_dir), "world_size": par.world_size,
+                                        # a resumed masked run trains its checkpoint's masks, whatever the flags
+                                        "masks_from_checkpoint": trainer.masks_from_checkpoint})
         except OSError as exc:
             failed = f"out: cannot write the run folder {run_dir} ({exc.strerror or exc})"
     failed = par.gather_objects(failed)[0]  # every rank stops if rank 0 could not write it
@@ -332,6 +334,11 @@ def _distill(job: DistillJob, opd: dict[str, Any], progress: bool, out) -> int:
             why = ("; the masks given (--masks, --mask-density or the config file's) select others and are not used"
                    if config.masks is not None else " (the run was started with masks)")
             print(f"note: resuming with the checkpoint's sparse masks{why}", file=out, flush=True)
+        if trainer.changed_options:
+            changes = ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in
+                                ((k, *v) for k, v in sorted(trainer.changed_options.items())))
+            print(f"note: options differ from the checkpoint's run, and apply from step {trainer.global_step} on: "
+                  f"{changes}", file=out, flush=True)
     elif config.resume:
         print(f"no checkpoint in {config.checkpoint_dir}: starting a fresh run", file=out, flush=True)
     history = trainer.train(lambda k: task.train_prompts(k, job.batch_size, seed=config.seed), job.steps,

@@ -181,6 +181,7 @@ class OPDTrainer:
         self._restored_steps = 0  # batches of an iterator prompt source the next `train` skips (after a resume)
         self._train_steps: int | None = None
         self.masks_from_checkpoint = False
+        self.changed_options: dict[str, tuple[Any, Any]] = {}  # after a resume: option -> (checkpoint's, this one's)
         self._logs_stale = False  # metrics/eval.jsonl to be rewritten from the histories before the next write
         if data is not None:
             self._restore(found, data)
@@ -553,6 +554,10 @@ class OPDTrainer:
             changed = sparse and _mask_signature(self.optimizer) != before
             self.masks_from_checkpoint = any(self.parallel.gather_objects(changed))
         tr = data["trainer"]
+        then, now = tr.get("config") or {}, _plain(self.config.to_dict())
+        # Options the resumed run changes (they apply from here on); the masks are reported apart.
+        self.changed_options = {k: (then[k], now[k]) for k in now
+                                if k in then and then[k] != now[k] and k not in _RESUME_OWN_OPTIONS}
         ranks = tr.get("rng_ranks", [tr["rng"]])
         if len(ranks) == self.parallel.world_size:
             ckpt.set_rng_state(ranks[self.parallel.rank])
@@ -610,6 +615,11 @@ class OPDTrainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / name, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+# Options that say how to resume or where to write, not how to train: never reported as changed on a resume.
+_RESUME_OWN_OPTIONS = frozenset({"resume", "checkpoint_dir", "checkpoint_every", "keep_checkpoints", "masks",
+                                 "log_every"})
 
 
 def _is_masked_state(optimizer_state: dict[str, Any] | None) -> bool:

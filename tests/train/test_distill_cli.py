@@ -229,9 +229,13 @@ def test_resume_reports_the_checkpoints_masks_not_the_flags(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "sparse masks (50.0% trainable)" in text  # what the optimizer trains, not the flag's 10%
     assert "note: resuming with the checkpoint's sparse masks; the masks given" in text
-    assert main(steps(3)) == 0  # no mask flag: the masked run goes on masked
+    assert "note: options differ" not in text  # the masks are reported apart
+    assert json.loads((out / "config.json").read_text())["masks_from_checkpoint"] is True
+    assert main(steps(3) + ["--objective", "rkl", "--lr", "0.002"]) == 0  # no mask flag: the masked run goes on masked
     text = capsys.readouterr().out
     assert "sparse masks (50.0% trainable)" in text and "(the run was started with masks)" in text
+    assert ("note: options differ from the checkpoint's run, and apply from step 2 on: lr 0.001 -> 0.002, "
+            "objective 'fkl' -> 'rkl'") in text
 
 
 @needs_assets
