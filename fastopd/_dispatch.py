@@ -5,9 +5,10 @@ backend to use, honouring `impl=` first, then the `FASTOPD_IMPL` environment var
 available backend for the device. `available(op, backend, device)` says whether a backend can run here,
 and why not. Nothing here imports a backend's code until it is asked for.
 
-Under torch.compile both run at trace time, outside the graph: `resolve` is a constant result (it reads the
-environment and what is installed, never tensors), and it loads the backend's kernel there, so that `kernel`
-is a dictionary lookup (Dynamo cannot trace an import). The graph then holds only the kernel's ops.
+Under torch.compile both run at trace time, outside the graph: `resolve`'s work is a constant result (it reads
+the environment and what is installed, never tensors), and it loads the backend's kernel there, so that `kernel`
+is a dictionary lookup (Dynamo cannot trace an import). The graph then holds only the kernel's ops, and the
+choice is baked into it: after changing `FASTOPD_IMPL`, `torch._dynamo.reset()` makes compiled code choose again.
 """
 
 from __future__ import annotations
@@ -111,20 +112,36 @@ def available(op: str, backend: str, device: torch.device | str) -> str | None:
     return f"op {op!r} has no backend {backend!r} (it has: {', '.join(backend_names(op))})"
 
 
-@torch.compiler.assume_constant_result
 def resolve(op: str, impl: str, device: torch.device | str) -> str:
     """The backend name for `op` on `device`, its kernel loaded for `kernel`. Raises ValueError for an unknown or
-    unusable `impl`.
+    unusable `impl` (also under torch.compile).
 
     `FASTOPD_IMPL` stands in for `impl="auto"` in the ops that have a backend of that name (FASTOPD_IMPL=cuda
     forces the CUDA loss kernel; the optimizer step, which has none, stays automatic); an explicit `impl` must
     name one of the op's backends."""
-    name = _resolve(op, impl, device)
+    name, error = _resolve_constant(op, impl, device)
+    if error is not None:
+        raise ValueError(error)
+    return name
+
+
+def _resolve_constant(op: str, impl: str, device: torch.device | str) -> tuple[str, str | None]:
+    """(backend, None), or ("", why not): plain strings, so that Dynamo can take the call as a constant."""
+    try:
+        name = _resolve(op, impl, device)
+    except ValueError as exc:
+        return "", str(exc)
     try:
         _load(op, name)
     except Exception:  # noqa: BLE001 (an import that fails is raised by `kernel`, where the kernel is needed)
         pass
-    return name
+    return name, None
+
+
+# What torch.compiler.assume_constant_result does (Dynamo runs the call at trace time and keeps its result), set
+# directly: the decorator imports torch._dynamo, ~2 s at every `import fastopd` (tests/losses/test_compile.py checks
+# that the marker is still the decorator's).
+_resolve_constant._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def _resolve(op: str, impl: str, device: torch.device | str) -> str:

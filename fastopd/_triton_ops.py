@@ -2,8 +2,8 @@
 
 Dynamo does not trace the launcher (its Python, the launch, the interpreter on the CPU): the op is opaque in the
 graph, described by its mutated arguments and a fake implementation, as the C++/CUDA ops registered in
-csrc/ops.cpp are. Eager calls go through the same op (a few microseconds per chunk). Imported only when the
-dispatch loads the Triton backend (it imports triton).
+csrc/ops.cpp are. Eager calls go through the same op (the custom-op dispatch costs some 20 us per chunk, against
+a chunk's milliseconds of GEMMs). Imported only when the dispatch loads the Triton backend (it imports triton).
 """
 
 from __future__ import annotations

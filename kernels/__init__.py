@@ -21,9 +21,10 @@ def on_tensor_device(launcher):
     device and its current stream, not on the tensors' device: with tensors on cuda:1 while cuda:0 is current, the
     kernel would run on the wrong GPU, unordered with the work around it. A no-op for CPU tensors (interpreter).
 
-    The launcher is also left out of torch.compile's tracing (`torch.compiler.disable`: a graph break, where
-    Dynamo would otherwise fail inside the launch, as it does under the interpreter); a launcher a graph must
-    keep whole is registered as a custom op instead (fastopd/_triton_ops.py)."""
+    The launcher is also left out of torch.compile's tracing (`torch.compiler.disable`: a graph break). Its host
+    code (device address tables, cached block maps, the interpreter on the CPU, where Dynamo fails inside the
+    launch) is not written to be traced; a launcher a graph must keep whole is registered as a custom op instead
+    (fastopd/_triton_ops.py)."""
 
     @torch.compiler.disable
     @functools.wraps(launcher)

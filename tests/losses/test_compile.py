@@ -126,3 +126,30 @@ def test_tiled_mode_compiles_with_a_break_at_its_launches():
     torch.testing.assert_close(c_out, e_out, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(c_gh, e_gh, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(c_gw, e_gw, rtol=1e-6, atol=1e-7)
+
+
+def test_the_trace_time_dispatch_marker_is_the_one_dynamo_reads():
+    """_dispatch sets assume_constant_result's marker itself (the decorator imports torch._dynamo): the marker must
+    still be what the decorator sets, and importing fastopd must not import Dynamo."""
+    import subprocess
+    import sys
+
+    def probe():
+        return None
+
+    torch.compiler.assume_constant_result(probe)
+    assert probe.__dict__ == {"_dynamo_marked_constant": True}
+    assert _dispatch._resolve_constant._dynamo_marked_constant is True
+    code = "import sys, fastopd; print('torch._dynamo' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
+
+
+def test_a_bad_fastopd_impl_is_a_value_error_under_compile_too(monkeypatch):
+    hs, ws, ht, wt, labels = _inputs()
+    monkeypatch.setenv("FASTOPD_IMPL", "bogus")
+    torch._dynamo.reset()
+    f = torch.compile(lambda *a: fastopd.fused_linear_divergence(*a), fullgraph=False, backend="aot_eager")
+    with pytest.raises(ValueError, match="FASTOPD_IMPL must be one of"):
+        f(hs, ws, ht, wt, labels)
+    torch._dynamo.reset()
