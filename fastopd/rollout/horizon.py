@@ -12,6 +12,8 @@ import numbers
 import operator
 from collections.abc import Callable
 
+import torch
+
 
 def as_int(value: object) -> int | None:
     """`value` as a Python int if it is an integer (int, NumPy or one-element integer tensor; not a bool or a
@@ -25,7 +27,12 @@ def as_int(value: object) -> int | None:
 
 
 def as_real(value: object) -> float | None:
-    """`value` as a Python float if it is a real number (int, float, NumPy scalar; not a bool), else None."""
+    """`value` as a Python float if it is a real number (int, float, NumPy scalar, one-element non-bool tensor; not
+    a bool), else None."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
+            return None
+        return float(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None
     return float(value)

@@ -518,6 +518,7 @@ def test_bad_input_raises(call, match):
      pytest.param(dict(horizon=4, temperature="1"), "temperature must be a number", id="str-temperature"),
      pytest.param(dict(horizon=4, top_p="0.5"), "top_p must be a number", id="str-top_p"),
      pytest.param(dict(horizon=4, top_k=2.0), "top_k", id="float-topk"),
+     pytest.param(dict(horizon=4, top_p=torch.tensor([0.5, 0.5])), "top_p must be a number", id="two-element-top_p"),
      pytest.param(dict(horizon=2.5), "horizon must be", id="float-horizon"),
      pytest.param(dict(horizon=4, eos_token_id=VOCAB), "eos_token_id", id="eos-outside-vocab"),
      pytest.param(dict(horizon=4, pad_token_id=VOCAB + 5), "pad_token_id", id="pad-outside-vocab"),
@@ -554,12 +555,12 @@ def test_numpy_and_tensor_settings_equal_python_numbers():
     """Settings given as NumPy numbers or integer tensors (a config read through numpy) act as the same Python
     numbers, as token ids already do."""
     model = builtin()
-    kw = dict(horizon=np.int64(5), num_samples=np.int64(2), temperature=np.float32(0.7), top_k=np.int64(7),
+    kw = dict(horizon=np.int64(5), num_samples=np.int64(2), temperature=torch.tensor(0.7), top_k=np.int64(7),
               top_p=np.float64(0.9))
     torch.manual_seed(3)
     got = RolloutEngine(model, **kw).generate(PROMPTS, step=torch.tensor(2))
     torch.manual_seed(3)
-    want = RolloutEngine(model, horizon=5, num_samples=2, temperature=float(np.float32(0.7)), top_k=7,
+    want = RolloutEngine(model, horizon=5, num_samples=2, temperature=float(torch.tensor(0.7)), top_k=7,
                          top_p=0.9).generate(PROMPTS, step=2)
     assert torch.equal(got.input_ids, want.input_ids) and got.horizon == want.horizon == 5
     assert type(got.horizon) is int
