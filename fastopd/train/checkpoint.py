@@ -7,13 +7,14 @@ folder, every file flushed to disk, then renamed into place in one `os.rename`; 
 replaced the same way. A crash at any point leaves either the previous checkpoint or the new one, never a
 partial one, and `latest_checkpoint` ignores leftover temporary folders.
 
-``trainer.pt``, written last, lists the other files with their sizes (``_files``): a folder whose files are
-missing, of other sizes or unreadable (damaged after the fact, or left by something else) is not a complete
-checkpoint; `latest_checkpoint` passes over it, with a warning, to the newest complete one.
+``manifest.json``, written last, lists the files with their sizes: a folder whose files are missing or of other
+sizes (damaged after the fact, or left by something else) is not a complete checkpoint, which a stat of each
+file tells, without reading them; `latest_checkpoint` passes over it, with a warning, to the newest complete one.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -29,6 +30,8 @@ import torch
 from fastopd._io import write_text_atomic
 
 MODEL_FILE = "model.safetensors"
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = "fastopd.checkpoint.v1"
 OPTIMIZER_FILE = "optimizer.pt"
 TRAINER_FILE = "trainer.pt"
 LATEST = "latest"
@@ -154,8 +157,9 @@ def save_checkpoint(
         save_file(_plain_state_dict(model_state), str(tmp / MODEL_FILE), metadata={"step": str(step)})
         if optimizer_state is not None:
             torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+        torch.save({**trainer_state, "step": step}, tmp / TRAINER_FILE)
         files = {f.name: f.stat().st_size for f in tmp.iterdir()}  # what a complete copy of this folder holds
-        torch.save({**trainer_state, "step": step, "_files": files}, tmp / TRAINER_FILE)
+        (tmp / MANIFEST_FILE).write_text(json.dumps({"format": MANIFEST_FORMAT, "step": step, "files": files}))
         file_mode = stat.S_IMODE(tmp.stat().st_mode) & 0o666  # the umask's, as the folder was made with it
         for f in tmp.iterdir():
             os.chmod(f, file_mode)  # safetensors writes its file 0600
@@ -184,21 +188,27 @@ def save_checkpoint(
 
 
 def checkpoint_problem(path: str | os.PathLike) -> str | None:
-    """None when `path` is a complete checkpoint folder, else why not (a missing, unreadable or resized file)."""
+    """None when `path` is a complete checkpoint folder, else why not: a file missing, or of another size than its
+    manifest says (only stats, no file is read but the manifest). Folders written before manifests existed need
+    only their model and trainer files."""
     p = Path(path)
     for name in (MODEL_FILE, TRAINER_FILE):
         if not (p / name).is_file():
             return f"it has no {name}"
+    manifest = p / MANIFEST_FILE
+    if not manifest.is_file():
+        return None
     try:
-        trainer = torch.load(p / TRAINER_FILE, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 (a truncated or foreign pickle raises many kinds of error)
-        return f"its {TRAINER_FILE} does not load ({type(exc).__name__}: {str(exc)[:120]})"
-    if not isinstance(trainer, dict) or "step" not in trainer:
-        return f"its {TRAINER_FILE} is not a fastopd trainer state"
-    for name, size in (trainer.get("_files") or {}).items():  # absent in checkpoints of earlier versions
-        f = p / name
+        info = json.loads(manifest.read_text())
+        files = info["files"] if info.get("format") == MANIFEST_FORMAT else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        files = None
+    if not isinstance(files, dict):
+        return f"its {MANIFEST_FILE} is not a {MANIFEST_FORMAT} manifest"
+    for name, size in files.items():
+        f = p / str(name)
         if not f.is_file():
-            return f"it has no {name} (its {TRAINER_FILE} lists one)"
+            return f"it has no {name} (its {MANIFEST_FILE} lists one)"
         if f.stat().st_size != size:
             return f"its {name} has {f.stat().st_size} bytes, not the {size} written"
     return None
@@ -268,5 +278,4 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         trainer = torch.load(p / TRAINER_FILE, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 (safetensors and pickle raise their own kinds of error)
         raise ValueError(f"checkpoint {p} does not load: {type(exc).__name__}: {str(exc)[:200]}") from exc
-    trainer.pop("_files", None)
     return {"model": model, "optimizer": optimizer, "trainer": trainer}

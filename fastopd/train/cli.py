@@ -247,10 +247,12 @@ def _distill(job: DistillJob, opd: dict[str, Any], progress: bool, out) -> int:
                               "device(s) are visible")
         if isinstance(config.masks, (str, os.PathLike)) and not Path(config.masks).is_file():
             raise ConfigError(f"masks: {os.fspath(config.masks)} is not a file (a fastopd.optim.masks file)")
-        found = ckpt.latest_checkpoint(config.checkpoint_dir)
+        found = ckpt.latest_checkpoint(config.checkpoint_dir) if config.checkpoint_dir is not None else None
         if found is not None and not config.resume:  # a fresh run would mix its checkpoints with that run's
-            raise ConfigError(f"out: {config.checkpoint_dir} already holds checkpoints of a run (newest: "
-                              f"{found.name}); pass --resume to continue it, or give another --out")
+            where = ("checkpoint_dir" if own_checkpoint_dir else "out", "another checkpoint_dir in the config file"
+                     if own_checkpoint_dir else "another --out")
+            raise ConfigError(f"{where[0]}: {config.checkpoint_dir} already holds checkpoints of a run (newest: "
+                              f"{found.name}); pass --resume to continue it, or give {where[1]}")
         if found is not None and job.steps < ckpt.checkpoint_step(found):
             raise ConfigError(f"steps: {job.steps} is below the step the run already reached "
                               f"({ckpt.checkpoint_step(found)}, {found}); a resumed run continues up to --steps")

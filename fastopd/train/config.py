@@ -78,9 +78,6 @@ def parse_horizon_spec(spec: Any, max_new_tokens: int, where: str = "horizon") -
                 raise ConfigError(f"{where}.{key}: must be an integer >= {least}, got {d[key]!r}")
         if kind == "truncated" and not (isinstance(d["ratio"], (int, float)) and 0.0 < d["ratio"] <= 1.0):
             raise ConfigError(f"{where}.ratio: must lie in (0, 1], got {d['ratio']!r}")
-        if d["max_new_tokens"] > max_new_tokens:
-            raise ConfigError(f"{where}: a horizon of up to {d['max_new_tokens']} tokens exceeds max_new_tokens="
-                              f"{max_new_tokens}, the cap of every schedule (raise max_new_tokens, or lower it)")
         return d
     if callable(spec):
         return None
@@ -105,8 +102,9 @@ class OPDConfig:
         horizon: tokens generated per step: None (= max_new_tokens), an int, "truncated:0.5",
             "progressive:START,STEP,EVERY", a dict/TOML table, a `fastopd.rollout.Horizon`, or any callable
             step -> H.
-        max_new_tokens: the full horizon, the cap of every schedule given as a spec (a larger int or "full:H"
-            is refused); a `Horizon` or callable sets its own.
+        max_new_tokens: the full horizon: what None and "full" generate, and the most "truncated" and
+            "progressive" reach; an int, "full:H", a table with its own max_new_tokens, a `Horizon` or a callable
+            sets its own (the rollout engine caps every horizon at the model's context).
         num_samples: completions per prompt.
         eos_token_id, pad_token_id: as for `fastopd.rollout.RolloutEngine` (eos None: no early stop).
     Optimizer (AdamW, or SparseMaskedAdamW when `masks` is given):

@@ -243,7 +243,6 @@ def test_resume_reports_the_checkpoints_masks_not_the_flags(tmp_path, capsys):
     pytest.param("grad-accum", "grad_accum: 2 prompts per step cannot be split into grad_accum=5", id="grad-accum"),
     pytest.param("impl-bogus", "FASTOPD_IMPL must be one of", id="impl-bogus"),
     pytest.param("impl-cuda", "FASTOPD_IMPL='cuda' cannot run divergence_chunk here", id="impl-cuda-on-cpu"),
-    pytest.param("horizon-over-task", "a horizon of up to 1000 tokens exceeds max_new_tokens=", id="horizon-over"),
 ])
 def test_settings_the_run_cannot_use_are_one_line_errors_before_anything_is_written(tmp_path, capsys, monkeypatch,
                                                                                    setup, message):
@@ -253,8 +252,6 @@ def test_settings_the_run_cannot_use_are_one_line_errors_before_anything_is_writ
     if setup == "grad-accum":
         (tmp_path / "ga.toml").write_text("grad_accum = 5\n")
         argv += ["--config", str(tmp_path / "ga.toml")]
-    elif setup == "horizon-over-task":
-        argv += ["--horizon", "full:1000"]
     else:
         if setup == "impl-cuda" and torch.cuda.is_available():
             pytest.skip("CUDA is available here")
@@ -262,3 +259,22 @@ def test_settings_the_run_cannot_use_are_one_line_errors_before_anything_is_writ
     assert main(argv) == 2
     _assert_one_line_error(capsys.readouterr().err, message)
     assert not (tmp_path / "run").exists()
+
+
+@needs_assets
+def test_checkpoint_dir_none_runs_and_a_config_checkpoint_dir_in_use_is_named(tmp_path, capsys):
+    import torch
+
+    from fastopd.train import checkpoint as ckpt
+    from fastopd.train.cli import DistillJob, distill
+
+    job = DistillJob(steps=1, batch_size=2, eval_size=4, out=str(tmp_path / "r0"))
+    assert distill(job, {"checkpoint_dir": None, "num_samples": 1, "horizon": "full:4"}, progress=False) == 0
+    assert not (tmp_path / "r0" / "checkpoints").exists()
+    used = tmp_path / "ckpts"
+    ckpt.save_checkpoint(used, 3, model_state={"w": torch.zeros(1)}, optimizer_state=None, trainer_state={})
+    (tmp_path / "c.toml").write_text(f"checkpoint_dir = {str(used)!r}\n")
+    capsys.readouterr()
+    assert main(["distill", *TINY, "--config", str(tmp_path / "c.toml"), "--out", str(tmp_path / "r1")]) == 2
+    _assert_one_line_error(capsys.readouterr().err, f"checkpoint_dir: {used} already holds checkpoints of a run "
+                           "(newest: step_00000003); pass --resume to continue it, or give another checkpoint_dir")

@@ -173,3 +173,12 @@ def test_a_fresh_run_in_a_reused_folder_prunes_only_below_its_step(tmp_path):
                                 keep=2) for k in (5, 10, 15)]
     assert ckpt.list_checkpoints(tmp_path) == new[1:] + old
     assert ckpt.latest_checkpoint(tmp_path) == new[-1]
+
+
+def test_a_checkpoint_from_before_manifests_still_loads_and_a_garbled_manifest_does_not(tmp_path):
+    paths = _three_steps(tmp_path)
+    (paths[0] / ckpt.MANIFEST_FILE).unlink()  # as written by earlier versions
+    assert ckpt.checkpoint_problem(paths[0]) is None and ckpt.load_checkpoint(paths[0])["trainer"]["step"] == 1
+    (paths[1] / ckpt.MANIFEST_FILE).write_text("{not json")
+    assert "manifest" in ckpt.checkpoint_problem(paths[1])
+    assert ckpt.list_checkpoints(tmp_path) == [paths[0], paths[2]]
