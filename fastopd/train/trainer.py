@@ -28,6 +28,7 @@ import contextlib
 import json
 import math
 import random
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -557,7 +558,8 @@ class OPDTrainer:
         then, now = tr.get("config") or {}, _plain(self.config.to_dict())
         # Options the resumed run changes (they apply from here on); the masks are reported apart.
         self.changed_options = {k: (then[k], now[k]) for k in now
-                                if k in then and then[k] != now[k] and k not in _RESUME_OWN_OPTIONS}
+                                if k in then and then[k] != now[k] and k not in _RESUME_OWN_OPTIONS
+                                and not (_is_object_repr(then[k]) and _is_object_repr(now[k]))}
         ranks = tr.get("rng_ranks", [tr["rng"]])
         if len(ranks) == self.parallel.world_size:
             ckpt.set_rng_state(ranks[self.parallel.rank])
@@ -620,6 +622,12 @@ class OPDTrainer:
 # Options that say how to resume or where to write, not how to train: never reported as changed on a resume.
 _RESUME_OWN_OPTIONS = frozenset({"resume", "checkpoint_dir", "checkpoint_every", "keep_checkpoints", "masks",
                                  "log_every"})
+
+
+def _is_object_repr(value: Any) -> bool:
+    """Whether a config value is the repr of an object with no value form (a callable horizon: `<function ... at
+    0x...>`): two such reprs differ by address, not by what they do, so a resume does not report them."""
+    return isinstance(value, str) and re.search(r" at 0x[0-9a-fA-F]+>$", value) is not None
 
 
 def _is_masked_state(optimizer_state: dict[str, Any] | None) -> bool:

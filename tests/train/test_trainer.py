@@ -342,3 +342,14 @@ def test_load_checkpoint_refuses_what_does_not_fit_before_loading_anything(tmp_p
     with pytest.raises(ValueError, match=r"embed_tokens.weight has shape \(\d+, 40\) there, \(\d+, 32\)"):
         dense.load_checkpoint(tmp_path / "wide" / "step_00000000")
     assert dense.global_step == 0 and all(torch.equal(p, w) for p, w in zip(dense.student.parameters(), weights))
+
+
+def test_resume_lists_the_options_it_changes_not_callable_identities(tmp_path):
+    cfg = dict(checkpoint_dir=str(tmp_path / "ckpt"))
+    first = OPDTrainer(_tiny(8), _tiny(9), _config(**cfg, horizon=lambda k: 3))
+    first.train(_prompts, 1, progress=False)
+    same = OPDTrainer(_tiny(8), _tiny(9), _config(**cfg, horizon=lambda k: 3, resume=True))
+    assert same.global_step == 1 and same.changed_options == {}  # another lambda: its repr differs by address only
+    other = OPDTrainer(_tiny(8), _tiny(9), _config(**cfg, horizon=lambda k: 3, resume=True, lr=1e-3,
+                                                    objective="fkl", keep_checkpoints=5))
+    assert other.changed_options == {"lr": (3e-3, 1e-3), "objective": ("rkl", "fkl")}
