@@ -163,9 +163,11 @@ __attribute__((always_inline)) inline void divergence_row(float* __restrict xs, 
       acc_a += pt != 0.0f ? static_cast<double>(pt * (lpt - lps)) : 0.0;
       if (grad) {
         // p_s - p_t, exact also where both are near 1 (a dominant token): p_t * expm1(lp_s - lp_t) there, as
-        // the Triton and CUDA kernels take it.
+        // the Triton and CUDA kernels take it. Only |d| < 0.1 needs it (further apart, p_s - p_t does not
+        // cancel), so the series alone serves, and the loop gets no exp per element.
         const float d = lps - lpt;
-        const float diff = (pt > 0.0f && d < 30.0f && lpt > -1.0f) ? pt * vmath::expm1(d) : ps - pt;
+        const bool near = pt > 0.0f && lpt > -1.0f && d < 0.1f && d > -0.1f;
+        const float diff = near ? pt * vmath::expm1_small(d) : ps - pt;
         xs[v] = chain * (sw * diff + hw * ps);
       }
     } else if (DIV == kRKL) {
