@@ -343,18 +343,20 @@ def _distill(job: DistillJob, opd: dict[str, Any], progress: bool, out) -> int:
                   f"{changes}", file=out, flush=True)
     elif config.resume:
         print(f"no checkpoint in {config.checkpoint_dir}: starting a fresh run", file=out, flush=True)
+    first_step = trainer.global_step  # after a resume: the steps before it ran in another process
     history = trainer.train(lambda k: task.train_prompts(k, job.batch_size, seed=config.seed), job.steps,
                             progress=progress)
     wall = time.perf_counter() - t0
+    ran = [m for m in history if m["step"] > first_step]  # what the wall time covers
     first, last = trainer.eval_history[0], trainer.eval_history[-1]
     summary = {
         "task": "addition-3digit", "objective": config.objective, "steps": trainer.global_step,
         "student_accuracy_before": first["accuracy"], "student_accuracy_after": last["accuracy"],
         "teacher_accuracy": teacher_acc, "rkl_before": first["rkl"], "rkl_after": last["rkl"],
         "wall_s": wall, "peak_mem_mb": peak_memory_mb(trainer.device),
-        "tokens_generated": sum(m["tokens"] for m in history),
-        "rollout_s": sum(m["rollout_s"] for m in history), "scoring_s": sum(m["scoring_s"] for m in history),
-        "update_s": sum(m["update_s"] for m in history), "run_dir": str(run_dir), "world_size": par.world_size,
+        "steps_this_process": len(ran), "tokens_generated": sum(m["tokens"] for m in ran),
+        "rollout_s": sum(m["rollout_s"] for m in ran), "scoring_s": sum(m["scoring_s"] for m in ran),
+        "update_s": sum(m["update_s"] for m in ran), "run_dir": str(run_dir), "world_size": par.world_size,
     }
     if not par.is_main:
         return 0

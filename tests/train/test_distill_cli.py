@@ -87,7 +87,8 @@ def test_tiny_run_writes_the_run_folder_and_resumes(tmp_path, capsys):
     assert main(argv[:2] + ["3"] + argv[3:] + ["--resume"]) == 0  # continue the same run to step 3
     assert "resuming from" in capsys.readouterr().out
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
-    assert json.loads((out / "summary.json").read_text())["steps"] == 3
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["steps_this_process"] == 1  # the wall time and split: this process's
 
 
 @pytest.mark.parametrize("argv,message", [
