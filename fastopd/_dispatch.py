@@ -3,7 +3,7 @@
 Each op names its backends in priority order per device type; `resolve(op, impl, device)` returns the
 backend to use, honouring `impl=` first, then the `FASTOPD_IMPL` environment variable, then the first
 available backend for the device. `available(op, backend, device)` says whether a backend can run here,
-and why not. Nothing here imports a backend's code until it is asked for.
+and why not. Nothing here imports a backend's code until `resolve` names it (or `kernel` asks for it).
 
 Under torch.compile both run at trace time, outside the graph: `resolve`'s work is a constant result (it reads
 the environment and what is installed, never tensors), and it loads the backend's kernel there, so that `kernel`

@@ -36,6 +36,7 @@ OPTIMIZER_FILE = "optimizer.pt"
 TRAINER_FILE = "trainer.pt"
 LATEST = "latest"
 _ASIDE_PREFIX = ".{name}.old-"  # a step folder moved aside while its step is saved again
+_DELETE_PREFIX = ".deleting-"  # a pruned folder, renamed out of sight before it is removed
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -167,10 +168,10 @@ def save_checkpoint(
         _fsync_dir(tmp)
         if final.exists():  # re-saving a step: move the old one aside first (rename over a non-empty dir fails);
             # a crash between the two renames leaves it aside, and latest_checkpoint moves it back
-            old = root / f"{_ASIDE_PREFIX.format(name=final.name)}{os.getpid()}"
+            old = root / f"{_ASIDE_PREFIX.format(name=final.name)}{os.getpid()}-{uuid.uuid4().hex[:12]}"
             os.rename(final, old)
             os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
         else:
             os.rename(tmp, final)
     except BaseException:
@@ -180,11 +181,24 @@ def save_checkpoint(
     _fsync_dir(root)
     if keep is not None and keep > 0:
         # The newest `keep` up to this step stay; folders of higher steps (another run's, in a reused folder) and
-        # folders that are no complete checkpoint are left alone: nothing this run did not write is deleted.
+        # folders that are no complete checkpoint are left alone.
         older = [p for p in list_checkpoints(root) if checkpoint_step(p) < step]
         for old in older[: max(0, len(older) - (keep - 1))]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
+    for left in root.glob(_DELETE_PREFIX + "*"):  # what a crash in an earlier removal left
+        shutil.rmtree(left, ignore_errors=True)
     return final
+
+
+def _remove(folder: Path) -> None:
+    """Delete a checkpoint folder: renamed out of sight first (one atomic step), so that a crash while its files
+    go never leaves a part of it that looks like a checkpoint."""
+    gone = folder.parent / f"{_DELETE_PREFIX}{folder.name}-{uuid.uuid4().hex[:12]}"
+    try:
+        os.rename(folder, gone)
+    except OSError:
+        return
+    shutil.rmtree(gone, ignore_errors=True)
 
 
 def checkpoint_problem(path: str | os.PathLike) -> str | None:
@@ -228,8 +242,11 @@ def _restore_moved_aside(root: Path, target: Path) -> None:
     """Move back a complete checkpoint that a re-save of its step moved aside and a crash left there (the new
     version never reached its place, so the old one is the newest complete one)."""
     for aside in sorted(root.glob(_ASIDE_PREFIX.format(name=target.name) + "*")):
-        if (aside / TRAINER_FILE).is_file():
-            os.rename(aside, target)
+        if checkpoint_problem(aside) is None:
+            try:
+                os.rename(aside, target)
+            except OSError:  # another rank moved it back first
+                pass
             return
 
 
@@ -276,6 +293,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         opt_path = p / OPTIMIZER_FILE
         optimizer = torch.load(opt_path, map_location=map_location, weights_only=True) if opt_path.is_file() else None
         trainer = torch.load(p / TRAINER_FILE, map_location="cpu", weights_only=True)
+    except (torch.cuda.OutOfMemoryError, MemoryError):
+        raise
     except Exception as exc:  # noqa: BLE001 (safetensors and pickle raise their own kinds of error)
         raise ValueError(f"checkpoint {p} does not load: {type(exc).__name__}: {str(exc)[:200]}") from exc
     return {"model": model, "optimizer": optimizer, "trainer": trainer}

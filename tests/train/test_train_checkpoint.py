@@ -3,6 +3,7 @@
 import os
 import random
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -182,3 +183,26 @@ def test_a_checkpoint_from_before_manifests_still_loads_and_a_garbled_manifest_d
     (paths[1] / ckpt.MANIFEST_FILE).write_text("{not json")
     assert "manifest" in ckpt.checkpoint_problem(paths[1])
     assert ckpt.list_checkpoints(tmp_path) == [paths[0], paths[2]]
+
+
+def test_a_crash_while_pruning_leaves_nothing_that_passes_for_a_checkpoint(tmp_path, monkeypatch):
+    """Pruning renames a folder out of sight before removing its files: a crash half-way (here: the manifest and
+    optimizer state gone, the rest not) leaves no step folder that would load without its optimizer state, and
+    the next save sweeps what is left."""
+    real_rmtree = ckpt.shutil.rmtree
+
+    def dies_half_way(path, ignore_errors=False):
+        for name in (ckpt.MANIFEST_FILE, ckpt.OPTIMIZER_FILE):
+            (Path(path) / name).unlink(missing_ok=True)
+        raise KeyboardInterrupt
+
+    paths = _three_steps(tmp_path)
+    monkeypatch.setattr(ckpt.shutil, "rmtree", dies_half_way)
+    m = _model()
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(tmp_path, 4, model_state=m.state_dict(), optimizer_state={"state": {}},
+                             trainer_state={}, keep=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [p.name for p in paths[1:]] + ["step_00000004"]
+    monkeypatch.setattr(ckpt.shutil, "rmtree", real_rmtree)
+    ckpt.save_checkpoint(tmp_path, 5, model_state=m.state_dict(), optimizer_state=None, trainer_state={}, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000004", "step_00000005"]
