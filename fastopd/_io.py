@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +34,24 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def folder_write_problem(folder: str | os.PathLike) -> str | None:
+    """Create `folder` (and its parents) and probe-write a temporary file in it, removed again: None when that
+    works, else why not (for an output folder checked before any work is done)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        return "exists and is not a folder"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"cannot create the folder ({exc.strerror or exc})"
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        return f"cannot write in the folder ({exc.strerror or exc})"
+    return None
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

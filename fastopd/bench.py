@@ -29,7 +29,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -40,6 +39,7 @@ import torch
 
 import fastopd
 from fastopd import _dispatch
+from fastopd._io import folder_write_problem
 
 PROVIDERS = ("fastopd", "naive", "liger", "trl", "gemm_floor")
 # Environment variables that change what the fastopd provider (or the GEMMs under every provider) runs.
@@ -594,20 +594,12 @@ def _check_args(args: argparse.Namespace) -> tuple[Shape, list[str], list[str], 
 
 def _prepare_out(out: Path, files: list[str]) -> None:
     """Create the folder `out` and check that `files` can be written in it; BenchInputError if not."""
-    if out.exists() and not out.is_dir():
-        raise BenchInputError(f"--out {out}: exists and is not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BenchInputError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
+    why = folder_write_problem(out)
+    if why is not None:
+        raise BenchInputError(f"--out {out}: {why}")
     for name in files:
         if (out / name).is_dir():
             raise BenchInputError(f"--out {out}: {name} there is a folder, not a file that can be written")
-    try:
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as exc:
-        raise BenchInputError(f"--out {out}: cannot write in the folder ({exc.strerror or exc})") from None
     for name in files:
         if (out / name).exists() and not os.access(out / name, os.W_OK):
             raise BenchInputError(f"--out {out}: {name} there is not writable")

@@ -6,11 +6,11 @@ import argparse
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
+from fastopd._io import folder_write_problem
 from fastopd.analysis.analyze import NULL_MODES, AnalysisInputError, MismatchError, analyze_update
 from fastopd.analysis.io import CheckpointError
 from fastopd.analysis.report import nonfinite_line
@@ -75,22 +75,10 @@ def _option_error(args: argparse.Namespace) -> str | None:
 def _writable_folder(folder: Path, option: str, created: list[Path]) -> str | None:
     """Create `folder` (appending the folders made to `created`, deepest first) and probe-write a temporary file in
     it, removed again; the error text (naming `option`) when that fails, else None."""
-    if folder.exists() and not folder.is_dir():
-        return f"{option}: {str(folder)!r} exists and is not a folder"
     missing = [p for p in (folder, *folder.parents) if not p.exists()]
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        return f"{option}: cannot create the folder {str(folder)!r}: {exc.strerror or exc}"
-    finally:
-        created += [p for p in missing if p.is_dir()]
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".fastopd-write-probe-", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        return f"{option}: cannot write into the folder {str(folder)!r}: {exc.strerror or exc}"
-    return None
+    why = folder_write_problem(folder)
+    created += [p for p in missing if p.is_dir()]
+    return None if why is None else f"{option}: {str(folder)!r}: {why}"
 
 
 def _output_error(args: argparse.Namespace, created: list[Path]) -> str | None:
