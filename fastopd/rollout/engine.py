@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -14,6 +13,7 @@ from fastopd.models.layers import positions_from_mask
 from fastopd.rollout.adapters import DecodeStep, LlamaFamilyAdapter, ModelAdapter, as_adapter
 from fastopd.rollout.batch import RolloutBatch
 from fastopd.rollout.horizon import Horizon, as_int, as_real, resolve_horizon
+from fastopd.rollout.horizon import strict_index as _index
 from fastopd.rollout.sampling import sample_tokens
 
 Prompts = Sequence[Sequence[int]] | Sequence[torch.Tensor] | torch.Tensor
@@ -31,18 +31,6 @@ def _eos_ids(eos_token_id: int | Sequence[int] | None) -> list[int]:
     if not ids or any(i < 0 for i in ids):
         raise ValueError(f"eos_token_id must be None, a non-negative int or a list of them, got {eos_token_id!r}")
     return ids
-
-
-def _index(value: Any) -> int:
-    """``operator.index(value)`` (ints, NumPy integers, one-element integer tensors), refusing bools (Python, NumPy or
-    tensor): token ids are integers, not flags.
-
-    Raises:
-        TypeError: a bool or a value without an exact integer value (floats, strings, ...).
-    """
-    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
-        raise TypeError(f"{value!r} is a bool")
-    return operator.index(value)
 
 
 def _row_ids(row: Sequence[Any], what: str, i: int) -> list[int]:

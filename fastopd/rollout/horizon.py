@@ -15,14 +15,23 @@ from collections.abc import Callable
 import torch
 
 
+def strict_index(value: object) -> int:
+    """``operator.index(value)`` (ints, NumPy integers, one-element integer tensors), refusing bools (Python, NumPy
+    or tensor): ids, counts and steps are integers, not flags.
+
+    Raises:
+        TypeError: a bool or a value without an exact integer value (floats, strings, ...).
+    """
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        raise TypeError(f"{value!r} is a bool")
+    return operator.index(value)
+
+
 def as_int(value: object) -> int | None:
-    """`value` as a Python int if it is an integer (int, NumPy or one-element integer tensor; not a bool or a
-    float), else None."""
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
-        return None
+    """`strict_index(value)`, or None where it refuses the value (a bool, a float, a many-element tensor)."""
     try:
-        return operator.index(value)
-    except (TypeError, ValueError, RuntimeError):  # a float or many-element tensor
+        return strict_index(value)
+    except (TypeError, ValueError, RuntimeError):
         return None
 
 

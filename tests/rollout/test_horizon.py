@@ -71,6 +71,7 @@ def test_numpy_and_tensor_numbers_are_accepted():
 
 
 @pytest.mark.parametrize("bad", [pytest.param(1.0, id="float"), pytest.param(True, id="bool"),
+                                 pytest.param(torch.tensor(True), id="bool-tensor"),
                                  pytest.param(torch.tensor(1.0), id="float-tensor"),
                                  pytest.param(torch.tensor([1, 2]), id="two-element-tensor"),
                                  pytest.param("1", id="str")])
