@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fastopd._io import atomic_path
+
 __all__ = ["make_plots"]
 
 
@@ -116,7 +118,8 @@ def make_plots(report, out_dir: str | Path) -> list[Path]:
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:  # a PNG is whole or absent (savefig infers the format from the name: pass it)
+        fig.savefig(tmp, dpi=110, format="png")
     import matplotlib.pyplot as plt
 
     plt.close(fig)

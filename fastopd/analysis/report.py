@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fastopd._io import atomic_path, write_text_atomic
 from fastopd.analysis.naming import FFN_KINDS
 
 __all__ = ["UpdateReport", "build_report"]
@@ -188,20 +189,22 @@ class UpdateReport:
 
     def write(self, out_dir: str | Path, plots: bool = True) -> list[Path]:
         """Write report.json (strict JSON: NaN/Inf numbers as null), report.md, spectra.safetensors and (with
-        matplotlib) PNG plots into `out_dir`."""
+        matplotlib) PNG plots into `out_dir`. Each file is written atomically (`fastopd._io.atomic_path`): an
+        interrupted write leaves the file of an earlier run or none, never a truncated one."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         written = [out / "report.json", out / "report.md"]
         # strict JSON: NaN/Inf statistics are written as null (json's default would write the invalid NaN)
-        written[0].write_text(json.dumps(_json_ready(self.to_dict()), indent=1, allow_nan=False))
-        written[1].write_text(self.markdown())
+        write_text_atomic(written[0], json.dumps(_json_ready(self.to_dict()), indent=1, allow_nan=False))
+        write_text_atomic(written[1], self.markdown())
         if self.spectra:
             import torch
             from safetensors.torch import save_file
 
             flat = {f"{name}/{which}": torch.from_numpy(np.ascontiguousarray(s))
                     for name, d in self.spectra.items() for which, s in d.items()}
-            save_file(flat, str(out / "spectra.safetensors"), metadata={"format": "fastopd.spectra.v1"})
+            with atomic_path(out / "spectra.safetensors") as tmp:
+                save_file(flat, str(tmp), metadata={"format": "fastopd.spectra.v1"})
             written.append(out / "spectra.safetensors")
         if plots:
             from fastopd.analysis.plots import make_plots

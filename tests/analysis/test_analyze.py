@@ -523,6 +523,32 @@ def test_report_json_is_strict_json_with_null_for_nonfinite_numbers(tmp_path):
     assert rep["tensors"]["w"]["energy"] == r.tensors["w"]["energy"]  # finite numbers unchanged
 
 
+@pytest.mark.parametrize("fails", [pytest.param("markdown", id="report-md"), pytest.param("plots", id="png")])
+def test_report_write_interrupted_leaves_the_earlier_files_whole(tmp_path, monkeypatch, fails):
+    base = {"w": torch.randn(12, 10)}
+    r = analyze_update(base, {"w": base["w"] + 1e-3}, null_models="none", progress=False)
+    r.write(tmp_path, plots=True)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert {"report.json", "report.md", "spectra.safetensors", "singular_energy.png"} <= set(before)
+
+    def cut(*args, **kwargs):  # a full disk half-way through the file
+        raise OSError(28, "No space left on device")
+    if fails == "markdown":
+        monkeypatch.setattr(type(r), "markdown", lambda self: "# partial" + "x" * 10_000)
+        monkeypatch.setattr("pathlib.Path.write_text", lambda self, text: (self.open("w").write(text[:9]), cut()))
+    else:
+        import matplotlib.figure
+
+        def half_png(self, fname, **kwargs):
+            Path(fname).write_bytes(b"\x89PNG\r\n")
+            cut()
+        monkeypatch.setattr(matplotlib.figure.Figure, "savefig", half_png)
+    with pytest.raises(OSError, match="No space"):
+        r.write(tmp_path, plots=True)
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert after == before  # no truncated file, no leftover temporary
+
+
 def test_mask_is_readable_by_optim_masks(tmp_path):
     optim_masks = pytest.importorskip("fastopd.optim.masks", reason="fastopd.optim (issue 5) not installed here")
     base = _llama(0, layers=1)
