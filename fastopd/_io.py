@@ -58,3 +58,12 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Replaces the file at `path` by `text` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def save_figure_atomic(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """Saves a matplotlib figure to `path` atomically, in the format its suffix names (the temporary file's name
+    has another suffix, so the format is passed)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
+    return path

@@ -39,7 +39,7 @@ import torch
 
 import fastopd
 from fastopd import _dispatch
-from fastopd._io import folder_write_problem
+from fastopd._io import folder_write_problem, write_text_atomic
 
 PROVIDERS = ("fastopd", "naive", "liger", "trl", "gemm_floor")
 # Environment variables that change what the fastopd provider (or the GEMMs under every provider) runs.
@@ -635,8 +635,8 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(table)
     try:
-        (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-        (out / f"{stem}.md").write_text(table)
+        write_text_atomic(out / f"{stem}.json", json.dumps(result, indent=2) + "\n")
+        write_text_atomic(out / f"{stem}.md", table)
     except OSError as exc:  # checked before the timing; this is what changed since (the table is printed above)
         return _error(f"--out {out}: cannot write the results ({exc.strerror or exc})")
     print(f"wrote {out / (stem + '.json')} and {out / (stem + '.md')}")

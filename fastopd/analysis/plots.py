@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastopd._io import atomic_path
+from fastopd._io import save_figure_atomic
 
 __all__ = ["make_plots"]
 
@@ -118,8 +118,7 @@ def make_plots(report, out_dir: str | Path) -> list[Path]:
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    with atomic_path(path) as tmp:  # a PNG is whole or absent (savefig infers the format from the name: pass it)
-        fig.savefig(tmp, dpi=110, format="png")
+    save_figure_atomic(fig, path)
     import matplotlib.pyplot as plt
 
     plt.close(fig)

@@ -149,13 +149,15 @@ class Transformer(nn.Module):
         """Write ``config.json`` and ``model.safetensors`` (a tied head is stored once, as the embedding)."""
         from safetensors.torch import save_file
 
+        from fastopd._io import atomic_path, write_text_atomic
+
         os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-            json.dump(self.config.to_dict(), f, indent=2)
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight")
-        save_file(state, os.path.join(directory, WEIGHTS_NAME))
+        with atomic_path(os.path.join(directory, WEIGHTS_NAME)) as tmp:  # each file whole or as it was
+            save_file(state, str(tmp))
+        write_text_atomic(os.path.join(directory, CONFIG_NAME), json.dumps(self.config.to_dict(), indent=2))
 
     @classmethod
     def from_pretrained(

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fastopd._io import save_figure_atomic, write_text_atomic
 from fastopd.train.config import ConfigError, OPDConfig, check_keys, load_toml
 
 ASSETS = Path(__file__).parent / "assets" / "addition3"
@@ -176,7 +177,7 @@ def _plots(run_dir: Path, history: list[dict[str, Any]], evals: list[dict[str, A
     ax.set_title("training loss")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(run_dir / "loss.png", dpi=110)
+    save_figure_atomic(fig, run_dir / "loss.png")
     plt.close(fig)
     written.append("loss.png")
     if evals:
@@ -192,7 +193,7 @@ def _plots(run_dir: Path, history: list[dict[str, Any]], evals: list[dict[str, A
         ax.legend(loc="center right")
         ax.set_title("evaluation")
         fig.tight_layout()
-        fig.savefig(run_dir / "accuracy.png", dpi=110)
+        save_figure_atomic(fig, run_dir / "accuracy.png")
         plt.close(fig)
         written.append("accuracy.png")
     return written
@@ -362,8 +363,9 @@ def _distill(job: DistillJob, opd: dict[str, Any], progress: bool, out) -> int:
         return 0
     table = summary_table(summary)
     plots = _plots(run_dir, history, trainer.eval_history, teacher_acc)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (run_dir / "summary.md").write_text(
+    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(
+        run_dir / "summary.md",
         f"# fastopd distill\n\n{table}\n\nObjective `{config.objective}`, {trainer.global_step} steps, horizon "
         f"{_horizon_text(config)}; time split: rollout {summary['rollout_s']:.1f} s, teacher scoring "
         f"{summary['scoring_s']:.1f} s, update {summary['update_s']:.1f} s.\n"
@@ -389,7 +391,7 @@ def _write_run_folder(run_dir: Path, fresh: bool, resolved: dict[str, Any]) -> N
     if fresh:
         for stale in ("metrics.jsonl", "eval.jsonl"):
             (run_dir / stale).unlink(missing_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n")
+    write_text_atomic(run_dir / "config.json", json.dumps(resolved, indent=2, default=str) + "\n")
 
 
 def _horizon_text(config: OPDConfig) -> str:

@@ -144,6 +144,29 @@ def test_save_load_roundtrip(tmp_path, tied):
     torch.testing.assert_close(loaded.logits(ids), model.logits(ids), rtol=0, atol=0)
 
 
+def test_save_pretrained_interrupted_keeps_the_saved_model(tmp_path, monkeypatch):
+    """A save that fails half-way (a full disk) leaves the folder's earlier model loadable, not truncated."""
+    import safetensors.torch
+
+    model = _model(dict(vocab_size=40, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=4))
+    model.save_pretrained(tmp_path)
+    before = sorted((p.name, p.read_bytes()) for p in tmp_path.iterdir())
+    real = safetensors.torch.save_file
+
+    def half(state, filename, metadata=None):
+        real(state, filename, metadata)
+        with open(filename, "r+b") as f:
+            f.truncate(100)
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(safetensors.torch, "save_file", half)
+    with torch.no_grad():
+        model.embed_tokens.weight.add_(1.0)
+    with pytest.raises(OSError, match="No space"):
+        model.save_pretrained(tmp_path)
+    assert sorted((p.name, p.read_bytes()) for p in tmp_path.iterdir()) == before
+    Transformer.from_pretrained(tmp_path)
+
+
 def test_backward_reaches_every_parameter():
     model = _model(CONFIGS[1].values[0])
     ids, mask = _left_padded([5, 3], model.config.vocab_size)
