@@ -88,6 +88,25 @@ def test_logits_api_fullgraph_equals_eager(impl):
     torch.testing.assert_close(c_g, e_g, rtol=1e-6, atol=1e-7)
 
 
+def test_a_model_step_with_several_losses_is_one_graph():
+    """What a trainer compiles: a projection to hidden states, then the module loss and two functional losses (three
+    trace-time dispatches, the automatic backend choice among them) in one graph, gradients equal to eager's."""
+    hs, ws, ht, wt, labels = _inputs(n=9)
+    proj = torch.nn.Linear(8, 8)
+    module = fastopd.FusedLinearDivergenceLoss(divergence="fkl", chunk_size=4)
+
+    def step(h, w, ht, wt, labels):
+        z = torch.tanh(proj(h))
+        return (module(z, w, ht, wt, labels)
+                + fastopd.fused_linear_divergence(z, w, ht, wt, divergence="jsd", beta=0.7, reduction="sum")
+                + 0.5 * fastopd.divergence(z @ w.T, ht @ wt.T, divergence="rkl"))
+
+    (e_out, e_gh, e_gw), (c_out, c_gh, c_gw) = _eager_and_compiled(step, hs, ws, ht, wt, labels)
+    torch.testing.assert_close(c_out, e_out, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(c_gh, e_gh, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(c_gw, e_gw, rtol=1e-6, atol=1e-6)
+
+
 def test_out_of_range_label_still_raises_under_compile():
     """Compiled, the label check is a device-side assert: a RuntimeError naming the labels (eager on the CPU it
     is a ValueError)."""
