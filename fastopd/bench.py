@@ -562,6 +562,52 @@ def _pick(value: int | None, default: int) -> int:
     return default if value is None else value
 
 
+# Peak memory above the inputs of one forward + backward, in fp32 [N, V] tensors (measured by this benchmark on the
+# CPU at N=4096, V=32768: naive 7 / 12, trl 9 / 17, liger 1.9 / 4.4, the GEMM floor 2.1 for fkl / jsd; rkl as fkl);
+# fastopd's chunked loss holds one chunk, bounded by FASTOPD_CHUNK_BYTES, not N x V.
+PEAK_NV_FP32 = {"naive": (7.0, 12.0), "trl": (9.0, 17.0), "liger": (2.0, 4.5), "gemm_floor": (2.2, 2.2)}
+
+
+def _memory_available(device: str) -> tuple[int, str] | None:
+    """Bytes a benchmark on `device` may use and where that was read; None where it cannot be told."""
+    if device == "cuda":
+        free, _total = torch.cuda.mem_get_info()
+        return free, "free on the GPU"
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "MemAvailable"
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "physical memory"
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _check_fits(shape: Shape, divergences: list[str], providers: list[str], device: str) -> None:
+    """BenchInputError where a provider's [N, V] tensors cannot fit in the device's memory (on the CPU the run would
+    be killed, or the machine would swap, after minutes of the other providers' timing)."""
+    available = _memory_available(device)
+    if available is None:
+        return
+    free, where = available
+    itemsize = torch.empty((), dtype=shape.torch_dtype).element_size()
+    inputs = (shape.n + shape.v) * (shape.ds + shape.dt) * itemsize * 2  # the inputs and their gradients
+    nv = shape.n * shape.v * 4
+    for name in providers:
+        if name not in PEAK_NV_FP32:
+            continue
+        factor = max(PEAK_NV_FP32[name][d == "jsd"] for d in divergences)
+        need = inputs + factor * nv
+        if need > free:
+            raise BenchInputError(
+                f"--providers {name}: at N={shape.n} V={shape.v} it needs about {need / 2**30:.1f} GiB "
+                f"({factor:g} fp32 [N, V] tensors), more than the {free / 2**30:.1f} GiB {where} on {device}; "
+                f"leave it out of --providers or lower --tokens / --vocab")
+
+
 def _check_args(args: argparse.Namespace) -> tuple[Shape, list[str], list[str], int]:
     """The shape, divergences, providers and repeats `args` ask for; BenchInputError where they are bad."""
     for flag, least in MIN_SIZE.items():
@@ -581,6 +627,7 @@ def _check_args(args: argparse.Namespace) -> tuple[Shape, list[str], list[str], 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise BenchInputError("--device cuda: no CUDA device is visible (torch.cuda.is_available() is False); "
                               "use --device cpu")
+    _check_fits(shape, divergences, providers, args.device)
     if "fastopd" in providers:  # a bad FASTOPD_IMPL or FASTOPD_CHUNK_BYTES would fail the first fastopd call
         from fastopd.losses.functional import chunk_rows_for
 

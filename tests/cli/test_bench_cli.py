@@ -222,6 +222,26 @@ def test_bad_fastopd_environment_is_an_error_before_anything_runs(tmp_path, caps
     assert not out.exists()
 
 
+@pytest.mark.parametrize(("providers", "message"), [
+    pytest.param("fastopd,naive", "--providers naive: at N=1000000 V=1000000 it needs about", id="naive-too-big"),
+    pytest.param("fastopd,trl", "(17 fp32 [N, V] tensors), more than the", id="trl-jsd-too-big"),
+])
+def test_a_provider_that_cannot_fit_in_memory_is_an_error(tmp_path, capsys, no_timing, providers, message):
+    out = tmp_path / "out"
+    _rejected(capsys, ["bench", "--tokens", "1000000", "--vocab", "1000000", "--hidden", "4", "--divergences",
+                       "fkl,jsd", "--providers", providers, "--device", "cpu", "--out", str(out)], message)
+    assert not out.exists()
+
+
+def test_the_full_run_fits_in_8_gib_but_trl_jsd_does_not(monkeypatch):
+    monkeypatch.setattr(bench, "_memory_available", lambda device: (8 * 2**30, "MemAvailable"))
+    shape = bench.Shape(n=4096, ds=512, dt=512, v=32768)  # one fp32 [N, V] tensor is 0.5 GiB
+    bench._check_fits(shape, ["fkl", "jsd"], ["fastopd", "naive", "liger", "gemm_floor"], "cpu")  # 6.3 GiB at most
+    bench._check_fits(shape, ["fkl"], ["trl"], "cpu")  # 4.8 GiB
+    with pytest.raises(bench.BenchInputError, match=r"--providers trl: .* about 8\.8 GiB"):
+        bench._check_fits(shape, ["jsd"], ["trl"], "cpu")
+
+
 def test_out_that_is_a_file_is_an_error(tmp_path, capsys, no_timing):
     out = tmp_path / "results"
     out.write_text("keep me")
