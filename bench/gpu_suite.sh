@@ -15,7 +15,8 @@
 # vocabularies at the largest and smallest N first); the rollout benchmark (CUDA graphs vs HF generate); the
 # real-shape GPU tests (tests/kernels/test_gpu_shapes.py); the other GPU tests; the sparse AdamW benchmark; the
 # loss benchmark at 256-row chunks. With --budget each step runs under its own cap (the loss benchmark leaves
-# ROLLOUT_SHARE s for the rollout step, which leaves SHAPES_SHARE s for the real-shape tests), a step with too
+# ROLLOUT_SHARE s for the rollout step, which leaves SHAPES_SHARE s for the real-shape tests, each share with
+# STEP_SLACK s more for the overrun of a step killed at its cap), a step with too
 # little time left is skipped, and status.txt says which were capped or skipped.
 # Wheels the machine lacks (liger-kernel, ...) travel in .whl/ at the repository root (bench/fetch_wheels.sh).
 # Environment: PYTHON (default python3); CUDA_HOME (kept if it holds lib64/libcudart.so*, else /usr/local/cuda or
@@ -107,7 +108,9 @@ resolve_commit() {  # sets COMMIT and COMMIT_FROM, exports FASTOPD_COMMIT for th
 START=$SECONDS
 RESERVE=20        # seconds kept back for packing the results
 ROLLOUT_SHARE=180 # with --budget: what the loss benchmark leaves for the rollout step (HF static compiles cold)
-SHAPES_SHARE=30   # ... and what the rollout step leaves for the real-shape GPU tests
+SHAPES_SHARE=30   # ... and what the rollout step leaves for the real-shape GPU tests (also their minimum)
+KILL_GRACE=10     # a step still running this long after its cap's SIGTERM gets a SIGKILL (timeout -k)
+STEP_SLACK=15     # what a capped step may overrun its cap by: the kill grace, its exit, the packing after it
 PACK_TO=""
 if [ "$DRY" = 1 ]; then
   OUT_DIR="$(mktemp -d -t fastopd_gpu_suite_dry.XXXXXX)"
@@ -170,7 +173,7 @@ step() {
   if [ "$t" -lt "$need" ] || [ "$t" -le 0 ]; then say "-- $name: skipped (${t}s left, needs ${need}s)"; SKIPPED+=("$name"); STEP_RC=-1; return 0; fi
   if [ "$cap" -gt 0 ] && [ "$cap" -lt "$t" ]; then limit=$cap kind="cap"; fi
   if [ -n "$BUDGET" ]; then say "== $name (at most ${limit}s): $*"; else say "== $name: $*"; fi
-  if [ -n "$BUDGET" ]; then timeout -k 10 "$limit" "$@" >>"$LOG" 2>&1 || STEP_RC=$?; else "$@" >>"$LOG" 2>&1 || STEP_RC=$?; fi
+  if [ -n "$BUDGET" ]; then timeout -k "$KILL_GRACE" "$limit" "$@" >>"$LOG" 2>&1 || STEP_RC=$?; else "$@" >>"$LOG" 2>&1 || STEP_RC=$?; fi
   if [ "$STEP_RC" = 0 ]; then say "   $name: ok"
   elif [ -n "$BUDGET" ] && { [ "$STEP_RC" = 124 ] || [ "$STEP_RC" = 137 ]; }; then
     if [ "$kind" = cap ]; then say "   $name: stopped at its ${limit}s cap (what it wrote is kept)"; CAPPED+=("$name")
@@ -282,11 +285,14 @@ cat "$OUT_DIR/doctor.txt" >> "$LOG"
 pack
 
 # --- 3. Benchmarks and tests, in order of value -----------------------------------------------------------------
-PYTEST=("$PY" -m pytest -q -rs -p no:cacheprovider)
+# pytest, with SIGTERM raised as KeyboardInterrupt: a test step stopped at its cap (timeout's SIGTERM) still prints
+# the failures so far and writes its JUnit XML (on a plain SIGTERM pytest dies with one character per test logged).
+PYTEST=("$PY" -c "import signal, sys, pytest; signal.signal(signal.SIGTERM, signal.default_int_handler); sys.exit(pytest.main(sys.argv[1:]))" -q -rs -p no:cacheprovider)
 ROUNDS="${FASTOPD_BENCH_ROUNDS:-$([ -n "$BUDGET" ] && echo 3 || echo 5)}"
-cap_after() {  # cap_after SHARE...: the time left minus the shares of the steps after this one (at least 60 s)
+cap_after() {  # cap_after SHARE...: the time left minus the shares of the steps after this one (at least 60 s),
+  # each with STEP_SLACK: a step killed at its cap ends up to that much later, which its successor must not lose
   local c s; c=$(left)
-  for s in "$@"; do c=$((c - s)); done
+  for s in "$@"; do c=$((c - s - STEP_SLACK)); done
   [ "$c" -lt 60 ] && c=60
   echo "$c"
 }
@@ -312,7 +318,7 @@ if [ "$BENCH" = 1 ] && [ "$QUICK" = 0 ]; then
     FASTOPD_BENCH_ROUNDS="$ROUNDS" "${PYTEST[@]}" bench/test_rollout_bench.py -k "cuda or write_results"
 fi
 if [ "$TESTS" = 1 ]; then
-  step "GPU tests at real shapes" 30 0 "${PYTEST[@]}" tests/kernels/test_gpu_shapes.py \
+  step "GPU tests at real shapes" "$SHAPES_SHARE" 0 "${PYTEST[@]}" tests/kernels/test_gpu_shapes.py \
     --junitxml="$OUT_DIR/pytest_gpu_shapes.xml"
   # Without the files that need no GPU (ahead-of-time compiles, the CUDA emulation, this suite's own checks):
   # CI runs those, and here they would only spend the lease.

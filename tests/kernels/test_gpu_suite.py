@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -295,3 +296,54 @@ def test_rollout_results_are_written_after_every_measured_configuration(tmp_path
     md = (tmp_path / "rollout_cuda.md").read_text()
     assert "| hf-static | 8192 |" in md and "First call in s" in md
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def _suite_lines(prefix: str) -> list[str]:
+    return [x for x in (ROOT / "bench" / "gpu_suite.sh").read_text().splitlines() if x.startswith(prefix)]
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
+def test_a_step_that_runs_past_its_cap_leaves_the_next_steps_share():
+    """cap_after (what a step may take so that the later steps keep their shares) must leave room for a step that
+    overruns its cap: `timeout -k` waits its grace before the KILL (a step stuck in a CUDA call ignores SIGTERM),
+    and the suite packs its folder between steps. The rollout step once got exactly the time left minus the
+    real-shape tests' 30 s, which is also that step's minimum: one second of overrun and the tests were skipped."""
+    script = ROOT / "bench" / "gpu_suite.sh"
+    text = script.read_text()
+    defs = "\n".join(_suite_lines("KILL_GRACE=") + _suite_lines("STEP_SLACK=") + _suite_lines("SHAPES_SHARE="))
+    func = text[text.index("cap_after() {"):]
+    func = func[:func.index("\n}\n") + 3]
+    grace = re.search(r"^KILL_GRACE=(\d+)", text, re.M) or re.search(r"timeout -k (\d+) ", text)
+    grace = int(grace.group(1))
+    need = int(subprocess.run(["bash", "-c", f"{defs}\necho $SHAPES_SHARE"], capture_output=True, text=True,
+                              timeout=60).stdout)
+    assert 'step "GPU tests at real shapes" "$SHAPES_SHARE" ' in text  # the share is also the step's minimum
+    for left in (400, 250, 120):
+        out = subprocess.run(["bash", "-c", f"{defs}\nleft() {{ echo {left}; }}\n{func}\ncap_after $SHAPES_SHARE"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        cap = int(out.stdout)
+        pack = 2  # the tarball written after the step
+        assert left - cap - grace - pack >= need, f"left {left}: cap {cap} leaves {left - cap - grace - pack} s"
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="no bash or timeout")
+def test_a_pytest_step_stopped_at_its_cap_still_reports_its_failures(tmp_path):
+    """The suite's pytest command stopped by `timeout` (SIGTERM) still prints the failures so far and writes its
+    JUnit XML: a plain `python -m pytest` dies on SIGTERM with one character per test in the log and no XML, so
+    a real-shape test that failed before the cap would leave no reason in what comes back."""
+    (tmp_path / "test_capped.py").write_text(
+        "import time\n\ndef test_fails():\n    assert 1 == 2, 'the reason of a real failure'\n\n"
+        "def test_passes():\n    pass\n\ndef test_runs_past_the_cap():\n    time.sleep(120)\n")
+    lines = _suite_lines("PYTEST=")
+    assert len(lines) == 1, lines
+    xml = tmp_path / "out.xml"
+    cmd = (f'PY={sys.executable}; {lines[0]}; cd {tmp_path}; '
+           f'timeout -k 20 15 "${{PYTEST[@]}}" test_capped.py --junitxml={xml}')
+    proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"})
+    assert proc.returncode == 124, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "the reason of a real failure" in proc.stdout, proc.stdout[-2000:]
+    assert xml.exists(), proc.stdout[-2000:]
+    report = xml.read_text()
+    assert 'failures="1"' in report and "the reason of a real failure" in report
