@@ -515,10 +515,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "divergence is 0)")
     parser.add_argument("--divergences", default="fkl,jsd",
                         help=f"comma-separated, from {','.join(DIVERGENCES)} (default fkl,jsd)")
-    parser.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma-separated, from {','.join(PROVIDERS)}")
+    parser.add_argument("--providers", default=",".join(PROVIDERS),
+                        help=f"comma-separated, from {','.join(PROVIDERS)} (default: all)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"),
                         help="default cuda where a CUDA device is visible, else cpu")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="dtype of the hidden states and heads (default float32)")
     parser.add_argument("--repeats", type=int, default=None,
                         help=f"timed round-robin repeats, one call of every provider each, at least 1 (default "
                              f"{DEFAULT_REPEATS['full']} full, {DEFAULT_REPEATS['quick']} otherwise)")
@@ -527,7 +529,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "its peak memory (default 1)")
     parser.add_argument("--out", default="bench/results",
                         help="folder for the JSON and Markdown results (created, and checked to be writable, "
-                             "before the timing)")
+                             "before the timing; default bench/results, relative to the working directory)")
 
 
 def _command(args: argparse.Namespace) -> str:

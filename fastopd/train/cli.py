@@ -78,7 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--objective", choices=("fkl", "rkl", "jsd", "pg"),
                    help="fkl/rkl/jsd: full-vocabulary divergence on the student's samples; pg: sampled-token "
                         "reverse KL as a per-token reward, importance-sampled policy gradient (default fkl)")
-    p.add_argument("--beta", type=float, help="JSD mixture weight (0 = fkl, 1 = rkl)")
+    p.add_argument("--beta", type=float, help="JSD mixture weight (0 = fkl, 1 = rkl; default 0.5)")
     p.add_argument("--temperature", type=float, help="sampling and loss temperature (default 1)")
     p.add_argument("--horizon", metavar="SPEC",
                    help="'full', 'full:H', 'truncated:RATIO' or 'progressive:START,STEP,EVERY' (default full)")
