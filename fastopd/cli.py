@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
+
+# What argparse takes for a negative number rather than an option: its own pattern misses exponents and inf/nan
+# ("--tau -1e-3" was "expected one argument", not the tolerance's own range error). Python 3.13's is close to this.
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$", re.IGNORECASE)
 
 # name -> (module, one-line help). Modules are imported only when their subcommand runs or --help is built.
 SUBCOMMANDS = {
@@ -21,6 +26,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
+        p._negative_number_matcher = _NEGATIVE_NUMBER  # argparse's hook (a private attribute since Python 2.7)
         if only is None or name == only:
             importlib.import_module(module).add_arguments(p)
     return parser

@@ -62,7 +62,8 @@ def _option_error(args: argparse.Namespace) -> str | None:
             return f"--atol {a:g}: absolute tolerances must be finite and >= 0"
     for t in args.tau:
         if not (math.isfinite(t) and t > 0):
-            return f"--tau {t:g}: relative tolerances must be finite and > 0 (|Delta| < 0 * RMS(base) holds nowhere)"
+            return (f"--tau {t:g}: relative tolerances must be finite and > 0 "
+                    f"(|Delta| < tau * RMS(base) holds nowhere for tau <= 0)")
     if args.mask_atol is not None and not (math.isfinite(args.mask_atol) and args.mask_atol >= 0):
         return f"--mask-atol {args.mask_atol:g}: the mask tolerance must be finite and >= 0"
     if args.threads is not None and args.threads < 1:

@@ -314,6 +314,8 @@ def _tree(root) -> list[str]:
     pytest.param(["--tau", "0"], "--tau", id="tau-zero"),
     pytest.param(["--tau", "-0.001"], "--tau", id="tau-negative"),
     pytest.param(["--tau", "nan"], "--tau", id="tau-nan"),
+    pytest.param(["--tau", "-1e-3"], "--tau -0.001: relative", id="tau-negative-exponent-is-a-value-not-an-option"),
+    pytest.param(["--atol", "1e-6", "-inf"], "--atol -inf:", id="atol-minus-inf-is-a-value"),
     pytest.param(["--mask-atol", "-1"], "--mask-atol", id="mask-atol-negative"),
     pytest.param(["--mask-atol", "nan"], "--mask-atol", id="mask-atol-nan"),
     pytest.param(["--threads", "0"], "--threads", id="threads-zero"),
