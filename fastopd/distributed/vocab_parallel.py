@@ -31,19 +31,51 @@ import torch.distributed as dist
 
 from fastopd.losses.reference import FKL, JSD, RKL, _xlogy_ratio, scaled_logits, to_raw_logit_grad
 
-_SIZES: dict[tuple, tuple[tuple[int, int], ...]] = {}
+_SIZES: dict[tuple, tuple[tuple[tuple[int, int], ...], torch.Tensor]] = {}
+
+
+def _sizes_device(group: dist.ProcessGroup) -> tuple[torch.device, bool]:
+    """Where the shard sizes are exchanged, and whether reading them back is free: the CPU when the group has a
+    CPU backend (gloo: no device synchronization), else the current CUDA device (NCCL: a read synchronizes)."""
+    backend = str(dist.get_backend(group)).lower()
+    if "gloo" in backend or "mpi" in backend or not torch.cuda.is_available():
+        return torch.device("cpu"), True
+    return torch.device("cuda", torch.cuda.current_device()), False
 
 
 def shard_sizes(student_rows: int, teacher_rows: int, group: dist.ProcessGroup) -> tuple[tuple[int, int], ...]:
     """Every rank's (student, teacher) head rows, in rank order.
 
-    Gathered once per (group, sizes) and cached: later calls need no communication (and no host sync)."""
-    key = (id(group), student_rows, teacher_rows)
+    One SUM all-reduce of [world, 2] integers per call, on every rank whatever it has seen before, so the ranks
+    always meet in the same collectives (a cache hit on one rank and a miss on another, e.g. heads of another
+    vocabulary that changed only the other ranks' shards, would leave them waiting in different ones). On a CPU
+    backend the sizes are read back at no cost. On a device backend they are read (a host sync) the first time
+    this rank sees its sizes in the group; later calls use that layout, checked against the exchanged sizes on
+    the device (`torch._assert_async`: no host sync), so a layout changed on another rank raises instead of
+    being used stale (`clear_layout_cache()` on every rank after such a re-sharding)."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    device, free_read = _sizes_device(group)
+    exchanged = torch.zeros(world, 2, dtype=torch.int64, device=device)
+    exchanged[rank, 0] = int(student_rows)  # scalar fills: no host-to-device copy to wait for
+    exchanged[rank, 1] = int(teacher_rows)
+    dist.all_reduce(exchanged, op=dist.ReduceOp.SUM, group=group)
+    if free_read:
+        return tuple(tuple(r) for r in exchanged.tolist())
+    key = (id(group), world, device, int(student_rows), int(teacher_rows))
     if key not in _SIZES:
-        sizes: list = [None] * dist.get_world_size(group)
-        dist.all_gather_object(sizes, (int(student_rows), int(teacher_rows)), group=group)
-        _SIZES[key] = tuple(tuple(s) for s in sizes)
-    return _SIZES[key]
+        _SIZES[key] = (tuple(tuple(r) for r in exchanged.tolist()), exchanged)
+        return _SIZES[key][0]
+    sizes, seen = _SIZES[key]
+    torch._assert_async((exchanged == seen).all(),
+                        "fastopd: the vocab-parallel head shards of other ranks changed since this rank last used "
+                        "its shard sizes in this group; call fastopd.distributed.vocab_parallel.clear_layout_cache() "
+                        "on every rank after re-sharding")
+    return sizes
+
+
+def clear_layout_cache() -> None:
+    """Forgets the shard layouts `shard_sizes` remembered (device backends), e.g. after re-sharding a head."""
+    _SIZES.clear()
 
 
 def vocab_layout(student_rows: int, teacher_rows: int, vocab_size: int | None,

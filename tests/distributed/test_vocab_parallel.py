@@ -166,3 +166,76 @@ def dtensor_worker(rank: int, world: int) -> str:
     except ValueError as exc:
         return str(exc)
     return "no error"
+
+
+def resharded_worker(rank: int, world: int) -> list[float]:
+    """Heads of V=10 and then V=9 rows split as torch.chunk does: rank 0 holds 5 rows both times, rank 1 holds 5
+    and then 4."""
+    import torch.distributed as dist
+
+    g = torch.Generator().manual_seed(7)
+    losses = []
+    for vocab in (10, 9, 10):
+        hs, ws, ht, wt = (torch.randn(6, 4, generator=g), torch.randn(vocab, 4, generator=g),
+                          torch.randn(6, 3, generator=g), torch.randn(vocab, 3, generator=g))
+        a, b = [(0, 5), (5, vocab)][rank]
+        losses.append(float(fastopd.fused_linear_divergence(hs, ws[a:b], ht, wt[a:b], divergence="jsd",
+                                                            vocab_parallel_group=dist.group.WORLD)))
+    return losses
+
+
+def test_heads_resharded_on_another_rank_only_give_the_single_process_loss():
+    """The shard layout was cached per (group, this rank's rows): rank 0, whose rows did not change, reused the
+    V=10 layout and went on to the loss's all-reduces while rank 1 gathered the new sizes, and the job hung until
+    the process-group timeout. Every rank now takes part in the size exchange of every call."""
+    per_rank = run_ranks(resharded_worker, 2, deadline_s=150)
+    g = torch.Generator().manual_seed(7)
+    for i, vocab in enumerate((10, 9, 10)):
+        hs, ws, ht, wt = (torch.randn(6, 4, generator=g), torch.randn(vocab, 4, generator=g),
+                          torch.randn(6, 3, generator=g), torch.randn(vocab, 3, generator=g))
+        want = float(fastopd.fused_linear_divergence(hs, ws, ht, wt, divergence="jsd"))
+        for rank in range(2):
+            assert per_rank[rank][i] == pytest.approx(want, rel=1e-5), (rank, vocab)
+
+
+def cached_layout_worker(rank: int, world: int) -> dict:
+    """The device-backend path (NCCL: sizes read once per own sizes, then checked on the device) run on gloo by
+    declaring the read not free. Layouts (rank 0 rows, rank 1 rows): (5, 4), (6, 5), (5, 4) again (both ranks hit
+    their cache, which is right), then (5, 5): both ranks hold cached layouts for their own sizes that are stale."""
+    import torch.distributed as dist
+
+    from fastopd.distributed import vocab_parallel
+
+    vocab_parallel._sizes_device = lambda group: (torch.device("cpu"), False)
+    vocab_parallel.clear_layout_cache()
+    g = torch.Generator().manual_seed(11)
+    out: dict = {"losses": [], "refs": []}
+
+    def call(rows):
+        vocab = sum(rows)
+        hs, ws, ht, wt = (torch.randn(6, 4, generator=g), torch.randn(vocab, 4, generator=g),
+                          torch.randn(6, 3, generator=g), torch.randn(vocab, 3, generator=g))
+        a = sum(rows[:rank])
+        b = a + rows[rank]
+        out["refs"].append(float(fastopd.fused_linear_divergence(hs, ws, ht, wt)))
+        return float(fastopd.fused_linear_divergence(hs, ws[a:b], ht, wt[a:b], vocab_parallel_group=dist.group.WORLD))
+
+    for rows in ((5, 4), (6, 5), (5, 4)):
+        out["losses"].append(call(rows))
+    state = g.get_state()
+    try:
+        call((5, 5))
+        out["stale"] = "no error"
+    except RuntimeError as exc:
+        out["stale"] = str(exc)
+    out["refs"].pop()
+    vocab_parallel.clear_layout_cache()
+    g.set_state(state)
+    out["losses"].append(call((5, 5)))
+    return out
+
+
+def test_cached_layouts_of_a_device_backend_are_checked_on_every_call():
+    for got in run_ranks(cached_layout_worker, 2, deadline_s=150):
+        assert "clear_layout_cache" in got["stale"], got["stale"]
+        assert got["losses"] == pytest.approx(got["refs"], rel=1e-5)
