@@ -47,8 +47,9 @@ def to_indices(mask: torch.Tensor, shape: torch.Size | tuple[int, ...], name: st
     """Normalizes a mask for a parameter of `shape` to sorted unique int64 flat indices [k] on the mask's device,
     or None when every coordinate is selected.
 
-    Raises ValueError for a bool mask of another shape, a non-1-D or non-integer index tensor, out-of-range or
-    duplicated indices. Unsorted indices are sorted. Synchronizes (validation reads the values).
+    Raises ValueError for a bool mask of another shape, a non-1-D or non-integer index tensor, a uint8 tensor
+    (0/1 mask or indices?), out-of-range or duplicated indices. Unsorted indices are sorted. Synchronizes
+    (validation reads the values).
     """
     numel = 1
     for s in shape:
@@ -59,6 +60,10 @@ def to_indices(mask: torch.Tensor, shape: torch.Size | tuple[int, ...], name: st
         if tuple(mask.shape) != tuple(shape):
             raise ValueError(f"bool mask {name!r} has shape {tuple(mask.shape)}, parameter has {tuple(shape)}")
         idx = mask.reshape(-1).nonzero().view(-1)
+    elif mask.dtype == torch.uint8:
+        # torch once indexed with uint8 as with bool: a 0/1 byte mask must not be read as flat indices 0 and 1
+        raise ValueError(f"mask {name!r} is uint8, which reads as a 0/1 mask or as flat indices: pass mask.bool() "
+                         f"for a 0/1 mask of shape {tuple(shape)}, or int32/int64 flat indices")
     elif not mask.is_floating_point() and not mask.is_complex():
         if mask.dim() != 1:
             raise ValueError(f"index mask {name!r} must be 1-D flat indices, got shape {tuple(mask.shape)}")
@@ -118,6 +123,9 @@ def _density_for(name: str, density: float | None, budgets: Mapping[str, float] 
         if unknown:
             raise ValueError(f"unknown budget keys {sorted(unknown)}; use module kinds {MODULE_KINDS} "
                              f"or groups {tuple(KIND_GROUPS)}")
+        bad = {k: v for k, v in budgets.items() if not 0.0 <= float(v) <= 1.0}
+        if bad:  # checked whether or not a parameter of that kind is present
+            raise ValueError(f"budgets must be densities in [0, 1], got {bad}")
         if kind in budgets:
             return kind, float(budgets[kind])
         for group, kinds in KIND_GROUPS.items():
@@ -306,6 +314,20 @@ def calibrate(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, Any], 
     return _select([(n, _sortable_keys(s)) for n, s in stats.items()], density, per, budgets)
 
 
+def _index_shape(mask: torch.Tensor, name: str) -> tuple[int, ...]:
+    """The shape to check an index mask against when its parameter's is unknown: (one past its largest index,);
+    for anything that is not 1-D integer indices the mask's own shape (`to_indices` then names the problem).
+    Negative indices raise."""
+    if mask.dim() != 1 or mask.is_floating_point() or mask.is_complex() or mask.dtype == torch.uint8:
+        return tuple(mask.shape)
+    if not mask.numel():
+        return (0,)
+    lo, hi = int(mask.min()), int(mask.max())
+    if lo < 0:
+        raise ValueError(f"index mask {name!r} has negative indices (min {lo})")
+    return (hi + 1,)
+
+
 # ---------------------------------------------------------------------------------------------------- files
 def save(path: str, masks: Mapping[str, torch.Tensor], *, shapes: Mapping[str, Iterable[int]] | None = None,
          metadata: Mapping[str, str] | None = None) -> None:
@@ -317,17 +339,25 @@ def save(path: str, masks: Mapping[str, torch.Tensor], *, shapes: Mapping[str, I
 
     tensors, shape_meta = {}, {}
     for name, mask in masks.items():
+        shape = [int(s) for s in shapes[name]] if shapes and name in shapes else None
+        if not isinstance(mask, torch.Tensor):
+            raise ValueError(f"mask {name!r} must be a tensor, got {type(mask).__name__}")
         if mask.dtype == torch.bool:
-            shape_meta[name] = list(mask.shape)
-            idx = mask.reshape(-1).nonzero().view(-1)
-            numel = mask.numel()
+            if shape is not None and _numel(shape) != mask.numel():
+                raise ValueError(f"bool mask {name!r} has shape {tuple(mask.shape)}, shapes= gives {tuple(shape)}")
+            shape = shape if shape is not None else list(mask.shape)
+            check = tuple(mask.shape)
         else:
-            idx = mask.reshape(-1)
-            numel = _numel(shapes[name]) if shapes and name in shapes else None
-        if shapes and name in shapes:
-            shape_meta[name] = [int(s) for s in shapes[name]]
-        small = (numel if numel is not None else (int(idx.max()) + 1 if idx.numel() else 0)) < 2**31
-        tensors[name] = idx.to(device="cpu", dtype=torch.int32 if small else torch.int64).contiguous()
+            check = tuple(shape) if shape is not None else _index_shape(mask, name)
+        # The file holds what the format promises, validated (and sorted) as the optimizer does: a float or 2-D
+        # 0/1 mask, duplicated or out-of-range indices are refused rather than written as "indices".
+        idx = to_indices(mask, check, name=name)
+        numel = _numel(check)
+        if idx is None:
+            idx = torch.arange(numel, device=mask.device)
+        if shape is not None:
+            shape_meta[name] = shape
+        tensors[name] = idx.to(device="cpu", dtype=torch.int32 if numel < 2**31 else torch.int64).contiguous()
     meta = {"format": FORMAT, "shapes": json.dumps(shape_meta),
             "kinds": json.dumps({n: module_kind(n) for n in masks})}
     meta.update(metadata or {})

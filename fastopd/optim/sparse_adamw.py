@@ -88,8 +88,9 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
             pairs (param groups work as in torch.optim; groups may override lr, betas, eps, weight_decay).
             Unnamed tensors are accepted but can only be updated densely.
         masks: parameter name -> bool tensor of the parameter's shape, or 1-D integer tensor of flat indices
-            (unsorted indices are sorted; duplicates or out-of-range indices raise). A parameter absent from
-            the dict is updated densely; an empty mask (no coordinate selected) freezes it.
+            (unsorted indices are sorted; duplicates or out-of-range indices raise), or None for every coordinate
+            (as `mask_indices()` returns it). A parameter absent from the dict is updated densely; an empty mask
+            (no coordinate selected) freezes it.
         lr, betas, eps, weight_decay: as torch.optim.AdamW (decoupled weight decay, applied only to the
             selected coordinates of masked parameters).
         master_weights: "auto" or True keeps fp32 master copies of the selected values of bf16/fp16
@@ -109,7 +110,7 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
     def __init__(
         self,
         params: Iterable[Any],
-        masks: Mapping[str, torch.Tensor] | None = None,
+        masks: Mapping[str, torch.Tensor | None] | None = None,
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
@@ -153,8 +154,11 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
         if unknown and not strict:
             masks = {n: m for n, m in masks.items() if n in by_name}
         elif unknown:
+            unnamed = all("param_names" not in g for g in self.param_groups)
             raise ValueError(f"masks name parameters that are not optimized here: {unknown[:8]}"
-                             f"{' ...' if len(unknown) > 8 else ''} (known: {sorted(by_name)[:8]} ...)")
+                             f"{' ...' if len(unknown) > 8 else ''} (known: {sorted(by_name)[:8]} ...)"
+                             + ("; the parameters were given without names: pass model.named_parameters() or "
+                                "(name, tensor) pairs" if unnamed else ""))
         for name, mask in masks.items():
             p = by_name[name]
             if p.dtype not in _SUPPORTED:
@@ -162,7 +166,8 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
             if not local_shard(p).is_contiguous():
                 raise ValueError(f"masked parameter {name!r} (shape {tuple(p.shape)}) must be contiguous: "
                                  "mask indices address its row-major storage")
-            idx = to_indices(mask, p.shape, name=name)  # int64 sorted unique, or None for all selected
+            # int64 sorted unique, or None for all selected (as `mask_indices()` gives it back)
+            idx = None if mask is None else to_indices(mask, p.shape, name=name)
             if idx is not None and is_dtensor(p):  # keep this shard's coordinates, shard-local
                 first, size = _shard_span(p)
                 idx = idx.to(p.device)
@@ -177,8 +182,21 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
         for pi, p in enumerate(group["params"]):
             self._names[id(p)] = names[pi] if names is not None else f"group{gi}.param{pi}"
 
+    @staticmethod
+    def _check_group_options(group: Mapping[str, Any], where: str) -> None:
+        """Refuses torch.optim.Adam(W) options this optimizer does not implement, which it would otherwise ignore
+        (a group dict, or a torch checkpoint's groups)."""
+        for key in ("amsgrad", "maximize"):
+            if group.get(key):
+                raise ValueError(f"{where}: {key}=True is not implemented by SparseMaskedAdamW (plain AdamW)")
+        if group.get("decoupled_weight_decay") is False and group.get("weight_decay", 0) != 0:
+            raise ValueError(f"{where}: weight_decay={group['weight_decay']} with decoupled_weight_decay=False "
+                             "(torch.optim.Adam's L2 penalty) is not SparseMaskedAdamW's decoupled (AdamW) decay")
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """As torch.optim.Optimizer.add_param_group; parameters added later are updated densely."""
+        """As torch.optim.Optimizer.add_param_group; parameters added later are updated densely. Raises ValueError
+        for options it does not implement (amsgrad, maximize, coupled weight decay)."""
+        self._check_group_options(param_group, "param group")
         super().add_param_group(param_group)
         if hasattr(self, "_names"):
             self._register_names(len(self.param_groups) - 1, self.param_groups[-1])
@@ -224,6 +242,10 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
 
     def _check_masked_state(self, p: torch.Tensor, st: dict[str, Any]) -> None:
         name = self._names[id(p)]
+        if p.dtype not in _SUPPORTED or not local_shard(p).is_contiguous():
+            raise ValueError(f"state of {name!r} holds a mask, but the parameter (dtype {p.dtype}, contiguous: "
+                             f"{local_shard(p).is_contiguous()}) cannot be masked: masked parameters are contiguous "
+                             f"and of dtype {_SUPPORTED}")
         idx = st["indices"]
         numel = local_shard(p).numel()
         k = numel if idx is None else idx.numel()
@@ -256,6 +278,7 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         dense: dict[str, list] = {k: [] for k in ("p", "g", "m", "v", "t")}
         sparse: dict[torch.device, dict[str, list]] = {}
+        frozen: list[dict[str, Any]] = []
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -277,14 +300,18 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
                 dense["t"].append(state["step"])
                 continue
             idx = state["indices"]
-            if idx is not None and idx.numel() == 0:
-                continue  # frozen
             grad = local_shard(grad)
             if grad.shape != local_shard(p).shape or grad.dtype != p.dtype:
                 raise ValueError(f"gradient of {self._names[id(p)]!r} has shape {tuple(grad.shape)} and dtype "
                                  f"{grad.dtype}; expected {tuple(p.shape)} and {p.dtype}")
             if self._wants_master(p) and "master" not in state:
                 state["master"] = self._gather(p, idx).float()
+            if idx is not None and idx.numel() == 0:
+                # Nothing selected here (a frozen parameter, or an FSDP2 shard holding none of its parameter's
+                # selection): nothing to update, but the step count (and the empty master) go with the other
+                # shards', so every rank's state is the one-process state and any rank's checkpoint resumes it.
+                frozen.append(state)
+                continue
             bucket = sparse.setdefault(p.device, {k: [] for k in ("o", "p", "g", "i", "m", "v", "w", "s", "st")})
             bucket["o"].append(p)
             bucket["p"].append(local_shard(p))
@@ -297,6 +324,8 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
             bucket["st"].append(state)
 
         # Every check before the first step count moves (the backends were resolved by `step`, for every group).
+        for state in frozen:
+            state["step"] += 1
         for device, b in sparse.items():
             step_sizes, bc2_sqrts = [], []
             for state in b["st"]:
@@ -337,6 +366,8 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
             raise ValueError(f"state dict has {len(saved_groups)} parameter groups, optimizer has "
                              f"{len(self.param_groups)}")
         id_map: dict[int, torch.Tensor] = {}
+        for gi, saved in enumerate(saved_groups):
+            self._check_group_options(saved, f"state dict parameter group {gi}")
         for group, saved in zip(self.param_groups, saved_groups):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(f"a parameter group of the state dict has {len(saved['params'])} parameters, "
@@ -367,6 +398,15 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
                 st = self._compact_dense_state(p, st)  # a dense (e.g. torch AdamW) checkpoint onto this mask
             if "indices" in st:
                 self._check_masked_state(p, st)
+                # The state follows this optimizer's parameter dtype and master_weights, not the saving run's: a
+                # master would override an fp32 parameter's own values (or a bf16 one's under master_weights=False)
+                # at every step, and a bf16/fp16 parameter counts swallowed updates.
+                if not self._wants_master(p):
+                    st.pop("master", None)
+                if p.dtype in _LOW_PRECISION:
+                    st.setdefault("swallowed", torch.zeros((), dtype=torch.int64, device=p.device))
+                else:
+                    st.pop("swallowed", None)
             new_state[p] = st
         for group in self.param_groups:
             for p in group["params"]:

@@ -373,3 +373,34 @@ def test_analysis_mask_writer_is_atomic_and_honours_the_umask(tmp_path):
             w.write(torch.zeros(4, 3, dtype=torch.bool))
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
+@pytest.mark.parametrize("mask,shape,message", [
+    pytest.param((torch.rand(4, 5) < 0.5).float(), None, "bool", id="float-01"),
+    pytest.param((torch.rand(4, 5) < 0.5).long(), None, "1-D", id="int-01-2d"),
+    pytest.param(torch.ones(4, 5, dtype=torch.uint8), None, "uint8", id="uint8-01"),
+    pytest.param(torch.tensor([5, 1, 3, 3]), [4, 5], "duplicated", id="duplicated"),
+    pytest.param(torch.tensor([1, 30]), [4, 5], "out of range", id="out-of-range"),
+    pytest.param(torch.tensor([-1, 3]), None, "negative", id="negative"),
+    pytest.param(torch.ones(4, 5, dtype=torch.bool), [3, 5], "shapes=", id="bool-vs-shapes"),
+])
+def test_save_refuses_what_the_file_format_cannot_hold(tmp_path, mask, shape, message):
+    """The format promises 1-D sorted unique in-range indices: a float or 2-D 0/1 mask was written as "indices"
+    0 and 1 (the optimizer then failed on duplicates, far from the save), and bad indices went to disk as given."""
+    path = tmp_path / "m.safetensors"
+    with pytest.raises(ValueError, match=message):
+        masks.save(str(path), {"w": mask}, shapes=None if shape is None else {"w": shape})
+    assert not path.exists()
+
+
+def test_save_writes_unsorted_indices_sorted(tmp_path):
+    path = str(tmp_path / "m.safetensors")
+    masks.save(path, {"w": torch.tensor([7, 2, 5]), "all": torch.tensor([1, 0])}, shapes={"w": [4, 5]})
+    back = masks.load(path)
+    assert back["w"].tolist() == [2, 5, 7] and back["all"].tolist() == [0, 1]
+
+
+def test_out_of_range_budgets_raise_whatever_the_parameters():
+    model = torch.nn.Linear(4, 3)  # kind "other": the ffn budget applies to nothing here, and is still wrong
+    with pytest.raises(ValueError, match=r"budgets.*\[0, 1\].*ffn"):
+        masks.random(model, 0.1, budgets={"ffn": 1.5})

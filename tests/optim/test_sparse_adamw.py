@@ -652,3 +652,102 @@ def test_a_refused_step_changes_nothing(monkeypatch):
     opt.impl = "torch"
     opt.step()
     assert all(float(opt.state[t]["step"]) == 1 for t in (p, q, d))
+
+
+@pytest.mark.parametrize("shape,mask", [
+    pytest.param((2,), torch.tensor([0, 1], dtype=torch.uint8), id="1d-01-read-as-all"),
+    pytest.param((5,), torch.tensor([0, 1, 0, 0, 1], dtype=torch.uint8), id="1d-read-as-duplicates"),
+    pytest.param((5, 6), torch.ones(5, 6, dtype=torch.uint8), id="2d"),
+])
+def test_uint8_masks_are_refused_not_read_as_indices(shape, mask):
+    """A 0/1 uint8 mask (what `(x > t).to(torch.uint8)` or an old torch mask gives) is not flat indices 0 and 1:
+    [0, 1] for a 2-coordinate bias would have selected both coordinates instead of the second."""
+    p = torch.nn.Parameter(torch.randn(shape))
+    with pytest.raises(ValueError, match=r"uint8.*mask\.bool\(\)"):
+        SparseMaskedAdamW([("b", p)], masks={"b": mask})
+
+
+def _stepped(dtype, master_weights="auto"):
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4, 5).to(dtype))
+    opt = SparseMaskedAdamW([("w", p)], masks={"w": torch.arange(0, 20, 3)}, lr=1e-2, impl="torch",
+                            master_weights=master_weights)
+    for _ in range(2):
+        p.grad = torch.randn(4, 5).to(dtype)
+        opt.step()
+    return p, opt
+
+
+def test_loaded_state_follows_the_parameters_dtype_and_master_weights():
+    """A checkpoint of bf16 parameters with masters loaded for fp32 parameters (training continued in fp32) must
+    not keep the masters: they would override the fp32 parameter's own values at every step. Loaded under
+    master_weights=False they go too; a bf16 parameter loaded from an fp32 run gets its swallowed-update count."""
+    p16, opt16 = _stepped(torch.bfloat16)
+    assert "master" in opt16.state[p16]
+    q = torch.nn.Parameter(torch.randn(4, 5) + 10.0)  # fp32 weights of its own (e.g. another checkpoint)
+    fresh = SparseMaskedAdamW([("w", q)], masks={"w": torch.arange(0, 20, 3)}, lr=1e-2, impl="torch")
+    fresh.load_state_dict(opt16.state_dict())
+    assert "master" not in fresh.state[q] and "swallowed" not in fresh.state[q]
+    before = q.detach().clone()
+    q.grad = torch.zeros(4, 5)
+    fresh.step()
+    assert (q - before).abs().max() < 0.1  # an AdamW step from q's own values, not a jump to the bf16 run's
+    assert fresh.rounding_report() == {}
+
+    no_masters = SparseMaskedAdamW([("w", torch.nn.Parameter(p16.detach().clone()))],
+                                   masks={"w": torch.arange(0, 20, 3)}, impl="torch", master_weights=False)
+    no_masters.load_state_dict(opt16.state_dict())
+    assert all("master" not in st and "swallowed" in st for st in no_masters.state.values())
+
+    p32, opt32 = _stepped(torch.float32)
+    r = torch.nn.Parameter(p32.detach().bfloat16())
+    low = SparseMaskedAdamW([("w", r)], masks={"w": torch.arange(0, 20, 3)}, lr=1e-2, impl="torch")
+    low.load_state_dict(opt32.state_dict())
+    r.grad = torch.randn(4, 5).bfloat16()
+    low.step()
+    assert set(low.rounding_report()) == {"w"}
+
+
+def test_a_mask_loaded_onto_a_parameter_it_cannot_update_is_refused():
+    p, opt = _stepped(torch.float32)
+    d = torch.nn.Parameter(torch.randn(4, 5, dtype=torch.float64))
+    dense = SparseMaskedAdamW([("w", d)])  # float64 trains densely; a checkpoint's mask cannot make it masked
+    with pytest.raises(ValueError, match=r"'w'.*float64.*cannot be masked"):
+        dense.load_state_dict(opt.state_dict())
+    assert not dense.state
+
+
+def test_adam_options_it_does_not_implement_are_refused_not_ignored():
+    """torch.optim.Adam(W) options SparseMaskedAdamW lacks, in a param-group dict or in a torch checkpoint being
+    resumed, raise instead of silently changing the algorithm (amsgrad dropped, maximize minimizing, Adam's L2
+    penalty turned into decoupled decay)."""
+    p = torch.nn.Parameter(torch.randn(3))
+    for group in ({"amsgrad": True}, {"maximize": True}):
+        with pytest.raises(ValueError, match=f"{next(iter(group))}=True"):
+            SparseMaskedAdamW([{"params": [("w", p)], **group}])
+    for torch_opt, match in ((torch.optim.AdamW([p], amsgrad=True), "amsgrad"),
+                             (torch.optim.AdamW([p], maximize=True), "maximize"),
+                             (torch.optim.Adam([p], weight_decay=0.1), "decoupled_weight_decay=False")):
+        p.grad = torch.randn(3)
+        torch_opt.step()
+        opt = SparseMaskedAdamW([("w", p)], masks={"w": torch.tensor([0, 2])})
+        with pytest.raises(ValueError, match=match):
+            opt.load_state_dict(torch_opt.state_dict())
+        assert float(opt.state[p]["step"]) == 0  # nothing loaded
+    plain = torch.optim.Adam([p])  # Adam without weight decay is AdamW: loads
+    plain.step()
+    SparseMaskedAdamW([("w", p)], masks={"w": torch.tensor([0, 2])}).load_state_dict(plain.state_dict())
+
+
+def test_masks_for_unnamed_parameters_say_to_pass_names():
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=r"'weight'.*without names.*named_parameters\(\)"):
+        SparseMaskedAdamW(model.parameters(), masks={"weight": torch.tensor([0])})
+
+
+def test_mask_indices_build_an_equal_optimizer():
+    """`mask_indices()` gives None for a full mask; passed back as `masks=` it raised "must be a tensor"."""
+    p, q = torch.nn.Parameter(torch.randn(4, 5)), torch.nn.Parameter(torch.randn(3))
+    first = SparseMaskedAdamW([("p", p), ("q", q)], masks={"p": torch.tensor([2, 7]), "q": torch.ones(3, dtype=bool)})
+    second = SparseMaskedAdamW([("p", p), ("q", q)], masks=first.mask_indices())
+    assert second.masks_digest() == first.masks_digest() and second.mask_indices()["q"] is None
