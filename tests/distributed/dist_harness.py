@@ -18,10 +18,19 @@ import traceback
 import warnings
 from datetime import timedelta
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessExitedException, ProcessRaisedException
+
+try:
+    from torch.distributed.fsdp import fully_shard  # noqa: F401
+
+    FSDP2_MISSING = None
+except ImportError as exc:  # older torch: the FSDP2 tests skip
+    FSDP2_MISSING = f"this torch has no FSDP2 (torch.distributed.fsdp.fully_shard): {exc}"
+needs_fsdp2 = pytest.mark.skipif(FSDP2_MISSING is not None, reason=str(FSDP2_MISSING))
 
 PG_TIMEOUT = timedelta(seconds=60)
 

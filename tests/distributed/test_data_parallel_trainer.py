@@ -10,20 +10,13 @@ import sys
 
 import pytest
 import torch
-from dist_harness import run_ranks
+from dist_harness import needs_fsdp2, run_ranks
 
 from fastopd.models import Transformer, TransformerConfig
 from fastopd.train import OPDConfig, OPDTrainer
 from fastopd.train.task import EOS, PAD, AdditionTask
 
 TASK = AdditionTask(digits=2)
-try:
-    from torch.distributed.fsdp import fully_shard  # noqa: F401
-
-    FSDP2 = None
-except ImportError as exc:  # older torch: the FSDP2 tests skip
-    FSDP2 = f"this torch has no FSDP2 (torch.distributed.fsdp.fully_shard): {exc}"
-needs_fsdp2 = pytest.mark.skipif(FSDP2 is not None, reason=str(FSDP2))
 PROMPTS = 8  # the global batch of every step
 
 

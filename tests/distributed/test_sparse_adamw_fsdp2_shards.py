@@ -6,18 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dist_harness import run_ranks
+from dist_harness import needs_fsdp2, run_ranks
 from torch import nn
 
 from fastopd.optim import SparseMaskedAdamW
 
-try:
-    from torch.distributed.fsdp import fully_shard  # noqa: F401
-
-    FSDP2 = None
-except ImportError as exc:  # older torch
-    FSDP2 = f"this torch has no FSDP2: {exc}"
-pytestmark = pytest.mark.skipif(FSDP2 is not None, reason=str(FSDP2))
+pytestmark = needs_fsdp2
 
 STEPS = 2
 
