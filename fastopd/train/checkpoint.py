@@ -282,6 +282,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     from safetensors.torch import load_file
 
     p = Path(path)
+    if not (p / MODEL_FILE).is_file() and ((p / LATEST).is_file() or list_checkpoints(p)):
+        raise FileNotFoundError(f"{p} is a folder of checkpoints, not one checkpoint: pass one of its step_<k> "
+                                "folders (latest_checkpoint gives the newest)")
     for name in (MODEL_FILE, TRAINER_FILE):
         if not (p / name).is_file():
             raise FileNotFoundError(f"checkpoint {p} has no {name}")

@@ -106,7 +106,9 @@ class OPDConfig:
             "progressive" reach; an int, "full:H", a table with its own max_new_tokens, a `Horizon` or a callable
             sets its own (the rollout engine caps every horizon at the model's context).
         num_samples: completions per prompt.
-        eos_token_id, pad_token_id: as for `fastopd.rollout.RolloutEngine` (eos None: no early stop).
+        eos_token_id, pad_token_id: as for `fastopd.rollout.RolloutEngine`: eos an id, a list of ids (any ends a
+            completion) or None (no early stop); pad an id, or None for the first EOS id (else 0), so that a
+            tokenizer's `pad_token_id=None` may be passed as it is.
     Optimizer (AdamW, or SparseMaskedAdamW when `masks` is given):
         lr, betas, eps, weight_decay; warmup_steps (linear warm-up from lr/warmup_steps to lr); lr_schedule
         "constant" or "cosine" (decay to 0 at `schedule_steps`, default: the `steps` given to `train`); the rate is
@@ -117,8 +119,8 @@ class OPDConfig:
     Run:
         seed: seeds torch's, Python's and numpy's RNGs at construction. log_every: progress-bar/log cadence.
         eval_every: evaluation cadence in `train` (0: only before and after). checkpoint_dir: where checkpoints go
-        (None: nowhere); checkpoint_every (0: only at the end of `train`); keep_checkpoints; resume: continue from
-        the newest checkpoint in checkpoint_dir.
+        (None: nowhere; a path-like is kept as its string); checkpoint_every (0: only at the end of `train`);
+        keep_checkpoints; resume: continue from the newest checkpoint in checkpoint_dir.
         track_density: report the fraction of student weights changed since the last checkpoint (keeps a copy).
         loss_impl, chunk_size: passed to `fused_linear_divergence` (impl=, chunk_size=).
     Scale-out (see fastopd.distributed.data_parallel):
@@ -137,8 +139,8 @@ class OPDConfig:
     horizon: Any = None
     max_new_tokens: int = 64
     num_samples: int = 4
-    eos_token_id: int | None = None
-    pad_token_id: int = 0
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = 0
     lr: float = 1e-4
     warmup_steps: int = 0
     lr_schedule: str = "constant"
@@ -164,7 +166,12 @@ class OPDConfig:
     hsdp_shard_size: int | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.checkpoint_dir, os.PathLike):
+            self.checkpoint_dir = os.fspath(self.checkpoint_dir)
         _check_types(self)
+        _check_eos(self.eos_token_id)
+        if isinstance(self.eos_token_id, tuple):
+            self.eos_token_id = list(self.eos_token_id)
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"objective: must be one of {OBJECTIVES}, got {self.objective!r}")
         _in_range("beta", self.beta, 0.0, 1.0)
@@ -252,6 +259,15 @@ def check_keys(data: dict[str, Any], known: set[str], source: str) -> None:
             close = difflib.get_close_matches(key, sorted(known), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{key}: unknown field in {source}{hint}")
+
+
+def _check_eos(value: Any) -> None:
+    """eos_token_id: None, a non-negative int or a non-empty list of them (bools refused)."""
+    ids = value if isinstance(value, (list, tuple)) else [value]
+    if value is None or (ids and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)):
+        return
+    raise ConfigError(f"eos_token_id: must be None, a non-negative int or a non-empty list of them, got "
+                      f"{type(value).__name__} {value!r}")
 
 
 def _in_range(name: str, value: float, lo: float, hi: float) -> None:

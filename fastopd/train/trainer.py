@@ -31,7 +31,7 @@ import random
 import re
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +155,11 @@ class OPDTrainer:
                                     temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                                     eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
         self.device = self.engine.student.device
+        self.vocab_size = _shared_vocab(self.engine.student, self.engine.teacher)
+        from fastopd import _dispatch
+
+        # An unusable loss backend (loss_impl, FASTOPD_IMPL) is refused here, not after the first rollout.
+        _dispatch.resolve("divergence_chunk", cfg.loss_impl, self.device)
         # The training forward and the loss run as one module call: what DDP and FSDP2 wrap.
         self.module = self.parallel.wrap(LossModule(student, self._micro_loss), self.engine.student.layer_modules())
         # Under FSDP2 a teacher of its own on the student's device is sharded too: scoring gathers one layer at a time.
@@ -264,7 +269,7 @@ class OPDTrainer:
         wt, bt = self._teacher_head()
         labels = batch.labels().to(self.device)
         common = dict(student_bias=s.output_bias, teacher_bias=bt, temperature=cfg.temperature,
-                      return_stats=True, impl=cfg.loss_impl, chunk_size=cfg.chunk_size)
+                      vocab_size=self.vocab_size, return_stats=True, impl=cfg.loss_impl, chunk_size=cfg.chunk_size)
         if cfg.objective == "pg":
             nll, stats = fused_linear_divergence(student_hidden, s.output_weight, teacher_hidden, wt, labels,
                                                  reduction="none", hard_label_weight=1.0, soft_label_weight=0.0,
@@ -298,8 +303,12 @@ class OPDTrainer:
         """The student's training forward and the loss of one micro-batch (the body of `self.module`)."""
         return self._loss(batch, self.engine.student_hidden(batch), teacher_hidden, num_tokens)
 
-    def step(self, prompts: Prompts) -> dict[str, float]:
-        """One OPD step on `prompts` (a list of token-id lists): rollouts, teacher scoring, loss, optimizer step.
+    def step(self, prompts: Prompts, attention_mask: torch.Tensor | None = None) -> dict[str, float]:
+        """One OPD step on `prompts`: rollouts, teacher scoring, loss, optimizer step.
+
+        `prompts` is a list of token-id lists (or 1-D tensors); or ids ``[B, L]`` (a tensor) with `attention_mask`
+        ``[B, L]`` saying which are tokens (padding on either side is dropped; without a mask every id is a
+        token); or a mapping with ``input_ids`` and ``attention_mask`` (a tokenizer's padded batch).
 
         The prompts are split into `grad_accum` micro-batches; all are rolled out first so the loss is the mean
         over every completion token of the step. Under data parallelism `prompts` is the global batch: this rank
@@ -311,7 +320,12 @@ class OPDTrainer:
         the start) when `track_density`.
         """
         cfg, par = self.config, self.parallel
-        prompts = [list(p) for p in prompts]
+        prompts = _prompt_lists(prompts, attention_mask)
+        if not prompts:
+            raise ValueError("prompts is empty: a step needs at least one prompt")
+        if cfg.lr_schedule == "cosine" and not (cfg.schedule_steps or self._train_steps):
+            raise ValueError("lr_schedule='cosine' decays over the steps of train(); step() called on its own needs "
+                             "OPDConfig(schedule_steps=...) to know where the decay ends")
         if len(prompts) < cfg.grad_accum * par.world_size:
             raise ValueError(f"{len(prompts)} prompts cannot be split into grad_accum={cfg.grad_accum} micro-batches"
                              f" on each of {par.world_size} ranks")
@@ -450,6 +464,7 @@ class OPDTrainer:
         finally:
             if bar is not None:
                 bar.close()
+            self._train_steps = None  # the cosine total holds while train runs (a later step() needs schedule_steps)
         if self.evaluator is not None and (not self.eval_history or self.eval_history[-1]["step"] != steps):
             # no step ran (a resumed run already at `steps`) and no evaluation there yet
             self.evaluate()
@@ -465,7 +480,7 @@ class OPDTrainer:
         self.student.eval()
         try:  # on every rank; under FSDP2 with the full weights (the evaluator may run the student as it likes)
             with self.parallel.unsharded(self.module):
-                result = {"step": self.global_step, **self.evaluator(self)}
+                result = {"step": self.global_step, **_plain_result(self.evaluator(self))}
         finally:
             self.student.train(was_training)
         self.eval_history.append(result)
@@ -642,19 +657,110 @@ def _mask_signature(optimizer) -> str:
     return masks_digest({n: None if i is None else i.to(torch.int64) for n, i in optimizer.mask_indices().items()})
 
 
+_END = object()
+
+
 class _IterSource:
     """Step-indexed view of an iterable of prompt batches (skips its first `start` batches)."""
 
     def __init__(self, iterable: Iterable[Prompts], start: int) -> None:
         self._it = iter(iterable)
-        for _ in range(start):
-            next(self._it)
+        for k in range(start):
+            if next(self._it, _END) is _END:
+                raise ValueError(f"the prompt source holds {k} batches, fewer than the {start} steps it must skip "
+                                 "(the steps already taken)")
 
     def __call__(self, step: int) -> Prompts:
         try:
             return next(self._it)
         except StopIteration:
             raise ValueError(f"the prompt source ran out at step {step}") from None
+
+
+def _shared_vocab(student, teacher) -> int | None:
+    """The `vocab_size` of the loss: None when both heads have the same rows, else the student's (a teacher head
+    padded past the student's vocabulary is compared on its leading rows).
+
+    Raises:
+        ValueError: the student's head has more rows than the teacher can embed or score (it would sample token
+            ids the teacher cannot read).
+    """
+    vs, vt = int(student.output_weight.shape[0]), int(teacher.output_weight.shape[0])
+    if vs == vt and teacher.vocab_size >= vs:
+        return None
+    limit = min(vt, teacher.vocab_size)
+    if vs > limit:
+        raise ValueError(f"the student's LM head has {vs} rows, more than the teacher's vocabulary ({vt} head rows, "
+                         f"{teacher.vocab_size} embedding rows): the student would sample token ids the teacher "
+                         "cannot score; use a teacher whose vocabulary covers the student's (pad its embeddings "
+                         "and head)")
+    return vs
+
+
+def _prompt_lists(prompts: Any, attention_mask: torch.Tensor | None) -> list[list[Any]]:
+    """The step's prompts as lists of ids: a list of token-id lists (or 1-D tensors), ids ``[B, L]`` (a tensor or
+    array) with an optional ``attention_mask`` (padding dropped), or a mapping with ``input_ids`` and
+    ``attention_mask`` (a tokenizer's batch). Raises ValueError for anything else."""
+    if isinstance(prompts, Mapping) and "input_ids" in prompts:
+        if attention_mask is not None:
+            raise ValueError("attention_mask given twice: as an argument and in the prompts mapping")
+        prompts, attention_mask = prompts["input_ids"], prompts.get("attention_mask")
+    if not isinstance(prompts, torch.Tensor) and hasattr(prompts, "__array__") and getattr(prompts, "ndim", 0) == 2:
+        prompts = torch.as_tensor(prompts)
+    if attention_mask is not None:
+        if not isinstance(prompts, torch.Tensor) or prompts.dim() != 2:
+            raise ValueError("attention_mask is only accepted with prompts given as ids [B, L] (a tensor)")
+        attention_mask = torch.as_tensor(attention_mask)
+        if tuple(attention_mask.shape) != tuple(prompts.shape):
+            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match the prompts "
+                             f"{tuple(prompts.shape)}")
+        return [r[m.bool()].tolist() for r, m in zip(prompts.cpu(), attention_mask.cpu())]
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() != 2:
+            raise ValueError(f"prompts as a tensor must be ids [B, L], got shape {tuple(prompts.shape)}")
+        return prompts.tolist()
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Iterable):
+        raise ValueError(f"prompts must be a list of token-id lists, got {type(prompts).__name__}")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, torch.Tensor) and p.dim() == 1:
+            out.append(p.tolist())
+        elif isinstance(p, (str, bytes, Mapping, torch.Tensor)) or not isinstance(p, Iterable):
+            raise ValueError(f"prompts must be a list of token-id lists; prompts[{i}] is {type(p).__name__} "
+                             f"{p!r:.40} (a single prompt goes in a list of its own: [ids])")
+        else:
+            out.append(list(p))
+    return out
+
+
+def _plain_result(result: Any) -> dict[str, Any]:
+    """An evaluator's result with plain Python values: NumPy scalars and one-element tensors or arrays become
+    Python numbers (a checkpoint holding NumPy scalars would not load under `torch.load(weights_only=True)`, nor
+    would they all log as JSON).
+
+    Raises:
+        ValueError: the result is no dict, or holds a value that is not a number, a string, None or a list/dict
+            of them (named by its key).
+    """
+    if not isinstance(result, Mapping):
+        raise ValueError(f"the evaluator must return a dict of floats, got {type(result).__name__}")
+
+    def plain(key: str, v: Any) -> Any:
+        if v is None or type(v) in (bool, int, float, str):
+            return v
+        for kind in (bool, int, float, str):  # their subclasses: numpy.float64, IntEnum, ...
+            if isinstance(v, kind):
+                return kind(v)
+        if isinstance(v, (list, tuple)):
+            return [plain(key, x) for x in v]
+        if isinstance(v, Mapping):
+            return {str(k): plain(f"{key}.{k}", x) for k, x in v.items()}
+        size = v.numel() if isinstance(v, torch.Tensor) else getattr(v, "size", None)
+        if size == 1 and callable(getattr(v, "item", None)):  # 0-d / one-element tensors, NumPy scalars and arrays
+            return plain(key, v.item())
+        raise ValueError(f"the evaluator returned {key}={v!r:.60}: values must be numbers (or strings)")
+
+    return {str(k): plain(str(k), v) for k, v in result.items()}
 
 
 def _split(n: int, parts: int) -> list[tuple[int, int]]:
