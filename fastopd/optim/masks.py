@@ -250,8 +250,36 @@ def random(params: Named, density: float | None = None, *, budgets: Mapping[str,
         _, d = _density_for(name, density, budgets)
         _check_density(d)
         k = round(d * p.numel())
-        out[name] = torch.randperm(p.numel(), generator=generator)[:k].sort().values.to(p.device)
+        out[name] = _random_subset(p.numel(), k, generator).to(p.device)
     return out
+
+
+_RANDOM_BLOCK = 1 << 24  # above this many coordinates, `random` draws block by block
+
+
+def _random_subset(n: int, k: int, generator: torch.Generator | None) -> torch.Tensor:
+    """k distinct indices of range(n), uniformly at random, sorted (int64, CPU).
+
+    Up to `_RANDOM_BLOCK` coordinates: one `randperm`. Beyond (a 600M-element embedding's randperm alone is
+    4.8 GB), block by block: the count of each block is drawn from the hypergeometric law of what is left (so
+    the counts are those of a uniform k-subset, exactly k in all), then that many of the block's coordinates by a
+    `randperm` of the block: memory of one block beside the result."""
+    if n <= _RANDOM_BLOCK:
+        return torch.randperm(n, generator=generator)[:k].sort().values
+    import numpy as np
+
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    counts_rng = np.random.default_rng(seed)
+    parts, left, start = [], k, 0
+    while start < n and left > 0:
+        size = min(_RANDOM_BLOCK, n - start)
+        rest = n - start - size
+        take = int(counts_rng.hypergeometric(size, rest, left)) if rest else left
+        if take:
+            parts.append(torch.randperm(size, generator=generator)[:take].sort().values + start)
+        left -= take
+        start += size
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
 
 
 @torch.no_grad()

@@ -164,6 +164,36 @@ def test_random_counts_and_budgets():
         masks.random(params, 1.5)
 
 
+@pytest.mark.parametrize("density", [pytest.param(0.0, id="none"), pytest.param(0.013, id="sparse"),
+                                     pytest.param(0.6, id="dense"), pytest.param(1.0, id="all")])
+def test_random_masks_of_large_tensors_are_drawn_block_by_block(monkeypatch, density):
+    """Beyond a block (here shrunk to 1000 coordinates) the mask is drawn per block: still exactly k sorted,
+    distinct, in-range indices, reproducible, and uniform (every block's share near its expectation)."""
+    monkeypatch.setattr(masks, "_RANDOM_BLOCK", 1000)
+    params = {"w": torch.zeros(137, 61)}  # 8357 coordinates: 9 blocks, the last partial
+    sizes, randperm = [], torch.randperm
+    monkeypatch.setattr(torch, "randperm", lambda n, **kw: sizes.append(n) or randperm(n, **kw))
+    m = masks.random(params, density, generator=torch.Generator().manual_seed(3))["w"]
+    assert max(sizes, default=0) <= 1000  # no permutation of the whole tensor
+    k = round(density * 8357)
+    assert m.dtype == torch.int64 and m.numel() == k
+    assert torch.equal(m, m.unique()) and (k == 0 or 0 <= int(m.min()) <= int(m.max()) < 8357)
+    assert torch.equal(m, masks.random(params, density, generator=torch.Generator().manual_seed(3))["w"])
+    hits = torch.zeros(8357)
+    for seed in range(200):
+        hits[masks.random(params, density, generator=torch.Generator().manual_seed(seed))["w"]] += 1
+    per_block = torch.stack([hits[i:i + 1000].mean() for i in range(0, 8000, 1000)]) / 200
+    torch.testing.assert_close(per_block, torch.full((8,), float(k / 8357)), rtol=0, atol=0.01)
+    assert abs(float(hits[8000:].mean()) / 200 - k / 8357) < 0.02
+
+
+def test_random_masks_of_small_tensors_are_one_randperm():
+    params = {"w": torch.zeros(40, 25)}
+    got = masks.random(params, 0.3, generator=torch.Generator().manual_seed(5))["w"]
+    want = torch.randperm(1000, generator=torch.Generator().manual_seed(5))[:300].sort().values
+    assert torch.equal(got, want)  # masks (and runs) made before the block-wise draw are reproduced
+
+
 @pytest.mark.parametrize("per", ["tensor", "global"])
 def test_smallest_weights(per):
     gen = torch.Generator().manual_seed(2)
