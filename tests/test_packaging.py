@@ -1,0 +1,251 @@
+"""Packaging: what setup.py, pyproject.toml and MANIFEST.in declare, checked against the tree.
+
+The fast tests read the declarations (no build). `FASTOPD_TEST_PACKAGING=1` also runs the slow one, which builds
+an sdist from a copy of the checkout and a wheel from that sdist (`pip wheel --no-build-isolation`, compiling
+fastopd._C: about a minute on 2 cores) and checks what both hold.
+"""
+
+from __future__ import annotations
+
+import ast
+import fnmatch
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10: tomli is a dependency there
+    import tomli as tomllib
+
+pytestmark = pytest.mark.skipif(not (ROOT / "setup.py").exists() or not (ROOT / "pyproject.toml").exists(),
+                                reason="not run from a source tree (no setup.py / pyproject.toml)")
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _setup_constant(name: str):
+    """A literal module-level constant of setup.py, read without running it."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"setup.py has no literal {name} = ...")
+
+
+def _req_name(req: str) -> str:
+    return re.split(r"[\s<>=!~;\[]", req, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def _build_sources() -> list[Path]:
+    """What setup.py compiles: csrc/*.cpp, csrc/cpu/*.cpp and (CUDA builds) csrc/cuda/*.cu."""
+    return [Path(p) for pat in ("csrc/*.cpp", "csrc/cpu/*.cpp", "csrc/cuda/*.cu")
+            for p in sorted(glob.glob(str(ROOT / pat)))]
+
+
+def _local_includes(src: Path, seen: set[Path] | None = None) -> set[Path]:
+    """The project headers a source pulls in with #include "..." (transitively), resolved next to the includer."""
+    seen = set() if seen is None else seen
+    for name in re.findall(r'^\s*#\s*include\s+"([^"]+)"', src.read_text(errors="replace"), flags=re.M):
+        hdr = (src.parent / name).resolve()
+        if hdr.exists() and hdr not in seen:
+            seen.add(hdr)
+            _local_includes(hdr, seen)
+    return seen
+
+
+def _manifest_files(monkeypatch) -> set[str]:
+    """The files MANIFEST.in's template selects in this tree (setuptools' own template engine)."""
+    from setuptools.command.egg_info import FileList
+
+    manifest = ROOT / "MANIFEST.in"
+    assert manifest.exists(), "no MANIFEST.in: the sdist would lack csrc/, and a wheel built from it fastopd._C"
+    monkeypatch.chdir(ROOT)
+    fl = FileList()
+    for line in manifest.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            fl.process_template_line(line)
+    return {os.path.normpath(f) for f in fl.files}
+
+
+def test_manifest_ships_every_build_input(monkeypatch):
+    """An sdist holds every source setup.py compiles (also when torch is absent where the sdist is made: setup.py
+    then declares no extension, so only MANIFEST.in brings csrc/ in), every header they include, the Triton
+    kernels, the model assets and the README that pyproject.toml names as the long description."""
+    files = _manifest_files(monkeypatch)
+    sources = _build_sources()
+    assert any(p.suffix == ".cu" for p in sources) and any(p.suffix == ".cpp" for p in sources)
+    needed = set(sources)
+    for src in sources:
+        needed |= _local_includes(src)
+    needed |= set((ROOT / "kernels").glob("*.py"))
+    needed |= {p for p in (ROOT / "fastopd" / "train" / "assets").rglob("*") if p.is_file()}
+    needed.add(ROOT / _pyproject()["project"]["readme"])
+    missing = sorted(str(p.resolve().relative_to(ROOT)) for p in needed
+                     if str(p.resolve().relative_to(ROOT)) not in files)
+    assert not missing, f"MANIFEST.in leaves these out of the sdist: {missing}"
+    assert any(f.endswith("vec_math.h") for f in files)
+
+
+def test_manifest_keeps_build_outputs_out(monkeypatch, tmp_path):
+    """An in-place build's fastopd/_C*.so or an object file under csrc/ never lands in the sdist."""
+    files = _manifest_files(monkeypatch)
+    assert not [f for f in files if f.endswith((".so", ".o", ".pyc"))]
+    text = (ROOT / "MANIFEST.in").read_text()
+    assert re.search(r"^global-exclude .*\*\.so", text, flags=re.M)
+    assert re.search(r"^global-exclude .*\*\.o\b", text, flags=re.M)
+
+
+def test_package_data_covers_every_asset():
+    """The wheel installs every file under fastopd/train/assets (fastopd distill loads them from the package)."""
+    patterns = _setup_constant("PACKAGE_DATA")["fastopd.train"]
+    base = ROOT / "fastopd" / "train"
+    assets = [p.relative_to(base).as_posix() for p in (base / "assets").rglob("*") if p.is_file()]
+    assert assets, "no model assets under fastopd/train/assets"
+    unmatched = [a for a in assets if not any(fnmatch.fnmatch(a, pat) for pat in patterns)]
+    assert not unmatched, f"setup.py's PACKAGE_DATA misses {unmatched}"
+
+
+def test_kernels_install_as_a_subpackage():
+    package_dir = _setup_constant("PACKAGE_DIR")
+    assert package_dir["fastopd.kernels"] == "kernels"
+    assert (ROOT / "kernels" / "__init__.py").exists()
+    assert '["fastopd.kernels"]' in (ROOT / "setup.py").read_text()
+
+
+def test_build_requirements():
+    """torch stays out (an isolated build would compile against a torch other than the one that runs it);
+    setuptools >= 64 for PEP 660 editable installs; no `wheel`, which setuptools < 70.1 requests by itself and
+    whose listing makes `python -m build --no-isolation` refuse where it is not installed."""
+    build = _pyproject()["build-system"]
+    names = {_req_name(r): r for r in build["requires"]}
+    assert "torch" not in names
+    assert "wheel" not in names
+    assert "ninja" in names
+    assert re.fullmatch(r"setuptools>=(\d+)", names["setuptools"].replace(" ", ""))
+    assert int(names["setuptools"].split(">=")[1]) >= 64
+    assert build["build-backend"] == "setuptools.build_meta"
+
+
+def test_license_field_is_readable_by_old_setuptools():
+    """`license = "Apache-2.0"` (SPDX string) is a configuration error on setuptools < 77, which
+    build-system.requires allows and a --no-build-isolation build may meet; the table form works on 64 to 84
+    (deprecated from 77, with a warning)."""
+    lic = _pyproject()["project"]["license"]
+    assert lic == {"text": "Apache-2.0"}
+    text = (ROOT / "LICENSE").read_text()  # the text itself ships too (setuptools' default license-files)
+    assert text.split()[:4] == ["Apache", "License", "Version", "2.0,"] and "END OF TERMS AND CONDITIONS" in text
+
+
+def test_runtime_dependencies_cover_module_level_imports():
+    """Every third-party module fastopd imports at module level is a declared dependency; everything it imports
+    anywhere is a dependency or in an extra (or triton, which CUDA builds of torch bring on Linux)."""
+    project = _pyproject()["project"]
+    import_name = {"liger-kernel": "liger_kernel", "pytest-benchmark": "pytest_benchmark"}
+    deps = {import_name.get(n, n.replace("-", "_")) for n in map(_req_name, project["dependencies"])}
+    extras = {import_name.get(n, n.replace("-", "_"))
+              for reqs in project["optional-dependencies"].values() for n in map(_req_name, reqs)}
+    top_level, anywhere = {}, {}
+    for f in sorted((ROOT / "fastopd").rglob("*.py")):
+        tree = ast.parse(f.read_text())
+        module_level = set(map(id, tree.body))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module.split(".")[0]]
+            else:
+                continue
+            for n in names:
+                if n in sys.stdlib_module_names or n == "fastopd":
+                    continue
+                anywhere.setdefault(n, str(f.relative_to(ROOT)))
+                if id(node) in module_level:
+                    top_level.setdefault(n, str(f.relative_to(ROOT)))
+    assert "torch" in deps
+    undeclared = {n: f for n, f in top_level.items() if n not in deps}
+    assert not undeclared, f"imported at module level but not in [project].dependencies: {undeclared}"
+    unknown = {n: f for n, f in anywhere.items() if n not in deps | extras | {"triton"}}
+    assert not unknown, f"imported but in no dependency or extra: {unknown}"
+
+
+def test_readme_install_commands_match_the_torch_range():
+    torch_req = next(r for r in _pyproject()["project"]["dependencies"] if _req_name(r) == "torch")
+    spec = torch_req[len("torch"):].replace(" ", "")
+    readme = (ROOT / "README.md").read_text()
+    for marker in ("<!-- main-command -->", "<!-- test-command -->"):
+        block = readme.split(marker, 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+        assert f'"torch{spec}"' in block.replace(" ", ""), f"{marker}: torch range differs from pyproject's {spec}"
+
+
+def test_console_script_resolves():
+    target = _pyproject()["project"]["scripts"]["fastopd"]
+    module, func = target.split(":")
+    import importlib
+
+    assert callable(getattr(importlib.import_module(module), func))
+
+
+def _checkout_copy(dst: Path) -> None:
+    """The checkout's tracked and untracked-but-not-ignored files (no build outputs, no egg-info)."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("needs a git checkout to copy")
+    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
+                         capture_output=True).stdout.decode()
+    for rel in filter(None, out.split("\0")):
+        src = ROOT / rel
+        if src.is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / rel)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("FASTOPD_TEST_PACKAGING") != "1", reason="set FASTOPD_TEST_PACKAGING=1 (builds)")
+def test_sdist_and_wheel_built_from_it(tmp_path):
+    """sdist made where torch is not used (FASTOPD_BUILD_CPP=0, as in an isolated build), then a wheel from it
+    with --no-build-isolation: it holds fastopd._C (where a C++ compiler exists), fastopd.kernels, the assets
+    and the console script."""
+    src = tmp_path / "src"
+    _checkout_copy(src)
+    dist = tmp_path / "dist"
+    env = dict(os.environ, FASTOPD_BUILD_CPP="0")
+    subprocess.run([sys.executable, "-c", f"from setuptools import build_meta; build_meta.build_sdist({str(dist)!r})"],
+                   cwd=src, env=env, check=True, capture_output=True)
+    (sdist,) = dist.glob("fastopd-*.tar.gz")
+    with tarfile.open(sdist) as tf:
+        names = {n.split("/", 1)[1] for n in tf.getnames() if "/" in n}
+    for rel in ["setup.py", "pyproject.toml", "README.md", "kernels/__init__.py", "csrc/ops.cpp",
+                "csrc/cpu/vec_math.h", "csrc/cuda/divergence.cu",
+                "fastopd/train/assets/addition3/teacher/model.safetensors"]:
+        assert rel in names, f"sdist lacks {rel}"
+    assert not [n for n in names if n.endswith((".so", ".o", ".pyc"))]
+
+    wheels = tmp_path / "wheels"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTOPD_")}
+    env["FASTOPD_BUILD_CUDA"] = "0"
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-v", "--no-cache-dir", "--no-build-isolation",
+                        "--no-deps", "-w", str(wheels), str(sdist)], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    (whl,) = wheels.glob("fastopd-*.whl")
+    with zipfile.ZipFile(whl) as zf:
+        names = set(zf.namelist())
+        entry_points = zf.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
+    assert "fastopd/kernels/__init__.py" in names
+    assert "fastopd/train/assets/addition3/student/model.safetensors" in names
+    assert "fastopd = fastopd.cli:main" in entry_points
+    if shutil.which(os.environ.get("CXX", "c++")):
+        so = [n for n in names if re.fullmatch(r"fastopd/_C\..*\.so", n)]
+        assert so, "the wheel built from the sdist has no fastopd._C:\n" + (r.stdout + r.stderr)[-4000:]
