@@ -274,12 +274,33 @@ def _random_subset(n: int, k: int, generator: torch.Generator | None) -> torch.T
     while start < n and left > 0:
         size = min(_RANDOM_BLOCK, n - start)
         rest = n - start - size
-        take = int(counts_rng.hypergeometric(size, rest, left)) if rest else left
+        take = _hypergeometric(counts_rng, size, rest, left) if rest else left
         if take:
             parts.append(torch.randperm(size, generator=generator)[:take].sort().values + start)
         left -= take
         start += size
     return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
+
+
+_NUMPY_HYPERGEOMETRIC_MAX = 10**9  # numpy's Generator.hypergeometric takes ngood and nbad below this
+
+
+def _hypergeometric(rng, good: int, bad: int, nsample: int) -> int:
+    """How many of `nsample` draws without replacement from `good` + `bad` items are good.
+
+    numpy refuses populations of 10^9 or more on either side (a 1.2B-element embedding, e.g. 152064 x 8192, has
+    that many after its first block); there X ~ Binomial(good, p) and Y ~ Binomial(bad, p) conditioned on
+    X + Y = nsample, which is exactly hypergeometric, drawn by rejection in batches."""
+    if good < _NUMPY_HYPERGEOMETRIC_MAX and bad < _NUMPY_HYPERGEOMETRIC_MAX:
+        return int(rng.hypergeometric(good, bad, nsample))
+    import numpy as np
+
+    p = nsample / (good + bad)
+    while True:  # acceptance about 1 / sqrt(2 pi nsample (1 - p)) per pair: a few batches even at nsample = 1e9
+        x, y = rng.binomial(good, p, size=1 << 16), rng.binomial(bad, p, size=1 << 16)
+        hit = np.flatnonzero(x + y == nsample)
+        if hit.size:
+            return int(x[hit[0]])
 
 
 @torch.no_grad()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -434,3 +435,18 @@ def test_out_of_range_budgets_raise_whatever_the_parameters():
     model = torch.nn.Linear(4, 3)  # kind "other": the ffn budget applies to nothing here, and is still wrong
     with pytest.raises(ValueError, match=r"budgets.*\[0, 1\].*ffn"):
         masks.random(model, 0.1, budgets={"ffn": 1.5})
+
+
+def test_random_masks_of_tensors_above_numpys_hypergeometric_bound():
+    """numpy's hypergeometric refuses 10^9 or more items on either side: a tensor of 1.1e9 coordinates (an
+    embedding such as 152064 x 8192 has 1.25e9) raised "both ngood and nbad must be less than 1000000000" from
+    its first block. The counts there come from binomials conditioned on their sum (exactly hypergeometric)."""
+    n, k = 1_100_000_000, 3
+    got = masks._random_subset(n, k, torch.Generator().manual_seed(0))
+    assert got.dtype == torch.int64 and got.numel() == k and torch.equal(got, got.unique())
+    assert 0 <= int(got.min()) and int(got.max()) < n
+    rng = np.random.default_rng(1)
+    draws = np.array([masks._hypergeometric(rng, 600_000_000, 1_400_000_000, 50) for _ in range(400)])
+    assert abs(draws.mean() - 15.0) < 0.6  # mean nsample * good / (good + bad) = 15, sd of the mean ~0.16
+    assert masks._hypergeometric(rng, 10**9, 10**9, 0) == 0
+    assert masks._hypergeometric(rng, 10**9, 10**9, 2 * 10**9) == 10**9
