@@ -51,8 +51,10 @@ def shard_sizes(student_rows: int, teacher_rows: int, group: dist.ProcessGroup) 
     vocabulary that changed only the other ranks' shards, would leave them waiting in different ones). On a CPU
     backend the sizes are read back at no cost. On a device backend they are read (a host sync) the first time
     this rank sees its sizes in the group; later calls use that layout, checked against the exchanged sizes on
-    the device (`torch._assert_async`: no host sync), so a layout changed on another rank raises instead of
-    being used stale (`clear_layout_cache()` on every rank after such a re-sharding)."""
+    the device (`torch._assert_async`: no host sync), so a layout changed on another rank is not used silently.
+    On CUDA that check is a device-side assert, fatal to the process (its CUDA context is lost, and peers may wait
+    in the loss's collectives until the NCCL timeout): after re-sharding a head under a device-only backend, call
+    `clear_layout_cache()` on every rank BEFORE the next loss call."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     device, free_read = _sizes_device(group)
     exchanged = torch.zeros(world, 2, dtype=torch.int64, device=device)
@@ -68,8 +70,9 @@ def shard_sizes(student_rows: int, teacher_rows: int, group: dist.ProcessGroup) 
     sizes, seen = _SIZES[key]
     torch._assert_async((exchanged == seen).all(),
                         "fastopd: the vocab-parallel head shards of other ranks changed since this rank last used "
-                        "its shard sizes in this group; call fastopd.distributed.vocab_parallel.clear_layout_cache() "
-                        "on every rank after re-sharding")
+                        "its shard sizes in this group (fatal on CUDA); call "
+                        "fastopd.distributed.vocab_parallel.clear_layout_cache() on every rank before the first loss "
+                        "call after re-sharding")
     return sizes
 
 
