@@ -36,12 +36,24 @@ def _check_cpp(dispatch_key: str, op: str) -> Callable[[], str | None]:
         from fastopd import _ops
 
         if _ops.LOAD_ERROR is not None:
-            return f"fastopd._C is not built or does not load ({_ops.LOAD_ERROR})"
+            return f"fastopd._C is not built or does not load ({_ops.LOAD_ERROR}); {_rebuild_hint(_ops.LOAD_ERROR)}"
         if not _ops.has_kernel(op, dispatch_key):
-            return f"fastopd._C was built without a {dispatch_key} kernel for {op}"
+            hint = (" (CUDA kernels are compiled only with FASTOPD_BUILD_CUDA=1, or when a GPU is visible at build "
+                    "time, and CUDA_HOME holding lib64/libcudart.so: rebuild with `FASTOPD_BUILD_CUDA=1 pip install "
+                    "--no-build-isolation .`)") if dispatch_key == "CUDA" else ""
+            return f"fastopd._C was built without a {dispatch_key} kernel for {op}{hint}"
         return None
 
     return check
+
+
+def _rebuild_hint(load_error: str) -> str:
+    """How to get a loadable fastopd._C, from why it did not load."""
+    again = "`pip install --no-build-isolation .` (with -e in a source checkout)"
+    if "No module named" in load_error:
+        return ("it was never built: setup.py needs torch importable at build time and a C++ compiler "
+                f"(`pip install -v` shows its note on which was missing); reinstall with {again}")
+    return f"it was built against another torch or toolkit than the one running: rebuild it with {again}"
 
 
 def _check_triton() -> str | None:

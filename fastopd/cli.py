@@ -9,7 +9,7 @@ import sys
 
 # What argparse takes for a negative number rather than an option: its own pattern misses exponents and inf/nan
 # ("--tau -1e-3" was "expected one argument", not the tolerance's own range error). Python 3.13's is close to this.
-_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$", re.IGNORECASE)
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
 
 # name -> (module, one-line help). Modules are imported only when their subcommand runs or --help is built.
 SUBCOMMANDS = {

@@ -24,6 +24,38 @@ def test_doctor_reports_every_backend(capsys):
     assert "missing:" in out or "usable" in out
 
 
+@pytest.mark.parametrize("load_error,expect", [
+    pytest.param("ModuleNotFoundError: No module named 'fastopd._C'", "it was never built", id="never-built"),
+    pytest.param("ImportError: _C.so: undefined symbol: _ZN3c10", "built against another torch", id="other-torch"),
+])
+def test_doctor_says_why_the_cpp_library_is_missing_and_how_to_rebuild(monkeypatch, load_error, expect):
+    from fastopd import _dispatch, _ops
+
+    monkeypatch.setattr(_ops, "LOAD_ERROR", load_error)
+    why = _dispatch.available("divergence_chunk", "cpu", "cpu")
+    assert load_error in why and expect in why and "pip install --no-build-isolation ." in why
+
+
+def test_doctor_says_how_to_build_the_cuda_kernel(monkeypatch):
+    from fastopd import _dispatch, _ops
+
+    monkeypatch.setattr(_ops, "LOAD_ERROR", None)
+    monkeypatch.setattr(_ops, "has_kernel", lambda op, key: key != "CUDA")
+    why = _dispatch.REGISTRY["divergence_chunk"][1].check()
+    assert "built without a CUDA kernel" in why and "FASTOPD_BUILD_CUDA=1" in why and "CUDA_HOME" in why
+
+
+@pytest.mark.parametrize("text", ["-1", "-1.5", "-.5", "-1e-3", "-1E+4", "-2.e5", "-inf", "-Infinity", "-nan"])
+def test_negative_numbers_are_values_not_options(text):
+    float(text)  # each is a number Python reads
+    assert cli._NEGATIVE_NUMBER.match(text)
+
+
+@pytest.mark.parametrize("text", ["-x", "--tau", "-1e", "-e3", "-infx", "-1-", "-"])
+def test_options_are_not_taken_for_negative_numbers(text):
+    assert not cli._NEGATIVE_NUMBER.match(text)
+
+
 def test_bench_tiny_run_writes_results(tmp_path, capsys):
     rc = cli.main(["bench", "--tokens", "48", "--hidden", "16", "--vocab", "300", "--providers",
                    "fastopd,naive,gemm_floor", "--divergences", "jsd", "--repeats", "1", "--device", "cpu",
