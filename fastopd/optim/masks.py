@@ -311,7 +311,12 @@ def smallest_weights(params: Named, density: float | None = None, *, per: str = 
     # Smallest |w| == largest (key(inf) - key(|w|)): float32 bit patterns of non-negative values are ordered like
     # the values, so the inverted integer keys are too, exactly (no float cancellation) and stay non-negative.
     inf_key = int(torch.tensor(float("inf")).view(torch.int32))
-    keys = [(n, inf_key - _sortable_keys(p.detach().abs())) for n, p in _named(params)]
+    named = _named(params)
+    for n, p in named:  # a NaN weight has no size: it would count as 0, the first coordinate chosen
+        if p.is_floating_point() and bool(torch.isnan(p).any()):
+            raise ValueError(f"smallest_weights: {n} holds NaN weights ({int(torch.isnan(p).sum())} of "
+                             f"{p.numel()}); a weight's size is undefined there")
+    keys = [(n, inf_key - _sortable_keys(p.detach().abs())) for n, p in named]
     return _select(keys, density, per, budgets)
 
 

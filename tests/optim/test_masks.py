@@ -212,6 +212,18 @@ def test_smallest_weights(per):
         assert all((params[n].abs().view(-1)[i] <= thr).all() for n, i in m.items())
 
 
+@pytest.mark.parametrize("per", ["tensor", "global"])
+def test_smallest_weights_refuses_nan_weights_naming_the_tensor(per):
+    params = {"ok": torch.ones(3, 5), "bad": torch.tensor([[1.0, NAN, 0.5], [2.0, 3.0, NAN]])}
+    with pytest.raises(ValueError, match=r"smallest_weights: bad holds NaN weights \(2 of 6\)"):
+        masks.smallest_weights(params, 0.2, per=per)  # NaN counted as 0 and was the first coordinate chosen
+
+
+def test_smallest_weights_inf_weights_are_the_largest():
+    got = masks.smallest_weights({"w": torch.tensor([float("inf"), 0.3, -float("inf"), -0.1])}, 0.5)["w"]
+    assert got.tolist() == [1, 3]
+
+
 def _linear_setup():
     gen = torch.Generator().manual_seed(3)
     model = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.Tanh(), torch.nn.Linear(24, 5))
