@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from fastopd.analysis.io import CheckpointLike, open_checkpoint
+from fastopd.analysis.io import CheckpointLike, open_checkpoint, unwrap_names
 from fastopd.analysis.masks import MaskWriter
 from fastopd.analysis.naming import KINDS, layer_index, module_kind
 from fastopd.analysis.report import UpdateReport, build_report
@@ -20,6 +20,7 @@ from fastopd.analysis.stats import AnalysisConfig, analyze_tensor
 __all__ = ["AnalysisInputError", "MismatchError", "analyze_update", "select_null_tensors"]
 
 NULL_MODES = ("sample", "all", "none")
+STORAGE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)  # what Delta can be formed in
 
 
 class MismatchError(ValueError):
@@ -28,7 +29,8 @@ class MismatchError(ValueError):
 
 class AnalysisInputError(ValueError):
     """The options leave nothing to analyse or are invalid: an include/exclude pattern that is not a regular
-    expression, an unknown null_models, or no floating-point tensor left (filtered out, integer-only)."""
+    expression, an unknown null_models, a dtype that is not a 16/32/64-bit float torch.dtype, or no floating-point
+    tensor left (filtered out, integer-only)."""
 
 
 def _compile(pattern: str | None, option: str) -> re.Pattern | None:
@@ -82,6 +84,33 @@ def _tie_partner(ckpts, name: str, candidates, chunk: int) -> str | None:
     return None
 
 
+def _prefix_alignment(only_base: list[str], only_tuned: list[str]) -> tuple[dict[str, str], str] | None:
+    """TUNED's names onto BASE's where they differ by one dotted prefix P on every name one side has alone (an HF
+    checkpoint's "model.layers.0..." against "layers.0..." of a bare model): {tuned name: base name} and the rule in
+    words, or None when no prefix, or more than one, maps all the names of the side with fewer of them onto distinct
+    names of the other side (the names left over stay mismatches)."""
+    if not only_base or not only_tuned:
+        return None
+    few, many, few_is_tuned = ((only_tuned, only_base, True) if len(only_tuned) <= len(only_base)
+                               else (only_base, only_tuned, False))
+    targets = set(many)
+    first = few[0]
+    candidates = {(first[: i + 1], True) for i, c in enumerate(first) if c == "." and first[i + 1:] in targets}
+    candidates |= {(m[: len(m) - len(first)], False) for m in many if m.endswith("." + first)}
+    fits = []
+    for prefix, strip in sorted(candidates):
+        out = {n: n[len(prefix):] if strip else prefix + n for n in few if (n.startswith(prefix) or not strip)}
+        if len(out) == len(few) and set(out.values()) <= targets and len(set(out.values())) == len(out):
+            fits.append((prefix, strip, out))
+    if len(fits) != 1:
+        return None
+    prefix, strip, out = fits[0]
+    strip_from_tuned = strip == few_is_tuned  # TUNED's names have the prefix that BASE's lack
+    mapping = out if few_is_tuned else {v: k for k, v in out.items()}
+    return mapping, (f"the prefix {prefix!r} is removed from TUNED's names" if strip_from_tuned
+                     else f"the prefix {prefix!r} is added to TUNED's names") + " to match BASE's"
+
+
 SAMPLE_MAX_NUMEL = 1 << 26  # "sample" skips bigger tensors (embeddings, LM heads: half the cost of a 1B model)
 
 
@@ -113,6 +142,10 @@ def analyze_update(base: CheckpointLike, tuned: CheckpointLike, *, dtype: torch.
     leaves the tied copy out, in the other) is skipped as "tied to <embedding>": counted once, not in the mask;
     a model folder's config.json with tie_word_embeddings false turns this off (docs/analysis.md, "Tied weights").
 
+    Names are compared without what wrappers add (`io.unwrap_names`: "_orig_mod.", "module.", FSDP's) and, where the
+    two sides still differ by one dotted prefix ("model." against none), under BASE's names; `meta["renamed"]` says
+    what was renamed (docs/analysis.md, "Names").
+
     Args:
         base, tuned: model folders, safetensors files, torch state-dict files, `{name: tensor}` dicts,
             or `Checkpoint`s. Read tensor by tensor (safetensors: memory-mapped), so memory stays bounded.
@@ -128,20 +161,30 @@ def analyze_update(base: CheckpointLike, tuned: CheckpointLike, *, dtype: torch.
 
     Raises:
         MismatchError: names/shapes/dtypes differ (names/shapes: unless allow_partial).
-        CheckpointError: a file is unreadable or truncated (names the file).
-        AnalysisInputError: an invalid include/exclude regex or null_models, or no floating-point tensor left
-            to analyse (a ValueError).
+        CheckpointError: a file is unreadable or truncated (names the file), a shard of an index-less folder is
+            missing, or removing wrapper prefixes gives two tensors one name.
+        AnalysisInputError: an invalid include/exclude regex, null_models or dtype, or no floating-point tensor
+            left to analyse (a ValueError).
     """
     cfg = config or AnalysisConfig()
     if dtype is not None:
         cfg = AnalysisConfig(**{**cfg.__dict__, "dtype": dtype})
+    if cfg.dtype is not None and cfg.dtype not in STORAGE_DTYPES:
+        raise AnalysisInputError(f"dtype must be None or one of {', '.join(map(str, STORAGE_DTYPES))}, "
+                                 f"got {cfg.dtype!r}")
     if null_models not in NULL_MODES:
         raise AnalysisInputError(f"null_models must be one of {NULL_MODES}, got {null_models!r}")
     inc, exc = _compile(include, "include"), _compile(exclude, "exclude")
     t0 = time.perf_counter()
-    bc, tc = open_checkpoint(base), open_checkpoint(tuned)
+    # names are compared without what wrappers add (torch.compile's "_orig_mod.", DDP's "module.", FSDP's), and
+    # where the two sides still differ by one prefix ("model." against none), under BASE's names
+    bc, tc = unwrap_names(open_checkpoint(base)), unwrap_names(open_checkpoint(tuned))
     only_base = sorted(set(bc.infos) - set(tc.infos))
     only_tuned = sorted(set(tc.infos) - set(bc.infos))
+    if (aligned := _prefix_alignment(only_base, only_tuned)) is not None:
+        tc = tc.renamed(*aligned)
+        only_base = sorted(set(bc.infos) - set(tc.infos))
+        only_tuned = sorted(set(tc.infos) - set(bc.infos))
     common = [n for n in bc.names() if n in tc.infos]
     # Tied LM heads (see docs/analysis.md, "Tied weights"): an LM-head tensor bitwise equal, in each checkpoint that
     # has it, to an embedding of the same shape is the embedding itself, saved twice (fastopd's step checkpoints
@@ -248,6 +291,7 @@ def analyze_update(base: CheckpointLike, tuned: CheckpointLike, *, dtype: torch.
             "config": {k: (str(v).replace("torch.", "") if isinstance(v, torch.dtype) else v)
                        for k, v in cfg.__dict__.items()},
             "module_kinds": list(KINDS), "seconds": time.perf_counter() - t0, "torch_threads": torch.get_num_threads(),
-            "mask_out": None if mask_out is None else str(mask_out)}
+            "mask_out": None if mask_out is None else str(mask_out),
+            "renamed": {side: c.renames for side, c in (("base", bc), ("tuned", tc)) if c.renames}}
     mismatches = {"only_in_base": only_base, "only_in_tuned": only_tuned, "shape_differs": shape_mismatch}
     return build_report(tensors, meta, {k: v for k, v in mismatches.items() if v}, skipped, spectra)

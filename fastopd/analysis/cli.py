@@ -13,7 +13,7 @@ import torch
 from fastopd._io import folder_write_problem
 from fastopd.analysis.analyze import NULL_MODES, AnalysisInputError, MismatchError, analyze_update
 from fastopd.analysis.io import CheckpointError
-from fastopd.analysis.report import nonfinite_line
+from fastopd.analysis.report import NO_UPDATE, nonfinite_line
 from fastopd.analysis.stats import AnalysisConfig
 
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
@@ -149,6 +149,10 @@ def run(args: argparse.Namespace) -> int:
           f"{s['ffn_share_updated'] or 0:.3g} of changed coordinates, {s['ffn_share_energy'] or 0:.3g} of energy")
     if s["nonfinite_tensors"]:
         print(f"  ! non-finite values, taken as 0 in energies and spectra: {nonfinite_line(s)}")
+    if s["changed"] == 0:
+        print(f"  ! {NO_UPDATE}")
+    for side, why in (report.meta.get("renamed") or {}).items():
+        print(f"  (names of {side.upper()}: {'; '.join(why)})")
     for f in report.findings:
         print(f"  - {f['claim']}: {f['verdict']}")
     if report.mismatches:

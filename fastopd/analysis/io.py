@@ -7,6 +7,7 @@ are parsed here (8-byte header length, JSON header, raw data) and each tensor is
 memory map of just its own byte range: pages are read lazily and released when the tensor is dropped, so
 analysing a multi-GB pair keeps only the tensors in flight resident. Every offset is checked against the
 file size first, so a truncated or corrupt file fails with its name instead of a bus error.
+`unwrap_names` removes what torch.compile, DDP and FSDP add to parameter names; `Checkpoint.renamed` renames.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ from typing import Union
 
 import torch
 
-__all__ = ["Checkpoint", "CheckpointError", "TensorInfo", "open_checkpoint"]
+__all__ = ["Checkpoint", "CheckpointError", "TensorInfo", "open_checkpoint", "unwrap_names"]
 
 # safetensors dtype tags -> torch dtypes (the ones torch can hold)
 _ST_DTYPES = {
@@ -115,10 +117,14 @@ def _load_torch_file(path: Path) -> dict[str, torch.Tensor]:
             obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except Exception as exc:  # noqa: BLE001 - torch.load raises many types; all mean "cannot read this file"
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc})") from exc
-    if isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+    if isinstance(obj, Mapping):
+        # a training checkpoint nests the weights ({"state_dict": ...} of Lightning, {"model": ...}, DeepSpeed's
+        # {"module": ...}) beside other entries, which may be tensors too ({"model": ..., "step": tensor(3)}): a
+        # flat state dict never maps these keys to a dict, so a nested one holding tensors is the model's weights
         for key in ("state_dict", "model", "module"):
-            if isinstance(obj.get(key), Mapping):
-                obj = obj[key]
+            inner = obj.get(key)
+            if isinstance(inner, Mapping) and any(isinstance(v, torch.Tensor) for v in inner.values()):
+                obj = inner
                 break
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
@@ -133,15 +139,36 @@ class Checkpoint:
         self.infos: dict[str, TensorInfo] = {}
         self._st: dict[str, _SafetensorsFile] = {}      # name -> file
         self._mem: dict[str, torch.Tensor] = {}         # name -> tensor (torch files, in-memory dicts)
+        self.stored_names: dict[str, str] = {}          # name -> the name the file has, where `renamed` changed it
+        self.renames: list[str] = []                    # what `renamed` did, in words (report meta)
 
     def names(self) -> list[str]:
         return list(self.infos)
 
     def load(self, name: str) -> torch.Tensor:
-        """The tensor `name` (memory-mapped for safetensors; never copied here)."""
+        """The tensor `name` (memory-mapped for safetensors; never copied here; in-memory tensors detached from
+        autograd and moved to the CPU, where the analysis runs)."""
         if name in self._st:
-            return self._st[name].load(name)
-        return self._mem[name]
+            return self._st[name].load(self.stored_names.get(name, name))
+        return self._mem[name].detach().cpu()
+
+    def renamed(self, mapping: Mapping[str, str], why: str) -> Checkpoint:
+        """A view of this checkpoint with names renamed by `mapping` (old -> new; names not in it stay), reading the
+        same files. Raises CheckpointError when two tensors would get one name."""
+        out = Checkpoint(self.description)
+        out.renames = [*self.renames, why]
+        for name, info in self.infos.items():
+            new = mapping.get(name, name)
+            if new in out.infos:
+                first = next(n for n in self.infos if mapping.get(n, n) == new)
+                raise CheckpointError(f"{self.description}: {first!r} and {name!r} are both {new!r} once {why}")
+            out.infos[new] = info
+            if name in self._st:
+                out._st[new] = self._st[name]
+                out.stored_names[new] = self.stored_names.get(name, name)
+            else:
+                out._mem[new] = self._mem[name]
+        return out
 
     def _add(self, name: str, info: TensorInfo) -> None:
         if name in self.infos:
@@ -175,6 +202,24 @@ def _read_index(index: Path) -> dict[str, set[str]]:
     return by_file
 
 
+_SHARD = re.compile(r"^(.*)-(\d+)-of-(\d+)(\.safetensors|\.bin)$")
+
+
+def _check_shards_complete(folder: Path, files: list[Path]) -> None:
+    """Shards named "<stem>-0000i-of-0000N<ext>" found without their index must all be there: a folder whose save
+    stopped part-way (the index is written last) would otherwise be read as a smaller model."""
+    series: dict[tuple[str, str, str], set[int]] = {}  # (stem, "0000N", extension) -> shard numbers found
+    for f in files:
+        if m := _SHARD.match(f.name):
+            series.setdefault((m.group(1), m.group(3), m.group(4)), set()).add(int(m.group(2)))
+    for (stem, total, ext), have in sorted(series.items()):
+        if missing := sorted(set(range(1, int(total) + 1)) - have):
+            names = [f"{stem}-{i:0{len(total)}d}-of-{total}{ext}" for i in missing]
+            raise CheckpointError(f"{folder}: has {len(have)} of the {int(total)} shards {stem}-*-of-{total}{ext} "
+                                  f"and no index: missing {', '.join(names[:5])}{', ...' if len(names) > 5 else ''} "
+                                  f"(a save that did not finish?)")
+
+
 def _add_model_folder(ckpt: Checkpoint, path: Path) -> None:
     """The weights of a Hugging Face model folder, found as transformers finds them: the safetensors index, else
     `model*.safetensors`, else the torch index, else `pytorch_model*.bin`. Other files (training_args.bin,
@@ -194,9 +239,11 @@ def _add_model_folder(ckpt: Checkpoint, path: Path) -> None:
             raise CheckpointError(f"{index}: lists {len(missing)} tensors not found in their shard, "
                                   f"e.g. {sorted(missing)[:3]}")
     elif shards := sorted(path.glob("model*.safetensors")):
+        _check_shards_complete(path, shards)
         for shard in shards:
             ckpt._add_safetensors(shard)
     elif bins := sorted(p for p in path.glob("pytorch_model*.bin") if p.is_file()):
+        _check_shards_complete(path, bins)
         for b in bins:
             ckpt._add_tensors(_load_torch_file(b), str(b))
     else:
@@ -208,7 +255,49 @@ def _add_model_folder(ckpt: Checkpoint, path: Path) -> None:
                               f"pytorch_model.bin.index.json){found}")
 
 
+# Components that wrappers add to parameter names and that are never the model's own: torch.compile's
+# OptimizedModule, FSDP (v1) and activation-checkpointing wrappers, anywhere in a name; DDP/DataParallel/DeepSpeed's
+# "module." in front of every name (only when every name has it: a model may own a submodule called "module").
+_WRAPPER_PARTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+
+
+def unwrap_names(ckpt: Checkpoint) -> Checkpoint:
+    """`ckpt` with the names wrappers add removed: the components "_orig_mod" (torch.compile),
+    "_fsdp_wrapped_module" (FSDP), "_checkpoint_wrapped_module" (activation checkpointing) wherever they occur, then
+    a leading "module." (DDP, DataParallel, DeepSpeed) while every name has it. `ckpt` itself if nothing changes.
+
+    >>> unwrap_names(open_checkpoint({"module._orig_mod.lm_head.weight": torch.zeros(1)})).names()
+    ['lm_head.weight']
+
+    Raises:
+        CheckpointError: two tensors would get the same name (e.g. both "module.x" and "x" held).
+    """
+    names = ckpt.names()
+    new = {n: ".".join(c for c in n.split(".") if c not in _WRAPPER_PARTS) for n in names}
+    removed = sorted({c for n in names for c in n.split(".") if c in _WRAPPER_PARTS})
+    why = [f"the wrapper components {', '.join(repr(c) for c in removed)} are removed"] if removed else []
+    lead = 0
+    while new and all(v.startswith("module." * (lead + 1)) for v in new.values()):
+        lead += 1
+    if lead:
+        new = {n: v[len("module.") * lead:] for n, v in new.items()}
+        why.append(f"the leading {'module.' * lead!r} of every name is removed")
+    mapping = {n: v for n, v in new.items() if v != n}
+    return ckpt.renamed(mapping, " and ".join(why)) if mapping else ckpt
+
+
 CheckpointLike = Union[str, os.PathLike, Mapping[str, torch.Tensor], Checkpoint]  # noqa: UP007 (py3.10 alias)
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    """A file of another name that starts as safetensors do (8-byte little-endian header length, then "{"): torch
+    files start with a zip ("PK") or pickle (0x80) signature, so the two never meet."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False  # torch.load's error will name the file
+    return len(head) == 9 and head[8:] == b"{" and struct.unpack("<Q", head[:8])[0] < (1 << 32)
 
 
 def open_checkpoint(src: CheckpointLike) -> Checkpoint:
@@ -220,9 +309,12 @@ def open_checkpoint(src: CheckpointLike) -> Checkpoint:
             `.safetensors` file, a torch file holding a state dict, a `{name: tensor}` mapping, or an already
             opened `Checkpoint`.
 
+    Names are the files' own (`unwrap_names` removes what wrappers add). A file not named `.safetensors` whose
+    bytes start as a safetensors header is read as one.
+
     Raises:
-        CheckpointError: the path does not exist, holds no tensors, or a file is unreadable/truncated
-            (the message names the file).
+        CheckpointError: the path does not exist, holds no tensors, a file is unreadable/truncated (the message
+            names the file), or a folder holds numbered shards without their index and one is missing.
     """
     if isinstance(src, Checkpoint):
         return src
@@ -236,7 +328,7 @@ def open_checkpoint(src: CheckpointLike) -> Checkpoint:
         raise CheckpointError(f"{path}: no such file or directory")
     if path.is_dir():
         _add_model_folder(ckpt, path)
-    elif path.suffix == ".safetensors":
+    elif path.suffix == ".safetensors" or _looks_like_safetensors(path):
         ckpt._add_safetensors(path)
     else:
         ckpt._add_tensors(_load_torch_file(path), str(path))

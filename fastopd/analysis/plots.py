@@ -41,7 +41,7 @@ def make_plots(report, out_dir: str | Path) -> list[Path]:
     ax.set_xlabel("layer")
     ax.set_ylabel("fraction of coordinates changed (bitwise)")
     ax.set_title("Update density by layer and module kind")
-    ax.legend(fontsize=7, ncol=2)
+    _legend_or_note(ax, "no tensor with a layer index")
     written.append(_save(fig, out / "sparsity_by_layer.png"))
 
     # 2. by module kind: density, and shares of parameters / updated coordinates / energy
@@ -84,7 +84,7 @@ def make_plots(report, out_dir: str | Path) -> list[Path]:
     ax.set_xlabel("top-k singular directions / min(m, n)")
     ax.set_ylabel("fraction of ||Delta||_F^2")
     ax.set_title("Singular energy of the update")
-    ax.legend(fontsize=7, ncol=2)
+    _legend_or_note(ax, "no 2-D tensor changed: no spectrum to show")
     written.append(_save(fig, out / "singular_energy.png"))
 
     # 4. enrichment by magnitude decile of |base| (median over tensors), observed and null models
@@ -111,9 +111,18 @@ def make_plots(report, out_dir: str | Path) -> list[Path]:
     ax.set_xlabel("decile of |base| (1 = smallest)")
     ax.set_ylabel("P(changed | decile) / P(changed)")
     ax.set_title("Where the update falls, by base-weight magnitude")
-    ax.legend(fontsize=7, ncol=2)
+    _legend_or_note(ax, "no coordinate changed")
     written.append(_save(fig, out / "enrichment_by_magnitude.png"))
     return written
+
+
+def _legend_or_note(ax, note: str) -> None:
+    """The legend of the lines drawn, or, when none was (an unchanged checkpoint pair, no layered tensor), `note` in
+    the middle of the empty axes (a legend of nothing would warn and an empty frame would say nothing)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, ncol=2)
+    else:
+        ax.text(0.5, 0.5, note, ha="center", va="center", transform=ax.transAxes, color="gray")
 
 
 def _save(fig, path: Path) -> Path:

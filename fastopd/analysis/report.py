@@ -223,17 +223,21 @@ class UpdateReport:
                  f"changed coordinates, **{_f(s['ffn_share_energy'])}** of update energy", ""]
         if s.get("nonfinite_tensors"):
             lines[-1:-1] = [f"- **non-finite values** (taken as 0 in energies and spectra): {nonfinite_line(s)}"]
+        if s["changed"] == 0:
+            lines[-1:-1] = [f"- **{NO_UPDATE}**"]
+        for side, why in (self.meta.get("renamed") or {}).items():
+            lines[-1:-1] = [f"- {side.upper()} names: {'; '.join(why)}"]
         if self.mismatches:
             lines += ["**Mismatches (analysed the common tensors only):** " + ", ".join(
                 f"{k}: {len(v)}" for k, v in self.mismatches.items() if v), ""]
         lines += ["## Findings and null models", "",
-                  "| claim | metric | observed | shuffled null | bf16-rounding null | verdict |",
+                  "| claim | metric | observed | shuffled null | rounding null | verdict |",
                   "|---|---|---|---|---|---|"]
         for f in self.findings:
             claim, metric = (x.replace("|", "\\|") for x in (f["claim"], f["metric"]))
             lines.append(f"| {claim} | {metric} | {_f(f['observed'])} | {_f(f['null_shuffled'])} | "
                          f"{_f(f['null_rounding'])} | {f['verdict']} |")
-        lines += ["", "Shuffled null: the same Delta values at random coordinates. bf16-rounding null: a dense "
+        lines += ["", "Shuffled null: the same Delta values at random coordinates. Rounding null: a dense "
                   "low-rank update of matched energy, added to the base and rounded to the storage dtype.", "",
                   "## By module kind", "", _table(self.by_kind, "kind"), "", "## By layer", "",
                   _table(self.by_layer, "layer"), "", "## Largest tensors by update energy", "",
@@ -250,6 +254,10 @@ class UpdateReport:
                          f"{_f((t.get('enrichment_small') or {}).get(SMALL_Q))} |")
         lines += ["", f"(these tensors hold {_f(sum(t['energy'] for _, t in top) / tot_e)} of the update energy)"]
         return "\n".join(lines) + "\n"
+
+
+NO_UPDATE = ("no coordinate changed: BASE and TUNED hold the same bits in every analysed tensor (no findings: "
+             "they need a nonzero update)")
 
 
 def nonfinite_line(summary: dict) -> str:
