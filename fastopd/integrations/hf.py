@@ -119,33 +119,61 @@ def shared_softcap(student: nn.Module, teacher: nn.Module) -> float | None:
     return s
 
 
-def trainer_loss_scale(trainer, num_items_in_batch: int | torch.Tensor | None) -> int:
-    """The factor HF's `Trainer.compute_loss` multiplies a loss normalized by `num_items_in_batch` by.
+def trainer_loss_scale(trainer, num_items_in_batch: int | torch.Tensor | None) -> float:
+    """The factor that gives a loss normalized by `num_items_in_batch` the scale HF's `Trainer.compute_loss` gives
+    its own loss.
 
     With `args.average_tokens_across_devices` (default True) and more than one rank, the Trainer sums
     `num_items_in_batch` over the ranks while DDP averages the gradients, so it multiplies the loss by the number of
-    data-parallel ranks (`accelerator.num_processes // tp_size`, or `n_gpu` under DataParallel); an overriding
-    `compute_loss` that normalizes by `num_items_in_batch` must multiply by this too. 1 when `num_items_in_batch` is
-    None (the loss is then a per-batch mean) or the Trainer would not count items (the model takes no loss kwargs
-    and there is no `compute_loss_func`).
+    data-parallel ranks (`accelerator.num_processes // tp_size`); an overriding `compute_loss` that normalizes by
+    `num_items_in_batch` must multiply by this too. Under `nn.DataParallel` (`args.n_gpu` > 1, one process) the
+    loss computed here is one scalar over the whole gathered batch, not one per replica as the model's own loss
+    (which the Trainer multiplies by `n_gpu` and then averages over replicas), so the factor is 1, or 1 / n_gpu
+    without `average_tokens_across_devices` (the Trainer then hands over `num_items_in_batch // n_gpu`). 1 when
+    `num_items_in_batch` is None (the loss is then a per-batch mean) or the Trainer would not count items (the model
+    takes no loss kwargs and there is no `compute_loss_func`).
     """
     args = trainer.args
-    if (num_items_in_batch is None or not getattr(args, "average_tokens_across_devices", False)
-            or not (getattr(trainer, "model_accepts_loss_kwargs", False)
-                    or getattr(trainer, "compute_loss_func", None) is not None)):
+    if num_items_in_batch is None or not (getattr(trainer, "model_accepts_loss_kwargs", False)
+                                          or getattr(trainer, "compute_loss_func", None) is not None):
         return 1
-    if getattr(args, "n_gpu", 1) > 1:
-        return int(args.n_gpu)
+    average = getattr(args, "average_tokens_across_devices", False)
+    n_gpu = int(getattr(args, "n_gpu", 1))
+    if n_gpu > 1:
+        return 1 if average else 1 / n_gpu
+    if not average:
+        return 1
     tp = trainer.get_tp_size() if hasattr(trainer, "get_tp_size") else 1
     return int(trainer.accelerator.num_processes) // max(1, int(tp))
 
 
 def lm_head_of(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`(weight [V, D], bias [V] or None)` of a causal LM's output embedding (the parameters themselves)."""
+    """`(weight [V, D], bias [V] or None)` of a causal LM's output embedding (the parameters themselves).
+
+    Raises:
+        ValueError: the model has no output embedding, its weight is not [V, D] (a DeepSpeed ZeRO-3 partitioned
+            parameter), or its head is a PEFT adapter layer (LoRA on `lm_head`), whose logits are not
+            `hidden @ weight^T + bias`.
+    """
     head = _unwrap(model).get_output_embeddings()
     if head is None or not hasattr(head, "weight"):
-        raise ValueError(f"{type(_unwrap(model)).__name__} has no output embedding (get_output_embeddings())")
-    return head.weight, getattr(head, "bias", None)
+        raise ValueError(f"{type(_unwrap(model)).__name__} has no output embedding (get_output_embeddings() gives "
+                         f"{type(head).__name__}): pass a causal LM with an LM head (AutoModelForCausalLM), not its "
+                         "base model")
+    if hasattr(head, "base_layer"):  # a peft tuner layer (LoRA, ...): its .weight is the base layer's, without the
+        # adapter's delta (peft's ModulesToSaveWrapper and TrainableTokensWrapper give their effective weight: fine)
+        raise ValueError(f"the output embedding of {type(_unwrap(model)).__name__} is a PEFT adapter layer "
+                         f"({type(head).__module__}.{type(head).__qualname__}): its logits are not hidden @ weight^T "
+                         "+ bias, so the fused loss would train the base head and ignore the adapter; leave lm_head "
+                         "out of the adapter's target_modules (modules_to_save=['lm_head'] trains it in full, "
+                         "trainable_token_indices some of its rows; both work)")
+    weight = head.weight
+    if weight.dim() != 2 or weight.numel() == 0:  # DeepSpeed ZeRO-3 leaves a partitioned parameter empty
+        raise ValueError(f"the output embedding weight of {type(_unwrap(model)).__name__} is {tuple(weight.shape)}, "
+                         "not [V, D]" + (": a DeepSpeed ZeRO-3 partitioned parameter; gather it first "
+                                         "(deepspeed.zero.GatheredParameters) or use ZeRO stage 1/2"
+                                         if hasattr(weight, "ds_id") else ""))
+    return weight, getattr(head, "bias", None)
 
 
 def causal_lm_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -157,13 +185,15 @@ def causal_lm_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention
             `output_hidden_states=True, logits_to_keep=1` (logits of one position only) and takes the last hidden
             state, so wrappers see a forward (DDP's hooks, the autocast accelerate wraps around `forward` under mixed
             precision); "auto" picks "hidden_states" when the model's forward takes `logits_to_keep` (or the model
-            is wrapped), else "decoder".
+            is wrapped; for a PeftModel, when its base model's forward does), else "decoder".
         forward_kwargs: passed to the forward (e.g. position_ids).
     The states are multiplied by the model's logit scale, if it has one, so that `states @ W^T` are its logits.
     """
     inner = _unwrap(model)
     if mode == "auto":
-        takes_keep = "logits_to_keep" in inspect.signature(inner.forward).parameters
+        get_base = getattr(inner, "get_base_model", None)  # a PeftModel forwards logits_to_keep to its base model
+        base = get_base() if callable(get_base) else inner
+        takes_keep = "logits_to_keep" in inspect.signature(base.forward).parameters
         mode = "hidden_states" if inner is not model or takes_keep else "decoder"
     if mode == "decoder":
         decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
@@ -240,8 +270,9 @@ def distillation_loss(
 
     Args:
         input_ids, attention_mask: [B, T] for both models (teacher_input_ids/teacher_attention_mask, if given,
-            must cover the same T positions; they let the teacher read other tokens, e.g. another tokenizer's
-            padding, at positions aligned one to one).
+            must be [B, T] too; they let the teacher read other tokens, e.g. another tokenizer's padding, at
+            positions aligned one to one). The teacher's mask is `teacher_attention_mask` if given (with or
+            without teacher_input_ids), else `attention_mask`.
         labels: [B, T]; positions equal to `ignore_index` do not count. Default: `input_ids`, with padding
             (attention_mask == 0) ignored. Like HF's causal-LM loss, position t's logits predict labels[t + 1]
             when `shift` (the default); pass shift=False for already aligned labels.
@@ -255,20 +286,25 @@ def distillation_loss(
         runs in eval mode under torch.no_grad. A teacher on another device is moved per call (hidden states and
         head), not its weights.
     Raises:
-        ValueError: the two models' `final_logit_softcapping` differ and no `softcap=` is given (checked before
+        ValueError: input_ids is not an integer [B, T] tensor, or attention_mask, labels, teacher_input_ids or
+            teacher_attention_mask is not [B, T]; a model has no usable LM head (see `lm_head_of`); the two
+            models' `final_logit_softcapping` differ and no `softcap=` is given (checked before
             any forward); the hidden states do not cover the same positions; a model's forward post-processes its
             logits in a way not known here (the self-check of `causal_lm_hidden_states`).
     """
+    _check_batch(input_ids, attention_mask=attention_mask, labels=labels, teacher_input_ids=teacher_input_ids,
+                 teacher_attention_mask=teacher_attention_mask)
     softcap = loss_options.pop("softcap") if "softcap" in loss_options else shared_softcap(student, teacher)
+    ws, bs = lm_head_of(student)  # before any forward: a model without a usable head fails at once
+    lm_head_of(teacher)
     if labels is None:
         labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, ignore_index)
     hs = causal_lm_hidden_states(student, input_ids, attention_mask, mode=mode)
-    ws, bs = lm_head_of(student)
     was_training = teacher.training
     teacher.eval()
     with torch.no_grad():
         t_ids = teacher_input_ids if teacher_input_ids is not None else input_ids
-        t_mask = teacher_attention_mask if teacher_input_ids is not None else attention_mask
+        t_mask = teacher_attention_mask if teacher_attention_mask is not None else attention_mask
         ht = causal_lm_hidden_states(teacher, t_ids.to(_device_of(teacher)),
                                      t_mask.to(_device_of(teacher)) if t_mask is not None else None, mode=mode)
         wt, bt = lm_head_of(teacher)
@@ -284,6 +320,19 @@ def distillation_loss(
                                    temperature=temperature, ignore_index=ignore_index, student_bias=bs,
                                    teacher_bias=bt, softcap=softcap, num_items_in_batch=num_items_in_batch,
                                    **loss_options)
+
+
+def _check_batch(input_ids: torch.Tensor, **others: torch.Tensor | None) -> None:
+    """Raise ValueError unless input_ids is an integer [B, T] tensor and every other given tensor is [B, T]."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+        what = (f"{tuple(input_ids.shape)} {input_ids.dtype}" if isinstance(input_ids, torch.Tensor)
+                else type(input_ids).__name__)
+        raise ValueError(f"input_ids must be an integer tensor [B, T], got {what}")
+    for name, t in others.items():
+        if t is not None and (not isinstance(t, torch.Tensor) or t.shape != input_ids.shape):
+            what = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must have input_ids' shape {tuple(input_ids.shape)} ([B, T], one entry per "
+                             f"token, before any shift), got {what}")
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
@@ -126,7 +127,8 @@ def _trainer(num_processes, average=True, accepts_loss_kwargs=True, n_gpu=1, tp=
 @pytest.mark.parametrize("trainer,num_items,scale", [
     pytest.param(_trainer(4), 10, 4, id="ddp4-tokens-summed-over-ranks"),
     pytest.param(_trainer(4, tp=2), 10, 2, id="ddp4-tp2"),
-    pytest.param(_trainer(1, n_gpu=2), 10, 2, id="dataparallel-2gpu"),
+    pytest.param(_trainer(1, n_gpu=2), 10, 1, id="dataparallel-2gpu-loss-on-the-gathered-batch"),
+    pytest.param(_trainer(1, average=False, n_gpu=2), 10, 0.5, id="dataparallel-2gpu-not-averaged"),
     pytest.param(_trainer(4, average=False), 10, 1, id="ddp4-not-averaged-across-devices"),
     pytest.param(_trainer(4), None, 1, id="ddp4-no-num-items"),
     pytest.param(_trainer(4, accepts_loss_kwargs=False), 10, 1, id="ddp4-model-without-loss-kwargs"),
@@ -134,3 +136,146 @@ def _trainer(num_processes, average=True, accepts_loss_kwargs=True, n_gpu=1, tp=
 ])
 def test_trainer_loss_scale_follows_trainer_compute_loss(trainer, num_items, scale):
     assert trainer_loss_scale(trainer, num_items) == scale
+
+
+@pytest.mark.parametrize("average", [pytest.param(True, id="average_tokens_across_devices"),
+                                     pytest.param(False, id="not-averaged")])
+def test_dataparallel_scale_gives_the_trainers_own_loss(average):
+    """Under nn.DataParallel HF computes one loss per replica on its share of the batch (normalized by the
+    num_items_in_batch it hands each replica), multiplies by n_gpu when averaging tokens, and averages the replicas'
+    losses; distillation_loss sees the gathered batch, and trainer_loss_scale must bring it to the same value."""
+    config = transformers.LlamaConfig(**_DECODER)
+    student, teacher = _model(config, 0), _model(config, 1)
+    ids = torch.randint(3, VOCAB, (4, 7), generator=torch.Generator().manual_seed(2))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    labels[1, 5:] = -100
+    n_gpu, counted = 2, int((labels[:, 1:] != -100).sum())
+    per_replica = counted if average else counted // n_gpu  # Trainer._get_num_items_in_batch
+    num_items = torch.tensor(per_replica).unsqueeze(0).expand(n_gpu, -1)  # [n_gpu, 1], as the Trainer passes it
+    hf = torch.stack([distillation_loss(student, teacher, ids[i::n_gpu], labels=labels[i::n_gpu],
+                                        num_items_in_batch=per_replica) * (n_gpu if average else 1)
+                      for i in range(n_gpu)]).mean()
+    trainer = _trainer(1, average=average, n_gpu=n_gpu)
+    ours = distillation_loss(student, teacher, ids, labels=labels, num_items_in_batch=num_items)
+    torch.testing.assert_close(ours * trainer_loss_scale(trainer, num_items), hf, rtol=1e-5, atol=1e-7)
+
+
+class _LoraLikeHead(nn.Module):
+    """The shape of a peft LoRA layer on lm_head: `.weight` is the base layer's, the forward adds B(A(x))."""
+
+    def __init__(self, base: nn.Linear, rank: int = 2):
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False)
+
+    @property
+    def weight(self):
+        return self.base_layer.weight
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B(self.lora_A(x))
+
+
+def test_an_adapter_layer_on_the_lm_head_is_refused():
+    config = transformers.LlamaConfig(**_DECODER)
+    student, teacher = _model(config, 0), _model(config, 1)
+    student.set_output_embeddings(_LoraLikeHead(student.get_output_embeddings()))
+    ids = torch.randint(3, VOCAB, (2, 5))
+    with pytest.raises(ValueError, match=r"output embedding of LlamaForCausalLM is a PEFT adapter layer "
+                                         r"\(.*_LoraLikeHead\): its logits are not hidden @ weight\^T \+ bias"):
+        distillation_loss(student, teacher, ids, divergence="fkl")
+
+
+def test_a_zero3_partitioned_head_is_named():
+    config = transformers.LlamaConfig(**_DECODER)
+    student, teacher = _model(config, 0), _model(config, 1)
+    empty = nn.Parameter(torch.empty(0))
+    empty.ds_id = 7  # what DeepSpeed ZeRO-3 leaves in place of a partitioned parameter
+    student.get_output_embeddings().weight = empty
+    with pytest.raises(ValueError, match=r"weight of LlamaForCausalLM is \(0,\), not \[V, D\]: a DeepSpeed ZeRO-3"):
+        distillation_loss(student, teacher, torch.randint(3, VOCAB, (2, 5)))
+
+
+def test_peft_models_use_their_forward_and_refuse_lora_on_the_lm_head():
+    peft = pytest.importorskip("peft")
+    config = transformers.LlamaConfig(**_DECODER)
+    teacher = _model(config, 1)
+    student = peft.get_peft_model(_model(config, 0), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    seen = []
+    student.get_output_embeddings().register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    ids = torch.randint(3, VOCAB, (2, 6))
+    loss = distillation_loss(student, teacher, ids, divergence="fkl")
+    assert seen == [1]  # the PeftModel's own forward ran ("hidden_states" mode, logits_to_keep=1), self-checked
+    seen.clear()
+    torch.testing.assert_close(loss.double(), _fkl_from_logits(student, teacher, ids).detach(), rtol=1e-4, atol=1e-6)
+    lora_head = peft.get_peft_model(_model(config, 0), peft.LoraConfig(r=2, target_modules=["lm_head"]))
+    with pytest.raises(ValueError, match="is a PEFT adapter layer"):
+        distillation_loss(lora_head, teacher, ids, divergence="fkl")
+    saved_head = peft.get_peft_model(_model(config, 0), peft.LoraConfig(r=2, target_modules=["q_proj"],
+                                                                        modules_to_save=["lm_head"]))
+    tokens = peft.get_peft_model(_model(config, 0), peft.LoraConfig(r=2, target_modules=["q_proj"],
+                                                                    trainable_token_indices={"lm_head": [3, 5]}))
+    for model in (saved_head, tokens):  # the wrappers' .weight is their effective weight
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "modules_to_save" in name or "trainable_tokens_delta" in name:
+                    p.add_(torch.randn_like(p))
+        torch.testing.assert_close(distillation_loss(model, teacher, ids, divergence="fkl").double(),
+                                   _fkl_from_logits(model, teacher, ids).detach(), rtol=1e-4, atol=1e-6)
+
+
+_IDS = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(4))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    pytest.param(dict(input_ids=_IDS[0]), r"input_ids must be an integer tensor \[B, T\], got \(7,\)", id="1d-ids"),
+    pytest.param(dict(input_ids=_IDS.float()), r"input_ids must be an integer tensor \[B, T\], got \(2, 7\) "
+                 r"torch.float32", id="float-ids"),
+    pytest.param(dict(attention_mask=torch.ones(2, 5)), r"attention_mask must have input_ids' shape \(2, 7\)",
+                 id="mask-2x5"),
+    pytest.param(dict(labels=_IDS[:, :5]), r"labels must have input_ids' shape \(2, 7\) .*before any shift\), got "
+                 r"\(2, 5\)", id="labels-2x5"),
+    pytest.param(dict(teacher_input_ids=_IDS[:, :5]), r"teacher_input_ids must have input_ids' shape", id="t-ids-2x5"),
+    pytest.param(dict(teacher_attention_mask=torch.ones(3, 7)), r"teacher_attention_mask must have input_ids' "
+                 r"shape \(2, 7\).*got \(3, 7\)", id="t-mask-3x7"),
+])
+def test_bad_batches_are_refused_naming_the_tensor_before_any_forward(kwargs, message):
+    config = transformers.LlamaConfig(**_DECODER)
+    student, teacher = _model(config, 0), _model(config, 1)
+    calls = []
+    student.register_forward_pre_hook(lambda *a: calls.append(1))
+    kwargs = dict(input_ids=_IDS) | kwargs
+    with pytest.raises(ValueError, match=message):
+        distillation_loss(student, teacher, **kwargs)
+    assert not calls
+
+
+def test_a_base_model_without_lm_head_is_named():
+    config = transformers.LlamaConfig(**_DECODER)
+    with pytest.raises(ValueError, match=r"LlamaModel has no output embedding .*pass a causal LM with an LM head"):
+        distillation_loss(transformers.LlamaModel(config), _model(config, 1), _IDS)
+
+
+def test_teacher_attention_mask_is_used_without_teacher_input_ids():
+    config = transformers.LlamaConfig(**_DECODER)
+    student, teacher = _model(config, 0), _model(config, 1)
+    mask = torch.ones_like(_IDS)
+    teacher_mask = mask.clone()
+    teacher_mask[:, 1] = 0  # the teacher does not see token 1 (it is still predicted and scored)
+    alone = distillation_loss(student, teacher, _IDS, mask, teacher_attention_mask=teacher_mask, divergence="fkl")
+    with_ids = distillation_loss(student, teacher, _IDS, mask, teacher_input_ids=_IDS,
+                                 teacher_attention_mask=teacher_mask, divergence="fkl")
+    plain = distillation_loss(student, teacher, _IDS, mask, divergence="fkl")
+    torch.testing.assert_close(alone, with_ids, rtol=0, atol=0)
+    assert not torch.allclose(alone, plain)
+    # teacher_input_ids without a mask of their own read the student's attention_mask
+    torch.testing.assert_close(distillation_loss(student, teacher, _IDS, teacher_mask, teacher_input_ids=_IDS,
+                                                 divergence="fkl"),
+                               distillation_loss(student, teacher, _IDS, teacher_mask, divergence="fkl"),
+                               rtol=0, atol=0)
