@@ -23,9 +23,10 @@
 `num_items_in_batch` over the ranks and DDP averages the gradients, so `Trainer.compute_loss` multiplies the loss by
 the number of ranks; an overriding `compute_loss` has to do the same (1 on one process).
 
-Each model runs its own forward with `output_hidden_states=True, logits_to_keep=1` (logits of one position only),
-so wrappers (DDP, accelerate's mixed-precision autocast) apply, or, for models without `logits_to_keep`, its
-decoder (`model.get_decoder()`); either way only final hidden states [B, T, D] are used, and
+Each model runs its own forward with `logits_to_keep=1` (logits of one position only; the final hidden states are
+taken from its decoder's output by a forward hook, not through `output_hidden_states`, which would keep every
+layer's output alive), so wrappers (DDP, accelerate's mixed-precision autocast) apply, or, for models without
+`logits_to_keep`, its decoder (`model.get_decoder()`); either way only final hidden states [B, T, D] are used, and
 `fastopd.fused_linear_divergence` applies both LM heads chunk by chunk. Configs are read through
 `config.get_text_config()`, so multimodal classes that `AutoModelForCausalLM` returns (Gemma 3n/4
 `*ForConditionalGeneration`) are covered. Logit multipliers are honoured per model (folded into its hidden states),
@@ -182,8 +183,9 @@ def causal_lm_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention
 
     Args:
         mode: "decoder" runs `model.get_decoder()`; "hidden_states" runs the model's own forward with
-            `output_hidden_states=True, logits_to_keep=1` (logits of one position only) and takes the last hidden
-            state, so wrappers see a forward (DDP's hooks, the autocast accelerate wraps around `forward` under mixed
+            `logits_to_keep=1` (logits of one position only) and takes the final hidden states its decoder returns
+            (a forward hook; `output_hidden_states=True` only where no decoder is found), so wrappers see a forward
+            (DDP's hooks, the autocast accelerate wraps around `forward` under mixed
             precision); "auto" picks "hidden_states" when the model's forward takes `logits_to_keep` (or the model
             is wrapped; for a PeftModel, when its base model's forward does), else "decoder".
         forward_kwargs: passed to the forward (e.g. position_ids).
@@ -202,9 +204,8 @@ def causal_lm_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                          **forward_kwargs).last_hidden_state
     elif mode == "hidden_states":
-        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1,
-                    use_cache=False, **forward_kwargs)
-        hidden = out.hidden_states[-1]
+        out, hidden = _forward_keeping_last_hidden(model, inner, input_ids=input_ids, attention_mask=attention_mask,
+                                                   logits_to_keep=1, use_cache=False, **forward_kwargs)
     else:
         raise ValueError(f"mode must be 'auto', 'decoder' or 'hidden_states', got {mode!r}")
     scale = _logit_multiplier(inner.config)
@@ -213,6 +214,30 @@ def causal_lm_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention
     if logits is not None and inner not in _LOGITS_CHECKED and _check_logits(inner, hidden[:, -1], logits[:, -1]):
         _LOGITS_CHECKED.add(inner)
     return hidden
+
+
+def _forward_keeping_last_hidden(model: nn.Module, inner: nn.Module, **kwargs):
+    """`model(**kwargs)` and its final hidden states [B, T, D]. The states are taken from the decoder's output by a
+    forward hook, so the forward runs without `output_hidden_states`, which would keep every layer's [B, T, D] output
+    alive (for a no-grad teacher, L + 1 of them: 33 x [16384, 4096] bf16 = 4.1 GiB for a 32-layer 4096-wide model at
+    16k tokens). A model whose decoder is not found, or not run once by its forward, is run again with
+    `output_hidden_states`."""
+    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
+    if isinstance(decoder, nn.Module) and decoder is not inner:
+        seen = []
+        handle = decoder.register_forward_hook(lambda module, args, output: seen.append(output))
+        try:
+            out = model(**kwargs)
+        finally:
+            handle.remove()
+        if len(seen) == 1:
+            last = getattr(seen[0], "last_hidden_state", None)
+            if last is None and isinstance(seen[0], (tuple, list)) and seen[0]:
+                last = seen[0][0]
+            if isinstance(last, torch.Tensor):
+                return out, last
+    out = model(output_hidden_states=True, **kwargs)
+    return out, out.hidden_states[-1]
 
 
 def _check_logits(model: nn.Module, hidden_last: torch.Tensor, logits_last: torch.Tensor) -> bool:

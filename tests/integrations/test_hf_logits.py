@@ -95,6 +95,41 @@ def test_distillation_loss_matches_the_logits_of_architectures_with_logit_post_p
         torch.testing.assert_close(z, student(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
 
 
+def _llama(seed: int = 0):
+    return _model(transformers.LlamaConfig(**_DECODER), seed)
+
+
+def _calls_of(model) -> list[dict]:
+    """Records the keyword arguments of every call of `model.forward`."""
+    calls, forward = [], model.forward
+    model.forward = lambda *a, **k: (calls.append(k), forward(*a, **k))[1]
+    return calls
+
+
+def test_hidden_states_mode_keeps_no_layer_outputs_and_equals_the_forwards_last_hidden_state():
+    model = _llama()
+    ids = torch.randint(3, VOCAB - 4, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+        calls = _calls_of(model)
+        got = causal_lm_hidden_states(model, ids, mode="hidden_states")
+    assert len(calls) == 1 and not calls[0].get("output_hidden_states")  # L + 1 [B, T, D] outputs were kept
+    assert calls[0]["logits_to_keep"] == 1
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_hidden_states_mode_without_a_decoder_falls_back_to_output_hidden_states():
+    model = _llama()
+    model.get_decoder = lambda: None
+    ids = torch.randint(3, VOCAB - 4, (1, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+        calls = _calls_of(model)
+        got = causal_lm_hidden_states(model, ids, mode="hidden_states")
+    assert [c.get("output_hidden_states") for c in calls] == [True]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 class _TripledLogitsLlama(transformers.LlamaForCausalLM):
     """A post-processing fastopd cannot know of: the forward triples its logits."""
 
