@@ -6,11 +6,13 @@ states (no LM head); the output-embedding weight ``[V, D]`` (and bias); and the 
 The adapter shares the model's parameters (no copies), so a training forward through it has autograd.
 
 Supported: :class:`fastopd.models.Transformer`; Hugging Face ``LlamaForCausalLM``, ``Qwen2ForCausalLM``,
-``MistralForCausalLM`` (without sliding window) through the Llama layer code, and ``GPT2LMHeadModel``.
+``MistralForCausalLM`` (sliding windows become the context) through the Llama layer code, and ``GPT2LMHeadModel``.
 """
 
 from __future__ import annotations
 
+import functools
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -63,11 +65,26 @@ LAYER_FORWARD = "fastopd_layer_forward"
 LAYER_ALWAYS_ROUTED = "fastopd_layer_always_routed"
 
 
+def _checkpointed(fn: Callable[..., torch.Tensor], checkpoint: Callable[..., Any]) -> Callable[..., torch.Tensor]:
+    """`fn` run under the Hugging Face layer's activation-checkpoint function (tensors passed positionally, as the
+    reentrant variant needs)."""
+    return lambda layer, *args, **kwargs: checkpoint(functools.partial(fn, layer, **kwargs), *args)
+
+
 def call_layer(fn: Callable[..., torch.Tensor], layer: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
     """`fn(layer, *args, **kwargs)`: through the layer's installed forward method when it has one and autograd is
     on (the training forward of a per-layer FSDP2 student) or the layer is always routed (a sharded teacher, whose
     layers gather their weights one at a time also when scoring); directly otherwise (one process, or generation
-    and self-scoring, which run on weights already gathered)."""
+    and self-scoring, which run on weights already gathered).
+
+    A Hugging Face layer with activation checkpointing on (``model.gradient_checkpointing_enable()``, in train mode,
+    autograd on: the conditions of Hugging Face's own forward) runs ``fn`` under the checkpoint function the model
+    configured (reentrant or not, offloading, every n-th layer), inside the routed forward so that FSDP2's hooks
+    stay outside the recomputation, as in Hugging Face."""
+    checkpoint = layer.__dict__.get("_gradient_checkpointing_func")
+    if (checkpoint is not None and getattr(layer, "gradient_checkpointing", False) and layer.training
+            and torch.is_grad_enabled()):
+        fn = _checkpointed(fn, checkpoint)
     routed = layer.__dict__.get(LAYER_FORWARD)
     if routed is not None and (torch.is_grad_enabled() or layer.__dict__.get(LAYER_ALWAYS_ROUTED, False)):
         return routed(fn, *args, **kwargs)
@@ -123,6 +140,7 @@ class ModelAdapter:
     num_kv_heads: int
     head_dim: int
     max_positions: int
+    sliding_window: int | None = None  # set when max_positions is an attention window, not the trained context
 
     @property
     def device(self) -> torch.device:
@@ -333,12 +351,23 @@ class BuiltinAdapter(LlamaFamilyAdapter):
         return self.model.lm_head.weight
 
 
+def _sliding_window(cfg: Any) -> int | None:
+    """The attention window of a Hugging Face config with sliding-window layers (Mistral's ``sliding_window``;
+    Qwen2's, which it sets only under ``use_sliding_window``, for the ``layer_types`` that say so), else None."""
+    window = getattr(cfg, "sliding_window", None)
+    layer_types = getattr(cfg, "layer_types", None)
+    if not window or (layer_types is not None and "sliding_attention" not in layer_types[: cfg.num_hidden_layers]):
+        return None
+    return int(window)
+
+
 class HFLlamaAdapter(LlamaFamilyAdapter):
-    """Adapter of Hugging Face Llama-family causal LMs (Llama, Qwen2, Mistral without sliding window).
+    """Adapter of Hugging Face Llama-family causal LMs (Llama, Qwen2, Mistral).
 
     The layers run through :func:`fastopd.models.layers.llama_layer` on the model's own modules; rotary
     frequencies come from the model's ``rotary_emb`` (so static RoPE scalings such as llama3/linear/yarn carry
-    over). Dropout is not applied (rollouts and scoring are deterministic forwards).
+    over). Dropout is not applied (rollouts and scoring are deterministic forwards). A model with sliding-window
+    attention gets the window as its context (``max_positions``): within it, the attention is the full one.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -350,8 +379,6 @@ class HFLlamaAdapter(LlamaFamilyAdapter):
                              "not supported by the rollout adapter")
         if getattr(cfg, "hidden_act", "silu") != "silu":
             raise ValueError(f"{type(model).__name__}: hidden_act={cfg.hidden_act!r}, the adapter implements silu")
-        if getattr(cfg, "use_sliding_window", False) or (cfg.model_type == "mistral" and cfg.sliding_window):
-            raise ValueError(f"{type(model).__name__}: sliding-window attention is not supported by the adapter")
         self.model = model
         self.embed, self.norm = base.embed_tokens, base.norm
         self.layers = base.layers[: cfg.num_hidden_layers]
@@ -363,6 +390,11 @@ class HFLlamaAdapter(LlamaFamilyAdapter):
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.max_positions = cfg.max_position_embeddings
+        # Sliding-window attention equals full attention while every sequence fits in the window: the window is
+        # the context the engine fills (prompt + horizon capped to it), so such models run exactly.
+        self.sliding_window = _sliding_window(cfg)
+        if self.sliding_window is not None:
+            self.max_positions = min(self.max_positions, self.sliding_window)
 
     @property
     def inv_freq(self) -> torch.Tensor:
@@ -440,6 +472,11 @@ def as_adapter(model: nn.Module | ModelAdapter) -> ModelAdapter:
     """
     if isinstance(model, ModelAdapter):
         return model
+    # torch.compile's wrapper: the adapter runs the original module's layers (it shares its parameters). Only a
+    # process that imported dynamo can hold one; importing it here would cost seconds.
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    while eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
+        model = model._orig_mod
     if isinstance(model, Transformer):
         return BuiltinAdapter(model)
     model_type = getattr(getattr(model, "config", None), "model_type", None)

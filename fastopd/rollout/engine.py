@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -39,8 +39,12 @@ def _row_ids(row: Sequence[Any], what: str, i: int) -> list[int]:
     Raises:
         ValueError: an id that is not an integer (a float such as 1.7 is not truncated; a bool is refused).
     """
+    if isinstance(row, (str, bytes)) or not isinstance(row, Iterable):
+        hint = "tokenize the text first" if isinstance(row, (str, bytes)) else "a single prompt goes in a list: [[...]]"
+        raise ValueError(f"{what}[{i}] is {row!r}, not a sequence of int token ids ({hint})")
+    row = list(row)
     if all(type(x) is int for x in row):  # the usual case: no call per id
-        return list(row)
+        return row
     ids = []
     for j, x in enumerate(row):
         try:
@@ -49,6 +53,25 @@ def _row_ids(row: Sequence[Any], what: str, i: int) -> list[int]:
             raise ValueError(f"{what}[{i}] is not a sequence of int token ids: {x!r} at position {j} (floats and "
                              "bools are refused)") from None
     return ids
+
+
+def _masked_rows(prompts: Sequence[Any], attention_mask: Any, what: str) -> list[list[Any]]:
+    """The ids of each row of ``prompts`` (lists or 1-D tensors) where its row of ``attention_mask`` is nonzero.
+
+    Raises:
+        ValueError: row counts or a row's lengths that differ.
+    """
+    # tensors and NumPy arrays (a tokenizer's return_tensors="np") become lists
+    rows = [r.tolist() if hasattr(r, "tolist") else r for r in prompts]
+    masks = attention_mask.tolist() if hasattr(attention_mask, "tolist") else list(attention_mask)
+    if len(masks) != len(rows):
+        raise ValueError(f"attention_mask has {len(masks)} rows, {what} {len(rows)}")
+    out = []
+    for i, (r, m) in enumerate(zip(rows, masks)):
+        if not isinstance(r, Sequence) or isinstance(r, str) or not isinstance(m, Sequence) or len(r) != len(m):
+            raise ValueError(f"{what}[{i}] and its attention_mask row do not match: {r!r} and {m!r}")
+        out.append([x for x, keep in zip(r, m) if keep])
+    return out
 
 
 class RolloutEngine:
@@ -68,6 +91,9 @@ class RolloutEngine:
         cuda_graphs: on CUDA, capture the decode step of Llama-family models (built-in, Llama, Qwen2, Mistral) in
             a CUDA graph once per :meth:`generate` and replay it every step (one launch instead of hundreds).
             Ignored on CPU and for other models.
+        vocab_size: sample among the first ``vocab_size`` ids only, with log-probs normalized over them (as
+            ``fused_linear_divergence(..., vocab_size=...)`` does): the tokenizer's vocabulary when the model's
+            head is padded beyond it (e.g. to a multiple of 64). None: the whole head.
 
     After each call, ``last_stats`` holds the horizon, prefill tokens computed and saved, decode steps and the KV
     cache bytes; ``kv_cache_bytes`` is the memory held by the student's and teacher's caches. Caches are sized to
@@ -89,6 +115,7 @@ class RolloutEngine:
         generator: torch.Generator | None = None,
         share_prefix: bool = True,
         cuda_graphs: bool = False,
+        vocab_size: int | None = None,
     ) -> None:
         n, k, temp, p = as_int(num_samples), as_int(top_k), as_real(temperature), as_real(top_p)
         if n is None or n <= 0:
@@ -103,6 +130,15 @@ class RolloutEngine:
             raise ValueError(f"horizon must be a Horizon, a callable step -> H or an int, got {horizon!r}")
         num_samples, top_k, temperature, top_p = n, k, temp, p
         self.student = as_adapter(student)
+        head_rows = self.student.output_weight.shape[0]
+        if vocab_size is None:
+            self.vocab_size = None
+        else:
+            v = as_int(vocab_size)
+            if v is None or not 0 < v <= head_rows:
+                raise ValueError(f"vocab_size must be None or an int in [1, {head_rows}] (the student's head rows), "
+                                 f"got {vocab_size!r}")
+            self.vocab_size = v
         # the student itself as teacher (self-distillation): one adapter, so `engine.teacher is engine.student`
         self.teacher = (self.student if teacher is student else as_adapter(teacher)) if teacher is not None else None
         self.horizon = horizon
@@ -121,6 +157,8 @@ class RolloutEngine:
         for adapter in (self.student, self.teacher):
             if adapter is not None:
                 self._check_special_ids(adapter)
+        if self.vocab_size is not None and any(e >= self.vocab_size for e in self.eos_ids):
+            raise ValueError(f"eos_token_id={self.eos_ids} has ids that vocab_size={self.vocab_size} never samples")
         self.generator = generator
         self.share_prefix = share_prefix
         self.cuda_graphs = cuda_graphs
@@ -172,19 +210,19 @@ class RolloutEngine:
         with torch.inference_mode():
             out = self._generate(adapter, ids, mask, lengths, h)
         tokens, logprobs, completion_mask, finished, steps, prefill_tokens = out
-        # Clones outside inference mode, so the batch can feed autograd (the student's training forward).
-        prompt_ids = ids.repeat_interleave(n, 0)
-        prompt_mask = mask.repeat_interleave(n, 0)
-        batch = RolloutBatch(
-            input_ids=torch.cat([prompt_ids, tokens.clone()], 1),
-            attention_mask=torch.cat([prompt_mask, completion_mask.clone()], 1),
-            completion_mask=completion_mask.clone(),
-            prompt_lengths=lengths.repeat_interleave(n, 0),
-            logprobs=logprobs.clone(),
-            truncated=~finished.clone(),
-            horizon=h,
-            num_samples=n,
-        )
+        # Built outside inference mode (also when the caller is in it: tensors made there could not be saved for
+        # backward), so the batch can feed autograd (the student's training forward).
+        with torch.inference_mode(False):
+            batch = RolloutBatch(
+                input_ids=torch.cat([ids.repeat_interleave(n, 0), tokens], 1),
+                attention_mask=torch.cat([mask.repeat_interleave(n, 0), completion_mask], 1),
+                completion_mask=completion_mask.clone(),
+                prompt_lengths=lengths.repeat_interleave(n, 0),
+                logprobs=logprobs.clone(),
+                truncated=~finished,
+                horizon=h,
+                num_samples=n,
+            )
         self.last_stats = {
             "step": step, "horizon": h, "horizon_scheduled": horizon, "prompt_width": p, "rows": b,
             "decode_steps": steps, "prefill_tokens": prefill_tokens, "prefill_tokens_saved": b * p - prefill_tokens,
@@ -238,12 +276,15 @@ class RolloutEngine:
         if pt + h - 1 > teacher.max_positions:
             raise ValueError(f"teacher prompt width {pt} + horizon {h} needs {pt + h - 1} positions (the last "
                              f"completion token is scored, not fed), more than the teacher's context "
-                             f"{teacher.max_positions}")
+                             f"{teacher.max_positions}{_window_note(teacher)}")
         ids, mask, lengths = ids.to(teacher.device), mask.to(teacher.device), lengths.to(teacher.device)
         completion = completion.to(teacher.device)
         with torch.inference_mode():
-            hidden = self._score(teacher, ids, mask, lengths, completion, expand)
-        return hidden.clone()
+            last, rest = self._score(teacher, ids, mask, lengths, completion, expand)
+        # Joined outside inference mode (also when the caller is in it): a normal tensor, which a loss may save
+        # for backward, made by the one copy the join needs.
+        with torch.inference_mode(False):
+            return last[:, None].clone() if rest is None else torch.cat([last[:, None], rest], 1)
 
     def student_hidden(self, batch: RolloutBatch) -> torch.Tensor:
         """The student's final hidden states ``[B*n, H, D_s]`` over the completions, with autograd.
@@ -279,7 +320,7 @@ class RolloutEngine:
 
     @staticmethod
     def _check_vocab(ids: torch.Tensor, adapter: ModelAdapter, what: str) -> None:
-        lo, hi = int(ids.min()), int(ids.max())
+        lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one host sync
         if lo < 0 or hi >= adapter.vocab_size:
             raise ValueError(f"{what} contain token ids in [{lo}, {hi}], outside the vocabulary [0, "
                              f"{adapter.vocab_size}) of {type(adapter.model).__name__} (mismatched tokenizer?)")
@@ -288,6 +329,20 @@ class RolloutEngine:
         self, prompts: Prompts, attention_mask: torch.Tensor | None, adapter: ModelAdapter, what: str
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Left-padded ``ids [B, P]`` int64, ``mask [B, P]`` bool and ``lengths [B]`` on the model's device."""
+        if isinstance(prompts, Mapping):  # a tokenizer's BatchEncoding (or any dict of input_ids/attention_mask)
+            if "input_ids" not in prompts:
+                raise ValueError(f"{what} is a mapping without 'input_ids' (keys: {list(prompts)})")
+            if attention_mask is None:
+                attention_mask = prompts.get("attention_mask")
+            prompts = prompts["input_ids"]
+        if attention_mask is not None and not isinstance(prompts, torch.Tensor):
+            # lists of ids with their mask rows, as a tokenizer without return_tensors gives them (padded or not)
+            prompts, attention_mask = _masked_rows(prompts, attention_mask, what), None
+        if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+            try:
+                attention_mask = torch.as_tensor(attention_mask)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise ValueError(f"attention_mask must be a [B, L] tensor of 0/1 or bools: {e}") from None
         if isinstance(prompts, torch.Tensor):
             dtype = prompts.dtype
             if prompts.dim() != 2 or dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
@@ -302,10 +357,7 @@ class RolloutEngine:
                 rows = [r[m.bool()] for r, m in zip(prompts.cpu(), attention_mask.cpu())]
             rows = [r.tolist() for r in rows]
         else:
-            if attention_mask is not None:
-                raise ValueError("attention_mask is only accepted with a tensor of prompts")
-            rows = [_row_ids(p.tolist() if isinstance(p, torch.Tensor) else list(p), what, i)
-                    for i, p in enumerate(prompts)]
+            rows = [_row_ids(p.tolist() if isinstance(p, torch.Tensor) else p, what, i) for i, p in enumerate(prompts)]
         if not rows:
             raise ValueError(f"{what} is empty: need at least one prompt")
         for i, r in enumerate(rows):
@@ -314,7 +366,8 @@ class RolloutEngine:
         p = max(len(r) for r in rows)
         if p >= adapter.max_positions:
             raise ValueError(f"{what}: a prompt of {p} tokens leaves no room in the context of "
-                             f"{adapter.max_positions} positions of {type(adapter.model).__name__}")
+                             f"{adapter.max_positions} positions of {type(adapter.model).__name__}"
+                             f"{_window_note(adapter)}")
         ids = torch.full((len(rows), p), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros(len(rows), p, dtype=torch.bool)
         for i, r in enumerate(rows):
@@ -370,6 +423,7 @@ class RolloutEngine:
         last, cache, prefill_tokens = self._prefill(adapter, "student", ids, mask, n, p + h)
         decode_step = adapter.prepare_decode(p + h, b)
         logits = decode_step.head(last)
+        vocab = self.vocab_size if self.vocab_size is not None and self.vocab_size < logits.shape[-1] else None
         row_mask = mask.repeat_interleave(n, 0)
         positions = lengths.repeat_interleave(n, 0)[:, None].clone()
         tokens = torch.full((b, h), self.pad_token_id, dtype=torch.long, device=device)
@@ -399,6 +453,8 @@ class RolloutEngine:
             decode_mask[:, 0, 0, :p].masked_fill_(~row_mask, float("-inf"))
         steps = 0
         for t in range(h):
+            if vocab is not None:
+                logits = logits[:, :vocab]
             tok, lp = sample_tokens(logits, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                                     generator=self.generator)
             steps = t + 1
@@ -431,18 +487,28 @@ class RolloutEngine:
         lengths: torch.Tensor,
         completion: torch.Tensor,
         expand: int,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The hidden state at the last prompt position ``[B*n, D]`` and at the fed completion tokens ``[B*n, H-1,
+        D]`` (None when ``H == 1``)."""
         rows, h = completion.shape
         pt = ids.shape[1]
         last, cache, _ = self._prefill(adapter, "teacher", ids, mask, expand, pt + h - 1)
         if h == 1:
-            return last[:, None]
+            return last, None
         key_mask = torch.ones(rows, pt + h - 1, dtype=torch.bool, device=ids.device)
         key_mask[:, :pt] = mask.repeat_interleave(expand, 0)
         positions = lengths.repeat_interleave(expand, 0)[:, None] + torch.arange(h - 1, device=ids.device)
         scoring_mask = build_attention_mask(key_mask, pt, h - 1)
         hidden = adapter.forward(completion[:, : h - 1], positions, scoring_mask, cache, pt)
-        return torch.cat([last[:, None], hidden], 1)
+        return last, hidden
+
+
+def _window_note(adapter: ModelAdapter) -> str:
+    """For error messages: a note that the model's context is its sliding-window size, when it is."""
+    window = getattr(adapter, "sliding_window", None)
+    if window is None or window != adapter.max_positions:
+        return ""
+    return " (its sliding-window size: attention is exact only while prompt + horizon fit the window)"
 
 
 def _can_capture(device: torch.device) -> bool:
