@@ -109,6 +109,9 @@ class OPDConfig:
         eos_token_id, pad_token_id: as for `fastopd.rollout.RolloutEngine`: eos an id, a list of ids (any ends a
             completion) or None (no early stop); pad an id, or None for the first EOS id (else 0), so that a
             tokenizer's `pad_token_id=None` may be passed as it is.
+        vocab_size: the tokenizer's vocabulary, for heads padded beyond it: rollouts sample only ids below it and
+            the loss compares the first `vocab_size` logits of both models (normalized over them). None: the
+            student's head rows (a larger teacher head is compared on them).
     Optimizer (AdamW, or SparseMaskedAdamW when `masks` is given):
         lr, betas, eps, weight_decay; warmup_steps (linear warm-up from lr/warmup_steps to lr); lr_schedule
         "constant" or "cosine" (decay to 0 at `schedule_steps`, default: the `steps` given to `train`); the rate is
@@ -141,6 +144,7 @@ class OPDConfig:
     num_samples: int = 4
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = 0
+    vocab_size: int | None = None
     lr: float = 1e-4
     warmup_steps: int = 0
     lr_schedule: str = "constant"
@@ -181,6 +185,8 @@ class OPDConfig:
             raise ConfigError(f"lr_schedule: must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if self.schedule_steps is not None and self.schedule_steps < 1:
             raise ConfigError(f"schedule_steps: must be >= 1 or None, got {self.schedule_steps}")
+        if self.vocab_size is not None and self.vocab_size < 1:
+            raise ConfigError(f"vocab_size: must be >= 1 or None, got {self.vocab_size}")
         if self.top_k < 0:
             raise ConfigError(f"top_k: must be >= 0 (0 = off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:

@@ -153,9 +153,10 @@ class OPDTrainer:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.engine = RolloutEngine(student, teacher, horizon=make_horizon(cfg), num_samples=cfg.num_samples,
                                     temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                                    eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
+                                    eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
+                                    vocab_size=cfg.vocab_size)
         self.device = self.engine.student.device
-        self.vocab_size = _shared_vocab(self.engine.student, self.engine.teacher)
+        self.vocab_size = _shared_vocab(self.engine.student, self.engine.teacher, cfg.vocab_size)
         from fastopd import _dispatch
 
         # An unusable loss backend (loss_impl, FASTOPD_IMPL) is refused here, not after the first rollout.
@@ -677,23 +678,31 @@ class _IterSource:
             raise ValueError(f"the prompt source ran out at step {step}") from None
 
 
-def _shared_vocab(student, teacher) -> int | None:
-    """The `vocab_size` of the loss: None when both heads have the same rows, else the student's (a teacher head
-    padded past the student's vocabulary is compared on its leading rows).
+def _shared_vocab(student, teacher, vocab_size: int | None = None) -> int | None:
+    """The `vocab_size` of the loss: the one given (OPDConfig.vocab_size, which the rollouts sample below too);
+    else None when both heads have the same rows, else the student's (a teacher head padded past the student's
+    vocabulary is compared on its leading rows).
 
     Raises:
-        ValueError: the student's head has more rows than the teacher can embed or score (it would sample token
-            ids the teacher cannot read).
+        ValueError: the ids sampled (below `vocab_size`, else the student's head rows) reach past what the teacher
+            can embed or score.
     """
     vs, vt = int(student.output_weight.shape[0]), int(teacher.output_weight.shape[0])
+    limit = min(vt, teacher.vocab_size)
+    if vocab_size is not None:
+        if vocab_size > limit:
+            raise ValueError(f"vocab_size={vocab_size} is more than the teacher's vocabulary ({vt} head rows, "
+                             f"{teacher.vocab_size} embedding rows): the student would sample token ids the "
+                             "teacher cannot score")
+        return vocab_size
     if vs == vt and teacher.vocab_size >= vs:
         return None
-    limit = min(vt, teacher.vocab_size)
     if vs > limit:
         raise ValueError(f"the student's LM head has {vs} rows, more than the teacher's vocabulary ({vt} head rows, "
                          f"{teacher.vocab_size} embedding rows): the student would sample token ids the teacher "
-                         "cannot score; use a teacher whose vocabulary covers the student's (pad its embeddings "
-                         "and head)")
+                         f"cannot score; pass OPDConfig(vocab_size=...) with the tokenizer's vocabulary (at most "
+                         f"{limit}) to sample and distill only the ids both models have, or use a teacher whose "
+                         "vocabulary covers the student's")
     return vs
 
 

@@ -70,6 +70,40 @@ def test_a_student_vocabulary_beyond_the_teachers_is_refused_at_construction():
         OPDTrainer(_tiny(0, vocab=24), _tiny(1), _config())
 
 
+@pytest.mark.parametrize("objective", ["fkl", "pg"])
+def test_vocab_size_restricts_rollouts_and_loss_to_the_tokenizers_ids(objective):
+    """OPDConfig(vocab_size=V) with both heads padded past the tokenizer (a student head larger than the
+    teacher's, refused without it): only ids below V are sampled and both models are compared, normalized, on
+    their first V logits (a float64 reference)."""
+    student, teacher = _tiny(0, vocab=V + 9), _tiny(1, hidden=40, vocab=V + 4)
+    trainer = OPDTrainer(student, teacher, _config(objective=objective, vocab_size=V, temperature=3.0))
+    assert trainer.vocab_size == V and trainer.engine.vocab_size == V
+    torch.manual_seed(4)
+    batch = trainer.engine.generate(_prompts(1, n=6))
+    y, mask = batch.completion_ids, batch.completion_mask
+    assert int(y[mask].max()) < V  # at temperature 3 the padded rows of random heads would be drawn
+    n = mask.sum()
+    loss, _ = trainer._loss(batch, trainer.engine.student_hidden(batch), trainer.engine.score(batch), n)
+    with torch.no_grad():
+        hs = trainer.engine.student_hidden(batch).double()
+        ht = trainer.engine.score(batch).double()
+    ls = torch.log_softmax(hs @ student.lm_head.weight.detach().double()[:V].T / 3.0, -1)
+    lt = torch.log_softmax(ht @ teacher.lm_head.weight.detach().double()[:V].T / 3.0, -1)
+    lps = ls.gather(-1, y[..., None])[..., 0]
+    torch.testing.assert_close(batch.logprobs.double()[mask], lps[mask], rtol=1e-4, atol=1e-5)
+    if objective == "fkl":
+        ref = ((lt.exp() * (lt - ls)).sum(-1) * mask).sum() / n
+        torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)  # at temperature 3, not T^2-scaled
+    assert np.isfinite(trainer.step(_prompts(2))["loss"])
+
+
+def test_vocab_size_beyond_the_teachers_vocabulary_is_refused():
+    with pytest.raises(ValueError, match=r"vocab_size=25 is more than the teacher's vocabulary"):
+        OPDTrainer(_tiny(0, vocab=30), _tiny(1, vocab=24), _config(vocab_size=25))
+    with pytest.raises(ConfigError, match="^vocab_size: must be >= 1"):
+        _config(vocab_size=0)
+
+
 def test_a_loss_impl_that_cannot_run_on_the_device_is_refused_at_construction(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("FASTOPD_IMPL", raising=False)
