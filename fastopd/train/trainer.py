@@ -708,17 +708,24 @@ def _shared_vocab(student, teacher, vocab_size: int | None = None) -> int | None
 
 def _prompt_lists(prompts: Any, attention_mask: torch.Tensor | None) -> list[list[Any]]:
     """The step's prompts as lists of ids: a list of token-id lists (or 1-D tensors), ids ``[B, L]`` (a tensor or
-    array) with an optional ``attention_mask`` (padding dropped), or a mapping with ``input_ids`` and
-    ``attention_mask`` (a tokenizer's batch). Raises ValueError for anything else."""
+    array) with an optional ``attention_mask`` (padding dropped), lists with their mask rows, or a mapping with
+    ``input_ids`` and ``attention_mask`` (a tokenizer's batch, with or without return_tensors). Raises ValueError
+    for anything else."""
     if isinstance(prompts, Mapping) and "input_ids" in prompts:
         if attention_mask is not None:
             raise ValueError("attention_mask given twice: as an argument and in the prompts mapping")
         prompts, attention_mask = prompts["input_ids"], prompts.get("attention_mask")
     if not isinstance(prompts, torch.Tensor) and hasattr(prompts, "__array__") and getattr(prompts, "ndim", 0) == 2:
         prompts = torch.as_tensor(prompts)
+    if attention_mask is not None and not isinstance(prompts, torch.Tensor):
+        # lists of ids with their mask rows, as a tokenizer without return_tensors gives them (padded or not)
+        from fastopd.rollout.engine import _masked_rows
+
+        return _masked_rows(prompts, attention_mask, "prompts")
     if attention_mask is not None:
-        if not isinstance(prompts, torch.Tensor) or prompts.dim() != 2:
-            raise ValueError("attention_mask is only accepted with prompts given as ids [B, L] (a tensor)")
+        if prompts.dim() != 2:
+            raise ValueError(f"attention_mask is only accepted with prompts given as ids [B, L], got shape "
+                             f"{tuple(prompts.shape)}")
         attention_mask = torch.as_tensor(attention_mask)
         if tuple(attention_mask.shape) != tuple(prompts.shape):
             raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match the prompts "

@@ -148,7 +148,10 @@ def test_step_takes_padded_ids_with_an_attention_mask():
     trainer.step({"input_ids": left, "attention_mask": (left != PAD).long()})
     trainer.step(np.array([r[:2] for r in rows]))
     trainer.step([torch.tensor(r) for r in rows])
-    assert seen == [rows, rows, [r[:2] for r in rows], rows]
+    # a tokenizer's batch without return_tensors: lists, padded, with list mask rows
+    trainer.step({"input_ids": right.tolist(), "attention_mask": (right != PAD).long().tolist()})
+    trainer.step(rows, attention_mask=[[1] * len(r) for r in rows])  # unpadded rows with their masks
+    assert seen == [rows, rows, [r[:2] for r in rows], rows, rows, rows]
 
 
 @pytest.mark.parametrize("prompts,mask,match", [
@@ -156,7 +159,9 @@ def test_step_takes_padded_ids_with_an_attention_mask():
     (None, None, "list of token-id lists, got NoneType"),
     ("5 6 7", None, "list of token-id lists, got str"),
     ([], None, "prompts is empty"),
-    ([[5, 6]], torch.ones(1, 2), "attention_mask is only accepted with prompts given as ids"),
+    ([[5, 6]], torch.ones(2, 2), "attention_mask has 2 rows, prompts 1"),
+    ([[5, 6], [7]], [[1, 1], [1, 1]], r"prompts\[1\] and its attention_mask row do not match"),
+    (torch.ones(3, dtype=torch.long), torch.ones(3), r"given as ids \[B, L\], got shape \(3,\)"),
     (torch.ones(2, 3, dtype=torch.long), torch.ones(2, 2), r"attention_mask \(2, 2\) does not match"),
 ])
 def test_bad_prompts_are_refused_before_any_rollout(prompts, mask, match):
