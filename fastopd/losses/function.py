@@ -98,6 +98,16 @@ def apply_lift(lift: torch.Tensor | None, *grads: torch.Tensor | None) -> None:
                 g.mul_(lift)
 
 
+def refuse_double_backward() -> None:
+    """Raises in a backward run with create_graph=True (grad mode on). The gradients are closed forms built outside
+    autograd (in the forward for "mean"/"sum"), so they carry no graph: a second derivative would silently come out
+    as zero instead of failing."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("fastopd's fused divergence is once differentiable: its backward cannot build a graph "
+                           "(create_graph=True, double backward, Hessian-vector products); its gradients are "
+                           "closed forms that would differentiate to zero")
+
+
 def _chunks(n: int, rows: int):
     for start in range(0, n, rows):
         yield start, min(n, start + rows)
@@ -149,6 +159,7 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_stats):
+        refuse_double_backward()
         dt_h, dt_w, dt_b = ctx.dtypes
         if ctx.form_now:
             grad_h, grad_w, grad_b, divisor = ctx.saved_tensors
@@ -268,6 +279,7 @@ class DivergenceFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_stats):
+        refuse_double_backward()
         cfg = ctx.cfg
         if ctx.form_now:
             grad, divisor = ctx.saved_tensors

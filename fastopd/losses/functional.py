@@ -38,15 +38,21 @@ def _shape(t: torch.Tensor | None) -> str:
     return "None" if t is None else str(tuple(t.shape))
 
 
-def _shared_vocab(v_student: int, v_teacher: int, vocab_size: int | None, what: str) -> int:
-    """The vocabulary both models share: all of it when sizes agree, else the leading `vocab_size`."""
+def _shared_vocab(v_student: int, v_teacher: int, vocab_size: int | None, kind: str, a: torch.Tensor,
+                  b: torch.Tensor) -> int:
+    """The vocabulary both models share: all of it when sizes agree, else the leading `vocab_size`. The message
+    names `kind` and the shapes of `a` and `b`, formatted only on error (Dynamo cannot trace str() of a symbolic
+    shape, which torch.compile(dynamic=True) gives)."""
+    what = lambda: f"{kind} {_shape(a)} and {_shape(b)}"  # noqa: E731
     if vocab_size is None:
         if v_student != v_teacher:
-            raise ValueError(f"student and teacher vocab sizes differ ({v_student} vs {v_teacher}, {what}); "
+            raise ValueError(f"student and teacher vocab sizes differ ({v_student} vs {v_teacher}, {what()}); "
                              "pass vocab_size= for the shared leading part")
+        if v_student == 0:
+            raise ValueError(f"the vocabulary is empty ({what()}): a divergence needs at least one entry")
         return v_student
     if not 0 < vocab_size <= min(v_student, v_teacher):
-        raise ValueError(f"vocab_size={vocab_size} must lie in [1, {min(v_student, v_teacher)}] for {what}")
+        raise ValueError(f"vocab_size={vocab_size} must lie in [1, {min(v_student, v_teacher)}] for {what()}")
     return int(vocab_size)
 
 
@@ -80,6 +86,12 @@ def _chunk_bytes_from_env(default: int) -> int:
     return budget
 
 
+def _finite(x: float) -> bool:
+    """math.isfinite(x), by comparisons: under torch.compile(dynamic=True) Dynamo passes float options as symbolic
+    floats, which math.isfinite cannot take (comparisons it traces as guards)."""
+    return -math.inf < x < math.inf
+
+
 def _config(divergence: str, beta: float, temperature: float, softcap: float | None, hard_label_weight: float,
             soft_label_weight: float, ignore_index: int, reduction: str, vocab: int,
             chunk_size: int | None, device_type: str, hard_label_temperature: float | None = None) -> DivergenceConfig:
@@ -87,17 +99,23 @@ def _config(divergence: str, beta: float, temperature: float, softcap: float | N
         raise ValueError(f"divergence must be one of {tuple(DIVERGENCES)}, got {divergence!r}")
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must lie in [0, 1], got {beta}")
-    if not (temperature > 0.0 and math.isfinite(temperature)):
+    if not (temperature > 0.0 and _finite(temperature)):
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
     if hard_label_temperature is not None and not (hard_label_temperature > 0.0
-                                                   and math.isfinite(hard_label_temperature)):
+                                                   and _finite(hard_label_temperature)):
         raise ValueError(f"hard_label_temperature must be None or a positive finite number, got "
                          f"{hard_label_temperature}")
-    if softcap is not None and not (softcap > 0.0 and math.isfinite(softcap)):
+    if softcap is not None and not (softcap > 0.0 and _finite(softcap)):
         raise ValueError(f"softcap must be None (no cap) or a positive finite number, got {softcap}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if not all(w >= 0 and math.isfinite(w) for w in (hard_label_weight, soft_label_weight)):
+    try:
+        index = None if isinstance(ignore_index, bool) else operator.index(ignore_index)
+    except TypeError:
+        index = None
+    if index is None or not -(2**63) <= index < 2**63:
+        raise ValueError(f"ignore_index must be an int in int64's range, got {ignore_index!r}")
+    if not all(w >= 0 and _finite(w) for w in (hard_label_weight, soft_label_weight)):
         raise ValueError(f"loss weights must be finite and >= 0, got hard_label_weight={hard_label_weight}, "
                          f"soft_label_weight={soft_label_weight}")
     code = DIVERGENCES[divergence]
@@ -155,7 +173,7 @@ def _num_items(num_items_in_batch, device) -> torch.Tensor | None:
         # One count, or HF Trainer's copies of it under DataParallel ([n_gpu, 1], all equal): the first is taken
         # (on the device, no host sync).
         return num_items_in_batch.reshape(-1)[0]
-    if not (num_items_in_batch > 0 and math.isfinite(num_items_in_batch)):
+    if not (num_items_in_batch > 0 and _finite(num_items_in_batch)):
         raise ValueError(f"num_items_in_batch must be a positive finite number, got {num_items_in_batch}")
     return torch.full((), float(num_items_in_batch), device=device)  # a fill kernel, no host-to-device copy
 
@@ -186,6 +204,20 @@ def _plain_heads(ws, wt, bs, bt, group):
             t = t.to_local()
         out.append(t)
     return out
+
+
+def _autocast_inputs(device_type: str, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """The tensors as autocast hands them to `F.linear` inside an autocast region for `device_type`: every floating
+    tensor but float64 in the autocast dtype (differentiable casts: the gradients come back in each input's dtype).
+    Outside a region, unchanged."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta): no region can be open for it
+        enabled = False
+    if not enabled:
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.dtype != torch.float64 else t for t in tensors)
 
 
 def fused_linear_divergence(
@@ -219,8 +251,10 @@ def fused_linear_divergence(
     Args:
         student_hidden: [N, Ds] or [B, T, Ds] (fp32/bf16/fp16); gets a gradient.
         student_weight: [V_s, Ds], same dtype as student_hidden; gets a gradient.
-        teacher_hidden: [N, Dt] or [B, T, Dt]; never gets a gradient (Dt may differ from Ds).
-        teacher_weight: [V_t, Dt], same dtype as teacher_hidden.
+        teacher_hidden: [N, Dt] or [B, T, Dt]; detached, never gets a gradient (Dt may differ from Ds).
+        teacher_weight: [V_t, Dt], same dtype as teacher_hidden; detached. The two models' dtypes may differ.
+            Inside torch.autocast all hidden states, weights and biases are first cast to the autocast dtype
+            (float64 aside), as F.linear would be there. Any strides (slices, transposes, expands) are taken.
         labels: [N] or [B, T] integer tensor; positions equal to `ignore_index` are masked. Needed for
             `hard_label_weight` > 0 and for the label stats.
         divergence: "fkl" = KL(teacher||student), "rkl" = KL(student||teacher), "jsd" = generalized JSD with
@@ -253,10 +287,12 @@ def fused_linear_divergence(
             must call it with the same token rows. `vocab_size` counts the whole (global) vocabulary.
 
     Returns:
-        The loss (fp32), and a DivergenceStats when `return_stats`.
+        The loss (fp32), and a DivergenceStats when `return_stats`. Once differentiable: a backward with
+        create_graph=True raises RuntimeError.
 
     Raises:
-        ValueError: on mismatched shapes, vocab sizes, dtypes or devices, or an option out of range.
+        ValueError: on mismatched shapes, vocab sizes, dtypes or devices, an empty vocabulary, or an option out of
+            range.
     """
     hs, ws, ht, wt = student_hidden, student_weight, teacher_hidden, teacher_weight
     ws, wt, student_bias, teacher_bias = _plain_heads(ws, wt, student_bias, teacher_bias, vocab_parallel_group)
@@ -265,6 +301,10 @@ def fused_linear_divergence(
             raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
         if not t.is_floating_point():
             raise ValueError(f"{name} must be floating point, got {t.dtype}")
+    # Inside torch.autocast the two heads are matmuls, so they follow F.linear's autocast rule (bf16/fp16 operands,
+    # fp32 accumulation here): a bf16 hidden state beside an fp32 head works there, as `lm_head(hidden)` does.
+    hs, ws, ht, wt, student_bias, teacher_bias = _autocast_inputs(hs.device.type, hs, ws, ht, wt, student_bias,
+                                                                  teacher_bias)
     if hs.dim() not in (2, 3) or ht.dim() != hs.dim():
         raise ValueError(f"hidden states must both be [N, D] or both [B, T, D], got student {_shape(hs)} and "
                          f"teacher {_shape(ht)}")
@@ -285,8 +325,7 @@ def fused_linear_divergence(
         if t is not None and t.device != device:
             raise ValueError(f"{name} is on {t.device} but student_hidden on {device}")
     if vocab_parallel_group is None:
-        vocab = local_vocab = _shared_vocab(ws.shape[0], wt.shape[0], vocab_size,
-                                            f"weights {_shape(ws)} and {_shape(wt)}")
+        vocab = local_vocab = _shared_vocab(ws.shape[0], wt.shape[0], vocab_size, "weights", ws, wt)
     else:
         from fastopd.distributed.vocab_parallel import vocab_layout
 
@@ -310,8 +349,8 @@ def fused_linear_divergence(
         raise ValueError(f"mode='tiled' runs the Triton tiled kernels only; got impl={impl!r} (use 'auto' or "
                          "'triton', or mode='chunked' for the other backends)")
 
-    h2s = hs.reshape(-1, hs.shape[-1])
-    h2t = ht.detach().reshape(-1, ht.shape[-1])
+    h2s = hs.flatten(0, -2)  # not reshape(-1, D): that is ambiguous for D = 0
+    h2t = ht.detach().flatten(0, -2)
     ws_v, wt_v = ws[:local_vocab], wt.detach()[:local_vocab]
     bs_v = student_bias[:local_vocab] if student_bias is not None else None
     bt_v = teacher_bias.detach()[:local_vocab] if teacher_bias is not None else None
@@ -373,7 +412,7 @@ def divergence(
                          f"{_shape(sl)} and teacher {_shape(tl)}")
     if sl.device != tl.device:
         raise ValueError(f"student logits on {sl.device}, teacher logits on {tl.device}")
-    vocab = _shared_vocab(sl.shape[-1], tl.shape[-1], vocab_size, f"logits {_shape(sl)} and {_shape(tl)}")
+    vocab = _shared_vocab(sl.shape[-1], tl.shape[-1], vocab_size, "logits", sl, tl)
     cfg = _config(divergence, beta, temperature, softcap, hard_label_weight, soft_label_weight, ignore_index,
                   reduction, vocab, chunk_size, sl.device.type, hard_label_temperature)
     lead = sl.shape[:-1]

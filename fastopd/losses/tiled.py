@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from fastopd.losses.function import DivergenceConfig, apply_lift, lift_upstream, reduce_rows
+from fastopd.losses.function import DivergenceConfig, apply_lift, lift_upstream, reduce_rows, refuse_double_backward
 
 FKL, RKL, JSD = 0, 1, 2
 # A tile's gradient GEMMs are skipped when every |dL/dz_s| in it (upstream gradient 1) is below this. At 2^-20
@@ -117,6 +117,7 @@ class TiledLinearDivergenceFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_stats):
+        refuse_double_backward()
         dt_h, dt_w, dt_b = ctx.dtypes
         none = (None,) * 8
         if ctx.form_now:

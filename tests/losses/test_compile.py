@@ -172,3 +172,29 @@ def test_a_bad_fastopd_impl_is_a_value_error_under_compile_too(monkeypatch):
     with pytest.raises(ValueError, match="FASTOPD_IMPL must be one of"):
         f(hs, ws, ht, wt, labels)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("api", ["fused", "logits"])
+def test_dynamic_true_fullgraph_equals_eager(api):
+    """torch.compile(dynamic=True) passes the float options (temperature, softcap, weights) as symbolic floats and
+    the shapes as symbolic ints: the validation must trace them (no math.isfinite, no str() of a shape unless it
+    raises). The chunk loop still specializes on the token count."""
+    hs, ws, ht, wt, labels = _inputs(n=7)
+
+    def f(h, w, ht, wt, labels):
+        if api == "logits":
+            return fastopd.divergence(h @ w.T, ht @ wt.T, labels, divergence="jsd", beta=0.4, temperature=1.5,
+                                      softcap=4.0, hard_label_weight=0.2, num_items_in_batch=9, impl="torch")
+        return fastopd.fused_linear_divergence(h, w, ht, wt, labels, divergence="jsd", beta=0.4, temperature=1.5,
+                                               softcap=4.0, hard_label_weight=0.2, num_items_in_batch=9,
+                                               impl="torch")
+
+    torch._dynamo.reset()
+    results = []
+    for fn in (f, torch.compile(f, fullgraph=True, dynamic=True, backend="aot_eager")):
+        h, w = hs.clone().requires_grad_(True), ws.clone().requires_grad_(True)
+        out = fn(h, w, ht, wt, labels)
+        out.backward()
+        results.append((out, h.grad, w.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
