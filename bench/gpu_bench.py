@@ -7,11 +7,14 @@ row kernel, tiled) beside naive PyTorch, Liger-Kernel and the cuBLAS GEMM floor,
 
 Per (divergence, V, N, provider): forward, backward and forward+backward time (median and 20/80 percentiles
 of at least --min-reps calls timed with CUDA events, L2 flushed before each), TFLOP/s of the loss's GEMM work,
-peak memory above the inputs (forward, and forward+backward), the ratios to the GEMM floor (the four bf16 GEMMs
-an exact loss needs: both heads forward, dH and dW backward), to Liger and to naive, and the targets each row
-meets. Writes gpu_bench.json and gpu_bench.md after every row. bf16 inputs; teacher hidden 4096, student hidden
-2048. Shapes run both vocabularies at the largest and smallest N first; within a shape the GEMM floor and Liger
-run first; --provider-cap and --shape-cap bound each provider's and each shape's time ('capped' in the results).
+peak memory above the inputs (forward, and forward+backward; the inputs' gradients count), the ratios to the
+GEMM floor (the four cuBLAS GEMMs an exact loss needs, input-dtype operands with fp32 output as fastopd computes
+them: both heads forward, dH and dW backward), to Liger and to naive, the loss's relative difference from an fp32
+reference on the same inputs (flagged above the dtype's tolerance), and the targets each row meets. Writes
+gpu_bench.json and gpu_bench.md after every row ("complete": false until the grid is done). bf16 inputs;
+teacher hidden 4096, student hidden 2048. Shapes run both vocabularies at the largest and smallest N first;
+within a shape the GEMM floor and Liger run first; --provider-cap and --shape-cap bound each provider's and each
+shape's time ('capped' in the results).
 """
 
 from __future__ import annotations
@@ -63,8 +66,15 @@ def make_inputs(n: int, v: int, ds: int, dt: int, device: str, dtype: torch.dtyp
 
 
 def _naive(hs, ws, ht, wt, labels, beta):
-    lps = torch.log_softmax((hs @ ws.T).float(), -1)
-    lpt = torch.log_softmax((ht @ wt.T).float(), -1)
+    per = _per_row(hs @ ws.T, ht @ wt.T, beta)
+    valid = labels != -100
+    return (per * valid).sum() / valid.sum()
+
+
+def _per_row(xs: torch.Tensor, xt: torch.Tensor, beta: float) -> torch.Tensor:
+    """The divergence of each row of logits xs, xt [C, V], in fp32 (Liger/TRL's beta convention)."""
+    lps = torch.log_softmax(xs.float(), -1)
+    lpt = torch.log_softmax(xt.float(), -1)
     if beta == 0.0:
         per = (lpt.exp() * (lpt - lps)).sum(-1)
     elif beta == 1.0:
@@ -73,8 +83,33 @@ def _naive(hs, ws, ht, wt, labels, beta):
         lm = torch.logsumexp(torch.stack([lps + torch.log1p(torch.tensor(-beta)), lpt + torch.log(torch.tensor(beta))]),
                              0)
         per = beta * (lpt.exp() * (lpt - lm)).sum(-1) + (1 - beta) * (lps.exp() * (lps - lm)).sum(-1)
-    valid = labels != -100
-    return (per * valid).sum() / valid.sum()
+    return per
+
+
+REFERENCE_ROWS = 1024  # rows per chunk of the reference loss: [1024, V] fp32 temporaries, a few GiB at V = 151936
+
+
+def reference_loss(divergence: str, inp: dict, rows: int = REFERENCE_ROWS) -> float:
+    """The loss every provider should compute on `inp`, in fp32 from fp32 logits of the inputs (bf16 operands,
+    fp32 output: no rounding of the logits to the input dtype), a chunk of `rows` rows at a time and without
+    autograd, so that it needs no [N, V] tensor and exists even where naive does not fit."""
+    hs, ws, ht, wt, labels = (inp[k].detach() for k in ("hs", "ws", "ht", "wt", "labels"))
+    total = torch.zeros((), dtype=torch.float64, device=hs.device)
+    with torch.no_grad():
+        for start in range(0, hs.shape[0], rows):
+            end = min(start + rows, hs.shape[0])
+            xs, xt = _logits_f32(hs[start:end], ws), _logits_f32(ht[start:end], wt)
+            per = _per_row(xs, xt, BETA[divergence])
+            del xs, xt
+            total += (per * (labels[start:end] != -100)).sum(dtype=torch.float64)
+    return float(total / (labels != -100).sum())
+
+
+def _logits_f32(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """h @ w^T with fp32 output and accumulation (cuBLAS `out_dtype` for bf16/fp16 on CUDA): fastopd's own GEMM."""
+    from fastopd.losses.function import _matmul_f32
+
+    return _matmul_f32(h, w.t())
 
 
 def loss_fn(provider: str, divergence: str, inp: dict, chunk_size: int | None = None) -> Callable[[], torch.Tensor]:
@@ -105,9 +140,11 @@ def loss_fn(provider: str, divergence: str, inp: dict, chunk_size: int | None = 
 
 
 def _quantiles(times_ms: list[float]) -> dict:
-    data = sorted(times_ms)
-    pick = lambda q: data[min(len(data) - 1, int(q * len(data)))]  # noqa: E731
-    return {"median_ms": statistics.median(data), "p20_ms": pick(0.2), "p80_ms": pick(0.8)}
+    """Median and 20th/80th percentiles, linearly interpolated (as fastopd bench and triton.testing.do_bench)."""
+    from fastopd.bench import _percentile
+
+    return {"median_ms": statistics.median(times_ms), "p20_ms": _percentile(times_ms, 0.2),
+            "p80_ms": _percentile(times_ms, 0.8)}
 
 
 class Timer:
@@ -128,6 +165,7 @@ class Timer:
         return max(0, min(want, int(budget_s / call_s)))
 
     def __call__(self, fn: Callable[[], object], budget_s: float, grad_to_none: list[torch.Tensor] = ()) -> dict:
+        _sync(self.device)  # work queued before (the bwd phase's forward) must not count as the warm-up call's
         t0 = time.perf_counter()
         self._clear(grad_to_none)
         fn()
@@ -196,10 +234,15 @@ def bench_provider(provider: str, divergence: str, inp: dict, timer: Timer, devi
     Timer._clear(grads)
     t0 = time.perf_counter()
     if provider == "gemm_floor":
+        from fastopd.losses.function import _matmul_f32
+
+        # The GEMMs of the chunked loss at whole-batch size, in its precision: input-dtype operands, fp32
+        # output (the logits an exact loss needs; the gradients it accumulates), through fastopd's own call.
+        # G, the logit gradient, is an input in the operands' dtype, as the chunked loss feeds it to cuBLAS.
         h, w, ht, wt = hs.detach(), ws.detach(), inp["ht"], inp["wt"]
-        g = torch.randn(h.shape[0], w.shape[0], device=h.device, dtype=h.dtype)  # an input of the floor
-        fwd = lambda: (torch.mm(ht, wt.T), torch.mm(h, w.T))  # noqa: E731
-        bwd = lambda: (torch.mm(g, w), torch.mm(g.T, h))  # noqa: E731
+        g = torch.randn(h.shape[0], w.shape[0], device=h.device, dtype=h.dtype)
+        fwd = lambda: (_logits_f32(ht, wt), _logits_f32(h, w))  # noqa: E731
+        bwd = lambda: (_matmul_f32(g, w), _matmul_f32(g.t(), h))  # noqa: E731
         full = lambda: (fwd(), bwd())  # noqa: E731
         out["peak_fwd_bytes_above_inputs"] = measure_peak(device, lambda: _discard(fwd()))[1]
         out["peak_bytes_above_inputs"] = measure_peak(device, lambda: _discard(full()))[1]
@@ -290,11 +333,18 @@ def run(args: argparse.Namespace, on_row: Callable[[dict], None] | None = None) 
     rows = []
     config = {k: v for k, v in vars(args).items() if k != "out"}
     config["env"] = {k: os.environ.get(k) for k in ("FASTOPD_CHUNK_BYTES", "FASTOPD_TILED_SKIP", "FASTOPD_IMPL")}
-    result = {"machine": machine(device), "dry_run": args.dry_run, "config": config, "results": rows}
+    config["gemm_floor"] = GEMM_FLOOR
+    plan = shape_order(args)
+    # "complete" turns True only when every shape of the plan was reached: a file written by a run killed at its
+    # limit says it is partial (its rows are what was measured, the shapes after them were never started).
+    result = {"machine": machine(device), "dry_run": args.dry_run, "config": config, "complete": False,
+              "planned_rows": len(plan) * len(args.providers), "results": rows}
+    if device == "cuda":
+        _warm_up_cublas(dtype)
     start = time.monotonic()
     budget_left = lambda: (math.inf if args.time_budget is None  # noqa: E731
                            else args.time_budget - (time.monotonic() - start))
-    for divergence, v, n in shape_order(args):
+    for divergence, v, n in plan:
         head = {"divergence": divergence, "V": v, "N": n, "Ds": args.ds, "Dt": args.dt, "dtype": args.dtype}
         if args.time_budget is not None and (budget_left() <= 0 or budget_left() < min(MIN_SHAPE_S,
                                                                                     args.time_budget)):
@@ -303,8 +353,9 @@ def run(args: argparse.Namespace, on_row: Callable[[dict], None] | None = None) 
         shape_start = time.monotonic()
         fl = flops(n, v, args.ds, args.dt)
         inp = make_inputs(n, v, args.ds, args.dt, device, dtype)
+        ref = _reference_or_none(divergence, inp, device)
         for provider in args.providers:
-            rec = dict(head, provider=provider)
+            rec = dict(head, provider=provider, reference_loss=ref)
             cap = min(args.provider_cap, args.shape_cap - (time.monotonic() - shape_start), budget_left())
             if cap <= 0:
                 rec["status"] = "skipped: " + ("time budget" if budget_left() <= 0 else "shape time cap")
@@ -334,7 +385,40 @@ def run(args: argparse.Namespace, on_row: Callable[[dict], None] | None = None) 
         if device == "cuda":
             torch.cuda.empty_cache()
     annotate(rows)
+    result["complete"] = True
     return result
+
+
+GEMM_FLOOR = ("cuBLAS through fastopd's _matmul_f32, input-dtype operands, fp32 output: h_t W_t^T and h_s W_s^T "
+              "[N, V], G W_s [N, Ds] and G^T h_s [V, Ds], G [N, V] in the input dtype")
+
+
+def _warm_up_cublas(dtype: torch.dtype) -> None:
+    """One small GEMM of each kind the providers run, so that cuBLAS creates its handles and workspaces (which the
+    caching allocator holds from then on) before the first peak-memory measurement rather than inside it."""
+    from fastopd.losses.function import _matmul_f32
+
+    a = torch.ones(64, 64, device="cuda", dtype=dtype)
+    torch.mm(a, a)
+    try:  # a torch without fp32-output GEMMs fails here and, row by row, in the providers that need them
+        _matmul_f32(a, a.t())
+    except RuntimeError:
+        pass
+    torch.cuda.synchronize()
+
+
+def _reference_or_none(divergence: str, inp: dict, device: str) -> float | None:
+    """reference_loss, or None where it cannot be computed (out of memory, say): the rows then carry no loss check,
+    and the benchmark goes on."""
+    try:
+        return reference_loss(divergence, inp)
+    except Exception as exc:  # noqa: BLE001 - a missing check must not cost the measurements
+        print(f"gpu_bench: no reference loss ({type(exc).__name__}: {str(exc)[:200]}); losses not checked", flush=True)
+        return None
+    finally:
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
 
 
 # The targets (docs/gpu.md), judged per row from measured values only: True met, False not met; a target whose
@@ -360,11 +444,15 @@ def _peak(rec: dict | None) -> int | None:
 def annotate(rows: list[dict]) -> None:
     """Adds, per measured row, the ratios to the rows of the same shape (time to the GEMM floor and to Liger,
     peak memory to naive and to Liger) and the targets it is judged by. Recomputed from scratch each time, so a
-    shape cut short keeps the ratios of what it measured."""
+    shape cut short keeps the ratios of what it measured. A row's loss is checked against the shape's fp32 reference
+    within fastopd.bench.LOSS_RTOL of its dtype (naive and Liger round their logits to the input dtype first)."""
+    from fastopd.bench import LOSS_RTOL
+
     shapes: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         shapes.setdefault((r["divergence"], r["V"], r["N"]), {})[r["provider"]] = r
-    keys = ("ratio_to_gemm_floor", "speedup_vs_liger", "memory_vs_liger", "memory_vs_naive", "targets")
+    keys = ("ratio_to_gemm_floor", "speedup_vs_liger", "memory_vs_liger", "memory_vs_naive", "targets",
+            "loss_rel_diff", "loss_ok")
     for per in shapes.values():
         floor_ms, liger_ms = _full_ms(per.get("gemm_floor")), _full_ms(per.get("liger"))
         liger_mem, naive_mem = _peak(per.get("liger")), _peak(per.get("naive"))
@@ -374,6 +462,11 @@ def annotate(rows: list[dict]) -> None:
             if rec.get("status") != "ok":
                 continue
             ms, mem = _full_ms(rec), _peak(rec)
+            ref, loss = rec.get("reference_loss"), rec.get("loss")
+            if ref is not None and loss is not None:
+                rec["loss_rel_diff"] = abs(loss - ref) / max(abs(ref), 1e-30)
+                # `<=`, which a NaN loss fails
+                rec["loss_ok"] = bool(rec["loss_rel_diff"] <= LOSS_RTOL.get(rec.get("dtype"), LOSS_RTOL["float32"]))
             if ms and floor_ms:
                 rec["ratio_to_gemm_floor"] = ms / floor_ms
             if ms and liger_ms:
@@ -431,16 +524,24 @@ def markdown(result: dict) -> str:
              f"{'perf_counter' if result['dry_run'] else 'CUDA events, L2 flushed before each'}, after a warm-up "
              "('capped': fewer, the provider's time cap was reached); TFLOP/s of the loss's GEMM work in fwd+bwd "
              "(fastopd and Liger form the gradient inside the forward, so their fwd/bwd split, and its TFLOP/s in "
-             "the JSON, do not compare with the others'; compare fwd+bwd); peak memory of fwd+bwd above the inputs; "
-             "floor = the four cuBLAS GEMMs.",
-             "",
-             "| div | V | N | provider | fwd ms | bwd ms | fwd+bwd ms [p20, p80] | TFLOP/s | peak MiB | x floor time "
-             "| x faster than Liger | x naive mem | x Liger mem | targets |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "the JSON, do not compare with the others'; compare fwd+bwd); peak memory of fwd+bwd above the inputs "
+             "(their gradients included); floor = the four cuBLAS GEMMs (input-dtype operands, fp32 output); loss vs "
+             "ref = relative difference from an fp32 reference loss on the same inputs ('(!)' above the dtype's "
+             "tolerance).",
+             ""]
+    if not result.get("complete", True):
+        done = sum(r["status"] == "ok" for r in result["results"])
+        lines += [f"**PARTIAL**: the run stopped before its last shape; {len(result['results'])} of "
+                  f"{result.get('planned_rows', '?')} planned rows reached ({done} measured). Missing rows were not "
+                  "measured.", ""]
+    lines += ["| div | V | N | provider | fwd ms | bwd ms | fwd+bwd ms [p20, p80] | TFLOP/s | peak MiB | x floor time "
+              "| x faster than Liger | x naive mem | x Liger mem | targets | loss vs ref |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    bad_loss = []
     for r in result["results"]:
         if r["status"] != "ok":
             lines.append(f"| {r['divergence']} | {r['V']} | {r['N']} | {r['provider']} | {r['status']} "
-                         "| | | | | | | | | |")
+                         "| | | | | | | | | | |")
             continue
         mem = r.get("peak_bytes_above_inputs")
         mem_s = f"{mem / 2**20:.1f}" if mem is not None else "n/a"
@@ -449,7 +550,10 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['divergence']} | {r['V']} | {r['N']} | {r['provider']} | {_ms_cell(r['fwd'])} | "
                      f"{_ms_cell(r['bwd'])} | {_ms_cell(r['full'], True)} | {fmt(tf, '')} | {mem_s} | "
                      f"{fmt(r.get('ratio_to_gemm_floor'))} | {fmt(r.get('speedup_vs_liger'))} | "
-                     f"{fmt(r.get('memory_vs_naive'), '')} | {fmt(r.get('memory_vs_liger'), '')} | {targets} |")
+                     f"{fmt(r.get('memory_vs_naive'), '')} | {fmt(r.get('memory_vs_liger'), '')} | {targets} | "
+                     f"{_loss_cell(r)} |")
+        if r.get("loss_ok") is False:
+            bad_loss.append(f"{r['divergence']} V={r['V']} N={r['N']} {r['provider']}")
     tally: dict[tuple[str, str], list[bool]] = {}
     for r in result["results"]:
         for name, ok in r.get("targets", {}).items():
@@ -460,7 +564,16 @@ def markdown(result: dict) -> str:
         lines.append(f"| {TARGETS[name]} | {provider} | {sum(oks)} of {len(oks)} shapes | {len(oks) - sum(oks)} |")
     if not tally:
         lines.append("| (no target could be judged: its rows were not measured) | | | |")
+    checked = sum("loss_ok" in r for r in result["results"])
+    lines += ["", f"Loss check: {checked - len(bad_loss)} of {checked} rows with a loss agree with the fp32 reference"
+              + (f"; NOT these: {', '.join(bad_loss)}." if bad_loss else ".")]
     return "\n".join(lines) + "\n"
+
+
+def _loss_cell(rec: dict) -> str:
+    if "loss_rel_diff" not in rec:
+        return "-"
+    return f"{rec['loss_rel_diff']:.1e}" + ("" if rec["loss_ok"] else " (!)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

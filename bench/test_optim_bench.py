@@ -6,7 +6,8 @@ and optimizer-state bytes per parameter. Ratios are against torch.optim.AdamW(fo
 
     flock /tmp/fastopd_bench.lock python -m pytest bench/test_optim_bench.py -q -p no:cacheprovider
 
-writes bench/results/optim_<device>.json and .md, or $OUT/ when OUT is set (the last test of this file). On a GPU
+writes bench/results/optim_<device>.json and .md (the last test of this file), or with OUT set (the GPU suite)
+$OUT/ after every measurement too, so that a run stopped at a deadline keeps what it measured; atomically. On a GPU
 the timed function synchronizes, and the backends compared are SparseMaskedAdamW(impl=triton) and its torch
 reference.
 """
@@ -22,7 +23,8 @@ import pytest
 import torch
 
 import fastopd
-from fastopd.bench import cpu_name
+from fastopd._io import write_text_atomic
+from fastopd.bench import _percentile, cpu_name
 from fastopd.optim import SparseMaskedAdamW, masks
 
 SHAPES = [(1024, 1024)] * 8 + [(2816, 1024)] * 4 + [(1024, 2816)] * 4
@@ -69,12 +71,13 @@ def _state_bytes(opt: torch.optim.Optimizer) -> int:
 
 
 def _record(key: str, benchmark, opt, numel: int, device: str, **info) -> None:
-    data = sorted(benchmark.stats.stats.data)
-    pick = lambda q: data[min(len(data) - 1, int(q * len(data)))]  # noqa: E731
+    data = list(benchmark.stats.stats.data)
     RESULTS.setdefault(device, {})[key] = dict(
-        median_s=benchmark.stats.stats.median, p20_s=pick(0.2), p80_s=pick(0.8), rounds=len(data),
-        state_bytes_per_param=_state_bytes(opt) / numel, **info)
+        median_s=benchmark.stats.stats.median, p20_s=_percentile(data, 0.2), p80_s=_percentile(data, 0.8),
+        rounds=len(data), state_bytes_per_param=_state_bytes(opt) / numel, **info)
     benchmark.extra_info.update(RESULTS[device][key])
+    if os.environ.get("OUT"):  # the GPU suite: a deadline may stop the file before its last test
+        _write(device, RESULTS[device])
 
 
 @pytest.mark.parametrize("variant", ["foreach", "fused"])
@@ -132,9 +135,9 @@ def test_write_results():
 
 
 def _write(device: str, results: dict[str, dict]) -> None:
-    for key, r in results.items():
+    for key, r in results.items():  # None while the baseline is not measured yet (results are written as they come)
         base = r.get("baseline", "torch-foreach-bf16" if key == "torch-foreach-bf16" else "torch-foreach")
-        r["time_vs_torch_foreach"] = r["median_s"] / results[base]["median_s"]
+        r["time_vs_torch_foreach"] = r["median_s"] / results[base]["median_s"] if base in results else None
     numel = sum(a * b for a, b in SHAPES)
     name = torch.cuda.get_device_name() if device == "cuda" else cpu_name()
     machine = {"platform": platform.platform(), "processor": name, "cpus": os.cpu_count(),
@@ -152,8 +155,7 @@ def _write(device: str, results: dict[str, dict]) -> None:
            "results": results}
     out_dir = os.environ.get("OUT", os.path.join(HERE, "results"))  # the GPU suite points OUT at its folder
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, f"optim_{device}.json"), "w") as f:
-        json.dump(out, f, indent=2)
+    write_text_atomic(os.path.join(out_dir, f"optim_{device}.json"), json.dumps(out, indent=2))
     lines = [f"# SparseMaskedAdamW vs torch.optim.AdamW ({device}, {numel / 1e6:.1f}M params)", "",
              f"{name}, {machine['cpus']} CPU cores, torch {versions['torch']} "
              f"({machine['torch_threads']} threads), {out['date']}, load average at the end "
@@ -163,7 +165,7 @@ def _write(device: str, results: dict[str, dict]) -> None:
              "|---|---|---|---|---|---|"]
     for r in results.values():
         dens = f"{100 * r['density']:g}%" if "density" in r else "100% (dense)"
+        ratio = "-" if r["time_vs_torch_foreach"] is None else f"{r['time_vs_torch_foreach']:.3f}x"
         lines.append(f"| {r['optimizer']} | {dens} | {1e3 * r['median_s']:.2f} | {1e3 * r['p20_s']:.2f}-"
-                     f"{1e3 * r['p80_s']:.2f} | {r['time_vs_torch_foreach']:.3f}x | {r['state_bytes_per_param']:.3f} |")
-    with open(os.path.join(out_dir, f"optim_{device}.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+                     f"{1e3 * r['p80_s']:.2f} | {ratio} | {r['state_bytes_per_param']:.3f} |")
+    write_text_atomic(os.path.join(out_dir, f"optim_{device}.md"), "\n".join(lines) + "\n")

@@ -37,7 +37,7 @@ import torch
 import transformers
 
 import fastopd
-from fastopd.bench import cpu_name
+from fastopd.bench import _percentile, cpu_name
 from fastopd.rollout import Horizon, RolloutEngine
 
 ROUNDS = int(os.environ.get("FASTOPD_BENCH_ROUNDS", "5"))
@@ -50,9 +50,9 @@ transformers.logging.set_verbosity_error()
 
 
 def _stats(times: list[float]) -> dict[str, float]:
-    data = sorted(times)
-    pick = lambda q: data[min(len(data) - 1, int(q * len(data)))]  # noqa: E731
-    return dict(median_s=statistics.median(data), p20_s=pick(0.2), p80_s=pick(0.8), rounds=len(data))
+    """Median and 20th/80th percentiles (linearly interpolated, as fastopd bench) of `times`."""
+    return dict(median_s=statistics.median(times), p20_s=_percentile(times, 0.2), p80_s=_percentile(times, 0.8),
+                rounds=len(times))
 
 
 def _llama_cpu() -> transformers.LlamaForCausalLM:
@@ -252,7 +252,9 @@ def test_cuda_rollout_vs_hf_generate(benchmark):
     info = dict(model="Qwen2ForCausalLM random weights, 0.5B-scale config, bf16", batch=batch, prompt=prompt,
                 new_tokens=new, kv_cache_bytes=graphed.kv_cache_bytes, gpu=torch.cuda.get_device_name(),
                 cold_s=cold_s, greedy_token_match_vs_hf_dynamic=match,
-                order="fastopd-cudagraph, hf-dynamic, fastopd interleaved by round; then hf-static alone")
+                order="fastopd-cudagraph, hf-dynamic, fastopd interleaved by round; then hf-static alone",
+                note="fastopd-cudagraph captures its decode step once per generate call (two eager warm-up steps "
+                     "and the capture), inside every timed call; cold_s is each provider's first call")
     record = lambda times: _record_throughput("cuda", times, batch * new, hf_names, info)  # noqa: E731
     times = _interleaved(benchmark, providers, ROUNDS, on_round=record)
 
@@ -305,6 +307,8 @@ def _markdown(device: str, data: dict, machine: dict) -> str:
             match = ", ".join(f"{n} {m:.1%}" for n, m in tp.get("greedy_token_match_vs_hf_dynamic", {}).items())
             lines += ["", f"First call in s (warm-up: CUDA graph capture; HF static's compile): {cold}. Greedy tokens "
                           f"equal to hf-dynamic's: {match}."]
+        if tp.get("note"):
+            lines += ["", f"Note: {tp['note']}."]
         lines.append("")
     sweep = data.get("horizon_sweep")
     if sweep:

@@ -1,8 +1,10 @@
 """`fastopd bench` measures what it says: providers timed round-robin, peak memory only where the high-water mark
 was really reset, the backend and environment fastopd ran under recorded, and untrustworthy numbers flagged."""
 
+import importlib.util
 import json
 import platform
+from pathlib import Path
 
 import pytest
 import torch
@@ -278,3 +280,183 @@ def test_out_folder_is_made_before_the_timing(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "run_benchmark", fake)
     assert cli.main([*OK, "--out", str(out)]) == 0
     assert seen == [True] and (out / "loss_cpu_custom_float32.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bench/gpu_bench.py (the GPU suite's loss benchmark): what it measures, checked on the CPU
+# ---------------------------------------------------------------------------------------------------------
+
+BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"_fastopd_{name}", BENCH_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def gb():
+    return _load("gpu_bench")
+
+
+def _tiny_inputs(gb, dtype=torch.float32, n=37, v=301):
+    return gb.make_inputs(n, v, 16, 24, "cpu", dtype)
+
+
+def test_gemm_floor_does_the_chunked_loss_gemms_with_fp32_output(gb, monkeypatch):
+    """The floor does the chunked loss's four GEMMs through its own call, fp32 output (the logits an exact loss
+    needs), never input-dtype products that round the logits and write half the bytes."""
+    from fastopd.losses import function
+
+    seen = []
+    real = function._matmul_f32
+
+    def spy(a, b, out=None):
+        res = real(a, b, out=out)
+        seen.append((tuple(a.shape), tuple(b.shape), a.dtype, res.dtype))
+        return res
+
+    monkeypatch.setattr(function, "_matmul_f32", spy)
+    inp = _tiny_inputs(gb, torch.bfloat16)
+    rec = gb.bench_provider("gemm_floor", "fkl", inp, gb.Timer("cpu", 1, 1, 0.0), "cpu", 30.0)
+    assert "median_ms" in rec["full"]
+    n, v, ds, dt = 37, 301, 16, 24
+    bf = torch.bfloat16
+    want = {((n, dt), (dt, v), bf, torch.float32), ((n, ds), (ds, v), bf, torch.float32),
+            ((n, v), (v, ds), bf, torch.float32), ((v, n), (n, ds), bf, torch.float32)}
+    assert set(seen) == want
+    assert "fp32 output" in gb.GEMM_FLOOR
+
+
+def test_reference_loss_is_naives_loss_chunk_by_chunk(gb):
+    inp = _tiny_inputs(gb)
+    for div in ("fkl", "rkl", "jsd"):
+        want = float(gb._naive(*(inp[k].detach() for k in ("hs", "ws", "ht", "wt", "labels")), gb.BETA[div]))
+        assert gb.reference_loss(div, inp, rows=8) == pytest.approx(want, rel=1e-5)
+
+
+def test_a_loss_that_differs_from_the_reference_is_flagged(gb):
+    def row(provider, loss, dtype="bfloat16"):
+        phase = {"median_ms": 1.0, "p20_ms": 1.0, "p80_ms": 1.0, "reps": 10}
+        return dict(divergence="fkl", V=128256, N=1024, dtype=dtype, provider=provider, status="ok", loss=loss,
+                    reference_loss=2.0, fwd=dict(phase), bwd=dict(phase), full=dict(phase), tflops={},
+                    peak_bytes_above_inputs=2**20)
+
+    rows = [row("liger", 2.01), row("chunked-triton", 2.000001), row("tiled", 2.1), row("naive", float("nan"))]
+    gb.annotate(rows)
+    assert [r["loss_ok"] for r in rows] == [True, True, False, False]
+    assert rows[0]["loss_rel_diff"] == pytest.approx(5e-3)
+    machine = dict(date_utc="d", torch="t", cuda="c", triton="t", liger_kernel="l", fastopd="f", device="cuda")
+    md = gb.markdown(dict(machine=machine, dry_run=False, config={}, results=rows))
+    assert "| 5.0e-02 (!) |" in md and "| 5.0e-03 |" in md
+    assert "Loss check: 2 of 4 rows" in md and "NOT these: fkl V=128256 N=1024 tiled" in md
+
+
+def _dry_args(gb, tmp_path, *extra):
+    args = gb.parse_args(["--dry-run", "--divergences", "fkl", "--out", str(tmp_path), *extra])
+    args.providers = ["gemm_floor", "liger", "chunked-cpu", "naive"]  # not tiled: minutes under the interpreter
+    return args
+
+
+def test_dry_run_checks_every_loss_against_the_reference(gb, tmp_path):
+    result = gb.run(_dry_args(gb, tmp_path))
+    rows = [r for r in result["results"] if r["status"] == "ok"]
+    assert {r["provider"] for r in rows} >= {"gemm_floor", "liger", "chunked-cpu", "naive"}
+    for r in rows:
+        assert r["reference_loss"] is not None
+        if r["provider"] != "gemm_floor":
+            assert r["loss_ok"] and r["loss_rel_diff"] < 1e-5, r
+    assert result["config"]["gemm_floor"] == gb.GEMM_FLOOR
+
+
+def test_results_written_before_the_grid_ends_say_they_are_partial(gb, tmp_path):
+    written = []
+    result = gb.run(_dry_args(gb, tmp_path, "--tokens", "8"),
+                    on_row=lambda r: written.append((r["complete"], gb.markdown(r))))
+    assert result["complete"] is True and result["planned_rows"] == len(result["results"]) == 4
+    assert all(complete is False for complete, _ in written)
+    assert "**PARTIAL**: the run stopped before its last shape; 1 of 4 planned rows" in written[0][1]
+    assert "PARTIAL" not in gb.markdown(result)
+
+
+def test_percentiles_are_interpolated(gb):
+    q = gb._quantiles([float(x) for x in range(10, 0, -1)])
+    assert q == {"median_ms": 5.5, "p20_ms": pytest.approx(2.8), "p80_ms": pytest.approx(8.2)}
+    rb = _load("test_rollout_bench")
+    st = rb._stats([float(x) for x in range(1, 11)])
+    assert (st["p20_s"], st["p80_s"]) == (pytest.approx(2.8), pytest.approx(8.2))
+
+
+def test_cuda_timer_syncs_before_its_warm_up_and_times_each_call_between_events(gb, monkeypatch):
+    """The CUDA path, emulated: queued work is waited for before the warm-up call is clocked (the bwd phase's
+    forward is launched just before it), the L2 flush and gradient clearing stay outside the events, and the
+    events are read only after a synchronize."""
+    log = []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            log.append("record")
+            self.t = len(log)
+
+        def elapsed_time(self, end):
+            assert log[-1] == "sync", "an event was read before the GPU finished"
+            return float(end.t - self.t)
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: log.append("sync"))
+    timer = gb.Timer("cpu", min_reps=3, max_reps=3, target_s=0.0)
+    timer.device = "cuda"
+    timer._flush = torch.empty(16, dtype=torch.int8)
+    real_zero = timer._flush.zero_
+
+    class Flush:
+        def zero_(self):
+            log.append("flush")
+            return real_zero()
+
+    timer._flush = Flush()
+    out = timer(lambda: log.append("fn"), budget_s=60.0)
+    assert log[:3] == ["sync", "fn", "sync"]  # the warm-up call, clocked from an idle GPU
+    assert log[3:] == ["flush", "record", "fn", "record"] * 3 + ["sync"]
+    assert out["reps"] == 3 and out["median_ms"] == 2.0
+
+
+def test_optim_results_are_written_atomically_before_their_baseline_exists(tmp_path, monkeypatch):
+    ob = _load("test_optim_bench")
+    monkeypatch.setenv("OUT", str(tmp_path))
+    r = dict(median_s=0.01, p20_s=0.01, p80_s=0.02, rounds=3, state_bytes_per_param=0.1, density=0.01,
+             optimizer="SparseMaskedAdamW(impl=cpu)")
+    ob._write("cpu", {"sparse-cpu-d0.01": r})  # its baseline (torch-foreach) not measured yet
+    assert json.loads((tmp_path / "optim_cpu.json").read_text())["results"]["sparse-cpu-d0.01"][
+        "time_vs_torch_foreach"] is None
+    assert "| - |" in (tmp_path / "optim_cpu.md").read_text()
+    assert not list(tmp_path.glob(".*"))  # written through a temporary file, none left behind
+
+
+def test_the_reference_loss_needs_no_n_by_v_tensor_when_naive_is_left_out(monkeypatch):
+    """_check_fits tells the user to leave naive out where its [N, V] tensors do not fit: the loss the others are
+    compared with must then not build them either (it is naive's, a chunk of rows at a time)."""
+    rows_seen = []
+    real = torch.log_softmax
+
+    def spy(x, dim):
+        rows_seen.append(x.shape[0])
+        return real(x, dim)
+
+    monkeypatch.setattr(bench, "REFERENCE_CHUNK_BYTES", 16 * 200 * 4, raising=False)  # 16 rows at V=200
+    monkeypatch.setattr(torch, "log_softmax", spy)
+    result = bench.run_benchmark(bench.Shape(64, 8, 8, 200), ["fkl", "jsd"], ["fastopd", "gemm_floor"], "cpu",
+                                 repeats=1, warmup=1, log=lambda line: None)
+    assert rows_seen and max(rows_seen) == 16
+    monkeypatch.setattr(torch, "log_softmax", real)
+    inputs = bench.make_inputs(bench.Shape(64, 8, 8, 200), "cpu")
+    for div in ("fkl", "jsd"):
+        naive = bench.provider_loss("naive", div, inputs)
+        assert bench.reference_loss(div, inputs) == pytest.approx(naive, rel=1e-6)
+        fast = next(r for r in result["results"] if r["provider"] == "fastopd" and r["divergence"] == div)
+        assert fast["loss_rel_diff_vs_naive"] < 1e-5
