@@ -2,9 +2,10 @@
 
 A layer is any module with the Hugging Face Llama names: ``input_layernorm``/``post_attention_layernorm`` (with
 ``weight`` and ``variance_epsilon``), ``self_attn.{q,k,v,o}_proj`` (optional biases, as in Qwen2) and
-``mlp.{gate,up,down}_proj`` (SwiGLU). :func:`llama_layer` runs one such layer with explicit positions and an
+``mlp.{gate,up,down}_proj`` (SwiGLU), optionally ``self_attn.{q,k}_norm`` (Qwen3: RMSNorm of each query and key
+head over ``head_dim``, before RoPE). :func:`llama_layer` runs one such layer with explicit positions and an
 optional :class:`~fastopd.models.kv_cache.KVCache`, so the same code serves ``LlamaForCausalLM``,
-``Qwen2ForCausalLM`` and :class:`fastopd.models.Transformer`.
+``Qwen2ForCausalLM``, ``MistralForCausalLM``, ``Qwen3ForCausalLM`` and :class:`fastopd.models.Transformer`.
 """
 
 from __future__ import annotations
@@ -67,10 +68,14 @@ def llama_layer(
     b, t, _ = x.shape
     attn = layer.self_attn
     h = rms_norm(x, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
-    q = attn.q_proj(h).view(b, t, num_heads, head_dim).transpose(1, 2)
-    k = attn.k_proj(h).view(b, t, num_kv_heads, head_dim).transpose(1, 2)
+    q = attn.q_proj(h).view(b, t, num_heads, head_dim)
+    k = attn.k_proj(h).view(b, t, num_kv_heads, head_dim)
     v = attn.v_proj(h).view(b, t, num_kv_heads, head_dim).transpose(1, 2)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q_norm = getattr(attn, "q_norm", None)
+    if q_norm is not None:  # Qwen3: each head of q and k RMS-normalized over head_dim, before RoPE
+        q = rms_norm(q, q_norm.weight, q_norm.variance_epsilon)
+        k = rms_norm(k, attn.k_norm.weight, attn.k_norm.variance_epsilon)
+    q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
     if cache is not None:
         cache.write(layer_idx, start, k, v, expand)
         if start > 0:
@@ -92,7 +97,10 @@ class PackedLlamaLayer(NamedTuple):
     fused (q|k|v and gate|up) and stored transposed ``[in, out]`` and contiguous, so each is one ``addmm``, with
     the RMSNorm weight that precedes them folded into their rows (``(n * w) @ W = n @ (diag(w) W)``, folded in
     fp32 and rounded once to the weight dtype). The RMSNorm epsilons are 0-d fp32 tensors on CPU (for the
-    four-kernel normalization of :func:`normalize`), floats elsewhere."""
+    four-kernel normalization of :func:`normalize`), floats elsewhere. A layer with per-head q/k RMSNorm (Qwen3)
+    keeps their weights unfolded (they normalize each head after the projection, so no projection can absorb
+    them) as one ``[H_q + H_kv, 1, D_head]`` tensor, the q weight repeated per query head and the k weight per
+    key head, matching the q|k rows of the fused projection; None without them."""
 
     input_eps: float | torch.Tensor
     qkv: torch.Tensor  # [D, (H_q + 2 H_kv) * D_head], input-norm weight folded in
@@ -104,6 +112,8 @@ class PackedLlamaLayer(NamedTuple):
     gate_up_bias: torch.Tensor | None
     down: torch.Tensor  # [I, D]
     down_bias: torch.Tensor | None
+    qk_norm: torch.Tensor | None = None  # [H_q + H_kv, 1, D_head], q_norm then k_norm weights (Qwen3)
+    qk_norm_eps: float | torch.Tensor | None = None
 
 
 def _fused_t(*linears: nn.Linear, norm_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -127,7 +137,20 @@ def pack_llama_layer(layer: nn.Module) -> PackedLlamaLayer:
     gate_up, gate_up_bias = _fused_t(mlp.gate_proj, mlp.up_proj, norm_weight=ln2.weight)
     down, down_bias = _fused_t(mlp.down_proj)
     eps_in, eps_post = decode_eps(ln1.variance_epsilon, qkv.device), decode_eps(ln2.variance_epsilon, qkv.device)
-    return PackedLlamaLayer(eps_in, qkv, qkv_bias, o, o_bias, eps_post, gate_up, gate_up_bias, down, down_bias)
+    qk_norm = qk_eps = None
+    q_norm = getattr(attn, "q_norm", None)
+    if q_norm is not None:
+        k_norm = attn.k_norm
+        if q_norm.variance_epsilon != k_norm.variance_epsilon:  # one normalization pass serves both
+            raise ValueError(f"q_norm eps {q_norm.variance_epsilon} != k_norm eps {k_norm.variance_epsilon}: the "
+                             "packed decode step normalizes q and k together")
+        head_dim = q_norm.weight.shape[-1]
+        qw, kw = q_norm.weight.detach(), k_norm.weight.detach()
+        qk_norm = torch.cat([qw.expand(attn.q_proj.out_features // head_dim, head_dim),
+                             kw.expand(attn.k_proj.out_features // head_dim, head_dim)])[:, None]
+        qk_eps = decode_eps(q_norm.variance_epsilon, qkv.device)
+    return PackedLlamaLayer(eps_in, qkv, qkv_bias, o, o_bias, eps_post, gate_up, gate_up_bias, down, down_bias,
+                            qk_norm, qk_eps)
 
 
 def decode_eps(eps: float, device: torch.device) -> float | torch.Tensor:
@@ -222,8 +245,11 @@ def llama_decode_layer(
     token attends to cache columns ``0..column``, with a 0-d device tensor (CUDA-graph capture) to the cache's
     whole active window; ``mask`` (boolean or additive, ``[B, 1, 1, S]`` over those columns) or None when every
     one of them is valid. Computes what :func:`llama_layer` computes (same math; fused, transposed, norm-folded
-    weights; residual adds inside the ``addmm``)."""
+    weights; residual adds inside the ``addmm``). With ``packed.qk_norm`` (Qwen3) the q and k heads are
+    RMS-normalized in one pass and weighted, in place, before the rotation (HF's order and rounding)."""
     _project(normalize(x, packed.input_eps), packed.qkv, packed.qkv_bias, buffers.qkv)
+    if packed.qk_norm is not None:
+        torch.mul(normalize(buffers.qk, packed.qk_norm_eps), packed.qk_norm, out=buffers.qk)
     # q and k rotated together and in place; then k|v goes to the cache in one copy.
     _apply_rope_signed_(buffers.qk, cos, sin_signed)
     cache.write_token(layer_idx, column, buffers.kv)

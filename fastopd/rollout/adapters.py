@@ -6,7 +6,8 @@ states (no LM head); the output-embedding weight ``[V, D]`` (and bias); and the 
 The adapter shares the model's parameters (no copies), so a training forward through it has autograd.
 
 Supported: :class:`fastopd.models.Transformer`; Hugging Face ``LlamaForCausalLM``, ``Qwen2ForCausalLM``,
-``MistralForCausalLM`` (sliding windows become the context) through the Llama layer code, and ``GPT2LMHeadModel``.
+``MistralForCausalLM``, ``Qwen3ForCausalLM`` (sliding windows become the context) through the Llama layer code, and
+``GPT2LMHeadModel``.
 """
 
 from __future__ import annotations
@@ -278,11 +279,14 @@ class LlamaFamilyAdapter(ModelAdapter):
         return list(self.layers)
 
     def _layer_sources(self, layer: nn.Module) -> list[torch.Tensor]:
-        """The tensors :func:`pack_llama_layer` reads (biases where present)."""
+        """The tensors :func:`pack_llama_layer` reads (biases and Qwen3's q/k norms where present)."""
         attn, mlp = layer.self_attn, layer.mlp
         linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-        return ([lin.weight for lin in linears] + [lin.bias for lin in linears if lin.bias is not None]
-                + [layer.input_layernorm.weight, layer.post_attention_layernorm.weight])
+        sources = ([lin.weight for lin in linears] + [lin.bias for lin in linears if lin.bias is not None]
+                   + [layer.input_layernorm.weight, layer.post_attention_layernorm.weight])
+        if getattr(attn, "q_norm", None) is not None:
+            sources += [attn.q_norm.weight, attn.k_norm.weight]
+        return sources
 
     def prepare_decode(self, length: int | None = None, batch_size: int | None = None) -> DecodeStep:
         """Decode step over packed weights (fused q|k|v and gate|up, transposed, contiguous, norm weights folded
@@ -353,7 +357,7 @@ class BuiltinAdapter(LlamaFamilyAdapter):
 
 def _sliding_window(cfg: Any) -> int | None:
     """The attention window of a Hugging Face config with sliding-window layers (Mistral's ``sliding_window``;
-    Qwen2's, which it sets only under ``use_sliding_window``, for the ``layer_types`` that say so), else None."""
+    Qwen2's and Qwen3's, set only under ``use_sliding_window``, for the ``layer_types`` that say so), else None."""
     window = getattr(cfg, "sliding_window", None)
     layer_types = getattr(cfg, "layer_types", None)
     if not window or (layer_types is not None and "sliding_attention" not in layer_types[: cfg.num_hidden_layers]):
@@ -362,9 +366,10 @@ def _sliding_window(cfg: Any) -> int | None:
 
 
 class HFLlamaAdapter(LlamaFamilyAdapter):
-    """Adapter of Hugging Face Llama-family causal LMs (Llama, Qwen2, Mistral).
+    """Adapter of Hugging Face Llama-family causal LMs (Llama, Qwen2, Mistral, Qwen3).
 
-    The layers run through :func:`fastopd.models.layers.llama_layer` on the model's own modules; rotary
+    The layers run through :func:`fastopd.models.layers.llama_layer` on the model's own modules (Qwen3's per-head
+    ``q_norm``/``k_norm`` included, in prefill, training and the packed decode step); rotary
     frequencies come from the model's ``rotary_emb`` (so static RoPE scalings such as llama3/linear/yarn carry
     over). Dropout is not applied (rollouts and scoring are deterministic forwards). A model with sliding-window
     attention gets the window as its context (``max_positions``): within it, the attention is the full one.
@@ -461,7 +466,7 @@ class HFGPT2Adapter(ModelAdapter):
         return list(self.model.transformer.h)
 
 
-_HF_LLAMA_TYPES = ("llama", "qwen2", "mistral")
+_HF_LLAMA_TYPES = ("llama", "qwen2", "mistral", "qwen3")
 
 
 def as_adapter(model: nn.Module | ModelAdapter) -> ModelAdapter:

@@ -88,7 +88,7 @@ class RolloutEngine:
         pad_token_id: fills prompt padding and the columns after EOS; default: the first EOS id, else 0.
         generator: RNG of sampling; None uses torch's global RNG (``torch.manual_seed`` makes rollouts repeatable).
         share_prefix: prefill each prompt once and expand its KV to its samples (True), or prefill every sample.
-        cuda_graphs: on CUDA, capture the decode step of Llama-family models (built-in, Llama, Qwen2, Mistral) in
+        cuda_graphs: on CUDA, capture the decode step of Llama-family models (built-in, Llama, Qwen2, Mistral, Qwen3) in
             a CUDA graph once per :meth:`generate` and replay it every step (one launch instead of hundreds).
             Ignored on CPU and for other models.
         vocab_size: sample among the first ``vocab_size`` ids only, with log-probs normalized over them (as

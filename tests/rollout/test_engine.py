@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from hf_reference import hf_greedy
 
 from fastopd.models import Transformer, TransformerConfig, build_attention_mask
 from fastopd.models.layers import positions_from_mask
@@ -74,27 +75,23 @@ def mistral(seed=0, sliding_window=None):
     return transformers.MistralForCausalLM(cfg).eval()
 
 
-def hf_greedy(model, batch, new_tokens, eos_token_id=None, pad_token_id=0):
-    """Hugging Face `generate(do_sample=False)` from the batch's prompts: its completion columns. Without EOS it
-    runs the full `new_tokens` (as the engine does); with one, rows stop there and are padded as HF pads them.
-    The model's generation config holds the EOS for the call: `eos_token_id=None` as a keyword falls back to the
-    config's own (2 for LlamaConfig), and `min_new_tokens`, the old way to run the full length, masks that id out
-    of the greedy choice, so a model whose argmax is 2 differed from HF for a reason of the harness."""
-    p = batch.prompt_width
-    default = model.generation_config.eos_token_id
-    model.generation_config.eos_token_id = eos_token_id
-    try:
-        with torch.no_grad():
-            ref = model.generate(input_ids=batch.input_ids[:, :p], attention_mask=batch.attention_mask[:, :p].long(),
-                                 max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_token_id)
-    finally:
-        model.generation_config.eos_token_id = default
-    assert ref.shape[1] == p + new_tokens or eos_token_id is not None
-    return ref[:, p:]
+def qwen3(seed=0):
+    """Qwen3: per-head q/k RMSNorm (weights perturbed from HF's init of ones, q's unlike k's), head_dim 12 against
+    hidden / heads = 10, GQA 5:1 (odd head counts), tied head."""
+    torch.manual_seed(seed)
+    cfg = transformers.Qwen3Config(vocab_size=VOCAB, hidden_size=50, intermediate_size=70, num_hidden_layers=2,
+                                   num_attention_heads=5, num_key_value_heads=1, head_dim=12,
+                                   max_position_embeddings=128, initializer_range=0.15, tie_word_embeddings=True)
+    model = transformers.Qwen3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, prm in model.named_parameters():
+            if name.endswith("norm.weight"):
+                prm.add_(0.5 * torch.randn_like(prm))
+    return model
 
 
 HF_MODELS = [pytest.param(llama, id="llama-gqa"), pytest.param(gpt2, id="gpt2"), pytest.param(qwen2, id="qwen2-tied"),
-             pytest.param(mistral, id="mistral-no-window")]
+             pytest.param(mistral, id="mistral-no-window"), pytest.param(qwen3, id="qwen3-qk-norm-tied")]
 
 
 @pytest.mark.parametrize("prompts", [pytest.param(PROMPTS, id="mixed-lengths"),
@@ -346,7 +343,8 @@ def _replace_parameters(model):
     pytest.param(_add_in_place, id="in-place-add"), pytest.param(_write_through_data, id="data-copy"),
     pytest.param(_fused_adamw_step, id="fused-adamw"), pytest.param(_sparse_adamw_step, id="sparse-adamw"),
     pytest.param(_replace_parameters, id="new-parameters")])
-@pytest.mark.parametrize("make", [pytest.param(llama, id="llama"), pytest.param(gpt2, id="gpt2")])
+@pytest.mark.parametrize("make", [pytest.param(llama, id="llama"), pytest.param(gpt2, id="gpt2"),
+                                  pytest.param(qwen3, id="qwen3")])
 def test_weight_update_between_generate_calls_is_picked_up(make, update):
     """The decode step's packed/transposed weight copies are kept between calls; every kind of weight update
     (including those that leave the version counters alone) makes the next call use the new weights."""
@@ -377,7 +375,8 @@ def _cast_weights_keep_fp32_inv_freq(model):
 
 @pytest.mark.parametrize("cast", [pytest.param(_cast_to_bf16, id="model-to-bf16"),
                                   pytest.param(_cast_weights_keep_fp32_inv_freq, id="bf16-weights-fp32-inv-freq")])
-@pytest.mark.parametrize("make", [pytest.param(builtin, id="builtin"), pytest.param(llama, id="llama")])
+@pytest.mark.parametrize("make", [pytest.param(builtin, id="builtin"), pytest.param(llama, id="llama"),
+                                  pytest.param(qwen3, id="qwen3")])
 def test_dtype_cast_after_engine_built_equals_fresh_engine(make, cast):
     """Casting the model after a generate call: the engine's next rollout uses the model's current RoPE buffer and a
     rotary table of the new dtype, exactly as an engine built after the cast."""
@@ -602,7 +601,8 @@ def test_unsupported_model_raises():
         RolloutEngine(torch.nn.Linear(3, 3), horizon=3)
 
 
-@pytest.mark.parametrize("make", [pytest.param(builtin, id="builtin"), pytest.param(llama, id="llama")])
+@pytest.mark.parametrize("make", [pytest.param(builtin, id="builtin"), pytest.param(llama, id="llama"),
+                                  pytest.param(qwen3, id="qwen3")])
 def test_decode_step_with_tensor_column_and_full_mask(make):
     """The CUDA-graph form of the decode step (column as a device tensor, one static full-width mask) computes
     what the eager CPU form (int column, mask narrowed to the filled columns) computes."""
@@ -734,7 +734,8 @@ def test_cuda_graph_step_keeps_the_captured_step_and_inputs_alive_at_every_repla
     assert steps[0]() is None  # released with the graph once generate returns
 
 
-@pytest.mark.parametrize("make", [pytest.param(builtin, id="builtin"), pytest.param(llama, id="llama")])
+@pytest.mark.parametrize("make", [pytest.param(builtin, id="builtin"), pytest.param(llama, id="llama"),
+                                  pytest.param(qwen3, id="qwen3")])
 @pytest.mark.parametrize("temperature", [pytest.param(0.0, id="greedy"), pytest.param(1.0, id="sampled")])
 def test_cuda_graph_path_equals_eager_with_a_cpu_stand_in_graph(monkeypatch, make, temperature):
     """The graphed decode loop (one static full-width boolean mask whose completion columns turn on as they are

@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 import transformers
+from hf_reference import hf_greedy
 
 from fastopd.models import Transformer, TransformerConfig
 from fastopd.rollout import RolloutEngine
@@ -44,21 +45,6 @@ def padded(rows, side):
         cols = slice(width - len(r), width) if side == "left" else slice(0, len(r))
         ids[i, cols], mask[i, cols] = torch.tensor(r), 1
     return ids, mask
-
-
-def hf_greedy(model, batch, new_tokens):
-    """HF `generate(do_sample=False)` of exactly `new_tokens` tokens, without EOS: set in the model's generation
-    config, since `eos_token_id=None` as a keyword would fall back to the config's EOS (2 for these models)."""
-    p = batch.prompt_width
-    default, model.generation_config.eos_token_id = model.generation_config.eos_token_id, None
-    try:
-        with torch.no_grad():
-            out = model.generate(input_ids=batch.input_ids[:, :p], attention_mask=batch.attention_mask[:, :p].long(),
-                                 max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    finally:
-        model.generation_config.eos_token_id = default
-    assert out.shape[1] == p + new_tokens
-    return out[:, p:]
 
 
 def full_logits(model, ids, mask):
