@@ -86,12 +86,32 @@ def to_indices(mask: torch.Tensor, shape: torch.Size | tuple[int, ...], name: st
 Named = torch.nn.Module | Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
 
 
+def _alias_key(t: torch.Tensor) -> tuple | None:
+    """What makes two tensors views of the same values (a tied weight under two names in a state dict); None for
+    tensors without addressable storage (meta, empty, DTensor), which are never treated as aliases."""
+    if not isinstance(t, torch.Tensor) or t.device.type == "meta" or t.numel() == 0:
+        return None
+    try:
+        ptr = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+    return (t.device, t.dtype, ptr, t.storage_offset(), tuple(t.shape), t.stride())
+
+
 def _named(params: Named) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs; a tensor named twice (tied weights in a state dict) only under its first name, as
+    `model.named_parameters()` gives it and as SparseMaskedAdamW holds it."""
     if isinstance(params, torch.nn.Module):
         return [(n, p) for n, p in params.named_parameters() if p.requires_grad]
-    if isinstance(params, Mapping):
-        return list(params.items())
-    return list(params)
+    items = list(params.items()) if isinstance(params, Mapping) else list(params)
+    out, seen = [], set()
+    for n, t in items:
+        key = _alias_key(t)
+        if key is not None and key in seen:
+            continue
+        seen.add(key)
+        out.append((n, t))
+    return out
 
 
 def _numel(shape: Iterable[int]) -> int:
@@ -221,13 +241,18 @@ def from_delta(base_state: Mapping[str, torch.Tensor], tuned_state: Mapping[str,
     atol = 0: the stored bits differ (an unchanged NaN is unchanged; -0.0 and +0.0 differ), as `fastopd analyze
     --mask-out` decides. atol > 0: the difference is taken in the wider of the dtype and float32 (float64 stays
     float64), and a changed coordinate whose difference is NaN (it became or was NaN) counts as beyond atol.
+    A tensor the tuned state names twice (tied weights: `model.embed_tokens.weight` and `lm_head.weight` of a
+    tied model's `state_dict()`) gets one mask, under its first name as `model.named_parameters()` gives it, when
+    both names changed the same coordinates (else, e.g. against an untied base, both are returned).
     Raises ValueError when a tensor's shapes differ between the two states.
     """
     out = {}
+    first_name: dict[tuple, str] = {}
     for name, base in base_state.items():
         if name not in tuned_state or not base.is_floating_point():
             continue
         tuned = tuned_state[name]
+        alias = _alias_key(tuned)
         if tuned.shape != base.shape:
             raise ValueError(f"{name!r}: base shape {tuple(base.shape)} != tuned shape {tuple(tuned.shape)}")
         common = torch.promote_types(base.dtype, tuned.dtype)  # exact for floating dtypes
@@ -237,14 +262,24 @@ def from_delta(base_state: Mapping[str, torch.Tensor], tuned_state: Mapping[str,
         if atol > 0:
             comp = torch.promote_types(common, torch.float32)
             changed &= ~((t.to(comp) - b.to(comp)).abs() <= atol)  # "not <=": a NaN difference is beyond atol
-        out[name] = changed.reshape(-1).nonzero().view(-1)
+        idx = changed.reshape(-1).nonzero().view(-1)
+        # A tied weight of the tuned model (named twice in its state_dict()) with the same delta under both names is
+        # one tensor to train: kept under its first name, the one model.named_parameters() gives (and
+        # SparseMaskedAdamW holds), so the masks load with strict=True.
+        earlier = first_name.get(alias) if alias is not None else None
+        if earlier is not None and torch.equal(out[earlier], idx.to(out[earlier].device)):
+            continue
+        if alias is not None:
+            first_name.setdefault(alias, name)
+        out[name] = idx
     return out
 
 
 def random(params: Named, density: float | None = None, *, budgets: Mapping[str, float] | None = None,
            generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """Uniformly random coordinates: exactly round(density * numel) per tensor (per-kind `budgets` override
-    `density`; tensors with neither get an empty mask, i.e. frozen). name -> sorted int64 flat indices."""
+    `density`; tensors with neither get an empty mask, i.e. frozen). name -> sorted int64 flat indices. A tensor
+    named twice (tied weights in a state dict) gets one mask, under its first name."""
     out = {}
     for name, p in _named(params):
         _, d = _density_for(name, density, budgets)
@@ -464,7 +499,9 @@ def summary(masks: Mapping[str, torch.Tensor], params: Named | Mapping[str, Iter
     row = {"selected", "numel", "density"} (numel/density None when a shape is unknown)."""
     shapes: dict[str, tuple[int, ...]] = {}
     if params is not None:
-        items = params.items() if isinstance(params, Mapping) else _named(params)
+        # every name's shape, a tied weight's second name included (`_named` would keep only the first)
+        items = _named(params) if isinstance(params, torch.nn.Module) else (
+            params.items() if isinstance(params, Mapping) else list(params))
         for n, v in items:
             shapes[n] = tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(int(s) for s in v)
 

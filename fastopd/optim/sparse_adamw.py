@@ -80,13 +80,23 @@ def masks_digest(masks: Mapping[str, torch.Tensor | None]) -> str:
     return h.hexdigest()
 
 
+@torch.compiler.disable
+def _dense_adamw(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                 exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor], **options: Any) -> None:
+    """torch's own AdamW on the parameters without a mask. Eager under torch.compile: traced from this step rather
+    than from torch.optim.AdamW.step (which dynamo special-cases), its bias corrections become fake scalar tensors
+    that the foreach kernels refuse ("Expected scalars to be on CPU"), so a compiled step raised."""
+    _torch_adam(params, grads, exp_avgs, exp_avg_sqs, [], steps, **options)
+
+
 class SparseMaskedAdamW(torch.optim.Optimizer):
     """AdamW that updates only the masked coordinates of each parameter and keeps state only for them.
 
     Args:
         params: `model.named_parameters()` (name, tensor) pairs, or param-group dicts whose "params" are such
             pairs (param groups work as in torch.optim; groups may override lr, betas, eps, weight_decay).
-            Unnamed tensors are accepted but can only be updated densely.
+            Unnamed tensors are accepted but can only be updated densely. A tensor given twice in a group (a tied
+            weight under both names) raises.
         masks: parameter name -> bool tensor of the parameter's shape, or 1-D integer tensor of flat indices
             (unsorted indices are sorted; duplicates or out-of-range indices raise), or None for every coordinate
             (as `mask_indices()` returns it). A parameter absent from the dict is updated densely; an empty mask
@@ -103,8 +113,9 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
             state-dict diff) are ignored instead of raising.
 
     Raises:
-        ValueError: unknown mask names, masks whose shape does not match the parameter, non-integer/non-bool
-            masks, out-of-range or duplicated indices, unsupported dtypes, invalid hyper-parameters.
+        ValueError: a tensor given twice, unknown mask names, masks whose shape does not match the parameter,
+            non-integer/non-bool masks, out-of-range or duplicated indices, unsupported dtypes, invalid
+            hyper-parameters.
     """
 
     def __init__(
@@ -158,7 +169,11 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
             raise ValueError(f"masks name parameters that are not optimized here: {unknown[:8]}"
                              f"{' ...' if len(unknown) > 8 else ''} (known: {sorted(by_name)[:8]} ...)"
                              + ("; the parameters were given without names: pass model.named_parameters() or "
-                                "(name, tensor) pairs" if unnamed else ""))
+                                "param groups of (name, tensor) pairs (Hugging Face Trainer's "
+                                "optimizer_cls_and_kwargs passes bare tensors: build the optimizer from named "
+                                "groups and pass Trainer(optimizers=(optimizer, None)))" if unnamed else
+                                "; strict=False ignores names of tensors not given here (e.g. a tied weight's "
+                                "second name, which model.named_parameters() leaves out)"))
         for name, mask in masks.items():
             p = by_name[name]
             if p.dtype not in _SUPPORTED:
@@ -195,8 +210,24 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As torch.optim.Optimizer.add_param_group; parameters added later are updated densely. Raises ValueError
-        for options it does not implement (amsgrad, maximize, coupled weight decay)."""
+        for options it does not implement (amsgrad, maximize, coupled weight decay) and for a tensor given twice in
+        the group (torch.optim only warns, then updates it twice per step)."""
         self._check_group_options(param_group, "param group")
+        params = param_group.get("params")
+        if params is not None and not isinstance(params, (torch.Tensor, set)):  # torch refuses sets itself
+            # A tensor given twice (a tied weight under both of its names) would be stepped twice per step (torch
+            # only warns), and its masks, keyed by either name, would silently replace each other.
+            param_group["params"] = params = list(params)
+            seen: dict[int, str] = {}
+            for i, item in enumerate(params):
+                name, tensor = item if isinstance(item, tuple) else (f"param{i}", item)
+                if not isinstance(tensor, torch.Tensor):
+                    continue  # torch names the problem
+                if id(tensor) in seen:
+                    raise ValueError(f"parameter {name!r} is the tensor already given as {seen[id(tensor)]!r} "
+                                     "(tied weights?): pass each tensor once, as model.named_parameters() does, "
+                                     "and key its mask by that name")
+                seen[id(tensor)] = name
         super().add_param_group(param_group)
         if hasattr(self, "_names"):
             self._register_names(len(self.param_groups) - 1, self.param_groups[-1])
@@ -344,11 +375,11 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
                 + b["m"] + b["v"] + [t for t in b["w"] + b["s"] if t is not None])
         if dense["p"]:
             has_complex = any(torch.is_complex(p) for p in dense["p"])
-            _torch_adam(dense["p"], dense["g"], dense["m"], dense["v"], [], dense["t"],
-                        foreach=self.foreach if self.foreach is not None else (not self.fused) or None,
-                        fused=self.fused, capturable=False, differentiable=False, grad_scale=None, found_inf=None,
-                        has_complex=has_complex, decoupled_weight_decay=True, amsgrad=False, beta1=beta1, beta2=beta2,
-                        lr=lr, weight_decay=wd, eps=eps, maximize=False)
+            _dense_adamw(dense["p"], dense["g"], dense["m"], dense["v"], dense["t"],
+                         foreach=self.foreach if self.foreach is not None else (not self.fused) or None,
+                         fused=self.fused, capturable=False, differentiable=False, grad_scale=None, found_inf=None,
+                         has_complex=has_complex, decoupled_weight_decay=True, amsgrad=False, beta1=beta1, beta2=beta2,
+                         lr=lr, weight_decay=wd, eps=eps, maximize=False)
 
     # ------------------------------------------------------------------ state dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -462,3 +462,75 @@ def test_random_masks_of_tensors_above_numpys_hypergeometric_bound():
     assert abs(draws.mean() - 15.0) < 0.6  # mean nsample * good / (good + bad) = 15, sd of the mean ~0.16
     assert masks._hypergeometric(rng, 10**9, 10**9, 0) == 0
     assert masks._hypergeometric(rng, 10**9, 10**9, 2 * 10**9) == 10**9
+
+
+# ---------------------------------------------------------------------- tied weights and Hugging Face models
+def _tied_state():
+    w, other = torch.randn(7, 3), torch.randn(5)
+    return {"emb.weight": w, "mid.bias": other, "head.weight": w}
+
+
+@pytest.mark.parametrize("source", ["random", "smallest_weights", "from_delta"])
+def test_a_tied_weight_in_a_state_dict_gets_one_mask_under_its_first_name(source):
+    """A state dict names a tied weight twice; `random` gave it two different masks (the optimizer holding one
+    name then dropped one under strict=False, or refused it), `from_delta` and `smallest_weights` two copies."""
+    state = _tied_state()
+    if source == "random":
+        got = masks.random(state, 0.4, generator=torch.Generator().manual_seed(0))
+    elif source == "smallest_weights":
+        got = masks.smallest_weights(state, 0.4)
+    else:
+        tuned = {n: t + 1 for n, t in state.items() if n != "head.weight"}
+        tuned["head.weight"] = tuned["emb.weight"]
+        got = masks.from_delta(state, tuned)
+    assert list(got) == ["emb.weight", "mid.bias"]
+
+
+@pytest.mark.parametrize("tied", ["base-only", "tuned-only-other-delta"])
+def test_from_delta_keeps_both_names_when_their_deltas_differ(tied):
+    """One tensor in the tuned model but different deltas under its two names (tied only in the base, or an untied
+    base): both masks are returned, not one silently dropped."""
+    base = _tied_state()
+    if tied == "base-only":
+        tuned = {n: t.clone() for n, t in base.items()}
+        tuned["head.weight"][0, 0] += 1
+    else:
+        base = {n: t.clone() for n, t in base.items()}
+        base["head.weight"][0, 0] += 1
+        tuned = dict(_tied_state())
+        tuned["emb.weight"] = tuned["head.weight"] = base["emb.weight"].clone()
+    got = masks.from_delta(base, tuned)
+    assert got["emb.weight"].numel() == 0 and got["head.weight"].tolist() == [0]
+
+
+def test_summary_keeps_the_shape_of_a_tied_weights_second_name():
+    state = _tied_state()
+    out = masks.summary({"head.weight": torch.tensor([0, 2])}, params=list(state.items()), print_fn=None)
+    assert out["total"]["numel"] == 21
+
+
+def test_hf_tied_model_masks_from_state_dicts_save_load_and_train(tmp_path):
+    """A tied Llama from transformers: masks from `from_delta` of two state dicts and from `random` of a state
+    dict name the tied weight as named_parameters() does, so SparseMaskedAdamW(strict=True) takes them; saved and
+    loaded onto the model loaded again, they select the same coordinates."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=1, vocab_size=37, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    base = {n: t.clone() for n, t in model.state_dict().items()}
+    with torch.no_grad():
+        model.model.embed_tokens.weight[3, 5] += 1
+        model.model.layers[0].mlp.down_proj.weight[1, 2] -= 1
+    delta = masks.from_delta(base, model.state_dict())
+    assert "lm_head.weight" not in delta and delta["model.embed_tokens.weight"].tolist() == [3 * 16 + 5]
+    rnd = masks.random(model.state_dict(), 0.1, generator=torch.Generator().manual_seed(0))
+    assert set(rnd) == {n for n, _ in model.named_parameters()}
+    for m in (delta, rnd):
+        SparseMaskedAdamW(model.named_parameters(), masks=m)
+    masks.save(str(tmp_path / "mask.safetensors"), delta)
+    model.save_pretrained(tmp_path / "model")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    opt = SparseMaskedAdamW(again.named_parameters(), masks=masks.load(str(tmp_path / "mask.safetensors")))
+    assert {n: i.long().tolist() for n, i in opt.mask_indices().items()} == {n: i.tolist() for n, i in delta.items()}

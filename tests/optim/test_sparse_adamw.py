@@ -741,7 +741,8 @@ def test_adam_options_it_does_not_implement_are_refused_not_ignored():
 
 def test_masks_for_unnamed_parameters_say_to_pass_names():
     model = torch.nn.Linear(3, 2)
-    with pytest.raises(ValueError, match=r"'weight'.*without names.*named_parameters\(\)"):
+    hint = r"'weight'.*without names.*named_parameters\(\).*optimizers=\(optimizer, None\)"  # the HF recipe too
+    with pytest.raises(ValueError, match=hint):
         SparseMaskedAdamW(model.parameters(), masks={"weight": torch.tensor([0])})
 
 
@@ -751,3 +752,118 @@ def test_mask_indices_build_an_equal_optimizer():
     first = SparseMaskedAdamW([("p", p), ("q", q)], masks={"p": torch.tensor([2, 7]), "q": torch.ones(3, dtype=bool)})
     second = SparseMaskedAdamW([("p", p), ("q", q)], masks=first.mask_indices())
     assert second.masks_digest() == first.masks_digest() and second.mask_indices()["q"] is None
+
+
+# ---------------------------------------------------------------------- plugged into torch / Hugging Face training
+@pytest.mark.parametrize("params,masks", [
+    pytest.param([("emb.weight", "W"), ("head.weight", "W")], {"emb.weight": torch.tensor([1, 4])}, id="tied-masked"),
+    pytest.param([("emb.weight", "W"), ("head.weight", "W")], {}, id="tied-dense"),
+    pytest.param(["W", "W"], {}, id="unnamed-twice"),
+])
+def test_a_tensor_given_twice_is_refused(params, masks):
+    """A tied weight under both names (named_parameters(remove_duplicate=False)): torch only warns and steps it twice
+    per step; here it was stepped twice too, and a mask keyed by the first name was refused as unknown."""
+    w = torch.nn.Parameter(torch.randn(7, 3))
+    given = [(p[0], w) if isinstance(p, tuple) else w for p in params]
+    with pytest.raises(ValueError, match="already given as"):
+        SparseMaskedAdamW(given, masks=masks)
+
+
+def test_hf_style_named_groups_schedule_clip_accumulate_and_weights_only_resume():
+    """Hugging Face Trainer's recipe with (name, tensor) groups: decay / no-decay groups (per-group weight decay),
+    warmup-cosine LambdaLR, gradient accumulation, clip_grad_norm_, checkpoint through torch.save/torch.load
+    (weights_only=True): the resumed run is bitwise the uninterrupted one."""
+    gen = torch.Generator().manual_seed(11)
+    w0 = torch.randn(9, 5, generator=gen).bfloat16()
+    b0, n0 = torch.randn(5, generator=gen), torch.randn(5, generator=gen)
+    mask = torch.rand(9, 5, generator=gen) < 0.4
+    data = [torch.randn(3, 9, generator=gen) for _ in range(12)]
+
+    def lr_lambda(step: int) -> float:  # get_cosine_schedule_with_warmup(warmup=2, total=6)
+        return (step + 1) / 3 if step < 2 else 0.5 * (1 + math.cos(math.pi * (step - 2) / 4))
+
+    def make():
+        w, b, n = (torch.nn.Parameter(t.clone()) for t in (w0, b0, n0))
+        opt = SparseMaskedAdamW([{"params": [("w", w)], "weight_decay": 0.1},
+                                 {"params": [("b", b), ("norm", n)], "weight_decay": 0.0}],
+                                masks={"w": mask, "norm": torch.tensor([4, 0])}, lr=1e-2, impl="cpu")
+        return (w, b, n), opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+
+    def train(params, opt, sched, batches):
+        w, b, n = params
+        for i in range(0, len(batches), 2):
+            for x in batches[i:i + 2]:
+                ((x @ w.float() + b) * n).square().mean().div(2).backward()
+            torch.nn.utils.clip_grad_norm_(params, 0.5)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+
+    full = make()
+    train(*full, data)
+    first = make()
+    train(*first, data[:6])
+    buf = io.BytesIO()
+    torch.save({"params": [p.detach() for p in first[0]], "opt": first[1].state_dict(),
+                "sched": first[2].state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    resumed = make()
+    with torch.no_grad():
+        for p, saved in zip(resumed[0], ckpt["params"]):
+            p.copy_(saved)
+    resumed[1].load_state_dict(ckpt["opt"])
+    resumed[2].load_state_dict(ckpt["sched"])
+    train(*resumed, data[6:])
+    for p, q in zip(full[0], resumed[0]):
+        assert torch.equal(p, q)
+    assert [g["lr"] for g in resumed[1].param_groups] == [g["lr"] for g in full[1].param_groups]
+    assert [g["weight_decay"] for g in resumed[1].param_groups] == [0.1, 0.0]
+
+
+def test_full_masks_follow_torch_adamw_under_onecycle_and_a_skipping_grad_scaler():
+    """Every coordinate selected, torch backend: bitwise torch.optim.AdamW under OneCycleLR (which also sets
+    group["betas"]) and GradScaler, whose inf step is skipped by both (no count, moment or weight moves)."""
+    gen = torch.Generator().manual_seed(3)
+    w0, b0 = torch.randn(11, 3, generator=gen), torch.randn(3, generator=gen)
+    w, b, rw, rb = (torch.nn.Parameter(t.clone()) for t in (w0, b0, w0, b0))
+    opt = SparseMaskedAdamW([("w", w), ("b", b)], masks={"w": None, "b": torch.ones(3, dtype=torch.bool)},
+                            lr=1e-2, weight_decay=0.1, impl="torch")
+    ref = torch.optim.AdamW([rw, rb], lr=1e-2, weight_decay=0.1)
+    runs = []
+    for o in (opt, ref):
+        runs.append((o, torch.optim.lr_scheduler.OneCycleLR(o, max_lr=1e-2, total_steps=8),
+                     torch.amp.GradScaler("cpu", init_scale=8.0)))
+    xs = [torch.randn(4, 11, generator=gen) for _ in range(6)]
+    xs[2] = xs[2].clone().fill_(float("inf"))
+    for x in xs:
+        for (o, sched, scaler), (p, q) in zip(runs, ((w, b), (rw, rb))):
+            o.zero_grad()
+            scaler.scale((x @ p + q).square().sum()).backward()
+            scaler.step(o)
+            scaler.update()
+            sched.step()
+    assert float(opt.state[w]["step"]) == float(ref.state[rw]["step"]) == 5
+    assert opt.param_groups[0]["betas"] == ref.param_groups[0]["betas"]
+    assert torch.equal(w, rw) and torch.equal(b, rb)
+    assert torch.equal(opt.state[w]["exp_avg_sq"], ref.state[rw]["exp_avg_sq"].view(-1))
+
+
+@pytest.mark.parametrize("impl", ["torch", "cpu"])
+def test_compiled_step_equals_eager_with_dense_and_masked_params(impl):
+    """torch.compile(opt.step) with a parameter left dense raised in dynamo's fake-tensor run of torch's foreach
+    AdamW ("Expected scalars to be on CPU"); it now runs that part eagerly and matches the eager step bitwise."""
+    _skip_unavailable(impl)
+    results = []
+    for compiled in (False, True):
+        gen = torch.Generator().manual_seed(2)
+        w = torch.nn.Parameter(torch.randn(13, 7, generator=gen).bfloat16())
+        b = torch.nn.Parameter(torch.randn(7, generator=gen))
+        opt = SparseMaskedAdamW([("w", w), ("b", b)], masks={"w": torch.tensor([0, 5, 90])}, lr=1e-2, impl=impl)
+        step = torch.compile(opt.step, backend="eager") if compiled else opt.step
+        for _ in range(3):
+            w.grad, b.grad = torch.randn(13, 7, generator=gen).bfloat16(), torch.randn(7, generator=gen)
+            step()
+        results.append((w.detach().clone(), b.detach().clone(), opt.state[w]["master"], opt.state[b]["exp_avg"]))
+    for eager, compiled in zip(*results):
+        assert torch.equal(eager, compiled)
