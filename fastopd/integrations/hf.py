@@ -23,12 +23,12 @@
 `num_items_in_batch` over the ranks and DDP averages the gradients, so `Trainer.compute_loss` multiplies the loss by
 the number of ranks; an overriding `compute_loss` has to do the same (1 on one process).
 
-Each model runs its own forward with `logits_to_keep=1` (logits of one position only; the final hidden states are
-taken from its decoder's output by a forward hook, not through `output_hidden_states`, which would keep every
-layer's output alive), so wrappers (DDP, accelerate's mixed-precision autocast) apply, or, for models without
-`logits_to_keep`, its decoder (`model.get_decoder()`); either way only final hidden states [B, T, D] are used, and
-`fastopd.fused_linear_divergence` applies both LM heads chunk by chunk. Configs are read through
-`config.get_text_config()`, so multimodal classes that `AutoModelForCausalLM` returns (Gemma 3n/4
+Each model runs its own forward with `logits_to_keep=1` (logits of one position only; under no_grad, the teacher's,
+the final hidden states are taken from its decoder's output by a forward hook, not through `output_hidden_states`,
+which would keep every layer's output alive), so wrappers (DDP, FSDP, accelerate's mixed-precision autocast) apply,
+or, for models without `logits_to_keep`, its decoder (`model.get_decoder()`); either way only final hidden states
+[B, T, D] are used, and `fastopd.fused_linear_divergence` applies both LM heads chunk by chunk. Configs are read
+through `config.get_text_config()`, so multimodal classes that `AutoModelForCausalLM` returns (Gemma 3n/4
 `*ForConditionalGeneration`) are covered. Logit multipliers are honoured per model (folded into its hidden states),
 in the direction each architecture's modeling file applies them (`_LOGIT_FACTORS`): Cohere `logits * logit_scale`,
 Granite and MiniCPM3 `/ logits_scaling`, HyperCLOVAX `* logits_scaling`, FalconH1 `* lm_head_multiplier`, Muse
@@ -151,11 +151,32 @@ def trainer_loss_scale(trainer, num_items_in_batch: int | torch.Tensor | None) -
 def lm_head_of(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`(weight [V, D], bias [V] or None)` of a causal LM's output embedding (the parameters themselves).
 
+    Under FSDP2 (and FSDP1 without use_orig_params) take them after the model's forward, which leaves the root
+    unit's parameters (the head's, with the usual per-layer wrapping) unsharded until its backward: before it they
+    are shards.
+
     Raises:
         ValueError: the model has no output embedding, its weight is not [V, D] (a DeepSpeed ZeRO-3 partitioned
-            parameter), or its head is a PEFT adapter layer (LoRA on `lm_head`), whose logits are not
-            `hidden @ weight^T + bias`.
+            parameter, an FSDP shard), or its head is a PEFT adapter layer (LoRA on `lm_head`), whose logits are
+            not `hidden @ weight^T + bias`.
     """
+    head = _output_embedding(model)
+    _check_head_weight(model, head.weight)
+    return head.weight, getattr(head, "bias", None)
+
+
+def _check_head_weight(model: nn.Module, weight: torch.Tensor) -> None:
+    if weight.dim() != 2 or weight.numel() == 0:  # DeepSpeed ZeRO-3 leaves a partitioned parameter empty
+        raise ValueError(f"the output embedding weight of {type(_unwrap(model)).__name__} is {tuple(weight.shape)}, "
+                         "not [V, D]" + (": a DeepSpeed ZeRO-3 partitioned parameter; gather it first "
+                                         "(deepspeed.zero.GatheredParameters) or use ZeRO stage 1/2"
+                                         if hasattr(weight, "ds_id") else ""))
+
+
+def _output_embedding(model: nn.Module) -> nn.Module:
+    """The output embedding module of `model`, checked as far as it can be before a forward (an FSDP model's head
+    is sharded there, so its weight's shape is checked by `lm_head_of`, after the forward; a ZeRO-3 partitioned
+    weight is recognized here). Raises ValueError as `lm_head_of` does."""
     head = _unwrap(model).get_output_embeddings()
     if head is None or not hasattr(head, "weight"):
         raise ValueError(f"{type(_unwrap(model)).__name__} has no output embedding (get_output_embeddings() gives "
@@ -168,13 +189,9 @@ def lm_head_of(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
                          "+ bias, so the fused loss would train the base head and ignore the adapter; leave lm_head "
                          "out of the adapter's target_modules (modules_to_save=['lm_head'] trains it in full, "
                          "trainable_token_indices some of its rows; both work)")
-    weight = head.weight
-    if weight.dim() != 2 or weight.numel() == 0:  # DeepSpeed ZeRO-3 leaves a partitioned parameter empty
-        raise ValueError(f"the output embedding weight of {type(_unwrap(model)).__name__} is {tuple(weight.shape)}, "
-                         "not [V, D]" + (": a DeepSpeed ZeRO-3 partitioned parameter; gather it first "
-                                         "(deepspeed.zero.GatheredParameters) or use ZeRO stage 1/2"
-                                         if hasattr(weight, "ds_id") else ""))
-    return weight, getattr(head, "bias", None)
+    if hasattr(head.weight, "ds_id"):  # DeepSpeed ZeRO-3: partitioned at rest, so refused before any forward
+        _check_head_weight(model, head.weight)
+    return head
 
 
 def causal_lm_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -184,9 +201,9 @@ def causal_lm_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention
     Args:
         mode: "decoder" runs `model.get_decoder()`; "hidden_states" runs the model's own forward with
             `logits_to_keep=1` (logits of one position only) and takes the final hidden states its decoder returns
-            (a forward hook; `output_hidden_states=True` only where no decoder is found), so wrappers see a forward
-            (DDP's hooks, the autocast accelerate wraps around `forward` under mixed
-            precision); "auto" picks "hidden_states" when the model's forward takes `logits_to_keep` (or the model
+            (under no_grad a forward hook; with autograd, or where no decoder is found, `output_hidden_states=True`),
+            so wrappers see a forward (DDP's and FSDP's hooks, the autocast accelerate wraps around `forward` under
+            mixed precision); "auto" picks "hidden_states" when the model's forward takes `logits_to_keep` (or the model
             is wrapped; for a PeftModel, when its base model's forward does), else "decoder".
         forward_kwargs: passed to the forward (e.g. position_ids).
     The states are multiplied by the model's logit scale, if it has one, so that `states @ W^T` are its logits.
@@ -221,9 +238,11 @@ def _forward_keeping_last_hidden(model: nn.Module, inner: nn.Module, **kwargs):
     forward hook, so the forward runs without `output_hidden_states`, which would keep every layer's [B, T, D] output
     alive (for a no-grad teacher, L + 1 of them: 33 x [16384, 4096] bf16 = 4.1 GiB for a 32-layer 4096-wide model at
     16k tokens). A model whose decoder is not found, or not run once by its forward, is run again with
-    `output_hidden_states`."""
+    `output_hidden_states`. With autograd on (the student) the forward takes `output_hidden_states` instead: the
+    layers' outputs are saved for backward anyway, and wrappers that hook the backward onto the forward's outputs
+    (FSDP1's pre-backward hooks, whose post-backward hook asserts them) need the states to be one of them."""
     decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
-    if isinstance(decoder, nn.Module) and decoder is not inner:
+    if isinstance(decoder, nn.Module) and decoder is not inner and not torch.is_grad_enabled():
         seen = []
         handle = decoder.register_forward_hook(lambda module, args, output: seen.append(output))
         try:
@@ -320,11 +339,12 @@ def distillation_loss(
     _check_batch(input_ids, attention_mask=attention_mask, labels=labels, teacher_input_ids=teacher_input_ids,
                  teacher_attention_mask=teacher_attention_mask)
     softcap = loss_options.pop("softcap") if "softcap" in loss_options else shared_softcap(student, teacher)
-    ws, bs = lm_head_of(student)  # before any forward: a model without a usable head fails at once
-    lm_head_of(teacher)
+    _output_embedding(student)  # before any forward: a model without a usable head fails at once
+    _output_embedding(teacher)
     if labels is None:
         labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, ignore_index)
     hs = causal_lm_hidden_states(student, input_ids, attention_mask, mode=mode)
+    ws, bs = lm_head_of(student)  # after the forward: FSDP's root unit (the head's) is unsharded until backward
     was_training = teacher.training
     teacher.eval()
     with torch.no_grad():
