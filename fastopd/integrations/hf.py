@@ -170,7 +170,10 @@ def _check_head_weight(model: nn.Module, weight: torch.Tensor) -> None:
         raise ValueError(f"the output embedding weight of {type(_unwrap(model)).__name__} is {tuple(weight.shape)}, "
                          "not [V, D]" + (": a DeepSpeed ZeRO-3 partitioned parameter; gather it first "
                                          "(deepspeed.zero.GatheredParameters) or use ZeRO stage 1/2"
-                                         if hasattr(weight, "ds_id") else ""))
+                                         if hasattr(weight, "ds_id") else
+                                         ": a view into an FSDP1 flat parameter (use_orig_params=True, the default "
+                                         "of HF Trainer's fsdp_config); use FSDP2, or FSDP1 with "
+                                         "use_orig_params=False" if weight.dim() == 1 else ""))
 
 
 def _output_embedding(model: nn.Module) -> nn.Module:

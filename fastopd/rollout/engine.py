@@ -64,6 +64,7 @@ def _masked_rows(prompts: Sequence[Any], attention_mask: Any, what: str) -> list
     # tensors and NumPy arrays (a tokenizer's return_tensors="np") become lists
     rows = [r.tolist() if hasattr(r, "tolist") else r for r in prompts]
     masks = attention_mask.tolist() if hasattr(attention_mask, "tolist") else list(attention_mask)
+    masks = [m.tolist() if hasattr(m, "tolist") else m for m in masks]  # rows of a ragged (object) NumPy batch
     if len(masks) != len(rows):
         raise ValueError(f"attention_mask has {len(masks)} rows, {what} {len(rows)}")
     out = []

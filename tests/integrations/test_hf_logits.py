@@ -233,6 +233,15 @@ def test_a_zero3_partitioned_head_is_named():
         distillation_loss(student, teacher, torch.randint(3, VOCAB, (2, 5)))
 
 
+def test_an_fsdp1_flat_parameter_view_of_the_head_is_named():
+    """FSDP1 with use_orig_params=True (HF Trainer's fsdp_config default) leaves the head a 1-D flat view."""
+    config = transformers.LlamaConfig(**_DECODER)
+    student = _model(config, 0)
+    student.get_output_embeddings().weight = nn.Parameter(torch.empty(VOCAB * 32 // 2))
+    with pytest.raises(ValueError, match=r"is \(1024,\), not \[V, D\]: a view into an FSDP1 flat parameter"):
+        lm_head_of(student)
+
+
 def test_peft_models_use_their_forward_and_refuse_lora_on_the_lm_head():
     peft = pytest.importorskip("peft")
     config = transformers.LlamaConfig(**_DECODER)

@@ -4,6 +4,7 @@ checkpointing, sliding-window configs, heads padded beyond the tokenizer. Random
 import logging
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -68,6 +69,8 @@ def test_tokenizer_batch_encoding_equals_list_prompts(side, as_lists):
     assert torch.equal(engine.generate(numpy).input_ids, ref.input_ids)
     unpadded = {"input_ids": PROMPTS, "attention_mask": [[1] * len(r) for r in PROMPTS]}  # tokenizer, no padding
     assert torch.equal(engine.generate(unpadded).input_ids, ref.input_ids)
+    ragged = {k: np.array([np.array(r) for r in v], dtype=object) for k, v in unpadded.items()}
+    assert torch.equal(engine.generate(ragged).input_ids, ref.input_ids)  # return_tensors="np" without padding
 
 
 @pytest.mark.parametrize("prompts,attention_mask,match", [
