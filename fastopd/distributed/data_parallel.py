@@ -197,8 +197,11 @@ class DataParallel:
     def shard_frozen(self, module: nn.Module, layers: Sequence[nn.Module] = ()) -> bool:
         """Under FSDP2, shards a module that never trains (a teacher) as `wrap` does, its layers always run through
         their FSDP forward (each gathered for its own forward, also under inference mode) and the module itself
-        through `run_frozen`. Returns whether it did (False outside FSDP2: DDP keeps a replica per rank)."""
-        if not self.sharded:
+        through `run_frozen`. Returns whether it did (False outside FSDP2: DDP keeps a replica per rank; and under
+        HSDP with shard groups of one rank, where every rank would hold the whole module anyway, and FSDP2's
+        one-rank gather, first run under the inference mode of scoring, fails: "Inference tensors do not track
+        version counter")."""
+        if not self.sharded or (self.mode == "hsdp" and self.shard_size == 1):
             return False
         from torch.distributed.fsdp import register_fsdp_forward_method
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -172,6 +173,10 @@ class OPDConfig:
     def __post_init__(self) -> None:
         if isinstance(self.checkpoint_dir, os.PathLike):
             self.checkpoint_dir = os.fspath(self.checkpoint_dir)
+        # Token ids as RolloutEngine takes them: NumPy integers and one-element integer tensors are ids too.
+        self.pad_token_id = _plain_id(self.pad_token_id)
+        self.eos_token_id = ([_plain_id(i) for i in self.eos_token_id] if isinstance(self.eos_token_id, (list, tuple))
+                             else _plain_id(self.eos_token_id))
         _check_types(self)
         _check_eos(self.eos_token_id)
         if isinstance(self.eos_token_id, tuple):
@@ -265,6 +270,21 @@ def check_keys(data: dict[str, Any], known: set[str], source: str) -> None:
             close = difflib.get_close_matches(key, sorted(known), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{key}: unknown field in {source}{hint}")
+
+
+def _plain_id(value: Any) -> Any:
+    """A NumPy integer or a one-element integer tensor as a Python int (bools, floats and the rest as they are, for
+    the checks to refuse)."""
+    if isinstance(value, (bool, int)) or value is None:
+        return value
+    if isinstance(value, numbers.Integral):  # numpy.int64 and its kin
+        return int(value)
+    import torch
+
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point() \
+            and not value.is_complex() and value.dtype != torch.bool:
+        return int(value.item())
+    return value
 
 
 def _check_eos(value: Any) -> None:

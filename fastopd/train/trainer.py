@@ -212,12 +212,25 @@ class OPDTrainer:
                 raise ValueError(f"masks: cannot read {masks} as a fastopd.optim.masks file ({exc})") from None
         from fastopd.analysis import match_param_names
 
+        # Every name of a trainable parameter: a tied weight (a Hugging Face head tied to the input embedding) has a
+        # second name, "lm_head.weight", that `state_dict()` lists and named_parameters() leaves out.
+        canonical = {id(p): n for n, p in self.named_trainable}
+        aliases = {n: canonical[id(p)] for n, p in self.student.named_parameters(remove_duplicate=False)
+                   if id(p) in canonical}
         # A mask file from `fastopd analyze` on Hugging Face checkpoints names "model.layers...": names one uniform
         # prefix away from this student's are matched; anything else is left for the optimizer to refuse by name.
         try:
-            return match_param_names(masks, [n for n, _ in self.named_trainable])
+            masks = match_param_names(masks, list(aliases))
         except ValueError:
             return masks
+        out: dict[str, Any] = {}
+        for name, mask in masks.items():  # a mask on a tied weight's second name masks that weight
+            own = aliases.get(name, name)
+            if own in out and not torch.equal(torch.as_tensor(out[own]), torch.as_tensor(mask)):
+                tied = sorted(a for a, c in aliases.items() if c == own)
+                raise ValueError(f"masks: {tied} name one tied weight and their masks differ")
+            out[own] = mask
+        return out
 
     def _make_optimizer(self, sparse: bool = False) -> torch.optim.Optimizer:
         """AdamW, or SparseMaskedAdamW when there are masks or `sparse` (then without masks of its own: a masked
