@@ -226,7 +226,7 @@ class OPDTrainer:
         out: dict[str, Any] = {}
         for name, mask in masks.items():  # a mask on a tied weight's second name masks that weight
             own = aliases.get(name, name)
-            if own in out and not torch.equal(torch.as_tensor(out[own]), torch.as_tensor(mask)):
+            if own in out and not _same_mask(out[own], mask):
                 tied = sorted(a for a, c in aliases.items() if c == own)
                 raise ValueError(f"masks: {tied} name one tied weight and their masks differ")
             out[own] = mask
@@ -689,6 +689,13 @@ class _IterSource:
             return next(self._it)
         except StopIteration:
             raise ValueError(f"the prompt source ran out at step {step}") from None
+
+
+def _same_mask(a: Any, b: Any) -> bool:
+    """Two masks of one tensor are the same (None: every coordinate)."""
+    if a is None or b is None:
+        return a is None and b is None
+    return torch.equal(torch.as_tensor(a), torch.as_tensor(b))
 
 
 def _shared_vocab(student, teacher, vocab_size: int | None = None) -> int | None:

@@ -62,6 +62,9 @@ def test_both_names_of_a_tied_weight_with_different_masks_are_refused():
     with pytest.raises(ValueError, match=r"lm_head.weight.*model.embed_tokens.weight.*differ"):
         OPDTrainer(student, _llama(1), _config(masks={"lm_head.weight": a, "model.embed_tokens.weight": b}))
     OPDTrainer(student, _llama(1), _config(masks={"lm_head.weight": a, "model.embed_tokens.weight": a.clone()}))
+    OPDTrainer(student, _llama(1), _config(masks={"lm_head.weight": None, "model.embed_tokens.weight": None}))
+    with pytest.raises(ValueError, match=r"lm_head.weight.*model.embed_tokens.weight.*differ"):
+        OPDTrainer(student, _llama(1), _config(masks={"lm_head.weight": None, "model.embed_tokens.weight": a}))
 
 
 @pytest.mark.parametrize("kind", [np.int64, torch.tensor], ids=["numpy", "tensor"])
