@@ -66,24 +66,9 @@ def make_inputs(n: int, v: int, ds: int, dt: int, device: str, dtype: torch.dtyp
 
 
 def _naive(hs, ws, ht, wt, labels, beta):
-    per = _per_row(hs @ ws.T, ht @ wt.T, beta)
-    valid = labels != -100
-    return (per * valid).sum() / valid.sum()
+    from fastopd.bench import _naive_loss  # fp32 log-softmax of each row, Liger/TRL's beta convention
 
-
-def _per_row(xs: torch.Tensor, xt: torch.Tensor, beta: float) -> torch.Tensor:
-    """The divergence of each row of logits xs, xt [C, V], in fp32 (Liger/TRL's beta convention)."""
-    lps = torch.log_softmax(xs.float(), -1)
-    lpt = torch.log_softmax(xt.float(), -1)
-    if beta == 0.0:
-        per = (lpt.exp() * (lpt - lps)).sum(-1)
-    elif beta == 1.0:
-        per = (lps.exp() * (lps - lpt)).sum(-1)
-    else:
-        lm = torch.logsumexp(torch.stack([lps + torch.log1p(torch.tensor(-beta)), lpt + torch.log(torch.tensor(beta))]),
-                             0)
-        per = beta * (lpt.exp() * (lpt - lm)).sum(-1) + (1 - beta) * (lps.exp() * (lps - lm)).sum(-1)
-    return per
+    return _naive_loss(hs @ ws.T, ht @ wt.T, labels, beta)
 
 
 REFERENCE_ROWS = 1024  # rows per chunk of the reference loss: [1024, V] fp32 temporaries, a few GiB at V = 151936
@@ -92,17 +77,11 @@ REFERENCE_ROWS = 1024  # rows per chunk of the reference loss: [1024, V] fp32 te
 def reference_loss(divergence: str, inp: dict, rows: int = REFERENCE_ROWS) -> float:
     """The loss every provider should compute on `inp`, in fp32 from fp32 logits of the inputs (bf16 operands,
     fp32 output: no rounding of the logits to the input dtype), a chunk of `rows` rows at a time and without
-    autograd, so that it needs no [N, V] tensor and exists even where naive does not fit."""
-    hs, ws, ht, wt, labels = (inp[k].detach() for k in ("hs", "ws", "ht", "wt", "labels"))
-    total = torch.zeros((), dtype=torch.float64, device=hs.device)
-    with torch.no_grad():
-        for start in range(0, hs.shape[0], rows):
-            end = min(start + rows, hs.shape[0])
-            xs, xt = _logits_f32(hs[start:end], ws), _logits_f32(ht[start:end], wt)
-            per = _per_row(xs, xt, BETA[divergence])
-            del xs, xt
-            total += (per * (labels[start:end] != -100)).sum(dtype=torch.float64)
-    return float(total / (labels != -100).sum())
+    autograd, so that it needs no [N, V] tensor and exists even where naive does not fit: `fastopd bench`'s
+    reference with fastopd's fp32-output GEMM."""
+    from fastopd import bench
+
+    return bench.reference_loss(divergence, inp, rows=rows, logits=_logits_f32)
 
 
 def _logits_f32(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -120,16 +120,19 @@ def _naive_rows(xs: torch.Tensor, xt: torch.Tensor, beta: float) -> torch.Tensor
 REFERENCE_CHUNK_BYTES = 64 * 2**20  # per fp32 [rows, V] temporary of the reference loss
 
 
-def reference_loss(divergence: str, inputs: dict[str, torch.Tensor]) -> float:
+def reference_loss(divergence: str, inputs: dict[str, torch.Tensor], *, rows: int | None = None,
+                   logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> float:
     """naive's loss on `inputs`, a chunk of rows at a time and without autograd, so that it needs no [N, V] tensor:
-    the loss every provider is compared with, also where naive itself does not fit (and is left out)."""
+    the loss every provider is compared with, also where naive itself does not fit (and is left out). `rows` per
+    chunk (default: REFERENCE_CHUNK_BYTES of fp32 logits); `logits(h, w)` forms them (default h @ w^T)."""
     hs, ws, ht, wt, labels = (inputs[k].detach() for k in ("hs", "ws", "ht", "wt", "labels"))
-    rows = max(1, REFERENCE_CHUNK_BYTES // (4 * ws.shape[0]))
+    rows = rows or max(1, REFERENCE_CHUNK_BYTES // (4 * ws.shape[0]))
+    logits = logits or (lambda h, w: h @ w.T)
     total = torch.zeros((), dtype=torch.float64, device=hs.device)
     with torch.no_grad():
         for start in range(0, hs.shape[0], rows):
             end = min(start + rows, hs.shape[0])
-            per = _naive_rows(hs[start:end] @ ws.T, ht[start:end] @ wt.T, _beta(divergence))
+            per = _naive_rows(logits(hs[start:end], ws), logits(ht[start:end], wt), _beta(divergence))
             total += (per * (labels[start:end] != -100)).sum(dtype=torch.float64)
     return float(total / (labels != -100).sum())
 
