@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import numbers
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -273,18 +272,12 @@ def check_keys(data: dict[str, Any], known: set[str], source: str) -> None:
 
 
 def _plain_id(value: Any) -> Any:
-    """A NumPy integer or a one-element integer tensor as a Python int (bools, floats and the rest as they are, for
-    the checks to refuse)."""
-    if isinstance(value, (bool, int)) or value is None:
-        return value
-    if isinstance(value, numbers.Integral):  # numpy.int64 and its kin
-        return int(value)
-    import torch
+    """A token id as RolloutEngine reads it (`fastopd.rollout.horizon.as_int`: ints, NumPy integers, one-element
+    integer tensors) as a Python int; anything else (bools, floats, lists) as it is, for the checks to refuse."""
+    from fastopd.rollout.horizon import as_int
 
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point() \
-            and not value.is_complex() and value.dtype != torch.bool:
-        return int(value.item())
-    return value
+    as_id = as_int(value)
+    return value if as_id is None else as_id
 
 
 def _check_eos(value: Any) -> None:
