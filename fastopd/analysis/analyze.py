@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from fastopd.analysis.io import CheckpointLike, open_checkpoint, unwrap_names
-from fastopd.analysis.masks import MaskWriter
+from fastopd.analysis.masks import MaskWriter, prefix_renamings
 from fastopd.analysis.naming import KINDS, layer_index, module_kind
 from fastopd.analysis.report import UpdateReport, build_report
 from fastopd.analysis.stats import AnalysisConfig, analyze_tensor
@@ -87,21 +87,13 @@ def _tie_partner(ckpts, name: str, candidates, chunk: int) -> str | None:
 def _prefix_alignment(only_base: list[str], only_tuned: list[str]) -> tuple[dict[str, str], str] | None:
     """TUNED's names onto BASE's where they differ by one dotted prefix P on every name one side has alone (an HF
     checkpoint's "model.layers.0..." against "layers.0..." of a bare model): {tuned name: base name} and the rule in
-    words, or None when no prefix, or more than one, maps all the names of the side with fewer of them onto distinct
-    names of the other side (the names left over stay mismatches)."""
+    words, or None when no prefix, or more than one, maps all the names of the side with fewer of them onto names
+    of the other side (`masks.prefix_renamings`; the names left over stay mismatches)."""
     if not only_base or not only_tuned:
         return None
-    few, many, few_is_tuned = ((only_tuned, only_base, True) if len(only_tuned) <= len(only_base)
-                               else (only_base, only_tuned, False))
-    targets = set(many)
-    first = few[0]
-    candidates = {(first[: i + 1], True) for i, c in enumerate(first) if c == "." and first[i + 1:] in targets}
-    candidates |= {(m[: len(m) - len(first)], False) for m in many if m.endswith("." + first)}
-    fits = []
-    for prefix, strip in sorted(candidates):
-        out = {n: n[len(prefix):] if strip else prefix + n for n in few if (n.startswith(prefix) or not strip)}
-        if len(out) == len(few) and set(out.values()) <= targets and len(set(out.values())) == len(out):
-            fits.append((prefix, strip, out))
+    few_is_tuned = len(only_tuned) <= len(only_base)
+    few, many = (only_tuned, only_base) if few_is_tuned else (only_base, only_tuned)
+    fits = prefix_renamings(few, set(many))
     if len(fits) != 1:
         return None
     prefix, strip, out = fits[0]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -106,6 +106,29 @@ class MaskWriter:
             self.abort()
 
 
+def prefix_renamings(sources: Sequence[str], targets: Collection[str]) -> list[tuple[str, bool, dict[str, str]]]:
+    """Each way one dotted prefix P maps every name of `sources` (non-empty) onto a name in `targets`, P removed
+    ("model.layers.0.x" -> "layers.0.x") or added (the reverse): (P, removed, {source: target}). The candidates
+    come from the first source; a fixed prefix removed or added maps distinct names to distinct names."""
+    first = sources[0]
+    strip = {first[: i + 1] for i, c in enumerate(first) if c == "." and first[i + 1:] in targets}
+    add = {t[: len(t) - len(first)] for t in targets if t.endswith("." + first)}
+
+    def rename(prefix: str, removes: bool) -> dict[str, str] | None:
+        out = {}
+        for n in sources:
+            if removes and n.startswith(prefix) and n[len(prefix):] in targets:
+                out[n] = n[len(prefix):]
+            elif not removes and prefix + n in targets:
+                out[n] = prefix + n
+            else:
+                return None
+        return out
+
+    candidates = [(p, True) for p in sorted(strip)] + [(p, False) for p in sorted(add)]
+    return [(p, removes, m) for p, removes in candidates if (m := rename(p, removes))]
+
+
 def match_param_names(masks: Mapping[str, torch.Tensor], model: torch.nn.Module | Iterable[str]
                       ) -> dict[str, torch.Tensor]:
     """`masks` keyed by the model's parameter names, where a mask file's names differ from them by one prefix.
@@ -126,23 +149,7 @@ def match_param_names(masks: Mapping[str, torch.Tensor], model: torch.nn.Module 
     unmatched = [n for n in masks if n not in names]
     if not unmatched:
         return dict(masks)
-    first = unmatched[0]
-    # candidate prefixes from the first unmatched name: removed ("model.") or added (a parameter "P" + first)
-    strip = {first[: i + 1] for i, c in enumerate(first) if c == "." and first[i + 1:] in names}
-    add = {p[: len(p) - len(first)] for p in names if p.endswith("." + first)}
-
-    def rename(prefix: str, removes: bool) -> dict[str, str] | None:
-        out = {}
-        for n in unmatched:
-            if removes and n.startswith(prefix) and n[len(prefix):] in names:
-                out[n] = n[len(prefix):]
-            elif not removes and prefix + n in names:
-                out[n] = prefix + n
-            else:
-                return None
-        return out
-
-    fits = [m for m in [rename(p, True) for p in sorted(strip)] + [rename(p, False) for p in sorted(add)] if m]
+    fits = [m for _, _, m in prefix_renamings(unmatched, names)]
     if len(fits) != 1:
         why = "no single prefix maps them onto parameter names" if not fits else \
             f"{len(fits)} prefixes would do, ambiguous"
