@@ -6,13 +6,16 @@ states (no LM head); the output-embedding weight ``[V, D]`` (and bias); and the 
 The adapter shares the model's parameters (no copies), so a training forward through it has autograd.
 
 Supported: :class:`fastopd.models.Transformer`; Hugging Face ``LlamaForCausalLM``, ``Qwen2ForCausalLM``,
-``MistralForCausalLM``, ``Qwen3ForCausalLM`` (sliding windows become the context) through the Llama layer code, and
-``GPT2LMHeadModel``.
+``MistralForCausalLM``, ``Qwen3ForCausalLM`` (sliding windows become the context) through the Llama layer code;
+``GPT2LMHeadModel``; and other Hugging Face causal LMs through their own forward (:class:`HFCausalLMAdapter`:
+the types of ``HF_GENERIC_TYPES`` verified by the tests, any other after a self-check).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import inspect
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastopd.models.kv_cache import KVCache, attention
+from fastopd.models.kv_cache import KVCache, attention, build_attention_mask
 from fastopd.models.layers import (
     DecodeBuffers,
     decode_buffers,
@@ -469,11 +472,234 @@ class HFGPT2Adapter(ModelAdapter):
 _HF_LLAMA_TYPES = ("llama", "qwen2", "mistral", "qwen3")
 
 
+class _CacheView:
+    """The Hugging Face ``Cache`` protocol over a :class:`KVCache`, for one forward that writes columns
+    ``start..start+T-1``: each attention layer's ``update(k, v, layer_idx)`` writes its new keys/values (expanded
+    to ``expand`` rows per input row: prefix sharing) and returns what the layer attends to, as the built-in layers
+    do: the new keys/values themselves when ``start == 0`` (a prefill), else the cache's active window (the mask
+    covers it). Made a subclass of ``transformers.Cache`` on first use (see :func:`_cache_view`)."""
+
+    def __init__(self, cache: KVCache, start: int, expand: int, owner: str) -> None:
+        self.layers: list = []  # no HF cache layers: is_sliding / is_linear of the Cache base class are then empty
+        self.offloading = False
+        self._cache, self._start, self._expand, self._owner = cache, start, expand, owner
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        _, _, h, _, d = self._cache.keys.shape
+        if (key_states.shape != value_states.shape or key_states.shape[1] != h or key_states.shape[3] != d
+                or not 0 <= layer_idx < self._cache.num_layers):
+            raise ValueError(
+                f"{self._owner}: layer {layer_idx} caches keys {tuple(key_states.shape)} and values "
+                f"{tuple(value_states.shape)}, where the rollout KV cache holds {self._cache.num_layers} layers of "
+                f"[B, {h}, S, {d}] (num_key_value_heads x head_dim of the config): this architecture's attention "
+                "does not fit fastopd's KV cache")
+        self._cache.write(layer_idx, self._start, key_states, value_states, self._expand)
+        if self._start == 0:
+            return key_states, value_states
+        return self._cache.layer(layer_idx)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._start
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        return self._cache.length
+
+    get_max_length = get_max_cache_shape
+    is_compileable = False
+
+
+@functools.cache
+def _cache_view_class() -> type:
+    from transformers.cache_utils import Cache  # a subclass: models and masking code test isinstance(..., Cache)
+
+    return type("FastopdCacheView", (_CacheView, Cache), {})
+
+
+def _signature_names(fn: Callable[..., Any]) -> frozenset[str]:
+    return frozenset(inspect.signature(fn).parameters)
+
+
+class HFCausalLMAdapter(ModelAdapter):
+    """Adapter of any Hugging Face causal LM through its own forward (Gemma, Gemma 3, Phi-3, OLMo 2, Qwen3-MoE,
+    Mixtral, ...): the decoder (``model.get_decoder()``) runs with explicit ``position_ids``, the engine's
+    attention mask as a custom 4D mask (additive; per layer type where the model has sliding-window layers, whose
+    window is applied exactly) and a view of the engine's :class:`KVCache` as its ``Cache``; the head is
+    ``model.get_output_embeddings()``. Slower than the Llama-family adapter's packed decode step (one full
+    Hugging Face forward per token), and exact wherever the model's attention takes a custom 4D mask.
+
+    :func:`as_adapter` uses it for the model types the tests verify (``HF_GENERIC_TYPES``); other causal LMs are
+    adapted only after a self-check (a prefill and a decode step through the cache against the model's plain
+    forward, see :meth:`check`). Generation and scoring run the model in eval mode (no dropout, no activation
+    checkpointing); the training forward (no cache) runs it in its own mode, so Hugging Face's activation
+    checkpointing and any configured dropout apply as in its own training forward.
+
+    Raises:
+        ValueError: an attention implementation that ignores custom masks (use ``attn_implementation="sdpa"`` or
+            ``"eager"``), layer types other than full and sliding-window attention, logits that are not
+            ``hidden @ W^T + b`` (a final soft-cap or logit multiplier, which the engine's sampling and the fused
+            loss do not apply), or a model without ``get_decoder`` / output embeddings.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        from fastopd.integrations.hf import _logit_multiplier, _text_config, final_softcap
+
+        name = type(model).__name__
+        get_decoder = getattr(model, "get_decoder", None)
+        self.decoder = get_decoder() if callable(get_decoder) else None
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if self.decoder is None or not isinstance(head, nn.Linear):
+            raise ValueError(f"{name}: the rollout adapter needs a causal LM with get_decoder() and a linear output "
+                             "embedding (get_output_embeddings())")
+        cfg = _text_config(model.config)
+        attn = getattr(cfg, "_attn_implementation", None) or "eager"
+        if attn not in ("sdpa", "eager"):
+            raise ValueError(f"{name}: attn_implementation={attn!r} ignores custom 4D attention masks, which the "
+                             "rollout engine passes (left padding, prefix sharing); load the model with "
+                             'attn_implementation="sdpa" (or "eager")')
+        layer_types = getattr(cfg, "layer_types", None)
+        layer_types = list(layer_types[: cfg.num_hidden_layers]) if layer_types is not None else None
+        unknown = sorted(set(layer_types or ()) - {"full_attention", "sliding_attention"})
+        if unknown:
+            raise ValueError(f"{name}: layer types {unknown} are not supported by the rollout adapter (full and "
+                             "sliding-window attention are)")
+        if final_softcap(model) is not None or _logit_multiplier(model.config) != 1.0:
+            raise ValueError(f"{name}: its logits are soft-capped or scaled (final_logit_softcapping "
+                             f"{final_softcap(model)}, multiplier {_logit_multiplier(model.config):g}), which the "
+                             "rollout engine's sampling and the fused loss of OPDTrainer do not apply")
+        self.model = model
+        self._head = head
+        self._name = name
+        self.vocab_size = model.get_input_embeddings().num_embeddings
+        self.hidden_size = cfg.hidden_size
+        self.num_layers = cfg.num_hidden_layers
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.max_positions = getattr(cfg, "max_position_embeddings", None)
+        if self.max_positions is None:
+            raise ValueError(f"{name}: its config has no max_position_embeddings (the context the rollout KV cache "
+                             "is checked against)")
+        window = getattr(cfg, "sliding_window", None) or None
+        # Per layer type: the window of its keys (None: full attention). A model without layer types applies
+        # its config's sliding_window (if any) to every layer, as Mistral-style masks do.
+        if layer_types is None:
+            self._windows: dict[str, int | None] | None = None
+            self._window = window
+        else:
+            self._windows = {kind: window if kind == "sliding_attention" else None for kind in set(layer_types)}
+            self._window = None
+        params = _signature_names(self.decoder.forward)
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._cache_position = "cache_position" in params
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self._head.weight
+
+    @property
+    def output_bias(self) -> torch.Tensor | None:
+        return self._head.bias
+
+    def _masks(self, mask: torch.Tensor, start: int) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The boolean mask ``[B, 1, T, S]`` as Hugging Face's additive 4D mask(s) in the model's dtype."""
+        t, s = mask.shape[-2:]
+        dtype = self.dtype if self.dtype.is_floating_point else torch.float32
+        low = torch.finfo(dtype).min
+
+        def additive(window: int | None) -> torch.Tensor:
+            keep = mask
+            if window is not None:
+                q = torch.arange(start, start + t, device=mask.device)[:, None]
+                keep = keep & (q - torch.arange(s, device=mask.device)[None, :] < window)
+            return torch.zeros(keep.shape, dtype=dtype, device=mask.device).masked_fill_(~keep, low)
+
+        if self._windows is None:
+            return additive(self._window)
+        return {kind: additive(window) for kind, window in self._windows.items()}
+
+    def forward(self, input_ids, positions, mask, cache=None, start=0, expand=1):
+        kwargs: dict[str, Any] = dict(input_ids=input_ids, position_ids=positions,
+                                      attention_mask=self._masks(mask, start), use_cache=cache is not None)
+        if cache is not None:
+            kwargs[self._cache_kwarg] = _cache_view_class()(cache, start, expand, self._name)
+            if self._cache_position:
+                kwargs["cache_position"] = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+            with _eval_mode(self.model):
+                out = self.decoder(**kwargs)
+        else:
+            out = self.decoder(**kwargs)
+        return out[0]
+
+    def layer_modules(self) -> list[nn.Module]:
+        return []
+
+    @torch.no_grad()
+    def check(self, atol: float | None = None) -> None:
+        """Raise ValueError unless a left-padded 3-token prompt prefilled through the KV cache, then one decode
+        step, give the final hidden states of the model's own forward over the unpadded 4 tokens: the contract of
+        :meth:`forward` (custom mask honoured, positions taken as given, cache read back), checked cheaply for
+        architectures the tests do not cover. Tolerance: relative error 1e-4 (fp32) or 3e-2 (16-bit weights)."""
+        device = self.device
+        ids = torch.tensor([[1, 2, 3, 4]], device=device) % self.vocab_size
+        pad = torch.tensor([[5]], device=device) % self.vocab_size
+        key_mask = torch.tensor([[False, True, True, True, True]], device=device)
+        with _eval_mode(self.model):
+            cache = self.new_cache(1, 5)
+            try:
+                positions = torch.arange(4, device=device)[None]
+                ref = self.decoder(input_ids=ids, position_ids=positions, use_cache=False)[0]
+                logits = self.model(input_ids=ids, position_ids=positions, use_cache=False).logits[0]
+                got = [self.forward(torch.cat([pad, ids[:, :3]], 1), torch.tensor([[0, 0, 1, 2]], device=device),
+                                    build_attention_mask(key_mask[:, :4], 0, 4), cache, 0)[:, 1:],
+                       self.forward(ids[:, 3:], torch.tensor([[3]], device=device),
+                                    build_attention_mask(key_mask, 4, 1), cache, 4)]
+            except (RuntimeError, TypeError, IndexError) as e:
+                raise ValueError(f"{self._name}: the rollout adapter's cached forward failed ({type(e).__name__}: "
+                                 f"{e}): this architecture does not follow the custom-mask and cache protocol the "
+                                 "adapter relies on") from e
+        tol = atol if atol is not None else (1e-4 if self.dtype == torch.float32 else 3e-2)
+
+        def error(a: torch.Tensor, b: torch.Tensor) -> float:
+            a, b = a.float(), b.float()
+            return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+        err = error(torch.cat(got, 1), ref)
+        if not err <= tol:
+            raise ValueError(f"{self._name}: the rollout adapter's cached forward differs from the model's own "
+                             f"(relative error {err:.3g} > {tol:g}): this architecture does not follow the custom-mask "
+                             "and cache protocol the adapter relies on")
+        err = error(self.logits(ref[0]), logits)
+        if not err <= tol:
+            raise ValueError(f"{self._name}: its logits are not hidden @ W^T + b of its output embedding (relative "
+                             f"error {err:.3g} > {tol:g}: a head with more layers, a scale or a cap), which the "
+                             "rollout engine's sampling and the fused loss compute")
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """``model`` in eval mode for the block, each module's own mode restored after."""
+    training = [m for m in model.modules() if m.training]
+    for m in training:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m in training:
+            m.training = True
+
+
+# Hugging Face model types whose generation, scoring and training forward through HFCausalLMAdapter the tests check
+# against the model's own generate and forward (tests/rollout/test_hf_generic.py).
+HF_GENERIC_TYPES = ("gemma", "gemma3_text", "phi3", "olmo2", "qwen3_moe", "mixtral", "qwen2_moe", "gpt_neox")
+
+
 def as_adapter(model: nn.Module | ModelAdapter) -> ModelAdapter:
     """The adapter of ``model`` (adapters pass through).
 
     Raises:
-        ValueError: a model type the rollout engine does not know.
+        ValueError: a model the rollout engine does not know, or a Hugging Face model :class:`HFCausalLMAdapter`
+            refuses or whose self-check fails.
     """
     if isinstance(model, ModelAdapter):
         return model
@@ -489,8 +715,13 @@ def as_adapter(model: nn.Module | ModelAdapter) -> ModelAdapter:
         return HFLlamaAdapter(model)
     if model_type == "gpt2" and hasattr(model, "transformer") and hasattr(model, "lm_head"):
         return HFGPT2Adapter(model)
+    if model_type is not None and hasattr(model, "get_decoder"):
+        adapter = HFCausalLMAdapter(model)
+        if model_type not in HF_GENERIC_TYPES:
+            adapter.check()
+        return adapter
     raise ValueError(
         f"no rollout adapter for {type(model).__name__} (model_type={model_type!r}); supported: "
-        f"fastopd.models.Transformer, Hugging Face causal LMs of type {list(_HF_LLAMA_TYPES) + ['gpt2']}, "
+        "fastopd.models.Transformer, Hugging Face causal LMs (with get_decoder() and output embeddings), "
         "or a fastopd.rollout.ModelAdapter subclass"
     )

@@ -1,0 +1,217 @@
+"""HFCausalLMAdapter: Hugging Face causal LMs outside the Llama family and GPT-2 (Gemma, Gemma 3 with sliding-window
+layers, Phi-3, OLMo 2, Qwen3-MoE, Qwen2-MoE, Mixtral, GPT-NeoX) through their own forward, a view of the engine's KV
+cache and custom 4D masks, against the models' own generate and forward. Random-weight models built from configs."""
+
+import logging
+
+import pytest
+import torch
+import transformers
+from hf_reference import hf_greedy
+
+from fastopd.rollout import RolloutEngine, as_adapter
+from fastopd.rollout.adapters import HF_GENERIC_TYPES, HFCausalLMAdapter, _CacheView
+
+transformers.logging.set_verbosity_error()
+logging.getLogger("transformers").setLevel(logging.ERROR)
+
+VOCAB = 101
+PROMPTS = [[5, 6, 7, 8, 9], [1, 2], [3, 4, 5, 6, 7, 8, 9, 10, 11], [42]]  # mixed lengths: left-padded to 9
+BASE = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2, pad_token_id=0)
+MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24)
+# model_type -> (class, config class, config overrides). Gemma 3's window of 5 is shorter than prompt + horizon,
+# so its sliding layers attend to a band that the adapter's per-layer-type masks must reproduce.
+MODELS = {
+    "gemma": ("GemmaForCausalLM", "GemmaConfig", dict(head_dim=10)),
+    "gemma3_text": ("Gemma3ForCausalLM", "Gemma3TextConfig",
+                    dict(head_dim=10, sliding_window=5, final_logit_softcapping=None,
+                         layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
+    "phi3": ("Phi3ForCausalLM", "Phi3Config", {}),
+    "olmo2": ("Olmo2ForCausalLM", "Olmo2Config", {}),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig", dict(MOE, head_dim=10)),
+    "qwen2_moe": ("Qwen2MoeForCausalLM", "Qwen2MoeConfig", dict(MOE, shared_expert_intermediate_size=24)),
+    "mixtral": ("MixtralForCausalLM", "MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "gpt_neox": ("GPTNeoXForCausalLM", "GPTNeoXConfig", dict(num_key_value_heads=None, rotary_pct=0.5)),
+}
+CASES = [pytest.param(t, id=t) for t in MODELS]
+
+
+def build(model_type, seed=0, **kw):
+    cls, cfg_cls, over = MODELS[model_type]
+    torch.manual_seed(seed)
+    cfg = {k: v for k, v in {**BASE, **over, **kw}.items() if v is not None}
+    model = getattr(transformers, cls)(getattr(transformers, cfg_cls)(**cfg)).eval()
+    with torch.no_grad():  # norm weights away from HF's init (ones, or zeros for Gemma's 1 + w)
+        for name, prm in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                prm.add_(0.3 * torch.randn_like(prm))
+    return model
+
+
+def hf_hidden(model, ids, mask):
+    """HF's final hidden states [B, S, D] of left-padded rows (positions counted from the mask), with autograd."""
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    return model.get_decoder()(input_ids=ids, attention_mask=mask.long(), position_ids=positions)[0]
+
+
+def test_every_verified_type_is_tested_and_picked_by_as_adapter():
+    assert set(HF_GENERIC_TYPES) == set(MODELS)
+    for model_type in MODELS:
+        adapter = as_adapter(build(model_type))
+        assert type(adapter) is HFCausalLMAdapter, model_type
+
+
+@pytest.mark.parametrize("model_type", CASES)
+def test_greedy_equals_hf_generate(model_type):
+    model = build(model_type)
+    engine = RolloutEngine(model, horizon=16, temperature=0, pad_token_id=0)
+    batch = engine.generate(PROMPTS)
+    assert torch.equal(batch.completion_ids, hf_greedy(model, batch, 16))
+    eos = int(batch.completion_ids[1, 4])
+    stopped = RolloutEngine(model, horizon=16, temperature=0, eos_token_id=eos, pad_token_id=0).generate(PROMPTS)
+    ref = hf_greedy(model, stopped, 16, eos_token_id=eos)
+    assert torch.equal(stopped.completion_ids[:, : ref.shape[1]], ref) and not stopped.truncated[1]
+
+
+@pytest.mark.parametrize("model_type", CASES)
+def test_sampled_logprobs_with_prefix_sharing_equal_a_full_hf_forward(model_type):
+    model = build(model_type)
+    engine = RolloutEngine(model, horizon=12, num_samples=3, temperature=0.9, top_k=40, eos_token_id=3,
+                           generator=torch.Generator().manual_seed(1))
+    batch = engine.generate(PROMPTS)
+    p, h = batch.prompt_width, batch.horizon
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long(),
+                       position_ids=(batch.attention_mask.long().cumsum(-1) - 1).clamp(min=0)).logits
+    ref = (logits[:, p - 1 : p - 1 + h].double() / 0.9).log_softmax(-1)
+    ref = ref.gather(-1, batch.completion_ids[..., None])[..., 0].masked_fill(~batch.completion_mask, 0.0)
+    torch.testing.assert_close(batch.logprobs.double(), ref, rtol=1e-5, atol=1e-5)
+    again = RolloutEngine(model, horizon=12, num_samples=3, temperature=0.9, top_k=40, eos_token_id=3,
+                          generator=torch.Generator().manual_seed(1)).generate(PROMPTS)
+    assert torch.equal(again.input_ids, batch.input_ids)
+
+
+@pytest.mark.parametrize("model_type", CASES)
+def test_score_and_student_hidden_equal_hf_forward_and_its_gradients(model_type):
+    """Teacher: the same architecture at another seed, scored with prefix sharing through the cache; student: the
+    training forward (in train mode), whose gradients equal those of HF's own forward under one upstream gradient."""
+    student, teacher = build(model_type).train(), build(model_type, seed=1)
+    engine = RolloutEngine(student, teacher=teacher, horizon=10, num_samples=2, temperature=1.0, eos_token_id=3,
+                           generator=torch.Generator().manual_seed(2))
+    batch = engine.generate(PROMPTS)
+    assert student.training and all(m.training for m in student.modules())  # generation ran it in eval, restored
+    p, h = batch.prompt_width, batch.horizon
+    m = batch.completion_mask
+    scored = engine.score(batch)
+    with torch.no_grad():
+        ref_t = hf_hidden(teacher, batch.input_ids, batch.attention_mask)[:, p - 1 : p - 1 + h]
+    torch.testing.assert_close(scored[m], ref_t[m], rtol=1e-5, atol=1e-5)
+
+    upstream = torch.randn(scored.shape[:2] + (student.config.hidden_size,),
+                           generator=torch.Generator().manual_seed(3)) * m[..., None]
+    ref_s = hf_hidden(student, batch.input_ids[:, : p + h - 1], batch.attention_mask[:, : p + h - 1])[:, p - 1 :]
+    (ref_s * upstream).sum().backward()
+    ref_grads = {n: prm.grad.clone() for n, prm in student.named_parameters() if prm.grad is not None}
+    student.zero_grad(set_to_none=True)
+    hs = engine.student_hidden(batch)
+    torch.testing.assert_close(hs[m], ref_s[m].detach(), rtol=1e-5, atol=1e-5)
+    (hs * upstream).sum().backward()
+    grads = {n: prm.grad for n, prm in student.named_parameters() if prm.grad is not None}
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():  # 1e-5 relative to the tensor's largest gradient (sums in another order)
+        scale = float(ref_grads[name].abs().max())
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-5, atol=1e-5 * scale, msg=name)
+
+
+def test_teacher_with_another_context_scores_the_same_completion():
+    """Privileged context through the generic adapter: the teacher sees other prompts, scores the same tokens."""
+    student, teacher = build("gemma3_text"), build("gemma3_text", seed=1)
+    engine = RolloutEngine(student, teacher=teacher, horizon=8, temperature=1.0,
+                           generator=torch.Generator().manual_seed(4))
+    batch = engine.generate(PROMPTS)
+    long = [[7, 7, 7, 7, 7, 7, 7] + row for row in PROMPTS]
+    scored = engine.score(batch, teacher_prompts=long)
+    for i, row in enumerate(long):
+        ids = torch.tensor([row + batch.completion_ids[i].tolist()])
+        with torch.no_grad():
+            ref = hf_hidden(teacher, ids, torch.ones_like(ids))[0, len(row) - 1 : len(row) - 1 + batch.horizon]
+        keep = batch.completion_mask[i]
+        torch.testing.assert_close(scored[i][keep], ref[keep], rtol=1e-5, atol=1e-5)
+
+
+def test_eager_attention_takes_the_additive_mask():
+    model = transformers.GemmaForCausalLM(transformers.GemmaConfig(
+        **{**BASE, "head_dim": 10}, attn_implementation="eager")).eval()
+    assert model.config._attn_implementation == "eager"
+    batch = RolloutEngine(model, horizon=10, temperature=0, pad_token_id=0).generate(PROMPTS)
+    assert torch.equal(batch.completion_ids, hf_greedy(model, batch, 10))
+
+
+UNVERIFIED = [
+    # Granite: embedding, residual and attention multipliers inside its forward; OPT: learned positions, a
+    # projection after the decoder; Falcon (new decoder architecture): parallel attention and MLP, GQA.
+    pytest.param(lambda: transformers.GraniteForCausalLM(transformers.GraniteConfig(
+        **BASE, embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.3)), id="granite"),
+    pytest.param(lambda: transformers.OPTForCausalLM(transformers.OPTConfig(
+        vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+        word_embed_proj_dim=24, max_position_embeddings=64, pad_token_id=0)), id="opt-projected"),
+    pytest.param(lambda: transformers.FalconForCausalLM(transformers.FalconConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, new_decoder_architecture=True,
+        num_kv_heads=2)), id="falcon"),
+]
+
+
+@pytest.mark.parametrize("make", UNVERIFIED)
+def test_an_unverified_architecture_is_adapted_after_its_self_check(make):
+    """Types outside HF_GENERIC_TYPES pass the adapter's self-check and then generate as HF does."""
+    torch.manual_seed(0)
+    model = make().eval()
+    assert model.config.model_type not in HF_GENERIC_TYPES
+    batch = RolloutEngine(model, horizon=10, temperature=0, pad_token_id=0).generate(PROMPTS)
+    assert torch.equal(batch.completion_ids, hf_greedy(model, batch, 10))
+
+
+@pytest.mark.parametrize("broken", ["mask-ignored", "cache-ignored"])
+def test_self_check_fails_for_a_model_that_does_not_follow_the_protocol(monkeypatch, broken):
+    """An architecture whose attention ignored the custom mask and built its own causal one (here: no mask passed)
+    attends to the check's left padding and gives other hidden states; one that ignored the cache (update hands
+    back only the new keys) fails to run."""
+    model = build("gemma")
+    if broken == "mask-ignored":
+        monkeypatch.setattr(HFCausalLMAdapter, "_masks", lambda self, mask, start: None)
+        message = "cached forward differs from the model's own"
+    else:
+        monkeypatch.setattr(_CacheView, "update", lambda self, k, v, *a, **kw: (k, v))
+        message = "cached forward failed"
+    with pytest.raises(ValueError, match=message):
+        HFCausalLMAdapter(model).check()
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param(("gemma2", "soft-capped or scaled"), id="gemma2-final-softcap"),
+    pytest.param(("granite-logits-scaling", "soft-capped or scaled"), id="granite-logits-scaling"),
+    pytest.param(("flash", "ignores custom 4D attention masks"), id="flash-attention"),
+    pytest.param(("neox-wrong-kv", "does not fit fastopd's KV cache"), id="kv-heads-not-the-config's"),
+    pytest.param(("bert-lm-head", "logits are not hidden @ W"), id="bert-transform-before-the-head"),
+    pytest.param(("bert-mlm", "cached forward differs"), id="bert-bidirectional"),
+])
+def test_unsupported_models_are_refused_with_the_reason(case):
+    kind, message = case
+    torch.manual_seed(0)
+    if kind == "gemma2":
+        model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**BASE, head_dim=10))
+    elif kind == "granite-logits-scaling":
+        model = transformers.GraniteForCausalLM(transformers.GraniteConfig(**BASE, logits_scaling=4.0))
+    elif kind == "flash":
+        model = build("gemma")
+        model.config._attn_implementation = "flash_attention_2"
+    elif kind == "neox-wrong-kv":  # GPT-NeoX has no grouped-query attention: a num_key_value_heads in its config
+        model = build("gpt_neox", num_key_value_heads=2)  # is not what it caches
+    else:  # BERT as a decoder puts a dense + LayerNorm transform before its output embedding; as an MLM it is
+        bert = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,  # bidirectional
+                    intermediate_size=64)
+        model = (transformers.BertLMHeadModel(transformers.BertConfig(**bert, is_decoder=True)) if kind ==
+                 "bert-lm-head" else transformers.BertForMaskedLM(transformers.BertConfig(**bert)))
+    with pytest.raises(ValueError, match=message):
+        RolloutEngine(model, horizon=4, temperature=0, pad_token_id=0).generate(PROMPTS)
