@@ -546,11 +546,13 @@ class HFCausalLMAdapter(ModelAdapter):
 
         name = type(model).__name__
         get_decoder = getattr(model, "get_decoder", None)
-        self.decoder = get_decoder() if callable(get_decoder) else None
+        self.decoder = get_decoder() if callable(get_decoder) else getattr(model, "base_model", None)
+        if self.decoder is model:  # older transformers: a PreTrainedModel's base_model is itself when it has none
+            self.decoder = None
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if self.decoder is None or not isinstance(head, nn.Linear):
-            raise ValueError(f"{name}: the rollout adapter needs a causal LM with get_decoder() and a linear output "
-                             "embedding (get_output_embeddings())")
+            raise ValueError(f"{name}: the rollout adapter needs a causal LM with a decoder (get_decoder() or "
+                             "base_model) and a linear output embedding (get_output_embeddings())")
         cfg = _text_config(model.config)
         attn = getattr(cfg, "_attn_implementation", None) or "eager"
         if attn not in ("sdpa", "eager"):
@@ -715,13 +717,13 @@ def as_adapter(model: nn.Module | ModelAdapter) -> ModelAdapter:
         return HFLlamaAdapter(model)
     if model_type == "gpt2" and hasattr(model, "transformer") and hasattr(model, "lm_head"):
         return HFGPT2Adapter(model)
-    if model_type is not None and hasattr(model, "get_decoder"):
+    if model_type is not None and (hasattr(model, "get_decoder") or hasattr(model, "base_model")):
         adapter = HFCausalLMAdapter(model)
         if model_type not in HF_GENERIC_TYPES:
             adapter.check()
         return adapter
     raise ValueError(
         f"no rollout adapter for {type(model).__name__} (model_type={model_type!r}); supported: "
-        "fastopd.models.Transformer, Hugging Face causal LMs (with get_decoder() and output embeddings), "
+        "fastopd.models.Transformer, Hugging Face causal LMs (a decoder and output embeddings), "
         "or a fastopd.rollout.ModelAdapter subclass"
     )
