@@ -4,7 +4,8 @@ With no arguments: the shipped teacher (a 3-layer model that solves 3-digit addi
 distills into the shipped student start (2 layers, trained only briefly), on the CPU, in a few minutes. It prints a
 progress bar, then a table (student accuracy before/after, teacher accuracy, reverse KL to the teacher, wall time,
 peak memory), and writes a run folder: summary.md / summary.json (the table), config.json, metrics.jsonl (per
-step), eval.jsonl, loss.png and accuracy.png, and the final checkpoint.
+step), eval.jsonl, loss.png and accuracy.png, final_student/ (the distilled student, a Transformer.save_pretrained
+folder) and the final checkpoint. Ctrl-C finishes the step in progress, checkpoints it and exits with code 130.
 
 Precedence: built-in defaults < `--config file.toml` < command-line flags. The TOML file holds flat keys, any
 field of `OPDConfig` (objective, lr, horizon, masks, ...) or of the job (steps, batch_size, eval_size, out,
@@ -28,10 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastopd._io import save_figure_atomic, write_text_atomic
+from fastopd._io import folder_write_problem, save_figure_atomic, write_text_atomic
 from fastopd.train.config import ConfigError, OPDConfig, check_keys, load_toml
 
 ASSETS = Path(__file__).parent / "assets" / "addition3"
+FINAL_STUDENT = "final_student"  # the distilled student in the run folder, a Transformer.save_pretrained folder
 
 # The job's own defaults for OPDConfig fields (the task fixes max_new_tokens / eos / pad itself).
 OPD_DEFAULTS: dict[str, Any] = dict(objective="fkl", lr=1e-3, warmup_steps=20, lr_schedule="cosine", num_samples=4,
@@ -97,7 +99,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=int, dest="eval_every", help="evaluate every N steps (default 50)")
     p.add_argument("--eval-size", type=int, dest="eval_size", help="evaluation problems (default 256)")
     p.add_argument("--checkpoint-every", type=int, dest="checkpoint_every",
-                   help="checkpoint every N steps (default: only at the end)")
+                   help="checkpoint every N steps (default: only at the end; a Ctrl-C finishes the step in "
+                        "progress and checkpoints it too)")
     p.add_argument("--resume", action="store_true", default=None,
                    help="continue the run in --out DIR (required) from its newest checkpoint up to --steps; "
                         "without a checkpoint there, start a fresh run (with a notice). A masked run goes on with "
@@ -309,11 +312,18 @@ def _distill(job: DistillJob, opd: dict[str, Any], progress: bool, out) -> int:
     failed = None
     if par.is_main:  # rank 0 prints and writes the run folder; the others train beside it
         try:
-            _write_run_folder(run_dir, fresh=trainer.resumed_from is None,
-                              resolved={**dataclasses.asdict(job), **config.to_dict(), "teacher": str(teacher_dir),
-                                        "student": str(student_dir), "world_size": par.world_size,
-                                        # a resumed masked run trains its checkpoint's masks, whatever the flags
-                                        "masks_from_checkpoint": trainer.masks_from_checkpoint})
+            # A checkpoint folder that cannot be written is found now, not at the first save after the steps it was
+            # to keep (a checkpoint_dir of its own before the run folder is made, the default one inside it after).
+            failed = _checkpoint_dir_problem(config.checkpoint_dir, own_checkpoint_dir) if own_checkpoint_dir else None
+            if failed is None:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                failed = None if own_checkpoint_dir else _checkpoint_dir_problem(config.checkpoint_dir, False)
+            if failed is None:
+                _write_run_folder(run_dir, fresh=trainer.resumed_from is None,
+                                  resolved={**dataclasses.asdict(job), **config.to_dict(), "teacher": str(teacher_dir),
+                                            "student": str(student_dir), "world_size": par.world_size,
+                                            # a resumed masked run trains its checkpoint's masks, whatever the flags
+                                            "masks_from_checkpoint": trainer.masks_from_checkpoint})
         except OSError as exc:
             failed = f"out: cannot write the run folder {run_dir} ({exc.strerror or exc})"
     failed = par.gather_objects(failed)[0]  # every rank stops if rank 0 could not write it
@@ -345,8 +355,19 @@ def _distill(job: DistillJob, opd: dict[str, Any], progress: bool, out) -> int:
     elif config.resume:
         print(f"no checkpoint in {config.checkpoint_dir}: starting a fresh run", file=out, flush=True)
     first_step = trainer.global_step  # after a resume: the steps before it ran in another process
-    history = trainer.train(lambda k: task.train_prompts(k, job.batch_size, seed=config.seed), job.steps,
-                            progress=progress)
+    try:
+        history = trainer.train(lambda k: task.train_prompts(k, job.batch_size, seed=config.seed), job.steps,
+                                progress=progress)
+    except KeyboardInterrupt:  # a Ctrl-C: the trainer finished the step in progress and checkpointed it
+        if par.is_main:
+            found = ckpt.latest_checkpoint(config.checkpoint_dir) if config.checkpoint_dir is not None else None
+            kept = (f"the newest checkpoint is {found} (step {ckpt.checkpoint_step(found)}); continue with "
+                    f"`fastopd distill --resume --out {run_dir}` and the same options" if found is not None
+                    else "no checkpoint was written")
+            print(f"fastopd distill: interrupted at step {trainer.global_step} of {job.steps}: {kept}",
+                  file=sys.stderr, flush=True)
+        return 130
+    final_state = par.full_model_state(student)  # every rank takes part (gathered under FSDP2)
     wall = time.perf_counter() - t0
     ran = [m for m in history if m["step"] > first_step]  # what the wall time covers
     first, last = trainer.eval_history[0], trainer.eval_history[-1]
@@ -358,9 +379,11 @@ def _distill(job: DistillJob, opd: dict[str, Any], progress: bool, out) -> int:
         "steps_this_process": len(ran), "tokens_generated": sum(m["tokens"] for m in ran),
         "rollout_s": sum(m["rollout_s"] for m in ran), "scoring_s": sum(m["scoring_s"] for m in ran),
         "update_s": sum(m["update_s"] for m in ran), "run_dir": str(run_dir), "world_size": par.world_size,
+        "final_student": str(run_dir / FINAL_STUDENT),
     }
     if not par.is_main:
         return 0
+    _save_student(student.config, final_state, run_dir / FINAL_STUDENT)
     table = summary_table(summary)
     plots = _plots(run_dir, history, trainer.eval_history, teacher_acc)
     write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -375,13 +398,32 @@ def _distill(job: DistillJob, opd: dict[str, Any], progress: bool, out) -> int:
           f"{summary['update_s']:.1f} s; {summary['tokens_generated']:,} tokens generated", file=out)
     checkpoints = f", checkpoints{os.sep})" if not own_checkpoint_dir else f"); checkpoints: {config.checkpoint_dir}"
     print(f"run folder: {run_dir}{os.sep} (summary.md, metrics.jsonl, eval.jsonl, {', '.join(plots) or 'no plots'}"
-          f"{checkpoints}", file=out, flush=True)
+          f", {FINAL_STUDENT}{os.sep}{checkpoints}", file=out, flush=True)
     return 0
 
 
 def _error_text(exc: BaseException) -> str:
     """A configuration error's message; other exceptions keep their type, so a real bug is still recognizable."""
     return str(exc) if isinstance(exc, ValueError) and str(exc) else f"{type(exc).__name__}: {exc}"
+
+
+def _save_student(config, state: dict[str, Any], folder: Path) -> None:
+    """Write the distilled student as `Transformer.save_pretrained` does, so `Transformer.from_pretrained` and
+    `--student` read it (from the full state, as a sharded student cannot save itself)."""
+    from fastopd.models import Transformer
+
+    model = Transformer(config)
+    model.load_state_dict({k: v.detach().to("cpu") for k, v in state.items()})
+    model.save_pretrained(folder)
+
+
+def _checkpoint_dir_problem(checkpoint_dir: str | None, own: bool) -> str | None:
+    """Why checkpoints cannot be written in `checkpoint_dir` (created if need be), as an error naming the field that
+    set it; None when they can (or there is none)."""
+    problem = folder_write_problem(checkpoint_dir) if checkpoint_dir is not None else None
+    if problem is None:
+        return None
+    return f"{'checkpoint_dir' if own else 'out'}: cannot write checkpoints in {checkpoint_dir}: {problem}"
 
 
 def _write_run_folder(run_dir: Path, fresh: bool, resolved: dict[str, Any]) -> None:

@@ -20,6 +20,7 @@ OBJECTIVES = ("fkl", "rkl", "jsd", "pg")
 PARALLEL_MODES = ("auto", "none", "ddp", "fsdp2", "hsdp")  # fastopd.distributed.data_parallel.MODES
 # `fused_linear_divergence(impl=)`: "auto" or a backend of the dispatch's divergence op (fastopd._dispatch)
 LOSS_IMPLS = ("auto", *_dispatch.backend_names("divergence_chunk"))
+MAX_SEED = 2**63 - 1
 
 
 class ConfigError(ValueError):
@@ -198,9 +199,11 @@ class OPDConfig:
         for name in ("max_new_tokens", "num_samples", "grad_accum", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "checkpoint_every", "seed", "warmup_steps"):
+        for name in ("eval_every", "checkpoint_every", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.seed <= MAX_SEED:  # torch.manual_seed takes < 2**64; the trainer adds rank (and step) to it
+            raise ConfigError(f"seed: must lie in [0, 2**63 - 1], got {self.seed}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr: must be a positive finite number, got {self.lr}")
         if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:

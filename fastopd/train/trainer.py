@@ -29,7 +29,9 @@ import json
 import math
 import random
 import re
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -38,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastopd._io import write_text_atomic
+from fastopd._io import folder_write_problem, write_text_atomic
 from fastopd.distributed.data_parallel import DataParallel, LossModule, is_dtensor, local_shard
 from fastopd.losses import fused_linear_divergence
 from fastopd.train import checkpoint as ckpt
@@ -437,8 +439,13 @@ class OPDTrainer:
                 and only on the first `train` after `load_checkpoint` are the restored steps' batches skipped.
             steps: the total number of steps (a resumed run continues up to it).
             progress: show a tqdm progress bar on stderr.
+        A Ctrl-C (SIGINT, on one process) lets the step in progress finish, saves a checkpoint of it (with a
+        `checkpoint_dir`) and raises KeyboardInterrupt; a second Ctrl-C interrupts at once.
+
         Returns:
             `history`, the per-step metrics of the whole run (resumed runs include the steps before the resume).
+        Raises:
+            ValueError: `checkpoint_dir` cannot be created or written (before any step).
         """
         cfg = self.config
         if steps < self.global_step:
@@ -450,41 +457,62 @@ class OPDTrainer:
             get = _IterSource(prompt_source, restored)
         else:  # a collection is read from its start: skip every finished step
             get = _IterSource(prompt_source, self.global_step)
+        if cfg.checkpoint_dir is not None:  # found now, not at the first save after the steps it would keep
+            problem = folder_write_problem(cfg.checkpoint_dir) if self.parallel.is_main else None
+            problem = self.parallel.gather_objects(problem)[0]
+            if problem is not None:
+                raise ValueError(f"checkpoint_dir: cannot write checkpoints in {cfg.checkpoint_dir}: {problem}")
         self._train_steps = steps
-        if self._logs_stale:
-            self._rewrite_logs()
-        if self.evaluator is not None and not self.eval_history:
-            self.evaluate()
+        start = self.global_step
+        stop = _StopOnInterrupt(enabled=not self.parallel.active)
         bar = None
-        if progress and self.parallel.is_main:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=steps, initial=self.global_step, desc="distill", unit="step", dynamic_ncols=True,
-                       file=sys.stderr)
         try:
-            while self.global_step < steps:
-                m = self.step(get(self.global_step))
-                k = self.global_step
-                if bar is not None:
-                    bar.update(1)
-                    if k % cfg.log_every == 0 or k == steps:
-                        bar.set_postfix(loss=f"{m['loss']:.4f}", rkl=f"{m['rkl']:.4f}", H=m["horizon"])
-                # The final evaluation comes before the checkpoint of the same step, so the checkpoint holds it
-                # and a run resumed from there keeps it.
-                if self.evaluator is not None and (k == steps or cfg.eval_every and k % cfg.eval_every == 0):
+            with stop:
+                if self._logs_stale:
+                    self._rewrite_logs()
+                if self.evaluator is not None and not self.eval_history:
                     self.evaluate()
-                if cfg.checkpoint_dir is not None and cfg.checkpoint_every and k % cfg.checkpoint_every == 0:
+                if progress and self.parallel.is_main:
+                    from tqdm.auto import tqdm
+
+                    bar = tqdm(total=steps, initial=self.global_step, desc="distill", unit="step", dynamic_ncols=True,
+                               file=sys.stderr)
+                self._train_loop(get, steps, bar, stop)
+                if stop.requested and self.global_step < steps:  # a Ctrl-C: keep the finished steps, then stop
+                    if (cfg.checkpoint_dir is not None and self.global_step > start
+                            and self._saved_step != self.global_step):
+                        self.save_checkpoint()
+                    raise KeyboardInterrupt(f"stopped at step {self.global_step} of {steps}")
+                if bar is not None:
+                    bar.close()
+                    bar = None
+                if self.evaluator is not None and (not self.eval_history or self.eval_history[-1]["step"] != steps):
+                    # no step ran (a resumed run already at `steps`) and no evaluation there yet
+                    self.evaluate()
+                if cfg.checkpoint_dir is not None and self._saved_step != self.global_step:
                     self.save_checkpoint()
         finally:
             if bar is not None:
                 bar.close()
             self._train_steps = None  # the cosine total holds while train runs (a later step() needs schedule_steps)
-        if self.evaluator is not None and (not self.eval_history or self.eval_history[-1]["step"] != steps):
-            # no step ran (a resumed run already at `steps`) and no evaluation there yet
-            self.evaluate()
-        if cfg.checkpoint_dir is not None and self._saved_step != self.global_step:
-            self.save_checkpoint()
         return self.history
+
+    def _train_loop(self, get: Callable[[int], Prompts], steps: int, bar, stop: _StopOnInterrupt) -> None:
+        """The steps of `train`, each with its evaluation and checkpoint, until `steps` or a Ctrl-C's request."""
+        cfg = self.config
+        while self.global_step < steps and not stop.requested:
+            m = self.step(get(self.global_step))
+            k = self.global_step
+            if bar is not None:
+                bar.update(1)
+                if k % cfg.log_every == 0 or k == steps:
+                    bar.set_postfix(loss=f"{m['loss']:.4f}", rkl=f"{m['rkl']:.4f}", H=m["horizon"])
+            # The final evaluation comes before the checkpoint of the same step, so the checkpoint holds it
+            # and a run resumed from there keeps it.
+            if self.evaluator is not None and (k == steps or cfg.eval_every and k % cfg.eval_every == 0):
+                self.evaluate()
+            if cfg.checkpoint_dir is not None and cfg.checkpoint_every and k % cfg.checkpoint_every == 0:
+                self.save_checkpoint()
 
     def evaluate(self) -> dict[str, Any]:
         """Run the evaluator (if any) at the current step; the result (with "step") is kept in `eval_history`."""
@@ -669,6 +697,42 @@ def _mask_signature(optimizer) -> str:
     from fastopd.optim.sparse_adamw import masks_digest
 
     return masks_digest({n: None if i is None else i.to(torch.int64) for n, i in optimizer.mask_indices().items()})
+
+
+class _StopOnInterrupt:
+    """While `train` runs (in the main thread of a single process, where SIGINT is Python's default handler), the
+    first Ctrl-C only sets `requested`: the step in progress finishes, so the trainer's state is never torn, and
+    `train` checkpoints it and raises KeyboardInterrupt. The handler is then Python's again, so a second Ctrl-C
+    interrupts at once (the newest checkpoint is then the last one written). Under torchrun (the ranks would not
+    agree on the step to stop at) and elsewhere nothing changes."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.requested = False
+        self._installed = False
+
+    def __enter__(self) -> _StopOnInterrupt:
+        self.requested = False
+        if (self.enabled and threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        self._restore()
+        print("\ninterrupted (Ctrl-C): stopping after the step in progress, with a checkpoint; press Ctrl-C again to "
+              "stop at once", file=sys.stderr, flush=True)
+
+    def _restore(self) -> None:
+        if self._installed:
+            self._installed = False
+            if signal.getsignal(signal.SIGINT) == self._handle:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._restore()
 
 
 _END = object()
