@@ -145,6 +145,10 @@ class ModelAdapter:
     head_dim: int
     max_positions: int
     sliding_window: int | None = None  # set when max_positions is an attention window, not the trained context
+    # The model's logits are softcap(logit_scale * (hidden @ W^T + b)) with softcap(z) = c * tanh(z / c) (Gemma 2's
+    # final_logit_softcapping, Granite's 1 / logits_scaling, Cohere's logit_scale); 1 and None for most models.
+    logit_scale: float = 1.0
+    logit_softcap: float | None = None
 
     @property
     def device(self) -> torch.device:
@@ -184,8 +188,16 @@ class ModelAdapter:
         return []
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``[..., V]`` logits of hidden states ``[..., D]``."""
-        return F.linear(hidden, self.output_weight, self.output_bias)
+        """``[..., V]`` logits of hidden states ``[..., D]`` (scaled and soft-capped as the model's are)."""
+        return self._post_head(F.linear(hidden, self.output_weight, self.output_bias))
+
+    def _post_head(self, z: torch.Tensor) -> torch.Tensor:
+        """``softcap(logit_scale * z)`` of head outputs ``z`` (``z`` itself for most models)."""
+        if self.logit_scale != 1.0:
+            z = z * self.logit_scale
+        if self.logit_softcap is not None:
+            z = torch.tanh(z / self.logit_softcap) * self.logit_softcap
+        return z
 
     def decode_head(self, batch_size: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
         """Logits function ``[B, D] -> [B, V]`` of final hidden states, for generation, with the current weights.
@@ -196,7 +208,13 @@ class ModelAdapter:
         weight done once instead of on every call: about 4% faster generation for the benchmark's 8192 x 256
         head; the packed buffer takes ~3.5x the head's bytes at that size, less for larger heads); otherwise a
         contiguous transposed copy (MKL is about 2x faster with ``[D, V]`` than with ``[V, D]^T`` at decode
-        shapes). Another batch size re-packs."""
+        shapes). Another batch size re-packs. A model's logit scale and soft-cap are applied after the product."""
+        head = self._linear_head(batch_size)
+        if self.logit_scale == 1.0 and self.logit_softcap is None:
+            return head
+        return lambda h: self._post_head(head(h))
+
+    def _linear_head(self, batch_size: int | None) -> Callable[[torch.Tensor], torch.Tensor]:
         w, bias = self.output_weight.detach(), self.output_bias
         if w.device.type != "cpu":
             return lambda h: F.linear(h, w, bias)
@@ -521,24 +539,26 @@ def _signature_names(fn: Callable[..., Any]) -> frozenset[str]:
 
 
 class HFCausalLMAdapter(ModelAdapter):
-    """Adapter of any Hugging Face causal LM through its own forward (Gemma, Gemma 3, Phi-3, OLMo 2, Qwen3-MoE,
-    Mixtral, ...): the decoder (``model.get_decoder()``) runs with explicit ``position_ids``, the engine's
-    attention mask as a custom 4D mask (additive; per layer type where the model has sliding-window layers, whose
-    window is applied exactly) and a view of the engine's :class:`KVCache` as its ``Cache``; the head is
-    ``model.get_output_embeddings()``. Slower than the Llama-family adapter's packed decode step (one full
-    Hugging Face forward per token), and exact wherever the model's attention takes a custom 4D mask.
+    """Adapter of any Hugging Face causal LM through its own forward (Gemma, Gemma 2, Gemma 3, Phi-3, OLMo 2,
+    Qwen3-MoE, Mixtral, ...): the decoder (``model.get_decoder()``, else ``model.base_model``) runs with explicit
+    ``position_ids``, the engine's attention mask as a custom 4D mask (additive; per layer type where the model has
+    sliding-window layers, whose window is applied exactly) and a view of the engine's :class:`KVCache` as its
+    ``Cache``; the head is ``model.get_output_embeddings()``, with the model's logit multiplier and final soft-cap
+    (``logit_scale``, ``logit_softcap``: Gemma 2's ``final_logit_softcapping``, Granite's ``1 / logits_scaling``,
+    Cohere's ``logit_scale``) read as :mod:`fastopd.integrations.hf` reads them. Slower than the Llama-family
+    adapter's packed decode step (one full Hugging Face forward per token), and exact wherever the model's
+    attention takes a custom 4D mask.
 
     :func:`as_adapter` uses it for the model types the tests verify (``HF_GENERIC_TYPES``); other causal LMs are
-    adapted only after a self-check (a prefill and a decode step through the cache against the model's plain
-    forward, see :meth:`check`). Generation and scoring run the model in eval mode (no dropout, no activation
-    checkpointing); the training forward (no cache) runs it in its own mode, so Hugging Face's activation
-    checkpointing and any configured dropout apply as in its own training forward.
+    adapted only after a self-check (a left-padded prefill, a decode step through the cache and the head, against
+    the model's plain forward, see :meth:`check`). Generation and scoring run the model in eval mode (no dropout,
+    no activation checkpointing); the training forward (no cache) runs it in its own mode, so Hugging Face's
+    activation checkpointing and any configured dropout apply as in its own training forward.
 
     Raises:
         ValueError: an attention implementation that ignores custom masks (use ``attn_implementation="sdpa"`` or
-            ``"eager"``), layer types other than full and sliding-window attention, logits that are not
-            ``hidden @ W^T + b`` (a final soft-cap or logit multiplier, which the engine's sampling and the fused
-            loss do not apply), or a model without ``get_decoder`` / output embeddings.
+            ``"eager"``), layer types other than full and sliding-window attention, or a model without a decoder
+            / linear output embeddings.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -565,10 +585,8 @@ class HFCausalLMAdapter(ModelAdapter):
         if unknown:
             raise ValueError(f"{name}: layer types {unknown} are not supported by the rollout adapter (full and "
                              "sliding-window attention are)")
-        if final_softcap(model) is not None or _logit_multiplier(model.config) != 1.0:
-            raise ValueError(f"{name}: its logits are soft-capped or scaled (final_logit_softcapping "
-                             f"{final_softcap(model)}, multiplier {_logit_multiplier(model.config):g}), which the "
-                             "rollout engine's sampling and the fused loss of OPDTrainer do not apply")
+        self.logit_scale = _logit_multiplier(model.config)
+        self.logit_softcap = final_softcap(model)
         self.model = model
         self._head = head
         self._name = name
@@ -673,8 +691,9 @@ class HFCausalLMAdapter(ModelAdapter):
                              "and cache protocol the adapter relies on")
         err = error(self.logits(ref[0]), logits)
         if not err <= tol:
-            raise ValueError(f"{self._name}: its logits are not hidden @ W^T + b of its output embedding (relative "
-                             f"error {err:.3g} > {tol:g}: a head with more layers, a scale or a cap), which the "
+            raise ValueError(f"{self._name}: its logits are not softcap(scale * (hidden @ W^T + b)) of its output "
+                             f"embedding (scale {self.logit_scale:g}, softcap {self.logit_softcap}; relative error "
+                             f"{err:.3g} > {tol:g}: a head with more layers, or an unknown scale or cap), which the "
                              "rollout engine's sampling and the fused loss compute")
 
 
@@ -693,7 +712,7 @@ def _eval_mode(model: nn.Module):
 
 # Hugging Face model types whose generation, scoring and training forward through HFCausalLMAdapter the tests check
 # against the model's own generate and forward (tests/rollout/test_hf_generic.py).
-HF_GENERIC_TYPES = ("gemma", "gemma3_text", "phi3", "olmo2", "qwen3_moe", "mixtral", "qwen2_moe", "gpt_neox")
+HF_GENERIC_TYPES = ("gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "qwen3_moe", "mixtral", "qwen2_moe", "gpt_neox")
 
 
 def as_adapter(model: nn.Module | ModelAdapter) -> ModelAdapter:

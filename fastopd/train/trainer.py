@@ -159,6 +159,7 @@ class OPDTrainer:
                                     vocab_size=cfg.vocab_size)
         self.device = self.engine.student.device
         self.vocab_size = _shared_vocab(self.engine.student, self.engine.teacher, cfg.vocab_size)
+        self.softcap = _shared_softcap(self.engine.student, self.engine.teacher)
         from fastopd import _dispatch
 
         # An unusable loss backend (loss_impl, FASTOPD_IMPL) is refused here, not after the first rollout.
@@ -281,10 +282,13 @@ class OPDTrainer:
         """(loss of this micro-batch, normalized by the step's token count `num_tokens`; sum over its tokens of
         the sampled reverse KL log p_s(y) - log p_t(y), detached)."""
         cfg = self.config
-        s = self.engine.student
+        s, t = self.engine.student, self.engine.teacher
         wt, bt = self._teacher_head()
+        # Heads that scale their logits (Granite, Cohere): scale * (h W^T + b) = (scale h) W^T + scale b.
+        student_hidden, bs = _scaled(student_hidden, s.output_bias, s.logit_scale)
+        teacher_hidden, bt = _scaled(teacher_hidden, bt, t.logit_scale)
         labels = batch.labels().to(self.device)
-        common = dict(student_bias=s.output_bias, teacher_bias=bt, temperature=cfg.temperature,
+        common = dict(student_bias=bs, teacher_bias=bt, temperature=cfg.temperature, softcap=self.softcap,
                       vocab_size=self.vocab_size, return_stats=True, impl=cfg.loss_impl, chunk_size=cfg.chunk_size)
         if cfg.objective == "pg":
             nll, stats = fused_linear_divergence(student_hidden, s.output_weight, teacher_hidden, wt, labels,
@@ -697,6 +701,21 @@ def _mask_signature(optimizer) -> str:
     from fastopd.optim.sparse_adamw import masks_digest
 
     return masks_digest({n: None if i is None else i.to(torch.int64) for n, i in optimizer.mask_indices().items()})
+
+
+def _shared_softcap(student, teacher) -> float | None:
+    """The final logit soft-cap both adapters' models apply (None: none): the fused loss takes one for both."""
+    if student.logit_softcap != teacher.logit_softcap:
+        raise ValueError(f"the student's final logit soft-cap ({student.logit_softcap}) differs from the teacher's "
+                         f"({teacher.logit_softcap}): the fused loss applies one soft-cap to both models' logits")
+    return student.logit_softcap
+
+
+def _scaled(hidden: torch.Tensor, bias: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Hidden states and head bias whose head product is `scale` times the unscaled one (themselves for 1)."""
+    if scale == 1.0:
+        return hidden, bias
+    return hidden * scale, (bias * scale if bias is not None else None)
 
 
 class _StopOnInterrupt:

@@ -27,6 +27,10 @@ MODELS = {
     "gemma3_text": ("Gemma3ForCausalLM", "Gemma3TextConfig",
                     dict(head_dim=10, sliding_window=5, final_logit_softcapping=None,
                          layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
+    # Gemma 2: attention logits soft-capped (eager attention, its default), sliding layers, final logit soft-cap
+    # (a small one, so that it bends the random model's logits).
+    "gemma2": ("Gemma2ForCausalLM", "Gemma2Config",
+               dict(head_dim=10, sliding_window=5, final_logit_softcapping=2.0, attn_logit_softcapping=3.0)),
     "phi3": ("Phi3ForCausalLM", "Phi3Config", {}),
     "olmo2": ("Olmo2ForCausalLM", "Olmo2Config", {}),
     "qwen3_moe": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig", dict(MOE, head_dim=10)),
@@ -142,6 +146,16 @@ def test_teacher_with_another_context_scores_the_same_completion():
         torch.testing.assert_close(scored[i][keep], ref[keep], rtol=1e-5, atol=1e-5)
 
 
+def test_logit_scale_and_softcap_are_the_models():
+    gemma2 = as_adapter(build("gemma2"))
+    assert gemma2.logit_softcap == 2.0 and gemma2.logit_scale == 1.0
+    h = torch.randn(3, BASE["hidden_size"])
+    z = h @ gemma2.output_weight.detach().T
+    torch.testing.assert_close(gemma2.logits(h).detach(), 2.0 * torch.tanh(z / 2.0))
+    torch.testing.assert_close(gemma2.decode_head(3)(h), 2.0 * torch.tanh(z / 2.0))
+    assert as_adapter(build("gemma")).logit_softcap is None
+
+
 def test_eager_attention_takes_the_additive_mask():
     model = transformers.GemmaForCausalLM(transformers.GemmaConfig(
         **{**BASE, "head_dim": 10}, attn_implementation="eager")).eval()
@@ -151,10 +165,12 @@ def test_eager_attention_takes_the_additive_mask():
 
 
 UNVERIFIED = [
-    # Granite: embedding, residual and attention multipliers inside its forward; OPT: learned positions, a
+    # Granite: embedding, residual and attention multipliers inside its forward, logits divided by logits_scaling
+    # (the adapter's logit_scale); OPT: learned positions, a
     # projection after the decoder; Falcon (new decoder architecture): parallel attention and MLP, GQA.
     pytest.param(lambda: transformers.GraniteForCausalLM(transformers.GraniteConfig(
-        **BASE, embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.3)), id="granite"),
+        **BASE, embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.3, logits_scaling=0.25)),
+        id="granite-logits-scaling"),
     pytest.param(lambda: transformers.OPTForCausalLM(transformers.OPTConfig(
         vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
         word_embed_proj_dim=24, max_position_embeddings=64, pad_token_id=0)), id="opt-projected"),
@@ -191,21 +207,15 @@ def test_self_check_fails_for_a_model_that_does_not_follow_the_protocol(monkeypa
 
 
 @pytest.mark.parametrize("case", [
-    pytest.param(("gemma2", "soft-capped or scaled"), id="gemma2-final-softcap"),
-    pytest.param(("granite-logits-scaling", "soft-capped or scaled"), id="granite-logits-scaling"),
     pytest.param(("flash", "ignores custom 4D attention masks"), id="flash-attention"),
     pytest.param(("neox-wrong-kv", "does not fit fastopd's KV cache"), id="kv-heads-not-the-config's"),
-    pytest.param(("bert-lm-head", "logits are not hidden @ W"), id="bert-transform-before-the-head"),
+    pytest.param(("bert-lm-head", "logits are not softcap"), id="bert-transform-before-the-head"),
     pytest.param(("bert-mlm", "cached forward differs"), id="bert-bidirectional"),
 ])
 def test_unsupported_models_are_refused_with_the_reason(case):
     kind, message = case
     torch.manual_seed(0)
-    if kind == "gemma2":
-        model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**BASE, head_dim=10))
-    elif kind == "granite-logits-scaling":
-        model = transformers.GraniteForCausalLM(transformers.GraniteConfig(**BASE, logits_scaling=4.0))
-    elif kind == "flash":
+    if kind == "flash":
         model = build("gemma")
         model.config._attn_implementation = "flash_attention_2"
     elif kind == "neox-wrong-kv":  # GPT-NeoX has no grouped-query attention: a num_key_value_heads in its config
