@@ -20,3 +20,36 @@ def hf_greedy(model, batch, new_tokens, eos_token_id=None, pad_token_id=0):
         model.generation_config.eos_token_id = default
     assert ref.shape[1] == p + new_tokens or eos_token_id is not None
     return ref[:, p:]
+
+
+def hf_hidden(model, ids, mask):
+    """HF's final hidden states [B, S, D] of left-padded rows (positions counted from the mask), with autograd."""
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    return model.base_model(input_ids=ids, attention_mask=mask.long(), position_ids=positions)[0]
+
+
+def assert_scores_and_training_forward_match_hf(engine, student, teacher, batch):
+    """`engine.score(batch)` equals the teacher's HF forward at the completion positions, `engine.student_hidden`
+    the student's, and its parameter gradients under one random upstream gradient equal those of HF's forward
+    (1e-5 relative to each tensor's largest gradient: sums in another order). Leaves the student's grads set."""
+    p, h = batch.prompt_width, batch.horizon
+    m = batch.completion_mask
+    scored = engine.score(batch)
+    with torch.no_grad():
+        ref_t = hf_hidden(teacher, batch.input_ids, batch.attention_mask)[:, p - 1 : p - 1 + h]
+    torch.testing.assert_close(scored[m], ref_t[m], rtol=1e-5, atol=1e-5)
+
+    upstream = torch.randn(scored.shape[:2] + (student.config.hidden_size,),
+                           generator=torch.Generator().manual_seed(3)) * m[..., None]
+    ref_s = hf_hidden(student, batch.input_ids[:, : p + h - 1], batch.attention_mask[:, : p + h - 1])[:, p - 1 :]
+    (ref_s * upstream).sum().backward()
+    ref_grads = {n: prm.grad.clone() for n, prm in student.named_parameters() if prm.grad is not None}
+    student.zero_grad(set_to_none=True)
+    hs = engine.student_hidden(batch)
+    torch.testing.assert_close(hs[m], ref_s[m].detach(), rtol=1e-5, atol=1e-5)
+    (hs * upstream).sum().backward()
+    grads = {n: prm.grad for n, prm in student.named_parameters() if prm.grad is not None}
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        scale = float(ref_grads[name].abs().max())
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-5, atol=1e-5 * scale, msg=name)

@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 import transformers
-from hf_reference import hf_greedy
+from hf_reference import assert_scores_and_training_forward_match_hf, hf_greedy, hf_hidden
 
 from fastopd.rollout import RolloutEngine, as_adapter
 from fastopd.rollout.adapters import HF_GENERIC_TYPES, HFCausalLMAdapter, _CacheView
@@ -53,12 +53,6 @@ def build(model_type, seed=0, **kw):
             if "norm" in name and name.endswith("weight"):
                 prm.add_(0.3 * torch.randn_like(prm))
     return model
-
-
-def hf_hidden(model, ids, mask):
-    """HF's final hidden states [B, S, D] of left-padded rows (positions counted from the mask), with autograd."""
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    return model.base_model(input_ids=ids, attention_mask=mask.long(), position_ids=positions)[0]
 
 
 def test_every_verified_type_is_tested_and_picked_by_as_adapter():
@@ -107,27 +101,7 @@ def test_score_and_student_hidden_equal_hf_forward_and_its_gradients(model_type)
                            generator=torch.Generator().manual_seed(2))
     batch = engine.generate(PROMPTS)
     assert student.training and all(m.training for m in student.modules())  # generation ran it in eval, restored
-    p, h = batch.prompt_width, batch.horizon
-    m = batch.completion_mask
-    scored = engine.score(batch)
-    with torch.no_grad():
-        ref_t = hf_hidden(teacher, batch.input_ids, batch.attention_mask)[:, p - 1 : p - 1 + h]
-    torch.testing.assert_close(scored[m], ref_t[m], rtol=1e-5, atol=1e-5)
-
-    upstream = torch.randn(scored.shape[:2] + (student.config.hidden_size,),
-                           generator=torch.Generator().manual_seed(3)) * m[..., None]
-    ref_s = hf_hidden(student, batch.input_ids[:, : p + h - 1], batch.attention_mask[:, : p + h - 1])[:, p - 1 :]
-    (ref_s * upstream).sum().backward()
-    ref_grads = {n: prm.grad.clone() for n, prm in student.named_parameters() if prm.grad is not None}
-    student.zero_grad(set_to_none=True)
-    hs = engine.student_hidden(batch)
-    torch.testing.assert_close(hs[m], ref_s[m].detach(), rtol=1e-5, atol=1e-5)
-    (hs * upstream).sum().backward()
-    grads = {n: prm.grad for n, prm in student.named_parameters() if prm.grad is not None}
-    assert grads.keys() == ref_grads.keys()
-    for name, grad in grads.items():  # 1e-5 relative to the tensor's largest gradient (sums in another order)
-        scale = float(ref_grads[name].abs().max())
-        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-5, atol=1e-5 * scale, msg=name)
+    assert_scores_and_training_forward_match_hf(engine, student, teacher, batch)
 
 
 def test_teacher_with_another_context_scores_the_same_completion():

@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 import transformers
-from hf_reference import hf_greedy
+from hf_reference import assert_scores_and_training_forward_match_hf, hf_greedy, hf_hidden
 
 from fastopd.models.layers import pack_llama_layer
 from fastopd.rollout import RolloutEngine, as_adapter
@@ -39,12 +39,6 @@ CONFIGS = [
     pytest.param(dict(num_attention_heads=5, num_key_value_heads=1, head_dim=6, attention_bias=True,
                       rms_norm_eps=1e-3), id="gqa5-bias-eps1e-3"),
 ]
-
-
-def hf_hidden(model, ids, mask):
-    """HF's final hidden states [B, S, D] of left-padded rows (positions counted from the mask), with autograd."""
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    return model.model(input_ids=ids, attention_mask=mask.long(), position_ids=positions).last_hidden_state
 
 
 def test_qwen3_is_a_llama_family_model_with_q_and_k_norms():
@@ -96,28 +90,8 @@ def test_score_and_student_hidden_equal_hf_forward_and_its_gradients(kw):
     engine = RolloutEngine(student, teacher=teacher, horizon=10, num_samples=2, temperature=1.0, eos_token_id=3,
                            generator=torch.Generator().manual_seed(2))
     batch = engine.generate(PROMPTS)
-    p, h = batch.prompt_width, batch.horizon
-    m = batch.completion_mask
-    scored = engine.score(batch)
-    with torch.no_grad():
-        ref_t = hf_hidden(teacher, batch.input_ids, batch.attention_mask)[:, p - 1 : p - 1 + h]
-    torch.testing.assert_close(scored[m], ref_t[m], rtol=1e-5, atol=1e-5)
-
-    upstream = torch.randn(scored.shape[:2] + (student.config.hidden_size,),
-                           generator=torch.Generator().manual_seed(3)) * m[..., None]
-    ref_s = hf_hidden(student, batch.input_ids[:, : p + h - 1], batch.attention_mask[:, : p + h - 1])[:, p - 1 :]
-    (ref_s * upstream).sum().backward()
-    ref_grads = {n: prm.grad.clone() for n, prm in student.named_parameters() if prm.grad is not None}
-    student.zero_grad(set_to_none=True)
-    hs = engine.student_hidden(batch)
-    torch.testing.assert_close(hs[m], ref_s[m].detach(), rtol=1e-5, atol=1e-5)
-    (hs * upstream).sum().backward()
+    assert_scores_and_training_forward_match_hf(engine, student, teacher, batch)
     assert student.model.layers[0].self_attn.k_norm.weight.grad.abs().sum() > 0
-    grads = {n: prm.grad for n, prm in student.named_parameters() if prm.grad is not None}
-    assert grads.keys() == ref_grads.keys()
-    for name, grad in grads.items():  # 1e-5 relative to the tensor's largest gradient (sums in another order)
-        scale = float(ref_grads[name].abs().max())
-        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-5, atol=1e-5 * scale, msg=name)
 
 
 def test_update_of_the_q_and_k_norms_alone_is_picked_up_by_the_decode_step():
