@@ -11,8 +11,8 @@ dimension, for the student and the teacher, and consumed at once. Three kernels,
                        exact log-probs (partials [SPLIT, N, 3], summed on the host side).
   _tiled_grad_kernel   the gradient tile G = dL/dx_s (upstream `row_scale`), then grad_h[rows] += G W[cols]
                        and grad_W[cols] += G^T h[rows] (grad_b[cols] += colsum G) with fp32 atomics. A tile
-                       whose largest |dL/dz_s| (before the upstream scale) is below `skip_threshold` adds
-                       nothing measurable and its two gradient GEMMs are skipped.
+                       whose largest |dL/dz_s| (before the upstream scale) and largest p_s, p_t are all
+                       below `skip_threshold` adds nothing measurable and its two gradient GEMMs are skipped.
 
 GEMM work for N tokens: each pass recomputes both models' tiles (2 N V (Ds + Dt) flops per pass); the
 gradient adds 2 x 2 N V Ds. Global memory holds only the inputs, the gradients and O(SPLIT x N) statistics.
@@ -151,7 +151,7 @@ def _tile_probs(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, rows, cols, rmas
 def _tiled_sums_kernel(
     hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, row_ptr, part_ptr,
     N, V, Ds, Dt, stride_hs, stride_ws, stride_ht, stride_wt, blocks_per_split,
-    beta, inv_temp, softcap, inv_softcap,
+    beta, omb, inv_temp, softcap, inv_softcap,
     DIV: tl.constexpr, HAS_BIAS_S: tl.constexpr, HAS_BIAS_T: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -188,7 +188,7 @@ def _tiled_sums_kernel(
         elif DIV == 1:
             acc_a += tl.sum(tl.where(ps != 0.0, ps * ((lps - lpt) - pivot[:, None]), 0.0), 1)
         else:
-            lm = tl.log(beta * pt + (1.0 - beta) * ps)
+            lm = tl.log(beta * pt + omb * ps)
             acc_a += tl.sum(tl.where(pt > TINY_P, pt * (lpt - lm), 0.0), 1)
             acc_b += tl.sum(tl.where(ps > TINY_P, ps * (lps - lm), 0.0), 1)
     base = part_ptr + split * 3 * N + rows
@@ -201,7 +201,7 @@ def _tiled_sums_kernel(
 def _tiled_grad_kernel(
     hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, labels_ptr, row_ptr, gh_ptr, gw_ptr, gb_ptr, skip_ptr,
     N, V, Ds, Dt, stride_hs, stride_ws, stride_ht, stride_wt, blocks_per_split,
-    beta, inv_temp, temperature, softcap, inv_softcap, soft_weight, hard_weight, ignore_index, skip_threshold,
+    beta, omb, inv_temp, temperature, softcap, inv_softcap, soft_weight, hard_weight, ignore_index, skip_threshold,
     hard_ratio,
     DIV: tl.constexpr, HAS_BIAS_S: tl.constexpr, HAS_BIAS_T: tl.constexpr, HAS_LABELS: tl.constexpr,
     HARD: tl.constexpr, HARD_T: tl.constexpr, SOFTCAP: tl.constexpr, GRAD_H: tl.constexpr, GRAD_W: tl.constexpr,
@@ -255,13 +255,16 @@ def _tiled_grad_kernel(
             # numbers cancel.
             g = soft_weight * tl.where(ps != 0.0, ps * (((lps - lpt) - pivot[:, None]) - k_row[:, None]), 0.0)
         else:
-            lm = tl.log(beta * pt + (1.0 - beta) * ps)
+            lm = tl.log(beta * pt + omb * ps)
             term = tl.where(ps > TINY_P, ps * (lps - lm), 0.0)
-            coef = soft_weight * (1.0 - beta)
+            coef = soft_weight * omb
             g = coef * (term - ps * k_row[:, None])
+        mass = tl.maximum(ps, pt)
         if HARD:
             if HARD_T:
-                g += hw * tl.exp((zs - m_s[:, None]) * hard_ratio - log_h[:, None])
+                ph = tl.exp((zs - m_s[:, None]) * hard_ratio - log_h[:, None])
+                g += hw * ph
+                mass = tl.maximum(mass, ph)
             else:
                 g += hw * ps
             g = tl.where(cols[None, :] == y[:, None], g - hw, g)
@@ -270,10 +273,16 @@ def _tiled_grad_kernel(
             g = g * (inv_temp * (1.0 - c * c))
         else:
             g = g * inv_temp
-        g = tl.where(valid[:, None] & cmask[None, :], g, 0.0)
-        # NaN counts as large: a NaN tile must reach the gradients (tl.max would drop NaN on a GPU and NaN
-        # compares false everywhere), so that a NaN row shows in them as in the loss.
-        if tl.max(tl.max(tl.where(g == g, tl.abs(g), float("inf")), 1), 0) >= skip_threshold:
+        keep = valid[:, None] & cmask[None, :]
+        g = tl.where(keep, g, 0.0)
+        # A tile is skipped only where its gradient AND both models' probabilities are below the threshold: the
+        # vocabulary tail neither model puts mass on. A small |dL/dz| alone is no sign of a negligible tile: jsd
+        # at beta near 0 or 1, a high temperature or a small soft_label_weight scale every |dL/dz| of the row
+        # down (and a student that has caught up with its teacher has p_s - p_t small everywhere), and skipping
+        # on it dropped whole gradients to 0. NaN counts as large: a NaN tile must reach the gradients (tl.max
+        # would drop NaN on a GPU and NaN compares false everywhere), so that a NaN row shows in them as in the loss.
+        size = tl.maximum(tl.abs(g), tl.where(keep, mass, 0.0))
+        if tl.max(tl.max(tl.where(g == g, size, float("inf")), 1), 0) >= skip_threshold:
             g = g * scale[:, None]
             if GRAD_B:
                 tl.atomic_add(gb_ptr + cols, tl.sum(g, 0), mask=cmask)
@@ -413,7 +422,7 @@ def tiled_row_sums(h_s, w_s, b_s, h_t, w_t, b_t, rowstats: torch.Tensor, *, dive
     _tiled_sums_kernel[grid](
         h_s, w_s, b_s if b_s is not None else h_s, h_t, w_t, b_t if b_t is not None else h_t, rowstats, part,
         n, v, ds, dt, h_s.stride(0), w_s.stride(0), h_t.stride(0), w_t.stride(0), _geometry(v, cfg),
-        beta, 1.0 / temperature, softcap, 1.0 / softcap if use_cap else 0.0,
+        beta, 1.0 - beta, 1.0 / temperature, softcap, 1.0 / softcap if use_cap else 0.0,  # 1 - beta in double
         DIV=divergence, HAS_BIAS_S=b_s is not None, HAS_BIAS_T=b_t is not None, SOFTCAP=use_cap,
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, PRECISION=_precision(h_s, h_t),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -445,8 +454,8 @@ def tiled_grad(h_s, w_s, b_s, h_t, w_t, b_t, labels, rowinfo: torch.Tensor, grad
         grad_h if grad_h is not None else dummy, grad_w if grad_w is not None else dummy,
         grad_b if grad_b is not None else dummy, skipped,
         n, v, ds, dt, h_s.stride(0), w_s.stride(0), h_t.stride(0), w_t.stride(0), _geometry(v, cfg),
-        beta, 1.0 / temperature, temperature, softcap, 1.0 / softcap if use_cap else 0.0, soft_weight, hard_weight,
-        ignore_index, skip_threshold, float(hard_ratio),
+        beta, 1.0 - beta, 1.0 / temperature, temperature, softcap, 1.0 / softcap if use_cap else 0.0, soft_weight,
+        hard_weight, ignore_index, skip_threshold, float(hard_ratio),
         DIV=divergence, HAS_BIAS_S=b_s is not None, HAS_BIAS_T=b_t is not None, HAS_LABELS=labels is not None,
         HARD=hard, HARD_T=hard and float(hard_ratio) != 1.0, SOFTCAP=use_cap, GRAD_H=grad_h is not None,
         GRAD_W=grad_w is not None, GRAD_B=grad_b is not None,

@@ -12,7 +12,9 @@ Forward, for N rows and a vocabulary of V:
      p_s (((lp_s - lp_t) - c) - S): for a dominant token p_s ((lp_s - lp_t) - rkl) would cancel two numbers
      of size |rkl|, where every fp32 rounding lands; relative to c only small numbers cancel.
 Nothing of size N x V is allocated: the largest temporaries are the fp32 gradients of h_s, W_s, b_s and
-O(SPLIT x N) statistics. Tiles whose largest |dL/dz_s| is below `skip_threshold` skip their gradient GEMMs.
+O(SPLIT x N) statistics. Tiles whose largest |dL/dz_s|, p_s and p_t are all below `skip_threshold` skip their
+gradient GEMMs (the vocabulary tail; a small |dL/dz_s| alone is no sign of a negligible tile: jsd at beta near 0
+or 1, a high temperature or a small soft weight scale a row's whole gradient down).
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ import torch
 from fastopd.losses.function import DivergenceConfig, apply_lift, lift_upstream, reduce_rows, refuse_double_backward
 
 FKL, RKL, JSD = 0, 1, 2
-# A tile's gradient GEMMs are skipped when every |dL/dz_s| in it (upstream gradient 1) is below this. At 2^-20
-# a skipped tile changes any gradient entry by at most BLOCK_V * 2^-20 * max|W| (about 1e-4 max|W| for 128-wide
-# tiles, with random signs far less): below bf16 resolution of the kept terms. FASTOPD_TILED_SKIP overrides it.
+# A tile's gradient GEMMs are skipped when every |dL/dz_s| (upstream gradient 1), p_s and p_t in it is below
+# this. At 2^-20 a skipped tile changes any gradient entry by at most BLOCK_V * 2^-20 * max|W| (about 1e-4 max|W|
+# for 128-wide tiles, with random signs far less): below bf16 resolution of the kept terms. FASTOPD_TILED_SKIP
+# overrides it.
 DEFAULT_SKIP_THRESHOLD = 2.0**-20
 
 
@@ -167,7 +170,7 @@ def tiled_linear_divergence(h_s: torch.Tensor, w_s: torch.Tensor, b_s: torch.Ten
             b_s: [V] or None. h_t, w_t, b_t: the teacher's ([N, Dt], [V, Dt], [V]), detached.
         labels: int64 [N] or None. num_items: 0-d tensor or None (the "mean" divisor).
         cfg: the DivergenceConfig (divergence code, beta, temperature, softcap, weights, reduction).
-        skip_threshold: gradient tiles with every |dL/dz_s| below it skip their GEMMs (default 2^-20, or
+        skip_threshold: gradient tiles with every |dL/dz_s|, p_s and p_t below it skip their GEMMs (default 2^-20, or
             FASTOPD_TILED_SKIP; 0 disables skipping). splits: vocabulary splits of the grid (default: by size).
 
     Returns:

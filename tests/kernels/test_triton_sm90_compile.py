@@ -164,9 +164,9 @@ def _tiled_signature(dtype: str, kernel: str) -> dict[str, str]:
     sig.update({k: "i32" for k in ("N", "V", "Ds", "Dt", "stride_hs", "stride_ws", "stride_ht", "stride_wt",
                                    "blocks_per_split")})
     floats = {"_tiled_lse_kernel": ["inv_temp", "softcap", "inv_softcap"],
-              "_tiled_sums_kernel": ["beta", "inv_temp", "softcap", "inv_softcap"],
-              "_tiled_grad_kernel": ["beta", "inv_temp", "temperature", "softcap", "inv_softcap", "soft_weight",
-                                     "hard_weight"]}[kernel]
+              "_tiled_sums_kernel": ["beta", "omb", "inv_temp", "softcap", "inv_softcap"],
+              "_tiled_grad_kernel": ["beta", "omb", "inv_temp", "temperature", "softcap", "inv_softcap",
+                                     "soft_weight", "hard_weight"]}[kernel]
     sig.update({k: "fp32" for k in floats})
     if kernel != "_tiled_sums_kernel":
         sig["ignore_index"] = "i32"
