@@ -91,6 +91,17 @@ def test_cuda_kernel_emulated_matches_float64(harness, c, v, div, opts):
     assert torch.all(grad[1] == 0) and torch.all(stats[1] == 0) and loss[1] == 0
 
 
+@pytest.mark.parametrize("beta", [pytest.param(1 - 1e-4, id="beta1-1e-4"), pytest.param(1 - 1e-6, id="beta1-1e-6")])
+def test_cuda_kernel_emulated_jsd_beta_near_one(harness, beta):
+    """1 - beta comes from the host in double precision: formed in fp32 from a rounded beta it was 1.3% off at
+    beta = 1 - 1e-6, and every jsd gradient with it (they are all proportional to 1 - beta)."""
+    xs, xt, labels = _logits(3, 300, seed=5)
+    want = row_divergence64(xs, xt, labels, divergence="jsd", beta=beta)
+    _, _, grad = _run(harness, xs, xt, labels, divergence="jsd", beta=beta)
+    # (The loss itself is ill-conditioned in fp32 there, in every backend: its terms cancel to 1e-6 of their size.)
+    assert float((grad.double() - want[2]).norm() / want[2].norm()) < 1e-4
+
+
 @pytest.mark.parametrize("div", ["fkl", "jsd"])
 def test_cuda_kernel_emulated_masked_teacher_and_no_grad(harness, div):
     """-inf teacher entries give finite results; compute_grad=False leaves xs untouched; no labels."""

@@ -60,7 +60,7 @@ int main() {
     std::fprintf(stderr, "short input\n");
     return 2;
   }
-  RowParams p{static_cast<float>(beta),    static_cast<float>(1.0 / temperature),
+  RowParams p{static_cast<float>(beta),    static_cast<float>(1.0 - beta), static_cast<float>(1.0 / temperature),
               static_cast<float>(temperature), static_cast<float>(softcap),
               cap ? static_cast<float>(1.0 / softcap) : 0.0f, static_cast<float>(sw),
               static_cast<float>(hw),      static_cast<float>(hr),
