@@ -128,8 +128,40 @@ class _CopyToVocabParallel(torch.autograd.Function):
         return grad, None
 
 
-def copy_to_vocab_parallel(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """`x` itself in the forward; its gradient is all-reduced (summed) over `group` in the backward."""
+def check_replicated_rows(x: torch.Tensor, group: dist.ProcessGroup) -> None:
+    """Checks that every rank of `group` holds hidden states of the same shape [N, D] (they are replicated over a
+    tensor-parallel group): one SUM all-reduce of [world, 2] integers, the same collective on every rank whatever
+    its N. Without it, ranks of different N run different numbers of chunks (or chunks of different sizes) and meet
+    in mismatched collectives: gloo aborts the process ("Received data size doesn't match expected size") or the
+    ranks wait for each other until the process-group timeout, and NCCL does not check sizes at all; a hidden
+    size that differs breaks the all-reduce of the hidden-state gradient in the backward. On a CPU backend every
+    rank reads the exchanged shapes (no device sync) and raises the same ValueError; on a device backend the check
+    is a device-side assert (no host sync; fatal to the process on CUDA, with the message below)."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    n, d = (int(x.shape[0]), int(x.shape[-1])) if x.dim() else (1, 1)  # [N, D] (the loss passes [N, D])
+    device, free_read = _sizes_device(group)
+    exchanged = torch.zeros(world, 2, dtype=torch.int64, device=device)
+    exchanged[rank, 0] = n  # scalar fills: no host-to-device copy to wait for
+    exchanged[rank, 1] = d
+    dist.all_reduce(exchanged, op=dist.ReduceOp.SUM, group=group)
+    what = ("fastopd: the vocab-parallel loss needs the same token rows on every rank of its group (hidden states "
+            "and labels replicated over the tensor-parallel group)")
+    if free_read:
+        shapes = [tuple(r) for r in exchanged.tolist()]
+        if any(s != shapes[0] for s in shapes):
+            raise ValueError(f"{what}; got student hidden states of [rows, hidden] {[list(s) for s in shapes]} "
+                             "per rank of the group, in rank order")
+        return
+    torch._assert_async((exchanged == exchanged[rank]).all(), what + "; got other shapes on other ranks")
+
+
+def copy_to_vocab_parallel(x: torch.Tensor, group: dist.ProcessGroup, check: bool = True) -> torch.Tensor:
+    """`x` itself in the forward; its gradient is all-reduced (summed) over `group` in the backward.
+
+    That all-reduce, and the loss's per-chunk ones, need `x` of the same shape on every rank: with `check` (the
+    default) `check_replicated_rows` makes sure of it first (a ValueError on every rank under gloo)."""
+    if check:
+        check_replicated_rows(x, group)
     return _CopyToVocabParallel.apply(x, group)
 
 
