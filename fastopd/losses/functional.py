@@ -201,9 +201,28 @@ def _plain_heads(ws, wt, bs, bt, group):
                     f"{_shape(t)}): pass the gathered head (`.full_tensor()`, or compute the loss inside the "
                     "FSDP module's forward, where its parameters are unsharded), or its row shards with "
                     "vocab_parallel_group= (tensor-parallel heads, hidden states replicated over the group)")
+            _check_row_shards(name, t, group)
             t = t.to_local()
         out.append(t)
     return out
+
+
+def _check_row_shards(name: str, t, group) -> None:
+    """A DTensor head under `vocab_parallel_group` must be row shards over a mesh of that group's size (one mesh
+    dimension, Shard(0)): a replicated head's local tensor is the whole head, which the loss would take as one
+    shard of a vocabulary `world` times as large (silently wrong losses and gradients)."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import Shard
+
+    placements = tuple(t.placements)
+    mesh = t.device_mesh
+    if len(placements) != 1 or not isinstance(placements[0], Shard) or placements[0].dim != 0:
+        raise ValueError(f"{name} is a DTensor with placements {placements}: vocab_parallel_group= takes row shards "
+                         "of the head (a one-dimensional mesh, placements (Shard(dim=0),)); pass a replicated head "
+                         "as a plain tensor without vocab_parallel_group, or its row shards")
+    if mesh.size() != dist.get_world_size(group):
+        raise ValueError(f"{name} is sharded over a mesh of {mesh.size()} ranks, vocab_parallel_group has "
+                         f"{dist.get_world_size(group)}: the head's row shards must be those of the group")
 
 
 def _autocast_inputs(device_type: str, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:

@@ -226,3 +226,32 @@ def test_token_rows_that_differ_across_the_group_raise_on_every_rank():
         assert "[[8, 6], [8, 7]]" in msgs[2], (rank, msgs[2])
         for m in msgs:
             assert "same token rows on every rank" in m, (rank, m)
+
+
+def replicated_head_worker(rank: int, world: int) -> list[str]:
+    """DTensor heads that are not row shards of the group: Replicate(), and Shard(1) (columns)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    g = torch.Generator().manual_seed(0)
+    hs, ht = torch.randn(5, 6, generator=g), torch.randn(5, 4, generator=g)
+    ws, wt = torch.randn(12, 6, generator=g), torch.randn(12, 4, generator=g)
+    msgs = []
+    for placement in (Replicate(), Shard(1)):
+        heads = [distribute_tensor(w, mesh, [placement]) for w in (ws, wt)]
+        try:
+            fastopd.fused_linear_divergence(hs, heads[0], ht, heads[1], vocab_parallel_group=dist.group.WORLD)
+            msgs.append("no error")
+        except ValueError as exc:
+            msgs.append(str(exc))
+    return msgs
+
+
+def test_dtensor_heads_that_are_not_row_shards_are_refused():
+    """A Replicate() head was taken shard-locally as one shard of a vocabulary world times as large: a silently
+    wrong loss (the student's log-sum-exp off by log(world))."""
+    for rank, msgs in enumerate(run_ranks(replicated_head_worker, 2, deadline_s=150)):
+        for m in msgs:
+            assert "takes row shards of the head" in m, (rank, m)
