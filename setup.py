@@ -90,9 +90,11 @@ def _extensions():
 PACKAGES = find_packages(include=["fastopd", "fastopd.*"]) + ["fastopd.kernels"]
 PACKAGE_DIR = {"fastopd": "fastopd", "fastopd.kernels": "kernels"}
 
-# The built-in distillation task ships its small teacher and student checkpoints.
+# The built-in distillation task ships its small teacher and student checkpoints. PACKAGE_DATA alone says what
+# data the wheel holds: with include_package_data (on by default) setuptools also takes MANIFEST.in's files under
+# the package and warns, at length, that the asset folders are packages missing from `packages`.
 PACKAGE_DATA = {"fastopd.train": ["assets/addition3/*/*"]}
 
 ext_modules, cmdclass = _extensions()
-setup(packages=PACKAGES, package_dir=PACKAGE_DIR, package_data=PACKAGE_DATA, ext_modules=ext_modules,
-      cmdclass=cmdclass)
+setup(packages=PACKAGES, package_dir=PACKAGE_DIR, package_data=PACKAGE_DATA, include_package_data=False,
+      ext_modules=ext_modules, cmdclass=cmdclass)

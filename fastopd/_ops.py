@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 try:
-    from fastopd import _C  # noqa: F401  (loading the library registers torch.ops.fastopd.*)
+    import fastopd._C  # noqa: F401  (loading the library registers torch.ops.fastopd.*; "No module named" if absent)
 
     LOAD_ERROR: str | None = None
 except ImportError as exc:  # no compiler at install time, or built against another torch

@@ -22,7 +22,10 @@ SUBCOMMANDS = {
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser; subcommand modules are imported only for `only` (all of them when None)."""
+    from fastopd import __version__
+
     parser = argparse.ArgumentParser(prog="fastopd", description="fastopd: fast on-policy distillation.")
+    parser.add_argument("--version", action="version", version=f"fastopd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import os
 import platform
 import sys
@@ -12,12 +13,23 @@ import torch
 
 from fastopd import _dispatch
 
+# module -> distribution name: the version comes from the installed metadata (liger_kernel has no __version__),
+# the import shows whether it loads.
+OPTIONAL = {"triton": "triton", "numpy": "numpy", "safetensors": "safetensors", "transformers": "transformers",
+            "liger_kernel": "liger-kernel", "trl": "trl", "matplotlib": "matplotlib"}
 
-def _version(module: str) -> str:
+
+def _version(module: str, dist: str) -> str:
     try:
-        return getattr(importlib.import_module(module), "__version__", "installed")
+        version = importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    try:
+        mod = importlib.import_module(module)
     except Exception as exc:  # noqa: BLE001 - a broken install is exactly what doctor reports
-        return f"not available ({type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''})"
+        msg = str(exc).splitlines()[0][:80] if str(exc) else ""
+        return f"{version + ' installed, but ' if version else ''}not available ({type(exc).__name__}: {msg})"
+    return version or getattr(mod, "__version__", "installed")
 
 
 def report() -> list[tuple[str, str]]:
@@ -28,12 +40,13 @@ def report() -> list[tuple[str, str]]:
             ("platform", f"{platform.system()} {platform.machine()}"), ("torch", torch.__version__),
             ("torch CUDA", str(torch.version.cuda) if torch.version.cuda else "CPU-only build"),
             ("CUDA device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none visible")]
-    for mod in ("triton", "numpy", "safetensors", "transformers", "liger_kernel", "trl"):
-        rows.append((mod, _version(mod)))
+    for mod, dist in OPTIONAL.items():
+        rows.append((mod, _version(mod, dist)))
     rows.append(("CPU threads", str(torch.get_num_threads())))
 
     op = "divergence_chunk"
-    rows.append(("torch reference", "usable (CPU and CUDA)"))
+    cuda = torch.cuda.is_available()
+    rows.append(("torch reference", "usable (CPU and CUDA)" if cuda else "usable (CPU; no CUDA device visible)"))
     why = _dispatch.available(op, "cpu", "cpu")
     rows.append(("C++ CPU kernel", "usable" if why is None else f"missing: {why}"))
     trit = _dispatch.REGISTRY[op][0].check()
@@ -41,15 +54,15 @@ def report() -> list[tuple[str, str]]:
         rows.append(("Triton", f"missing: {trit}"))
         rows.append(("Triton interpreter", f"missing: {trit}"))
     else:
-        rows.append(("Triton", "usable" if torch.cuda.is_available() else "missing: no CUDA device visible"))
+        rows.append(("Triton", "usable" if cuda else "missing: no CUDA device visible"))
         interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
         rows.append(("Triton interpreter", "usable" + ("" if interp else " (set TRITON_INTERPRET=1 to use it on CPU)")))
     why = _dispatch.REGISTRY[op][1].check()
-    if why is None and not torch.cuda.is_available():
-        why = "built, but no CUDA device is visible"
+    if not cuda:  # no device is the reason that counts first: a rebuild alone would not make the kernel usable
+        why = "built, but no CUDA device is visible" if why is None else f"no CUDA device is visible, and {why}"
     rows.append(("CUDA kernel", "usable" if why is None else f"missing: {why}"))
     for dev in ("cpu", "cuda"):
-        if dev == "cuda" and not torch.cuda.is_available():
+        if dev == "cuda" and not cuda:
             continue
         rows.append((f"auto backend on {dev}", _resolved(op, dev)))
         rows.append((f"vocab-parallel on {dev}", _resolved("vocab_parallel_chunk", dev)))

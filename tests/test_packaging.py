@@ -100,6 +100,20 @@ def test_manifest_ships_every_build_input(monkeypatch):
     assert any(f.endswith("vec_math.h") for f in files)
 
 
+def test_manifest_ships_what_the_shipped_tests_run(monkeypatch):
+    """The sdist holds tests/ (graft tests), and tests/cli/test_bench_cli.py and tests/kernels/test_gpu_suite.py run
+    bench/'s scripts: without them the sdist's tests fail (bash: bench/gpu_suite.sh: No such file or directory)."""
+    files = _manifest_files(monkeypatch)
+    used = {m for f in (ROOT / "tests").rglob("*.py")
+            for m in re.findall(r'"(bench/[\w./-]+|[\w-]+\.(?:py|sh))"', f.read_text())}
+    scripts = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "bench").glob("*") if p.suffix in (".py", ".sh"))
+    assert {"bench/gpu_suite.sh", "bench/gpu_bench.py", "bench/test_rollout_bench.py"} <= set(scripts)
+    assert {"gpu_suite.sh", "gpu_bench.py", "test_rollout_bench.py"} <= used
+    missing = [s for s in scripts if s not in files]
+    assert not missing, f"MANIFEST.in leaves out of the sdist the bench scripts its tests run: {missing}"
+    assert not [f for f in files if f.startswith("bench/results/")]
+
+
 def test_manifest_keeps_build_outputs_out(monkeypatch, tmp_path):
     """An in-place build's fastopd/_C*.so or an object file under csrc/ never lands in the sdist."""
     files = _manifest_files(monkeypatch)
@@ -182,6 +196,24 @@ def test_runtime_dependencies_cover_module_level_imports():
     assert not unknown, f"imported but in no dependency or extra: {unknown}"
 
 
+def _floor(reqs: list[str], name: str) -> tuple[int, ...]:
+    req = next(r for r in reqs if _req_name(r) == name)
+    return tuple(int(x) for x in re.search(r">=\s*([\d.]+)", req).group(1).split("."))
+
+
+def test_test_extra_brings_the_trl_and_transformers_its_tests_need():
+    """The tests (and `fastopd bench`'s TRL provider) import trl.experimental.gkd, which TRL has from 0.26.0 on
+    (0.19 to 0.25 keep GKD at trl.GKDTrainer only): `.[test]` allowed 0.19, with which they fail to import. The
+    Hugging Face tests (tests/rollout/test_hf_*.py, test_qwen3.py, tests/train/test_trainer_hf_models.py, ...) fail
+    on transformers 4.x (measured: 27 failures on 4.46.3, 17 on 4.51.3, 11 on 4.56.2 and 4.57.6; none on 5.0.0), and
+    `.[test]` allowed 4.46, so an environment that already had a 4.x kept it."""
+    test = _pyproject()["project"]["optional-dependencies"]["test"]
+    assert _floor(test, "trl") >= (0, 26)
+    assert _floor(test, "transformers") >= (5, 0)
+    uses = [f for f in (ROOT / "tests").rglob("*.py") if "trl.experimental.gkd" in f.read_text()]
+    assert uses, "no test imports trl.experimental.gkd any more: the floor may go back down"
+
+
 def test_readme_install_commands_match_the_torch_range():
     torch_req = next(r for r in _pyproject()["project"]["dependencies"] if _req_name(r) == "torch")
     spec = torch_req[len("torch"):].replace(" ", "")
@@ -228,8 +260,8 @@ def test_sdist_and_wheel_built_from_it(tmp_path):
     with tarfile.open(sdist) as tf:
         names = {n.split("/", 1)[1] for n in tf.getnames() if "/" in n}
     for rel in ["setup.py", "pyproject.toml", "README.md", "kernels/__init__.py", "csrc/ops.cpp",
-                "csrc/cpu/vec_math.h", "csrc/cuda/divergence.cu",
-                "fastopd/train/assets/addition3/teacher/model.safetensors"]:
+                "csrc/cpu/vec_math.h", "csrc/cuda/divergence.cu", "bench/gpu_suite.sh", "bench/gpu_bench.py",
+                "fastopd/__main__.py", "fastopd/train/assets/addition3/teacher/model.safetensors"]:
         assert rel in names, f"sdist lacks {rel}"
     assert not [n for n in names if n.endswith((".so", ".o", ".pyc"))]
 
@@ -243,8 +275,11 @@ def test_sdist_and_wheel_built_from_it(tmp_path):
     with zipfile.ZipFile(whl) as zf:
         names = set(zf.namelist())
         entry_points = zf.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
-    assert "fastopd/kernels/__init__.py" in names
+    assert "fastopd/kernels/__init__.py" in names and "fastopd/__main__.py" in names
     assert "fastopd/train/assets/addition3/student/model.safetensors" in names
+    # include_package_data=False: setuptools took MANIFEST.in's asset files as well and warned, 40 lines per
+    # folder, that fastopd.train.assets.addition3.* are packages missing from `packages`.
+    assert "Package would be ignored" not in r.stdout + r.stderr
     assert "fastopd = fastopd.cli:main" in entry_points
     if shutil.which(os.environ.get("CXX", "c++")):
         so = [n for n in names if re.fullmatch(r"fastopd/_C\..*\.so", n)]

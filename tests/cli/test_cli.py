@@ -1,11 +1,26 @@
 """The `fastopd` command line: help, doctor, and a tiny bench run end to end."""
 
+import importlib.metadata
 import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import fastopd
 from fastopd import cli
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(argv, cwd, pythonpath):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(pythonpath), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_help_lists_subcommands(capsys):
@@ -22,6 +37,73 @@ def test_doctor_reports_every_backend(capsys):
                 "auto backend on cpu", "vocab-parallel on cpu", "torch.distributed"):
         assert row in out
     assert "missing:" in out or "usable" in out
+
+
+def test_version_option(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"fastopd {fastopd.__version__}"
+
+
+def test_python_dash_m_fastopd_is_the_command(tmp_path):
+    """`python -m fastopd` (there was no fastopd/__main__.py: "'fastopd' is a package and cannot be directly
+    executed") runs the same command line as the console script."""
+    r = _run(["-m", "fastopd", "--version"], tmp_path, ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == f"fastopd {fastopd.__version__}"
+    r = _run(["-m", "fastopd"], tmp_path, ROOT)
+    assert r.returncode == 2 and "usage: fastopd" in r.stdout and "doctor" in r.stdout
+
+
+def _doctor_rows(capsys) -> dict[str, str]:
+    assert cli.main(["doctor"]) == 0
+    return dict(re.split(r"\s{2,}", line, maxsplit=1) for line in capsys.readouterr().out.splitlines())
+
+
+@pytest.mark.parametrize("built", [pytest.param(False, id="not-built"), pytest.param(True, id="built")])
+def test_doctor_without_a_cuda_device_says_so_before_any_rebuild_hint(monkeypatch, capsys, built):
+    """On a machine without a GPU the CUDA kernel is unusable whatever the build: doctor said only "rebuild with
+    FASTOPD_BUILD_CUDA=1", which would not make it usable, and "torch reference: usable (CPU and CUDA)"."""
+    from fastopd import _ops
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(_ops, "LOAD_ERROR", None)
+    monkeypatch.setattr(_ops, "has_kernel", lambda op, key: built or key != "CUDA")
+    rows = _doctor_rows(capsys)
+    assert rows["torch reference"] == "usable (CPU; no CUDA device visible)"
+    assert rows["Triton"] == "missing: no CUDA device visible"
+    if built:
+        assert rows["CUDA kernel"] == "missing: built, but no CUDA device is visible"
+    else:
+        assert rows["CUDA kernel"].startswith("missing: no CUDA device is visible, and fastopd._C was built without")
+    assert "auto backend on cuda" not in rows
+
+
+def test_doctor_reports_the_installed_version_of_each_optional_package(capsys):
+    """From the package metadata: Liger-Kernel has no __version__, and doctor printed "installed"."""
+    pytest.importorskip("liger_kernel")
+    rows = _doctor_rows(capsys)
+    assert rows["liger_kernel"] == importlib.metadata.version("liger-kernel")
+    assert rows["torch"] == torch.__version__
+
+
+def test_doctor_on_an_install_without_the_cpp_library_says_it_was_never_built(tmp_path):
+    """A real install without fastopd._C (what a plain `pip install .` makes): a copy of the package without the
+    library, run in a fresh interpreter. Doctor said "built against another torch or toolkit"."""
+    pkg = tmp_path / "site" / "fastopd"
+    shutil.copytree(ROOT / "fastopd", pkg, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    shutil.copytree(ROOT / "kernels", pkg / "kernels", ignore=shutil.ignore_patterns("__pycache__"))
+    # An editable install's finder (setuptools' __editable__ module on sys.meta_path) would find the checkout's
+    # fastopd._C for the copy: the child drops it, as an install without one has none.
+    r = _run(["-c", "import sys; sys.meta_path[:] = [f for f in sys.meta_path "
+              "if not getattr(f, '__module__', '').startswith('__editable__')]; "
+              "import fastopd; print(fastopd.__file__); sys.argv[1:] = ['doctor']; "
+              "from fastopd.cli import main; main()"], tmp_path, tmp_path / "site")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.splitlines()[0] == str(pkg / "__init__.py")  # the copy, not an installed fastopd
+    row = next(line for line in r.stdout.splitlines() if line.startswith("C++ CPU kernel"))
+    assert "missing: fastopd._C is not built" in row
+    assert "it was never built" in row and "another torch" not in row
 
 
 @pytest.mark.parametrize("load_error,expect", [
