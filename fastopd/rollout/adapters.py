@@ -538,6 +538,16 @@ def _signature_names(fn: Callable[..., Any]) -> frozenset[str]:
     return frozenset(inspect.signature(fn).parameters)
 
 
+def _mentions_sliding_window(decoder: nn.Module) -> bool:
+    """Whether the source of the module defining ``decoder``'s class names ``sliding_window`` (True when the source
+    cannot be read): code that never reads the config's ``sliding_window`` attends to every earlier key."""
+    try:
+        source = inspect.getsource(sys.modules[type(decoder).__module__])
+    except (KeyError, OSError, TypeError):
+        return True
+    return "sliding_window" in source
+
+
 class HFCausalLMAdapter(ModelAdapter):
     """Adapter of any Hugging Face causal LM through its own forward (Gemma, Gemma 2, Gemma 3, Phi-3, OLMo 2,
     Qwen3-MoE, Mixtral, ...): the decoder (``model.get_decoder()``, else ``model.base_model``) runs with explicit
@@ -579,6 +589,10 @@ class HFCausalLMAdapter(ModelAdapter):
             raise ValueError(f"{name}: attn_implementation={attn!r} ignores custom 4D attention masks, which the "
                              "rollout engine passes (left padding, prefix sharing); load the model with "
                              'attn_implementation="sdpa" (or "eager")')
+        for field in ("hidden_size", "num_hidden_layers", "num_attention_heads"):  # what sizes the KV cache
+            if getattr(cfg, field, None) is None:
+                raise ValueError(f"{name}: its config has no {field}, which the rollout adapter sizes the KV cache "
+                                 "by (an architecture without attention heads, such as RWKV, is not supported)")
         layer_types = getattr(cfg, "layer_types", None)
         layer_types = list(layer_types[: cfg.num_hidden_layers]) if layer_types is not None else None
         unknown = sorted(set(layer_types or ()) - {"full_attention", "sliding_attention"})
@@ -602,10 +616,11 @@ class HFCausalLMAdapter(ModelAdapter):
                              "is checked against)")
         window = getattr(cfg, "sliding_window", None) or None
         # Per layer type: the window of its keys (None: full attention). A model without layer types applies
-        # its config's sliding_window (if any) to every layer, as Mistral-style masks do.
+        # its config's sliding_window (if any) to every layer, as Mistral-style masks do, if its code has sliding
+        # windows at all: a config may carry one its architecture ignores (Gemma, OLMo 2, GPT-NeoX).
         if layer_types is None:
             self._windows: dict[str, int | None] | None = None
-            self._window = window
+            self._window = window if window is not None and _mentions_sliding_window(self.decoder) else None
         else:
             self._windows = {kind: window if kind == "sliding_attention" else None for kind in set(layer_types)}
             self._window = None
@@ -674,7 +689,7 @@ class HFCausalLMAdapter(ModelAdapter):
                                     build_attention_mask(key_mask[:, :4], 0, 4), cache, 0)[:, 1:],
                        self.forward(ids[:, 3:], torch.tensor([[3]], device=device),
                                     build_attention_mask(key_mask, 4, 1), cache, 4)]
-            except (RuntimeError, TypeError, IndexError) as e:
+            except (RuntimeError, TypeError, IndexError, AttributeError, KeyError) as e:
                 raise ValueError(f"{self._name}: the rollout adapter's cached forward failed ({type(e).__name__}: "
                                  f"{e}): this architecture does not follow the custom-mask and cache protocol the "
                                  "adapter relies on") from e

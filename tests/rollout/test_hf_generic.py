@@ -164,18 +164,23 @@ def test_an_unverified_architecture_is_adapted_after_its_self_check(make):
     assert torch.equal(batch.completion_ids, hf_greedy(model, batch, 10))
 
 
-@pytest.mark.parametrize("broken", ["mask-ignored", "cache-ignored"])
+@pytest.mark.parametrize("broken", ["mask-ignored", "cache-ignored", "old-cache-api"])
 def test_self_check_fails_for_a_model_that_does_not_follow_the_protocol(monkeypatch, broken):
     """An architecture whose attention ignored the custom mask and built its own causal one (here: no mask passed)
     attends to the check's left padding and gives other hidden states; one that ignored the cache (update hands
-    back only the new keys) fails to run."""
+    back only the new keys) fails to run; so does one that calls a Cache method the view lacks (older remote code's
+    `past_key_value.get_usable_length(...)`), whose AttributeError escaped the check instead of its ValueError."""
     model = build("gemma")
     if broken == "mask-ignored":
         monkeypatch.setattr(HFCausalLMAdapter, "_masks", lambda self, mask, start: None)
         message = "cached forward differs from the model's own"
-    else:
+    elif broken == "cache-ignored":
         monkeypatch.setattr(_CacheView, "update", lambda self, k, v, *a, **kw: (k, v))
         message = "cached forward failed"
+    else:
+        monkeypatch.setattr(_CacheView, "update", lambda self, k, v, layer_idx, *a, **kw: (
+            self.get_usable_length(k.shape[2], layer_idx)))
+        message = "cached forward failed .AttributeError"
     with pytest.raises(ValueError, match=message):
         HFCausalLMAdapter(model).check()
 
@@ -185,6 +190,7 @@ def test_self_check_fails_for_a_model_that_does_not_follow_the_protocol(monkeypa
     pytest.param(("neox-wrong-kv", "does not fit fastopd's KV cache"), id="kv-heads-not-the-config's"),
     pytest.param(("bert-lm-head", "logits are not softcap"), id="bert-transform-before-the-head"),
     pytest.param(("bert-mlm", "cached forward differs"), id="bert-bidirectional"),
+    pytest.param(("rwkv", "config has no num_attention_heads"), id="rwkv-no-attention-heads"),
 ])
 def test_unsupported_models_are_refused_with_the_reason(case):
     kind, message = case
@@ -192,6 +198,9 @@ def test_unsupported_models_are_refused_with_the_reason(case):
     if kind == "flash":
         model = build("gemma")
         model.config._attn_implementation = "flash_attention_2"
+    elif kind == "rwkv":  # no attention: an AttributeError of the config escaped instead of the ValueError
+        model = transformers.RwkvForCausalLM(transformers.RwkvConfig(vocab_size=VOCAB, hidden_size=32,
+                                                                     num_hidden_layers=2, context_length=64))
     elif kind == "neox-wrong-kv":  # GPT-NeoX has no grouped-query attention: a num_key_value_heads in its config
         model = build("gpt_neox", num_key_value_heads=2)  # is not what it caches
     else:  # BERT as a decoder puts a dense + LayerNorm transform before its output embedding; as an MLM it is
@@ -201,3 +210,24 @@ def test_unsupported_models_are_refused_with_the_reason(case):
                  "bert-lm-head" else transformers.BertForMaskedLM(transformers.BertConfig(**bert)))
     with pytest.raises(ValueError, match=message):
         RolloutEngine(model, horizon=4, temperature=0, pad_token_id=0).generate(PROMPTS)
+
+
+@pytest.mark.parametrize("model_type", ["gemma", "olmo2", "gpt_neox"])
+def test_a_config_window_the_architecture_ignores_is_not_applied(model_type):
+    """A `sliding_window` in the config of an architecture without sliding windows (Gemma, OLMo 2 and GPT-NeoX never
+    read it) left the model's own forward full-attention, while the adapter windowed every layer: rollouts, scores
+    and the training forward then differed from the model once a sequence passed the window. (HF's `generate` is
+    no reference here: its DynamicCache drops keys past a config's window whatever the architecture.)"""
+    model = build(model_type, sliding_window=4)
+    engine = RolloutEngine(model, teacher=model, horizon=8, temperature=0, pad_token_id=0)
+    batch = engine.generate(PROMPTS)
+    p, h = batch.prompt_width, batch.horizon
+    with torch.no_grad():
+        mask = batch.attention_mask.long()
+        logits = model(input_ids=batch.input_ids, attention_mask=mask,
+                       position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, p - 1 : p - 1 + h]
+        ref = hf_hidden(model, batch.input_ids, batch.attention_mask)[:, p - 1 : p - 1 + h]
+        hidden = engine.student_hidden(batch)
+    assert torch.equal(batch.completion_ids, logits.argmax(-1))
+    torch.testing.assert_close(engine.score(batch), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hidden, ref, rtol=1e-5, atol=1e-5)
