@@ -2,6 +2,8 @@
 
 import torch
 
+from fastopd.rollout import RolloutEngine
+
 
 def hf_greedy(model, batch, new_tokens, eos_token_id=None, pad_token_id=0):
     """Hugging Face `generate(do_sample=False)` from the batch's prompts: its completion columns. Without EOS it
@@ -53,3 +55,29 @@ def assert_scores_and_training_forward_match_hf(engine, student, teacher, batch)
     for name, grad in grads.items():
         scale = float(ref_grads[name].abs().max())
         torch.testing.assert_close(grad, ref_grads[name], rtol=1e-5, atol=1e-5 * scale, msg=name)
+
+
+def assert_greedy_equals_hf(model, prompts, new_tokens=16):
+    """Greedy rollouts of `prompts` equal HF `generate(do_sample=False)`, without EOS and with one (an id the
+    second row emits at its fifth step: that row stops there, as HF's does)."""
+    batch = RolloutEngine(model, horizon=new_tokens, temperature=0, pad_token_id=0).generate(prompts)
+    assert torch.equal(batch.completion_ids, hf_greedy(model, batch, new_tokens))
+    eos = int(batch.completion_ids[1, 4])
+    stopped = RolloutEngine(model, horizon=new_tokens, temperature=0, eos_token_id=eos,
+                            pad_token_id=0).generate(prompts)
+    ref = hf_greedy(model, stopped, new_tokens, eos_token_id=eos)
+    assert torch.equal(stopped.completion_ids[:, : ref.shape[1]], ref) and not stopped.truncated[1]
+
+
+def sampled_batch_with_hf_logprobs(model, prompts, temperature=0.9):
+    """A sampled batch (3 samples per prompt: prefix sharing, top-k 40, EOS 3) and HF's full-forward log-probs
+    of its tokens at `temperature` (float64, 0 past each row's end) to compare `batch.logprobs` with."""
+    engine = RolloutEngine(model, horizon=12, num_samples=3, temperature=temperature, top_k=40, eos_token_id=3,
+                           generator=torch.Generator().manual_seed(1))
+    batch = engine.generate(prompts)
+    p, h = batch.prompt_width, batch.horizon
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long(),
+                       position_ids=(batch.attention_mask.long().cumsum(-1) - 1).clamp(min=0)).logits
+    ref = (logits[:, p - 1 : p - 1 + h].double() / temperature).log_softmax(-1)
+    return batch, ref.gather(-1, batch.completion_ids[..., None])[..., 0].masked_fill(~batch.completion_mask, 0.0)

@@ -7,7 +7,13 @@ import logging
 import pytest
 import torch
 import transformers
-from hf_reference import assert_scores_and_training_forward_match_hf, hf_greedy, hf_hidden
+from hf_reference import (
+    assert_greedy_equals_hf,
+    assert_scores_and_training_forward_match_hf,
+    hf_greedy,
+    hf_hidden,
+    sampled_batch_with_hf_logprobs,
+)
 
 from fastopd.rollout import RolloutEngine, as_adapter
 from fastopd.rollout.adapters import HF_GENERIC_TYPES, HFCausalLMAdapter, _CacheView
@@ -64,31 +70,15 @@ def test_every_verified_type_is_tested_and_picked_by_as_adapter():
 
 @pytest.mark.parametrize("model_type", CASES)
 def test_greedy_equals_hf_generate(model_type):
-    model = build(model_type)
-    engine = RolloutEngine(model, horizon=16, temperature=0, pad_token_id=0)
-    batch = engine.generate(PROMPTS)
-    assert torch.equal(batch.completion_ids, hf_greedy(model, batch, 16))
-    eos = int(batch.completion_ids[1, 4])
-    stopped = RolloutEngine(model, horizon=16, temperature=0, eos_token_id=eos, pad_token_id=0).generate(PROMPTS)
-    ref = hf_greedy(model, stopped, 16, eos_token_id=eos)
-    assert torch.equal(stopped.completion_ids[:, : ref.shape[1]], ref) and not stopped.truncated[1]
+    assert_greedy_equals_hf(build(model_type), PROMPTS)
 
 
 @pytest.mark.parametrize("model_type", CASES)
 def test_sampled_logprobs_with_prefix_sharing_equal_a_full_hf_forward(model_type):
     model = build(model_type)
-    engine = RolloutEngine(model, horizon=12, num_samples=3, temperature=0.9, top_k=40, eos_token_id=3,
-                           generator=torch.Generator().manual_seed(1))
-    batch = engine.generate(PROMPTS)
-    p, h = batch.prompt_width, batch.horizon
-    with torch.no_grad():
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long(),
-                       position_ids=(batch.attention_mask.long().cumsum(-1) - 1).clamp(min=0)).logits
-    ref = (logits[:, p - 1 : p - 1 + h].double() / 0.9).log_softmax(-1)
-    ref = ref.gather(-1, batch.completion_ids[..., None])[..., 0].masked_fill(~batch.completion_mask, 0.0)
+    batch, ref = sampled_batch_with_hf_logprobs(model, PROMPTS)
     torch.testing.assert_close(batch.logprobs.double(), ref, rtol=1e-5, atol=1e-5)
-    again = RolloutEngine(model, horizon=12, num_samples=3, temperature=0.9, top_k=40, eos_token_id=3,
-                          generator=torch.Generator().manual_seed(1)).generate(PROMPTS)
+    again, _ = sampled_batch_with_hf_logprobs(model, PROMPTS)  # the same seed: the same rollouts
     assert torch.equal(again.input_ids, batch.input_ids)
 
 
