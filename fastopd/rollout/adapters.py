@@ -495,7 +495,7 @@ class _CacheView:
     ``start..start+T-1``: each attention layer's ``update(k, v, layer_idx)`` writes its new keys/values (expanded
     to ``expand`` rows per input row: prefix sharing) and returns what the layer attends to, as the built-in layers
     do: the new keys/values themselves when ``start == 0`` (a prefill), else the cache's active window (the mask
-    covers it). Made a subclass of ``transformers.Cache`` on first use (see :func:`_cache_view`)."""
+    covers it). Made a subclass of ``transformers.Cache`` on first use (see :func:`_cache_view_class`)."""
 
     def __init__(self, cache: KVCache, start: int, expand: int, owner: str) -> None:
         self.layers: list = []  # no HF cache layers: is_sliding / is_linear of the Cache base class are then empty
