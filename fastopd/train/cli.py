@@ -208,7 +208,19 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"fastopd distill: error: {exc}", file=sys.stderr)
         return 2
-    return distill(job, opd)
+    code = distill(job, opd)
+    _close_process_group()
+    return code
+
+
+def _close_process_group() -> None:
+    """Destroy the process group a torchrun launch initialized, before the interpreter exits: left to static
+    destruction, gloo's worker threads were destroyed still joinable ("terminate called without an active
+    exception", SIGABRT, a failed launch) now and then on a rank that finished first."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def distill(job: DistillJob, opd: dict[str, Any], *, progress: bool = True, out=None) -> int:
