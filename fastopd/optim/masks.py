@@ -244,7 +244,9 @@ def from_delta(base_state: Mapping[str, torch.Tensor], tuned_state: Mapping[str,
     A tensor the tuned state names twice (tied weights: `model.embed_tokens.weight` and `lm_head.weight` of a
     tied model's `state_dict()`) gets one mask, under its first name as `model.named_parameters()` gives it, when
     both names changed the same coordinates (else, e.g. against an untied base, both are returned).
-    Raises ValueError when a tensor's shapes differ between the two states.
+    Raises ValueError when a tensor's shapes differ between the two states, or when they share no floating-point
+    tensor name at all (a prefixed state dict, e.g. of a torch.compile'd model: its {} would train every parameter
+    densely).
     """
     out = {}
     first_name: dict[tuple, str] = {}
@@ -272,6 +274,15 @@ def from_delta(base_state: Mapping[str, torch.Tensor], tuned_state: Mapping[str,
         if alias is not None:
             first_name.setdefault(alias, name)
         out[name] = idx
+    if not out:
+        base_float = [n for n, t in base_state.items() if t.is_floating_point()]
+        tuned_float = [n for n, t in tuned_state.items() if t.is_floating_point()]
+        if base_float and tuned_float and not set(base_float) & set(tuned_float):
+            # {} would be taken by SparseMaskedAdamW as "no masks": the whole model trained densely
+            raise ValueError(f"base and tuned states have no floating-point tensor name in common (base: "
+                             f"{base_float[:3]}, tuned: {tuned_float[:3]}): one of them prefixed, e.g. "
+                             "'_orig_mod.' (torch.compile) or 'module.' (DDP)? fastopd.analysis.match_param_names "
+                             "renames by a prefix")
     return out
 
 
@@ -418,17 +429,23 @@ def _index_shape(mask: torch.Tensor, name: str) -> tuple[int, ...]:
 
 
 # ---------------------------------------------------------------------------------------------------- files
-def save(path: str, masks: Mapping[str, torch.Tensor], *, shapes: Mapping[str, Iterable[int]] | None = None,
-         metadata: Mapping[str, str] | None = None) -> None:
+def save(path: str, masks: Mapping[str, torch.Tensor | None], *,
+         shapes: Mapping[str, Iterable[int]] | None = None, metadata: Mapping[str, str] | None = None) -> None:
     """Writes masks to a safetensors file (format "fastopd.masks.v1"): bool masks become sorted flat indices,
-    int32 when they fit; metadata records each tensor's parameter shape (from bool masks or `shapes`) and
-    module kind as JSON. Written to a temporary file beside `path` and renamed over it when complete
-    (`fastopd._io.atomic_path`), so an interrupted save leaves an existing file at `path` intact."""
+    int32 when they fit; None (every coordinate, as `SparseMaskedAdamW.mask_indices()` gives a full mask) needs
+    its shape in `shapes` and is written as all indices; metadata records each tensor's parameter shape (from bool
+    masks or `shapes`) and module kind as JSON. Written to a temporary file beside `path` and renamed over it when
+    complete (`fastopd._io.atomic_path`), so an interrupted save leaves an existing file at `path` intact."""
     from safetensors.torch import save_file
 
     tensors, shape_meta = {}, {}
     for name, mask in masks.items():
         shape = [int(s) for s in shapes[name]] if shapes and name in shapes else None
+        if mask is None:  # every coordinate, as SparseMaskedAdamW.mask_indices() gives a full mask
+            if shape is None:
+                raise ValueError(f"mask {name!r} is None (every coordinate): its parameter's shape is needed, "
+                                 "pass it in shapes=")
+            mask = torch.arange(_numel(shape))
         if not isinstance(mask, torch.Tensor):
             raise ValueError(f"mask {name!r} must be a tensor, got {type(mask).__name__}")
         if mask.dtype == torch.bool:
@@ -454,13 +471,24 @@ def save(path: str, masks: Mapping[str, torch.Tensor], *, shapes: Mapping[str, I
         save_file(tensors, os.fspath(tmp), metadata=meta)
 
 
+def _open_mask_file(path: str, device: torch.device | str = "cpu"):
+    """`safe_open`, whose error for a truncated or corrupt file names neither the file nor the cause: re-raised as
+    a SafetensorError (the type callers catch for an unreadable file) that does."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(path, framework="pt", device=str(device))
+    except SafetensorError as exc:
+        raise SafetensorError(f"{path}: cannot read the mask file, truncated or not a safetensors file ({exc})"
+                              ) from None
+
+
 def load(path: str, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Reads a "fastopd.masks.v1" safetensors file: name -> bool mask (kept as stored) or sorted int64 flat
-    indices. Raises ValueError for another format, or a tensor that is neither bool nor 1-D integer indices."""
-    from safetensors import safe_open
-
+    indices. Raises ValueError for another format, or a tensor that is neither bool nor 1-D integer indices, and
+    safetensors' SafetensorError, naming the file, for a truncated or corrupt one."""
     out = {}
-    with safe_open(path, framework="pt", device=str(device)) as f:
+    with _open_mask_file(path, device) as f:
         meta = f.metadata() or {}
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path}: not a fastopd mask file (metadata format {meta.get('format')!r}, "
@@ -479,9 +507,7 @@ def load(path: str, device: torch.device | str = "cpu") -> dict[str, torch.Tenso
 
 def load_metadata(path: str) -> dict[str, Any]:
     """The metadata of a mask file, JSON fields ("shapes", "kinds") decoded."""
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as f:
+    with _open_mask_file(path) as f:
         meta = dict(f.metadata() or {})
     for key in ("shapes", "kinds"):
         if key in meta:
@@ -490,11 +516,12 @@ def load_metadata(path: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------- summary
-def summary(masks: Mapping[str, torch.Tensor], params: Named | Mapping[str, Iterable[int]] | None = None,
+def summary(masks: Mapping[str, torch.Tensor | None], params: Named | Mapping[str, Iterable[int]] | None = None,
             print_fn: Callable[[str], Any] | None = print) -> dict[str, Any]:
     """Density per module kind and per layer (printed as a table through `print_fn` unless it is None).
 
-    `params` gives the parameter shapes of index masks (a model, a state dict, or name -> shape); bool masks
+    `params` gives the parameter shapes of index masks and of None masks (every coordinate, as
+    `SparseMaskedAdamW.mask_indices()` gives a full mask) (a model, a state dict, or name -> shape); bool masks
     carry their own. Returns {"total": row, "by_kind": {kind: row}, "by_layer": {layer: row}} with
     row = {"selected", "numel", "density"} (numel/density None when a shape is unknown)."""
     shapes: dict[str, tuple[int, ...]] = {}
@@ -510,8 +537,13 @@ def summary(masks: Mapping[str, torch.Tensor], params: Named | Mapping[str, Iter
 
     total, by_kind, by_layer = row(), {}, {}
     for name, mask in masks.items():
-        sel = count(mask)
-        numel = mask.numel() if mask.dtype == torch.bool else (_numel(shapes[name]) if name in shapes else None)
+        if mask is None:  # every coordinate (SparseMaskedAdamW.mask_indices() of a full mask)
+            if name not in shapes:
+                raise ValueError(f"mask {name!r} is None (every coordinate): pass its parameter's shape in params=")
+            sel = numel = _numel(shapes[name])
+        else:
+            sel = count(mask)
+            numel = mask.numel() if mask.dtype == torch.bool else (_numel(shapes[name]) if name in shapes else None)
         layer = layer_index(name)
         for r in (total, by_kind.setdefault(module_kind(name), row()),
                   by_layer.setdefault("-" if layer is None else layer, row())):

@@ -19,6 +19,7 @@ indices), so checkpoints load on any world size.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -80,6 +81,31 @@ def masks_digest(masks: Mapping[str, torch.Tensor | None]) -> str:
     return h.hexdigest()
 
 
+def _prefix_hint(unknown: list[str], known: Iterable[str]) -> str:
+    """For masks whose names are all one dotted prefix away from the parameters' (a torch.compile'd model's
+    "_orig_mod.", DDP's "module."), where strict=False would ignore every one of them: how to rename them."""
+    from fastopd.analysis.masks import prefix_renamings
+
+    fits = prefix_renamings(unknown, set(known))
+    if len(fits) != 1:
+        return ""
+    prefix, removed, _ = fits[0]
+    return (f"; they are the parameters' names with the prefix {prefix!r} {'added' if removed else 'removed'} (a "
+            "torch.compile'd model names its parameters '_orig_mod.<name>'): rename them with "
+            "fastopd.analysis.match_param_names(masks, [name for name, _ in model.named_parameters()]) "
+            "(strict=False would ignore them all and train those parameters densely)")
+
+
+def _first_difference(saved: list[str] | None, names: list[str] | None) -> str:
+    """Where two lists of parameter names first differ, for an error message ("" without names)."""
+    if saved is None or names is None:
+        return ""
+    i = next((i for i, (a, b) in enumerate(zip(saved, names)) if a != b), min(len(saved), len(names)))
+    a = repr(saved[i]) if i < len(saved) else "nothing"
+    b = repr(names[i]) if i < len(names) else "nothing"
+    return f"; the names first differ at position {i}: {a} in the state dict, {b} here"
+
+
 @torch.compiler.disable
 def _dense_adamw(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
                  exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor], **options: Any) -> None:
@@ -96,7 +122,7 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
         params: `model.named_parameters()` (name, tensor) pairs, or param-group dicts whose "params" are such
             pairs (param groups work as in torch.optim; groups may override lr, betas, eps, weight_decay).
             Unnamed tensors are accepted but can only be updated densely. A tensor given twice in a group (a tied
-            weight under both names) raises.
+            weight under both names), or one name given to two tensors, raises.
         masks: parameter name -> bool tensor of the parameter's shape, or 1-D integer tensor of flat indices
             (unsorted indices are sorted; duplicates or out-of-range indices raise), or None for every coordinate
             (as `mask_indices()` returns it). A parameter absent from the dict is updated densely; an empty mask
@@ -113,9 +139,9 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
             state-dict diff) are ignored instead of raising.
 
     Raises:
-        ValueError: a tensor given twice, unknown mask names, masks whose shape does not match the parameter,
-            non-integer/non-bool masks, out-of-range or duplicated indices, unsupported dtypes, invalid
-            hyper-parameters.
+        ValueError: a tensor given twice, a name given to two tensors, unknown mask names, masks whose shape does
+            not match the parameter, non-integer/non-bool masks, out-of-range or duplicated indices, unsupported
+            dtypes, invalid hyper-parameters.
     """
 
     def __init__(
@@ -172,6 +198,7 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
                                 "param groups of (name, tensor) pairs (Hugging Face Trainer's "
                                 "optimizer_cls_and_kwargs passes bare tensors: build the optimizer from named "
                                 "groups and pass Trainer(optimizers=(optimizer, None)))" if unnamed else
+                                _prefix_hint(unknown, by_name) or
                                 "; strict=False ignores names of tensors not given here (e.g. a tied weight's "
                                 "second name, which model.named_parameters() leaves out)"))
         for name, mask in masks.items():
@@ -219,6 +246,11 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
             # only warns), and its masks, keyed by either name, would silently replace each other.
             param_group["params"] = params = list(params)
             seen: dict[int, str] = {}
+            # Masks, mask_indices() and export_delta() go by name: one name for two tensors (groups made from the
+            # named_parameters() of two submodules, both "weight") would mask one of them and train the other
+            # densely. torch.optim's Optimizer.__init__ sets param_groups before adding the first group.
+            gi = len(self.param_groups)
+            taken = {n: g for g, group in enumerate(self.param_groups) for n in group.get("param_names", ())}
             for i, item in enumerate(params):
                 name, tensor = item if isinstance(item, tuple) else (f"param{i}", item)
                 if not isinstance(tensor, torch.Tensor):
@@ -227,7 +259,14 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
                     raise ValueError(f"parameter {name!r} is the tensor already given as {seen[id(tensor)]!r} "
                                      "(tied weights?): pass each tensor once, as model.named_parameters() does, "
                                      "and key its mask by that name")
+                if isinstance(item, tuple) and name in taken:
+                    raise ValueError(f"the name {name!r} is given to a tensor in param group {taken[name]} and to "
+                                     f"another in param group {gi}: masks are looked up by name, so names must be "
+                                     "unique (take them from the whole model's named_parameters(), not from each "
+                                     "submodule's)")
                 seen[id(tensor)] = name
+                if isinstance(item, tuple):
+                    taken[name] = gi
         super().add_param_group(param_group)
         if hasattr(self, "_names"):
             self._register_names(len(self.param_groups) - 1, self.param_groups[-1])
@@ -375,8 +414,12 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
                 + b["m"] + b["v"] + [t for t in b["w"] + b["s"] if t is not None])
         if dense["p"]:
             has_complex = any(torch.is_complex(p) for p in dense["p"])
-            _dense_adamw(dense["p"], dense["g"], dense["m"], dense["v"], dense["t"],
-                         foreach=self.foreach if self.foreach is not None else (not self.fused) or None,
+            foreach = self.foreach
+            if foreach is None and not self.fused:
+                # foreach by default, but not for a Tensor lr, as torch.optim.AdamW decides: its foreach step
+                # refuses one without capturable
+                foreach = not isinstance(lr, torch.Tensor)
+            _dense_adamw(dense["p"], dense["g"], dense["m"], dense["v"], dense["t"], foreach=foreach,
                          fused=self.fused, capturable=False, differentiable=False, grad_scale=None, found_inf=None,
                          has_complex=has_complex, decoupled_weight_decay=True, amsgrad=False, beta1=beta1, beta2=beta2,
                          lr=lr, weight_decay=wd, eps=eps, maximize=False)
@@ -399,13 +442,14 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
         id_map: dict[int, torch.Tensor] = {}
         for gi, saved in enumerate(saved_groups):
             self._check_group_options(saved, f"state dict parameter group {gi}")
-        for group, saved in zip(self.param_groups, saved_groups):
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError(f"a parameter group of the state dict has {len(saved['params'])} parameters, "
-                                 f"the optimizer's has {len(group['params'])}")
-            if "param_names" in saved and "param_names" in group and saved["param_names"] != group["param_names"]:
-                raise ValueError("state dict parameter names do not match the optimizer's: "
-                                 f"{saved['param_names'][:4]} ... vs {group['param_names'][:4]} ...")
+        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            saved_names, names = saved.get("param_names"), group.get("param_names")
+            if len(saved["params"]) != len(group["params"]) or (
+                    saved_names is not None and names is not None and saved_names != names):
+                sizes = (f"has {len(saved['params'])} parameters, the optimizer's has {len(group['params'])}"
+                         if len(saved["params"]) != len(group["params"]) else "does not match the optimizer's")
+                raise ValueError(f"parameter group {gi} of the state dict {sizes}"
+                                 + _first_difference(saved_names, names))
             id_map.update(zip(saved["params"], group["params"]))
 
         new_state: dict[torch.Tensor, dict[str, Any]] = {}
@@ -427,6 +471,11 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
                     st[k] = v.detach().to(device=p.device, copy=True)
             if not masked and self._is_masked(p):
                 st = self._compact_dense_state(p, st)  # a dense (e.g. torch AdamW) checkpoint onto this mask
+            elif not masked:  # else the next step fails in torch's AdamW on "the size of tensor a"
+                for k in ("exp_avg", "exp_avg_sq"):
+                    if k in st and tuple(st[k].shape) != tuple(p.shape):
+                        raise ValueError(f"state of {self._names[id(p)]!r}: {k} has shape {tuple(st[k].shape)}, "
+                                         f"the parameter has {tuple(p.shape)}")
             if "indices" in st:
                 self._check_masked_state(p, st)
                 # The state follows this optimizer's parameter dtype and master_weights, not the saving run's: a
@@ -449,7 +498,7 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
         for group, saved in zip(self.param_groups, saved_groups):
             for k, v in saved.items():
                 if k not in ("params", "param_names"):
-                    group[k] = v
+                    group[k] = copy.deepcopy(v)  # as torch.optim does: a Tensor lr is updated in place by schedulers
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 

@@ -534,3 +534,60 @@ def test_hf_tied_model_masks_from_state_dicts_save_load_and_train(tmp_path):
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     opt = SparseMaskedAdamW(again.named_parameters(), masks=masks.load(str(tmp_path / "mask.safetensors")))
     assert {n: i.long().tolist() for n, i in opt.mask_indices().items()} == {n: i.tolist() for n, i in delta.items()}
+
+
+# ---------------------------------------------------------------------------------------------------- review
+@pytest.mark.parametrize("keep", [
+    pytest.param(lambda n: n - 3, id="data-cut-3-bytes"),
+    pytest.param(lambda n: 40, id="header-cut"),
+    pytest.param(lambda n: 5, id="no-header-length"),
+    pytest.param(lambda n: 0, id="empty-file"),
+])
+def test_a_truncated_mask_file_is_refused_naming_the_file(tmp_path, keep):
+    """safetensors said only "Error while deserializing header: incomplete metadata, file not fully covered", with
+    no file name and no word of truncation. The error stays safetensors' SafetensorError (what fastopd distill
+    catches for an unreadable masks file) and names the file."""
+    from safetensors import SafetensorError
+
+    good = tmp_path / "m.safetensors"
+    masks.save(str(good), {"w": torch.tensor([1, 5, 6]), "b": torch.rand(3, 7) < 0.5})
+    data = good.read_bytes()
+    bad = tmp_path / "cut.safetensors"
+    bad.write_bytes(data[:keep(len(data))])
+    for read in (masks.load, masks.load_metadata):
+        with pytest.raises(SafetensorError, match=rf"{bad.name}.*truncated or not a safetensors file"):
+            read(str(bad))
+
+
+def test_the_masks_an_optimizer_holds_save_and_summarize_with_full_masks(tmp_path):
+    """`opt.mask_indices()` gives None for a fully selected parameter (and the optimizer takes None back); saving
+    or summarizing the masks an optimizer trained raised "must be a tensor, got NoneType" / AttributeError. With
+    the parameter's shape known (shapes=, params=), None is every coordinate."""
+    w, b = torch.nn.Parameter(torch.randn(5, 7)), torch.nn.Parameter(torch.randn(3))
+    opt = SparseMaskedAdamW([("w", w), ("b", b)], masks={"w": torch.tensor([3, 1, 30]), "b": torch.ones(3, dtype=bool)})
+    held = opt.mask_indices()
+    assert held["b"] is None
+    path = str(tmp_path / "held.safetensors")
+    shapes = {"w": w.shape, "b": b.shape}
+    masks.save(path, held, shapes=shapes)
+    back = masks.load(path)
+    assert back["w"].tolist() == [1, 3, 30] and back["b"].tolist() == [0, 1, 2]
+    assert masks.load_metadata(path)["shapes"] == {"w": [5, 7], "b": [3]}
+    out = masks.summary(held, params=shapes, print_fn=None)
+    assert out["total"] == {"selected": 6, "numel": 38, "density": 6 / 38}
+    with pytest.raises(ValueError, match=r"'b'.*None.*shapes="):
+        masks.save(path, held)
+    with pytest.raises(ValueError, match=r"'b'.*None.*params="):
+        masks.summary(held, print_fn=None)
+
+
+@pytest.mark.parametrize("tuned_prefix", [pytest.param("_orig_mod.", id="tuned-torch-compile"),
+                                          pytest.param("module.", id="tuned-ddp")])
+def test_from_delta_of_states_that_share_no_name_is_refused(tuned_prefix):
+    """A tuned state dict of a torch.compile'd (or DDP-wrapped) model names every tensor with a prefix: from_delta
+    returned {} and SparseMaskedAdamW(masks={}) then trained the whole model densely, without a word."""
+    base = {"0.weight": torch.randn(5, 3), "0.bias": torch.randn(5)}
+    tuned = {tuned_prefix + n: t + 1 for n, t in base.items()}
+    with pytest.raises(ValueError, match=rf"no floating-point tensor name in common.*'{tuned_prefix}0\.(weight|bias)'"):
+        masks.from_delta(base, tuned)
+    assert masks.from_delta({}, {}) == {} and masks.from_delta({"ids": torch.arange(3)}, {"x": torch.ones(2)}) == {}

@@ -867,3 +867,118 @@ def test_compiled_step_equals_eager_with_dense_and_masked_params(impl):
         results.append((w.detach().clone(), b.detach().clone(), opt.state[w]["master"], opt.state[b]["exp_avg"]))
     for eager, compiled in zip(*results):
         assert torch.equal(eager, compiled)
+
+
+# ---------------------------------------------------------------------- review: a user's fine-tuning script
+@pytest.mark.parametrize("impl", ["torch", "cpu"])
+def test_a_tensor_lr_steps_masked_and_dense_params_as_torch_adamw_does(impl):
+    """torch.optim.AdamW takes `lr` as a Tensor (torch.compile'd steps use one to avoid recompiles) and then does not
+    default its dense step to foreach. Here the dense parameters' foreach step raised "lr as a Tensor is not supported
+    for capturable=False and foreach=True" after the masked parameters of the group had already stepped."""
+    _skip_unavailable(impl)
+    gen = torch.Generator().manual_seed(11)
+    w0, b0 = torch.randn(7, 13, generator=gen), torch.randn(13, generator=gen)
+    mask = torch.rand(7, 13, generator=gen) < 0.4
+    w, b = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(b0.clone())
+    rw, rb = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(b0.clone())
+    opt = SparseMaskedAdamW([("w", w), ("b", b)], masks={"w": mask}, lr=torch.tensor(3e-2), weight_decay=0.1,
+                            impl=impl)
+    ref = torch.optim.AdamW([rw, rb], lr=torch.tensor(3e-2), weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, 0.5)
+    ref_sched = torch.optim.lr_scheduler.ExponentialLR(ref, 0.5)
+    for _ in range(3):
+        gw, gb = torch.randn(7, 13, generator=gen), torch.randn(13, generator=gen)
+        w.grad, b.grad, rw.grad, rb.grad = gw.clone(), gb.clone(), gw.clone(), gb.clone()
+        opt.step()
+        ref.step()
+        sched.step()
+        ref_sched.step()
+    assert torch.equal(b, rb)  # dense: torch's own step
+    tol = 0 if impl == "torch" else 1e-6  # the C++ kernel's correctly rounded sqrt (docs/optim.md)
+    assert (w.detach()[mask] - rw.detach()[mask]).abs().max().item() <= tol
+    assert torch.equal(w.detach()[~mask], w0[~mask])
+
+
+@pytest.mark.parametrize("saved_shape,shape", [
+    pytest.param((5,), (6,), id="dense-5-onto-6"),
+    pytest.param((3, 7), (7, 3), id="dense-3x7-onto-7x3"),
+])
+def test_a_dense_state_of_another_size_is_refused_at_load(saved_shape, shape):
+    """docs/optim.md: load_state_dict raises ValueError on mismatched sizes. A dense parameter's moments of another
+    shape loaded silently, and the next step raised torch's "The size of tensor a (5) must match ..."."""
+    p = torch.nn.Parameter(torch.randn(saved_shape))
+    opt = SparseMaskedAdamW([("w", p)])
+    p.grad = torch.randn(saved_shape)
+    opt.step()
+    q = torch.nn.Parameter(torch.randn(shape))
+    other = SparseMaskedAdamW([("w", q)])
+    with pytest.raises(ValueError, match=rf"'w'.*exp_avg.*{saved_shape[0]}.*{shape[0]}"):
+        other.load_state_dict(opt.state_dict())
+
+
+@pytest.mark.parametrize("names,other,where", [
+    pytest.param([["n0", "n1", "n2", "n3", "n4", "n5"]], [["n0", "n1", "n2", "n3", "n4", "x"]],
+                 r"group 0.*position 5.*'n5'.*'x'", id="6-names-last-differs"),
+    pytest.param([["e"], ["n0", "n1", "n2", "n3", "n4"]], [["e"], ["n0", "n1", "n2", "n3"]],
+                 r"group 1.*5 parameters.*4.*'n4'", id="group1-one-fewer"),
+])
+def test_a_param_group_change_names_what_differs(names, other, where):
+    """Resuming after the param groups changed: the error showed the first four names of both sides, identical when
+    the difference lies further on, and did not say which group."""
+    def make(groups):
+        return SparseMaskedAdamW([{"params": [(n, torch.nn.Parameter(torch.randn(2))) for n in g]} for g in groups])
+
+    with pytest.raises(ValueError, match=where):
+        make(other).load_state_dict(make(names).state_dict())
+
+
+@pytest.mark.parametrize("prefix", [
+    pytest.param("_orig_mod.", id="torch-compile"),
+    pytest.param("module.", id="ddp-module"),
+])
+def test_masks_one_prefix_away_from_the_parameter_names_say_so(prefix):
+    """A torch.compile'd model names its parameters "_orig_mod.<name>", so masks made on the model itself (or read
+    from a file) are all unknown. The error suggested strict=False, which ignores every mask and trains the whole
+    model densely; it should name the prefix and the renaming instead."""
+    model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 3))
+    named = [(prefix + n, p) for n, p in model.named_parameters()]
+    mask = {"0.weight": torch.tensor([1, 4]), "1.bias": torch.tensor([2])}
+    with pytest.raises(ValueError, match=rf"prefix {prefix!r}.*match_param_names") as info:
+        SparseMaskedAdamW(named, masks=mask)
+    assert "strict=False ignores" not in str(info.value)
+    from fastopd.analysis import match_param_names
+    opt = SparseMaskedAdamW(named, masks=match_param_names(mask, [n for n, _ in named]))
+    assert sorted(opt.mask_indices()) == [prefix + "0.weight", prefix + "1.bias"]
+
+
+@pytest.mark.parametrize("late", [pytest.param(False, id="groups-at-construction"),
+                                  pytest.param(True, id="add_param_group")])
+def test_one_name_for_two_tensors_is_refused(late):
+    """Groups built from submodules' named_parameters() (encoder and decoder both give "weight"): a mask "weight"
+    went to whichever tensor came last, the other was trained densely without a word, and export_delta /
+    mask_indices (dicts by name) kept only one of them."""
+    enc, dec = torch.nn.Linear(3, 4), torch.nn.Linear(4, 5)
+    groups = [{"params": list(enc.named_parameters())}, {"params": list(dec.named_parameters()), "lr": 0.1}]
+    with pytest.raises(ValueError, match=r"'weight'.*group 0.*group 1"):
+        if late:
+            SparseMaskedAdamW(groups[:1]).add_param_group(groups[1])
+        else:
+            SparseMaskedAdamW(groups, masks={"weight": torch.tensor([0, 2])})
+
+
+def test_loaded_param_group_values_are_copies_as_in_torch():
+    """torch.optim deep-copies the loaded groups. Here a Tensor lr (which torch's schedulers update in place) was
+    shared with the checkpoint, so a scheduler of the resumed optimizer also moved the lr of the one it was
+    loaded from."""
+    w = torch.nn.Parameter(torch.randn(3, 5))
+    source = SparseMaskedAdamW([("w", w)], masks={"w": torch.tensor([2, 11])}, lr=torch.tensor(1e-2))
+    resumed = SparseMaskedAdamW([("w", w)], lr=torch.tensor(1e-2))
+    sd = source.state_dict()
+    resumed.load_state_dict(sd)
+    sched = torch.optim.lr_scheduler.ExponentialLR(resumed, 0.5)
+    w.grad = torch.randn(3, 5)
+    resumed.step()
+    sched.step()
+    assert float(resumed.param_groups[0]["lr"]) == pytest.approx(5e-3)
+    assert float(source.param_groups[0]["lr"]) == pytest.approx(1e-2)
+    assert float(sd["param_groups"][0]["lr"]) == pytest.approx(1e-2)
