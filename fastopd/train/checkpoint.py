@@ -5,7 +5,8 @@ A checkpoint is a folder ``<dir>/step_<k>/`` holding ``model.safetensors`` (the 
 config, RNG states, metric history and anything else the trainer adds). It is written into a temporary sibling
 folder, every file flushed to disk, then renamed into place in one `os.rename`; the ``latest`` pointer is
 replaced the same way. A crash at any point leaves either the previous checkpoint or the new one, never a
-partial one, and `latest_checkpoint` ignores leftover temporary folders.
+partial one, and `latest_checkpoint` ignores leftover temporary folders; `remove_stale_temporaries` (run at every
+save, and by `fastopd distill` when it starts) deletes those that no live process is writing.
 
 ``manifest.json``, written last, lists the files with their sizes: a folder whose files are missing or of other
 sizes (damaged after the fact, or left by something else) is not a complete checkpoint, which a stat of each
@@ -38,6 +39,12 @@ LATEST = "latest"
 _ASIDE_PREFIX = ".{name}.old-"  # a step folder moved aside while its step is saved again
 _DELETE_PREFIX = ".deleting-"  # a pruned folder, renamed out of sight before it is removed
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+# What a save leaves behind when its process is killed, by the names save_checkpoint, _remove and
+# fastopd._io.atomic_path give them (pid: the writer's process id; 12 hex digits: its random part).
+_TMP_DIR = re.compile(r"^\.step_\d+\.tmp-(?P<pid>\d+)-[0-9a-f]{12}$")  # a checkpoint being written
+_ASIDE_DIR = re.compile(r"^\.(?P<step>step_\d+)\.old-(?P<pid>\d+)-[0-9a-f]{12}$")  # moved aside by a re-save
+_DELETE_DIR = re.compile(r"^\.deleting-(step_\d+|\.step_\d+\.old-\d+-[0-9a-f]{12})-[0-9a-f]{12}$")  # being pruned
+_LATEST_TMP = re.compile(r"^\." + LATEST + r"\.(?P<pid>\d+)\.partial$")  # the latest pointer being replaced
 
 
 def rng_state() -> dict[str, Any]:
@@ -185,9 +192,58 @@ def save_checkpoint(
         older = [p for p in list_checkpoints(root) if checkpoint_step(p) < step]
         for old in older[: max(0, len(older) - (keep - 1))]:
             _remove(old)
-    for left in root.glob(_DELETE_PREFIX + "*"):  # what a crash in an earlier removal left
-        shutil.rmtree(left, ignore_errors=True)
+    remove_stale_temporaries(root)  # what a crash in an earlier save or removal left
     return final
+
+
+def _writer_alive(pid: int) -> bool:
+    """Whether process `pid` (another than this one) may still be writing: it exists on this machine."""
+    if pid == os.getpid():  # this process writes one checkpoint at a time: its own leftovers are stale
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # another user's process (PermissionError), or a pid this OS cannot name
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Delete what interrupted saves left in `directory`: temporary checkpoint folders
+    (``.step_<k>.tmp-<pid>-<hex>``) and ``latest`` pointers (``.latest.<pid>.partial``) of processes that no longer
+    run, folders a prune was deleting, and step folders a re-save moved aside once their step is complete again
+    (else `latest_checkpoint` moves them back). Nothing else is touched: no ``step_<k>`` folder, no other name.
+
+    Returns:
+        The paths removed.
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    removed = []
+    for p in sorted(root.iterdir()):
+        if p.is_symlink():
+            continue
+        if p.is_dir() and _stale_folder(root, p.name):
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.is_file() and (m := _LATEST_TMP.match(p.name)) and not _writer_alive(int(m["pid"])):
+            p.unlink(missing_ok=True)
+        else:
+            continue
+        if not p.exists():
+            removed.append(p)
+    return removed
+
+
+def _stale_folder(root: Path, name: str) -> bool:
+    if _DELETE_DIR.match(name):
+        return True
+    if m := _TMP_DIR.match(name):
+        return not _writer_alive(int(m["pid"]))
+    if m := _ASIDE_DIR.match(name):  # kept while its step has no complete copy: latest_checkpoint moves it back
+        return not _writer_alive(int(m["pid"])) and checkpoint_problem(root / m["step"]) is None
+    return False
 
 
 def _remove(folder: Path) -> None:

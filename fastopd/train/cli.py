@@ -5,7 +5,8 @@ distills into the shipped student start (2 layers, trained only briefly), on the
 progress bar, then a table (student accuracy before/after, teacher accuracy, reverse KL to the teacher, wall time,
 peak memory), and writes a run folder: summary.md / summary.json (the table), config.json, metrics.jsonl (per
 step), eval.jsonl, loss.png and accuracy.png, final_student/ (the distilled student, a Transformer.save_pretrained
-folder) and the final checkpoint. Ctrl-C finishes the step in progress, checkpoints it and exits with code 130.
+folder) and the final checkpoint. Ctrl-C finishes the step in progress, checkpoints it and exits with code 130; a
+SIGTERM (preemption: SLURM, Kubernetes, torchrun passing it on) does the same and exits with 143, on every rank.
 
 Precedence: built-in defaults < `--config file.toml` < command-line flags. The TOML file holds flat keys, any
 field of `OPDConfig` (objective, lr, horizon, masks, ...) or of the job (steps, batch_size, eval_size, out,
@@ -13,8 +14,10 @@ teacher, student, device, mask_density); unknown keys and bad values are reporte
 `masks` and `mask_density` exclude each other: a flag for one replaces the file's value of either, and a file may
 not set both. `checkpoint_dir` (default <out>/checkpoints) is honoured, relative to the working directory.
 `--resume` needs `--out DIR`; a run folder without a checkpoint starts a fresh run (with a notice), and a masked
-run goes on with its checkpoint's masks. Bad input is reported as one `error:` line (exit code 2) before anything is
-written.
+run goes on with its checkpoint's masks. The cosine learning-rate schedule decays over `--steps` (the job sets
+`schedule_steps` to it): a resume with other `--steps` is refused unless `--schedule-steps` says where the decay
+ends. Temporary folders that killed checkpoint writes left in the checkpoint folder are removed at the start. Bad
+input is reported as one `error:` line (exit code 2) before anything is written.
 """
 
 from __future__ import annotations
@@ -23,8 +26,11 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,7 +90,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, help="sampling and loss temperature (default 1)")
     p.add_argument("--horizon", metavar="SPEC",
                    help="'full', 'full:H', 'truncated:RATIO' or 'progressive:START,STEP,EVERY' (default full)")
-    p.add_argument("--steps", type=int, help="optimizer steps (default 300)")
+    p.add_argument("--steps", type=int, help="optimizer steps (default 300); the cosine learning-rate decay ends there")
+    p.add_argument("--schedule-steps", type=int, dest="schedule_steps", metavar="N",
+                   help="the step where the cosine learning-rate decay reaches 0 (default: --steps); needed to "
+                        "resume with other --steps than the run's: its old --steps keeps its schedule, the new one "
+                        "stretches or shortens the decay from the resumed step on")
     p.add_argument("--batch-size", type=int, dest="batch_size", help="prompts per step (default 16)")
     p.add_argument("--num-samples", type=int, dest="num_samples", help="completions per prompt (default 4)")
     p.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
@@ -99,12 +109,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=int, dest="eval_every", help="evaluate every N steps (default 50)")
     p.add_argument("--eval-size", type=int, dest="eval_size", help="evaluation problems (default 256)")
     p.add_argument("--checkpoint-every", type=int, dest="checkpoint_every",
-                   help="checkpoint every N steps (default: only at the end; a Ctrl-C finishes the step in "
-                        "progress and checkpoints it too)")
+                   help="checkpoint every N steps (default: only at the end; a Ctrl-C or a SIGTERM finishes the "
+                        "step in progress and checkpoints it too)")
     p.add_argument("--resume", action="store_true", default=None,
-                   help="continue the run in --out DIR (required) from its newest checkpoint up to --steps; "
-                        "without a checkpoint there, start a fresh run (with a notice). A masked run goes on with "
-                        "its checkpoint's masks, whatever --masks/--mask-density say (with a notice)")
+                   help="continue the run in --out DIR (required) from its newest checkpoint up to --steps (other "
+                        "--steps than the run's cosine schedule was made for need --schedule-steps); without a "
+                        "checkpoint there, start a fresh run (with a notice). A masked run goes on with its "
+                        "checkpoint's masks, whatever --masks/--mask-density say (with a notice)")
     p.add_argument("--out", metavar="DIR", help="run folder (default ./fastopd-runs/distill-<time>)")
     p.add_argument("--teacher", metavar="DIR", help="teacher folder (fastopd.models.Transformer.save_pretrained); "
                                                     "default: the built-in addition teacher")
@@ -247,10 +258,14 @@ def _distill(job: DistillJob, opd: dict[str, Any], progress: bool, out) -> int:
     task = AdditionTask(digits=3)
     run_dir = Path(job.out or Path("fastopd-runs") / time.strftime("distill-%Y%m%d-%H%M%S"))
     own_checkpoint_dir = opd.get("checkpoint_dir") is not None  # honoured; else <run folder>/checkpoints
+    # The cosine decay ends at --steps unless schedule_steps says otherwise; kept in the checkpoint's config, so a
+    # resume can tell when other --steps would move it.
+    own_schedule = opd.get("schedule_steps") is not None
+    schedule = {} if own_schedule or opd.get("lr_schedule") != "cosine" else {"schedule_steps": job.steps}
     try:
         if opd.get("resume") and job.out is None:
             raise ConfigError("resume: --resume needs --out DIR (the run folder to continue)")
-        config = OPDConfig(**{"checkpoint_dir": str(run_dir / "checkpoints"), **opd,
+        config = OPDConfig(**{"checkpoint_dir": str(run_dir / "checkpoints"), **opd, **schedule,
                               "max_new_tokens": task.max_new_tokens, "eos_token_id": EOS, "pad_token_id": PAD})
         try:
             device = torch.device(job.device)
@@ -313,6 +328,14 @@ def _distill(job: DistillJob, opd: dict[str, Any], progress: bool, out) -> int:
         # The trainer checks what remains (mask files and names, a checkpoint that does not fit the student, the
         # optimizer's hyper-parameters) before the run folder is written.
         trainer = OPDTrainer(student, teacher, config, evaluator=evaluator, run_dir=run_dir)
+        planned = _planned_schedule_steps(trainer, run_dir, par) if schedule else None
+        if planned is not None and planned != job.steps:
+            raise ConfigError(
+                f"steps: the run's cosine learning-rate schedule decays to 0 over {planned} steps (checkpoint "
+                f"{trainer.resumed_from}); --steps {job.steps} would change the rate from step {trainer.global_step} "
+                f"on. Pass --steps {planned} to finish the run as planned, or --schedule-steps N to set where the "
+                f"decay ends: {planned} keeps the run's schedule (a rate of 0 from step {planned} on), {job.steps} "
+                "stretches or shortens it over the new total")
     except (ValueError, RuntimeError, OSError) as exc:  # ConfigError is a ValueError
         if isinstance(exc, RuntimeError):  # also what a bug or CUDA/NCCL failure raises: keep where it came from
             import traceback
@@ -321,7 +344,7 @@ def _distill(job: DistillJob, opd: dict[str, Any], progress: bool, out) -> int:
         print(f"fastopd distill: error: {_error_text(exc)}", file=sys.stderr)
         return 2
 
-    failed = None
+    failed, stale = None, []
     if par.is_main:  # rank 0 prints and writes the run folder; the others train beside it
         try:
             # A checkpoint folder that cannot be written is found now, not at the first save after the steps it was
@@ -330,6 +353,8 @@ def _distill(job: DistillJob, opd: dict[str, Any], progress: bool, out) -> int:
             if failed is None:
                 run_dir.mkdir(parents=True, exist_ok=True)
                 failed = None if own_checkpoint_dir else _checkpoint_dir_problem(config.checkpoint_dir, False)
+            if failed is None and config.checkpoint_dir is not None:  # what killed saves of earlier runs left
+                stale = ckpt.remove_stale_temporaries(config.checkpoint_dir)
             if failed is None:
                 _write_run_folder(run_dir, fresh=trainer.resumed_from is None,
                                   resolved={**dataclasses.asdict(job), **config.to_dict(), "teacher": str(teacher_dir),
@@ -353,32 +378,41 @@ def _distill(job: DistillJob, opd: dict[str, Any], progress: bool, out) -> int:
           f"student {sum(p.numel() for p in student.parameters()):,} params; objective {config.objective}, "
           f"{job.steps} steps x {job.batch_size} prompts x {config.num_samples} samples, horizon "
           f"{_horizon_text(config)}{mask_note}{ranks}", file=out, flush=True)
+    if stale:
+        print(f"note: removed {len(stale)} temporary file(s) that interrupted checkpoint writes left in "
+              f"{config.checkpoint_dir}: {', '.join(p.name for p in stale)}", file=out, flush=True)
     if trainer.resumed_from is not None:
         print(f"resuming from {trainer.resumed_from} (step {trainer.global_step})", file=out, flush=True)
         if trainer.masks_from_checkpoint:
             why = ("; the masks given (--masks, --mask-density or the config file's) select others and are not used"
                    if config.masks is not None else " (the run was started with masks)")
             print(f"note: resuming with the checkpoint's sparse masks{why}", file=out, flush=True)
-        if trainer.changed_options:
-            changes = ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in
-                                ((k, *v) for k, v in sorted(trainer.changed_options.items())))
+        # schedule_steps is the job's own (--steps) unless given, and then equals the run's, checked above
+        changed = {k: v for k, v in trainer.changed_options.items() if own_schedule or k != "schedule_steps"}
+        if changed:
+            changes = ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in sorted(changed.items())))
             print(f"note: options differ from the checkpoint's run, and apply from step {trainer.global_step} on: "
                   f"{changes}", file=out, flush=True)
     elif config.resume:
         print(f"no checkpoint in {config.checkpoint_dir}: starting a fresh run", file=out, flush=True)
     first_step = trainer.global_step  # after a resume: the steps before it ran in another process
     try:
-        history = trainer.train(lambda k: task.train_prompts(k, job.batch_size, seed=config.seed), job.steps,
-                                progress=progress)
+        with _StopOnTerminate(par) as terminate:  # also over the save below: a rank the signal reaches late lives
+            try:
+                history = trainer.train(terminate.checked(lambda k: task.train_prompts(k, job.batch_size,
+                                                                                       seed=config.seed)),
+                                        job.steps, progress=progress)
+            except _Terminated:  # every rank finished the step in progress: checkpoint it, as a Ctrl-C does
+                due = config.checkpoint_every and trainer.global_step % config.checkpoint_every == 0  # saved then
+                if config.checkpoint_dir is not None and trainer.global_step > first_step and not due:
+                    trainer.save_checkpoint()  # on every rank: a collective under data parallelism
+                raise
     except KeyboardInterrupt:  # a Ctrl-C: the trainer finished the step in progress and checkpointed it
-        if par.is_main:
-            found = ckpt.latest_checkpoint(config.checkpoint_dir) if config.checkpoint_dir is not None else None
-            kept = (f"the newest checkpoint is {found} (step {ckpt.checkpoint_step(found)}); continue with "
-                    f"`fastopd distill --resume --out {run_dir}` and the same options" if found is not None
-                    else "no checkpoint was written")
-            print(f"fastopd distill: interrupted at step {trainer.global_step} of {job.steps}: {kept}",
-                  file=sys.stderr, flush=True)
+        _report_stop("interrupted", trainer, job, config, run_dir, par)
         return 130
+    except _Terminated:
+        _report_stop("terminated (SIGTERM)", trainer, job, config, run_dir, par)
+        return 143
     final_state = par.full_model_state(student)  # every rank takes part (gathered under FSDP2)
     wall = time.perf_counter() - t0
     ran = [m for m in history if m["step"] > first_step]  # what the wall time covers
@@ -412,6 +446,90 @@ def _distill(job: DistillJob, opd: dict[str, Any], progress: bool, out) -> int:
     print(f"run folder: {run_dir}{os.sep} (summary.md, metrics.jsonl, eval.jsonl, {', '.join(plots) or 'no plots'}"
           f", {FINAL_STUDENT}{os.sep}{checkpoints}", file=out, flush=True)
     return 0
+
+
+def _report_stop(what: str, trainer, job: DistillJob, config: OPDConfig, run_dir: Path, par) -> None:
+    """Rank 0's last line of a run stopped early: where it stopped, its newest checkpoint and how to go on."""
+    from fastopd.train import checkpoint as ckpt
+
+    if not par.is_main:
+        return
+    found = ckpt.latest_checkpoint(config.checkpoint_dir) if config.checkpoint_dir is not None else None
+    kept = (f"the newest checkpoint is {found} (step {ckpt.checkpoint_step(found)}); continue with "
+            f"`fastopd distill --resume --out {run_dir}` and the same options" if found is not None
+            else "no checkpoint was written")
+    print(f"fastopd distill: {what} at step {trainer.global_step} of {job.steps}: {kept}", file=sys.stderr, flush=True)
+
+
+class _Terminated(Exception):
+    """Raised where the next step's prompts are drawn, once every rank knows a SIGTERM asked to stop."""
+
+
+class _StopOnTerminate:
+    """A SIGTERM while `train` runs asks to stop as a Ctrl-C does (`OPDTrainer.train`): the step in progress
+    finishes, so the trainer's state is never torn, and the job checkpoints it and exits with 143. The request is
+    read where every rank draws the next step's prompts (`checked`), and under torchrun (which passes a SIGTERM on
+    to every rank, not at the same moment) the ranks agree there: a request on any rank stops all of them before
+    the same step. The handler is installed in the main thread over the default action only, and the previous one
+    is put back at the first SIGTERM (a second one ends the process at once) and when the run and its last
+    checkpoint are done."""
+
+    def __init__(self, par) -> None:
+        self.par = par
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _StopOnTerminate:
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        self._restore()
+        if self.par.is_main:
+            print("\nterminated (SIGTERM): stopping after the step in progress, with a checkpoint; another SIGTERM "
+                  "stops at once", file=sys.stderr, flush=True)
+
+    def _restore(self) -> None:
+        if self._previous is not None and signal.getsignal(signal.SIGTERM) == self._handle:
+            signal.signal(signal.SIGTERM, self._previous)
+        self._previous = None
+
+    def __exit__(self, *exc: Any) -> None:
+        self._restore()
+
+    def checked(self, prompts: Callable[[int], Any]) -> Callable[[int], Any]:
+        """`prompts`, raising `_Terminated` instead of drawing a step's prompts once a stop is asked for (on any
+        rank: one small collective per step under data parallelism)."""
+        def get(k: int) -> Any:
+            if any(self.par.gather_objects(self.requested)):
+                raise _Terminated
+            return prompts(k)
+        return get
+
+
+def _planned_schedule_steps(trainer, run_dir: Path, par) -> int | None:
+    """After a resume, the step where the checkpoint's run ends its cosine decay; None when not resumed, when
+    the schedule changes anyway (another `lr_schedule`) or when it cannot be known."""
+    if trainer.resumed_from is None or "lr_schedule" in trainer.changed_options:
+        return None
+    if "schedule_steps" not in trainer.changed_options:
+        return trainer.config.schedule_steps
+    planned = trainer.changed_options["schedule_steps"][0]
+    if planned is None:  # a checkpoint of an older fastopd: the decay ended at the --steps config.json records
+        planned = _recorded_steps(run_dir / "config.json") if par.is_main else None
+        planned = par.gather_objects(planned)[0]  # rank 0's run folder, as every rank uses
+    return planned
+
+
+def _recorded_steps(path: Path) -> int | None:
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    steps = recorded.get("steps") if isinstance(recorded, dict) and recorded.get("schedule_steps") is None else None
+    return steps if isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1 else None
 
 
 def _error_text(exc: BaseException) -> str:

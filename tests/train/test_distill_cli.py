@@ -73,7 +73,7 @@ def test_tiny_run_writes_the_run_folder_and_resumes(tmp_path, capsys):
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"step": 1}\n')  # left by a run killed before its first checkpoint
     argv = ["distill", "--steps", "2", "--batch-size", "2", "--num-samples", "2", "--eval-size", "8",
-            "--horizon", "full:6", "--mask-density", "0.5", "--out", str(out)]
+            "--horizon", "full:6", "--mask-density", "0.5", "--schedule-steps", "3", "--out", str(out)]
     assert main(argv + ["--resume"]) == 0  # nothing to resume: a fresh run, with a notice
     text = capsys.readouterr().out
     assert f"no checkpoint in {out / 'checkpoints'}: starting a fresh run" in text
@@ -127,7 +127,7 @@ def test_config_checkpoint_dir_is_honoured(tmp_path, capsys):
     cfg = tmp_path / "job.toml"
     cfg.write_text(f'checkpoint_dir = "{tmp_path / "elsewhere"}"\n')
     argv = ["distill", "--config", str(cfg), "--steps", "1", "--batch-size", "2", "--num-samples", "1",
-            "--eval-size", "4", "--horizon", "full:4", "--out", str(tmp_path / "run")]
+            "--eval-size", "4", "--horizon", "full:4", "--schedule-steps", "2", "--out", str(tmp_path / "run")]
     assert main(argv) == 0
     assert (tmp_path / "elsewhere" / "step_00000001").is_dir() and not (tmp_path / "run" / "checkpoints").exists()
     assert f"checkpoints: {tmp_path / 'elsewhere'}" in capsys.readouterr().out
@@ -223,9 +223,10 @@ def test_a_runtime_error_keeps_its_traceback(tmp_path, capsys, monkeypatch):
 @needs_assets
 def test_resume_reports_the_checkpoints_masks_not_the_flags(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["distill", *TINY, "--mask-density", "0.5", "--out", str(out)]) == 0
+    assert main(["distill", *TINY, "--mask-density", "0.5", "--schedule-steps", "3", "--out", str(out)]) == 0
     assert "sparse masks (50.0% trainable)" in capsys.readouterr().out
-    steps = lambda k: ["distill", "--steps", str(k), *TINY[2:], "--out", str(out), "--resume"]  # noqa: E731
+    steps = lambda k: ["distill", "--steps", str(k), *TINY[2:], "--schedule-steps", "3", "--out", str(out),  # noqa: E731
+                       "--resume"]
     assert main(steps(2) + ["--mask-density", "0.1"]) == 0
     text = capsys.readouterr().out
     assert "sparse masks (50.0% trainable)" in text  # what the optimizer trains, not the flag's 10%
