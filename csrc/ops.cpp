@@ -4,6 +4,12 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
+namespace fastopd {
+std::string decode_linear_isa();  // csrc/cpu/decode_linear.cpp
+}
+
 TORCH_LIBRARY(fastopd, m) {
   // Row-wise divergence over a chunk of fp32 logits; see csrc/cpu/divergence.cpp for the math.
   // Mutates xs (gradient written in place when compute_grad), xt (scratch), loss [C] and stats [C, 5].
@@ -19,6 +25,12 @@ TORCH_LIBRARY(fastopd, m) {
       "sparse_adamw_step_(Tensor(a!)[] params, Tensor[] grads, Tensor?[] indices, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] masters, Tensor(e!)[] swallowed, float[] step_sizes, "
       "float[] bias_correction2_sqrts, float lr, float beta1, float beta2, float eps, float weight_decay) -> ()");
+  // Small-batch fp32 linear of a CPU decode step, over a weight packed in 48-column panels [ceil(N/48), K, 48];
+  // see csrc/cpu/decode_linear.cpp and fastopd/models/decode_linear.py. Mutates out [M, N]:
+  // out = (accumulate ? out : 0) + x @ W + bias.
+  m.def("decode_linear_(Tensor(a!) out, Tensor x, Tensor panels, Tensor? bias, bool accumulate) -> ()");
+  // The register tile decode_linear_ runs on this CPU: "avx512", "avx2" or "baseline".
+  m.def("decode_linear_isa() -> str", &fastopd::decode_linear_isa);
 }
 
 // `import fastopd._C` loads this library (and with it the registrations above); it exposes no Python API.

@@ -68,6 +68,13 @@ def _always() -> str | None:
     return None
 
 
+def _check_decode_linear_cpu() -> str | None:
+    why = _check_cpp("CPU", "decode_linear_")()
+    if why is None and torch.ops.fastopd.decode_linear_isa() == "baseline":
+        why = "this CPU has neither AVX-512 nor AVX2 with FMA, where MKL's sgemm is the faster choice"
+    return why
+
+
 # op -> backends in priority order (the first available one for the device wins under "auto").
 REGISTRY: dict[str, list[Backend]] = {
     "divergence_chunk": [
@@ -88,6 +95,12 @@ REGISTRY: dict[str, list[Backend]] = {
         Backend("cpu", ("cpu",), "fastopd.optim.kernels:sparse_adamw_step_cpu",
                 _check_cpp("CPU", "sparse_adamw_step_")),
         Backend("torch", ("cpu", "cuda"), "fastopd.optim.reference:sparse_adamw_step_", _always),
+    ],
+    # The weight layout of a decode step's linear layers (fastopd/models/decode_linear.py): fastopd's CPU kernel
+    # over 48-column panels, or torch.mm over the transposed weight.
+    "decode_linear": [
+        Backend("cpu", ("cpu",), "fastopd.models.decode_linear:pack_panels", _check_decode_linear_cpu),
+        Backend("torch", ("cpu", "cuda"), "fastopd.models.decode_linear:pack_transposed", _always),
     ],
 }
 

@@ -36,3 +36,9 @@ if LOAD_ERROR is None:
     def _sparse_adamw_step_fake(params, grads, indices, exp_avgs, exp_avg_sqs, masters, swallowed, step_sizes,
                                 bias_correction2_sqrts, lr, beta1, beta2, eps, weight_decay) -> None:
         return None
+
+if LOAD_ERROR is None:
+
+    @torch.library.register_fake("fastopd::decode_linear_")
+    def _decode_linear_fake(out, x, panels, bias, accumulate) -> None:
+        return None

@@ -49,6 +49,9 @@ def report() -> list[tuple[str, str]]:
     rows.append(("torch reference", "usable (CPU and CUDA)" if cuda else "usable (CPU; no CUDA device visible)"))
     why = _dispatch.available(op, "cpu", "cpu")
     rows.append(("C++ CPU kernel", "usable" if why is None else f"missing: {why}"))
+    why = _dispatch.available("decode_linear", "cpu", "cpu")
+    rows.append(("CPU decode kernel", f"usable ({torch.ops.fastopd.decode_linear_isa()} tile)" if why is None
+                 else f"missing: {why}; rollouts use torch.mm"))
     trit = _dispatch.REGISTRY[op][0].check()
     if trit is not None:
         rows.append(("Triton", f"missing: {trit}"))

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastopd.models.decode_linear import DecodeWeight, decode_linear, empty_output, pack
 from fastopd.models.kv_cache import KVCache, attention
 
 
@@ -94,8 +95,10 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 class PackedLlamaLayer(NamedTuple):
     """Inference-only weights of one Llama layer in the layout a single-token decode step wants: projections
-    fused (q|k|v and gate|up) and stored transposed ``[in, out]`` and contiguous, so each is one ``addmm``, with
-    the RMSNorm weight that precedes them folded into their rows (``(n * w) @ W = n @ (diag(w) W)``, folded in
+    fused (q|k|v and gate|up), each ``W`` of ``x @ W`` (``[in, out]``) in the layout of
+    :func:`fastopd.models.decode_linear.pack` (48-column panels for fastopd's CPU kernel, else transposed and
+    contiguous for one ``addmm``), so each is one product, with the RMSNorm weight that precedes them folded into
+    their rows (``(n * w) @ W = n @ (diag(w) W)``, folded in
     fp32 and rounded once to the weight dtype). The RMSNorm epsilons are 0-d fp32 tensors on CPU (for the
     four-kernel normalization of :func:`normalize`), floats elsewhere. A layer with per-head q/k RMSNorm (Qwen3)
     keeps their weights unfolded (they normalize each head after the projection, so no projection can absorb
@@ -103,24 +106,24 @@ class PackedLlamaLayer(NamedTuple):
     key head, matching the q|k rows of the fused projection; None without them."""
 
     input_eps: float | torch.Tensor
-    qkv: torch.Tensor  # [D, (H_q + 2 H_kv) * D_head], input-norm weight folded in
+    qkv: DecodeWeight  # [D, (H_q + 2 H_kv) * D_head], input-norm weight folded in
     qkv_bias: torch.Tensor | None
-    o: torch.Tensor  # [H_q * D_head, D]
+    o: DecodeWeight  # [H_q * D_head, D]
     o_bias: torch.Tensor | None
     post_eps: float | torch.Tensor
-    gate_up: torch.Tensor  # [D, 2 I], post-attention-norm weight folded in
+    gate_up: DecodeWeight  # [D, 2 I], post-attention-norm weight folded in
     gate_up_bias: torch.Tensor | None
-    down: torch.Tensor  # [I, D]
+    down: DecodeWeight  # [I, D]
     down_bias: torch.Tensor | None
     qk_norm: torch.Tensor | None = None  # [H_q + H_kv, 1, D_head], q_norm then k_norm weights (Qwen3)
     qk_norm_eps: float | torch.Tensor | None = None
 
 
-def _fused_t(*linears: nn.Linear, norm_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _fused_t(*linears: nn.Linear, norm_weight: torch.Tensor | None = None) -> tuple[DecodeWeight, torch.Tensor | None]:
     weight = torch.cat([lin.weight.detach() for lin in linears], 0).t()
     if norm_weight is not None:
         weight = (norm_weight.detach().float()[:, None] * weight.float()).to(weight.dtype)
-    weight = weight.contiguous()
+    weight = pack(weight)
     if all(lin.bias is None for lin in linears):
         return weight, None
     bias = torch.cat([lin.bias.detach() if lin.bias is not None else lin.weight.new_zeros(lin.out_features)
@@ -136,7 +139,8 @@ def pack_llama_layer(layer: nn.Module) -> PackedLlamaLayer:
     o, o_bias = _fused_t(attn.o_proj)
     gate_up, gate_up_bias = _fused_t(mlp.gate_proj, mlp.up_proj, norm_weight=ln2.weight)
     down, down_bias = _fused_t(mlp.down_proj)
-    eps_in, eps_post = decode_eps(ln1.variance_epsilon, qkv.device), decode_eps(ln2.variance_epsilon, qkv.device)
+    device = attn.q_proj.weight.device
+    eps_in, eps_post = decode_eps(ln1.variance_epsilon, device), decode_eps(ln2.variance_epsilon, device)
     qk_norm = qk_eps = None
     q_norm = getattr(attn, "q_norm", None)
     if q_norm is not None:
@@ -148,7 +152,7 @@ def pack_llama_layer(layer: nn.Module) -> PackedLlamaLayer:
         qw, kw = q_norm.weight.detach(), k_norm.weight.detach()
         qk_norm = torch.cat([qw.expand(attn.q_proj.out_features // head_dim, head_dim),
                              kw.expand(attn.k_proj.out_features // head_dim, head_dim)])[:, None]
-        qk_eps = decode_eps(q_norm.variance_epsilon, qkv.device)
+        qk_eps = decode_eps(q_norm.variance_epsilon, device)
     return PackedLlamaLayer(eps_in, qkv, qkv_bias, o, o_bias, eps_post, gate_up, gate_up_bias, down, down_bias,
                             qk_norm, qk_eps)
 
@@ -174,17 +178,6 @@ def normalize(x: torch.Tensor, eps: float | torch.Tensor) -> torch.Tensor:
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
-def _project(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
-    """``x @ weight_t + bias`` into ``out`` (one ``mm``/``addmm``)."""
-    return torch.mm(x, weight_t, out=out) if bias is None else torch.addmm(bias, x, weight_t, out=out)
-
-
-def _residual_add_(x: torch.Tensor, a: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x += a @ weight_t + bias`` in place (``addmm_`` takes the residual)."""
-    x.addmm_(a, weight_t)
-    return x if bias is None else x.add_(bias)
-
-
 class DecodeBuffers(NamedTuple):
     """Scratch of :func:`llama_decode_layer` for ``B`` rows, shared by every layer and step: the fused
     projections' outputs and the views the layer reads (made once, not per layer)."""
@@ -202,8 +195,8 @@ def decode_buffers(packed: PackedLlamaLayer, batch_size: int, *, num_heads: int,
                    head_dim: int) -> DecodeBuffers:
     """:class:`DecodeBuffers` for ``batch_size`` rows of layers shaped like ``packed``."""
     b, n_q, n_kv = batch_size, num_heads * head_dim, num_kv_heads * head_dim
-    qkv = packed.qkv.new_empty(b, n_q + 2 * n_kv)
-    gate_up = packed.gate_up.new_empty(b, packed.gate_up.shape[1])
+    qkv = empty_output(packed.qkv, b)
+    gate_up = empty_output(packed.gate_up, b)
     gate, up = gate_up.chunk(2, dim=-1)
     return DecodeBuffers(qkv, qkv[:, :n_q].view(b, num_heads, 1, head_dim),
                          qkv[:, : n_q + n_kv].view(b, num_heads + num_kv_heads, 1, head_dim),
@@ -245,9 +238,9 @@ def llama_decode_layer(
     token attends to cache columns ``0..column``, with a 0-d device tensor (CUDA-graph capture) to the cache's
     whole active window; ``mask`` (boolean or additive, ``[B, 1, 1, S]`` over those columns) or None when every
     one of them is valid. Computes what :func:`llama_layer` computes (same math; fused, transposed, norm-folded
-    weights; residual adds inside the ``addmm``). With ``packed.qk_norm`` (Qwen3) the q and k heads are
+    weights; residual adds inside the products). With ``packed.qk_norm`` (Qwen3) the q and k heads are
     RMS-normalized in one pass and weighted, in place, before the rotation (HF's order and rounding)."""
-    _project(normalize(x, packed.input_eps), packed.qkv, packed.qkv_bias, buffers.qkv)
+    decode_linear(normalize(x, packed.input_eps), packed.qkv, packed.qkv_bias, buffers.qkv)
     if packed.qk_norm is not None:
         torch.mul(normalize(buffers.qk, packed.qk_norm_eps), packed.qk_norm, out=buffers.qk)
     # q and k rotated together and in place; then k|v goes to the cache in one copy.
@@ -257,6 +250,7 @@ def llama_decode_layer(
     if isinstance(column, int):
         k, v = k[:, :, : column + 1], v[:, :, : column + 1]
     o = attention(buffers.q, k, v, mask)
-    _residual_add_(x, o.view(x.shape[0], -1), packed.o, packed.o_bias)
-    _project(normalize(x, packed.post_eps), packed.gate_up, packed.gate_up_bias, buffers.gate_up)
-    return _residual_add_(x, F.silu(buffers.gate, inplace=True).mul_(buffers.up), packed.down, packed.down_bias)
+    decode_linear(o.view(x.shape[0], -1), packed.o, packed.o_bias, x, accumulate=True)
+    decode_linear(normalize(x, packed.post_eps), packed.gate_up, packed.gate_up_bias, buffers.gate_up)
+    return decode_linear(F.silu(buffers.gate, inplace=True).mul_(buffers.up), packed.down, packed.down_bias, x,
+                         accumulate=True)

@@ -24,6 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastopd import _dispatch
+from fastopd.models.decode_linear import decode_linear
+from fastopd.models.decode_linear import pack as pack_decode_weight
 from fastopd.models.kv_cache import KVCache, attention, build_attention_mask
 from fastopd.models.layers import (
     DecodeBuffers,
@@ -203,12 +206,14 @@ class ModelAdapter:
         """Logits function ``[B, D] -> [B, V]`` of final hidden states, for generation, with the current weights.
 
         On CPU the head is multiplied in a layout prepared once and kept while the head is unchanged (see
-        :class:`DerivedWeights`): for fp32 with MKL and a known ``batch_size``, packed by
-        ``cblas_sgemm_pack`` for ``B = batch_size`` (the same product, bit for bit, with the packing of the
-        weight done once instead of on every call: about 4% faster generation for the benchmark's 8192 x 256
-        head; the packed buffer takes ~3.5x the head's bytes at that size, less for larger heads); otherwise a
-        contiguous transposed copy (MKL is about 2x faster with ``[D, V]`` than with ``[V, D]^T`` at decode
-        shapes). Another batch size re-packs. A model's logit scale and soft-cap are applied after the product."""
+        :class:`DerivedWeights`): for fp32, fastopd's decode kernel over 48-column panels
+        (:mod:`fastopd.models.decode_linear`; ~3x MKL at the benchmark's 8192 x 256 head on an AMD EPYC); where
+        that backend is unavailable or ``FASTOPD_IMPL=torch``, for fp32 with MKL and a known ``batch_size``, packed
+        by ``cblas_sgemm_pack`` for ``B = batch_size`` (the same product, bit for bit, with the packing of the
+        weight done once instead of on every call; the packed buffer takes ~3.5x the head's bytes at that size,
+        less for larger heads); otherwise a contiguous transposed copy (MKL is about 2x faster with ``[D, V]`` than
+        with ``[V, D]^T`` at decode shapes). Another batch size re-packs. A model's logit scale and soft-cap are
+        applied after the product."""
         head = self._linear_head(batch_size)
         if self.logit_scale == 1.0 and self.logit_softcap is None:
             return head
@@ -220,18 +225,19 @@ class ModelAdapter:
             return lambda h: F.linear(h, w, bias)
         bias = bias.detach() if bias is not None else None
         if not hasattr(self, "_head_t"):
-            self._head_t = DerivedWeights(lambda weight: weight.t().contiguous())
+            self._head_t = DerivedWeights(lambda weight: pack_decode_weight(weight.t()))  # panels or [D, V]
             self._head_mkl = DerivedWeights(lambda weight: torch.ops.mkl._mkl_reorder_linear_weight(
                 weight, self._head_mkl_rows))
             self._head_mkl_rows = None
-        if batch_size is not None and w.dtype == torch.float32 and _HAS_MKL_PACK:
+        own_kernel = w.dtype == torch.float32 and _dispatch.resolve("decode_linear", "auto", w.device) == "cpu"
+        if batch_size is not None and w.dtype == torch.float32 and _HAS_MKL_PACK and not own_kernel:
             if batch_size != self._head_mkl_rows:
                 self._head_mkl_rows = batch_size
                 self._head_mkl.clear()
             packed = self._head_mkl.get([w])
             return lambda h: torch.ops.mkl._mkl_linear(h, packed, w, bias, batch_size)
         w_t = self._head_t.get([w])
-        return lambda h: torch.mm(h, w_t) if bias is None else torch.addmm(bias, h, w_t)
+        return lambda h: decode_linear(h, w_t, bias)
 
     def prepare_decode(self, length: int | None = None, batch_size: int | None = None) -> DecodeStep:
         """A one-token decode step ``(tokens [B], positions [B, 1], mask, cache, column) -> logits [B, V]`` for the

@@ -33,8 +33,8 @@ def test_help_lists_subcommands(capsys):
 def test_doctor_reports_every_backend(capsys):
     assert cli.main(["doctor"]) == 0
     out = capsys.readouterr().out
-    for row in ("torch", "torch reference", "C++ CPU kernel", "Triton", "Triton interpreter", "CUDA kernel",
-                "auto backend on cpu", "vocab-parallel on cpu", "torch.distributed"):
+    for row in ("torch", "torch reference", "C++ CPU kernel", "CPU decode kernel", "Triton", "Triton interpreter",
+                "CUDA kernel", "auto backend on cpu", "vocab-parallel on cpu", "torch.distributed"):
         assert row in out
     assert "missing:" in out or "usable" in out
 

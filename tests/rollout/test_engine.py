@@ -97,8 +97,12 @@ HF_MODELS = [pytest.param(llama, id="llama-gqa"), pytest.param(gpt2, id="gpt2"),
 @pytest.mark.parametrize("prompts", [pytest.param(PROMPTS, id="mixed-lengths"),
                                      pytest.param([p[:2] for p in PROMPTS[:3]], id="no-padding")])
 @pytest.mark.parametrize("make", HF_MODELS)
-def test_greedy_equals_hf_generate(make, prompts):
-    """Mixed prompt lengths run the decode step under an additive padding mask, equal lengths without a mask."""
+@pytest.mark.parametrize("layout", [pytest.param("auto", id="decode-kernel"), pytest.param("torch", id="torch-mm")])
+def test_greedy_equals_hf_generate(make, prompts, layout, monkeypatch):
+    """Mixed prompt lengths run the decode step under an additive padding mask, equal lengths without a mask;
+    with fastopd's CPU decode kernel (where it is built) and with FASTOPD_IMPL=torch's torch.mm layout."""
+    if layout == "torch":
+        monkeypatch.setenv("FASTOPD_IMPL", "torch")
     model = make()
     engine = RolloutEngine(model, horizon=Horizon.full(14), temperature=0, pad_token_id=0)
     batch = engine.generate(prompts)
