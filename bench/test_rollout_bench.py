@@ -3,6 +3,8 @@
 CPU (always): a random-weight Llama (4 layers, hidden 256, intermediate 688, 4 heads, vocab 8192), batch 8,
 prompt 32, 128 new tokens, greedy, no EOS (every provider generates exactly 128 tokens per row):
 - fastopd:     RolloutEngine(temperature=0); fastopd-sampled: the same at temperature 1 (the OPD setting)
+- fastopd-torch-mm: fastopd greedy with FASTOPD_IMPL=torch, i.e. torch.mm/MKL in place of fastopd's CPU decode
+               kernel (only where that kernel is usable: it shows what the kernel contributes on this CPU)
 - hf-dynamic:  model.generate(do_sample=False, cache_implementation="dynamic")
 - hf-static:   model.generate(do_sample=False, cache_implementation="static")
 The providers run interleaved round by round (one round = each provider once) so that load from other processes
@@ -25,6 +27,7 @@ the CUDA test its own as it goes). FASTOPD_BENCH_ROUNDS (default 5) sets the rou
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import os
@@ -37,7 +40,9 @@ import torch
 import transformers
 
 import fastopd
+from fastopd import _dispatch
 from fastopd.bench import _percentile, cpu_name
+from fastopd.models.decode_linear import cpu_isa
 from fastopd.rollout import Horizon, RolloutEngine
 
 ROUNDS = int(os.environ.get("FASTOPD_BENCH_ROUNDS", "5"))
@@ -81,6 +86,20 @@ def _hf_generate(model, ids, new_tokens, cache, sync=lambda: None):
         sync()
         return out
     return run
+
+
+def _with_env(env: dict[str, str], fn):
+    """``fn()`` with the environment variables ``env`` set, restored afterwards."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return fn()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _interleaved(benchmark, providers: dict, rounds: int, cpu_times: dict | None = None,
@@ -147,11 +166,21 @@ def test_cpu_rollout_vs_hf_generate(benchmark, cpu_model):
         "hf-dynamic": _hf_generate(cpu_model, ids, new, "dynamic"),
         "hf-static": _hf_generate(cpu_model, ids, new, "static"),
     }
+    if _dispatch.available("decode_linear", "cpu", "cpu") is None:
+        # fastopd's decode step with torch.mm/MKL in place of its own CPU decode kernel (FASTOPD_IMPL=torch, on a
+        # copy of the model: the layout is chosen when the decode weights are packed).
+        mm_engine = RolloutEngine(copy.deepcopy(cpu_model), horizon=Horizon.full(new), temperature=0, pad_token_id=0)
+        providers["fastopd-torch-mm"] = lambda: _with_env(dict(FASTOPD_IMPL="torch"), lambda: mm_engine.generate(ids))
     ours = providers["fastopd"]()  # warm-up, and the check that the comparison is like for like
-    for name in ("fastopd-sampled", "hf-dynamic", "hf-static"):
+    for name in [n for n in providers if n != "fastopd"]:
         out = providers[name]()
         if name.startswith("hf"):
-            assert torch.equal(out[:, prompt:], ours.completion_ids), f"{name} tokens differ from fastopd's"
+            out = out[:, prompt:]
+        elif name == "fastopd-torch-mm":
+            out = out.completion_ids
+        else:
+            continue
+        assert torch.equal(out, ours.completion_ids), f"{name} tokens differ from fastopd's"
     cpu_times: dict[str, list[float]] = {}
     times = _interleaved(benchmark, providers, ROUNDS, cpu_times)
     section = _throughput_section(times, batch * new, ("hf-dynamic", "hf-static"), dict(
@@ -272,11 +301,18 @@ def test_cuda_rollout_vs_hf_generate(benchmark):
     benchmark.extra_info.update({k: v["tokens_per_s"] for k, v in section["providers"].items()})
 
 
+def _decode_kernel() -> str:
+    """What multiplies fastopd's CPU decode weights here: its own kernel (and which register tile), or torch.mm."""
+    why = _dispatch.available("decode_linear", "cpu", "cpu")
+    return f"fastopd decode_linear_ ({cpu_isa()} tile)" if why is None else f"torch.mm ({why})"
+
+
 def _machine(device: str) -> dict:
     info = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 cpu=cpu_name(), cpu_cores=os.cpu_count(), torch=torch.__version__,
                 transformers=transformers.__version__, fastopd=fastopd.__version__, python=platform.python_version(),
                 torch_threads=THREADS, load_average_at_end=os.getloadavg()[0], rounds=ROUNDS,
+                decode_kernel=_decode_kernel(),
                 commit=os.environ.get("FASTOPD_COMMIT") or "unknown",
                 command="bash bench/gpu_suite.sh" if device == "cuda" else COMMAND)
     if device == "cuda" and torch.cuda.is_available():
@@ -289,7 +325,7 @@ def _markdown(device: str, data: dict, machine: dict) -> str:
              f"{machine['cpu']}, {machine['cpu_cores']} cores, torch {machine['torch']} ({machine['torch_threads']} "
              f"thread(s)), transformers {machine['transformers']}, {machine['date']}, load average at the end "
              f"{machine['load_average_at_end']:.1f} (shared machine), commit {machine.get('commit', 'unknown')}. "
-             f"Command: `{machine['command']}`", ""]
+             f"CPU decode weights: {machine.get('decode_kernel', 'unknown')}. Command: `{machine['command']}`", ""]
     tp = data.get("throughput")
     if tp:
         order = tp.get("order", "providers interleaved by round")
