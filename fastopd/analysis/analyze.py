@@ -47,13 +47,16 @@ def _listing(title: str, items: list[str], limit: int = 20) -> str:
     return f"  {title} ({len(items)}):\n" + "\n".join(f"    {x}" for x in items[:limit]) + more
 
 
-def _bitwise_equal(a: torch.Tensor, b: torch.Tensor, chunk: int) -> bool:
-    """Same shape, dtype and bits (NaN payloads and signed zeros included), compared chunk by chunk."""
-    if a.shape != b.shape or a.dtype != b.dtype:
+def _bitwise_equal(a: torch.Tensor, b: torch.Tensor, chunk: int, as_dtype: torch.dtype | None = None) -> bool:
+    """Same shape, dtype and bits (NaN payloads and signed zeros included), compared chunk by chunk; with `as_dtype`,
+    the bits of both cast to it (what the analysis calls unchanged in that storage dtype), whatever their dtypes."""
+    if a.shape != b.shape or (as_dtype is None and a.dtype != b.dtype):
         return False
-    ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.dtype.itemsize]
+    dt = as_dtype or a.dtype
+    ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[dt.itemsize]
     fa, fb = a.reshape(-1), b.reshape(-1)
-    return all(torch.equal(fa[i:i + chunk].view(ints), fb[i:i + chunk].view(ints)) for i in range(0, fa.numel(), chunk))
+    return all(torch.equal(fa[i:i + chunk].to(dt).view(ints), fb[i:i + chunk].to(dt).view(ints))
+               for i in range(0, fa.numel(), chunk))
 
 
 def _config_ties(ckpt) -> bool | None:
@@ -108,7 +111,8 @@ SAMPLE_MAX_NUMEL = 1 << 26  # "sample" skips bigger tensors (embeddings, LM head
 
 def select_null_tensors(names: list[str], mode: str, numels: dict[str, int] | None = None) -> set[str]:
     """Tensors that get null models: all, none, or a sample (per module kind: first, middle and last layer,
-    among tensors of at most SAMPLE_MAX_NUMEL elements when `numels` is given)."""
+    among tensors of at most SAMPLE_MAX_NUMEL elements when `numels` is given). `analyze_update` passes only the
+    tensors that changed for "sample" (an unchanged tensor has no null models)."""
     if mode == "all":
         return set(names)
     if mode == "none":
@@ -144,8 +148,8 @@ def analyze_update(base: CheckpointLike, tuned: CheckpointLike, *, dtype: torch.
         dtype: storage dtype to form Delta in (both sides cast to it first); None: the checkpoints' own
             (they must then agree per tensor).
         config: metric options (`AnalysisConfig`); its `dtype` is overridden by `dtype` when given.
-        null_models: "sample" (per module kind: first, middle, last layer; tensors above 2^26 elements such as
-            embeddings only with "all"), "all", or "none".
+        null_models: "sample" (per module kind: first, middle, last layer among the tensors that changed;
+            tensors above 2^26 elements such as embeddings only with "all"), "all", or "none" (no findings).
         allow_partial: analyse the common tensors when names or shapes differ, instead of raising.
         include, exclude: regular expressions on tensor names (search semantics).
         mask_out: write the update mask (fastopd.masks.v1 safetensors, bool per parameter) there.
@@ -242,7 +246,15 @@ def analyze_update(base: CheckpointLike, tuned: CheckpointLike, *, dtype: torch.
         filters = "".join(f", {o} {p!r}" for o, p in (("include", include), ("exclude", exclude)) if p)
         raise AnalysisInputError(f"no floating-point tensor left to analyse among the {len(common)} that BASE and "
                                  f"TUNED share{filters}: " + "; ".join(f"{n} {why}" for why, n in reasons.items()))
-    with_null = select_null_tensors(names, null_models, {n: math.prod(bc.infos[n].shape) for n in names})
+    numels = {n: math.prod(bc.infos[n].shape) for n in names}
+    if null_models == "sample":
+        # drawn among the tensors that changed (in the storage dtype analysed): an unchanged tensor has no null
+        # models, so an update confined to a few layers would otherwise get none, and no findings (one bitwise pass)
+        candidates = [n for n in names if numels[n] <= SAMPLE_MAX_NUMEL and not _bitwise_equal(
+            bc.load(n), tc.load(n), cfg.chunk_elems, cfg.dtype or bc.infos[n].dtype)]
+    else:
+        candidates = names
+    with_null = select_null_tensors(candidates, null_models, numels)
 
     writer = None
     if mask_out is not None:

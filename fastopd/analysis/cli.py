@@ -13,7 +13,7 @@ import torch
 from fastopd._io import folder_write_problem
 from fastopd.analysis.analyze import NULL_MODES, AnalysisInputError, MismatchError, analyze_update
 from fastopd.analysis.io import CheckpointError
-from fastopd.analysis.report import NO_UPDATE, nonfinite_line
+from fastopd.analysis.report import NO_UPDATE, no_null_line, nonfinite_line
 from fastopd.analysis.stats import AnalysisConfig
 
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
@@ -36,8 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="relative tolerances, each finite and > 0: fraction with |Delta| < tau * RMS(base) "
                         "(default: %(default)s)")
     parser.add_argument("--null-models", choices=NULL_MODES, default="sample",
-                        help="null models on a sample of tensors (first/middle/last layer per module kind, tensors "
-                        "up to 2^26 elements), all, or none (default: %(default)s)")
+                        help="null models on a sample of tensors (first/middle/last layer per module kind, among the "
+                        "changed tensors of up to 2^26 elements), all, or none (no findings) (default: %(default)s)")
     parser.add_argument("--mask-out", metavar="MASKS.safetensors",
                         help="write the changed-coordinate mask (fastopd.masks.v1) for fastopd.optim.masks; its "
                         "folder is created if missing and checked to be writable before the analysis")
@@ -151,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"  ! non-finite values, taken as 0 in energies and spectra: {nonfinite_line(s)}")
     if s["changed"] == 0:
         print(f"  ! {NO_UPDATE}")
+    elif (why := no_null_line(report)) is not None:
+        print(f"  ! {why}")
     for side, why in (report.meta.get("renamed") or {}).items():
         print(f"  (names of {side.upper()}: {'; '.join(why)})")
     for f in report.findings:

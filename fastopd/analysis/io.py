@@ -107,6 +107,31 @@ class _SafetensorsFile:
                                 offset=start - aligned).view(shape)
 
 
+def _what_else(path: Path) -> str | None:
+    """What a file that torch.load failed on is, when its first bytes say it is no torch file at all (torch files
+    start with a zip "PK" or a pickle 0x80 signature): a JSON file (a weight index: its folder is what to pass), a
+    text file (fastopd's `latest` pointer: the step folder it names), or neither. None: it looks like a torch file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return None
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        return None
+    text = head.lstrip()
+    if text[:1] in (b"{", b"["):
+        if path.name.endswith(".index.json"):
+            return f"a weight index (JSON): pass the folder holding it and its shards, {path.parent}"
+        return "a JSON file"
+    try:
+        line = head.decode().strip().splitlines()[0] if head.strip() else ""
+    except UnicodeDecodeError:
+        return "neither a torch file (zip or pickle) nor a safetensors file"
+    if line and "/" not in line and (path.parent / line).is_dir():
+        return f"a text file that names the folder {path.parent / line} (a `latest` pointer?): pass that folder"
+    return f"a text file ({line[:60]!r})"
+
+
 def _load_torch_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         try:
@@ -116,6 +141,8 @@ def _load_torch_file(path: Path) -> dict[str, torch.Tensor]:
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except Exception as exc:  # noqa: BLE001 - torch.load raises many types; all mean "cannot read this file"
+        if (what := _what_else(path)) is not None:  # torch's own message would be about unpickling (weights_only)
+            raise CheckpointError(f"{path}: not a checkpoint: it is {what}") from exc
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc})") from exc
     if isinstance(obj, Mapping):
         # a training checkpoint nests the weights ({"state_dict": ...} of Lightning, {"model": ...}, DeepSpeed's
@@ -250,9 +277,27 @@ def _add_model_folder(ckpt: Checkpoint, path: Path) -> None:
         others = sorted(p.name for p in path.iterdir() if p.suffix in (".safetensors", *_TORCH_SUFFIXES))
         found = f" (it has {', '.join(others[:5])}{', ...' if len(others) > 5 else ''}: pass a file to read it)" \
             if others else ""
+        # a training run's folder (fastopd distill's run folder or its checkpoints/, a Trainer's output_dir) holds the
+        # weights one level down
+        subs = sorted((p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")
+                       and _holds_model_weights(p)), key=lambda n: [int(t) if t.isdigit() else t
+                                                                    for t in re.split(r"(\d+)", n)])
+        if subs:
+            listed = ", ".join(subs[:5]) + (f" and {len(subs) - 5} more" if len(subs) > 5 else "")
+            found += (f"; its subfolder {listed} holds model weights: pass it" if len(subs) == 1
+                      else f"; its subfolders {listed} hold model weights: pass one")
         raise CheckpointError(f"{path}: folder holds no model weights (model*.safetensors with or without "
                               f"model.safetensors.index.json, or pytorch_model*.bin with or without "
                               f"pytorch_model.bin.index.json){found}")
+
+
+def _holds_model_weights(folder: Path) -> bool:
+    """Whether `_add_model_folder` would find weight files in `folder` (by their names only)."""
+    try:
+        return any(folder.glob("model*.safetensors")) or any(folder.glob("pytorch_model*.bin")) or \
+            (folder / "model.safetensors.index.json").exists() or (folder / "pytorch_model.bin.index.json").exists()
+    except OSError:
+        return False
 
 
 # Components that wrappers add to parameter names and that are never the model's own: torch.compile's

@@ -11,6 +11,7 @@ import numpy as np
 
 from fastopd._io import atomic_path, write_text_atomic
 from fastopd.analysis.naming import FFN_KINDS
+from fastopd.analysis.plots import PLOT_FILES
 
 __all__ = ["UpdateReport", "build_report"]
 
@@ -190,7 +191,9 @@ class UpdateReport:
     def write(self, out_dir: str | Path, plots: bool = True) -> list[Path]:
         """Write report.json (strict JSON: NaN/Inf numbers as null), report.md, spectra.safetensors and (with
         matplotlib) PNG plots into `out_dir`. Each file is written atomically (`fastopd._io.atomic_path`): an
-        interrupted write leaves the file of an earlier run or none, never a truncated one."""
+        interrupted write leaves the file of an earlier run or none, never a truncated one. Once all are written,
+        the spectra and plot files of an earlier run that this one does not write (`plots=False`, no spectrum) are
+        removed, so that none passes for this pair's; other files in `out_dir` are left alone."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         written = [out / "report.json", out / "report.md"]
@@ -210,6 +213,9 @@ class UpdateReport:
             from fastopd.analysis.plots import make_plots
 
             written += make_plots(self, out)
+        for name in ("spectra.safetensors", *PLOT_FILES):
+            if out / name not in written:
+                (out / name).unlink(missing_ok=True)
         return written
 
     def markdown(self) -> str:
@@ -225,6 +231,8 @@ class UpdateReport:
             lines[-1:-1] = [f"- **non-finite values** (taken as 0 in energies and spectra): {nonfinite_line(s)}"]
         if s["changed"] == 0:
             lines[-1:-1] = [f"- **{NO_UPDATE}**"]
+        elif (why := no_null_line(self)) is not None:
+            lines[-1:-1] = [f"- **{why}**"]
         for side, why in (self.meta.get("renamed") or {}).items():
             lines[-1:-1] = [f"- {side.upper()} names: {'; '.join(why)}"]
         if self.mismatches:
@@ -258,6 +266,15 @@ class UpdateReport:
 
 NO_UPDATE = ("no coordinate changed: BASE and TUNED hold the same bits in every analysed tensor (no findings: "
              "they need a nonzero update)")
+
+
+def no_null_line(report: UpdateReport) -> str | None:
+    """Why a report with changed coordinates has no findings (no changed tensor got null models), or None."""
+    if report.summary["changed"] == 0 or report.summary["null_tensors"] > 0:
+        return None
+    how = ("--null-models none" if report.meta.get("null_models") == "none" else
+           "the sample leaves out tensors above 2^26 elements, the only ones that changed: use --null-models all")
+    return f"no null models on a changed tensor ({how}): no findings, each is judged against them"
 
 
 def nonfinite_line(summary: dict) -> str:

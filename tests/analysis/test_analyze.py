@@ -113,6 +113,43 @@ def test_select_null_tensors_samples_first_middle_last_per_kind():
     assert "model.embed_tokens.weight" not in select_null_tensors(names, "sample", numels)
 
 
+@pytest.mark.parametrize("changed_layers,dtype", [
+    pytest.param((2,), None, id="only-layer-2-of-7-changed"),
+    pytest.param((1, 4), None, id="layers-1-and-4-of-7-changed"),
+    pytest.param((5,), torch.bfloat16, id="layer-5-changed-after-casting-to-bf16"),
+])
+def test_null_sample_is_drawn_among_the_tensors_that_changed(changed_layers, dtype):
+    """An update confined to a few layers (partial fine-tuning) must not get its null models only on the unchanged
+    first/middle/last layers, which have none: the findings would all vanish without a word."""
+    g = torch.Generator().manual_seed(0)
+    base = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(23, 17, generator=g) for i in range(7)}
+    tuned = {k: v.clone() for k, v in base.items()}
+    for i in changed_layers:
+        tuned[f"model.layers.{i}.mlp.up_proj.weight"] += 0.05 * torch.randn(23, 17, generator=g)
+    if dtype is not None:  # a change below bf16 resolution on layer 0: unchanged in the storage dtype analysed
+        tuned["model.layers.0.mlp.up_proj.weight"] = base["model.layers.0.mlp.up_proj.weight"].bfloat16().float()
+        base["model.layers.0.mlp.up_proj.weight"] = tuned["model.layers.0.mlp.up_proj.weight"] * (1 + 2.0 ** -20)
+        assert not torch.equal(base["model.layers.0.mlp.up_proj.weight"], tuned["model.layers.0.mlp.up_proj.weight"])
+    r = analyze_update(base, tuned, dtype=dtype, progress=False)
+    with_null = {n for n, t in r.tensors.items() if t.get("null")}
+    assert with_null == {f"model.layers.{i}.mlp.up_proj.weight" for i in changed_layers}
+    assert r.summary["null_tensors"] == len(changed_layers)
+    assert {f["id"] for f in r.findings} >= {"coordinate_sparse", "full_rank", "ffn_heavy"}
+
+
+def test_no_null_models_says_why_there_are_no_findings(tmp_path, capsys):
+    base = _llama(0, layers=1)
+    tuned = _bump(base, lambda n: "mlp" in n)
+    r = analyze_update(base, tuned, null_models="none", progress=False)
+    assert r.findings == []
+    assert "no null models" in r.markdown()
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file(tuned, str(tmp_path / "tuned.safetensors"))
+    assert cli_main(["analyze", str(tmp_path / "base.safetensors"), str(tmp_path / "tuned.safetensors"), "--out",
+                     str(tmp_path / "o"), "--quiet", "--no-plots", "--null-models", "none"]) == 0
+    assert "no null models" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------------------------------ formats and errors
 def _write_formats(tmp_path, sd: dict, tag: str) -> dict:
     """The same state dict as a single safetensors file, a sharded HF folder with index, and a torch file."""
@@ -549,6 +586,25 @@ def test_report_write_interrupted_leaves_the_earlier_files_whole(tmp_path, monke
         r.write(tmp_path, plots=True)
     after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     assert after == before  # no truncated file, no leftover temporary
+
+
+@pytest.mark.parametrize("second", [pytest.param("no-plots", id="rerun-with-no-plots"),
+                                    pytest.param("no-spectra", id="rerun-of-a-pair-without-2d-tensors")])
+def test_report_write_into_an_earlier_runs_folder_leaves_none_of_its_files(tmp_path, second):
+    """A second analysis written into the same --out (its default is one fixed folder) must not leave the first
+    one's plots or spectra beside its report, where they would pass for the new pair's."""
+    base = {"w": torch.randn(12, 10), "b": torch.randn(7)}
+    first = analyze_update(base, {k: v + 1e-3 for k, v in base.items()}, null_models="none", progress=False)
+    first.write(tmp_path, plots=True)
+    assert {"spectra.safetensors", "singular_energy.png"} <= {p.name for p in tmp_path.iterdir()}
+    (tmp_path / "notes.txt").write_text("mine")  # a file the report does not own stays
+    if second == "no-plots":
+        again = analyze_update(base, {k: v - 1e-3 for k, v in base.items()}, null_models="none", progress=False)
+        written = again.write(tmp_path, plots=False)
+    else:
+        again = analyze_update({"b": base["b"]}, {"b": base["b"] + 1e-3}, null_models="none", progress=False)
+        written = again.write(tmp_path, plots=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([p.name for p in written] + ["notes.txt"])
 
 
 def test_mask_is_readable_by_optim_masks(tmp_path):

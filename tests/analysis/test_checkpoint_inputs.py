@@ -12,7 +12,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fastopd.analysis import AnalysisConfig, CheckpointError, MismatchError, analyze_tensor, analyze_update
+from fastopd.analysis import (
+    AnalysisConfig,
+    CheckpointError,
+    MismatchError,
+    analyze_tensor,
+    analyze_update,
+    open_checkpoint,
+)
 from fastopd.cli import main as cli_main
 
 
@@ -266,3 +273,79 @@ def test_python_dtype_that_is_not_a_storage_dtype_is_refused_before_reading(dtyp
 
     with pytest.raises(AnalysisInputError, match=r"dtype must be None or one of torch.bfloat16, .*got"):
         analyze_update("/nonexistent/base", "/nonexistent/tuned", dtype=dtype, progress=False)
+
+
+@pytest.mark.parametrize("constant", [pytest.param("norms-at-one", id="norm-weights-all-one"),
+                                      pytest.param("zero-biases", id="zero-initialised-biases")])
+def test_plots_of_a_kind_whose_base_magnitudes_are_all_equal_warn_nothing(tmp_path, constant):
+    """A freshly initialised norm (all 1.0) or a zero bias has every coordinate in one |base| decile: the others are
+    undefined for every tensor of that kind, which must not make numpy warn about an all-NaN median."""
+    base = {k: v.clone() for k, v in BASE.items()}  # its model.norm.weight is all 1.0
+    if constant == "zero-biases":  # varied norms; the only attention-output tensor is a zero bias
+        base["model.norm.weight"] = 1 + 0.1 * torch.randn(6, generator=torch.Generator().manual_seed(3))
+        base["model.layers.0.self_attn.o_proj.bias"] = torch.zeros(7)
+    tuned = _tuned(base)
+    report = analyze_update(base, tuned, progress=False, null_models="all")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        written = report.write(tmp_path, plots=True)
+    assert tmp_path / "enrichment_by_magnitude.png" in written
+
+
+@pytest.mark.parametrize("case", [pytest.param("index-json", id="weight-index-json-passed-as-a-file"),
+                                  pytest.param("config-json", id="config-json-passed-as-a-file"),
+                                  pytest.param("latest-pointer", id="fastopd-latest-pointer-passed-as-a-file"),
+                                  pytest.param("text", id="plain-text-file")])
+def test_a_file_that_is_no_checkpoint_says_what_it_is(tmp_path, capsys, case):
+    """Not torch's unpickler error (which advises weights_only=False for a JSON file): what the file is, and the
+    folder to pass where there is one."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    save_file(BASE, str(folder / "model.safetensors"))
+    if case == "index-json":
+        path, says = folder / "model.safetensors.index.json", rf"weight index.*pass the folder .*{folder}"
+        path.write_text(json.dumps({"metadata": {}, "weight_map": {k: "model.safetensors" for k in BASE}}))
+    elif case == "config-json":
+        path, says = folder / "config.json", r"a JSON file"
+        path.write_text(json.dumps({"model_type": "llama"}, indent=2))
+    elif case == "latest-pointer":
+        (tmp_path / "checkpoints").mkdir()
+        (tmp_path / "checkpoints" / "step_00000007").mkdir()
+        path = tmp_path / "checkpoints" / "latest"
+        path.write_text("step_00000007\n")
+        says = rf"names the folder {tmp_path / 'checkpoints' / 'step_00000007'}.*pass that folder"
+    else:
+        path, says = tmp_path / "notes.txt", r"a text file \('trained for 3 epochs'"
+        path.write_text("trained for 3 epochs\nlr 1e-5\n")
+    with pytest.raises(CheckpointError, match=says) as e:
+        open_checkpoint(path)
+    assert str(path) in str(e.value) and "weights_only" not in str(e.value)
+    assert cli_main(["analyze", str(path), str(folder), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "weights_only" not in err
+
+
+@pytest.mark.parametrize("layout,passed,says", [
+    pytest.param("fastopd-run", "checkpoints", r"step_00000002, step_00000004 hold model weights: pass one",
+                 id="fastopd-checkpoints-folder"),
+    pytest.param("fastopd-run", ".", r"its subfolder final_student holds model weights: pass it",
+                 id="fastopd-run-folder"),
+    pytest.param("hf-trainer", ".", r"checkpoint-10, checkpoint-20 hold model weights: pass one",
+                 id="hf-trainer-output-dir"),
+])
+def test_folder_whose_subfolders_hold_the_weights_names_them(tmp_path, layout, passed, says):
+    """A training run's output folder (fastopd distill's run folder or its checkpoints/, a Trainer's output_dir)
+    holds the weights one level down: the error names those subfolders."""
+    if layout == "fastopd-run":
+        for sub in ("checkpoints/step_00000002", "checkpoints/step_00000004", "final_student"):
+            (tmp_path / sub).mkdir(parents=True)
+            save_file(BASE, str(tmp_path / sub / "model.safetensors"))
+        (tmp_path / "checkpoints" / "latest").write_text("step_00000004\n")
+        (tmp_path / "logs").mkdir()
+    else:
+        for sub in ("checkpoint-10", "checkpoint-20"):
+            (tmp_path / sub).mkdir()
+            save_file(BASE, str(tmp_path / sub / "model.safetensors"))
+        (tmp_path / "runs").mkdir()
+    with pytest.raises(CheckpointError, match=r"folder holds no model weights.*" + says):
+        open_checkpoint(tmp_path / passed)
