@@ -7,8 +7,9 @@ the four-GEMM floor, forward + backward, one benchmark group per divergence so t
 `fastopd bench` runs the same providers (fastopd.bench) in one process and writes bench/results/. pytest-benchmark
 times each provider in its own block, so a change in machine load lands on one provider; `fastopd bench` times
 them round-robin, and its ratios are the ones to quote. Peak memory above the inputs (None where the CPU
-high-water mark could not be reset), fastopd's resolved backend and the FASTOPD_* environment go into each
-benchmark's extra_info.
+high-water mark could not be reset), the loss's and the gradients' relative differences from naive's (checked
+against fastopd.bench's tolerances before the timing), fastopd's resolved backend and the FASTOPD_* environment go
+into each benchmark's extra_info.
 """
 
 import os
@@ -30,13 +31,19 @@ def test_loss_forward_backward(benchmark, provider, divergence):
         step = bench.provider_step(provider, divergence, inputs)
     except ImportError as exc:
         pytest.skip(f"{provider} not installed: {exc}")
-    mem = bench.PeakMemory(DEVICE)
-    mem.start()
-    step()
-    peak = mem.peak()
+    peak, grads = bench.memory_run(step, inputs, bench.PeakMemory(DEVICE))
+    loss = bench.provider_loss(provider, divergence, inputs)
+    ref = bench.reference_loss(divergence, inputs)
+    loss_diff = None if loss is None else abs(loss - ref) / abs(ref)
+    grad_diff = (None if provider == "gemm_floor"
+                 else bench.grad_rel_diff(grads, bench.reference_grads(divergence, inputs)))
+    del grads
     benchmark.group = f"loss-{divergence}-N{SHAPE.n}-D{SHAPE.ds}-V{SHAPE.v}"
     benchmark.extra_info.update(provider=provider, divergence=divergence, shape=vars(SHAPE),
-                                peak_bytes_above_inputs=peak, machine=bench.machine_info(DEVICE, SHAPE.v))
+                                peak_bytes_above_inputs=peak, loss_rel_diff_vs_naive=loss_diff,
+                                grad_rel_diff=grad_diff, machine=bench.machine_info(DEVICE, SHAPE.v))
+    assert loss_diff is None or loss_diff <= bench.LOSS_RTOL[SHAPE.dtype], f"{provider}: loss differs {loss_diff}"
+    assert grad_diff is None or grad_diff <= bench.GRAD_RTOL[SHAPE.dtype], f"{provider}: gradients differ {grad_diff}"
 
     def timed():
         step()

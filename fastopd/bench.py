@@ -16,7 +16,9 @@ call of each per repeat with the starting provider rotated, on the same inputs, 
 falls on all of them; each reports the median and 20/80 percentiles, and ratios are of medians of the same run.
 A ratio below 1 against the floor, a wide p20-p80 spread, or a loss that differs from naive's by more than the
 dtype's tolerance is flagged in the table and warned about (naive's loss is computed a chunk of rows at a time for
-this, so it exists also where naive's [N, V] tensors do not fit and naive is left out of the providers).
+this, so it exists also where naive's [N, V] tensors do not fit and naive is left out of the providers); so are
+gradients (of the memory run, the first call) that differ from naive's gradients computed in fp32, also a chunk of
+rows at a time.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ import ctypes
 import datetime as _dt
 import gc
 import json
+import math
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -48,6 +52,10 @@ ENV_VARS = ("FASTOPD_IMPL", "FASTOPD_CHUNK_BYTES", "TRITON_INTERPRET", "OMP_NUM_
 # |loss - naive's loss| / |naive's loss| above which a provider is flagged: naive computes in fp32 from logits
 # in the input dtype, so low-precision inputs leave room for honest differences of the order of their rounding.
 LOSS_RTOL = {"float32": 1e-4, "bfloat16": 1e-2, "float16": 2e-3}
+# max over grad_hs, grad_ws of ||g - g_ref|| / ||g_ref||, g_ref naive's gradient in fp32, above which a provider is
+# flagged: measured at N=37 V=1001, the peers' are within 5e-7 (fp32), 2e-2 (bf16) and 5e-3 (fp16); a wrong
+# gradient (a lost 1/N, the other divergence, a missing term) is off by 0.1 or more.
+GRAD_RTOL = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
 SPREAD_LIMIT = 0.2  # (p80 - p20) / median above which a provider's timings are flagged as too noisy
 CLEAR_REFS = "/proc/self/clear_refs"
 HWM_RESET_SLACK = 2 * 2**20  # bytes VmHWM may exceed VmRSS right after a reset that took effect
@@ -137,6 +145,51 @@ def reference_loss(divergence: str, inputs: dict[str, torch.Tensor], *, rows: in
     return float(total / (labels != -100).sum())
 
 
+def reference_grads(divergence: str, inputs: dict[str, torch.Tensor], *,
+                    rows: int | None = None) -> dict[str, torch.Tensor]:
+    """naive's gradients {"hs": [N, Ds], "ws": [V, Ds]} on `inputs`, in fp32 and a chunk of rows at a time (as
+    reference_loss, so no [N, V] tensor): what every provider's gradients are compared with."""
+    hs, ws, ht, wt = (inputs[k].detach().float() for k in ("hs", "ws", "ht", "wt"))
+    labels = inputs["labels"]
+    rows = rows or max(1, REFERENCE_CHUNK_BYTES // (4 * ws.shape[0]))
+    valid = labels != -100
+    count = valid.sum()
+    w = ws.clone().requires_grad_(True)
+    grad_h = []
+    for start in range(0, hs.shape[0], rows):
+        end = min(start + rows, hs.shape[0])
+        h = hs[start:end].clone().requires_grad_(True)
+        with torch.no_grad():
+            xt = ht[start:end] @ wt.T
+        per = _naive_rows(h @ w.T, xt, _beta(divergence))
+        ((per * valid[start:end]).sum() / count).backward()
+        grad_h.append(h.grad)
+    return {"hs": torch.cat(grad_h), "ws": w.grad}
+
+
+def grad_rel_diff(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
+    """max over ref's keys of ||got - ref|| / ||ref|| (inf for a gradient `got` lacks)."""
+    worst = 0.0
+    for k, r in ref.items():
+        if got.get(k) is None:
+            return math.inf
+        worst = max(worst, float((got[k].float() - r).norm() / r.norm().clamp_min(1e-30)))
+    return worst
+
+
+def _gkd_trainer():
+    """TRL's GKDTrainer: trl.experimental.gkd from TRL 0.26 on, trl.GKDTrainer before (fastopd's trl extra takes
+    0.19 on). ImportError where neither is there."""
+    try:
+        from trl.experimental.gkd import GKDTrainer
+    except ImportError:
+        try:
+            from trl import GKDTrainer
+        except ImportError as exc:
+            raise ImportError(f"TRL's GKDTrainer is not importable ({exc})") from None
+    return GKDTrainer
+
+
 def provider_step(name: str, divergence: str, inputs: dict[str, torch.Tensor]) -> Callable[[], None]:
     """A closure running one forward + backward of `name` on `inputs` (gradients are dropped afterwards)."""
     hs, ws, ht, wt, labels = (inputs[k] for k in ("hs", "ws", "ht", "wt", "labels"))
@@ -166,7 +219,7 @@ def provider_step(name: str, divergence: str, inputs: dict[str, torch.Tensor]) -
             loss_fn(hs, ws, ht, wt, labels).backward()
             clear()
     elif name == "trl":
-        from trl.experimental.gkd import GKDTrainer
+        GKDTrainer = _gkd_trainer()
 
         def step():
             xs, xt = hs @ ws.T, ht @ wt.T
@@ -217,8 +270,7 @@ def provider_loss(name: str, divergence: str, inputs: dict[str, torch.Tensor]) -
         if name == "naive":
             return float(_naive_loss(hs @ ws.T, ht @ wt.T, labels, beta))
         if name == "trl":  # TRL's own function, so a disagreement with naive shows in loss_rel_diff_vs_naive
-            from trl.experimental.gkd import GKDTrainer
-
+            GKDTrainer = _gkd_trainer()
             return float(GKDTrainer.generalized_jsd_loss((hs @ ws.T)[None], (ht @ wt.T)[None], labels=labels[None],
                                                          beta=beta))
         if name == "liger":
@@ -304,6 +356,23 @@ class PeakMemory:
             return torch.cuda.max_memory_allocated() - self.base
         hwm = self._status("VmHWM:")
         return hwm - self.base if hwm is not None and self.reset_ok else None
+
+
+def memory_run(step: Callable[[], None], inputs: dict[str, torch.Tensor],
+               mem: PeakMemory) -> tuple[int | None, dict[str, torch.Tensor]]:
+    """A provider's first call: its peak memory above the inputs and the gradients {"hs", "ws"} it computed (kept
+    by reference once the step lets go of them, so no copy counts in the peak; empty for the GEMM floor)."""
+    grads: dict[str, torch.Tensor] = {}
+    hooks = [inputs[k].register_post_accumulate_grad_hook(lambda p, k=k: grads.__setitem__(k, p.grad))
+             for k in ("hs", "ws")]
+    try:
+        mem.start()
+        step()
+        peak = mem.peak()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return peak, grads
 
 
 def _sync(device: str) -> None:
@@ -413,10 +482,16 @@ def summarize(rows: list[dict], dtype: str) -> list[str]:
                 out.append(f"{div} {name}: p20-p80 spread is {spread:.0%} of the median (over "
                            f"{SPREAD_LIMIT:.0%}): noisy timings")
             diff = r.get("loss_rel_diff_vs_naive")
-            if diff is not None and diff > rtol:
+            if diff is not None and not diff <= rtol:  # NaN too
                 flags.append(f"loss differs {diff:.1e}")
                 out.append(f"{div} {name}: loss differs from naive's by {diff:.2e} (relative), over the "
                            f"{dtype} tolerance {rtol:.0e}")
+            gdiff = r.get("grad_rel_diff")
+            grtol = GRAD_RTOL.get(dtype, GRAD_RTOL["float32"])
+            if gdiff is not None and not gdiff <= grtol:
+                flags.append(f"grads differ {gdiff:.1e}")
+                out.append(f"{div} {name}: gradients differ from naive's in fp32 by {gdiff:.2e} (relative norm), "
+                           f"over the {dtype} tolerance {grtol:.0e}")
             r["flags"] = flags
     return out
 
@@ -431,6 +506,7 @@ def run_benchmark(shape: Shape, divergences: list[str], providers: list[str], de
     for div in divergences:
         inputs = make_inputs(shape, device)
         ref_loss = reference_loss(div, inputs)
+        ref_grads = reference_grads(div, inputs)
         steps, by = {}, {}
         for name in providers:
             try:
@@ -440,12 +516,12 @@ def run_benchmark(shape: Shape, divergences: list[str], providers: list[str], de
                 rows.append(dict(divergence=div, provider=name, skipped=str(exc)))
                 continue
             loss = provider_loss(name, div, inputs)
-            mem.start()
-            step()  # the memory run, also the first warm-up call
-            peak = mem.peak()
+            peak, grads = memory_run(step, inputs, mem)  # also the first warm-up call
             row = dict(divergence=div, provider=name, peak_bytes_above_inputs=peak, loss=loss,
                        loss_rel_diff_vs_naive=(abs(loss - ref_loss) / abs(ref_loss)
-                                               if loss is not None and ref_loss else None))
+                                               if loss is not None and ref_loss else None),
+                       grad_rel_diff=None if name == "gemm_floor" else grad_rel_diff(grads, ref_grads))
+            del grads
             if name == "fastopd":
                 row["backend"] = machine["fastopd_backend"]
             rows.append(row)
@@ -457,7 +533,7 @@ def run_benchmark(shape: Shape, divergences: list[str], providers: list[str], de
             peak = by[name]["peak_bytes_above_inputs"]
             log(f"  {div:4s} {name:10s} {statistics.median(t):8.3f} s   peak "
                 + (f"+{peak / 2**20:8.1f} MiB" if peak is not None else "n/a"))
-        del steps, inputs
+        del steps, inputs, ref_grads
         gc.collect()
     flagged = summarize(rows, shape.dtype)
     for w in flagged:
@@ -478,6 +554,11 @@ def _env_line(machine: dict) -> str:
             + (f", {rows} rows per chunk" if rows else "") + f"); {fastopd_env}" + (f"; {others}" if others else ""))
 
 
+def _seconds(x: float) -> str:
+    """Three decimals, or three significant digits below 0.1 s (tiny shapes would read 0.000)."""
+    return f"{x:.3f}" if x >= 0.1 else (f"{x:#.3g}" if x >= 1e-4 else f"{x:.2e}")
+
+
 def markdown_table(result: dict, label: str) -> str:
     s = result["shape"]
     m = result["machine"]
@@ -492,11 +573,11 @@ def markdown_table(result: dict, label: str) -> str:
              _env_line(m),
              "",
              "| divergence | provider | median s | p20 s | p80 s | x GEMM floor | peak MiB above inputs "
-             "| memory vs naive | loss rel diff vs naive | flags |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| memory vs naive | loss rel diff vs naive | grad rel diff | flags |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["results"]:
         if "median_s" not in r:
-            lines.append(f"| {r['divergence']} | {r['provider']} | skipped: {r.get('skipped', '')} | | | | | | | |")
+            lines.append(f"| {r['divergence']} | {r['provider']} | skipped: {r.get('skipped', '')} | | | | | | | | |")
             continue
         ratio = r.get("ratio_to_gemm_floor")
         ratio = "" if ratio is None else f"{ratio:.2f}" + (" (!)" if "below floor" in r.get("flags", ()) else "")
@@ -505,8 +586,11 @@ def markdown_table(result: dict, label: str) -> str:
         memv = f"{r['memory_vs_naive']:.1%}" if r.get("memory_vs_naive") is not None else ""
         diff = r.get("loss_rel_diff_vs_naive")
         diff = "" if diff is None else f"{diff:.1e}"
-        lines.append(f"| {r['divergence']} | {r['provider']} | {r['median_s']:.3f} | {r['p20_s']:.3f} | "
-                     f"{r['p80_s']:.3f} | {ratio} | {peak} | {memv} | {diff} | {', '.join(r.get('flags', ()))} |")
+        gdiff = r.get("grad_rel_diff")
+        gdiff = "" if gdiff is None else f"{gdiff:.1e}"
+        lines.append(f"| {r['divergence']} | {r['provider']} | {_seconds(r['median_s'])} | {_seconds(r['p20_s'])} | "
+                     f"{_seconds(r['p80_s'])} | {ratio} | {peak} | {memv} | {diff} | {gdiff} | "
+                     f"{', '.join(r.get('flags', ()))} |")
     if result.get("warnings"):
         lines += ["", "Warnings:", ""] + [f"- {w}" for w in result["warnings"]]
     return "\n".join(lines) + "\n"
@@ -554,8 +638,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="untimed calls per provider before timing, at least 1, the first of which measures "
                              "its peak memory (default 1)")
     parser.add_argument("--out", default="bench/results",
-                        help="folder for the JSON and Markdown results (created, and checked to be writable, "
-                             "before the timing; default bench/results, relative to the working directory)")
+                        help="folder for the JSON and Markdown results, loss_<device>_<kind>_<dtype>.json and "
+                             ".md (kind: quick, full or custom), replacing earlier ones of those names (created, and "
+                             "checked to be writable, before the timing; default bench/results, relative to the "
+                             "working directory)")
 
 
 def _command(args: argparse.Namespace) -> str:
@@ -565,7 +651,7 @@ def _command(args: argparse.Namespace) -> str:
                     dtype="float32", repeats=None, warmup=1, out="bench/results")
     for key, default in defaults.items():
         if getattr(args, key) != default:
-            parts.append(f"--{key} {getattr(args, key)}")
+            parts.append(f"--{key} {shlex.quote(str(getattr(args, key)))}")
     parts.append(f"--device {args.device}")
     return " ".join(parts)
 

@@ -4,6 +4,8 @@ was really reset, the backend and environment fastopd ran under recorded, and un
 import importlib.util
 import json
 import platform
+import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -460,3 +462,106 @@ def test_the_reference_loss_needs_no_n_by_v_tensor_when_naive_is_left_out(monkey
         assert bench.reference_loss(div, inputs) == pytest.approx(naive, rel=1e-6)
         fast = next(r for r in result["results"] if r["provider"] == "fastopd" and r["divergence"] == div)
         assert fast["loss_rel_diff_vs_naive"] < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What a user relies on: broken losses and gradients flagged, TRL found where it is, the command reproducible
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [pytest.param(float("nan"), id="loss-nan"), pytest.param(float("inf"), id="loss-inf")])
+def test_a_non_finite_loss_difference_is_flagged(bad):
+    rows = [_row("fastopd", [1.0] * 5, loss_diff=bad), _row("gemm_floor", [1.0] * 5, loss_diff=None)]
+    msgs = bench.summarize(rows, "float32")
+    assert rows[0]["flags"] == [f"loss differs {bad:.1e}"] and len(msgs) == 1
+
+
+def _wrong_grad_step(real_step):
+    """provider_step, with naive's backward run on twice its loss: the loss agrees, the gradients do not."""
+    def step(name, div, inputs):
+        if name != "naive":
+            return real_step(name, div, inputs)
+        hs, ws, ht, wt, labels = (inputs[k] for k in ("hs", "ws", "ht", "wt", "labels"))
+
+        def doubled():
+            (2 * bench._naive_loss(hs @ ws.T, ht @ wt.T, labels, bench._beta(div))).backward()
+            hs.grad = ws.grad = None
+        return doubled
+    return step
+
+
+def test_a_provider_with_wrong_gradients_is_flagged(monkeypatch):
+    monkeypatch.setattr(bench, "provider_step", _wrong_grad_step(bench.provider_step))
+    result = bench.run_benchmark(bench.Shape(37, 8, 8, 301), ["jsd"], ["fastopd", "naive", "gemm_floor"], "cpu",
+                                 repeats=1, warmup=1, log=lambda line: None)
+    by = {r["provider"]: r for r in result["results"]}
+    assert by["naive"]["loss_rel_diff_vs_naive"] < 1e-5  # the loss alone does not show it
+    assert by["naive"]["grad_rel_diff"] == pytest.approx(1.0, rel=1e-3)
+    assert "grads differ 1.0e+00" in by["naive"]["flags"]
+    assert any("jsd naive: gradients differ" in w for w in result["warnings"])
+    assert by["fastopd"]["grad_rel_diff"] < 1e-5 and not by["fastopd"]["flags"][1:]
+    assert by["gemm_floor"]["grad_rel_diff"] is None  # it computes no gradient
+
+
+PEERS = [p for p in ("fastopd", "naive", "liger", "trl")
+         if p in ("fastopd", "naive") or importlib.util.find_spec({"liger": "liger_kernel", "trl": "trl"}[p])]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("div", ["fkl", "rkl", "jsd"])
+def test_every_provider_s_gradients_match_the_fp32_reference(div, dtype):
+    result = bench.run_benchmark(bench.Shape(37, 13, 13, 301, dtype), [div], PEERS, "cpu", repeats=1, warmup=1,
+                                 log=lambda line: None)
+    for r in result["results"]:
+        assert r["grad_rel_diff"] <= bench.GRAD_RTOL[dtype], r
+        assert not any(f.startswith("grads differ") for f in r["flags"]), r
+
+
+def test_trl_before_0_26_is_found_at_trl_gkdtrainer(monkeypatch):
+    """TRL 0.19-0.25 (which fastopd's trl extra allows) keep GKDTrainer at trl.GKDTrainer only."""
+    gkd = pytest.importorskip("trl.experimental.gkd")
+    import types
+
+    old_trl = types.ModuleType("trl")
+    old_trl.GKDTrainer = gkd.GKDTrainer
+    monkeypatch.setitem(sys.modules, "trl", old_trl)
+    monkeypatch.setitem(sys.modules, "trl.experimental", None)
+    monkeypatch.setitem(sys.modules, "trl.experimental.gkd", None)
+    inputs = bench.make_inputs(bench.Shape(16, 4, 4, 50), "cpu")
+    bench.provider_step("trl", "fkl", inputs)()
+    assert bench.provider_loss("trl", "fkl", inputs) == pytest.approx(bench.reference_loss("fkl", inputs), rel=1e-5)
+
+
+def test_a_missing_provider_is_a_skipped_row(monkeypatch):
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)
+    monkeypatch.setitem(sys.modules, "liger_kernel.chunked_loss", None)
+    result = bench.run_benchmark(bench.Shape(16, 4, 4, 50), ["fkl"], ["fastopd", "liger"], "cpu", repeats=1,
+                                 warmup=1, log=lambda line: None)
+    liger = next(r for r in result["results"] if r["provider"] == "liger")
+    assert "median_s" not in liger and liger["skipped"]
+    assert "| fkl | liger | skipped: " in bench.markdown_table(result, "t")
+
+
+def test_small_times_keep_their_digits_in_the_table():
+    rows = [_row("fastopd", [2.5e-4] * 5), _row("gemm_floor", [5.0e-5] * 5, loss_diff=None)]
+    msgs = bench.summarize(rows, "float32")
+    md = bench.markdown_table(_result(rows, msgs), "tiny")
+    assert "| jsd | fastopd | 0.000250 | 0.000250 | 0.000250 | 5.00 |" in md
+    assert "| jsd | gemm_floor | 5.00e-05 |" in md
+
+
+def test_the_recorded_command_reproduces_the_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "run_benchmark", lambda *a, **k: _result([_row("naive", [1.0])], []))
+    assert cli.main([*OK, "--providers", "fastopd, naive", "--out", str(tmp_path)]) == 0
+    command = json.loads((tmp_path / "loss_cpu_custom_float32.json").read_text())["command"]
+    argv = shlex.split(command)
+    assert argv[:2] == ["fastopd", "bench"]
+    args = cli.build_parser().parse_args(argv[1:])
+    assert (args.providers, args.tokens, args.vocab, args.device) == ("fastopd, naive", 8, 16, "cpu")
+
+
+def test_help_names_the_files_it_writes_and_replaces(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "loss_<device>_<kind>_<dtype>.json" in help_text and "replacing" in help_text
