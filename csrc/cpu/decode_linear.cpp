@@ -143,6 +143,11 @@ Isa detect_isa() {
   return isa;
 }
 
+Isa current_isa() {
+  static const Isa isa = detect_isa();
+  return isa;
+}
+
 #define FASTOPD_TILE_TABLE(fn) {&fn<1>, &fn<2>, &fn<3>, &fn<4>, &fn<5>, &fn<6>, &fn<7>, &fn<8>}
 
 const TileFn* tile_table(Isa isa) {
@@ -186,7 +191,7 @@ void decode_linear_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& p
     pb = bias->data_ptr<float>();
   }
   if (M == 0 || N == 0) return;
-  static const TileFn* table = tile_table(detect_isa());  // the ISA decode_linear_isa() names
+  static const TileFn* table = tile_table(current_isa());
   const float* px = x.data_ptr<float>();
   const float* pw = panels.data_ptr<float>();
   float* po = out.data_ptr<float>();
@@ -223,8 +228,7 @@ void decode_linear_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& p
 
 // Which register tile decode_linear_ runs here: "avx512", "avx2" or "baseline".
 std::string decode_linear_isa() {
-  static const Isa isa = detect_isa();
-  switch (isa) {
+  switch (current_isa()) {
     case Isa::kAvx512: return "avx512";
     case Isa::kAvx2: return "avx2";
     default: return "baseline";

@@ -27,10 +27,6 @@ class PanelWeight(NamedTuple):
     panels: torch.Tensor  # [P, K, 48] fp32
     out_features: int  # N
 
-    @property
-    def in_features(self) -> int:
-        return self.panels.shape[1]
-
 
 DecodeWeight = torch.Tensor | PanelWeight
 
