@@ -485,24 +485,50 @@ def _open_mask_file(path: str, device: torch.device | str = "cpu"):
 
 def load(path: str, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Reads a "fastopd.masks.v1" safetensors file: name -> bool mask (kept as stored) or sorted int64 flat
-    indices. Raises ValueError for another format, or a tensor that is neither bool nor 1-D integer indices, and
-    safetensors' SafetensorError, naming the file, for a truncated or corrupt one."""
+    indices. Raises ValueError for another format, a tensor that is neither bool nor 1-D integer indices, or one
+    that does not fit the parameter shape the file records for it (a bool mask of another shape, an index past its
+    end), and safetensors' SafetensorError, naming the file, for a truncated or corrupt one."""
     out = {}
     with _open_mask_file(path, device) as f:
         meta = f.metadata() or {}
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path}: not a fastopd mask file (metadata format {meta.get('format')!r}, "
                              f"expected {FORMAT!r})")
+        shapes = _recorded_shapes(path, meta)
         for name in f.keys():
             t = f.get_tensor(name)
+            shape = shapes.get(name)
             if t.dtype == torch.bool:
+                if shape is not None and tuple(t.shape) != shape:
+                    raise ValueError(f"{path}: bool mask {name!r} has shape {tuple(t.shape)}, the file records its "
+                                     f"parameter's shape as {shape}")
                 out[name] = t
             elif t.dtype in (torch.int32, torch.int64) and t.dim() == 1:
+                if shape is not None and t.numel() and int(t.max()) >= _numel(shape):
+                    raise ValueError(f"{path}: mask {name!r} holds flat index {int(t.max())}, past the end of its "
+                                     f"parameter's recorded shape {shape} (numel {_numel(shape)})")
                 out[name] = t.long()
             else:
                 raise ValueError(f"{path}: mask {name!r} has dtype {t.dtype} and shape {tuple(t.shape)}; expected "
                                  "bool or 1-D int32/int64 flat indices")
     return out
+
+
+def _recorded_shapes(path: str, meta: Mapping[str, str]) -> dict[str, tuple[int, ...]]:
+    """The parameter shapes a mask file's metadata records (`save` writes those it knows), name -> shape."""
+    try:
+        shapes = json.loads(meta.get("shapes", "{}"))
+        return {str(n): tuple(int(s) for s in v) for n, v in shapes.items()}
+    except (ValueError, TypeError, AttributeError):
+        raise ValueError(f"{path}: the mask file's metadata 'shapes' is not a JSON object of name -> shape "
+                         f"({meta.get('shapes')!r:.80})") from None
+
+
+def recorded_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """The parameter shapes a mask file records, name -> shape (names whose shape was not known when it was
+    saved are absent)."""
+    with _open_mask_file(path) as f:
+        return _recorded_shapes(path, f.metadata() or {})
 
 
 def load_metadata(path: str) -> dict[str, Any]:

@@ -203,12 +203,16 @@ class OPDTrainer:
     def _load_masks(self, masks: Any) -> dict[str, torch.Tensor] | None:
         if masks is None:
             return None
+        recorded: dict[str, tuple[int, ...]] = {}  # the parameter shapes a mask file was made for
+        source = "masks"
         if not isinstance(masks, dict):
             from safetensors import SafetensorError
 
             from fastopd.optim import masks as mask_io
 
+            source = f"masks file {masks}"
             try:
+                recorded = mask_io.recorded_shapes(str(masks))
                 masks = mask_io.load(str(masks), device=self.device)
             except (SafetensorError, OSError) as exc:  # not a safetensors file at all (mask_io raises ValueError
                 # for a safetensors file of another format)
@@ -223,11 +227,17 @@ class OPDTrainer:
         # A mask file from `fastopd analyze` on Hugging Face checkpoints names "model.layers...": names one uniform
         # prefix away from this student's are matched; anything else is left for the optimizer to refuse by name.
         try:
-            masks = match_param_names(masks, list(aliases))
+            renamed = match_param_names({n: (m, recorded.get(n)) for n, m in masks.items()}, list(aliases))
         except ValueError:
             return masks
+        params = dict(self.student.named_parameters(remove_duplicate=False))
         out: dict[str, Any] = {}
-        for name, mask in masks.items():  # a mask on a tied weight's second name masks that weight
+        for name, (mask, made_for) in renamed.items():  # a mask on a tied weight's second name masks that weight
+            # An index mask made for a parameter of another shape can still fit this one's range: the shape the
+            # file records tells them apart (a student of another size than the one the masks were computed on).
+            if made_for is not None and name in params and tuple(params[name].shape) != made_for:
+                raise ValueError(f"{source}: mask {name!r} was made for a parameter of shape {made_for}, the "
+                                 f"student's is {tuple(params[name].shape)}")
             own = aliases.get(name, name)
             if own in out and not _same_mask(out[own], mask):
                 tied = sorted(a for a, c in aliases.items() if c == own)

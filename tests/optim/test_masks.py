@@ -362,6 +362,27 @@ def test_load_reads_bool_files_and_rejects_others(tmp_path):
         masks.load(bad)
 
 
+@pytest.mark.parametrize("tensor, why", [
+    pytest.param(torch.tensor([0, 3, 35], dtype=torch.int32), "flat index 35, past the end", id="index-past-end"),
+    pytest.param(torch.zeros(7, 5, dtype=torch.bool), r"has shape \(7, 5\)", id="bool-other-shape"),
+    pytest.param(torch.tensor([[1, 2]]), "flat indices", id="2d-indices"),
+])
+def test_load_refuses_a_mask_that_does_not_fit_its_recorded_shape(tmp_path, tensor, why):
+    """The file records each parameter's shape; a mask that does not fit it was read back as good."""
+    path = str(tmp_path / "m.safetensors")
+    save_file({"w": tensor}, path, metadata={"format": "fastopd.masks.v1", "shapes": '{"w": [5, 7]}'})
+    with pytest.raises(ValueError, match=rf"m.safetensors.*{why}"):
+        masks.load(path)
+    fits = str(tmp_path / "fits.safetensors")
+    save_file({"w": torch.tensor([0, 34], dtype=torch.int32)}, fits,
+              metadata={"format": "fastopd.masks.v1", "shapes": '{"w": [5, 7]}'})
+    assert masks.load(fits)["w"].tolist() == [0, 34] and masks.recorded_shapes(fits) == {"w": (5, 7)}
+    junk = str(tmp_path / "junk.safetensors")
+    save_file({"w": torch.tensor([0])}, junk, metadata={"format": "fastopd.masks.v1", "shapes": "[1, 2"})
+    with pytest.raises(ValueError, match="metadata 'shapes' is not a JSON object"):
+        masks.load(junk)
+
+
 def test_summary():
     m = {"model.layers.0.mlp.up_proj.weight": torch.arange(64),
          "model.layers.1.mlp.down_proj.weight": torch.zeros(16, 40, dtype=torch.bool),

@@ -127,6 +127,21 @@ def test_sparse_masks_keep_unmasked_weights_bitwise():
     assert m["update_density"] == pytest.approx(changed / total)
 
 
+def test_a_mask_file_made_for_another_student_size_is_refused(tmp_path):
+    """Index masks of a smaller student's parameters fit the larger one's index range and trained the wrong
+    coordinates without a word; the shapes the file records tell them apart."""
+    from fastopd.optim import masks as mask_lib
+
+    small, big = _tiny(6, hidden=32), _tiny(6, hidden=48)
+    path = str(tmp_path / "small.safetensors")
+    mask_lib.save(path, mask_lib.random(small, 0.1, generator=torch.Generator().manual_seed(0)),
+                  shapes={n: p.shape for n, p in small.named_parameters()})
+    OPDTrainer(_tiny(6, hidden=32), _tiny(7), _config(masks=path))  # the student it was made for
+    with pytest.raises(ValueError, match=r"small.safetensors: mask '.*' was made for a parameter of shape "
+                                         r"\(\d+, 32\), the student's is \(\d+, 48\)"):
+        OPDTrainer(big, _tiny(7), _config(masks=path))
+
+
 def _strip(history):
     return [{k: v for k, v in m.items() if k not in TIMING_KEYS} for m in history]
 
