@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import gc
-import json
 import math
 import os
 import platform
@@ -609,7 +608,9 @@ def main(argv: list[str] | None = None) -> int:
     stem = "gpu_bench" + (f"_{args.tag}" if args.tag else "") + ("_dry_run" if args.dry_run else "")
 
     def write(result: dict) -> None:  # after every row, atomically: a run killed at its limit keeps its rows
-        for suffix, text in ((".json", json.dumps(result, indent=1)), (".md", markdown(result))):
+        from fastopd._io import json_text  # NaN as null: standard JSON
+
+        for suffix, text in ((".json", json_text(result, indent=1)), (".md", markdown(result))):
             tmp = out / f".{stem}{suffix}.tmp"
             tmp.write_text(text)
             os.replace(tmp, out / f"{stem}{suffix}")

@@ -8,11 +8,14 @@ the target is left as it was.
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -58,6 +61,20 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Replaces the file at `path` by `text` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def json_text(obj: Any, indent: int | None = 2) -> str:
+    """`obj` as standard JSON text (ending in a newline): a NaN or infinite float is written as null, where
+    `json.dumps` writes the bare `NaN`/`Infinity` that strict readers (jq, JavaScript, pandas' default) refuse."""
+    def finite(x: Any) -> Any:
+        if isinstance(x, float):
+            return x if math.isfinite(x) else None
+        if isinstance(x, dict):
+            return {k: finite(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [finite(v) for v in x]
+        return x
+    return json.dumps(finite(obj), indent=indent, allow_nan=False) + "\n"
 
 
 def save_figure_atomic(fig, path: str | os.PathLike, dpi: int = 110) -> Path:

@@ -27,7 +27,6 @@ import argparse
 import ctypes
 import datetime as _dt
 import gc
-import json
 import math
 import os
 import platform
@@ -44,7 +43,7 @@ import torch
 
 import fastopd
 from fastopd import _dispatch
-from fastopd._io import folder_write_problem, write_text_atomic
+from fastopd._io import folder_write_problem, json_text, write_text_atomic
 
 PROVIDERS = ("fastopd", "naive", "liger", "trl", "gemm_floor")
 # Environment variables that change what the fastopd provider (or the GEMMs under every provider) runs.
@@ -796,7 +795,7 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(table)
     try:
-        write_text_atomic(out / f"{stem}.json", json.dumps(result, indent=2) + "\n")
+        write_text_atomic(out / f"{stem}.json", json_text(result))
         write_text_atomic(out / f"{stem}.md", table)
     except OSError as exc:  # checked before the timing; this is what changed since (the table is printed above)
         return _error(f"--out {out}: cannot write the results ({exc.strerror or exc})")

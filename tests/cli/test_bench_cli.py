@@ -565,3 +565,13 @@ def test_help_names_the_files_it_writes_and_replaces(capsys):
         cli.main(["bench", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "loss_<device>_<kind>_<dtype>.json" in help_text and "replacing" in help_text
+
+
+def test_a_nan_in_the_results_is_written_as_json_null(tmp_path, monkeypatch):
+    """json.dumps wrote a NaN loss difference as bare `NaN`, which strict JSON readers (jq, JavaScript) refuse."""
+    monkeypatch.setattr(bench, "run_benchmark",
+                        lambda *a, **k: _result([_row("naive", [1.0], loss_diff=float("nan"))], []))
+    assert cli.main([*OK, "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "loss_cpu_custom_float32.json").read_text()
+    result = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert result["results"][0]["loss_rel_diff_vs_naive"] is None and "NaN" not in text
