@@ -454,7 +454,9 @@ class OPDTrainer:
             steps: the total number of steps (a resumed run continues up to it).
             progress: show a tqdm progress bar on stderr.
         A Ctrl-C (SIGINT, on one process) lets the step in progress finish, saves a checkpoint of it (with a
-        `checkpoint_dir`) and raises KeyboardInterrupt; a second Ctrl-C interrupts at once.
+        `checkpoint_dir`) and raises KeyboardInterrupt; a second Ctrl-C interrupts at once. A SIGTERM (preemption)
+        does the same and raises `Terminated`, a SystemExit with code 143. Under torchrun neither is handled here
+        (the ranks would stop at different steps); `fastopd distill` handles SIGTERM on every rank.
 
         Returns:
             `history`, the per-step metrics of the whole run (resumed runs include the steps before the resume).
@@ -492,11 +494,12 @@ class OPDTrainer:
                     bar = tqdm(total=steps, initial=self.global_step, desc="distill", unit="step", dynamic_ncols=True,
                                file=sys.stderr)
                 self._train_loop(get, steps, bar, stop)
-                if stop.requested and self.global_step < steps:  # a Ctrl-C: keep the finished steps, then stop
+                if stop.requested and self.global_step < steps:  # a signal: keep the finished steps, then stop
                     if (cfg.checkpoint_dir is not None and self.global_step > start
                             and self._saved_step != self.global_step):
                         self.save_checkpoint()
-                    raise KeyboardInterrupt(f"stopped at step {self.global_step} of {steps}")
+                    why = f"stopped at step {self.global_step} of {steps}"
+                    raise KeyboardInterrupt(why) if stop.requested == signal.SIGINT else Terminated(why)
                 if bar is not None:
                     bar.close()
                     bar = None
@@ -728,37 +731,57 @@ def _scaled(hidden: torch.Tensor, bias: torch.Tensor | None, scale: float) -> tu
     return hidden * scale, (bias * scale if bias is not None else None)
 
 
+class Terminated(SystemExit):
+    """Raised by `OPDTrainer.train` after a SIGTERM (preemption: SLURM, Kubernetes) once the step in progress has
+    finished and been checkpointed; a SystemExit with code 143 (128 + SIGTERM), so an uncaught one ends the process
+    with the status a SIGTERM gives, after `finally` blocks and atexit handlers ran."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(143)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
 class _StopOnInterrupt:
-    """While `train` runs (in the main thread of a single process, where SIGINT is Python's default handler), the
-    first Ctrl-C only sets `requested`: the step in progress finishes, so the trainer's state is never torn, and
-    `train` checkpoints it and raises KeyboardInterrupt. The handler is then Python's again, so a second Ctrl-C
-    interrupts at once (the newest checkpoint is then the last one written). Under torchrun (the ranks would not
-    agree on the step to stop at) and elsewhere nothing changes."""
+    """While `train` runs (in the main thread of a single process), the first Ctrl-C (SIGINT, where Python's
+    default handler is installed) or SIGTERM (where its default action is) only sets `requested`: the step in
+    progress finishes, so the trainer's state is never torn, and `train` checkpoints it and raises
+    KeyboardInterrupt, or `Terminated` for a SIGTERM. Both handlers are then the previous ones again, so a second
+    signal acts at once (the newest checkpoint is then the last one written). Under torchrun (the ranks would not
+    agree on the step to stop at; `fastopd distill` makes them agree) and where another handler is installed (as
+    `fastopd distill` installs its own for SIGTERM) nothing changes."""
+
+    _DEFAULTS = ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL))
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
-        self.requested = False
-        self._installed = False
+        self.requested: int | None = None  # the signal that asked to stop
+        self._installed: list[tuple[int, Any]] = []
 
     def __enter__(self) -> _StopOnInterrupt:
-        self.requested = False
-        if (self.enabled and threading.current_thread() is threading.main_thread()
-                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
-            signal.signal(signal.SIGINT, self._handle)
-            self._installed = True
+        self.requested = None
+        if self.enabled and threading.current_thread() is threading.main_thread():
+            for signum, default in self._DEFAULTS:
+                if signal.getsignal(signum) == default:
+                    signal.signal(signum, self._handle)
+                    self._installed.append((signum, default))
         return self
 
     def _handle(self, signum, frame) -> None:
-        self.requested = True
+        self.requested = signum
         self._restore()
-        print("\ninterrupted (Ctrl-C): stopping after the step in progress, with a checkpoint; press Ctrl-C again to "
-              "stop at once", file=sys.stderr, flush=True)
+        what = "interrupted (Ctrl-C)" if signum == signal.SIGINT else "terminated (SIGTERM)"
+        again = "press Ctrl-C again" if signum == signal.SIGINT else "another SIGTERM stops the process"
+        print(f"\n{what}: stopping after the step in progress, with a checkpoint; {again} to stop at once",
+              file=sys.stderr, flush=True)
 
     def _restore(self) -> None:
-        if self._installed:
-            self._installed = False
-            if signal.getsignal(signal.SIGINT) == self._handle:
-                signal.signal(signal.SIGINT, signal.default_int_handler)
+        for signum, default in self._installed:
+            if signal.getsignal(signum) == self._handle:
+                signal.signal(signum, default)
+        self._installed = []
 
     def __exit__(self, *exc: Any) -> None:
         self._restore()

@@ -85,6 +85,28 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_a_sigterm_finishes_the_step_checkpoints_and_raises_terminated(tmp_path, capsys):
+    """OPDTrainer.train used directly (not through `fastopd distill`) died on a SIGTERM (preemption) mid-step,
+    losing every step since the last checkpoint."""
+    from fastopd.train import Terminated
+
+    def source(k):
+        if k == 2:
+            # without a handler the signal would end the test process: fail as a test instead
+            assert signal.getsignal(signal.SIGTERM) != signal.SIG_DFL, "train installed no SIGTERM handler"
+            os.kill(os.getpid(), signal.SIGTERM)
+        return TASK.train_prompts(k, 4)
+
+    trainer = OPDTrainer(_tiny(8), _tiny(9, 48), _config(checkpoint_dir=str(tmp_path)))
+    with pytest.raises(Terminated) as info:
+        trainer.train(source, 5, progress=False)
+    assert info.value.code == 143 and isinstance(info.value, SystemExit) and "step 3 of 5" in str(info.value)
+    assert trainer.global_step == 3 and ckpt.checkpoint_step(ckpt.latest_checkpoint(tmp_path)) == 3
+    assert "SIGTERM" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # put back
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_a_checkpoint_dir_that_cannot_be_written_is_refused_before_any_step(tmp_path):
     (tmp_path / "afile").write_text("")
     trainer = OPDTrainer(_tiny(8), _tiny(9, 48), _config(checkpoint_dir=str(tmp_path / "afile" / "ckpt")))
