@@ -32,8 +32,8 @@ through `config.get_text_config()`, so multimodal classes that `AutoModelForCaus
 `*ForConditionalGeneration`) are covered. Logit multipliers are honoured per model (folded into its hidden states),
 in the direction each architecture's modeling file applies them (`_LOGIT_FACTORS`): Cohere `logits * logit_scale`,
 Granite and MiniCPM3 `/ logits_scaling`, HyperCLOVAX `* logits_scaling`, FalconH1 `* lm_head_multiplier`, Muse
-`* output_multiplier`. Final-logit soft-capping (Gemma 2/3/3n/4, ...) is honoured when both models agree: the fused
-loss applies one softcap to both, so differing caps raise ValueError.
+`* output_multiplier`. Final-logit soft-capping (Gemma 2/3/3n/4, RecurrentGemma, xLSTM, ...) is honoured when both
+models agree: the fused loss applies one softcap to both, so differing caps raise ValueError.
 
 Self-check: the first time a model runs in "hidden_states" mode, the last position's logits its forward returns
 are compared with softcap(h[:, -1] @ W^T + b) as the loss computes them (h with the multiplier folded in); if they
@@ -74,8 +74,9 @@ _LOGIT_FACTORS: dict[str, tuple[str, bool]] = {
 # Top-level model types whose forward ignores the text config's final_logit_softcapping
 # (Gemma3ForConditionalGeneration applies no cap; Gemma3ForCausalLM, model type "gemma3_text", does).
 _IGNORES_SOFTCAP = frozenset({"gemma3"})
-# Text-config model types that name their final cap otherwise than `final_logit_softcapping`.
-_SOFTCAP_ATTRS = {"recurrent_gemma": "logits_soft_cap"}
+# Text-config model types that name their final cap otherwise than `final_logit_softcapping` (xLSTM's forward takes
+# no logits_to_keep, so it runs in "decoder" mode, where no self-check would catch a missed cap).
+_SOFTCAP_ATTRS = {"recurrent_gemma": "logits_soft_cap", "xlstm": "output_logit_soft_cap"}
 _LOGITS_CHECKED: weakref.WeakSet = weakref.WeakSet()  # models whose forward's logits passed the self-check
 
 
@@ -97,7 +98,7 @@ def _logit_multiplier(config) -> float:
 
 def final_softcap(model: nn.Module) -> float | None:
     """The `final_logit_softcapping` a causal LM's forward applies (None: none), read from its text config
-    (RecurrentGemma's `logits_soft_cap`)."""
+    (RecurrentGemma's `logits_soft_cap`, xLSTM's `output_logit_soft_cap`)."""
     config = _unwrap(model).config
     if getattr(config, "model_type", None) in _IGNORES_SOFTCAP:
         return None

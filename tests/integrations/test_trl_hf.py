@@ -206,6 +206,27 @@ def test_recurrent_gemma_logits_soft_cap_is_applied():
     torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-7)
 
 
+def test_xlstm_output_logit_soft_cap_is_applied():
+    """xLSTM caps its logits by `output_logit_soft_cap` (30 by default) and its forward takes no logits_to_keep, so
+    the loss runs its decoder, where the self-check cannot see a missed cap."""
+    if not hasattr(transformers, "xLSTMForCausalLM"):
+        pytest.skip("this transformers has no xLSTM")
+
+    def make(seed):
+        torch.manual_seed(seed)
+        cfg = transformers.xLSTMConfig(vocab_size=VOCAB, hidden_size=64, num_heads=1, num_blocks=1,
+                                       qk_dim_factor=1.0, v_dim_factor=1.0, mode="train", output_logit_soft_cap=0.5)
+        return transformers.xLSTMForCausalLM(cfg)  # random logits reach ~2: a cap of 0.5 binds
+
+    student, teacher = make(0), make(1)
+    assert final_softcap(student) == 0.5
+    ids = torch.randint(3, VOCAB, (2, 64))  # the native chunkwise kernel needs T divisible by its chunk size, 64
+    mask = torch.ones_like(ids)
+    loss = distillation_loss(student, teacher, ids, mask, beta=0.3)
+    ref = _shifted_reference_loss(student, teacher, ids, mask, ids, 0.3, 1.0)
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-7)
+
+
 def _gkd_trainer(tmp_path, **extra):
     from trl.experimental.gkd import GKDConfig
 
