@@ -40,19 +40,22 @@ except ImportError:  # older TRL kept GKD at the top level
 class FusedGKDTrainer(GKDTrainer):
     """`GKDTrainer` whose loss is `fastopd.fused_linear_divergence` on hidden states.
 
-    Extra class attributes: `loss_impl` ("auto"; the `impl=` of the fused loss) and `loss_chunk_size` (None: the
-    default byte budget).
+    Extra class attributes: `loss_impl` ("auto"; the `impl=` of the fused loss), `loss_chunk_size` (None: the
+    default byte budget) and `loss_vocab_size` (None: both heads' rows; for a pair whose heads differ in rows, such
+    as Qwen2.5 0.5B and 7B, the shared leading part, the `vocab_size=` of the fused loss). Set them on the class or
+    on the instance before `train()`.
     """
 
     loss_impl: str = "auto"
     loss_chunk_size: int | None = None
+    loss_vocab_size: int | None = None
 
     def compute_loss(self, model, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: int | torch.Tensor | None = None):
         loss = distillation_loss(model, self.teacher_model, inputs["input_ids"], inputs["attention_mask"],
                                  inputs["labels"], divergence="jsd", beta=self.beta, temperature=1.0,
                                  num_items_in_batch=num_items_in_batch, impl=self.loss_impl,
-                                 chunk_size=self.loss_chunk_size)
+                                 chunk_size=self.loss_chunk_size, vocab_size=self.loss_vocab_size)
         loss = loss * trainer_loss_scale(self, num_items_in_batch)
         if not return_outputs:
             return loss

@@ -1,6 +1,8 @@
 """TRL and Hugging Face drop-ins: the fused loss equals TRL's generalized_jsd_loss on real GKDTrainer batches,
 and the HF helper's loss and gradients equal a plain logits computation."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -256,8 +258,6 @@ def test_gkd_evaluate_with_compute_metrics_and_predict_get_the_student_logits(tm
 def test_gkd_loss_is_scaled_by_the_ranks_when_tokens_are_counted_across_devices(tmp_path):
     """HF sums num_items_in_batch over the ranks (average_tokens_across_devices) and DDP averages the gradients, so
     Trainer.compute_loss multiplies by the number of ranks; FusedGKDTrainer does too."""
-    from types import SimpleNamespace
-
     trainer = _gkd_trainer(tmp_path)
     batch = _collate([_dataset(4)[i] for i in range(4)])
     num_items = torch.tensor(23)
@@ -267,6 +267,30 @@ def test_gkd_loss_is_scaled_by_the_ranks_when_tokens_are_counted_across_devices(
     torch.testing.assert_close(four_ranks, 4 * one_rank)
     trainer.args.average_tokens_across_devices = False
     torch.testing.assert_close(trainer.compute_loss(trainer.model, batch, num_items_in_batch=num_items), one_rank)
+
+
+def test_gkd_teacher_with_a_larger_head_uses_the_shared_vocabulary(tmp_path):
+    """A teacher whose head has more (padding) rows than the student's, as Qwen2.5 7B's 152064 against 0.5B's
+    151936: the loss error said "pass vocab_size=", which FusedGKDTrainer had no way to pass."""
+    trainer = _gkd_trainer(tmp_path)
+    torch.manual_seed(1)
+    cfg = trainer.teacher_model.config
+    cfg.vocab_size = VOCAB + 13
+    big = transformers.LlamaForCausalLM(cfg).eval()
+    trainer.teacher_model = big
+    batch = _collate([_dataset(4)[i] for i in range(4)])
+    with pytest.raises(ValueError, match="vocab_size"):
+        trainer.compute_loss(trainer.model, batch)
+    trainer.loss_vocab_size = VOCAB
+    loss = trainer.compute_loss(trainer.model, batch)
+
+    class Cropped(torch.nn.Module):  # the teacher's logits over the shared vocabulary, for the reference
+        def forward(self, **kw):
+            return SimpleNamespace(logits=big(**kw).logits[..., :VOCAB])
+
+    ref = _shifted_reference_loss(trainer.model, Cropped(), batch["input_ids"], batch["attention_mask"],
+                                  batch["labels"], trainer.beta, 1.0)
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("accumulation,bf16", [pytest.param(2, False, id="grad-accum2-fp32"),
