@@ -554,6 +554,18 @@ def _mentions_sliding_window(decoder: nn.Module) -> bool:
     return "sliding_window" in source
 
 
+def _longrope_context(cfg: Any) -> int | None:
+    """``original_max_position_embeddings`` of a config whose RoPE (of any layer type) is ``longrope``, else None."""
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    if not isinstance(rope, dict):
+        return None
+    ropes = [rope] if "rope_type" in rope or "type" in rope else [r for r in rope.values() if isinstance(r, dict)]
+    lengths = [r.get("original_max_position_embeddings") or getattr(cfg, "original_max_position_embeddings", None)
+               for r in ropes if r.get("rope_type", r.get("type")) == "longrope"]
+    lengths = [int(n) for n in lengths if n]
+    return min(lengths) if lengths else None
+
+
 class HFCausalLMAdapter(ModelAdapter):
     """Adapter of any Hugging Face causal LM through its own forward (Gemma, Gemma 2, Gemma 3, Phi-3, OLMo 2,
     Qwen3-MoE, Mixtral, ...): the decoder (``model.get_decoder()``, else ``model.base_model``) runs with explicit
@@ -611,7 +623,7 @@ class HFCausalLMAdapter(ModelAdapter):
         self._head = head
         self._name = name
         self.vocab_size = model.get_input_embeddings().num_embeddings
-        self.hidden_size = cfg.hidden_size
+        self.hidden_size = head.in_features  # what the decoder returns (OPT may project it below the config's)
         self.num_layers = cfg.num_hidden_layers
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
@@ -630,6 +642,11 @@ class HFCausalLMAdapter(ModelAdapter):
         else:
             self._windows = {kind: window if kind == "sliding_attention" else None for kind in set(layer_types)}
             self._window = None
+        # A longrope RoPE switches every position to its long factors once a forward's positions pass its original
+        # context: keys cached under the short ones would meet long-factor queries. Within it, the RoPE is fixed.
+        self.longrope_context = _longrope_context(cfg)
+        if self.longrope_context is not None:
+            self.max_positions = min(self.max_positions, self.longrope_context)
         params = _signature_names(self.decoder.forward)
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._cache_position = "cache_position" in params
@@ -695,7 +712,7 @@ class HFCausalLMAdapter(ModelAdapter):
                                     build_attention_mask(key_mask[:, :4], 0, 4), cache, 0)[:, 1:],
                        self.forward(ids[:, 3:], torch.tensor([[3]], device=device),
                                     build_attention_mask(key_mask, 4, 1), cache, 4)]
-            except (RuntimeError, TypeError, IndexError, AttributeError, KeyError) as e:
+            except (RuntimeError, TypeError, ValueError, IndexError, AttributeError, KeyError) as e:
                 raise ValueError(f"{self._name}: the rollout adapter's cached forward failed ({type(e).__name__}: "
                                  f"{e}): this architecture does not follow the custom-mask and cache protocol the "
                                  "adapter relies on") from e

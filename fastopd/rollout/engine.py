@@ -508,6 +508,9 @@ def _window_note(adapter: ModelAdapter) -> str:
     """For error messages: a note that the model's context is its sliding-window size, when it is."""
     window = getattr(adapter, "sliding_window", None)
     if window is None or window != adapter.max_positions:
+        if getattr(adapter, "longrope_context", None) == adapter.max_positions:
+            return (" (the original context of its longrope RoPE, original_max_position_embeddings: beyond it every "
+                    "position's rotary frequencies change with the sequence length)")
         return ""
     return " (its sliding-window size: attention is exact only while prompt + horizon fit the window)"
 

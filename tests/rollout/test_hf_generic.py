@@ -150,8 +150,11 @@ def test_an_unverified_architecture_is_adapted_after_its_self_check(make):
     torch.manual_seed(0)
     model = make().eval()
     assert model.config.model_type not in HF_GENERIC_TYPES
-    batch = RolloutEngine(model, horizon=10, temperature=0, pad_token_id=0).generate(PROMPTS)
+    engine = RolloutEngine(model, horizon=10, temperature=0, pad_token_id=0)
+    batch = engine.generate(PROMPTS)
     assert torch.equal(batch.completion_ids, hf_greedy(model, batch, 10))
+    # D of the hidden states: OPT's projected decoder returns word_embed_proj_dim, not the config's hidden_size
+    assert engine.student.hidden_size == engine.student_hidden(batch).shape[-1]
 
 
 @pytest.mark.parametrize("broken", ["mask-ignored", "cache-ignored", "old-cache-api"])
@@ -181,6 +184,7 @@ def test_self_check_fails_for_a_model_that_does_not_follow_the_protocol(monkeypa
     pytest.param(("bert-lm-head", "logits are not softcap"), id="bert-transform-before-the-head"),
     pytest.param(("bert-mlm", "cached forward differs"), id="bert-bidirectional"),
     pytest.param(("rwkv", "config has no num_attention_heads"), id="rwkv-no-attention-heads"),
+    pytest.param(("falcon-alibi", "cached forward failed .ValueError"), id="falcon-alibi-needs-a-2d-mask"),
 ])
 def test_unsupported_models_are_refused_with_the_reason(case):
     kind, message = case
@@ -191,6 +195,9 @@ def test_unsupported_models_are_refused_with_the_reason(case):
     elif kind == "rwkv":  # no attention: an AttributeError of the config escaped instead of the ValueError
         model = transformers.RwkvForCausalLM(transformers.RwkvConfig(vocab_size=VOCAB, hidden_size=32,
                                                                      num_hidden_layers=2, context_length=64))
+    elif kind == "falcon-alibi":  # ALiBi built from a 2D mask: a bare "too many values to unpack" escaped the check
+        model = transformers.FalconForCausalLM(transformers.FalconConfig(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, alibi=True))
     elif kind == "neox-wrong-kv":  # GPT-NeoX has no grouped-query attention: a num_key_value_heads in its config
         model = build("gpt_neox", num_key_value_heads=2)  # is not what it caches
     else:  # BERT as a decoder puts a dense + LayerNorm transform before its output embedding; as an MLM it is
@@ -221,3 +228,29 @@ def test_a_config_window_the_architecture_ignores_is_not_applied(model_type):
     assert torch.equal(batch.completion_ids, logits.argmax(-1))
     torch.testing.assert_close(engine.score(batch), ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(hidden, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_longrope_model_runs_within_its_original_context():
+    """A longrope RoPE (Phi-3 128k, Phi-3.5) switches all frequencies to its long factors once a forward's positions
+    pass `original_max_position_embeddings`: the prompt's keys, cached under the short ones by the prefill, were then
+    attended with long-factor queries, so greedy tokens differed from HF's `generate` and `score` from the training
+    forward. The context is now that original length, where the RoPE does not depend on the sequence length."""
+    half = 6  # head_dim 12 / 2
+    rope = dict(rope_type="longrope", rope_theta=10000.0, short_factor=[1.0] * half, long_factor=[4.0] * half,
+                original_max_position_embeddings=12)
+    model = build("phi3", original_max_position_embeddings=12, rope_parameters=rope)
+    engine = RolloutEngine(model, teacher=model, horizon=10, temperature=0, pad_token_id=0)
+    assert engine.student.max_positions == 12
+    prompts = [[5, 6, 7, 8, 9], [1, 2]]
+    batch = engine.generate(prompts)
+    p, h = batch.prompt_width, batch.horizon
+    assert p + h == 12
+    assert torch.equal(batch.completion_ids, hf_greedy(model, batch, h))
+    with torch.no_grad():
+        ref = hf_hidden(model, batch.input_ids, batch.attention_mask)[:, p - 1 : p - 1 + h]
+        hidden = engine.student_hidden(batch)
+    m = batch.completion_mask
+    torch.testing.assert_close(engine.score(batch)[m], ref[m], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hidden[m], ref[m], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="original context of its longrope"):
+        engine.generate([list(range(1, 13))])
