@@ -33,6 +33,15 @@ class TransformerConfig:
     def __post_init__(self) -> None:
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "max_position_embeddings"):  # 1.5 layers or a 64.5 width were accepted
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"TransformerConfig.{name} must be an int, got {value!r}")
+        if not isinstance(self.tie_word_embeddings, bool):  # the string "false" tied the head
+            raise ValueError(f"TransformerConfig.tie_word_embeddings must be a bool, got {self.tie_word_embeddings!r}")
+        if self.num_heads <= 0:  # before the division below (num_heads=0 raised ZeroDivisionError)
+            raise ValueError(f"TransformerConfig.num_heads must be positive, got {self.num_heads}")
         if self.head_dim is None:
             if self.hidden_size % self.num_heads:
                 raise ValueError(
@@ -41,7 +50,7 @@ class TransformerConfig:
             self.head_dim = self.hidden_size // self.num_heads
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                      "head_dim", "max_position_embeddings"):
-            if int(getattr(self, name)) <= 0:
+            if getattr(self, name) <= 0:
                 raise ValueError(f"TransformerConfig.{name} must be positive, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")

@@ -18,6 +18,7 @@ from fastopd.models.layers import llama_layer, positions_from_mask, rms_norm, ro
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+CONFIG_METADATA_KEY = "fastopd_config"
 
 
 class RMSNorm(nn.Module):
@@ -155,21 +156,35 @@ class Transformer(nn.Module):
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight")
+        config_text = json.dumps(self.config.to_dict(), indent=2)
         with atomic_path(os.path.join(directory, WEIGHTS_NAME)) as tmp:  # each file whole or as it was
-            save_file(state, str(tmp))
-        write_text_atomic(os.path.join(directory, CONFIG_NAME), json.dumps(self.config.to_dict(), indent=2))
+            # the weights carry their config, so a save stopped between the two files is caught on load
+            save_file(state, str(tmp), metadata={CONFIG_METADATA_KEY: config_text})
+        write_text_atomic(os.path.join(directory, CONFIG_NAME), config_text)
 
     @classmethod
     def from_pretrained(
         cls, directory: str | os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
     ) -> Transformer:
-        """Load a model written by :meth:`save_pretrained`. Raises ValueError on missing or unexpected tensors."""
+        """Load a model written by :meth:`save_pretrained`. Raises ValueError on missing or unexpected tensors, or
+        when ``config.json`` differs from the config the weights were saved with (a save that stopped between the
+        two files)."""
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         with open(os.path.join(directory, CONFIG_NAME)) as f:
             config = TransformerConfig.from_dict(json.load(f))
+        weights = os.path.join(directory, WEIGHTS_NAME)
+        with safe_open(weights, framework="pt") as f:
+            saved = (f.metadata() or {}).get(CONFIG_METADATA_KEY)  # absent in folders of older fastopd
+        # fields that do not change what the weights compute may be edited in config.json by hand
+        loose = {"max_position_embeddings", "initializer_range"}
+        if saved is not None and ({k: v for k, v in json.loads(saved).items() if k not in loose}
+                                  != {k: v for k, v in config.to_dict().items() if k not in loose}):
+            raise ValueError(f"{directory}: {CONFIG_NAME} does not match the config saved with {WEIGHTS_NAME} "
+                             "(a save_pretrained that stopped part-way?)")
         model = cls(config)
-        state = load_file(os.path.join(directory, WEIGHTS_NAME), device=str(device))
+        state = load_file(weights, device=str(device))
         if config.tie_word_embeddings:
             state["lm_head.weight"] = state["embed_tokens.weight"]
         missing, unexpected = model.load_state_dict(state, strict=False)

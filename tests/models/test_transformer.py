@@ -210,3 +210,53 @@ def test_rope_frequencies_stay_float32_under_dtype_casts(tmp_path):
                  Transformer.from_pretrained(tmp_path, dtype=torch.bfloat16)):
         assert cast.embed_tokens.weight.dtype != torch.float32
         assert cast.inv_freq.dtype == torch.float32 and torch.equal(cast.inv_freq, want)
+
+
+def test_save_pretrained_stopped_between_files_is_not_read_back_as_good(tmp_path, monkeypatch):
+    """Overwriting a tied model by an untied one and stopping after the weights, before config.json: the folder
+    held new weights under the old config, and from_pretrained silently built a model matching neither."""
+    import fastopd._io
+
+    shape = dict(vocab_size=40, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=4)
+    _model(dict(shape, tie_word_embeddings=True)).save_pretrained(tmp_path)
+    new = _model(dict(shape, tie_word_embeddings=False), seed=1)
+
+    def crash(path, text):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(fastopd._io, "write_text_atomic", crash)
+    with pytest.raises(KeyboardInterrupt):
+        new.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="does not match"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_accepts_hand_edited_context_length_and_old_folders(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    model = _model(dict(vocab_size=40, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=4))
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["max_position_embeddings"] = 4096
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert Transformer.from_pretrained(tmp_path).config.max_position_embeddings == 4096
+    cfg["rope_theta"] = 500000.0  # a folder of an older fastopd: weights without a saved config
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    save_file(load_file(tmp_path / "model.safetensors"), tmp_path / "model.safetensors")
+    assert Transformer.from_pretrained(tmp_path).config.rope_theta == 500000.0
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        pytest.param(dict(num_heads=0), "num_heads must be positive", id="zero-heads"),
+        pytest.param(dict(num_layers=1.5), "must be an int", id="fractional-layers"),
+        pytest.param(dict(hidden_size=64.5, num_heads=2, head_dim=32), "must be an int", id="fractional-width"),
+        pytest.param(dict(tie_word_embeddings="false"), "must be a bool", id="string-tie"),
+    ],
+)
+def test_bad_config_types_raise_value_error(kwargs, match):
+    """num_heads=0 raised ZeroDivisionError; fractional sizes and a string tie flag (truthy "false") passed."""
+    with pytest.raises(ValueError, match=match):
+        TransformerConfig(**kwargs)
