@@ -7,6 +7,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+# The size fields: each an int (head_dim may be None until derived), each positive.
+_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+          "max_position_embeddings")
+
 
 @dataclass
 class TransformerConfig:
@@ -33,8 +37,7 @@ class TransformerConfig:
     def __post_init__(self) -> None:
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                     "head_dim", "max_position_embeddings"):  # 1.5 layers or a 64.5 width were accepted
+        for name in _SIZES:  # 1.5 layers or a 64.5 width were accepted
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ValueError(f"TransformerConfig.{name} must be an int, got {value!r}")
@@ -48,8 +51,7 @@ class TransformerConfig:
                     f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; pass head_dim"
                 )
             self.head_dim = self.hidden_size // self.num_heads
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                     "head_dim", "max_position_embeddings"):
+        for name in _SIZES:
             if getattr(self, name) <= 0:
                 raise ValueError(f"TransformerConfig.{name} must be positive, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
