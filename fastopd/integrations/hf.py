@@ -45,6 +45,7 @@ that batch cannot be told apart (nor can it change the loss much there). "decode
 from __future__ import annotations
 
 import inspect
+import sys
 import weakref
 
 import torch
@@ -54,9 +55,17 @@ from fastopd.losses import fused_linear_divergence
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
+    """The model inside DDP/FSDP1 (`.module`) and torch.compile (`._orig_mod`) wrappers. A compiled model is run
+    through its wrapper (`causal_lm_hidden_states` picks "hidden_states" mode for any wrapped model), so it runs
+    compiled; its decoder is not run on its own."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # only a process that imported dynamo holds one
+    while True:
+        if eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
+            model = model._orig_mod
+        elif hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        else:
+            return model
 
 
 # How each architecture's forward scales `hidden @ W^T` (before any soft-capping), by the model_type of its text

@@ -130,6 +130,29 @@ def test_hidden_states_mode_without_a_decoder_falls_back_to_output_hidden_states
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("grad", [pytest.param(False, id="no-grad-teacher"), pytest.param(True, id="grad-student")])
+def test_a_torch_compiled_model_runs_compiled_and_gives_its_final_hidden_states(grad):
+    model = _llama().eval()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(model, backend=backend)
+    assert final_softcap(compiled) is None and lm_head_of(compiled)[0] is model.lm_head.weight
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(2):  # the second input must not get the first's states
+        ids = torch.randint(3, VOCAB - 4, (2, 7), generator=gen)
+        with torch.set_grad_enabled(grad):
+            got = causal_lm_hidden_states(compiled, ids)
+        with torch.no_grad():
+            want = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        assert got.requires_grad == grad
+    assert graphs, "the compiled model's forward was bypassed (its decoder ran eagerly)"
+
+
 class _TripledLogitsLlama(transformers.LlamaForCausalLM):
     """A post-processing fastopd cannot know of: the forward triples its logits."""
 
