@@ -166,30 +166,50 @@ class Transformer(nn.Module):
     def from_pretrained(
         cls, directory: str | os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
     ) -> Transformer:
-        """Load a model written by :meth:`save_pretrained`. Raises ValueError on missing or unexpected tensors, or
-        when ``config.json`` differs from the config the weights were saved with (a save that stopped between the
-        two files)."""
-        from safetensors import safe_open
+        """Load a model written by :meth:`save_pretrained`, cast to ``dtype`` (None: float32, the module's default,
+        whatever dtype the weights were saved in). Raises ValueError naming the file on a ``config.json`` that is not
+        a JSON object of config fields, weights that are not a readable safetensors file, missing, unexpected or
+        misshapen tensors, or when ``config.json`` differs from the config the weights were saved with (a save that
+        stopped between the two files)."""
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
-        with open(os.path.join(directory, CONFIG_NAME)) as f:
-            config = TransformerConfig.from_dict(json.load(f))
-        weights = os.path.join(directory, WEIGHTS_NAME)
-        with safe_open(weights, framework="pt") as f:
-            saved = (f.metadata() or {}).get(CONFIG_METADATA_KEY)  # absent in folders of older fastopd
-        # fields that do not change what the weights compute may be edited in config.json by hand
-        loose = {"max_position_embeddings", "initializer_range"}
-        if saved is not None and ({k: v for k, v in json.loads(saved).items() if k not in loose}
-                                  != {k: v for k, v in config.to_dict().items() if k not in loose}):
-            raise ValueError(f"{directory}: {CONFIG_NAME} does not match the config saved with {WEIGHTS_NAME} "
-                             "(a save_pretrained that stopped part-way?)")
+        config_path, weights = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
+        with open(config_path) as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{config_path} is not valid JSON ({e})") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"{config_path} holds a JSON {type(data).__name__}, not an object of config fields")
+        try:
+            config = TransformerConfig.from_dict(data)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{config_path}: {e}") from e
+        try:
+            with safe_open(weights, framework="pt") as f:
+                saved = (f.metadata() or {}).get(CONFIG_METADATA_KEY)  # absent in folders of older fastopd
+            # fields that do not change what the weights compute may be edited in config.json by hand
+            loose = {"max_position_embeddings", "initializer_range"}
+            if saved is not None and ({k: v for k, v in json.loads(saved).items() if k not in loose}
+                                      != {k: v for k, v in config.to_dict().items() if k not in loose}):
+                raise ValueError(f"{directory}: {CONFIG_NAME} does not match the config saved with {WEIGHTS_NAME} "
+                                 "(a save_pretrained that stopped part-way?)")
+            state = load_file(weights, device=str(device))
+        except SafetensorError as e:
+            raise ValueError(f"{weights} is not a readable safetensors file ({e})") from e
         model = cls(config)
-        state = load_file(weights, device=str(device))
-        if config.tie_word_embeddings:
+        if config.tie_word_embeddings and "embed_tokens.weight" in state:
             state["lm_head.weight"] = state["embed_tokens.weight"]
+        expected = model.state_dict()
+        misshapen = {k: (tuple(v.shape), tuple(expected[k].shape)) for k, v in state.items()
+                     if k in expected and v.shape != expected[k].shape}
+        if misshapen:
+            raise ValueError(f"{weights}: tensors whose shapes do not match {CONFIG_NAME} (saved, expected): "
+                             f"{misshapen}")
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise ValueError(f"{directory}: missing tensors {missing}, unexpected tensors {unexpected}")
+            raise ValueError(f"{weights}: missing tensors {missing}, unexpected tensors {unexpected}")
         if config.tie_word_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
         return model.to(device=device, dtype=dtype)

@@ -260,3 +260,50 @@ def test_bad_config_types_raise_value_error(kwargs, match):
     """num_heads=0 raised ZeroDivisionError; fractional sizes and a string tie flag (truthy "false") passed."""
     with pytest.raises(ValueError, match=match):
         TransformerConfig(**kwargs)
+
+
+def _write_config(path, **changes):
+    import json
+
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, **changes}))
+
+
+@pytest.mark.parametrize(
+    "damage,match",
+    [
+        pytest.param(lambda p: (p / "config.json").write_text('{"vocab_size": 40,'), r"config\.json is not valid JSON",
+                     id="truncated-config-json"),
+        pytest.param(lambda p: (p / "config.json").write_text("[1, 2]"), r"config\.json holds a JSON list",
+                     id="config-json-not-an-object"),
+        pytest.param(lambda p: _write_config(p, num_experts=4), r"config\.json: unknown TransformerConfig keys",
+                     id="config-json-unknown-key"),
+        pytest.param(lambda p: (p / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{"),
+                     r"model\.safetensors is not a readable safetensors file", id="corrupt-weights"),
+        pytest.param(lambda p: (p / "model.safetensors").write_bytes(
+            (p / "model.safetensors").read_bytes()[:-64]), r"model\.safetensors is not a readable safetensors file",
+            id="truncated-weights"),
+    ],
+)
+def test_from_pretrained_names_the_damaged_file(tmp_path, damage, match):
+    """A corrupt config.json raised a bare JSONDecodeError, corrupt weights a SafetensorError: neither named the
+    file."""
+    _model(dict(vocab_size=40, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=4)).save_pretrained(
+        tmp_path)
+    damage(tmp_path)
+    with pytest.raises(ValueError, match=match):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_names_misshapen_tensors_of_an_old_folder(tmp_path):
+    """A folder without the saved config (an older fastopd) whose config.json was edited to another width: a
+    RuntimeError from load_state_dict that named neither the file nor the cause."""
+    from safetensors.torch import load_file, save_file
+
+    _model(dict(vocab_size=40, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=4)).save_pretrained(
+        tmp_path)
+    save_file(load_file(tmp_path / "model.safetensors"), tmp_path / "model.safetensors")  # no config metadata
+    _write_config(tmp_path, intermediate_size=64)
+    with pytest.raises(ValueError, match=r"model\.safetensors: tensors whose shapes do not match config\.json.*"
+                                         r"layers\.0\.mlp"):
+        Transformer.from_pretrained(tmp_path)
