@@ -638,7 +638,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "its peak memory (default 1)")
     parser.add_argument("--out", default="bench/results",
                         help="folder for the JSON and Markdown results, loss_<device>_<kind>_<dtype>.json and "
-                             ".md (kind: quick, full or custom), replacing earlier ones of those names (created, and "
+                             ".md (kind: quick, full, or custom_n<N>_d<D>_v<V> where --tokens, --hidden or --vocab "
+                             "is given), replacing earlier ones of those names (created, and "
                              "checked to be writable, before the timing; default bench/results, relative to the "
                              "working directory)")
 
@@ -776,7 +777,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     try:
         shape, divergences, providers, repeats = _check_args(args)
-        stem = f"loss_{args.device}_{kind}_{shape.dtype}"
+        # a custom run is named by its shape, so a sweep over --tokens/--hidden/--vocab keeps every point
+        size = f"_n{shape.n}_d{shape.ds}_v{shape.v}" if custom else ""
+        stem = f"loss_{args.device}_{kind}{size}_{shape.dtype}"
         _prepare_out(out, [f"{stem}.json", f"{stem}.md"])  # before the timing, so a bad --out does not waste it
     except BenchInputError as exc:
         return _error(str(exc))

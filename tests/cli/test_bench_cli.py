@@ -22,8 +22,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::fastopd.bench.BenchWarning")
 
 def _run_tiny(tmp_path, *extra):
     assert cli.main([*TINY, *extra, "--out", str(tmp_path)]) == 0
-    result = json.loads((tmp_path / "loss_cpu_custom_float32.json").read_text())
-    return result, (tmp_path / "loss_cpu_custom_float32.md").read_text()
+    result = json.loads((tmp_path / "loss_cpu_custom_n32_d8_v200_float32.json").read_text())
+    return result, (tmp_path / "loss_cpu_custom_n32_d8_v200_float32.md").read_text()
 
 
 def test_providers_are_timed_round_robin(monkeypatch):
@@ -266,9 +266,9 @@ def test_out_under_proc_is_an_error(capsys, no_timing):
 
 
 def test_out_whose_result_file_is_a_folder_is_an_error(tmp_path, capsys, no_timing):
-    (tmp_path / "loss_cpu_custom_float32.json").mkdir()
-    _rejected(capsys, [*OK, "--out", str(tmp_path)], "loss_cpu_custom_float32.json there is a folder")
-    assert [p.name for p in tmp_path.iterdir()] == ["loss_cpu_custom_float32.json"]
+    (tmp_path / "loss_cpu_custom_n8_d4_v16_float32.json").mkdir()
+    _rejected(capsys, [*OK, "--out", str(tmp_path)], "loss_cpu_custom_n8_d4_v16_float32.json there is a folder")
+    assert [p.name for p in tmp_path.iterdir()] == ["loss_cpu_custom_n8_d4_v16_float32.json"]
 
 
 def test_out_folder_is_made_before_the_timing(tmp_path, monkeypatch):
@@ -281,7 +281,7 @@ def test_out_folder_is_made_before_the_timing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bench, "run_benchmark", fake)
     assert cli.main([*OK, "--out", str(out)]) == 0
-    assert seen == [True] and (out / "loss_cpu_custom_float32.json").exists()
+    assert seen == [True] and (out / "loss_cpu_custom_n8_d4_v16_float32.json").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -553,7 +553,7 @@ def test_small_times_keep_their_digits_in_the_table():
 def test_the_recorded_command_reproduces_the_run(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "run_benchmark", lambda *a, **k: _result([_row("naive", [1.0])], []))
     assert cli.main([*OK, "--providers", "fastopd, naive", "--out", str(tmp_path)]) == 0
-    command = json.loads((tmp_path / "loss_cpu_custom_float32.json").read_text())["command"]
+    command = json.loads((tmp_path / "loss_cpu_custom_n8_d4_v16_float32.json").read_text())["command"]
     argv = shlex.split(command)
     assert argv[:2] == ["fastopd", "bench"]
     args = cli.build_parser().parse_args(argv[1:])
@@ -572,6 +572,6 @@ def test_a_nan_in_the_results_is_written_as_json_null(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "run_benchmark",
                         lambda *a, **k: _result([_row("naive", [1.0], loss_diff=float("nan"))], []))
     assert cli.main([*OK, "--out", str(tmp_path)]) == 0
-    text = (tmp_path / "loss_cpu_custom_float32.json").read_text()
+    text = (tmp_path / "loss_cpu_custom_n8_d4_v16_float32.json").read_text()
     result = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
     assert result["results"][0]["loss_rel_diff_vs_naive"] is None and "NaN" not in text

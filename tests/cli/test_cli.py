@@ -143,13 +143,13 @@ def test_bench_tiny_run_writes_results(tmp_path, capsys):
                    "fastopd,naive,gemm_floor", "--divergences", "jsd", "--repeats", "1", "--device", "cpu",
                    "--out", str(tmp_path)])
     assert rc == 0
-    result = json.loads((tmp_path / "loss_cpu_custom_float32.json").read_text())
+    result = json.loads((tmp_path / "loss_cpu_custom_n48_d16_v300_float32.json").read_text())
     rows = {r["provider"]: r for r in result["results"]}
     assert set(rows) == {"fastopd", "naive", "gemm_floor"}
     assert rows["gemm_floor"]["ratio_to_gemm_floor"] == pytest.approx(1.0)
     # every provider computes the same loss
     assert rows["fastopd"]["loss_rel_diff_vs_naive"] < 1e-5
-    assert "| jsd | fastopd |" in (tmp_path / "loss_cpu_custom_float32.md").read_text()
+    assert "| jsd | fastopd |" in (tmp_path / "loss_cpu_custom_n48_d16_v300_float32.md").read_text()
     assert "custom shapes" in capsys.readouterr().out
 
 
