@@ -55,6 +55,12 @@ def _row_ids(row: Sequence[Any], what: str, i: int) -> list[int]:
     return ids
 
 
+def _check_batch(batch: Any, method: str) -> None:
+    if not isinstance(batch, RolloutBatch):
+        raise TypeError(f"RolloutEngine.{method} takes the RolloutBatch that generate returned, got "
+                        f"{type(batch).__name__}")
+
+
 def _masked_rows(prompts: Sequence[Any], attention_mask: Any, what: str) -> list[list[Any]]:
     """The ids of each row of ``prompts`` (lists or 1-D tensors) where its row of ``attention_mask`` is nonzero.
 
@@ -129,6 +135,8 @@ class RolloutEngine:
             raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
         if not callable(horizon) and as_int(horizon) is None:
             raise ValueError(f"horizon must be a Horizon, a callable step -> H or an int, got {horizon!r}")
+        if not callable(horizon) and as_int(horizon) <= 0:
+            raise ValueError(f"horizon must be a positive int (new tokens per rollout), got {horizon!r}")
         num_samples, top_k, temperature, top_p = n, k, temp, p
         self.student = as_adapter(student)
         head_rows = self.student.output_weight.shape[0]
@@ -251,6 +259,7 @@ class RolloutEngine:
                 matches neither ``B`` nor ``B*n``, ids outside the teacher's vocabulary, or prompt + horizon beyond
                 the teacher's context.
         """
+        _check_batch(batch, "score")
         teacher = self.teacher
         if teacher is None:
             raise ValueError("RolloutEngine.score needs a teacher: pass teacher=... to RolloutEngine")
@@ -293,6 +302,7 @@ class RolloutEngine:
         One full forward over prompt + completion (no cache), aligned like :meth:`score`: row ``j`` predicts
         completion token ``j``. Use with ``student_output_weight`` and ``batch.labels()``.
         """
+        _check_batch(batch, "student_hidden")
         p, h = batch.prompt_width, batch.horizon
         ids = batch.input_ids[:, : p + h - 1]
         mask = batch.attention_mask[:, : p + h - 1]

@@ -545,6 +545,24 @@ def test_bad_engine_settings_raise(kw, match):
         RolloutEngine(builtin(), **kw).generate([[1, 2]])
 
 
+@pytest.mark.parametrize("horizon", [pytest.param(0, id="zero"), pytest.param(-3, id="negative"),
+                                     pytest.param(np.int64(0), id="numpy-zero")])
+def test_a_fixed_non_positive_horizon_is_refused_when_the_engine_is_built(horizon):
+    """It was accepted, and refused only by the first generate (possibly after the training setup)."""
+    with pytest.raises(ValueError, match="horizon must be a positive int"):
+        RolloutEngine(builtin(), horizon=horizon)
+
+
+@pytest.mark.parametrize("method", ["score", "student_hidden"])
+def test_score_and_student_hidden_name_a_batch_that_is_not_a_rollout_batch(method):
+    """A dict or the ids tensor gave an AttributeError from inside the method."""
+    model = builtin()
+    engine = RolloutEngine(model, teacher=model, horizon=3, temperature=0)
+    with pytest.raises(TypeError, match=f"RolloutEngine.{method} takes the RolloutBatch that generate returned, "
+                                        "got Tensor"):
+        getattr(engine, method)(engine.generate(PROMPTS[:2]).input_ids)
+
+
 @pytest.mark.parametrize("eos,pad,eos_ids", [
     pytest.param(np.int64(3), np.int64(7), [3], id="numpy-ints"),
     pytest.param(torch.tensor(3), torch.tensor(7), [3], id="0d-tensors"),
