@@ -86,14 +86,18 @@ def vocab_layout(student_rows: int, teacher_rows: int, vocab_size: int | None,
     """(shared vocabulary, this rank's first global column, this rank's columns of it) for row-sharded heads.
 
     Every rank checks the whole layout, so a bad one raises the same ValueError on every rank (none is left
-    waiting in a collective). Raises when the student and teacher shards do not cover the shared vocabulary
-    identically."""
+    waiting in a collective). Raises when the shared vocabulary is empty, or when the student and teacher shards
+    do not cover it identically."""
     sizes = shard_sizes(student_rows, teacher_rows, group)
     total_s, total_t = sum(s for s, _ in sizes), sum(t for _, t in sizes)
     if vocab_size is None:
         if total_s != total_t:
             raise ValueError(f"student and teacher vocab sizes differ ({total_s} vs {total_t} over the "
                              "vocab-parallel group); pass vocab_size= for the shared leading part")
+        if total_s == 0:
+            raise ValueError(f"the vocabulary is empty (student and teacher head rows per rank "
+                             f"{[s for s, _ in sizes]} over the vocab-parallel group): a divergence needs at "
+                             "least one entry")
         vocab = total_s
     elif not 0 < vocab_size <= min(total_s, total_t):
         raise ValueError(f"vocab_size={vocab_size} must lie in [1, {min(total_s, total_t)}] for heads of "
@@ -129,16 +133,19 @@ class _CopyToVocabParallel(torch.autograd.Function):
 
 
 def check_replicated_rows(x: torch.Tensor, group: dist.ProcessGroup) -> None:
-    """Checks that every rank of `group` holds hidden states of the same shape [N, D] (they are replicated over a
-    tensor-parallel group): one SUM all-reduce of [world, 2] integers, the same collective on every rank whatever
-    its N. Without it, ranks of different N run different numbers of chunks (or chunks of different sizes) and meet
-    in mismatched collectives: gloo aborts the process ("Received data size doesn't match expected size") or the
-    ranks wait for each other until the process-group timeout, and NCCL does not check sizes at all; a hidden
-    size that differs breaks the all-reduce of the hidden-state gradient in the backward. On a CPU backend every
-    rank reads the exchanged shapes (no device sync) and raises the same ValueError; on a device backend the check
-    is a device-side assert (no host sync; fatal to the process on CUDA, with the message below)."""
+    """Checks that every rank of `group` holds hidden states of the same size: [N, D], or [..., D] with N the
+    product of the leading dims (they are replicated over a tensor-parallel group): one SUM all-reduce of
+    [world, 2] integers, the same collective on every rank whatever its N. Without it, ranks of different N run
+    different numbers of chunks (or chunks of different sizes) and meet in mismatched collectives: gloo aborts the
+    process ("Received data size doesn't match expected size") or the ranks wait for each other until the
+    process-group timeout, and NCCL does not check sizes at all; a hidden size that differs breaks the all-reduce
+    of the hidden-state gradient in the backward. On a CPU backend every rank reads the exchanged shapes (no
+    device sync) and raises the same ValueError; on a device backend the check is a device-side assert (no host
+    sync; fatal to the process on CUDA, with the message below)."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    n, d = (int(x.shape[0]), int(x.shape[-1])) if x.dim() else (1, 1)  # [N, D] (the loss passes [N, D])
+    # rows: all leading dims together ([N, D] from the loss; [B, T, D] from a caller), so any shape whose gradient
+    # the backward could not all-reduce across the group is caught
+    n, d = (math.prod(x.shape[:-1]), int(x.shape[-1])) if x.dim() else (1, 1)
     device, free_read = _sizes_device(group)
     exchanged = torch.zeros(world, 2, dtype=torch.int64, device=device)
     exchanged[rank, 0] = n  # scalar fills: no host-to-device copy to wait for

@@ -146,6 +146,24 @@ def test_vocab_parallel_mismatched_shards_raise_on_every_rank():
         assert "sharded differently" in m and "[18, 19] vs [20, 17]" in m
 
 
+def empty_vocab_worker(rank: int, world: int) -> str:
+    import torch.distributed as dist
+
+    hs, ws, ht, wt, *_ = _data({})
+    try:
+        fastopd.fused_linear_divergence(hs, ws[:0], ht, wt[:0], vocab_parallel_group=dist.group.WORLD)
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_vocab_parallel_empty_vocabulary_raises_on_every_rank():
+    """Heads of 0 rows on every rank (a vocabulary of 0 entries over the group) gave a loss of 0 and stats of
+    -inf, where one process raises ValueError: the shard layout now refuses an empty shared vocabulary."""
+    for m in run_ranks(empty_vocab_worker, 2):
+        assert "vocabulary is empty" in m and "[0, 0]" in m, m
+
+
 def test_dtensor_head_without_group_is_refused():
     dtensor = pytest.importorskip("torch.distributed.tensor")
     _ = dtensor

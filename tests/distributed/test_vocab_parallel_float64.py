@@ -228,6 +228,32 @@ def test_token_rows_that_differ_across_the_group_raise_on_every_rank():
             assert "same token rows on every rank" in m, (rank, m)
 
 
+def copy_shapes_worker(rank: int, world: int) -> list[str]:
+    """`copy_to_vocab_parallel` on [B, T, D] hidden states whose T differs across the group (3 vs 5), and on
+    [N, D] ones that agree; the backward runs only where the check passed."""
+    import torch.distributed as dist
+
+    from fastopd.distributed import copy_to_vocab_parallel
+
+    msgs = []
+    for shape in ((2, (3, 5)[rank], 4), (6, 4)):
+        x = torch.ones(shape, requires_grad=True)
+        try:
+            copy_to_vocab_parallel(x, dist.group.WORLD).sum().backward()
+            msgs.append(f"no error: grad {float(x.grad.sum())}")
+        except ValueError as exc:
+            msgs.append(str(exc))
+    return msgs
+
+
+def test_copy_to_vocab_parallel_checks_every_leading_dim():
+    """The check compared only x.shape[0] and x.shape[-1]: [2, 3, 4] against [2, 5, 4] passed it, and the
+    backward's all-reduce of gradients of different sizes aborted inside gloo (or waited until the timeout)."""
+    for rank, msgs in enumerate(run_ranks(copy_shapes_worker, 2, deadline_s=150)):
+        assert "same token rows on every rank" in msgs[0] and "[[6, 4], [10, 4]]" in msgs[0], (rank, msgs[0])
+        assert msgs[1] == "no error: grad 48.0", (rank, msgs[1])
+
+
 def replicated_head_worker(rank: int, world: int) -> list[str]:
     """DTensor heads that are not row shards of the group: Replicate(), and Shard(1) (columns)."""
     import torch.distributed as dist
