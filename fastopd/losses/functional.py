@@ -51,9 +51,13 @@ def _shared_vocab(v_student: int, v_teacher: int, vocab_size: int | None, kind: 
         if v_student == 0:
             raise ValueError(f"the vocabulary is empty ({what()}): a divergence needs at least one entry")
         return v_student
-    if not 0 < vocab_size <= min(v_student, v_teacher):
-        raise ValueError(f"vocab_size={vocab_size} must lie in [1, {min(v_student, v_teacher)}] for {what()}")
-    return int(vocab_size)
+    try:
+        size = None if isinstance(vocab_size, bool) else operator.index(vocab_size)  # 2.5 is not truncated
+    except TypeError:
+        size = None
+    if size is None or not 0 < size <= min(v_student, v_teacher):
+        raise ValueError(f"vocab_size={vocab_size!r} must be an int in [1, {min(v_student, v_teacher)}] for {what()}")
+    return size
 
 
 def chunk_rows_for(vocab: int, chunk_size: int | None, device_type: str = "cpu") -> int:
@@ -132,16 +136,24 @@ def _config(divergence: str, beta: float, temperature: float, softcap: float | N
                                         if hard_label_temperature is not None else 1.0))
 
 
+# Every integer dtype (token ids saved as uint16/uint32 arrays arrive so through torch.from_numpy); the values are
+# taken as int64 (a uint64 id of 2^63 or more reads negative and is refused as out of range).
+_LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.uint16, torch.uint32,
+                 torch.uint64)
+
+
 def _check_labels(labels: torch.Tensor | None, lead: torch.Size, vocab: int, ignore_index: int,
                   device: torch.device, hard_label_weight: float) -> torch.Tensor | None:
     if labels is None:
         if hard_label_weight != 0:
             raise ValueError("hard_label_weight > 0 needs labels")
         return None
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError(f"labels must be a tensor (or None), got {type(labels).__name__}")
     if tuple(labels.shape) != tuple(lead):
         raise ValueError(f"labels must have shape {tuple(lead)} (the hidden states' leading dims), "
                          f"got {_shape(labels)}")
-    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+    if labels.dtype not in _LABEL_DTYPES:
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
     if labels.device != device:
         raise ValueError(f"labels are on {labels.device} but the hidden states on {device}")
@@ -268,13 +280,13 @@ def fused_linear_divergence(
     """Teacher-student divergence from hidden states and LM-head weights, without [N, V] logits.
 
     Args:
-        student_hidden: [N, Ds] or [B, T, Ds] (fp32/bf16/fp16); gets a gradient.
+        student_hidden: [N, Ds] or [B, T, Ds] (fp32/bf16/fp16; float64 is taken in fp32); gets a gradient.
         student_weight: [V_s, Ds], same dtype as student_hidden; gets a gradient.
         teacher_hidden: [N, Dt] or [B, T, Dt]; detached, never gets a gradient (Dt may differ from Ds).
         teacher_weight: [V_t, Dt], same dtype as teacher_hidden; detached. The two models' dtypes may differ.
             Inside torch.autocast all hidden states, weights and biases are first cast to the autocast dtype
             (float64 aside), as F.linear would be there. Any strides (slices, transposes, expands) are taken.
-        labels: [N] or [B, T] integer tensor; positions equal to `ignore_index` are masked. Needed for
+        labels: [N] or [B, T] tensor of any integer dtype; positions equal to `ignore_index` are masked. Needed for
             `hard_label_weight` > 0 and for the label stats.
         divergence: "fkl" = KL(teacher||student), "rkl" = KL(student||teacher), "jsd" = generalized JSD with
             M = beta*p_teacher + (1-beta)*p_student (TRL's convention; beta=0 is fkl, beta=1 is rkl).
@@ -320,6 +332,9 @@ def fused_linear_divergence(
             raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
         if not t.is_floating_point():
             raise ValueError(f"{name} must be floating point, got {t.dtype}")
+    for name, b in (("student_bias", student_bias), ("teacher_bias", teacher_bias)):
+        if b is not None and not isinstance(b, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor (or None), got {type(b).__name__}")
     # Inside torch.autocast the two heads are matmuls, so they follow F.linear's autocast rule (bf16/fp16 operands,
     # fp32 accumulation here): a bf16 hidden state beside an fp32 head works there, as `lm_head(hidden)` does.
     hs, ws, ht, wt, student_bias, teacher_bias = _autocast_inputs(hs.device.type, hs, ws, ht, wt, student_bias,
@@ -373,9 +388,13 @@ def fused_linear_divergence(
     ws_v, wt_v = ws[:local_vocab], wt.detach()[:local_vocab]
     bs_v = student_bias[:local_vocab] if student_bias is not None else None
     bt_v = teacher_bias.detach()[:local_vocab] if teacher_bias is not None else None
-    if device.type == "cpu":  # CPU GEMMs run in fp32: upcast once (autograd casts the gradients back)
-        h2s, ws_v, h2t, wt_v = h2s.float(), ws_v.float(), h2t.float(), wt_v.float()
+    # CPU GEMMs run in fp32, and so does float64 everywhere (cuBLAS writes fp32 only from bf16/fp16 operands): cast
+    # once (autograd casts the gradients back)
+    if device.type == "cpu" or h2s.dtype == torch.float64:
+        h2s, ws_v = h2s.float(), ws_v.float()
         bs_v = bs_v.float() if bs_v is not None else None
+    if device.type == "cpu" or h2t.dtype == torch.float64:
+        h2t, wt_v = h2t.float(), wt_v.float()
         bt_v = bt_v.float() if bt_v is not None else None
     args = (h2s.contiguous(), ws_v.contiguous(), bs_v, h2t.contiguous(), wt_v.contiguous(), bt_v, lab, num_items, cfg)
     if vocab_parallel_group is not None:

@@ -573,6 +573,10 @@ def _ok():
     pytest.param(lambda a: dict(a, num_items_in_batch=torch.ones(0)), r"num_items_in_batch", id="num-items-empty"),
     pytest.param(lambda a: dict(a, chunk_size=2.5), r"chunk_size", id="chunk-size-float"),
     pytest.param(lambda a: dict(a, chunk_size=True), r"chunk_size", id="chunk-size-bool"),
+    pytest.param(lambda a: dict(a, vocab_size=30.5), r"vocab_size", id="vocab-size-float"),  # was cut to 30
+    pytest.param(lambda a: dict(a, vocab_size=True), r"vocab_size", id="vocab-size-bool"),   # was taken as 1
+    pytest.param(lambda a: dict(a, labels=[0] * 5), r"labels must be a tensor.*list", id="labels-list"),
+    pytest.param(lambda a: dict(a, student_bias=0.5), r"student_bias must be a tensor.*float", id="bias-float"),
     # Refused before any collective, so a placeholder group suffices.
     pytest.param(lambda a: dict(a, vocab_parallel_group=object(), impl="cpu"),
                  r"vocab_parallel_chunk.*no backend 'cpu' \(it has: triton, torch\)", id="vocab-parallel-impl-cpu"),
@@ -677,6 +681,50 @@ def test_fp32_accumulator_falls_back_where_torch_refuses_it(monkeypatch):
     monkeypatch.setattr(function.torch, "addmm", broken_addmm)
     with pytest.raises(RuntimeError, match="illegal memory access"):
         function._addmm_f32_(acc, a, b)
+
+
+@pytest.mark.parametrize("impl_device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8, torch.uint16, torch.uint32, torch.uint64],
+                         ids=["int32", "int16", "uint8", "uint16", "uint32", "uint64"])
+def test_integer_label_dtypes_match_int64(impl_device, dtype):
+    """Labels of any integer dtype give the int64 result: token ids stored as uint16/uint32 (numpy token files,
+    `torch.from_numpy`) were refused as "not an integer tensor"."""
+    impl, device = impl_device
+    hs, ws, ht, wt, _, _ = make_inputs(n=7, ds=8, dt=6, vs=200, vt=200, device=device)
+    labels = torch.tensor([3, 199, 0, 150, 7, 255, 42], device=device)
+    ignore = 255 if dtype in (torch.uint8, torch.uint16, torch.uint32, torch.uint64) else -100
+    labels = torch.where(labels == 255, ignore, labels)
+    opts = dict(divergence="jsd", beta=0.3, hard_label_weight=0.5, reduction="none", ignore_index=ignore,
+                return_stats=True, impl=impl)
+    want, want_stats = fastopd.fused_linear_divergence(hs, ws, ht, wt, labels, **opts)
+    got, got_stats = fastopd.fused_linear_divergence(hs, ws, ht, wt, labels.to(dtype), **opts)
+    assert torch.equal(got, want) and got[5] == 0
+    for a, b in zip(got_stats, want_stats):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("impl_device", BACKENDS)
+def test_float64_inputs_run_in_fp32_on_every_device(impl_device):
+    """float64 hidden states and heads are taken in fp32 (the loss is fp32, gradients come back in float64) on
+    CUDA as on the CPU: on CUDA the fp32-output GEMM (`torch.mm(..., out_dtype=torch.float32)`) refuses float64
+    operands, so the call failed with cuBLAS's "out_dtype must be the same as input dtype or fp32 for fp16/bf16
+    inputs"."""
+    impl, device = impl_device
+    hs, ws, ht, wt, bs, bt = make_inputs(n=9, ds=12, dt=7, vs=41, vt=41, bias=True, dtype=torch.float64,
+                                         device=device)
+    labels = torch.randint(0, 41, (9,), generator=torch.Generator().manual_seed(0)).to(device)
+    leaves = [t.clone().requires_grad_(True) for t in (hs, ws, bs)]
+    opts = dict(divergence="rkl", hard_label_weight=0.3)
+    loss = fastopd.fused_linear_divergence(leaves[0], leaves[1], ht, wt, labels, student_bias=leaves[2],
+                                           teacher_bias=bt, impl=impl, **opts)
+    loss.backward()
+    ref_leaves = [t.detach().cpu().requires_grad_(True) for t in (hs, ws, bs)]
+    ref, _ = reference(ref_leaves[0], ref_leaves[1], ht.cpu(), wt.cpu(), labels.cpu(), student_bias=ref_leaves[2],
+                       teacher_bias=bt.cpu(), **opts)
+    ref.backward()
+    assert loss.dtype == torch.float32 and all(t.grad.dtype == torch.float64 for t in leaves)
+    assert_matches_reference(loss.detach().cpu(), ref.detach(), [t.grad.cpu() for t in leaves],
+                             [t.grad for t in ref_leaves])
 
 
 @pytest.mark.parametrize("bad", [pytest.param(23, id="label-equal-to-vocab"), pytest.param(-1, id="label-minus-1")])
