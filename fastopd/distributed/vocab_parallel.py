@@ -14,8 +14,10 @@ exchange per-row numbers only, through three all-reduces per chunk of C rows (fo
 
 Then each rank writes the loss (identical on every rank), the stats and dL/dz for its own columns, exactly the
 contract of the single-process row kernels (`fastopd.losses.reference.divergence_chunk_`). The hidden-state
-gradient G W_r of each shard is a partial sum: `copy_to_vocab_parallel` (identity forward, all-reduce backward,
-Megatron's "copy to tensor-parallel region") sums it. Nothing O(tokens x vocab) crosses the wire.
+gradient G W_r of each shard is a partial sum: the loss sums it in fp32 through the kernel's `reduce_grad_hidden`
+(called by the autograd Function before its cast to the hidden states' dtype, so a bf16 gradient is rounded once);
+`copy_to_vocab_parallel` (identity forward, all-reduce backward, Megatron's "copy to tensor-parallel region") does
+the same for callers of their own. Nothing O(tokens x vocab) crosses the wire.
 
 The row math on the shard runs in three phases with the all-reduces between them: on CUDA tensors the Triton row
 kernel's passes, one launch each (fastopd/kernels/vocab_parallel.py, no [C x V_r] temporary), elsewhere
@@ -25,6 +27,7 @@ kernel's passes, one launch each (fastopd/kernels/vocab_parallel.py, no [C x V_r
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 import torch.distributed as dist
@@ -99,11 +102,14 @@ def vocab_layout(student_rows: int, teacher_rows: int, vocab_size: int | None,
                              f"{[s for s, _ in sizes]} over the vocab-parallel group): a divergence needs at "
                              "least one entry")
         vocab = total_s
-    elif not 0 < vocab_size <= min(total_s, total_t):
-        raise ValueError(f"vocab_size={vocab_size} must lie in [1, {min(total_s, total_t)}] for heads of "
-                         f"{total_s} (student) and {total_t} (teacher) rows over the vocab-parallel group")
     else:
-        vocab = int(vocab_size)
+        try:  # an int, as the single-process loss takes it (2.5 is not truncated, True is not 1)
+            vocab = None if isinstance(vocab_size, bool) else operator.index(vocab_size)
+        except TypeError:
+            vocab = None
+        if vocab is None or not 0 < vocab <= min(total_s, total_t):
+            raise ValueError(f"vocab_size={vocab_size!r} must be an int in [1, {min(total_s, total_t)}] for heads "
+                             f"of {total_s} (student) and {total_t} (teacher) rows over the vocab-parallel group")
     ends_s, ends_t, es, et = [], [], 0, 0
     for s, t in sizes:
         es, et = es + s, et + t
@@ -327,5 +333,12 @@ def vocab_parallel_kernel(group: dist.ProcessGroup | None, vocab_start: int, pha
         loss.copy_(_masked(row_loss, valid))
         lse = (m + log_sums[:, :2]).float()
         stats.copy_(_masked(torch.stack([lse[:, 0], lse[:, 1], lp_s_y, lp_t_y, -ent], dim=1), valid[:, None]))
+
+    def reduce_grad_hidden(grad_h: torch.Tensor) -> None:
+        """Sums each shard's partial hidden-state gradient G W_r over the group, in place (called by the autograd
+        Function on its fp32 gradient, before the cast to the hidden states' dtype)."""
+        all_reduce(grad_h, dist.ReduceOp.SUM)
+
+    divergence_chunk_.reduce_grad_hidden = reduce_grad_hidden
 
     return divergence_chunk_

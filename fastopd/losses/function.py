@@ -108,6 +108,16 @@ def refuse_double_backward() -> None:
                            "closed forms that would differentiate to zero")
 
 
+def _reduced_grad_hidden(kernel: Kernel, grad_h: torch.Tensor) -> torch.Tensor:
+    """grad_h (fp32), summed by the kernel's `reduce_grad_hidden` where it has one: a kernel over one shard of the
+    vocabulary yields a partial G W_r per shard, and summing them here, before the cast to the hidden states' dtype,
+    rounds a bf16/fp16 gradient once (summing bf16 shares would round each share, then every partial sum)."""
+    reduce = getattr(kernel, "reduce_grad_hidden", None)
+    if reduce is not None:
+        reduce(grad_h)
+    return grad_h
+
+
 def _chunks(n: int, rows: int):
     for start in range(0, n, rows):
         yield start, min(n, start + rows)
@@ -166,7 +176,7 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
             scale = grad_loss.to(torch.float32)
             if ctx.cfg.reduction == "mean":
                 scale = scale / divisor
-            out_h = (grad_h * scale).to(dt_h) if grad_h is not None else None
+            out_h = _reduced_grad_hidden(ctx.kernel, grad_h * scale).to(dt_h) if grad_h is not None else None
             out_w = (grad_w * scale).to(dt_w) if grad_w is not None else None
             out_b = (grad_b * scale).to(dt_b) if grad_b is not None else None
             return out_h, out_w, out_b, None, None, None, None, None, None, None
@@ -237,7 +247,8 @@ def _recompute_backward(ctx, grad_loss: torch.Tensor):
         _accumulate_grads(xs, h_s[start:end], w_s, grad_h, grad_w, grad_b, start, end)
     apply_lift(lift, grad_h, grad_w, grad_b)
     dt_h, dt_w, dt_b = ctx.dtypes
-    return (grad_h.to(dt_h) if grad_h is not None else None, grad_w.to(dt_w) if grad_w is not None else None,
+    out_h = _reduced_grad_hidden(kernel, grad_h).to(dt_h) if grad_h is not None else None
+    return (out_h, grad_w.to(dt_w) if grad_w is not None else None,
             grad_b.to(dt_b) if grad_b is not None else None, None, None, None, None, None, None, None)
 
 

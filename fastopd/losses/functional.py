@@ -398,9 +398,11 @@ def fused_linear_divergence(
         bt_v = bt_v.float() if bt_v is not None else None
     args = (h2s.contiguous(), ws_v.contiguous(), bs_v, h2t.contiguous(), wt_v.contiguous(), bt_v, lab, num_items, cfg)
     if vocab_parallel_group is not None:
-        from fastopd.distributed.vocab_parallel import copy_to_vocab_parallel, vocab_parallel_kernel
+        from fastopd.distributed.vocab_parallel import check_replicated_rows, vocab_parallel_kernel
 
-        args = (copy_to_vocab_parallel(args[0], vocab_parallel_group), *args[1:])
+        # the kernel sums the shards' partial hidden-state gradients in fp32 (its reduce_grad_hidden), so a bf16
+        # gradient is rounded once, after the sum
+        check_replicated_rows(args[0], vocab_parallel_group)
         kernel = vocab_parallel_kernel(vocab_parallel_group, vocab_start,
                                        _dispatch.kernel("vocab_parallel_chunk", vp_backend))
         loss, stats = FusedLinearDivergenceFunction.apply(*args, kernel)

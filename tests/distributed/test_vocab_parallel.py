@@ -164,6 +164,29 @@ def test_vocab_parallel_empty_vocabulary_raises_on_every_rank():
         assert "vocabulary is empty" in m and "[0, 0]" in m, m
 
 
+def bad_vocab_size_worker(rank: int, world: int) -> list[str]:
+    import torch.distributed as dist
+
+    hs, ws, ht, wt, *_ = _data({})
+    rows = [(0, 20), (20, V)][rank]
+    msgs = []
+    for vocab_size in (20.5, True):
+        try:
+            fastopd.fused_linear_divergence(hs, ws[slice(*rows)], ht, wt[slice(*rows)], vocab_size=vocab_size,
+                                            vocab_parallel_group=dist.group.WORLD)
+            msgs.append("no error")
+        except ValueError as exc:
+            msgs.append(str(exc))
+    return msgs
+
+
+def test_vocab_parallel_vocab_size_must_be_an_int():
+    """vocab_size=20.5 was truncated to 20 and True taken as 1, where one process refuses both."""
+    for msgs in run_ranks(bad_vocab_size_worker, 2):
+        assert [m.split(" must")[0] for m in msgs] == ["vocab_size=20.5", "vocab_size=True"], msgs
+        assert all("must be an int in [1, " in m for m in msgs), msgs
+
+
 def test_dtensor_head_without_group_is_refused():
     dtensor = pytest.importorskip("torch.distributed.tensor")
     _ = dtensor

@@ -281,3 +281,34 @@ def test_dtensor_heads_that_are_not_row_shards_are_refused():
     for rank, msgs in enumerate(run_ranks(replicated_head_worker, 2, deadline_s=150)):
         for m in msgs:
             assert "takes row shards of the head" in m, (rank, m)
+
+
+def test_the_hidden_gradient_is_summed_over_the_shards_in_fp32_before_its_cast():
+    """On CUDA the hidden states stay bf16, so the shards' partial G W_r were cast to bf16 by the Function and then
+    summed in bf16 (copy_to_vocab_parallel's all-reduce): two roundings per share and one per partial sum. The
+    Function now hands its fp32 gradient to the kernel's reduce_grad_hidden first. Here one shard is the whole
+    vocabulary (the SUM is recorded, not exchanged), with bf16 hidden states kept bf16 as on CUDA."""
+    from fastopd.distributed.vocab_parallel import torch_phase_, vocab_parallel_kernel
+    from fastopd.losses.function import DivergenceConfig, FusedLinearDivergenceFunction
+
+    gen = torch.Generator().manual_seed(7)
+    n, d, v = 11, 24, 37
+    hs = torch.randn(n, d, generator=gen).bfloat16().requires_grad_()
+    ws, ht, wt = (torch.randn(v, d, generator=gen).bfloat16(), torch.randn(n, d, generator=gen).bfloat16(),
+                  torch.randn(v, d, generator=gen).bfloat16())
+    labels = torch.randint(0, v, (n,), generator=gen)
+    summed = []
+
+    def record(t, op):
+        if t.shape == (n, d):
+            summed.append((op, t.dtype))
+
+    cfg = DivergenceConfig(divergence=0, beta=0.5, temperature=1.0, softcap=0.0, soft_weight=1.0, hard_weight=0.0,
+                           ignore_index=-100, reduction="mean", chunk_rows=4)
+    kernel = vocab_parallel_kernel(None, 0, torch_phase_, all_reduce=record)
+    loss, _ = FusedLinearDivergenceFunction.apply(hs, ws, None, ht, wt, None, labels, None, cfg, kernel)
+    loss.backward()
+    assert summed == [(torch.distributed.ReduceOp.SUM, torch.float32)]
+    want = hs.detach().float().requires_grad_()
+    fastopd.fused_linear_divergence(want, ws.float(), ht.float(), wt.float(), labels, impl="torch").backward()
+    torch.testing.assert_close(hs.grad, want.grad.bfloat16(), rtol=1e-2, atol=1e-3)
