@@ -67,11 +67,13 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore the RNG states captured by `rng_state`."""
+    """Restore the RNG states captured by `rng_state` (CUDA: those of the GPUs visible now; a saved state of a GPU
+    this process does not see is skipped)."""
     torch.set_rng_state(state["torch"])
     random.setstate(_py_state_from_plain(state["python"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # one state per GPU the saving process saw; where fewer are visible now, the others have no generator
+        torch.cuda.set_rng_state_all(list(state["cuda"])[: torch.cuda.device_count()])
     if "numpy" in state:
         import numpy as np
 

@@ -626,6 +626,11 @@ class OPDTrainer:
         if data["optimizer"] is not None:
             before = _mask_signature(self.optimizer) if sparse else None
             self.parallel.load_full_optimizer_state(self.optimizer, data["optimizer"])
+            # load_state_dict puts back the saving run's hyperparameters; this run's config holds (the lr is set
+            # at every step), as changed_options says
+            cfg = self.config
+            for group in self.optimizer.param_groups:
+                group.update(betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
             changed = sparse and _mask_signature(self.optimizer) != before
             self.masks_from_checkpoint = any(self.parallel.gather_objects(changed))
         tr = data["trainer"]

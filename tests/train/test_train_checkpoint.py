@@ -48,6 +48,21 @@ def test_rng_state_restores_every_generator():
     assert torch.equal(first[0], again[0]) and first[1:] == again[1:]
 
 
+def test_cuda_rng_states_of_gpus_this_process_does_not_see_are_skipped(monkeypatch):
+    """A checkpoint written where two GPUs were visible resumed where one is (CUDA_VISIBLE_DEVICES, another node):
+    torch's set_rng_state_all with CUDA initialized indexes `default_generators` per saved state and raised an
+    IndexError. Simulated on the CPU through torch's own code path: CUDA marked initialized, one "GPU" generator."""
+    gpu0 = torch.Generator()
+    monkeypatch.setattr(torch.cuda, "_initialized", True)
+    monkeypatch.setattr(torch.cuda, "_is_in_bad_fork", lambda: False)
+    monkeypatch.setattr(torch.cuda, "default_generators", (gpu0,))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    saved = [torch.Generator().manual_seed(s).get_state() for s in (3, 4)]
+    ckpt.set_rng_state({**ckpt.rng_state(), "cuda": saved})
+    assert torch.equal(gpu0.get_state(), saved[0])
+
+
 def test_crash_mid_write_leaves_previous_checkpoint(tmp_path, monkeypatch):
     m = _model()
     good = ckpt.save_checkpoint(tmp_path, 1, model_state=m.state_dict(), optimizer_state=None, trainer_state={})

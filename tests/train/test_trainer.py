@@ -368,3 +368,23 @@ def test_resume_lists_the_options_it_changes_not_callable_identities(tmp_path):
     other = OPDTrainer(_tiny(8), _tiny(9), _config(**cfg, horizon=lambda k: 3, resume=True, lr=1e-3,
                                                     objective="fkl", keep_checkpoints=5))
     assert other.changed_options == {"lr": (3e-3, 1e-3), "objective": ("rkl", "fkl")}
+
+
+@pytest.mark.parametrize("masked", [pytest.param(False, id="dense-AdamW"), pytest.param(True, id="SparseMaskedAdamW")])
+def test_optimizer_options_changed_on_resume_take_effect(tmp_path, masked):
+    """betas, eps and weight_decay a resumed run changes are listed in changed_options as applying from the resumed
+    step on: the optimizer state loaded from the checkpoint must not put the old run's values back."""
+    from fastopd.optim import masks as mask_lib
+
+    def make(resume=False, **kw):
+        student = _tiny(8)
+        masks = mask_lib.random(student, 0.5, generator=torch.Generator().manual_seed(0)) if masked else None
+        return OPDTrainer(student, _tiny(9), _config(checkpoint_dir=str(tmp_path), masks=masks, resume=resume, **kw))
+
+    make().train(_prompts, 1, progress=False)
+    new = dict(betas=(0.5, 0.9), eps=1e-3, weight_decay=0.1)
+    resumed = make(resume=True, **new)
+    assert set(resumed.changed_options) == set(new)
+    for group in resumed.optimizer.param_groups:
+        assert (tuple(group["betas"]), group["eps"], group["weight_decay"]) == (new["betas"], new["eps"],
+                                                                                new["weight_decay"])
