@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastopd._io import folder_write_problem, save_figure_atomic, write_text_atomic
+from fastopd._io import folder_write_problem, json_text, save_figure_atomic, write_text_atomic
 from fastopd.train.config import ConfigError, OPDConfig, check_keys, load_toml
 
 ASSETS = Path(__file__).parent / "assets" / "addition3"
@@ -432,7 +432,7 @@ def _distill(job: DistillJob, opd: dict[str, Any], progress: bool, out) -> int:
     _save_student(student.config, final_state, run_dir / FINAL_STUDENT)
     table = summary_table(summary)
     plots = _plots(run_dir, history, trainer.eval_history, teacher_acc)
-    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(run_dir / "summary.json", json_text(summary))
     write_text_atomic(
         run_dir / "summary.md",
         f"# fastopd distill\n\n{table}\n\nObjective `{config.objective}`, {trainer.global_step} steps, horizon "

@@ -25,7 +25,6 @@ models' log-probs of y_t as statistics, so one fused call serves the loss and th
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
 import re
@@ -40,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastopd._io import folder_write_problem, write_text_atomic
+from fastopd._io import folder_write_problem, json_text, write_text_atomic
 from fastopd.distributed.data_parallel import DataParallel, LossModule, is_dtensor, local_shard
 from fastopd.losses import fused_linear_divergence
 from fastopd.train import checkpoint as ckpt
@@ -684,7 +683,7 @@ class OPDTrainer:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for name, records in (("metrics.jsonl", self.history), ("eval.jsonl", self.eval_history)):
-            write_text_atomic(self.run_dir / name, "".join(json.dumps(r) + "\n" for r in records))
+            write_text_atomic(self.run_dir / name, "".join(json_text(r, indent=None) for r in records))
 
     def _log(self, name: str, record: dict[str, Any]) -> None:
         """Append `record` (already the last of its history) to `name` in the run folder."""
@@ -695,7 +694,7 @@ class OPDTrainer:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / name, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json_text(record, indent=None))
 
 
 # Options that say how to resume or where to write, not how to train: never reported as changed on a resume.

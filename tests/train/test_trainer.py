@@ -226,6 +226,24 @@ def test_resume_after_a_crash_keeps_one_log_line_per_step(tmp_path):
     assert steps("eval.jsonl") == [0, 1, 2, 3, 4]
 
 
+def test_run_logs_are_strict_json_with_a_nan_metric(tmp_path):
+    """A diverged number (an evaluator's NaN, a loss gone inf) was written as a bare NaN/Infinity, which jq,
+    JavaScript and pandas' default reader refuse; it is written as null."""
+    import json
+
+    def refuse(constant):
+        raise ValueError(f"bare {constant} in a log line")
+
+    evaluator = lambda trainer: {"x": float("nan"), "y": float("-inf"), "z": 1.5}  # noqa: E731
+    trainer = OPDTrainer(_tiny(8), _tiny(9), _config(eval_every=1), evaluator=evaluator, run_dir=tmp_path)
+    trainer.train(_prompts, 1, progress=False)
+    lines = (tmp_path / "eval.jsonl").read_text().splitlines()
+    records = [json.loads(line, parse_constant=refuse) for line in lines]
+    assert [(r["x"], r["y"], r["z"]) for r in records] == [(None, None, 1.5)] * 2
+    for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=refuse)
+
+
 def test_sparse_optimizer_state_resumes(tmp_path):
     from fastopd.optim import masks as mask_lib
 
