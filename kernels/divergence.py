@@ -118,7 +118,8 @@ def _block_logprobs(xs_row, xt_row, offs, mask, m_s, log_s, m_t, log_t, inv_temp
 def _row_normalizers(xs_row, xt_row, V, inv_temp, softcap, inv_softcap, hard_ratio,
                      DIV: tl.constexpr, HARD_T: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
     """Pass 1: (max, sum exp(z - max)) of both models' rows (sums in fp64), under HARD_T sum exp(r (z_s - max_s)),
-    and for rkl the teacher's z at the student's top token (ties: the largest). Empty rows give (-inf, 0)."""
+    and for rkl the teacher's z at the student's top token (ties: the largest within a block; across blocks the
+    first block's: any tied token is a valid pivot). Empty rows give (-inf, 0)."""
     lanes = tl.arange(0, BLOCK_V)
     m_s = float("-inf")
     m_t = float("-inf")
