@@ -262,6 +262,29 @@ def test_sparse_optimizer_state_resumes(tmp_path):
     assert _strip(resumed.history) == _strip(straight.history)
 
 
+@pytest.mark.parametrize("dtype,masked,warns", [
+    pytest.param(torch.bfloat16, False, True, id="bf16-dense-warns"),
+    pytest.param(torch.float16, False, True, id="fp16-dense-warns"),
+    pytest.param(torch.bfloat16, True, False, id="bf16-every-tensor-masked-has-masters"),
+    pytest.param(torch.float32, False, False, id="fp32-dense-quiet")])
+def test_a_low_precision_student_trained_densely_is_warned_about(dtype, masked, warns):
+    """A bf16 student under torch's AdamW (no fp32 masters) silently lost every update below half a bf16 spacing:
+    at lr 1e-5 about 15% of the weights ever moved, against 26% with SparseMaskedAdamW's masters."""
+    import warnings
+
+    from fastopd.optim import masks as mask_lib
+
+    student = _tiny(14, dtype=dtype)
+    masks = mask_lib.random(student, 0.5, generator=torch.Generator().manual_seed(0)) if masked else None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        OPDTrainer(student, _tiny(15), _config(masks=masks))
+    msgs = [str(w.message) for w in caught if "master weights" in str(w.message)]
+    assert len(msgs) == int(warns), msgs
+    if warns:
+        assert str(dtype) in msgs[0] and caught[0].filename == __file__
+
+
 def test_privileged_teacher_prompt_and_bf16_teacher():
     student, teacher = _tiny(12), _tiny(13, hidden=48, dtype=torch.bfloat16)
     seen = []
