@@ -642,9 +642,9 @@ class OPDTrainer:
                                 if k in then and then[k] != now[k] and k not in _RESUME_OWN_OPTIONS
                                 and not (_is_object_repr(then[k]) and _is_object_repr(now[k]))}
         ranks = tr.get("rng_ranks", [tr["rng"]])
-        if len(ranks) == self.parallel.world_size:
+        if len(ranks) == self.parallel.world_size and "seed" not in self.changed_options:
             ckpt.set_rng_state(ranks[self.parallel.rank])
-        else:  # another world size: fresh per-rank streams, a function of the seed, rank and step only
+        else:  # another world size or seed: fresh per-rank streams, a function of the seed, rank and step only
             seed_everything(self.config.seed + self.parallel.rank + 1_000_003 * int(tr["step"]))
         self.global_step = self._restored_steps = int(tr["step"])
         self.history = list(tr.get("history", []))

@@ -429,3 +429,27 @@ def test_optimizer_options_changed_on_resume_take_effect(tmp_path, masked):
     for group in resumed.optimizer.param_groups:
         assert (tuple(group["betas"]), group["eps"], group["weight_decay"]) == (new["betas"], new["eps"],
                                                                                 new["weight_decay"])
+
+
+def test_a_seed_changed_on_resume_takes_effect(tmp_path):
+    """The checkpoint's RNG state was restored whatever the seed, so a resume with another seed (reported as
+    applying from the resumed step on) sampled exactly the old run's rollouts. Now the streams are reseeded from
+    the new seed, and a resume with the same seed still reproduces the uninterrupted run."""
+    import shutil
+
+    def make(name, **kw):
+        return OPDTrainer(_tiny(8), _tiny(9), _config(checkpoint_dir=str(tmp_path / name), **kw))
+
+    straight = make("a")
+    straight.train(_prompts, 3, progress=False)
+    make("b").train(_prompts, 1, progress=False)
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
+    same = make("b", resume=True)
+    assert same.changed_options == {}
+    same.train(_prompts, 3, progress=False)
+    assert _strip(same.history) == _strip(straight.history)
+    reseeded = make("c", resume=True, seed=7)
+    assert reseeded.changed_options == {"seed": (0, 7)} and reseeded.global_step == 1
+    reseeded.train(_prompts, 3, progress=False)
+    assert _strip(reseeded.history)[0] == _strip(straight.history)[0]
+    assert _strip(reseeded.history)[1]["loss"] != _strip(straight.history)[1]["loss"]
