@@ -384,9 +384,11 @@ class BuiltinAdapter(LlamaFamilyAdapter):
 
 def _sliding_window(cfg: Any) -> int | None:
     """The attention window of a Hugging Face config with sliding-window layers (Mistral's ``sliding_window``;
-    Qwen2's and Qwen3's, set only under ``use_sliding_window``, for the ``layer_types`` that say so), else None."""
+    Qwen2's and Qwen3's, set only under ``use_sliding_window``, for the ``layer_types`` that say so), else None.
+    Mistral's modeling ignores ``layer_types`` (a Ministral-style config loaded as Mistral may carry them): its
+    window applies to every layer."""
     window = getattr(cfg, "sliding_window", None)
-    layer_types = getattr(cfg, "layer_types", None)
+    layer_types = None if getattr(cfg, "model_type", None) == "mistral" else getattr(cfg, "layer_types", None)
     if not window or (layer_types is not None and "sliding_attention" not in layer_types[: cfg.num_hidden_layers]):
         return None
     return int(window)

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from hf_reference import hf_greedy
+from hf_reference import assert_greedy_equals_hf, hf_greedy, sampled_batch_with_hf_logprobs
 
 from fastopd.models import Transformer, TransformerConfig
-from fastopd.rollout import RolloutEngine
+from fastopd.rollout import RolloutEngine, as_adapter
 
 transformers.logging.set_verbosity_error()
 logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -27,10 +27,10 @@ def llama(seed=0, **kw):
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**cfg, **kw})).eval()
 
 
-def sliding(kind, window, seed=0):
+def sliding(kind, window, seed=0, **kw):
     torch.manual_seed(seed)
     cfg = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.3, sliding_window=window)
+               num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.3, sliding_window=window, **kw)
     if kind == "mistral":
         return transformers.MistralForCausalLM(transformers.MistralConfig(**cfg)).eval()
     cfg.update(use_sliding_window=True, max_window_layers=1)  # layer 1 slides, layer 0 does not
@@ -153,6 +153,23 @@ def test_sliding_window_model_runs_with_the_window_as_its_context(kind):
         engine.generate([list(range(1, 16))])
 
 
+@pytest.mark.parametrize("layer_types", [pytest.param(["full_attention"] * 2, id="all-full"),
+                                         pytest.param(["full_attention", "sliding_attention"], id="last-sliding")])
+def test_mistral_window_applies_to_every_layer_whatever_its_config_layer_types_say(layer_types):
+    """MistralForCausalLM ignores `layer_types` (a Ministral-style config loaded as Mistral, which HF warns about):
+    its mask and attention apply `sliding_window` to every layer, so the window stays the context."""
+    window = 15
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = sliding("mistral", window, layer_types=layer_types)
+    assert model.config.layer_types == layer_types
+    engine = RolloutEngine(model, horizon=10, temperature=0)
+    assert engine.student.sliding_window == window == engine.student.max_positions
+    batch = engine.generate(PROMPTS)
+    assert batch.horizon == window - 9
+    assert torch.equal(batch.completion_ids, hf_greedy(model, batch, batch.horizon))
+
+
 def test_sliding_window_in_no_layer_keeps_the_full_context():
     torch.manual_seed(0)
     cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -196,3 +213,75 @@ def test_greedy_equals_hf_generate_where_the_argmax_is_the_configs_eos_id():
     batch = RolloutEngine(model, horizon=7, temperature=0).generate(PROMPTS)
     assert int(batch.completion_ids[0, 4]) == model.generation_config.eos_token_id == 2
     assert torch.equal(batch.completion_ids, hf_greedy(model, batch, 7))
+
+
+def perturbed(model):
+    """`model` (eval mode) with its biases and norm weights moved off HF's init of zeros and ones."""
+    with torch.no_grad():
+        for name, prm in model.named_parameters():
+            if name.endswith("bias") or "norm" in name or ".ln_" in name:
+                prm.add_(0.3 * torch.randn_like(prm))
+    return model.eval()
+
+
+def gpt2(**kw):
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=VOCAB, n_embd=48, n_layer=3, n_head=4, n_positions=64, initializer_range=0.2)
+    return perturbed(transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**cfg, **kw})))
+
+
+def family(cls, **kw):
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2)
+    config_cls = {transformers.LlamaForCausalLM: transformers.LlamaConfig,
+                  transformers.Qwen2ForCausalLM: transformers.Qwen2Config,
+                  transformers.MistralForCausalLM: transformers.MistralConfig}[cls]
+    return perturbed(cls(config_cls(**{**cfg, **kw})))
+
+
+LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+              original_max_position_embeddings=8)
+VARIANTS = [
+    pytest.param(transformers.LlamaForCausalLM, dict(attention_bias=True, mlp_bias=True), id="llama-attn-and-mlp-bias"),
+    pytest.param(transformers.LlamaForCausalLM, dict(head_dim=20, num_key_value_heads=1, tie_word_embeddings=True),
+                 id="llama-headdim20-kv1-tied"),
+    pytest.param(transformers.LlamaForCausalLM, dict(rope_theta=100.0, rms_norm_eps=1e-2), id="llama-theta100-eps1e-2"),
+    pytest.param(transformers.LlamaForCausalLM, dict(rope_scaling=dict(rope_type="linear", factor=4.0)),
+                 id="llama-rope-linear"),
+    pytest.param(transformers.LlamaForCausalLM, dict(rope_scaling=LLAMA3), id="llama-rope-llama3"),
+    pytest.param(transformers.LlamaForCausalLM, dict(rope_scaling=dict(
+        rope_type="yarn", factor=4.0, original_max_position_embeddings=8, attention_factor=1.3)), id="llama-rope-yarn"),
+    pytest.param(transformers.Qwen2ForCausalLM, dict(num_key_value_heads=4, head_dim=16, rope_scaling=dict(
+        rope_type="yarn", factor=2.0, original_max_position_embeddings=8)), id="qwen2-mha-headdim16-yarn"),
+    pytest.param(transformers.MistralForCausalLM, dict(head_dim=8, num_key_value_heads=1, sliding_window=30,
+                                                      rope_scaling=dict(rope_type="linear", factor=3.0)),
+                 id="mistral-headdim8-kv1-window30-linear"),
+    pytest.param(gpt2, dict(scale_attn_by_inverse_layer_idx=True, layer_norm_epsilon=1e-2),
+                 id="gpt2-inverse-layer-idx-eps1e-2"),
+    pytest.param(gpt2, dict(scale_attn_weights=False, n_inner=72, activation_function="gelu"),
+                 id="gpt2-unscaled-ninner72-gelu"),
+    pytest.param(gpt2, dict(activation_function="relu", tie_word_embeddings=False), id="gpt2-relu-untied"),
+]
+
+
+@pytest.mark.parametrize("make,kw", VARIANTS)
+def test_config_variants_equal_hf_generate_and_forward(make, kw):
+    model = family(make, **kw) if make is not gpt2 else gpt2(**kw)
+    assert type(as_adapter(model)).__name__ in ("HFLlamaAdapter", "HFGPT2Adapter")
+    assert_greedy_equals_hf(model, PROMPTS, 12)
+    batch, ref = sampled_batch_with_hf_logprobs(model, PROMPTS)
+    torch.testing.assert_close(batch.logprobs.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kw,match", [
+    pytest.param(dict(hidden_act="gelu"), "hidden_act='gelu'", id="hidden-act-gelu"),
+    pytest.param(dict(hidden_act="relu"), "hidden_act='relu'", id="hidden-act-relu"),
+    pytest.param(dict(rope_scaling=dict(rope_type="dynamic", factor=2.0)), "rope_type='dynamic'", id="rope-dynamic"),
+    pytest.param(dict(rope_scaling=dict(rope_type="longrope", short_factor=[1.0] * 6, long_factor=[2.0] * 6,
+                                        original_max_position_embeddings=32)), "rope_type='longrope'",
+                 id="rope-longrope"),
+])
+def test_llama_family_settings_the_adapter_does_not_compute_are_refused(kw, match):
+    with pytest.raises(ValueError, match=match):
+        as_adapter(family(transformers.LlamaForCausalLM, **kw))
