@@ -327,6 +327,14 @@ def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
                               f"{found[-1] if found else 'none'} instead", RuntimeWarning, stacklevel=2)
             return found[-1] if found else None
     found = list_checkpoints(root)
+    # no pointer (a folder of an older fastopd, or one copied without it): a newer step folder that is not complete
+    # is passed over as with a pointer, and said so
+    steps = sorted((int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))) \
+        if root.is_dir() else []
+    if steps and (not found or steps[-1][1] != found[-1]):
+        newest = steps[-1][1]
+        warnings.warn(f"checkpoint {newest} is not complete ({checkpoint_problem(newest)}): using "
+                      f"{found[-1] if found else 'none'} instead", RuntimeWarning, stacklevel=2)
     return found[-1] if found else None
 
 

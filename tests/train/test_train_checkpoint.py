@@ -148,10 +148,15 @@ def _three_steps(tmp_path, keep=None):
 
 @pytest.mark.parametrize("damage", ["truncated-model", "truncated-trainer", "missing-optimizer",
                                     "missing-trainer", "grown-optimizer"])
-def test_a_damaged_newest_checkpoint_is_passed_over_for_the_previous_one(tmp_path, damage):
+@pytest.mark.parametrize("pointer", [pytest.param(True, id="latest-pointer"),
+                                     pytest.param(False, id="no-pointer")])
+def test_a_damaged_newest_checkpoint_is_passed_over_for_the_previous_one(tmp_path, damage, pointer):
     """A folder whose files were damaged after it was written is no complete checkpoint: latest_checkpoint warns
-    and returns the newest complete one, and loading the damaged one raises naming it."""
+    and returns the newest complete one, and loading the damaged one raises naming it. Without the `latest`
+    pointer (a folder copied without it, or of an older fastopd) the damaged one was passed over silently."""
     paths = _three_steps(tmp_path)
+    if not pointer:
+        (tmp_path / ckpt.LATEST).unlink()
     newest = paths[-1]
     what, name = damage.split("-", 1)
     f = newest / {"model": ckpt.MODEL_FILE, "trainer": ckpt.TRAINER_FILE, "optimizer": ckpt.OPTIMIZER_FILE}[name]
@@ -177,7 +182,8 @@ def test_incomplete_folders_are_neither_listed_nor_pruned(tmp_path):
     assert ckpt.list_checkpoints(tmp_path) == paths[1:]  # step 1 pruned; the junk folder neither listed nor deleted
     assert junk.is_dir()
     (tmp_path / ckpt.LATEST).unlink()
-    assert ckpt.latest_checkpoint(tmp_path) == paths[-1]
+    with pytest.warns(RuntimeWarning, match=r"step_00000099 is not complete \(it has no model"):
+        assert ckpt.latest_checkpoint(tmp_path) == paths[-1]
 
 
 def test_a_fresh_run_in_a_reused_folder_prunes_only_below_its_step(tmp_path):
