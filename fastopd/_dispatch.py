@@ -71,7 +71,10 @@ def _always() -> str | None:
 def _check_decode_linear_cpu() -> str | None:
     why = _check_cpp("CPU", "decode_linear_")()
     if why is None and torch.ops.fastopd.decode_linear_isa() == "baseline":
-        why = "this CPU has neither AVX-512 nor AVX2 with FMA, where MKL's sgemm is the faster choice"
+        if os.environ.get("FASTOPD_DECODE_ISA") == "baseline":  # (read by the kernel once per process, as here)
+            why = "FASTOPD_DECODE_ISA=baseline caps it to the portable tile, where MKL's sgemm is the faster choice"
+        else:
+            why = "this CPU has neither AVX-512 nor AVX2 with FMA, where MKL's sgemm is the faster choice"
     return why
 
 

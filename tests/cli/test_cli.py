@@ -39,6 +39,21 @@ def test_doctor_reports_every_backend(capsys):
     assert "missing:" in out or "usable" in out
 
 
+def test_doctor_names_fastopd_decode_isa_baseline_as_the_reason(tmp_path):
+    """Under FASTOPD_DECODE_ISA=baseline, on an AVX-512 CPU, doctor said the CPU had neither AVX-512 nor AVX2
+    (the kernel reads the variable once per process: a subprocess)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("fastopd._C")
+    proc = subprocess.run([sys.executable, "-m", "fastopd", "doctor"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "FASTOPD_DECODE_ISA": "baseline"}, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("CPU decode kernel"))
+    assert "missing: FASTOPD_DECODE_ISA=baseline caps it to the portable tile" in line, line
+
+
 def test_version_option(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["--version"])
