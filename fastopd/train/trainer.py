@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 import random
 import re
 import signal
@@ -466,6 +467,7 @@ class OPDTrainer:
             ValueError: `checkpoint_dir` cannot be created or written (before any step).
         """
         cfg = self.config
+        steps = _whole_steps(steps)
         if steps < self.global_step:
             raise ValueError(f"steps={steps} is below the step already reached ({self.global_step})")
         restored, self._restored_steps = self._restored_steps, 0
@@ -698,6 +700,19 @@ class OPDTrainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / name, "a") as f:
             f.write(json_text(record, indent=None))
+
+
+def _whole_steps(steps: Any) -> int:
+    """`steps` as an int: ints (NumPy's too) and integral floats (1e4); 2.5 ran 3 steps under a schedule planned over
+    2.5, and True ran one."""
+    if not isinstance(steps, bool):
+        if isinstance(steps, float) and steps.is_integer():
+            return int(steps)
+        try:
+            return operator.index(steps)
+        except TypeError:
+            pass
+    raise ValueError(f"steps must be a whole number of steps, got {steps!r}")
 
 
 def _warn_low_precision_dense(named: list[tuple[str, torch.nn.Parameter]], masks: dict | None) -> None:

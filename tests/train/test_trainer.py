@@ -3,6 +3,7 @@ privileged teacher context and a teacher in another dtype; `fastopd distill` end
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -453,3 +454,18 @@ def test_a_seed_changed_on_resume_takes_effect(tmp_path):
     reseeded.train(_prompts, 3, progress=False)
     assert _strip(reseeded.history)[0] == _strip(straight.history)[0]
     assert _strip(reseeded.history)[1]["loss"] != _strip(straight.history)[1]["loss"]
+
+
+@pytest.mark.parametrize("steps,ok", [
+    pytest.param(2.5, False, id="fractional"), pytest.param(True, False, id="bool"),
+    pytest.param("2", False, id="string"), pytest.param(2.0, True, id="integral-float"),
+    pytest.param(np.int64(2), True, id="numpy-int")])
+def test_train_steps_must_be_a_whole_number(steps, ok):
+    """train(src, 2.5) ran 3 steps under a cosine schedule planned over 2.5; True ran one step."""
+    trainer = OPDTrainer(_tiny(8), _tiny(9), _config())
+    if ok:
+        trainer.train(_prompts, steps, progress=False)
+        assert trainer.global_step == 2 and type(trainer.global_step) is int
+    else:
+        with pytest.raises(ValueError, match="steps must be a whole number of steps"):
+            trainer.train(_prompts, steps, progress=False)
