@@ -336,16 +336,20 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # The sparse kernel's backend for every device, before any group steps: a refused step changes nothing.
+        # The sparse kernel's backend for every device and every group's checks, before any group steps: a refused
+        # step changes nothing (a later group's refused gradient would otherwise leave the earlier groups stepped).
         backends = {device: _dispatch.resolve(OP, self.impl, device)
                     for device in {p.device for g in self.param_groups for p in g["params"]
                                    if p.grad is not None and "indices" in self.state[p]}}
-        for group in self.param_groups:
-            self._step_group(group, backends)
+        plans = [self._plan_group(group) for group in self.param_groups]
+        for group, plan in zip(self.param_groups, plans):
+            self._step_group(group, plan, backends)
         return loss
 
-    def _step_group(self, group: dict[str, Any], backends: dict[torch.device, str]) -> None:
-        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+    def _plan_group(self, group: dict[str, Any]) -> tuple[dict[str, list], dict[torch.device, dict[str, list]],
+                                                          list[dict[str, Any]]]:
+        """The group's parameters with a gradient, checked and sorted into (dense, sparse by device, frozen); moves
+        no step count, moment or parameter."""
         dense: dict[str, list] = {k: [] for k in ("p", "g", "m", "v", "t")}
         sparse: dict[torch.device, dict[str, list]] = {}
         frozen: list[dict[str, Any]] = []
@@ -392,8 +396,14 @@ class SparseMaskedAdamW(torch.optim.Optimizer):
             bucket["w"].append(state.get("master"))
             bucket["s"].append(state.get("swallowed"))
             bucket["st"].append(state)
+        return dense, sparse, frozen
 
-        # Every check before the first step count moves (the backends were resolved by `step`, for every group).
+    def _step_group(self, group: dict[str, Any], plan: tuple[dict[str, list], dict[torch.device, dict[str, list]],
+                                                            list[dict[str, Any]]],
+                    backends: dict[torch.device, str]) -> None:
+        # Every check came before the first step count moves (`step` planned every group and resolved the backends).
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        dense, sparse, frozen = plan
         for state in frozen:
             state["step"] += 1
         for device, b in sparse.items():

@@ -654,6 +654,27 @@ def test_a_refused_step_changes_nothing(monkeypatch):
     assert all(float(opt.state[t]["step"]) == 1 for t in (p, q, d))
 
 
+@pytest.mark.parametrize("first_masked", [pytest.param(True, id="masked-group-first"),
+                                          pytest.param(False, id="dense-group-first")])
+def test_a_gradient_refused_in_a_later_group_leaves_the_earlier_groups_unstepped(first_masked):
+    """Every group's gradients are checked before any group steps: a refused gradient in the second group used to
+    leave the first group stepped, so a retry stepped it twice (and with the wrong bias correction)."""
+    a = torch.nn.Parameter(torch.randn(6))
+    b = torch.nn.Parameter(torch.randn(4))
+    opt = SparseMaskedAdamW([{"params": [("a", a)]}, {"params": [("b", b)]}],
+                            masks={"b": torch.tensor([2]), **({"a": torch.tensor([0, 3])} if first_masked else {})})
+    a.grad = torch.randn(6)
+    b.grad = torch.randn(4)
+    b.grad.data = torch.randn(4, dtype=torch.float64)  # what the grad setter would refuse, e.g. a hook's gradient
+    before = a.detach().clone()
+    with pytest.raises(ValueError, match="gradient of 'b'"):
+        opt.step()
+    assert torch.equal(a, before)
+    assert float(opt.state[a].get("step", 0)) == 0
+    b.grad = torch.randn(4)
+    opt.step()
+    assert float(opt.state[a]["step"]) == float(opt.state[b]["step"]) == 1
+
 @pytest.mark.parametrize("shape,mask", [
     pytest.param((2,), torch.tensor([0, 1], dtype=torch.uint8), id="1d-01-read-as-all"),
     pytest.param((5,), torch.tensor([0, 1, 0, 0, 1], dtype=torch.uint8), id="1d-read-as-duplicates"),
