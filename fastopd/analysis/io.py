@@ -26,11 +26,12 @@ import torch
 
 __all__ = ["Checkpoint", "CheckpointError", "TensorInfo", "open_checkpoint", "unwrap_names"]
 
-# safetensors dtype tags -> torch dtypes (the ones torch can hold)
+# safetensors dtype tags -> torch dtypes (the ones torch can hold; the analysis skips all but 16/32/64-bit floats)
 _ST_DTYPES = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
-    "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
-    "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "F16": torch.float16,
+    "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu,
 }
 _TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 

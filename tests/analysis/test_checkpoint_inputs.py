@@ -139,6 +139,24 @@ def test_safetensors_file_without_its_suffix_is_read(tmp_path, reference):
     assert report.summary == reference.summary
 
 
+@pytest.mark.parametrize("dtype", [
+    pytest.param(torch.uint16, id="U16"),
+    pytest.param(torch.uint32, id="U32-packed-quantized-weights"),
+    pytest.param(torch.uint64, id="U64"),
+    pytest.param(torch.float8_e8m0fnu, id="F8_E8M0-mx-scales"),
+])
+def test_safetensors_tensors_of_other_torch_dtypes_are_skipped_not_refused(tmp_path, reference, dtype):
+    """Unsigned and E8M0 tensors (quantized checkpoints) are skipped as non-float/8-bit tensors, as the docs say of
+    integer and 8-bit ones; the file was refused as holding a dtype "which torch cannot hold"."""
+    extra = torch.arange(1, 9).to(dtype)
+    save_file({**BASE, "model.layers.0.mlp.up_proj.qzeros": extra}, str(tmp_path / "base.safetensors"))
+    save_file({**TUNED, "model.layers.0.mlp.up_proj.qzeros": extra}, str(tmp_path / "tuned.safetensors"))
+    report = analyze_update(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", progress=False,
+                            null_models="all")
+    assert report.summary == reference.summary
+    assert report.skipped["model.layers.0.mlp.up_proj.qzeros"].startswith("not a 16/32/64-bit floating-point")
+
+
 def test_parameters_that_require_grad_are_analysed(reference):
     """`dict(model.named_parameters())` holds leaves that require grad: the analysis must not build a graph."""
     params = {k: torch.nn.Parameter(v.clone()) for k, v in BASE.items()}
