@@ -92,11 +92,15 @@ def _finite(x: torch.Tensor) -> torch.Tensor:
 
 
 def _strictly_below(x: float, dtype: torch.dtype) -> float:
-    """The bound b with |Delta| <= b  <=>  |Delta| < x, for the "<=" counts of the elementwise pass: the next
-    value below x in `dtype`, or -inf for x <= 0 (no |Delta| is below 0; nextafter(0, 0) would be 0 itself)."""
+    """The bound b with |Delta| <= b  <=>  |Delta| < x, for the "<=" counts of the elementwise pass: the largest
+    value of `dtype` below x (x's own rounding when it rounds down), or -inf for x <= 0 (no |Delta| is below 0;
+    nextafter(0, 0) would be 0 itself)."""
     if x <= 0:
         return -math.inf
-    return float(torch.nextafter(torch.tensor(x, dtype=dtype), torch.tensor(0.0, dtype=dtype)))
+    xt = torch.tensor(x, dtype=dtype)
+    if float(xt) < x:  # x rounded down: that value is itself below x (a float32 bound for 16-bit storage)
+        return float(xt)
+    return float(torch.nextafter(xt, torch.tensor(0.0, dtype=dtype)))
 
 
 def _gen(seed: int, name: str, salt: str) -> torch.Generator:

@@ -104,6 +104,22 @@ def test_frac_below_tau_rms_is_zero_when_the_base_is_all_zero(dtype):
     assert out["density_atol"]["1e-08"] == pytest.approx(3 / 40)  # the atol counts share the bucketize
 
 
+@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")])
+@pytest.mark.parametrize("rel,below", [pytest.param(1e-12, 1.0, id="tau-rms-just-above-the-delta"),
+                                       pytest.param(0.0, 0.5, id="tau-rms-equal-to-the-delta"),
+                                       pytest.param(-1e-12, 0.5, id="tau-rms-just-below-the-delta")])
+def test_frac_below_tau_rms_is_strict_at_a_float32_rounded_threshold(dtype, rel, below):
+    """16-bit storage compares |Delta| with tau * RMS(base) rounded to float32: a threshold that rounds down onto a
+    |Delta| value is still above it, so that coordinate is below tau * RMS (it was counted as not below)."""
+    base = torch.ones(4, 8, dtype=dtype)  # RMS(base) = 1
+    tuned = base.clone()
+    tuned[:, :4] += 2.0 ** -7  # |Delta| = 2^-7 on half the coordinates, 0 on the others
+    tau = 2.0 ** -7 * (1 + rel)
+    out, _ = analyze_tensor("w", base, tuned, AnalysisConfig(taus=(tau,)))
+    assert out["rms_base"] == 1.0
+    assert out["frac_below_tau_rms"] == {f"{tau:g}": below}
+
+
 def test_energy_top_exact_with_ties_in_the_boundary_bin():
     # 1000 coordinates share one |Delta| value; the top 5% boundary falls inside that tie group
     base = torch.zeros(40, 50, dtype=torch.float32)
