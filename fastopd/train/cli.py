@@ -65,6 +65,9 @@ class DistillJob:
         from fastopd.train.config import _check_types
 
         _check_types(self)
+        for name in ("out", "teacher", "student"):  # `--teacher "$UNSET"` would silently fall back to the default
+            if getattr(self, name) is not None and not getattr(self, name).strip():
+                raise ConfigError(f"{name}: must be a folder path, got an empty string (leave it out for the default)")
         for name in ("steps", "batch_size", "eval_size", "threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
@@ -344,6 +347,10 @@ def _distill(job: DistillJob, opd: dict[str, Any], progress: bool, out) -> int:
         print(f"fastopd distill: error: {_error_text(exc)}", file=sys.stderr)
         return 2
 
+    # The job's options the checkpoint does not hold, against what the run folder's config.json recorded (read before
+    # this run rewrites it): a resume with another --batch-size, --eval-size or --teacher is named in the note too.
+    job_changes = (_changed_job_options(run_dir / "config.json", job, teacher_dir)
+                   if trainer.resumed_from is not None and par.is_main else {})
     failed, stale = None, []
     if par.is_main:  # rank 0 prints and writes the run folder; the others train beside it
         try:
@@ -389,6 +396,7 @@ def _distill(job: DistillJob, opd: dict[str, Any], progress: bool, out) -> int:
             print(f"note: resuming with the checkpoint's sparse masks{why}", file=out, flush=True)
         # schedule_steps is the job's own (--steps) unless given, and then equals the run's, checked above
         changed = {k: v for k, v in trainer.changed_options.items() if own_schedule or k != "schedule_steps"}
+        changed.update(job_changes)
         if changed:
             changes = ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in sorted(changed.items())))
             print(f"note: options differ from the checkpoint's run, and apply from step {trainer.global_step} on: "
@@ -530,6 +538,25 @@ def _recorded_steps(path: Path) -> int | None:
         return None
     steps = recorded.get("steps") if isinstance(recorded, dict) and recorded.get("schedule_steps") is None else None
     return steps if isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1 else None
+
+
+def _changed_job_options(path: Path, job: DistillJob, teacher_dir: Path) -> dict[str, tuple[Any, Any]]:
+    """The job options that change what a resumed run trains or evaluates on (prompts per step, evaluation
+    problems, the teacher) and differ from those the run folder's config.json records: option -> (then, now)."""
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(recorded, dict):
+        return {}
+    changed: dict[str, tuple[Any, Any]] = {}
+    for name in ("batch_size", "eval_size"):
+        if name in recorded and recorded[name] != getattr(job, name):
+            changed[name] = (recorded[name], getattr(job, name))
+    then = recorded.get("teacher")
+    if isinstance(then, str) and Path(then).resolve() != teacher_dir.resolve():
+        changed["teacher"] = (then, str(teacher_dir))
+    return changed
 
 
 def _error_text(exc: BaseException) -> str:

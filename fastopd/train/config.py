@@ -178,6 +178,8 @@ class OPDConfig:
         self.eos_token_id = ([_plain_id(i) for i in self.eos_token_id] if isinstance(self.eos_token_id, (list, tuple))
                              else _plain_id(self.eos_token_id))
         _check_types(self)
+        if self.checkpoint_dir is not None and not self.checkpoint_dir.strip():  # "" is the working directory
+            raise ConfigError("checkpoint_dir: must be a folder path or None, got an empty string")
         _check_eos(self.eos_token_id)
         if isinstance(self.eos_token_id, tuple):
             self.eos_token_id = list(self.eos_token_id)

@@ -49,14 +49,29 @@ def test_a_mask_flag_replaces_the_files_masks_or_density(tmp_path, text, flags, 
     pytest.param('loss_impl = "bogus"\n', "loss_impl: must be one of ('auto', ", id="bad-loss-impl"),
     pytest.param("weight_decay = nan\n", "weight_decay: must be a finite number >= 0, got nan", id="nan-decay"),
     pytest.param("lr = inf\n", "lr: must be a positive finite number, got inf", id="inf-lr"),
+    pytest.param('teacher = ""\n', "teacher: must be a folder path, got an empty string", id="empty-teacher"),
+    pytest.param('checkpoint_dir = ""\n', "checkpoint_dir: must be a folder path or None, got an empty string",
+                 id="empty-checkpoint-dir"),
 ])
-def test_config_errors_name_the_field(tmp_path, capsys, text, message):
+def test_config_errors_name_the_field(tmp_path, capsys, monkeypatch, text, message):
+    monkeypatch.chdir(tmp_path)  # checkpoint_dir = "" wrote its checkpoints into the working directory
     cfg = tmp_path / "bad.toml"
     cfg.write_text(text)
     assert main(["distill", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fastopd distill: error: ") and message in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flag", ["--teacher", "--student", "--out"])
+def test_an_empty_path_flag_is_refused_not_read_as_the_default(tmp_path, capsys, monkeypatch, flag):
+    """`--teacher "$TEACHER"` with the variable unset must not train against the built-in teacher."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["distill", "--out", str(tmp_path / "run"), flag, ""]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"fastopd distill: error: {flag[2:]}: must be a folder path, got an empty string" in err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_summary_table_lists_everything():
@@ -238,6 +253,23 @@ def test_resume_reports_the_checkpoints_masks_not_the_flags(tmp_path, capsys):
     assert "sparse masks (50.0% trainable)" in text and "(the run was started with masks)" in text
     assert ("note: options differ from the checkpoint's run, and apply from step 2 on: lr 0.001 -> 0.002, "
             "objective 'fkl' -> 'rkl'") in text
+
+
+@needs_assets
+def test_resume_names_job_options_the_checkpoint_does_not_hold(tmp_path, capsys):
+    """--batch-size, --eval-size and --teacher are no OPDConfig fields: a resume that changes them is named in the
+    note against the run folder's config.json, as --lr is."""
+    out = tmp_path / "run"
+    assert main(["distill", *TINY, "--schedule-steps", "3", "--out", str(out)]) == 0
+    capsys.readouterr()
+    argv = ["distill", "--steps", "2", *TINY[2:], "--schedule-steps", "3", "--out", str(out), "--resume"]
+    assert main([*argv, "--batch-size", "3", "--eval-size", "5", "--teacher", str(ASSETS / "student")]) == 0
+    text = capsys.readouterr().out
+    assert ("note: options differ from the checkpoint's run, and apply from step 1 on: batch_size 2 -> 3, "
+            "eval_size 4 -> 5, teacher ") in text
+    assert main(["distill", "--steps", "3", *TINY[2:], "--batch-size", "3", "--eval-size", "5", "--teacher",
+                 str(ASSETS / "student"), "--schedule-steps", "3", "--out", str(out), "--resume"]) == 0
+    assert "note: options differ" not in capsys.readouterr().out  # the same as the resumed run's: nothing to say
 
 
 @needs_assets

@@ -18,6 +18,7 @@ from fastopd.train.config import ConfigError, OPDConfig, load_toml, parse_horizo
     pytest.param({"max_grad_norm": 0.0}, "max_grad_norm", id="max_grad_norm"),
     pytest.param({"pg_ratio_cap": 0.5}, "pg_ratio_cap", id="pg_ratio_cap"),
     pytest.param({"resume": True}, "resume", id="resume-without-dir"),
+    pytest.param({"checkpoint_dir": ""}, "checkpoint_dir", id="checkpoint-dir-empty"),
     pytest.param({"horizon": "progressive:8,4"}, "horizon", id="horizon-string"),
     pytest.param({"horizon": {"kind": "truncated", "ratio": 1.5}}, "horizon.ratio", id="horizon-ratio"),
     pytest.param({"horizon": {"kind": "progressive", "start": 4, "step": 2}}, "horizon.every", id="horizon-missing"),
