@@ -13,9 +13,10 @@ field of `OPDConfig` (objective, lr, horizon, masks, ...) or of the job (steps, 
 teacher, student, device, mask_density); unknown keys and bad values are reported with the field's name.
 `masks` and `mask_density` exclude each other: a flag for one replaces the file's value of either, and a file may
 not set both. `checkpoint_dir` (default <out>/checkpoints) is honoured, relative to the working directory.
-`--resume` needs `--out DIR`; a run folder without a checkpoint starts a fresh run (with a notice), and a masked
-run goes on with its checkpoint's masks. The cosine learning-rate schedule decays over `--steps` (the job sets
-`schedule_steps` to it): a resume with other `--steps` is refused unless `--schedule-steps` says where the decay
+`--resume` needs `--out DIR`; a run folder without a checkpoint starts a fresh run (with a notice) unless its
+config.json names another checkpoint_dir that holds the run's checkpoints (refused), and a masked run goes on
+with its checkpoint's masks. The cosine learning-rate schedule decays over `--steps` (the job sets `schedule_steps`
+to it): a resume with other `--steps` is refused unless `--schedule-steps` says where the decay
 ends. Temporary folders that killed checkpoint writes left in the checkpoint folder are removed at the start. Bad
 input is reported as one `error:` line (exit code 2) before anything is written.
 """
@@ -117,7 +118,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", default=None,
                    help="continue the run in --out DIR (required) from its newest checkpoint up to --steps (other "
                         "--steps than the run's cosine schedule was made for need --schedule-steps); without a "
-                        "checkpoint there, start a fresh run (with a notice). A masked run goes on with its "
+                        "checkpoint there, start a fresh run (with a notice; refused when the folder's config.json "
+                        "names another checkpoint_dir holding the run's checkpoints). A masked run goes on with its "
                         "checkpoint's masks, whatever --masks/--mask-density say (with a notice)")
     p.add_argument("--out", metavar="DIR", help="run folder (default ./fastopd-runs/distill-<time>)")
     p.add_argument("--teacher", metavar="DIR", help="teacher folder (fastopd.models.Transformer.save_pretrained); "
@@ -287,6 +289,12 @@ def _distill(job: DistillJob, opd: dict[str, Any], progress: bool, out) -> int:
                      if own_checkpoint_dir else "another --out")
             raise ConfigError(f"{where[0]}: {config.checkpoint_dir} already holds checkpoints of a run (newest: "
                               f"{found.name}); pass --resume to continue it, or give {where[1]}")
+        if found is None and config.resume:  # the checkpoints may be where the run's config file put them
+            elsewhere = _recorded_checkpoint_dir(run_dir / "config.json", config.checkpoint_dir)
+            if elsewhere is not None:
+                raise ConfigError(f"resume: no checkpoint in {config.checkpoint_dir}, but the run folder's config.json "
+                                  f"records checkpoint_dir {elsewhere[0]}, which holds them (newest: {elsewhere[1]}); "
+                                  "pass the config file that set it (or checkpoint_dir = that folder)")
         if found is not None and job.steps < ckpt.checkpoint_step(found):
             raise ConfigError(f"steps: {job.steps} is below the step the run already reached "
                               f"({ckpt.checkpoint_step(found)}, {found}); a resumed run continues up to --steps")
@@ -538,6 +546,22 @@ def _recorded_steps(path: Path) -> int | None:
         return None
     steps = recorded.get("steps") if isinstance(recorded, dict) and recorded.get("schedule_steps") is None else None
     return steps if isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1 else None
+
+
+def _recorded_checkpoint_dir(path: Path, checkpoint_dir: str | None) -> tuple[str, str] | None:
+    """(folder, newest checkpoint's name) when the run folder's config.json records another checkpoint_dir than
+    `checkpoint_dir` and that folder holds checkpoints; else None."""
+    from fastopd.train import checkpoint as ckpt
+
+    try:
+        recorded = json.loads(path.read_text()).get("checkpoint_dir")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(recorded, str) or not recorded.strip() or (
+            checkpoint_dir is not None and Path(recorded).resolve() == Path(checkpoint_dir).resolve()):
+        return None
+    found = ckpt.latest_checkpoint(recorded)
+    return (recorded, found.name) if found is not None else None
 
 
 def _changed_job_options(path: Path, job: DistillJob, teacher_dir: Path) -> dict[str, tuple[Any, Any]]:

@@ -256,6 +256,26 @@ def test_resume_reports_the_checkpoints_masks_not_the_flags(tmp_path, capsys):
 
 
 @needs_assets
+def test_resume_without_the_config_that_moved_the_checkpoints_is_refused_not_started_afresh(tmp_path, capsys):
+    """A run whose config file put its checkpoints elsewhere, resumed without that file, looked in <out>/checkpoints,
+    found none, and started afresh: dropping the run's metrics.jsonl and eval.jsonl."""
+    out, elsewhere = tmp_path / "run", tmp_path / "ckpts"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'checkpoint_dir = "{elsewhere}"\n')
+    assert main(["distill", *TINY, "--schedule-steps", "3", "--config", str(cfg), "--out", str(out)]) == 0
+    capsys.readouterr()
+    logs = (out / "metrics.jsonl").read_text()
+    assert main(["distill", *TINY, "--schedule-steps", "3", "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert (f"fastopd distill: error: resume: no checkpoint in {out / 'checkpoints'}, but the run folder's "
+            f"config.json records checkpoint_dir {elsewhere}, which holds them (newest: step_00000001)") in err
+    assert (out / "metrics.jsonl").read_text() == logs and not (out / "checkpoints").exists()
+    assert main(["distill", "--steps", "2", *TINY[2:], "--schedule-steps", "3", "--config", str(cfg), "--out",
+                 str(out), "--resume"]) == 0
+    assert "resuming from" in capsys.readouterr().out
+
+
+@needs_assets
 def test_resume_names_job_options_the_checkpoint_does_not_hold(tmp_path, capsys):
     """--batch-size, --eval-size and --teacher are no OPDConfig fields: a resume that changes them is named in the
     note against the run folder's config.json, as --lr is."""
