@@ -121,7 +121,8 @@ class OPDConfig:
         masks freeze included); grad_accum (micro-batches per step).
         masks: None (dense), a dict param name -> bool tensor, or a path to a masks file (fastopd.optim.masks).
     Run:
-        seed: seeds torch's, Python's and numpy's RNGs at construction. log_every: progress-bar/log cadence.
+        seed: seeds torch's, Python's and numpy's RNGs at construction. log_every: how often the progress bar
+        shows the loss (metrics.jsonl logs every step).
         eval_every: evaluation cadence in `train` (0: only before and after). checkpoint_dir: where checkpoints go
         (None: nowhere; a path-like is kept as its string); checkpoint_every (0: only at the end of `train`);
         keep_checkpoints; resume: continue from the newest checkpoint in checkpoint_dir.
