@@ -75,6 +75,8 @@ def _masked_rows(prompts: Sequence[Any], attention_mask: Any, what: str) -> list
         raise ValueError(f"attention_mask has {len(masks)} rows, {what} {len(rows)}")
     out = []
     for i, (r, m) in enumerate(zip(rows, masks)):
+        if isinstance(r, (str, bytes)) or not isinstance(r, Iterable):
+            _row_ids(r, what, i)  # raises, saying why: text (tokenize first) or one unbatched prompt (tok(text))
         if not isinstance(r, Sequence) or isinstance(r, str) or not isinstance(m, Sequence) or len(r) != len(m):
             raise ValueError(f"{what}[{i}] and its attention_mask row do not match: {r!r} and {m!r}")
         out.append([x for x, keep in zip(r, m) if keep])
@@ -340,6 +342,9 @@ class RolloutEngine:
         self, prompts: Prompts, attention_mask: torch.Tensor | None, adapter: ModelAdapter, what: str
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Left-padded ``ids [B, P]`` int64, ``mask [B, P]`` bool and ``lengths [B]`` on the model's device."""
+        if not isinstance(prompts, (Iterable, torch.Tensor)) or isinstance(prompts, (str, bytes)):
+            raise ValueError(f"{what} is {prompts!r}: need a list of token-id lists, a [B, L] integer tensor or a "
+                             "tokenizer's BatchEncoding")
         if isinstance(prompts, Mapping):  # a tokenizer's BatchEncoding (or any dict of input_ids/attention_mask)
             if "input_ids" not in prompts:
                 raise ValueError(f"{what} is a mapping without 'input_ids' (keys: {list(prompts)})")
