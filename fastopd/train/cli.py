@@ -225,18 +225,23 @@ def run(args: argparse.Namespace) -> int:
         print(f"fastopd distill: error: {exc}", file=sys.stderr)
         return 2
     code = distill(job, opd)
-    _close_process_group()
+    _close_process_group(finished=code == 0)
     return code
 
 
-def _close_process_group() -> None:
+def _close_process_group(*, finished: bool) -> None:
     """Destroy the process group a torchrun launch initialized, before the interpreter exits: left to static
     destruction, gloo's worker threads were destroyed still joinable ("terminate called without an active
-    exception", SIGABRT, a failed launch) now and then on a rank that finished first."""
+    exception", SIGABRT, a failed launch) now and then on a rank that finished first. After a finished run every
+    rank first meets the others at a barrier, so none tears its connections down while a peer is still writing
+    the run folder; after a failed one (a rank may have stopped early) it destroys at once rather than wait."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if finished and dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def distill(job: DistillJob, opd: dict[str, Any], *, progress: bool = True, out=None) -> int:
