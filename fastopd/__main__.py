@@ -1,8 +1,6 @@
 """`python -m fastopd ...`: the `fastopd` command (also where no console script is on PATH, and under torchrun)."""
 
-import sys
-
-from fastopd.cli import main
+from fastopd.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
 import re
 import sys
 
@@ -46,5 +48,28 @@ def main(argv: list[str] | None = None) -> int:
     return int(importlib.import_module(SUBCOMMANDS[args.command][0]).run(args) or 0)
 
 
+def entry() -> None:
+    """The `fastopd` console script and `python -m fastopd` / `python -m fastopd.cli`: `main()`, then the exit.
+
+    A process whose `fastopd distill` ran distributed (torchrun, more than one rank) leaves through `os._exit` once
+    the process group is destroyed and stdout, stderr and logging are flushed, skipping the interpreter's
+    finalization: the run's files are complete by then, and after an FSDP2 run torch's gloo worker threads outlive
+    `destroy_process_group()` (once DTensors have used it, torch keeps the group referenced from C++), so that a
+    worker thread taking the GIL while the interpreter was torn down aborted the rank now and then, a finished
+    run reported as failed ("terminate called without an active exception", SIGABRT; cf. pytorch/pytorch#190489).
+    Every other command exits normally."""
+    code = main()
+    train_cli = sys.modules.get("fastopd.train.cli")
+    if train_cli is not None and train_cli.distributed_run_closed:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed or broken pipe: nothing more can be said there
+                pass
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -280,7 +280,7 @@ def test_sdist_and_wheel_built_from_it(tmp_path):
     # include_package_data=False: setuptools took MANIFEST.in's asset files as well and warned, 40 lines per
     # folder, that fastopd.train.assets.addition3.* are packages missing from `packages`.
     assert "Package would be ignored" not in r.stdout + r.stderr
-    assert "fastopd = fastopd.cli:main" in entry_points
+    assert "fastopd = fastopd.cli:entry" in entry_points
     if shutil.which(os.environ.get("CXX", "c++")):
         so = [n for n in names if re.fullmatch(r"fastopd/_C\..*\.so", n)]
         assert so, "the wheel built from the sdist has no fastopd._C:\n" + (r.stdout + r.stderr)[-4000:]

@@ -229,19 +229,26 @@ def run(args: argparse.Namespace) -> int:
     return code
 
 
+# Set once a run of more than one rank has destroyed its process group: `fastopd.cli.entry` then leaves the process
+# by os._exit, past the interpreter's finalization, where torch's lingering worker threads could abort the rank.
+distributed_run_closed = False
+
+
 def _close_process_group(*, finished: bool) -> None:
-    """Destroy the process group a torchrun launch initialized, before the interpreter exits: left to static
-    destruction, gloo's worker threads were destroyed still joinable ("terminate called without an active
-    exception", SIGABRT, a failed launch) now and then on a rank that finished first. After a finished run every
-    rank first meets the others at a barrier, so none tears its connections down while a peer is still writing
-    the run folder; after a failed one (a rank may have stopped early) it destroys at once rather than wait."""
+    """Destroy the process group a torchrun launch initialized, before the interpreter exits. After a finished run
+    every rank first meets the others at a barrier, so none tears its connections down while a peer is still
+    writing the run folder; after a failed one (a rank may have stopped early) it destroys at once rather than
+    wait. Destroying is not enough after an FSDP2 run (its gloo threads live on): see `fastopd.cli.entry`."""
+    global distributed_run_closed
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return
-    if finished and dist.get_world_size() > 1:
+    world = dist.get_world_size()
+    if finished and world > 1:
         dist.barrier()
     dist.destroy_process_group()
+    distributed_run_closed = distributed_run_closed or world > 1
 
 
 def distill(job: DistillJob, opd: dict[str, Any], *, progress: bool = True, out=None) -> int:

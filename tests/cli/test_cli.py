@@ -190,3 +190,71 @@ def test_bench_trl_loss_is_trls_own(monkeypatch):
               "labels": torch.randint(0, 40, (9,), generator=g)}
     got = bench.provider_loss("trl", "jsd", inputs)
     assert calls and got == pytest.approx(bench.provider_loss("naive", "jsd", inputs), rel=1e-5)
+
+
+EXIT_PROBE = """
+import atexit, sys
+atexit.register(lambda: print("finalized", flush=True))
+import fastopd.train.cli as train_cli
+train_cli.distributed_run_closed = {closed}
+sys.argv[1:] = []  # `fastopd` alone: the help on stdout (still in the buffer when main returns), exit code 2
+from fastopd.cli import entry
+entry()
+"""
+
+
+@pytest.mark.parametrize("closed", [pytest.param(False, id="plain-command"),
+                                    pytest.param(True, id="after-a-distributed-run")])
+def test_entry_skips_finalization_only_after_a_distributed_run(tmp_path, closed):
+    """`fastopd` (the console script and python -m): after a multi-rank `distill` destroyed its process group the
+    process leaves by os._exit, past the interpreter's finalization (where torch's surviving gloo threads aborted
+    ranks), yet with its exit code and all of stdout; otherwise it exits normally, atexit handlers and all."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # a pipe's stdout: block-buffered
+    r = subprocess.run([sys.executable, "-c", EXIT_PROBE.format(closed=closed)], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "usage: fastopd" in r.stdout and "distill" in r.stdout  # flushed by entry() before os._exit
+    assert ("finalized" in r.stdout) is (not closed)
+
+
+class _FakeDist:
+    """torch.distributed's process-group calls as `_close_process_group` makes them, recorded."""
+
+    def __init__(self, world):
+        self.world, self.calls = world, []
+
+    def is_available(self):
+        return True
+
+    def is_initialized(self):
+        return "destroy" not in self.calls
+
+    def get_world_size(self):
+        return self.world
+
+    def barrier(self):
+        self.calls.append("barrier")
+
+    def destroy_process_group(self):
+        self.calls.append("destroy")
+
+
+@pytest.mark.parametrize("world,finished,calls,closed", [
+    pytest.param(2, True, ["barrier", "destroy"], True, id="finished-2-ranks"),
+    pytest.param(2, False, ["destroy"], True, id="failed-2-ranks-no-barrier"),
+    pytest.param(1, True, ["destroy"], False, id="one-rank"),
+])
+def test_close_process_group_meets_at_a_barrier_only_after_a_finished_run(monkeypatch, world, finished, calls,
+                                                                          closed):
+    import torch.distributed
+
+    import fastopd.train.cli as train_cli
+
+    fake = _FakeDist(world)
+    for name in ("is_available", "is_initialized", "get_world_size", "barrier", "destroy_process_group"):
+        monkeypatch.setattr(torch.distributed, name, getattr(fake, name))
+    monkeypatch.setattr(train_cli, "distributed_run_closed", False)
+    train_cli._close_process_group(finished=finished)
+    assert fake.calls == calls and train_cli.distributed_run_closed is closed
+    train_cli._close_process_group(finished=finished)  # nothing left to close: a no-op
+    assert fake.calls == calls
