@@ -81,7 +81,7 @@ def _trainer_names(tmp: Path) -> dict[str, Any]:
 
 
 def _rollout_names(tmp: Path) -> dict[str, Any]:
-    return dict(student=_builtin(0, 32), teacher=_builtin(1, 48), prompts=_prompts(), eos=EOS, pad=PAD, k=3)
+    return {**_trainer_names(tmp), "eos": EOS, "pad": PAD, "k": 3}
 
 
 def _hf_names(tmp: Path) -> dict[str, Any]:
