@@ -42,6 +42,10 @@ def _extensions():
 
     want_cuda = os.environ.get("FASTOPD_BUILD_CUDA")
     build_cuda = want_cuda == "1" or (want_cuda != "0" and torch.cuda.is_available())
+    if build_cuda and torch.version.cuda is None:
+        _note(f"CUDA requested but torch {torch.__version__} is a CPU build (torch.version.cuda is None; it ships no "
+              "CUDA headers): building CPU kernels only; install a CUDA build of torch to build csrc/cuda")
+        build_cuda = False
     if build_cuda and (CUDA_HOME is None or not glob.glob(os.path.join(CUDA_HOME, "lib64", "libcudart.so*"))):
         _note(f"CUDA requested but CUDA_HOME={CUDA_HOME!r} holds no lib64/libcudart.so: building CPU kernels only")
         build_cuda = False

@@ -2,7 +2,8 @@
 
 Each csrc/cuda/*.cu is compiled to an object file with the flags setup.py's CUDA build uses (torch's nvcc flags,
 -O3 --use_fast_math, sm_90), with ptxas asked to report register use, and the report is checked for spills.
-Skips with a clear message when no CUDA toolkit (nvcc) is found: set CUDA_HOME to the toolkit root to run it.
+Skips with a clear message when no CUDA toolkit (nvcc) is found (set CUDA_HOME to the toolkit root to run it) or when
+torch is a CPU build, which ships no CUDA headers.
 Running the kernels needs a GPU: tests/kernels/test_triton_divergence.py covers backend "cuda" there.
 """
 
@@ -47,6 +48,9 @@ def test_cuda_source_compiles_for_sm90(source, tmp_path):
     if nvcc is None:
         pytest.skip("no CUDA toolkit found (nvcc not under $CUDA_HOME/bin nor on PATH): set CUDA_HOME to compile "
                     "csrc/cuda for sm_90")
+    if torch.version.cuda is None:
+        pytest.skip(f"torch {torch.__version__} is a CPU build (torch.version.cuda is None): it ships no CUDA headers "
+                    "(c10/cuda), so csrc/cuda cannot compile against it; install a CUDA build of torch")
     from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
 
     cmd = [nvcc, "-c", source, "-o", str(tmp_path / "out.o"), "-std=c++20", "-O3", "--use_fast_math",
