@@ -3,7 +3,8 @@
 - C++ CPU kernels (OpenMP) are always built when torch is importable at build time
   (use `pip install --no-build-isolation .` so the extension is compiled against the torch that runs it).
 - CUDA kernels (csrc/cuda/*.cu) are added when FASTOPD_BUILD_CUDA=1, or when a GPU is visible and
-  FASTOPD_BUILD_CUDA is not 0. CUDA_HOME must be the toolkit root holding lib64/libcudart.so.
+  FASTOPD_BUILD_CUDA is not 0. torch must be a CUDA build and CUDA_HOME the toolkit root holding
+  lib64/libcudart.so; otherwise the build says why and makes the CPU kernels only.
 - FASTOPD_BUILD_CPP=0 skips the extension; FASTOPD_CPU_ARCH adds -march=<value>;
   FASTOPD_CUDA_ARCHS (default "9.0") picks the GPU archs;
   MAX_JOBS bounds ninja's parallel compiles (read by torch.utils.cpp_extension).

@@ -244,6 +244,25 @@ def _checkout_copy(dst: Path) -> None:
             shutil.copy2(src, dst / rel)
 
 
+SETUP_PROBE = """
+import runpy, sys, torch
+torch.version.cuda = None  # what a CPU build of torch reports
+sys.argv = ["setup.py", "--version"]
+runpy.run_path("setup.py", run_name="__main__")
+"""
+
+
+def test_cuda_build_request_on_a_cpu_torch_names_the_cause():
+    """FASTOPD_BUILD_CUDA=1 against a CPU build of torch (no CUDA headers) builds the CPU kernels and says why,
+    rather than blaming CUDA_HOME (which torch reports as None for its CPU builds). `--version` builds nothing."""
+    env = {**os.environ, "FASTOPD_BUILD_CUDA": "1"}
+    r = subprocess.run([sys.executable, "-c", SETUP_PROBE], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "is a CPU build (torch.version.cuda is None" in r.stderr
+    assert "building fastopd._C with C++ CPU kernels" in r.stderr and "CUDA_HOME=" not in r.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("FASTOPD_TEST_PACKAGING") != "1", reason="set FASTOPD_TEST_PACKAGING=1 (builds)")
 def test_sdist_and_wheel_built_from_it(tmp_path):
