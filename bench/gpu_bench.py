@@ -585,8 +585,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default 120 s; dry runs 3600 s)")
     p.add_argument("--dry-run", action="store_true",
                    help="run the harness on the CPU at tiny shapes (chunked-cpu, naive, liger, gemm_floor, and tiled "
-                        "under TRITON_INTERPRET=1): checks the code path and the output files, measures nothing "
-                        "meaningful")
+                        "under TRITON_INTERPRET=1 where Triton's interpreter works): checks the code path and the "
+                        "output files, measures nothing meaningful")
     args = p.parse_args(argv)
     # Dry runs check the code path, Triton's interpreter included (slow): no cap should cut them short.
     args.provider_cap = args.provider_cap or (600.0 if args.dry_run else 10.0)
@@ -596,7 +596,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.min_reps, args.max_reps, args.target_ms = 2, 3, 0.0
         args.dtype = "float32"
         args.providers = ["gemm_floor", "liger", "chunked-cpu", "naive"]
-        if os.environ.get("TRITON_INTERPRET") == "1":  # the tiled mode runs on the CPU under Triton's interpreter
+        from fastopd import _dispatch
+
+        # the tiled mode runs on the CPU under Triton's interpreter (TRITON_INTERPRET=1), where it works
+        if _dispatch.available("divergence_chunk", "triton", "cpu") is None:
             args.providers.append("tiled")
     return args
 

@@ -64,6 +64,26 @@ def _check_triton() -> str | None:
     return None
 
 
+def interpreter_problem() -> str | None:
+    """Why Triton's CPU interpreter cannot run fastopd's kernels with the installed Triton and NumPy, or None.
+    Triton 3.6 and older take int() of 1-element NumPy arrays in the interpreter's range() over kernel
+    arguments, which NumPy 2.4 turned into an error (measured: 3.4 and 3.6 fail, 3.7.1 and newer pass)."""
+    import numpy
+    import triton
+
+    def version(v: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in v.split("+")[0].split(".")[:2] if x.isdigit())
+
+    if version(triton.__version__) < (3, 7) and version(numpy.__version__) >= (2, 4):
+        return (f"Triton {triton.__version__}'s interpreter fails under NumPy {numpy.__version__} (int() of a "
+                "1-element array, an error since NumPy 2.4): use Triton >= 3.7 or NumPy < 2.4; on the GPU the "
+                "interpreter is not used")
+    return None
+
+
+interpreter_problem._dynamo_marked_constant = True  # type: ignore[attr-defined]  (a constant at trace time)
+
+
 def _always() -> str | None:
     return None
 
@@ -136,7 +156,10 @@ def available(op: str, backend: str, device: torch.device | str) -> str | None:
             if not _runs_on(b, device_type):
                 hint = " (set TRITON_INTERPRET=1 to run Triton kernels on the CPU)" if b.name == "triton" else ""
                 return f"backend {backend!r} does not run on {device_type} tensors{hint}"
-            return b.check()
+            why = b.check()
+            if why is None and b.name == "triton" and device_type == "cpu":
+                why = interpreter_problem()
+            return why
     return f"op {op!r} has no backend {backend!r} (it has: {', '.join(backend_names(op))})"
 
 

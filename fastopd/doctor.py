@@ -59,7 +59,9 @@ def report() -> list[tuple[str, str]]:
     else:
         rows.append(("Triton", "usable" if cuda else "missing: no CUDA device visible"))
         interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
-        rows.append(("Triton interpreter", "usable" + ("" if interp else " (set TRITON_INTERPRET=1 to use it on CPU)")))
+        broken = _dispatch.interpreter_problem()
+        rows.append(("Triton interpreter", f"missing: {broken}" if broken else
+                     "usable" + ("" if interp else " (set TRITON_INTERPRET=1 to use it on CPU)")))
     why = _dispatch.REGISTRY[op][1].check()
     if not cuda:  # no device is the reason that counts first: a rebuild alone would not make the kernel usable
         why = "built, but no CUDA device is visible" if why is None else f"no CUDA device is visible, and {why}"

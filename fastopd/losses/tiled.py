@@ -23,6 +23,7 @@ import os
 
 import torch
 
+from fastopd import _dispatch
 from fastopd.losses.function import DivergenceConfig, apply_lift, lift_upstream, reduce_rows, refuse_double_backward
 
 FKL, RKL, JSD = 0, 1, 2
@@ -179,7 +180,8 @@ def tiled_linear_divergence(h_s: torch.Tensor, w_s: torch.Tensor, b_s: torch.Ten
 
     Raises:
         ValueError: when the tensors are not on a device the Triton kernels run on (CUDA, or the CPU under
-            TRITON_INTERPRET=1), or their dtypes differ between hidden states and weights.
+            TRITON_INTERPRET=1, where the interpreter works with this Triton and NumPy), or their dtypes differ
+            between hidden states and weights.
     """
     dev = h_s.device
     if dev.type != "cuda" and not (dev.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"):
@@ -189,6 +191,9 @@ def tiled_linear_divergence(h_s: torch.Tensor, w_s: torch.Tensor, b_s: torch.Ten
         import triton  # noqa: F401
     except ImportError as exc:
         raise ValueError(f"mode='tiled' needs triton, which does not import here ({exc})") from exc
+    why = _dispatch.interpreter_problem() if dev.type == "cpu" else None
+    if why is not None:
+        raise ValueError(f"mode='tiled' on the CPU runs Triton's interpreter, which cannot run here: {why}")
     if h_s.dtype != w_s.dtype or h_t.dtype != w_t.dtype:
         raise ValueError(f"mode='tiled': hidden/weight dtypes must match, got student {h_s.dtype}/{w_s.dtype} and "
                          f"teacher {h_t.dtype}/{w_t.dtype}")

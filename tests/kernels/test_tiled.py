@@ -21,7 +21,7 @@ DEVICE = "cuda" if GPU else "cpu"
 pytestmark = [
     pytest.mark.filterwarnings("ignore::RuntimeWarning"),  # numpy evaluates both sides of tl.where in the interpreter
     pytest.mark.skipif(_dispatch.available("divergence_chunk", "triton", DEVICE) is not None,
-                       reason="Triton cannot run here (no GPU and TRITON_INTERPRET unset, or triton missing)"),
+                       reason=f"Triton cannot run here: {_dispatch.available('divergence_chunk', 'triton', DEVICE)}"),
 ]
 
 

@@ -14,6 +14,7 @@ import torch
 from kernel_backends import row_kernel
 from kernels_ref64 import rkl_dominant_logits, row_divergence64
 
+import fastopd
 from fastopd import _dispatch
 
 CODES = {"fkl": 0, "rkl": 1, "jsd": 2}
@@ -348,3 +349,36 @@ def test_interpreter_is_on_for_cpu_runs():
     if GPU:
         pytest.skip("a GPU is visible: Triton runs natively")
     assert os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.parametrize("triton_version, numpy_version, broken", [
+    pytest.param("3.6.0", "2.4.6", True, id="triton3.6-numpy2.4"),
+    pytest.param("3.4.0", "2.5.0", True, id="triton3.4-numpy2.5"),
+    pytest.param("3.6.0", "2.3.5", False, id="triton3.6-numpy2.3"),
+    pytest.param("3.7.1", "2.4.6", False, id="triton3.7.1-numpy2.4"),
+    pytest.param("3.10.0+git1", "2.4.0", False, id="triton3.10-numpy2.4"),
+])
+def test_interpreter_refused_where_triton_and_numpy_cannot_run_it(monkeypatch, triton_version, numpy_version,
+                                                                  broken):
+    """Triton <= 3.6's interpreter fails under NumPy >= 2.4 (measured: 3.4 and 3.6 fail, 3.7.1 passes): the
+    interpreter backend then says so, and impl="triton" or mode="tiled" on the CPU refuse with that reason instead
+    of an InterpreterError from inside a kernel; doctor shows it."""
+    import numpy
+    triton = pytest.importorskip("triton")
+
+    from fastopd import doctor
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    why = _dispatch.available("divergence_chunk", "triton", "cpu")
+    assert (why is not None) is broken
+    row = dict(doctor.report())["Triton interpreter"]
+    assert row.startswith("missing") is broken
+    if broken:
+        assert f"Triton {triton_version}'s interpreter fails under NumPy {numpy_version}" in why
+        h, w = torch.randn(3, 8), torch.randn(11, 8)
+        with pytest.raises(ValueError, match="interpreter fails under NumPy"):
+            fastopd.fused_linear_divergence(h, w, h, w, impl="triton")
+        with pytest.raises(ValueError, match="mode='tiled' on the CPU runs Triton's interpreter"):
+            fastopd.fused_linear_divergence(h, w, h, w, mode="tiled")

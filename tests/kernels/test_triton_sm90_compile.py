@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 # Runs in a fresh interpreter: compiles the (module, kernel, signature, constexprs, num_warps) jobs from stdin.
 _COMPILER = r"""
@@ -91,8 +91,11 @@ def compile_for_sm90(jobs: list[dict]) -> dict[str, dict]:
 # Bytes of stack frame tolerated: device_assert's call frame needs a few. Register spills are counted apart, from
 # ptxas -v's "bytes spill stores", and must be 0 except where KNOWN_SPILLS records a measured one.
 MAX_STACK = 16
-# A kernel whose spill is measured and accepted would be recorded here (id -> bytes); none is.
-KNOWN_SPILLS: dict[str, int] = {}
+# Spills measured and accepted, by Triton release (id -> bytes). Triton 3.6, which torch 2.11 pins (the lent
+# H200's stack), spills 16 bytes in two variants that 3.8 and 3.9 compile without (docs/gpu.md): a speed cost.
+_TRITON = tuple(int(x) for x in triton.__version__.split(".")[:2])
+KNOWN_SPILLS: dict[str, int] = ({"rkl-all-options": 16, "_tiled_lse_kernel-bf16-student-fp32-teacher": 16}
+                                if _TRITON == (3, 6) else {})
 
 
 def assert_no_spills(job_id: str, r: dict) -> None:
