@@ -183,17 +183,10 @@ def tiled_linear_divergence(h_s: torch.Tensor, w_s: torch.Tensor, b_s: torch.Ten
             TRITON_INTERPRET=1, where the interpreter works with this Triton and NumPy), or their dtypes differ
             between hidden states and weights.
     """
-    dev = h_s.device
-    if dev.type != "cuda" and not (dev.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"):
-        raise ValueError(f"mode='tiled' runs Triton kernels: it needs CUDA tensors (or CPU tensors under "
-                         f"TRITON_INTERPRET=1), got tensors on {dev}")
-    try:
-        import triton  # noqa: F401
-    except ImportError as exc:
-        raise ValueError(f"mode='tiled' needs triton, which does not import here ({exc})") from exc
-    why = _dispatch.interpreter_problem() if dev.type == "cpu" else None
+    why = _dispatch.available("divergence_chunk", "triton", h_s.device)  # the row kernel's Triton, the same needs
     if why is not None:
-        raise ValueError(f"mode='tiled' on the CPU runs Triton's interpreter, which cannot run here: {why}")
+        raise ValueError(f"mode='tiled' runs Triton kernels (on CUDA tensors, or CPU tensors under "
+                         f"TRITON_INTERPRET=1), which cannot run on {h_s.device} here: {why}")
     if h_s.dtype != w_s.dtype or h_t.dtype != w_t.dtype:
         raise ValueError(f"mode='tiled': hidden/weight dtypes must match, got student {h_s.dtype}/{w_s.dtype} and "
                          f"teacher {h_t.dtype}/{w_t.dtype}")
