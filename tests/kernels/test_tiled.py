@@ -18,10 +18,10 @@ from fastopd import _dispatch
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
 
+_UNAVAILABLE = _dispatch.available("divergence_chunk", "triton", DEVICE)
 pytestmark = [
     pytest.mark.filterwarnings("ignore::RuntimeWarning"),  # numpy evaluates both sides of tl.where in the interpreter
-    pytest.mark.skipif(_dispatch.available("divergence_chunk", "triton", DEVICE) is not None,
-                       reason=f"Triton cannot run here: {_dispatch.available('divergence_chunk', 'triton', DEVICE)}"),
+    pytest.mark.skipif(_UNAVAILABLE is not None, reason=f"Triton cannot run here: {_UNAVAILABLE}"),
 ]
 
 
