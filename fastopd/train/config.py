@@ -115,7 +115,8 @@ class OPDConfig:
             student's head rows (a larger teacher head is compared on them).
     Optimizer (AdamW, or SparseMaskedAdamW when `masks` is given):
         lr, betas, eps, weight_decay; warmup_steps (linear warm-up from lr/warmup_steps to lr); lr_schedule
-        "constant" or "cosine" (decay to 0 at `schedule_steps`, default: the `steps` given to `train`); the rate is
+        "constant" or "cosine" (decay to 0 at `schedule_steps`, default: the `steps` given to `train`; a warm-up
+        as long as that total warns, as the rate would never decay); the rate is
         a function of the step alone, so there is no scheduler state to checkpoint; max_grad_norm (None: no
         clipping; the norm is torch's clip_grad_norm_ over the whole gradient, under masks too, coordinates the
         masks freeze included); grad_accum (micro-batches per step).

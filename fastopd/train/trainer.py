@@ -191,6 +191,8 @@ class OPDTrainer:
         self._saved_step: int | None = None
         self._restored_steps = 0  # batches of an iterator prompt source the next `train` skips (after a resume)
         self._train_steps: int | None = None
+        if cfg.schedule_steps is not None:
+            _warn_warmup_outlasts_cosine(cfg, cfg.schedule_steps)
         self.masks_from_checkpoint = False
         self.changed_options: dict[str, tuple[Any, Any]] = {}  # after a resume: option -> (checkpoint's, this one's)
         self._logs_stale = False  # metrics/eval.jsonl to be rewritten from the histories before the next write
@@ -483,6 +485,8 @@ class OPDTrainer:
             if problem is not None:
                 raise ValueError(f"checkpoint_dir: cannot write checkpoints in {cfg.checkpoint_dir}: {problem}")
         self._train_steps = steps
+        if cfg.schedule_steps is None and steps > self.global_step:
+            _warn_warmup_outlasts_cosine(cfg, steps)
         start = self.global_step
         stop = _StopOnInterrupt(enabled=not self.parallel.active)
         bar = None
@@ -713,6 +717,18 @@ def _whole_steps(steps: Any) -> int:
         except TypeError:
             pass
     raise ValueError(f"steps must be a whole number of steps, got {steps!r}")
+
+
+def _warn_warmup_outlasts_cosine(cfg: OPDConfig, total: int) -> None:
+    """Warns when a cosine schedule's warm-up takes all its `total` steps: the rate then only rises (to lr *
+    total / warmup_steps at most) and never decays. Not an error: `fastopd distill --steps 10` with the default
+    warm-up of 20 is a fair smoke run."""
+    if cfg.lr_schedule == "cosine" and cfg.warmup_steps >= total:
+        warnings.warn(
+            f"OPDTrainer: warmup_steps={cfg.warmup_steps} is not below the cosine schedule's {total} steps "
+            f"(schedule_steps, else the steps given to train): the learning rate only rises, to at most lr * "
+            f"{total}/{cfg.warmup_steps}, and never decays. Lower warmup_steps or raise schedule_steps",
+            UserWarning, stacklevel=3)
 
 
 def _warn_low_precision_dense(named: list[tuple[str, torch.nn.Parameter]], masks: dict | None) -> None:

@@ -2,6 +2,8 @@
 tokenizer-style special ids, path-like folders, evaluators returning NumPy numbers, and bad input refused with a
 message that names it before any rollout."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -188,6 +190,25 @@ def test_a_cosine_schedule_in_a_step_loop_needs_schedule_steps():
         trainer.step(_prompts())
     trainer = OPDTrainer(_tiny(0), _tiny(1), _config(lr_schedule="cosine", lr=1.0, schedule_steps=4))
     assert trainer.step(_prompts())["lr"] == 1.0 and trainer.lr_at(2) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("where", ["schedule_steps", "train_steps"])
+def test_a_warmup_as_long_as_the_cosine_schedule_warns(where):
+    """warmup_steps >= the cosine total: the rate only rises and never decays. A warning, not an error, since
+    `fastopd distill --steps 10` keeps the default warm-up of 20; one step shorter warns nothing."""
+    def trainer(warmup):
+        extra = dict(schedule_steps=2) if where == "schedule_steps" else {}
+        t = OPDTrainer(_tiny(0), _tiny(1), _config(lr_schedule="cosine", lr=1.0, warmup_steps=warmup, **extra))
+        t.train(lambda k: _prompts(k), steps=2, progress=False)
+        return t
+
+    with pytest.warns(UserWarning, match=r"warmup_steps=2 is not below the cosine schedule's 2 steps"):
+        t = trainer(2)
+    assert [m["lr"] for m in t.history] == [pytest.approx(0.5), pytest.approx(1.0)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t = trainer(1)
+    assert [m["lr"] for m in t.history] == [pytest.approx(1.0), pytest.approx(1.0)]
 
 
 def test_a_step_after_train_does_not_run_at_the_finished_schedules_zero_rate():
