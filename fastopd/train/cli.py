@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import signal
 import sys
@@ -626,7 +627,21 @@ def _write_run_folder(run_dir: Path, fresh: bool, resolved: dict[str, Any]) -> N
     if fresh:
         for stale in ("metrics.jsonl", "eval.jsonl"):
             (run_dir / stale).unlink(missing_ok=True)
-    write_text_atomic(run_dir / "config.json", json.dumps(resolved, indent=2, default=str) + "\n")
+    write_text_atomic(run_dir / "config.json",
+                      json.dumps(_as_record(resolved), indent=2, default=str, allow_nan=False) + "\n")
+
+
+def _as_record(x: Any) -> Any:
+    """`x` with each non-finite float spelled as TOML spells it ("inf", "-inf", "nan"): config.json stays standard
+    JSON (`json.dumps` writes a bare `Infinity`, which jq and JavaScript refuse) and still tells `max_grad_norm =
+    inf` from None."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {k: _as_record(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_as_record(v) for v in x]
+    return x
 
 
 def _horizon_text(config: OPDConfig) -> str:

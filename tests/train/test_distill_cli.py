@@ -209,6 +209,22 @@ def test_an_out_folder_that_cannot_be_created_is_a_one_line_error(tmp_path, caps
 
 
 @needs_assets
+def test_config_json_is_standard_json_with_an_infinite_option(tmp_path):
+    """max_grad_norm = inf (no clipping, the norm still logged) was written as a bare `Infinity`, which strict JSON
+    readers (jq, JavaScript) refuse; it is recorded as the string TOML spells it, unlike None (null)."""
+    (tmp_path / "run.toml").write_text("max_grad_norm = inf\npg_ratio_cap = inf\n")
+    out = tmp_path / "run"
+    assert main(["distill", *TINY, "--config", str(tmp_path / "run.toml"), "--out", str(out)]) == 0
+
+    def refuse(constant):
+        raise AssertionError(f"config.json holds the non-standard constant {constant}")
+
+    recorded = json.loads((out / "config.json").read_text(), parse_constant=refuse)
+    assert recorded["max_grad_norm"] == "inf" and recorded["pg_ratio_cap"] == "inf"
+    assert recorded["lr"] == pytest.approx(1e-3)
+
+
+@needs_assets
 def test_resuming_with_another_student_architecture_is_a_one_line_error(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["distill", *TINY, "--out", str(out)]) == 0
