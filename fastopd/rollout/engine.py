@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -129,8 +130,8 @@ class RolloutEngine:
         n, k, temp, p = as_int(num_samples), as_int(top_k), as_real(temperature), as_real(top_p)
         if n is None or n <= 0:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
-        if temp is None or not temp >= 0:
-            raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+        if temp is None or not (temp >= 0 and math.isfinite(temp)):  # inf would make a -inf logit NaN
+            raise ValueError(f"temperature must be a number >= 0 and finite (0: greedy), got {temperature!r}")
         if k is None or k < 0:
             raise ValueError(f"top_k must be a non-negative int, got {top_k!r}")
         if p is None or not 0.0 < p <= 1.0:

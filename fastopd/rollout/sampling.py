@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -26,6 +28,8 @@ def sample_tokens(
     maximum to 0, so it never overflows to +inf (a temperature below fp32's smallest normal divides as it).
     Randomness comes from ``generator``, or torch's global RNG when None.
     """
+    if not (temperature >= 0 and math.isfinite(temperature)):  # inf: 0 * a -inf logit is NaN
+        raise ValueError(f"temperature must be a number >= 0 and finite (0: greedy), got {temperature!r}")
     z = logits.float()
     if temperature == 0:
         best, tokens = z.max(-1)  # max(dim) is ~3x faster than argmax on CPU; same first-index tie rule

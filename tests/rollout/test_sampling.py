@@ -110,3 +110,11 @@ def test_inverse_cdf_keeps_tokens_far_below_the_float32_spacing():
         u = torch.tensor([[head + frac * (1.0 - head)]], dtype=torch.float64)
         assert abs(int(inverse_cdf(logp, u)) - want) <= 1, (frac, int(inverse_cdf(logp, u)))
     assert int(inverse_cdf(logp, torch.tensor([[head * 0.999]], dtype=torch.float64))) == 0
+
+
+@pytest.mark.parametrize("temperature", [pytest.param(float("inf"), id="inf"), pytest.param(float("nan"), id="nan"),
+                                         pytest.param(-0.5, id="negative")])
+def test_a_temperature_that_is_not_finite_and_non_negative_is_refused(temperature):
+    """T = inf multiplied the shifted logits by 0: a uniform draw, and NaN log-probs where a logit was -inf."""
+    with pytest.raises(ValueError, match="temperature must be a number >= 0 and finite"):
+        sample_tokens(_logits(2, 7), temperature=temperature)
