@@ -10,6 +10,7 @@ Nothing of size [N, V] is ever allocated.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -184,15 +185,19 @@ class FusedLinearDivergenceFunction(torch.autograd.Function):
 
 
 _ADDMM_FP32_INTO = True  # False once this torch refused an fp32 accumulator beside bf16/fp16 operands
+# torch 2.10-2.12 trace addmm(..., out_dtype=) (fake tensors: torch.compile, torch.export) through the plain addmm
+# decomposition, which takes out_dtype for beta and fails; 2.13 added this decomposition of its own.
+_ADDMM_DTYPE_TRACES = hasattr(importlib.import_module("torch._decomp.decompositions"), "addmm_dtype")
 
 
 def _addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc (fp32) += a @ b for bf16/fp16 CUDA operands, accumulated by cuBLAS in place. Some torch releases with
     `out_dtype` (2.8, 2.9) still check that `self` has the operands' dtype; the refusal is a host-side argument
     check, so it is met once, and from then on the product goes to an fp32 temporary (same numbers, one more
-    buffer of the accumulator's size)."""
+    buffer of the accumulator's size). The temporary is also what a torch.compile trace gets on torch 2.10-2.12,
+    whose fake-tensor addmm cannot take `out_dtype` (eager runs there accumulate in place)."""
     global _ADDMM_FP32_INTO
-    if _ADDMM_FP32_INTO:
+    if _ADDMM_FP32_INTO and (_ADDMM_DTYPE_TRACES or not torch.compiler.is_compiling()):
         try:
             torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
             return

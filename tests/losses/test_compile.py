@@ -198,3 +198,31 @@ def test_dynamic_true_fullgraph_equals_eager(api):
         results.append((out, h.grad, w.grad))
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("traces", [pytest.param(True, id="addmm-out-dtype-in-place"),
+                                    pytest.param(False, id="fp32-temporary")])
+def test_the_bf16_grad_w_accumulation_traces_on_every_supported_torch(monkeypatch, traces):
+    """The chunked mode's bf16/fp16 CUDA path adds G^T h into the fp32 grad_W by addmm(out_dtype=fp32, out=acc).
+    torch 2.10-2.12 trace that call through the plain addmm decomposition, which takes out_dtype for beta: the
+    GPU compile test (tests/kernels/test_gpu_shapes.py) could not trace there. Dynamo over meta tensors runs the
+    same fake-tensor path on the CPU. "fp32-temporary" is what those releases get while compiling; where this
+    torch traces the in-place form it is checked as well."""
+    from fastopd.losses import function
+
+    if traces and not function._ADDMM_DTYPE_TRACES:
+        pytest.skip(f"torch {torch.__version__} cannot trace addmm(out_dtype=) (its compiled form is the other case)")
+    monkeypatch.setattr(function, "_ADDMM_DTYPE_TRACES", traces)
+    monkeypatch.setattr(function, "_ADDMM_FP32_INTO", True)
+
+    def accumulate(acc, a, b):
+        function._addmm_f32_(acc, a, b)
+        return acc
+
+    acc = torch.empty(5, 3, device="meta")
+    a = torch.empty(5, 7, dtype=torch.bfloat16, device="meta")
+    b = torch.empty(7, 3, dtype=torch.bfloat16, device="meta")
+    torch._dynamo.reset()
+    out = torch.compile(accumulate, backend="aot_eager", fullgraph=True)(acc, a, b)
+    assert out.shape == (5, 3) and out.dtype == torch.float32
+    assert function._ADDMM_FP32_INTO  # chosen at trace time, not by a refusal caught at run time
