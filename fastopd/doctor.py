@@ -32,6 +32,26 @@ def _version(module: str, dist: str) -> str:
     return version or getattr(mod, "__version__", "installed")
 
 
+def _kernels_shadowed() -> str | None:
+    """Why Hugging Face's `kernels` package (which transformers >= 5.25 imports) cannot load, when `import kernels`
+    finds another folder first: a fastopd checkout's kernels/ (fastopd.kernels' source) when its root is on
+    sys.path (`python -m` or `python -c` run from it). None when it is not installed, not shadowed, or installed
+    where its file cannot be located (an editable install)."""
+    import importlib.util
+
+    try:
+        dist = importlib.metadata.distribution("kernels")
+        spec = importlib.util.find_spec("kernels")
+    except (importlib.metadata.PackageNotFoundError, ImportError, ValueError):
+        return None
+    own = os.path.realpath(str(dist.locate_file("kernels/__init__.py")))
+    if spec is None or spec.origin is None or not os.path.isfile(own) or os.path.realpath(spec.origin) == own:
+        return None
+    return (f"{dist.version} installed, but shadowed by {os.path.dirname(spec.origin)} (a folder named kernels "
+            "earlier on sys.path, such as this checkout's root): transformers cannot load its models; run from "
+            "another folder, or with python -P")
+
+
 def report() -> list[tuple[str, str]]:
     """(name, status) rows: versions first, then each backend on each device type."""
     import fastopd
@@ -42,6 +62,9 @@ def report() -> list[tuple[str, str]]:
             ("CUDA device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none visible")]
     for mod, dist in OPTIONAL.items():
         rows.append((mod, _version(mod, dist)))
+    shadowed = _kernels_shadowed()
+    if shadowed is not None:
+        rows.append(("kernels (Hugging Face)", shadowed))
     rows.append(("CPU threads", str(torch.get_num_threads())))
 
     op = "divergence_chunk"

@@ -102,6 +102,38 @@ def test_doctor_reports_the_installed_version_of_each_optional_package(capsys):
     assert rows["torch"] == torch.__version__
 
 
+@pytest.mark.parametrize("root_on_path", [pytest.param(True, id="checkout-root-on-sys-path"),
+                                          pytest.param(False, id="installed-kernels-first")])
+def test_doctor_names_a_checkout_that_shadows_hugging_faces_kernels(monkeypatch, capsys, tmp_path, root_on_path):
+    """transformers >= 5.25 imports Hugging Face's `kernels`; from the checkout's root (`python -m ...`), `import
+    kernels` finds fastopd's kernels/ source folder and transformers fails with "cannot import name
+    'CUDAProperties' from 'kernels'". doctor says which folder shadows it."""
+    import importlib.util
+
+    installed = tmp_path / "site" / "kernels" / "__init__.py"  # where the `kernels` distribution put its package
+    installed.parent.mkdir(parents=True)
+    installed.write_text("")
+
+    class Dist:
+        version = "0.19.1"
+
+        @staticmethod
+        def locate_file(name):
+            return tmp_path / "site" / name
+
+    real = importlib.metadata.distribution
+    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: Dist if name == "kernels" else real(name))
+    ours = Path(importlib.util.find_spec("fastopd.kernels").origin).parent
+    monkeypatch.delitem(sys.modules, "kernels", raising=False)
+    first = ours.parent if root_on_path else tmp_path / "site"
+    monkeypatch.setattr(sys, "path", [str(first), *sys.path])
+    rows = _doctor_rows(capsys)
+    if root_on_path:
+        assert rows["kernels (Hugging Face)"].startswith(f"0.19.1 installed, but shadowed by {ours} "), rows
+    else:
+        assert "kernels (Hugging Face)" not in rows
+
+
 def test_doctor_on_an_install_without_the_cpp_library_says_it_was_never_built(tmp_path):
     """A real install without fastopd._C (what a plain `pip install .` makes): a copy of the package without the
     library, run in a fresh interpreter. Doctor said "built against another torch or toolkit"."""
