@@ -13,7 +13,7 @@ import math
 import os
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,18 +63,20 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
-def json_text(obj: Any, indent: int | None = 2) -> str:
-    """`obj` as standard JSON text (ending in a newline): a NaN or infinite float is written as null, where
-    `json.dumps` writes the bare `NaN`/`Infinity` that strict readers (jq, JavaScript, pandas' default) refuse."""
+def json_text(obj: Any, indent: int | None = 2, *, nonfinite_as_text: bool = False,
+              default: Callable[[Any], Any] | None = None) -> str:
+    """`obj` as standard JSON text (ending in a newline): a NaN or infinite float is written as null (or, with
+    `nonfinite_as_text`, as the string TOML spells it: "inf", "-inf", "nan"), where `json.dumps` writes the bare
+    `NaN`/`Infinity` that strict readers (jq, JavaScript, pandas' default) refuse. `default` as in `json.dumps`."""
     def finite(x: Any) -> Any:
         if isinstance(x, float):
-            return x if math.isfinite(x) else None
+            return x if math.isfinite(x) else (str(x) if nonfinite_as_text else None)
         if isinstance(x, dict):
             return {k: finite(v) for k, v in x.items()}
         if isinstance(x, (list, tuple)):
             return [finite(v) for v in x]
         return x
-    return json.dumps(finite(obj), indent=indent, allow_nan=False) + "\n"
+    return json.dumps(finite(obj), indent=indent, allow_nan=False, default=default) + "\n"
 
 
 def save_figure_atomic(fig, path: str | os.PathLike, dpi: int = 110) -> Path:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import signal
 import sys
@@ -627,21 +626,8 @@ def _write_run_folder(run_dir: Path, fresh: bool, resolved: dict[str, Any]) -> N
     if fresh:
         for stale in ("metrics.jsonl", "eval.jsonl"):
             (run_dir / stale).unlink(missing_ok=True)
-    write_text_atomic(run_dir / "config.json",
-                      json.dumps(_as_record(resolved), indent=2, default=str, allow_nan=False) + "\n")
-
-
-def _as_record(x: Any) -> Any:
-    """`x` with each non-finite float spelled as TOML spells it ("inf", "-inf", "nan"): config.json stays standard
-    JSON (`json.dumps` writes a bare `Infinity`, which jq and JavaScript refuse) and still tells `max_grad_norm =
-    inf` from None."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    if isinstance(x, dict):
-        return {k: _as_record(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_as_record(v) for v in x]
-    return x
+    # non-finite options as text: `max_grad_norm = inf` stays apart from None
+    write_text_atomic(run_dir / "config.json", json_text(resolved, nonfinite_as_text=True, default=str))
 
 
 def _horizon_text(config: OPDConfig) -> str:
