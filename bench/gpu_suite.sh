@@ -258,11 +258,14 @@ PIP_RC=$STEP_RC
 INSTALL="editable (pip install -e)"
 if [ "$PIP_RC" != 0 ] || ! "$PY" -c "import fastopd.kernels.divergence" >>"$LOG" 2>&1; then
   # The Triton code imports as fastopd.kernels only through the editable finder (kernels/ -> fastopd.kernels).
-  # Without it, run from the checkout: a link fastopd/kernels -> ../kernels, removed when the suite ends.
+  # Without it, run from the checkout: a link fastopd/kernels -> ../kernels, removed when the suite ends, and a
+  # folder holding only a link to fastopd/ on PYTHONPATH. Not the root itself: there kernels/ would also import as
+  # `kernels`, shadowing Hugging Face's package, which transformers >= 5.25 imports to build a model.
   if [ ! -e "$ROOT/fastopd/kernels" ] && ln -s ../kernels "$ROOT/fastopd/kernels"; then LINKED_KERNELS=1; fi
-  export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-  if "$PY" -c "import fastopd.kernels.divergence" >>"$LOG" 2>&1; then
-    INSTALL="checkout fallback (pip install -e rc=$PIP_RC; fastopd/kernels -> ../kernels, PYTHONPATH=$ROOT)"
+  SHIM="$(mktemp -d -t fastopd_gpu_suite_path.XXXXXX)" && ln -s "$ROOT/fastopd" "$SHIM/fastopd"
+  export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
+  if (cd "$OUT_DIR" && "$PY" -c "import fastopd.kernels.divergence") >>"$LOG" 2>&1; then
+    INSTALL="checkout fallback (pip install -e rc=$PIP_RC; fastopd/kernels -> ../kernels, PYTHONPATH=$SHIM)"
     say "fastopd.kernels did not import through the editable install: running from the checkout ($INSTALL)"
     unfail "$PIP_STEP"
   else
@@ -280,7 +283,9 @@ else
     | while IFS= read -r line; do say "   $line"; done
   FAILED+=("CUDA kernel")
 fi
-timeout 120 "$PY" -m fastopd.cli doctor > "$OUT_DIR/doctor.txt" 2>&1
+# From the results folder: `python -m` puts the working folder on sys.path, and from the root kernels/ would
+# shadow Hugging Face's `kernels` (doctor would report the clash, not this install).
+(cd "$OUT_DIR" && timeout 120 "$PY" -m fastopd.cli doctor) > "$OUT_DIR/doctor.txt" 2>&1
 cat "$OUT_DIR/doctor.txt" >> "$LOG"
 pack
 

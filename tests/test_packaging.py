@@ -114,6 +114,29 @@ def test_manifest_ships_what_the_shipped_tests_run(monkeypatch):
     assert not [f for f in files if f.startswith("bench/results/")]
 
 
+@pytest.mark.parametrize("collected", ["tests/test_docs_examples.py", "bench/test_optim_bench.py"],
+                         ids=["tests-folder", "bench-folder"])
+def test_pytest_from_the_root_keeps_the_kernels_folder_off_sys_path(monkeypatch, tmp_path, collected):
+    """`python -c "...pytest.main()"` from the root (how bench/gpu_suite.sh runs pytest) puts the root on sys.path,
+    where the Triton source folder kernels/ shadows Hugging Face's `kernels`, which transformers >= 5.25 imports
+    to build a model. The rootdir conftest.py drops the root for tests/ and bench/ alike, and the sdist ships it."""
+    probe = tmp_path / "kernels_probe.py"
+    probe.write_text("import importlib.util, os\n"
+                     "def pytest_collection_finish(session):\n"
+                     "    spec = importlib.util.find_spec('kernels')\n"
+                     "    open(os.environ['KERNELS_PROBE_OUT'], 'w').write(str(spec and spec.origin))\n")
+    out = tmp_path / "origin.txt"
+    env = dict(os.environ, KERNELS_PROBE_OUT=str(out),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-c", "import sys, pytest; sys.exit(pytest.main(sys.argv[1:]))", "-q",
+                           "-p", "no:cacheprovider", "-p", "kernels_probe", "--collect-only", collected],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    origin = out.read_text()
+    assert origin == "None" or Path(origin).resolve() != (ROOT / "kernels" / "__init__.py").resolve(), origin
+    assert "conftest.py" in _manifest_files(monkeypatch)
+
+
 def test_manifest_keeps_build_outputs_out(monkeypatch, tmp_path):
     """An in-place build's fastopd/_C*.so or an object file under csrc/ never lands in the sdist."""
     files = _manifest_files(monkeypatch)
