@@ -27,11 +27,11 @@ kernel's passes, one launch each (fastopd/kernels/vocab_parallel.py, no [C x V_r
 from __future__ import annotations
 
 import math
-import operator
 
 import torch
 import torch.distributed as dist
 
+from fastopd._numbers import as_int
 from fastopd.losses.reference import FKL, JSD, RKL, _xlogy_ratio, scaled_logits, to_raw_logit_grad
 
 _SIZES: dict[tuple, tuple[tuple[tuple[int, int], ...], torch.Tensor]] = {}
@@ -103,10 +103,7 @@ def vocab_layout(student_rows: int, teacher_rows: int, vocab_size: int | None,
                              "least one entry")
         vocab = total_s
     else:
-        try:  # an int, as the single-process loss takes it (2.5 is not truncated, True is not 1)
-            vocab = None if isinstance(vocab_size, bool) else operator.index(vocab_size)
-        except TypeError:
-            vocab = None
+        vocab = as_int(vocab_size)  # an int, as the single-process loss takes it (2.5 is not truncated, True is not 1)
         if vocab is None or not 0 < vocab <= min(total_s, total_t):
             raise ValueError(f"vocab_size={vocab_size!r} must be an int in [1, {min(total_s, total_t)}] for heads "
                              f"of {total_s} (student) and {total_t} (teacher) rows over the vocab-parallel group")

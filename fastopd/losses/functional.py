@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-import operator
 import os
 from typing import NamedTuple
 
 import torch
 
 from fastopd import _dispatch
+from fastopd._numbers import as_int
 from fastopd.losses.function import DivergenceConfig, DivergenceFunction, FusedLinearDivergenceFunction
 
 DIVERGENCES = {"fkl": 0, "rkl": 1, "jsd": 2}
@@ -51,10 +51,7 @@ def _shared_vocab(v_student: int, v_teacher: int, vocab_size: int | None, kind: 
         if v_student == 0:
             raise ValueError(f"the vocabulary is empty ({what()}): a divergence needs at least one entry")
         return v_student
-    try:
-        size = None if isinstance(vocab_size, bool) else operator.index(vocab_size)  # 2.5 is not truncated
-    except TypeError:
-        size = None
+    size = as_int(vocab_size)  # 2.5 is not truncated, True is not 1
     if size is None or not 0 < size <= min(v_student, v_teacher):
         raise ValueError(f"vocab_size={vocab_size!r} must be an int in [1, {min(v_student, v_teacher)}] for {what()}")
     return size
@@ -64,10 +61,7 @@ def chunk_rows_for(vocab: int, chunk_size: int | None, device_type: str = "cpu")
     """Rows per chunk: `chunk_size` if given, else from the byte budget FASTOPD_CHUNK_BYTES
     (default 256 MiB on the CPU, 1 GiB on CUDA)."""
     if chunk_size is not None:
-        try:
-            rows = None if isinstance(chunk_size, bool) else operator.index(chunk_size)  # 2.5 is not truncated
-        except TypeError:
-            rows = None
+        rows = as_int(chunk_size)  # 2.5 is not truncated, True is not 1
         if rows is None or rows < 1:
             raise ValueError(f"chunk_size must be an int >= 1 (token rows per chunk), got {chunk_size!r}")
         return rows
@@ -113,10 +107,7 @@ def _config(divergence: str, beta: float, temperature: float, softcap: float | N
         raise ValueError(f"softcap must be None (no cap) or a positive finite number, got {softcap}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    try:
-        index = None if isinstance(ignore_index, bool) else operator.index(ignore_index)
-    except TypeError:
-        index = None
+    index = as_int(ignore_index)
     if index is None or not -(2**63) <= index < 2**63:
         raise ValueError(f"ignore_index must be an int in int64's range, got {ignore_index!r}")
     if not all(w >= 0 and _finite(w) for w in (hard_label_weight, soft_label_weight)):

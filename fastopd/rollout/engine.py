@@ -9,12 +9,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastopd._numbers import as_int, as_real
+from fastopd._numbers import strict_index as _index
 from fastopd.models.kv_cache import KVCache, build_attention_mask
 from fastopd.models.layers import positions_from_mask
 from fastopd.rollout.adapters import DecodeStep, LlamaFamilyAdapter, ModelAdapter, as_adapter
 from fastopd.rollout.batch import RolloutBatch
-from fastopd.rollout.horizon import Horizon, as_int, as_real, resolve_horizon
-from fastopd.rollout.horizon import strict_index as _index
+from fastopd.rollout.horizon import Horizon, resolve_horizon
 from fastopd.rollout.sampling import sample_tokens
 
 Prompts = Sequence[Sequence[int]] | Sequence[torch.Tensor] | torch.Tensor

@@ -8,43 +8,9 @@ callable with that signature works wherever a :class:`Horizon` does.
 from __future__ import annotations
 
 import math
-import numbers
-import operator
 from collections.abc import Callable
 
-import torch
-
-
-def strict_index(value: object) -> int:
-    """``operator.index(value)`` (ints, NumPy integers, one-element integer tensors), refusing bools (Python, NumPy
-    or tensor): ids, counts and steps are integers, not flags.
-
-    Raises:
-        TypeError: a bool or a value without an exact integer value (floats, strings, ...).
-    """
-    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
-        raise TypeError(f"{value!r} is a bool")
-    return operator.index(value)
-
-
-def as_int(value: object) -> int | None:
-    """`strict_index(value)`, or None where it refuses the value (a bool, a float, a many-element tensor)."""
-    try:
-        return strict_index(value)
-    except (TypeError, ValueError, RuntimeError):
-        return None
-
-
-def as_real(value: object) -> float | None:
-    """`value` as a Python float if it is a real number (int, float, NumPy scalar, one-element non-bool tensor; not
-    a bool), else None."""
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
-            return None
-        return float(value)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return None
-    return float(value)
+from fastopd._numbers import as_int, as_real
 
 
 def _positive_int(name: str, value: object) -> int:

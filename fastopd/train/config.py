@@ -279,9 +279,9 @@ def check_keys(data: dict[str, Any], known: set[str], source: str) -> None:
 
 
 def _plain_id(value: Any) -> Any:
-    """A token id as RolloutEngine reads it (`fastopd.rollout.horizon.as_int`: ints, NumPy integers, one-element
+    """A token id as RolloutEngine reads it (`fastopd._numbers.as_int`: ints, NumPy integers, one-element
     integer tensors) as a Python int; anything else (bools, floats, lists) as it is, for the checks to refuse."""
-    from fastopd.rollout.horizon import as_int
+    from fastopd._numbers import as_int
 
     as_id = as_int(value)
     return value if as_id is None else as_id

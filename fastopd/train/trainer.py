@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import operator
 import random
 import re
 import signal
@@ -42,6 +41,7 @@ import torch
 from torch import nn
 
 from fastopd._io import folder_write_problem, json_text, write_text_atomic
+from fastopd._numbers import as_int
 from fastopd.distributed.data_parallel import DataParallel, LossModule, is_dtensor, local_shard
 from fastopd.losses import fused_linear_divergence
 from fastopd.train import checkpoint as ckpt
@@ -709,13 +709,10 @@ class OPDTrainer:
 def _whole_steps(steps: Any) -> int:
     """`steps` as an int: ints (NumPy's too) and integral floats (1e4); 2.5 ran 3 steps under a schedule planned over
     2.5, and True ran one."""
-    if not isinstance(steps, bool):
-        if isinstance(steps, float) and steps.is_integer():
-            return int(steps)
-        try:
-            return operator.index(steps)
-        except TypeError:
-            pass
+    if isinstance(steps, float) and steps.is_integer():
+        return int(steps)
+    if (whole := as_int(steps)) is not None:
+        return whole
     raise ValueError(f"steps must be a whole number of steps, got {steps!r}")
 
 

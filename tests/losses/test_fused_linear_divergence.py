@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -575,6 +576,10 @@ def _ok():
     pytest.param(lambda a: dict(a, chunk_size=True), r"chunk_size", id="chunk-size-bool"),
     pytest.param(lambda a: dict(a, vocab_size=30.5), r"vocab_size", id="vocab-size-float"),  # was cut to 30
     pytest.param(lambda a: dict(a, vocab_size=True), r"vocab_size", id="vocab-size-bool"),   # was taken as 1
+    # NumPy < 2.3 lets operator.index read a NumPy bool as 0/1 (with a DeprecationWarning): refused alike
+    pytest.param(lambda a: dict(a, vocab_size=np.True_), r"vocab_size", id="vocab-size-numpy-bool"),
+    pytest.param(lambda a: dict(a, chunk_size=np.True_), r"chunk_size", id="chunk-size-numpy-bool"),
+    pytest.param(lambda a: dict(a, ignore_index=np.False_), r"ignore_index", id="ignore-index-numpy-bool"),
     pytest.param(lambda a: dict(a, labels=[0] * 5), r"labels must be a tensor.*list", id="labels-list"),
     pytest.param(lambda a: dict(a, student_bias=0.5), r"student_bias must be a tensor.*float", id="bias-float"),
     # Refused before any collective, so a placeholder group suffices.

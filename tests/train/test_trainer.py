@@ -458,6 +458,7 @@ def test_a_seed_changed_on_resume_takes_effect(tmp_path):
 
 @pytest.mark.parametrize("steps,ok", [
     pytest.param(2.5, False, id="fractional"), pytest.param(True, False, id="bool"),
+    pytest.param(np.True_, False, id="numpy-bool"),
     pytest.param("2", False, id="string"), pytest.param(2.0, True, id="integral-float"),
     pytest.param(np.int64(2), True, id="numpy-int")])
 def test_train_steps_must_be_a_whole_number(steps, ok):
