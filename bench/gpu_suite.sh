@@ -123,7 +123,7 @@ fi
 mkdir -p "$OUT_DIR"
 LOG="$OUT_DIR/gpu_suite.log"
 : > "$LOG"
-FAILED=() SKIPPED=() CAPPED=() STEP_RC=0 INSTALL="not run" LINKED_KERNELS=0 SHIM="" CUDA_KERNEL="not checked"
+FAILED=() SKIPPED=() CAPPED=() STEP_RC=0 INSTALL="not run" LINKED_KERNELS=0 SHIM="" SITE="" CUDA_KERNEL="not checked"
 CUDA_HOME_WHY="not looked up"
 resolve_commit
 
@@ -160,6 +160,7 @@ unfail() {  # unfail NAME: drops step NAME from the failures (a fallback stood i
 finish() {
   [ "$LINKED_KERNELS" = 1 ] && rm -f "$ROOT/fastopd/kernels"  # the fallback's link, made by this run
   [ -n "$SHIM" ] && rm -f "$SHIM/fastopd" && rmdir "$SHIM"  # the fallback's PYTHONPATH folder (a link only)
+  [ -n "$SITE" ] && rm -rf "$SITE"  # the travelling wheels' --target folder, made by this run (mktemp)
   pack
 }
 trap finish EXIT
