@@ -101,5 +101,15 @@ PACKAGE_DIR = {"fastopd": "fastopd", "fastopd.kernels": "kernels"}
 PACKAGE_DATA = {"fastopd.train": ["assets/addition3/*/*"]}
 
 ext_modules, cmdclass = _extensions()
-setup(packages=PACKAGES, package_dir=PACKAGE_DIR, package_data=PACKAGE_DATA, include_package_data=False,
-      ext_modules=ext_modules, cmdclass=cmdclass)
+# Hugging Face's `kernels` package (a dependency of transformers >= 5.25) registers a setuptools egg_info writer,
+# `kernels._internals.locking`, which egg_info imports. Where this folder is on sys.path (`python setup.py ...`, or
+# setuptools' build_meta called from a `python -c` run here) `kernels` is the repository's Triton folder and that
+# import fails (No module named 'kernels._internals'), so setup() runs with the folder off the path; nothing here is
+# imported from it.
+_SYS_PATH = sys.path[:]
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != os.path.realpath(ROOT)]
+try:
+    setup(packages=PACKAGES, package_dir=PACKAGE_DIR, package_data=PACKAGE_DATA, include_package_data=False,
+          ext_modules=ext_modules, cmdclass=cmdclass)
+finally:
+    sys.path[:] = _SYS_PATH

@@ -290,6 +290,29 @@ def test_cuda_build_request_on_a_cpu_torch_names_the_cause():
     assert "building fastopd._C with C++ CPU kernels" in r.stderr and "CUDA_HOME=" not in r.stderr
 
 
+def _hf_kernels_egg_info_writer() -> bool:
+    from importlib.metadata import entry_points
+    return any(ep.value.startswith("kernels.") for ep in entry_points(group="egg_info.writers"))
+
+
+@pytest.mark.skipif(not _hf_kernels_egg_info_writer(),
+                    reason="needs Hugging Face's kernels package (>= 0.19), whose egg_info writer the folder shadowed")
+def test_setup_from_the_checkout_root_with_hf_kernels_installed(tmp_path):
+    """HF's `kernels` (a transformers >= 5.25 dependency) registers a setuptools egg_info writer in
+    `kernels._internals`: with the checkout's root on sys.path (`python setup.py ...`, build_meta from `python -c`)
+    its `kernels/` folder shadowed that package and egg_info, hence sdists, failed."""
+    src = tmp_path / "src"
+    _checkout_copy(src)
+    env = dict(os.environ, FASTOPD_BUILD_CPP="0")
+    code = f"from setuptools import build_meta; print(build_meta.prepare_metadata_for_build_wheel({str(tmp_path)!r}))"
+    r = subprocess.run([sys.executable, "-c", code], cwd=src, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / r.stdout.strip().splitlines()[-1] / "METADATA").is_file()
+    r = subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path)], cwd=src, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("FASTOPD_TEST_PACKAGING") != "1", reason="set FASTOPD_TEST_PACKAGING=1 (builds)")
 def test_sdist_and_wheel_built_from_it(tmp_path):
