@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -79,8 +80,11 @@ def compile_for_sm90(jobs: list[dict]) -> dict[str, dict]:
     """{job id: result} for each job; skips the test when this machine cannot compile for sm_90 at all."""
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, "-c", _COMPILER], input=json.dumps(jobs), capture_output=True, text=True,
-                          env=env, timeout=600)
+    # From an empty folder: `python -c` puts its working directory first on sys.path, and from the checkout's root
+    # the source fastopd/ (no kernels/ under it, no _C) would shadow a non-editable install.
+    with tempfile.TemporaryDirectory() as cwd:
+        proc = subprocess.run([sys.executable, "-c", _COMPILER], input=json.dumps(jobs), capture_output=True,
+                              text=True, env=env, cwd=cwd, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     answer = json.loads(proc.stdout.strip().splitlines()[-1])
     if "skip" in answer:

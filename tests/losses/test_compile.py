@@ -147,7 +147,7 @@ def test_tiled_mode_compiles_with_a_break_at_its_launches():
     torch.testing.assert_close(c_gw, e_gw, rtol=1e-6, atol=1e-7)
 
 
-def test_the_trace_time_dispatch_marker_is_the_one_dynamo_reads():
+def test_the_trace_time_dispatch_marker_is_the_one_dynamo_reads(tmp_path):
     """_dispatch sets assume_constant_result's marker itself (the decorator imports torch._dynamo): the marker must
     still be what the decorator sets, and importing fastopd must not import Dynamo."""
     import subprocess
@@ -160,7 +160,7 @@ def test_the_trace_time_dispatch_marker_is_the_one_dynamo_reads():
     assert probe.__dict__ == {"_dynamo_marked_constant": True}
     assert _dispatch._resolve_constant._dynamo_marked_constant is True
     code = "import sys, fastopd; print('torch._dynamo' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                           check=True).stdout.strip() == "False"
 
 

@@ -743,7 +743,7 @@ def test_out_of_range_labels_are_refused(bad):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the device-side label check needs CUDA")
-def test_out_of_range_labels_fail_on_gpu_without_a_sync():
+def test_out_of_range_labels_fail_on_gpu_without_a_sync(tmp_path):
     """On CUDA the check is a device-side assert (no host sync): the process fails (torch may print its own
     assert text rather than the message). It kills the CUDA context, so it runs in a subprocess, beside the same
     program with valid labels, which succeeds."""
@@ -757,9 +757,9 @@ def test_out_of_range_labels_fail_on_gpu_without_a_sync():
             "loss = fastopd.fused_linear_divergence(h, w, h.detach(), w, y,"
             " hard_label_weight=0.5)\n"
             "loss.backward(); torch.cuda.synchronize()\n")
-    ok = subprocess.run([sys.executable, "-c", code, "99"], capture_output=True, text=True, timeout=300)
+    ok = subprocess.run([sys.executable, "-c", code, "99"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr[-2000:]
-    bad = subprocess.run([sys.executable, "-c", code, "100"], capture_output=True, text=True, timeout=300)
+    bad = subprocess.run([sys.executable, "-c", code, "100"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert bad.returncode != 0
     assert "labels outside [0, 100)" in bad.stderr or "device-side assert" in bad.stderr, bad.stderr[-2000:]
 

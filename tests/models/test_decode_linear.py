@@ -84,7 +84,7 @@ print(json.dumps([torch.ops.fastopd.decode_linear_isa(), [[m, k, n, _check_all(m
 
 @needs_kernel
 @pytest.mark.parametrize("isa", ["avx2", "baseline"])
-def test_narrower_isa_variants_match_the_reference(isa):
+def test_narrower_isa_variants_match_the_reference(isa, tmp_path):
     """FASTOPD_DECODE_ISA caps the register tile (read once per process, so in a subprocess): the AVX2 (4 x 24
     half-panel) and portable variants pass the same budget on every shape."""
     if isa == "avx2" and torch.ops.fastopd.decode_linear_isa() == "baseline":
@@ -92,7 +92,7 @@ def test_narrower_isa_variants_match_the_reference(isa):
     shapes = [tuple(p.values) for p in SHAPES]
     script = _VARIANT_SCRIPT.format(tests=os.path.dirname(os.path.dirname(__file__)), shapes=shapes)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "FASTOPD_DECODE_ISA": isa})
+                          env={**os.environ, "FASTOPD_DECODE_ISA": isa}, cwd=tmp_path)  # not the root
     assert proc.returncode == 0, proc.stderr
     ran, results = json.loads(proc.stdout.strip().splitlines()[-1])
     assert ran == isa
