@@ -106,7 +106,7 @@ def main() -> int:
     ap.add_argument("--null-models", default="sample")
     ap.add_argument("--keep", action="store_true", help="keep the synthesized checkpoints")
     args = ap.parse_args()
-    work = Path(args.workdir)
+    work = Path(args.workdir).resolve()
     if work.exists():
         shutil.rmtree(work)
     try:
@@ -120,7 +120,8 @@ def main() -> int:
                "--out", str(work / "report"), "--null-models", args.null_models, "--mask-out",
                str(work / "masks.safetensors"), "--quiet"]
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        # cwd: not the caller's folder, which may be the checkout's root (its fastopd/ shadows the install).
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work)
         wall = time.perf_counter() - t0
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
         peak_kib = int(proc.stderr.rsplit("VMHWM_KIB", 1)[1].split()[0]) if "VMHWM_KIB" in proc.stderr else None
