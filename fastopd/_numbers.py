@@ -45,10 +45,8 @@ def as_int(value: object) -> int | None:
 def as_real(value: object) -> float | None:
     """`value` as a Python float if it is a real number (int, float, NumPy scalar, one-element non-bool tensor; not
     a bool), else None."""
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
-            return None
-        return float(value)
-    if is_bool(value) or not isinstance(value, numbers.Real):
+    if is_bool(value):
         return None
-    return float(value)
+    if isinstance(value, torch.Tensor):
+        return float(value) if value.numel() == 1 and not value.is_complex() else None
+    return float(value) if isinstance(value, numbers.Real) else None
