@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -64,6 +65,13 @@ def _check_triton() -> str | None:
     return None
 
 
+def release(version: str) -> tuple[int, ...]:
+    """The leading numeric release of a version string, for comparisons: '2.14.1+cu130' -> (2, 14, 1),
+    '0.8.5.dev20261027' -> (0, 8, 5), '3.7.0rc1' -> (3, 7, 0)."""
+    m = re.match(r"\d+(?:\.\d+)*", version)
+    return tuple(int(x) for x in m.group(0).split(".")) if m else ()
+
+
 def interpreter_problem() -> str | None:
     """Why Triton's CPU interpreter cannot run fastopd's kernels with the installed Triton and NumPy, or None.
     Triton 3.6 and older take int() of 1-element NumPy arrays in the interpreter's range() over kernel
@@ -71,10 +79,7 @@ def interpreter_problem() -> str | None:
     import numpy
     import triton
 
-    def version(v: str) -> tuple[int, ...]:
-        return tuple(int(x) for x in v.split("+")[0].split(".")[:2] if x.isdigit())
-
-    if version(triton.__version__) < (3, 7) and version(numpy.__version__) >= (2, 4):
+    if release(triton.__version__) < (3, 7) and release(numpy.__version__) >= (2, 4):
         return (f"Triton {triton.__version__}'s interpreter fails under NumPy {numpy.__version__} (int() of a "
                 "1-element array, an error since NumPy 2.4): use Triton >= 3.7 or NumPy < 2.4; on the GPU the "
                 "interpreter is not used")

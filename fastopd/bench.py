@@ -189,6 +189,26 @@ def _gkd_trainer():
     return GKDTrainer
 
 
+# Liger-Kernel before 0.6.5 averaged its soft loss over every token, ignore_index ones included (measured with
+# 0.5.10, 0.6.0-0.6.4: a different loss from the other providers on labels with ignored tokens).
+LIGER_MIN = (0, 6, 5)
+
+
+def _liger_jsd():
+    """Liger-Kernel's LigerFusedLinearJSDLoss; ImportError (the provider is skipped, with the reason) where it is
+    missing or older than LIGER_MIN."""
+    from importlib.metadata import version
+
+    from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+    found = version("liger-kernel")
+    if _dispatch.release(found) < LIGER_MIN:
+        raise ImportError(f"liger-kernel {found} averages its soft loss over ignore_index tokens too (fixed in "
+                          f"{'.'.join(map(str, LIGER_MIN))}), so it computes another loss: "
+                          f"pip install 'liger-kernel>={'.'.join(map(str, LIGER_MIN))}'")
+    return LigerFusedLinearJSDLoss
+
+
 def provider_step(name: str, divergence: str, inputs: dict[str, torch.Tensor]) -> Callable[[], None]:
     """A closure running one forward + backward of `name` on `inputs` (gradients are dropped afterwards)."""
     hs, ws, ht, wt, labels = (inputs[k] for k in ("hs", "ws", "ht", "wt", "labels"))
@@ -207,8 +227,7 @@ def provider_step(name: str, divergence: str, inputs: dict[str, torch.Tensor]) -
             _naive_loss(hs @ ws.T, ht @ wt.T, labels, beta).backward()
             clear()
     elif name == "liger":
-        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
-
+        LigerFusedLinearJSDLoss = _liger_jsd()
         # compiled=False: torch.compile of Liger's chunk step is slower than eager on the CPU here (and on
         # a GPU the suite runs Liger as its README shows, compiled).
         loss_fn = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=beta,
@@ -273,9 +292,7 @@ def provider_loss(name: str, divergence: str, inputs: dict[str, torch.Tensor]) -
             return float(GKDTrainer.generalized_jsd_loss((hs @ ws.T)[None], (ht @ wt.T)[None], labels=labels[None],
                                                          beta=beta))
         if name == "liger":
-            from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
-
-            fn = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=beta, compiled=False)
+            fn = _liger_jsd()(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=beta, compiled=False)
             return float(fn(hs, ws, ht, wt, labels))
     return None
 

@@ -241,6 +241,15 @@ def test_test_extra_brings_the_trl_and_transformers_its_tests_need():
     assert uses, "no test imports trl.experimental.gkd any more: the floor may go back down"
 
 
+def test_test_extra_brings_a_liger_that_computes_the_same_loss():
+    """Liger-Kernel before 0.6.5 averages its soft loss over ignore_index tokens too (measured: 0.5.10, 0.6.0 to
+    0.6.4), so tests/integrations/test_liger.py and the bench's gradient checks fail on it and `fastopd bench`
+    skips it; `.[test]` allowed 0.5.10."""
+    from fastopd.bench import LIGER_MIN
+
+    assert _floor(_pyproject()["project"]["optional-dependencies"]["test"], "liger-kernel") >= LIGER_MIN
+
+
 def test_readme_install_commands_match_the_torch_range():
     torch_req = next(r for r in _pyproject()["project"]["dependencies"] if _req_name(r) == "torch")
     spec = torch_req[len("torch"):].replace(" ", "")

@@ -542,6 +542,27 @@ def test_a_missing_provider_is_a_skipped_row(monkeypatch):
     assert "| fkl | liger | skipped: " in bench.markdown_table(result, "t")
 
 
+@pytest.mark.parametrize("installed, skipped", [
+    pytest.param("0.6.4", True, id="liger-0.6.4-skipped"), pytest.param("0.5.10", True, id="liger-0.5.10-skipped"),
+    pytest.param("0.6.5", False, id="liger-0.6.5-runs"), pytest.param("0.8.5.dev20261027", False, id="liger-dev-runs"),
+])
+def test_a_liger_before_0_6_5_is_a_skipped_row_that_says_why(monkeypatch, installed, skipped):
+    """Liger-Kernel before 0.6.5 averaged its soft loss over ignore_index tokens too (measured with 0.5.10 and
+    0.6.0-0.6.4), a different loss from every other provider's: the bench skips it and says why."""
+    pytest.importorskip("liger_kernel.chunked_loss")
+    import importlib.metadata
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda dist: installed if dist == "liger-kernel" else real(dist))
+    result = bench.run_benchmark(bench.Shape(16, 4, 4, 50), ["fkl"], ["fastopd", "liger"], "cpu", repeats=1,
+                                 warmup=1, log=lambda line: None)
+    liger = next(r for r in result["results"] if r["provider"] == "liger")
+    assert ("median_s" not in liger) is skipped
+    if skipped:
+        assert liger["skipped"] == (f"liger-kernel {installed} averages its soft loss over ignore_index tokens too "
+                                    "(fixed in 0.6.5), so it computes another loss: pip install 'liger-kernel>=0.6.5'")
+
+
 def test_small_times_keep_their_digits_in_the_table():
     rows = [_row("fastopd", [2.5e-4] * 5), _row("gemm_floor", [5.0e-5] * 5, loss_diff=None)]
     msgs = bench.summarize(rows, "float32")

@@ -351,6 +351,15 @@ def test_interpreter_is_on_for_cpu_runs():
     assert os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@pytest.mark.parametrize("version, want", [
+    pytest.param("2.14.1+cu130", (2, 14, 1), id="local-suffix"), pytest.param("0.8.5.dev20261027", (0, 8, 5), id="dev"),
+    pytest.param("3.7.0rc1", (3, 7, 0), id="rc"), pytest.param("3.10", (3, 10), id="two-parts"),
+    pytest.param("unknown", (), id="no-number"),
+])
+def test_release_reads_the_leading_numeric_version(version, want):
+    assert _dispatch.release(version) == want
+
+
 @pytest.mark.parametrize("triton_version, numpy_version, broken", [
     pytest.param("3.6.0", "2.4.6", True, id="triton3.6-numpy2.4"),
     pytest.param("3.4.0", "2.5.0", True, id="triton3.4-numpy2.5"),
