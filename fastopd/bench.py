@@ -201,11 +201,10 @@ def _liger_jsd():
 
     from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
-    found = version("liger-kernel")
+    found, least = version("liger-kernel"), ".".join(map(str, LIGER_MIN))
     if _dispatch.release(found) < LIGER_MIN:
         raise ImportError(f"liger-kernel {found} averages its soft loss over ignore_index tokens too (fixed in "
-                          f"{'.'.join(map(str, LIGER_MIN))}), so it computes another loss: "
-                          f"pip install 'liger-kernel>={'.'.join(map(str, LIGER_MIN))}'")
+                          f"{least}), so it computes another loss: pip install 'liger-kernel>={least}'")
     return LigerFusedLinearJSDLoss
 
 

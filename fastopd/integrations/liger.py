@@ -8,14 +8,13 @@ Switching is one line::
     loss_fn = LigerFusedLinearJSDLoss(weight_hard_loss=0.5, weight_soft_loss=0.5, beta=0.5, temperature=2.0)
     loss = loss_fn(student_hidden, student_lm_head.weight, teacher_hidden, teacher_lm_head.weight, labels)
 
-Semantics are Liger's (0.6.5 and later; before, Liger averaged the soft loss over the ignored tokens too):
-loss = weight_hard_loss * CE + weight_soft_loss * JSD_beta, both means over the tokens whose label is not
-`ignore_index`; the JSD compares the temperature-scaled distributions while the CE is taken
-on the student's unscaled logits (as Liger does); beta = 0 is forward KL, beta = 1 reverse KL. Differences:
-`compiled` is accepted and ignored (nothing to compile), `chunk_size` is the rows per chunk of fastopd's loss
-(default: from its memory budget), `true_labels` may be None (soft loss over every row, no hard loss), 3-D inputs
-[B, T, D] are accepted, and mismatched vocab sizes need `vocab_size=` (Liger pads the student's logits with zeros
-instead).
+Semantics are Liger's (0.6.5 and later; before, Liger averaged the soft loss over the ignored tokens too): loss =
+weight_hard_loss * CE + weight_soft_loss * JSD_beta, both means over the tokens whose label is not `ignore_index`;
+the JSD compares the temperature-scaled distributions while the CE is taken on the student's unscaled logits (as
+Liger does); beta = 0 is forward KL, beta = 1 reverse KL. Differences: `compiled` is accepted and ignored (nothing
+to compile), `chunk_size` is the rows per chunk of fastopd's loss (default: from its memory budget), `true_labels`
+may be None (soft loss over every row, no hard loss), 3-D inputs [B, T, D] are accepted, and mismatched vocab sizes
+need `vocab_size=` (Liger pads the student's logits with zeros instead).
 """
 
 from __future__ import annotations
