@@ -230,12 +230,15 @@ def _floor(reqs: list[str], name: str) -> tuple[int, ...]:
 
 def test_test_extra_brings_the_trl_and_transformers_its_tests_need():
     """The tests (and `fastopd bench`'s TRL provider) import trl.experimental.gkd, which TRL has from 0.26.0 on
-    (0.19 to 0.25 keep GKD at trl.GKDTrainer only): `.[test]` allowed 0.19, with which they fail to import. The
-    Hugging Face tests (tests/rollout/test_hf_*.py, test_qwen3.py, tests/train/test_trainer_hf_models.py, ...) fail
-    on transformers 4.x (measured: 27 failures on 4.46.3, 17 on 4.51.3, 11 on 4.56.2 and 4.57.6; none on 5.0.0), and
-    `.[test]` allowed 4.46, so an environment that already had a 4.x kept it."""
+    (0.19 to 0.25 keep GKD at trl.GKDTrainer only): `.[test]` allowed 0.19, with which they fail to import. They
+    compare FusedGKDTrainer with GKD's normalization under gradient accumulation, the sum over
+    `num_items_in_batch`, which TRL has from 1.7.0 on (measured: 4 failures with 0.26.0, 0.29.1, 1.0.0, 1.2.0,
+    1.4.0 and 1.6.0; none with 1.7.0). The Hugging Face tests (tests/rollout/test_hf_*.py, test_qwen3.py,
+    tests/train/test_trainer_hf_models.py, ...) fail on transformers 4.x (measured: 27 failures on 4.46.3, 17 on
+    4.51.3, 11 on 4.56.2 and 4.57.6; none on 5.0.0), and `.[test]` allowed 4.46, so an environment that already
+    had a 4.x kept it."""
     test = _pyproject()["project"]["optional-dependencies"]["test"]
-    assert _floor(test, "trl") >= (0, 26)
+    assert _floor(test, "trl") >= (1, 7)
     assert _floor(test, "transformers") >= (5, 0)
     uses = [f for f in (ROOT / "tests").rglob("*.py") if "trl.experimental.gkd" in f.read_text()]
     assert uses, "no test imports trl.experimental.gkd any more: the floor may go back down"

@@ -10,7 +10,9 @@ Everything but the loss is TRL's: on-policy generation with probability `lmbda`,
 collation, logging. `compute_loss` runs both models' decoders to final hidden states, shifts them with the labels
 (position t predicts token t+1, the [B, T-1] slices flattened by the loss), and calls
 `fastopd.fused_linear_divergence(divergence="jsd", beta=args.beta)` with TRL's normalization: the mean over tokens
-whose label is not -100, or the sum over `num_items_in_batch` under gradient accumulation. Like TRL's own
+whose label is not -100, or the sum over `num_items_in_batch` under gradient accumulation (TRL 1.7's
+normalization: TRL 0.19 to 1.6 ignore `num_items_in_batch` and take each micro-batch's own mean, so with those and
+gradient accumulation the updates differ from the stock trainer's). Like TRL's own
 `compute_loss`, the divergence is taken at temperature 1 (`args.temperature` only affects sampling). Under data
 parallelism the loss is multiplied by `fastopd.integrations.hf.trainer_loss_scale` (the number of ranks when HF sums
 `num_items_in_batch` over them, `average_tokens_across_devices`), as HF's `Trainer.compute_loss` does (TRL's
