@@ -244,6 +244,15 @@ def test_test_extra_brings_the_trl_and_transformers_its_tests_need():
     assert uses, "no test imports trl.experimental.gkd any more: the floor may go back down"
 
 
+def test_test_extra_brings_a_safetensors_that_writes_the_dtypes_the_tests_use():
+    """tests/analysis/test_checkpoint_inputs.py writes U16, U32, U64 and F8_E8M0 tensors with safetensors'
+    save_file, which 0.4.0 to 0.5.3 cannot (measured: 4 failures with 0.4.0, 0.4.5 and 0.5.3, none with 0.6.1);
+    fastopd itself reads such files from 0.4.0 on, so the dependency's floor stays there."""
+    extras = _pyproject()["project"]["optional-dependencies"]
+    assert _floor(extras["test"], "safetensors") >= (0, 6, 1)
+    assert _floor(_pyproject()["project"]["dependencies"], "safetensors") <= (0, 4)
+
+
 def test_test_extra_brings_a_liger_that_computes_the_same_loss():
     """Liger-Kernel before 0.6.5 averages its soft loss over ignore_index tokens too (measured: 0.5.10, 0.6.0 to
     0.6.4), so tests/integrations/test_liger.py and the bench's gradient checks fail on it and `fastopd bench`
