@@ -181,11 +181,12 @@ def _gkd_trainer():
     0.19 on). ImportError where neither is there."""
     try:
         from trl.experimental.gkd import GKDTrainer
-    except ImportError:
+    except ImportError as new:
         try:
             from trl import GKDTrainer
-        except ImportError as exc:
-            raise ImportError(f"TRL's GKDTrainer is not importable ({exc})") from None
+        except ImportError as old:  # both reasons: the first is the one that matters on TRL 0.26+
+            raise ImportError(f"TRL's GKDTrainer is not importable: trl.experimental.gkd ({new}); trl.GKDTrainer "
+                              f"({old})") from None
     return GKDTrainer
 
 

@@ -513,6 +513,7 @@ def test_every_provider_s_gradients_match_the_fp32_reference(div, dtype):
     result = bench.run_benchmark(bench.Shape(37, 13, 13, 301, dtype), [div], PEERS, "cpu", repeats=1, warmup=1,
                                  log=lambda line: None)
     for r in result["results"]:
+        assert "skipped" not in r, f"{r['provider']} is installed but was skipped: {r['skipped']}"
         assert r["grad_rel_diff"] <= bench.GRAD_RTOL[dtype], r
         assert not any(f.startswith("grads differ") for f in r["flags"]), r
 
@@ -530,6 +531,19 @@ def test_trl_before_0_26_is_found_at_trl_gkdtrainer(monkeypatch):
     inputs = bench.make_inputs(bench.Shape(16, 4, 4, 50), "cpu")
     bench.provider_step("trl", "fkl", inputs)()
     assert bench.provider_loss("trl", "fkl", inputs) == pytest.approx(bench.reference_loss("fkl", inputs), rel=1e-5)
+
+
+def test_a_trl_whose_gkd_module_fails_to_import_says_why(monkeypatch):
+    """Where trl.experimental.gkd fails to import (a broken dependency of TRL's) and trl has no GKDTrainer either,
+    the skipped row gives both reasons, not only the second (which named no cause)."""
+    import types
+
+    monkeypatch.setitem(sys.modules, "trl", types.ModuleType("trl"))
+    monkeypatch.setitem(sys.modules, "trl.experimental", None)
+    monkeypatch.setitem(sys.modules, "trl.experimental.gkd", None)
+    with pytest.raises(ImportError, match=r"not importable: trl\.experimental\.gkd \(import of trl\.experimental"
+                                          r"(\.gkd)? halted.*\); trl\.GKDTrainer \(cannot import name 'GKDTrainer'"):
+        bench._gkd_trainer()
 
 
 def test_a_missing_provider_is_a_skipped_row(monkeypatch):
