@@ -167,6 +167,7 @@ def test_suite_packs_its_outputs_for_the_device_tool(tmp_path):
     env["OUT"] = str(tmp_path / "out")
     env["CUDA_VISIBLE_DEVICES"] = ""  # no GPU even where one exists: the suite must refuse and still pack
     env["FASTOPD_COMMIT"] = "feedc0de"  # what a caller passes where .git does not travel
+    env["TMPDIR"] = str(tmp_path)  # the suite's mktemp scratch folders land here, not in /tmp after every run
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_suite.sh"), "--budget", "600"], capture_output=True,
                           text=True, timeout=300, env=env)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -180,8 +181,9 @@ def test_suite_packs_its_outputs_for_the_device_tool(tmp_path):
     assert "commit: feedc0de (from FASTOPD_COMMIT)" in status and "capped: none" in status
 
     dry = subprocess.run(["bash", str(ROOT / "bench" / "gpu_suite.sh"), "--dry-run", "--budget", "0"],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "TMPDIR": str(tmp_path)})
     assert dry.returncode == 0 and dry.stdout.count("skipped (") == 3, dry.stdout
+    assert len(list(tmp_path.glob("fastopd_gpu_suite.*"))) == len(list(tmp_path.glob("fastopd_gpu_suite_dry.*"))) == 1
     bad = subprocess.run(["bash", str(ROOT / "bench" / "gpu_suite.sh"), "--budget", "soon"], capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and "whole seconds" in bad.stderr
