@@ -110,9 +110,9 @@ def loss_fn(provider: str, divergence: str, inp: dict, chunk_size: int | None = 
     if provider == "naive":
         return lambda: _naive(hs, ws, ht, wt, labels, beta)
     if provider == "liger":
-        from fastopd.bench import _liger_jsd
+        from fastopd.bench import _liger_loss
 
-        fn = _liger_jsd()(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=beta, compiled=hs.is_cuda)
+        fn = _liger_loss(beta, compiled=hs.is_cuda)
         return lambda: fn(hs, ws, ht, wt, labels)
     raise ValueError(f"unknown provider {provider!r}")
 

@@ -195,9 +195,9 @@ def _gkd_trainer():
 LIGER_MIN = (0, 6, 5)
 
 
-def _liger_jsd():
-    """Liger-Kernel's LigerFusedLinearJSDLoss; ImportError (the provider is skipped, with the reason) where it is
-    missing or older than LIGER_MIN."""
+def _liger_loss(beta: float, compiled: bool):
+    """Liger-Kernel's LigerFusedLinearJSDLoss as the benchmarks run it (the soft loss only, at `beta`); ImportError
+    (the provider is skipped, with the reason) where Liger is missing or older than LIGER_MIN."""
     from importlib.metadata import version
 
     from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
@@ -206,7 +206,7 @@ def _liger_jsd():
     if _dispatch.release(found) < LIGER_MIN:
         raise ImportError(f"liger-kernel {found} averages its soft loss over ignore_index tokens too (fixed in "
                           f"{least}), so it computes another loss: pip install 'liger-kernel>={least}'")
-    return LigerFusedLinearJSDLoss
+    return LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=beta, compiled=compiled)
 
 
 def provider_step(name: str, divergence: str, inputs: dict[str, torch.Tensor]) -> Callable[[], None]:
@@ -227,11 +227,9 @@ def provider_step(name: str, divergence: str, inputs: dict[str, torch.Tensor]) -
             _naive_loss(hs @ ws.T, ht @ wt.T, labels, beta).backward()
             clear()
     elif name == "liger":
-        LigerFusedLinearJSDLoss = _liger_jsd()
         # compiled=False: torch.compile of Liger's chunk step is slower than eager on the CPU here (and on
         # a GPU the suite runs Liger as its README shows, compiled).
-        loss_fn = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=beta,
-                                          compiled=hs.is_cuda)
+        loss_fn = _liger_loss(beta, compiled=hs.is_cuda)
 
         def step():
             loss_fn(hs, ws, ht, wt, labels).backward()
@@ -292,7 +290,7 @@ def provider_loss(name: str, divergence: str, inputs: dict[str, torch.Tensor]) -
             return float(GKDTrainer.generalized_jsd_loss((hs @ ws.T)[None], (ht @ wt.T)[None], labels=labels[None],
                                                          beta=beta))
         if name == "liger":
-            fn = _liger_jsd()(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=beta, compiled=False)
+            fn = _liger_loss(beta, compiled=False)
             return float(fn(hs, ws, ht, wt, labels))
     return None
 
