@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from fastopd import _dispatch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 try:
@@ -225,7 +227,7 @@ def test_runtime_dependencies_cover_module_level_imports():
 
 def _floor(reqs: list[str], name: str) -> tuple[int, ...]:
     req = next(r for r in reqs if _req_name(r) == name)
-    return tuple(int(x) for x in re.search(r">=\s*([\d.]+)", req).group(1).split("."))
+    return _dispatch.release(re.search(r">=\s*(\S+)", req).group(1))
 
 
 def test_test_extra_brings_the_trl_and_transformers_its_tests_need():
